@@ -1,0 +1,1 @@
+"""Meterlane: token metering, limits and paywall billing for AI apps."""

@@ -1,0 +1,143 @@
+"""create_app(config) -> Flask: builds every client once, registers blueprints and error handlers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from flask import Flask, Response, g, request
+from marshmallow import ValidationError
+from sqlalchemy.engine import Engine
+from werkzeug.exceptions import HTTPException
+
+from meterlane.core.auth import AuthService
+from meterlane.core.config import Config
+from meterlane.core.db import make_engine
+from meterlane.core.errors import DomainError, problem
+from meterlane.core.keys import KeyService
+from meterlane.core.metrics import Metrics
+from meterlane.core.tenancy import TenancyService
+from meterlane.gateway.service import GatewayService
+from meterlane.gateway.upstream import UpstreamClient
+from meterlane.metering.ledger import LedgerWriter
+from meterlane.metering.service import MeteringService
+from meterlane.metering.tokens import TokenizerRegistry
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Every long-lived client of one app instance; built once in create_app."""
+
+    config: Config
+    engine: Engine
+    auth: AuthService
+    keys: KeyService
+    tenancy: TenancyService
+    ledger: LedgerWriter
+    metering: MeteringService
+    gateway: GatewayService
+    metrics: Metrics
+    redis: Any | None
+
+    @staticmethod
+    def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
+             mimetype: str = "application/json") -> Response:
+        return Response(orjson.dumps(body), status=status, headers=headers, mimetype=mimetype)
+
+
+@functools.cache
+def _tokenizers() -> TokenizerRegistry:
+    # The vocabularies are immutable and take a second to load: share them across apps.
+    return TokenizerRegistry.load()
+
+
+def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
+    from meterlane.migrations import ensure_schema_current
+
+    engine = make_engine(config.database_url)
+    if check_schema:
+        ensure_schema_current(engine)
+    redis_client = None
+    if config.redis_url:
+        import redis
+
+        redis_client = redis.Redis.from_url(config.redis_url, socket_timeout=2,
+                                            socket_connect_timeout=2)
+    auth = AuthService(engine, cache_seconds=config.key_cache_seconds)
+    tenancy = TenancyService(engine)
+    ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
+    metering = MeteringService(engine, ledger, _tokenizers())
+    metrics = Metrics()
+    upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
+    gateway = GatewayService(config, tenancy, metering, upstreams, metrics)
+    return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
+                  tenancy=tenancy, ledger=ledger, metering=metering, gateway=gateway,
+                  metrics=metrics, redis=redis_client)
+
+
+def create_app(config: Config | None = None) -> Flask:
+    config = config or Config.from_env()
+    app = Flask("meterlane")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.extensions["wiring"] = wiring = build_wiring(config)
+    spooled = wiring.ledger.replay()
+    if spooled:
+        log.warning("replayed %d spooled usage records into the ledger", spooled)
+
+    from meterlane.core.api import bp as keys_bp
+    from meterlane.gateway.api import bp as gateway_bp
+    from meterlane.metering.api import bp as metering_bp
+    from meterlane.ops import bp as ops_bp
+
+    for bp in (gateway_bp, keys_bp, metering_bp, ops_bp):
+        app.register_blueprint(bp)
+    _register_hooks(app)
+    return app
+
+
+def _register_hooks(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id() -> None:
+        g.request_id = f"req_{uuid.uuid4().hex}"
+
+    @app.after_request
+    def tag_response(response: Response) -> Response:
+        response.headers["X-Meterlane-Request-Id"] = g.get("request_id", "")
+        return response
+
+    @app.errorhandler(DomainError)
+    def domain_error(exc: DomainError) -> Response:
+        return _problem(exc.status, exc.title, exc.detail, slug=exc.slug,
+                        extra=exc.extra, headers=exc.headers)
+
+    @app.errorhandler(ValidationError)
+    def validation_error(exc: ValidationError) -> Response:
+        return _problem(422, "Invalid request", "The request did not validate.",
+                        slug="validation", extra={"errors": exc.messages})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _problem(exc.code or 500, exc.name, exc.description or exc.name, slug=None)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error in request %s", g.get("request_id"))
+        return _problem(500, "Internal error",
+                        "Something went wrong on our side; the request id identifies it.",
+                        slug="internal")
+
+
+def _problem(status: int, title: str, detail: str, *, slug: str | None,
+             extra: dict[str, Any] | None = None,
+             headers: dict[str, str] | None = None) -> Response:
+    doc = problem(status, title, detail, slug=slug,
+                  instance=f"urn:uuid:{g.get('request_id', 'req_')[4:]}", extra=extra)
+    return Wiring.json(doc, status=status, headers=headers, mimetype=PROBLEM_JSON)

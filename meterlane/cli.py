@@ -1,0 +1,167 @@
+"""The `meterlane` command: serve, db, keys, ledger."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meterlane.core.config import Config, ConfigError
+
+
+def _config() -> Config:
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from exc
+
+
+def _engine(config: Config) -> Any:
+    from meterlane.core.db import make_engine
+
+    if config.embedded:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    return make_engine(config.database_url)
+
+
+@click.group()
+def main() -> None:
+    """Meterlane: token metering, limits and billing in front of every model call."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int)
+@click.option("--timeout", default=900, show_default=True, type=int,
+              help="Seconds a worker may go silent before it is restarted.")
+def serve(host: str, port: int, workers: int, timeout: int) -> None:
+    """Run the service under gunicorn (gevent workers: many streams open at once)."""
+    config = _config()
+    engine = _engine(config)
+    from meterlane.migrations import SchemaNotMigratedError, ensure_schema_current
+
+    try:
+        ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
+    except SchemaNotMigratedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    engine.dispose()
+    # Each worker writes its metrics here; /metrics merges them. Must be set before any
+    # worker imports prometheus_client.
+    metrics_dir = tempfile.mkdtemp(prefix="meterlane-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from meterlane.server import run
+
+    where = "embedded SQLite " + config.database_url[10:] if config.embedded else "database"
+    click.echo(f"meterlane: serving http://{host}:{port} with {workers} workers on {where}",
+               err=True)
+    run(host=host, port=port, workers=workers, timeout=timeout)
+
+
+@main.group()
+def db() -> None:
+    """Database schema migrations."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the database to the latest schema."""
+    from meterlane.migrations import current_revision, upgrade
+
+    engine = _engine(_config())
+    before = current_revision(engine)
+    upgrade(engine, revision)
+    after = current_revision(engine)
+    click.echo(f"database at revision {after}" + ("" if before == after else
+                                                   f" (was {before or 'empty'})"))
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database and the one this code needs."""
+    from meterlane.migrations import current_revision, head_revision
+
+    engine = _engine(_config())
+    click.echo(f"database: {current_revision(engine) or 'empty'}; code: {head_revision()}")
+
+
+def _wiring() -> Any:
+    from meterlane.app import build_wiring
+    from meterlane.migrations import SchemaNotMigratedError
+
+    try:
+        return build_wiring(_config())
+    except SchemaNotMigratedError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def keys() -> None:
+    """API keys (shown once, stored hashed)."""
+
+
+@keys.command("create")
+@click.option("--role", required=True, type=click.Choice(["admin", "app", "user", "finance"]))
+@click.option("--app", "app_name", help="The app (tenant); created if new.")
+@click.option("--user", help="The end user (user keys only).")
+@click.option("--name", help="A label for the key.")
+@click.option("--ttl-seconds", type=int, help="Expire the key after this many seconds.")
+def keys_create(role: str, app_name: str | None, user: str | None, name: str | None,
+                ttl_seconds: int | None) -> None:
+    """Create a key and print it as the last line (it is not shown again)."""
+    from datetime import timedelta
+
+    from meterlane.core.auth import Role
+    from meterlane.core.errors import DomainError
+
+    config = _config()
+    if config.embedded:
+        _ensure_embedded_schema(config)
+    wiring = _wiring()
+    try:
+        issued = wiring.keys.create_key(
+            Role(role), app_name, user=user, name=name,
+            ttl=timedelta(seconds=ttl_seconds) if ttl_seconds else None)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    scope = f"app {issued.app_name}" if issued.app_name else "every app"
+    click.echo(f"created {role} key for {scope}" + (f", user {user}" if user else "")
+               + " (store it now: it is shown only once)", err=True)
+    click.echo(issued.key)
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke a key (the full key, or its id: the hex part after 'mlk_')."""
+    key_id = key.split("_")[1] if key.startswith("mlk_") else key
+    if not _wiring().auth.revoke(key_id):
+        raise click.ClickException("no active key with that id")
+    click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def ledger() -> None:
+    """The usage ledger."""
+
+
+@ledger.command("replay")
+def ledger_replay() -> None:
+    """Write usage records spooled to disk during a database outage into the ledger."""
+    written = _wiring().ledger.replay()
+    click.echo(f"replayed {written} usage records")
+
+
+def _ensure_embedded_schema(config: Config) -> None:
+    from meterlane.migrations import ensure_schema_current
+
+    ensure_schema_current(_engine(config), auto_migrate=config.should_auto_migrate)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

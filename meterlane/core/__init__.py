@@ -1,0 +1,1 @@
+"""Shared kernel: config, database, errors, auth."""

@@ -1,0 +1,214 @@
+"""Configuration: MLANE_* environment variables plus an optional TOML file (MLANE_CONFIG)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = "var"
+PRICE_FIELDS = ("input", "cached_input", "output", "reasoning")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per 1M tokens, exact. Missing cached_input/reasoning fall back to input/output."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
+    reasoning: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    api_key: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    upstream: str
+    upstream_model: str
+    price: ModelPrice | None = None
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = ""
+    redis_url: str | None = None
+    data_dir: str = DEFAULT_DATA_DIR
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    auto_migrate: bool | None = None
+    key_cache_seconds: float = 2.0
+    user_key_ttl_seconds: int = 3600
+    user_key_max_ttl_seconds: int = 7 * 24 * 3600
+    store_content: bool = False
+    testing: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on the embedded SQLite default."""
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.embedded if self.auto_migrate is None else self.auto_migrate
+
+    def model(self, name: str) -> ModelConfig | None:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise ConfigError(f"unknown upstream {name!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build the config from MLANE_* variables and the TOML file MLANE_CONFIG names."""
+        env = os.environ if environ is None else environ
+        data_dir = env.get("MLANE_DATA_DIR", DEFAULT_DATA_DIR)
+        database_url = env.get("MLANE_DATABASE_URL") or default_sqlite_url(data_dir)
+        file_settings: dict[str, Any] = {}
+        config_path = env.get("MLANE_CONFIG")
+        if config_path:
+            file_settings = load_toml(Path(config_path), env)
+        return cls(
+            database_url=database_url,
+            redis_url=env.get("MLANE_REDIS_URL") or None,
+            data_dir=data_dir,
+            max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
+            auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
+            key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
+            store_content=_bool_or_none(env.get("MLANE_STORE_CONTENT")) or False,
+            **file_settings,
+        )
+
+
+def default_sqlite_url(data_dir: str) -> str:
+    return f"sqlite:///{Path(data_dir).absolute() / 'meterlane.db'}"
+
+
+def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the TOML config; floats become Decimal so prices stay exact."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh, parse_float=Decimal)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"MLANE_CONFIG names {path}, which does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    upstreams = tuple(_upstream(u, env) for u in _tables(raw, "upstreams"))
+    names = {u.name for u in upstreams}
+    if len(names) != len(upstreams):
+        raise ConfigError("upstream names must be unique")
+    models = tuple(_model(m, names) for m in _tables(raw, "models"))
+    if len({m.name for m in models}) != len(models):
+        raise ConfigError("model names must be unique")
+    known = {"upstreams", "models"}
+    return {"upstreams": upstreams, "models": models,
+            "extra": {k: v for k, v in raw.items() if k not in known}}
+
+
+def _tables(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"[[{key}]] must be an array of tables")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
+    name = _str(table, "name", "[[upstreams]]")
+    where = f"upstream {name!r}"
+    base_url = _str(table, "base_url", where).rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: base_url must start with http:// or https://")
+    api_key = table.get("api_key")
+    key_env = table.get("api_key_env")
+    if key_env is not None:
+        api_key = env.get(_str(table, "api_key_env", where)) or None
+    return UpstreamConfig(
+        name=name, base_url=base_url, api_key=api_key,
+        connect_timeout_s=float(table.get("connect_timeout", 5)),
+        read_timeout_s=float(table.get("timeout", 600)),
+    )
+
+
+def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
+    name = _str(table, "name", "[[models]]")
+    where = f"model {name!r}"
+    upstream = _str(table, "upstream", where)
+    if upstream not in upstreams:
+        raise ConfigError(f"{where}: upstream {upstream!r} is not defined in [[upstreams]]")
+    price = _price(table["price"], where) if "price" in table else None
+    tokenizer = table.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ConfigError(f"{where}: tokenizer must be an encoding name such as 'o200k_base'")
+    return ModelConfig(
+        name=name, upstream=upstream,
+        upstream_model=_str(table, "upstream_model", where, default=name),
+        price=price, tokenizer=tokenizer,
+    )
+
+
+def _price(table: Any, where: str) -> ModelPrice:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: price must be a table like {{ input = \"0.15\", output = \"0.60\" }}")
+    unknown = set(table) - set(PRICE_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown price fields {sorted(unknown)}")
+    values: dict[str, Decimal] = {}
+    for key, value in table.items():
+        try:
+            amount = Decimal(str(value)) if isinstance(value, (str, int, Decimal)) else None
+        except ArithmeticError:
+            amount = None
+        if amount is None or not amount.is_finite() or amount < 0:
+            raise ConfigError(f"{where}: price.{key} must be a non-negative decimal, got {value!r}")
+        if amount.as_tuple().exponent < -6:  # type: ignore[operator]
+            raise ConfigError(f"{where}: price.{key} has more than 6 decimal places")
+        values[key] = amount
+    for required in ("input", "output"):
+        if required not in values:
+            raise ConfigError(f"{where}: price.{required} is required")
+    return ModelPrice(**values)
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    try:
+        return int(env.get(key, default))
+    except ValueError as exc:
+        raise ConfigError(f"{key} must be an integer") from exc
+
+
+def _bool_or_none(value: str | None) -> bool | None:
+    if value is None or value == "":
+        return None
+    return value.strip().lower() in {"1", "true", "yes", "on"}

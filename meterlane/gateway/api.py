@@ -1,0 +1,70 @@
+"""OpenAI-compatible routes; errors here use OpenAI's envelope, not problem+json."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException
+
+from meterlane.core.errors import DomainError, openai_error
+from meterlane.core.web import current_principal, request_id, wiring
+from meterlane.gateway.service import CallContext, GatewayResponse
+from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
+
+log = logging.getLogger(__name__)
+bp = Blueprint("gateway", __name__, url_prefix="/v1")
+
+
+def _call(endpoint: str) -> Response:
+    principal = current_principal()
+    ctx = CallContext(principal=principal, request_id=request_id(),
+                      user_header=request.headers.get("X-Meterlane-User"),
+                      idempotency_key=request.headers.get("Idempotency-Key"))
+    result: GatewayResponse = wiring().gateway.call(ctx, endpoint, request.get_data())
+    return Response(result.body, status=result.status, headers=result.headers,
+                    direct_passthrough=result.streaming)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    return _call(ENDPOINT_CHAT)
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    return _call(ENDPOINT_COMPLETIONS)
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    return _call(ENDPOINT_EMBEDDINGS)
+
+
+@bp.get("/models")
+def models() -> Response:
+    current_principal()
+    return wiring().json(wiring().gateway.list_models())
+
+
+@bp.errorhandler(DomainError)
+def domain_error(exc: DomainError) -> Response:
+    body = openai_error(exc.detail, type_=exc.openai_type, code=exc.openai_code,
+                        param=exc.param, **exc.extra)
+    return wiring().json(body, status=exc.status, headers=exc.headers)
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = "request_too_large" if status == 413 else (exc.name or "error").lower().replace(" ", "_")
+    body = openai_error(exc.description or exc.name, type_="invalid_request_error", code=code)
+    return wiring().json(body, status=status)
+
+
+@bp.errorhandler(Exception)
+def unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error in gateway request %s", request_id())
+    body = openai_error("Internal error in the gateway; the request id identifies it.",
+                        type_="server_error", code="internal_error")
+    return wiring().json(body, status=500)

@@ -1,0 +1,242 @@
+"""The metered call: resolve the end user and model, forward, relay, settle into the ledger."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import urllib3
+
+from meterlane.core.auth import Principal, Role, validate_user_id
+from meterlane.core.config import Config, ModelConfig
+from meterlane.core.db import utcnow
+from meterlane.core.errors import (
+    ConflictError,
+    DomainError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from meterlane.core.metrics import Metrics
+from meterlane.core.tenancy import TenancyService
+from meterlane.gateway.protocol import texts_of_choices, usage_from
+from meterlane.gateway.streaming import StreamRelay, sse_error
+from meterlane.gateway.upstream import UpstreamClient, error_from_response
+from meterlane.metering.service import ENDPOINT_EMBEDDINGS, CallOutcome, MeteringService
+
+log = logging.getLogger(__name__)
+MAX_IDEMPOTENCY_KEY = 255
+PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
+         "embeddings": "/embeddings"}
+
+
+@dataclass
+class GatewayResponse:
+    status: int
+    body: bytes | Iterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class CallContext:
+    principal: Principal
+    request_id: str
+    user_header: str | None
+    idempotency_key: str | None
+
+
+class GatewayService:
+    def __init__(self, config: Config, tenancy: TenancyService, metering: MeteringService,
+                 upstreams: dict[str, UpstreamClient], metrics: Metrics) -> None:
+        self.config = config
+        self.tenancy = tenancy
+        self.metering = metering
+        self.upstreams = upstreams
+        self.metrics = metrics
+
+    def list_models(self) -> dict[str, Any]:
+        created = 0
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": created, "owned_by": m.upstream}
+            for m in self.config.models]}
+
+    def call(self, ctx: CallContext, endpoint: str, raw: bytes) -> GatewayResponse:
+        """One metered call. Bad input raises before anything is forwarded or written."""
+        started = time.perf_counter()
+        body = _parse_body(raw)
+        model = self._model(body)
+        end_user_id = self._end_user(ctx, body)
+        app_id = ctx.principal.app_id
+        assert app_id is not None  # app and user keys always belong to an app
+        key = self._idempotency_key(ctx, app_id)
+        stream = body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS
+        client_wants_usage = False
+        if stream:
+            options = body.get("stream_options")
+            client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        outcome = CallOutcome(
+            app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
+            idempotency_key=key, endpoint=endpoint, model=model, stream=stream, request=body,
+            created_at=utcnow(), latency_ms=0)
+        upstream = self.upstreams[model.upstream]
+        payload = self._upstream_payload(raw, body, model, stream)
+        try:
+            resp = upstream.post(PATHS[endpoint], payload, stream=stream)
+        except DomainError as exc:
+            self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
+                         error=exc.detail)
+            raise
+        if resp.status >= 300:
+            exc = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
+            resp.release_conn()
+            self._finish(outcome, started, status="upstream_error", http_status=exc.status,
+                         error=exc.detail)
+            raise exc
+        outcome.accepted = True
+        if stream:
+            relay = StreamRelay(client_wants_usage=client_wants_usage)
+            return GatewayResponse(200, self._relay(outcome, started, upstream, resp, relay),
+                                   {"Content-Type": "text/event-stream; charset=utf-8",
+                                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                   streaming=True)
+        data = resp.data
+        doc = _loads(data)
+        outcome.reported = usage_from(doc)
+        outcome.output_texts = lambda: texts_of_choices(doc)
+        self._finish(outcome, started)
+        return GatewayResponse(200, data, {"Content-Type": "application/json"})
+
+    def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
+               resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
+        """Forward each complete SSE event as soon as it arrives; settle however it ends."""
+        status, error, clean = "client_disconnected", None, False
+        try:
+            try:
+                for data in upstream.chunks(resp):
+                    out = relay.feed(data)
+                    if out:
+                        if outcome.ttft_ms is None:
+                            outcome.ttft_ms = _ms_since(started)
+                        yield out
+                tail = relay.flush()
+                if tail:
+                    yield tail
+                status = "ok" if relay.done else "stream_error"
+                if not relay.done:
+                    error = f"upstream '{upstream.name}' closed the stream before [DONE]"
+                    yield sse_error(error, type_="upstream_error", code="upstream_stream_error")
+                clean = relay.done
+            except DomainError as exc:
+                status, error = "stream_error", exc.detail
+                yield sse_error(exc.detail, type_=exc.openai_type, code=exc.openai_code or "")
+        finally:
+            if clean:
+                resp.release_conn()
+            else:
+                resp.close()  # stop the upstream generating for nobody
+            outcome.reported = relay.usage
+            outcome.output_texts = relay.texts
+            self._finish(outcome, started, status=status, error=error)
+
+    def _finish(self, outcome: CallOutcome, started: float, *, status: str = "ok",
+                http_status: int = 200, error: str | None = None) -> None:
+        outcome.latency_ms = _ms_since(started)
+        outcome.status, outcome.http_status, outcome.error = status, http_status, error
+        try:
+            record = self.metering.settle(outcome)
+        except Exception:
+            # The ledger spools on database failure; anything else here is a bug to see.
+            log.exception("settling request %s failed", outcome.request_id)
+            self.metrics.errors.labels(kind="settle_failed").inc()
+            raise
+        self.metrics.observe_call(record, time.perf_counter() - started)
+
+    def _model(self, body: dict[str, Any]) -> ModelConfig:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("you must provide a model parameter", param="model")
+        model = self.config.model(name)
+        if model is None:
+            err = NotFoundError(f"The model '{name}' does not exist or is not configured.",
+                                param="model")
+            err.openai_code = "model_not_found"
+            raise err
+        return model
+
+    def _end_user(self, ctx: CallContext, body: dict[str, Any]) -> int:
+        principal = ctx.principal
+        named = [v for v in (ctx.user_header, body.get("user")) if v is not None]
+        if principal.role == Role.USER:
+            assert principal.end_user_id is not None
+            for value in named:
+                if value != principal.end_user:
+                    raise PermissionDeniedError(
+                        "This end-user key acts only for its own user; it cannot name another.")
+            return principal.end_user_id
+        if principal.role != Role.APP or principal.app_id is None:
+            raise PermissionDeniedError(
+                f"A {principal.role.value} key cannot make model calls; use an app or user key.")
+        if not named:
+            raise InvalidRequestError(
+                "Name the end user: set the 'user' field or the X-Meterlane-User header.",
+                param="user")
+        if len(set(named)) > 1:
+            raise InvalidRequestError(
+                "The 'user' field and the X-Meterlane-User header name different users.",
+                param="user")
+        user = validate_user_id(named[0])
+        return self.tenancy.ensure_end_user(principal.app_id, user)
+
+    def _idempotency_key(self, ctx: CallContext, app_id: int) -> str:
+        key = ctx.idempotency_key
+        if key is None:
+            return ctx.request_id
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise InvalidRequestError(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.")
+        if self.metering.is_key_used(app_id, key):
+            raise ConflictError(f"Idempotency-Key {key!r} was already used for a call.")
+        return key
+
+    @staticmethod
+    def _upstream_payload(raw: bytes, body: dict[str, Any], model: ModelConfig,
+                          stream: bool) -> bytes:
+        if not stream and model.upstream_model == model.name:
+            return raw  # nothing to change: forward the client's bytes untouched
+        out = dict(body)
+        out["model"] = model.upstream_model
+        if stream:
+            options = out.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
+        return orjson.dumps(out)
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    return body
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _status_of(exc: DomainError) -> str:
+    return "timeout" if exc.status == 504 else "upstream_unavailable"
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)

@@ -1,0 +1,1 @@
+"""Metering: tokens, usage ledger, pricing, usage API."""

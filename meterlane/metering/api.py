@@ -1,0 +1,75 @@
+"""Metering API: usage totals per app or end user."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response
+
+from meterlane.core.auth import Principal, Role, require_role
+from meterlane.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from meterlane.core.openapi import documented
+from meterlane.core.web import current_principal, query_args, wiring
+from meterlane.metering.pricing import format_usd
+from meterlane.metering.schemas import UsageQuerySchema, UsageReportSchema
+from meterlane.metering.store import UsageQuery, UsageTotals
+
+bp = Blueprint("metering", __name__, url_prefix="/v1")
+
+
+@bp.get("/usage")
+@documented(summary="Usage totals (requests, tokens by kind, cost) for an app or end user",
+            query=UsageQuerySchema, response=UsageReportSchema, tag="usage")
+def usage() -> Response:
+    """Usage totals (requests, tokens by kind, cost) for an app or one end user."""
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN, Role.FINANCE, Role.USER)
+    args = UsageQuerySchema().load(query_args())
+    now = datetime.now(UTC)
+    start = args.get("from_") or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = args.get("to") or now
+    if end <= start:
+        raise InvalidRequestError("'to' must be after 'from'.", param="to")
+    app_id, app_name = _app_scope(principal, args.get("app"))
+    user = _user_scope(principal, args.get("user"))
+    end_user_id = None
+    if user is not None and app_id is not None:
+        end_user_id = wiring().tenancy.find_end_user(app_id, user)
+        if end_user_id is None:
+            raise NotFoundError(f"No end user {user!r} in this app.")
+    elif user is not None:
+        raise InvalidRequestError("Name the app (app=) to filter by user.", param="app")
+    totals, groups = wiring().metering.usage_totals(UsageQuery(
+        app_id=app_id, end_user_id=end_user_id, start=start, end=end,
+        group_by=args.get("group_by")))
+    report = {"app": app_name, "user": user, "from_": start, "to": end,
+              "group_by": args.get("group_by"), "totals": _dump(totals),
+              "groups": [_dump(g) for g in groups]}
+    return wiring().json(UsageReportSchema().dump(report))
+
+
+def _app_scope(principal: Principal, app: str | None) -> tuple[int | None, str | None]:
+    if principal.app_id is not None:
+        if app is not None and app != principal.app_name:
+            raise PermissionDeniedError("This key cannot read another app's usage.")
+        return principal.app_id, principal.app_name
+    if app is None:
+        return None, None  # an operator-wide admin or finance key: every app
+    return wiring().tenancy.get_app(app), app
+
+
+def _user_scope(principal: Principal, user: str | None) -> str | None:
+    if principal.role != Role.USER:
+        return user
+    if user is not None and user != principal.end_user:
+        raise PermissionDeniedError("An end-user key sees only its own usage.")
+    return principal.end_user
+
+
+def _dump(t: UsageTotals) -> dict[str, Any]:
+    return {"key": t.key, "requests": t.requests, "input_tokens": t.input_tokens,
+            "cached_input_tokens": t.cached_input_tokens, "output_tokens": t.output_tokens,
+            "reasoning_tokens": t.reasoning_tokens, "total_tokens": t.total_tokens,
+            "cost_usd": format_usd(t.cost_pico_usd), "unpriced_requests": t.unpriced_requests,
+            "counted_requests": t.counted_requests, "failed_requests": t.failed_requests}

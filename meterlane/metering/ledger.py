@@ -1,0 +1,157 @@
+"""Appending usage events: one row per call, idempotent, spooled to disk if the database fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from meterlane.metering.models import UsageEvent
+
+log = logging.getLogger(__name__)
+_TABLE = UsageEvent.__table__
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """Everything the ledger keeps about one model call (never prompt or completion text)."""
+
+    app_id: int
+    end_user_id: int
+    request_id: str
+    idempotency_key: str
+    endpoint: str
+    requested_model: str
+    upstream: str | None
+    upstream_model: str | None
+    stream: bool
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    usage_source: str
+    cost_pico_usd: int | None
+    priced: bool
+    status: str
+    http_status: int
+    error: str | None
+    latency_ms: int
+    ttft_ms: int | None
+    created_at: datetime
+
+    def row(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        if values["error"] is not None:
+            values["error"] = values["error"][:500]
+        return values
+
+
+class LedgerWriter:
+    """Writes CallRecords. A record is never lost: if the database refuses for any reason
+    other than a duplicate, the record goes to an fsync'd spool file that `replay` drains."""
+
+    def __init__(self, engine: Engine, spool_dir: Path) -> None:
+        self.engine = engine
+        self.spool_dir = spool_dir
+        self._lock = threading.Lock()
+
+    def record(self, rec: CallRecord) -> str:
+        """Append one record; returns "written", "duplicate" or "spooled"."""
+        try:
+            return self._insert(rec.row())
+        except DBAPIError as exc:
+            log.error("ledger write failed, spooling request %s: %s", rec.request_id, exc)
+            self._spool(rec.row())
+            return "spooled"
+
+    def _insert(self, row: dict[str, Any]) -> str:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(_TABLE.insert(), row)
+            return "written"
+        except IntegrityError:
+            if self._exists(row):
+                return "duplicate"
+            raise
+
+    def _exists(self, row: dict[str, Any]) -> bool:
+        with self.engine.connect() as conn:
+            found = conn.execute(select(_TABLE.c.request_id).where(
+                _TABLE.c.app_id == row["app_id"],
+                _TABLE.c.idempotency_key == row["idempotency_key"])).first()
+        return found is not None
+
+    def key_used(self, app_id: int, idempotency_key: str) -> bool:
+        return self._exists({"app_id": app_id, "idempotency_key": idempotency_key})
+
+    # -- spool ---------------------------------------------------------------------------
+
+    def _spool_path(self) -> Path:
+        return self.spool_dir / f"usage-{os.getpid()}.jsonl"
+
+    def _spool(self, row: dict[str, Any]) -> None:
+        line = orjson.dumps(row) + b"\n"
+        with self._lock:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            path = self._spool_path()
+            while True:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A replayer may have claimed (renamed) the file between open and lock.
+                if _same_file(fd, path):
+                    break
+                os.close(fd)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def replay(self) -> int:
+        """Insert every spooled record (duplicates are skipped); returns how many were written.
+        A spool file is removed only after all its records are in the database."""
+        written = 0
+        if not self.spool_dir.is_dir():
+            return 0
+        for path in sorted(self.spool_dir.glob("usage-*")):
+            claimed = self.spool_dir / f"usage-{os.getpid()}-{path.name}.replaying"
+            try:
+                path.rename(claimed)
+            except FileNotFoundError:
+                continue  # another process claimed it
+            with claimed.open("rb") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # wait out a writer mid-append
+                data = fh.read()
+            try:
+                for raw in data.splitlines():
+                    if raw.strip():
+                        written += self._insert(_decode(raw)) == "written"
+            except Exception:
+                claimed.rename(self.spool_dir / f"usage-{os.getpid()}-retry-{path.name}")
+                raise
+            claimed.unlink()
+        return written
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = orjson.loads(raw)
+    row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False

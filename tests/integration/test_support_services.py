@@ -1,0 +1,52 @@
+"""Tests that the Postgres/Redis test-service helpers give working connections."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from tests.support.services import create_database, libpq_url, postgres_url, redis_url
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url, stop = postgres_url(tmp_path_factory.mktemp("pg"))
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def test_postgres_url_and_create_database(pg_server: str) -> None:
+    assert pg_server.startswith("postgresql+psycopg://")
+    with psycopg.connect(libpq_url(pg_server)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    worker = f"mlane_support_{os.getpid()}"
+    db_url = create_database(pg_server, worker)
+    assert db_url.startswith("postgresql+psycopg://") and db_url.split("?")[0].endswith("/" + worker)
+    with psycopg.connect(libpq_url(db_url)) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        assert conn.execute("SELECT current_database()").fetchone() == (worker,)
+    again = create_database(pg_server, worker)  # drops (even with leftovers) and recreates
+    with psycopg.connect(libpq_url(again)) as conn:
+        assert conn.execute("SELECT to_regclass('t')").fetchone() == (None,)
+    with psycopg.connect(libpq_url(pg_server), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{worker}"')
+
+
+def test_redis_url(tmp_path: Path) -> None:
+    url, stop = redis_url(tmp_path)
+    try:
+        assert url.startswith("redis://")
+        client = redis.Redis.from_url(url)
+        assert client.ping() is True
+        client.set("mlane:support:test", "1", ex=10)
+        assert client.get("mlane:support:test") == b"1"
+        client.close()
+    finally:
+        stop()

@@ -1,0 +1,77 @@
+"""Config: env variables, the TOML file, exact prices and clear errors."""
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from meterlane.core.config import Config, ConfigError
+
+TOML = """
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1/"
+api_key_env = "OPENAI_API_KEY"
+
+[[upstreams]]
+name = "local-gpu"
+base_url = "http://127.0.0.1:8000/v1"
+
+[[models]]
+name = "gpt-4o-mini"
+upstream = "openai"
+price = { input = "0.15", cached_input = "0.075", output = 0.60 }
+
+[[models]]
+name = "llama"
+upstream = "local-gpu"
+upstream_model = "meta-llama/Llama-3.1-8B-Instruct"
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_from_env_reads_file_and_resolves_api_key_from_env(tmp_path: Path) -> None:
+    env = {"MLANE_CONFIG": write(tmp_path, TOML), "OPENAI_API_KEY": "sk-test",
+           "MLANE_DATA_DIR": str(tmp_path)}
+    config = Config.from_env(env)
+    assert config.database_url == f"sqlite:///{tmp_path}/meterlane.db"
+    assert config.embedded and config.should_auto_migrate
+    openai = config.upstream("openai")
+    assert openai.api_key == "sk-test" and openai.base_url == "https://api.openai.com/v1"
+    mini = config.model("gpt-4o-mini")
+    assert mini is not None and mini.price is not None
+    assert mini.price.output == Decimal("0.60") and isinstance(mini.price.output, Decimal)
+    llama = config.model("llama")
+    assert llama is not None and llama.upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert llama.price is None
+
+
+def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
+    config = Config.from_env({"MLANE_DATABASE_URL": "postgresql+psycopg://x@h/db"})
+    assert not config.embedded and not config.should_auto_migrate
+
+
+@pytest.mark.parametrize(("snippet", "message"), [
+    ('[[models]]\nname = "m"\nupstream = "nope"\n', "upstream 'nope' is not defined"),
+    ('[[upstreams]]\nname = "u"\nbase_url = "ftp://x"\n', "must start with http"),
+    ('[[upstreams]]\nname = "u"\nbase_url = "http://x"\n[[models]]\nname = "m"\n'
+     'upstream = "u"\nprice = { input = "-1", output = "1" }\n', "non-negative"),
+    ('[[upstreams]]\nname = "u"\nbase_url = "http://x"\n[[models]]\nname = "m"\n'
+     'upstream = "u"\nprice = { input = "1" }\n', "price.output is required"),
+    ('[[upstreams]]\nname = "u"\nbase_url = "http://x"\n[[models]]\nname = "m"\n'
+     'upstream = "u"\nprice = { input = "0.00000001", output = "1" }\n', "6 decimal places"),
+    ("not toml [", "c.toml"),
+])
+def test_bad_config_is_a_clear_error(tmp_path: Path, snippet: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.from_env({"MLANE_CONFIG": write(tmp_path, snippet)})
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.from_env({"MLANE_CONFIG": str(tmp_path / "missing.toml")})
