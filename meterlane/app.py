@@ -1,4 +1,4 @@
-"""create_app(config) -> Flask: builds every client once, registers blueprints and error handlers."""
+"""create_app(config) -> Flask: builds every client once; blueprints and error handlers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g
 from marshmallow import ValidationError
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from meterlane.core.db import utcnow
@@ -150,7 +150,7 @@ class AuthService:
         expires_at = utcnow() + ttl if ttl is not None else None
         with self.engine.begin() as conn:
             pk = conn.execute(
-                ApiKey.__table__.insert().values(
+                insert(ApiKey).values(
                     key_id=key_id, secret_sha256=hash_secret(secret), role=role.value,
                     app_id=app_id, end_user_id=end_user_id, name=name,
                     created_at=utcnow(), expires_at=expires_at,

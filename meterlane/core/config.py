@@ -58,7 +58,6 @@ class Config:
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
     user_key_max_ttl_seconds: int = 7 * 24 * 3600
-    store_content: bool = False
     testing: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -100,7 +99,6 @@ class Config:
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
-            store_content=_bool_or_none(env.get("MLANE_STORE_CONTENT")) or False,
             **file_settings,
         )
 
@@ -180,7 +178,8 @@ def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
 
 def _price(table: Any, where: str) -> ModelPrice:
     if not isinstance(table, dict):
-        raise ConfigError(f"{where}: price must be a table like {{ input = \"0.15\", output = \"0.60\" }}")
+        raise ConfigError(
+            f"{where}: price must be a table like {{ input = \"0.15\", output = \"0.60\" }}")
     unknown = set(table) - set(PRICE_FIELDS)
     if unknown:
         raise ConfigError(f"{where}: unknown price fields {sorted(unknown)}")

@@ -1,4 +1,4 @@
-"""OpenAPI 3 document of the non-gateway API, built from the routes and their marshmallow schemas."""
+"""OpenAPI document of the non-gateway API, built from the routes and their schemas."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def documented(*, summary: str, response: type[Schema] | None = None, status: in
     return wrap
 
 
-def build_spec(app: Flask, *, title: str = "Meterlane API", version: str = "0.1.0") -> dict[str, Any]:
+def build_spec(app: Flask, *, title: str = "Meterlane API",
+               version: str = "0.1.0") -> dict[str, Any]:
     spec = APISpec(title=title, version=version, openapi_version="3.1.0",
                    plugins=[MarshmallowPlugin()],
                    info={"description": "Meterlane's own API. The OpenAI-compatible gateway "

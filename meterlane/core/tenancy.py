@@ -69,14 +69,13 @@ class TenancyService:
 def _insert_ignore(conn: Connection, model: type[App] | type[EndUser], values: dict[str, object],
                    conflict: list[str]) -> bool:
     """INSERT .. ON CONFLICT DO NOTHING on either backend; True when a row was inserted."""
-    table = model.__table__
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing(
+        pg = postgresql.insert(model).values(**values).on_conflict_do_nothing(
             index_elements=conflict)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(
+        return bool(conn.execute(pg).rowcount)
+    if dialect == "sqlite":
+        lite = sqlite.insert(model).values(**values).on_conflict_do_nothing(
             index_elements=conflict)
-    else:  # pragma: no cover - only the two backends are supported
-        raise RuntimeError(f"unsupported database {dialect}")
-    return bool(conn.execute(stmt).rowcount)
+        return bool(conn.execute(lite).rowcount)
+    raise RuntimeError(f"unsupported database {dialect}")

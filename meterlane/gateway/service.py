@@ -92,11 +92,11 @@ class GatewayService:
                          error=exc.detail)
             raise
         if resp.status >= 300:
-            exc = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
+            err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
             resp.release_conn()
-            self._finish(outcome, started, status="upstream_error", http_status=exc.status,
-                         error=exc.detail)
-            raise exc
+            self._finish(outcome, started, status="upstream_error", http_status=err.status,
+                         error=err.detail)
+            raise err
         outcome.accepted = True
         if stream:
             relay = StreamRelay(client_wants_usage=client_wants_usage)

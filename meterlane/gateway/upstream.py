@@ -65,7 +65,7 @@ class UpstreamClient:
         """The body as it arrives: one item per HTTP chunk (or per socket read)."""
         try:
             if getattr(resp, "chunked", False):
-                yield from resp.read_chunked(decode_content=True)  # type: ignore[attr-defined]
+                yield from resp.read_chunked(decode_content=True)
             else:
                 while True:
                     data = resp.read1(65536)

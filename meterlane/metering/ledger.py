@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -78,7 +78,7 @@ class LedgerWriter:
     def _insert(self, row: dict[str, Any]) -> str:
         try:
             with self.engine.begin() as conn:
-                conn.execute(_TABLE.insert(), row)
+                conn.execute(insert(UsageEvent), row)
             return "written"
         except IntegrityError:
             if self._exists(row):

@@ -8,7 +8,6 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-
 # A '+' in a query string arrives as a space: "...T10:00:00 02:00" means +02:00.
 _ZONE_SPACE = re.compile(r" (\d\d:?\d\d)$")
 

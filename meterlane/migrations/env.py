@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from meterlane.core.db import Base
 from meterlane.core import models as _core_models  # noqa: F401 - register tables
+from meterlane.core.db import Base
 from meterlane.metering import models as _metering_models  # noqa: F401
 
 config = context.config

@@ -28,7 +28,9 @@ def test_postgres_url_and_create_database(pg_server: str) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     worker = f"mlane_support_{os.getpid()}"
     db_url = create_database(pg_server, worker)
-    assert db_url.startswith("postgresql+psycopg://") and db_url.split("?")[0].endswith("/" + worker)
+    assert db_url.startswith("postgresql+psycopg://") and db_url.split("?")[0].endswith(
+        "/" + worker
+    )
     with psycopg.connect(libpq_url(db_url)) as conn:
         conn.execute("CREATE TABLE t (x int)")
         assert conn.execute("SELECT current_database()").fetchone() == (worker,)

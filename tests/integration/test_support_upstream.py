@@ -13,12 +13,16 @@ import openai
 import orjson
 import pytest
 import urllib3
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.upstream import FakeUpstream, completion_text, prompt_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CHAT = {"model": "gpt-test", "messages": [{"role": "system", "content": "be brief"},
-                                          {"role": "user", "content": "hello there friend"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello there friend"},
+]
+CHAT: dict[str, Any] = {"model": "gpt-test", "messages": MESSAGES}
 CHAT_PROMPT_TOKENS = (2 + 3) + (3 + 3)
 
 
@@ -39,11 +43,16 @@ def client(upstream: FakeUpstream) -> openai.OpenAI:
     return openai.OpenAI(base_url=upstream.base_url, api_key="sk-upstream", max_retries=0)
 
 
-def post(http: urllib3.PoolManager, up: FakeUpstream, path: str, body: dict[str, Any],
-         **kw: Any) -> urllib3.BaseHTTPResponse:
-    return http.request("POST", up.base_url + path, body=orjson.dumps(body),
-                        headers={"Content-Type": "application/json",
-                                 "Authorization": "Bearer sk-upstream"}, **kw)
+def post(
+    http: urllib3.PoolManager, up: FakeUpstream, path: str, body: dict[str, Any], **kw: Any
+) -> urllib3.BaseHTTPResponse:
+    return http.request(
+        "POST",
+        up.base_url + path,
+        body=orjson.dumps(body),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-upstream"},
+        **kw,
+    )
 
 
 def sse_events(raw: bytes) -> list[Any]:
@@ -60,10 +69,17 @@ def test_chat_non_stream(upstream: FakeUpstream, http: urllib3.PoolManager) -> N
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "gpt-test"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": completion_text(5), "refusal": None}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": completion_text(5),
+        "refusal": None,
+    }
     assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
-    assert body["usage"] == {"prompt_tokens": CHAT_PROMPT_TOKENS, "completion_tokens": 5,
-                             "total_tokens": CHAT_PROMPT_TOKENS + 5}
+    assert body["usage"] == {
+        "prompt_tokens": CHAT_PROMPT_TOKENS,
+        "completion_tokens": 5,
+        "total_tokens": CHAT_PROMPT_TOKENS + 5,
+    }
     rec = upstream.wait_for_requests(1)[-1]
     assert rec["path"] == "/v1/chat/completions" and rec["method"] == "POST"
     assert rec["authorization"] == "Bearer sk-upstream" and rec["body"]["max_tokens"] == 5
@@ -73,8 +89,9 @@ def test_chat_non_stream(upstream: FakeUpstream, http: urllib3.PoolManager) -> N
 def test_chat_defaults_and_controls(upstream: FakeUpstream, http: urllib3.PoolManager) -> None:
     assert r_usage(http, upstream, {})["completion_tokens"] == 16
     assert r_usage(http, upstream, {"max_completion_tokens": 9999})["completion_tokens"] == 4096
-    usage = r_usage(http, upstream, {"max_tokens": 4, "fake": {"cached_tokens": 2,
-                                                                "reasoning_tokens": 7}})
+    usage = r_usage(
+        http, upstream, {"max_tokens": 4, "fake": {"cached_tokens": 2, "reasoning_tokens": 7}}
+    )
     assert usage["completion_tokens"] == 11 and usage["total_tokens"] == CHAT_PROMPT_TOKENS + 11
     assert usage["prompt_tokens_details"] == {"cached_tokens": 2}
     assert usage["completion_tokens_details"] == {"reasoning_tokens": 7}
@@ -97,21 +114,32 @@ def test_chat_stream_with_usage(upstream: FakeUpstream, http: urllib3.PoolManage
     assert len(raw_chunks) == 7  # role + 3 words + finish + usage + [DONE]
     events = sse_events(b"".join(raw_chunks))
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert [e["choices"][0]["delta"].get("content") for e in events[1:4]] == [" the", " quick",
-                                                                              " brown"]
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:4]] == [
+        " the",
+        " quick",
+        " brown",
+    ]
     assert events[4]["choices"][0]["finish_reason"] == "stop"
     assert all(e["object"] == "chat.completion.chunk" and e["usage"] is None for e in events[:5])
     assert events[5]["choices"] == []
-    assert events[5]["usage"] == {"prompt_tokens": CHAT_PROMPT_TOKENS, "completion_tokens": 3,
-                                  "total_tokens": CHAT_PROMPT_TOKENS + 3}
+    assert events[5]["usage"] == {
+        "prompt_tokens": CHAT_PROMPT_TOKENS,
+        "completion_tokens": 3,
+        "total_tokens": CHAT_PROMPT_TOKENS + 3,
+    }
 
 
 def test_chat_stream_without_usage(upstream: FakeUpstream, http: urllib3.PoolManager) -> None:
     r = post(http, upstream, "/chat/completions", {**CHAT, "max_tokens": 2, "stream": True})
     events = sse_events(r.data)
     assert len(events) == 4 and all("usage" not in e for e in events)
-    body = {**CHAT, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True},
-            "fake": {"usage": False}}
+    body = {
+        **CHAT,
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "fake": {"usage": False},
+    }
     events = sse_events(post(http, upstream, "/chat/completions", body).data)
     assert len(events) == 4 and all("usage" not in e for e in events)
 
@@ -132,8 +160,12 @@ def test_error_status(upstream: FakeUpstream, http: urllib3.PoolManager) -> None
     assert r.status == 503
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert r.json()["error"]["type"] == "server_error"
-    r = post(http, upstream, "/chat/completions", {**CHAT, "fake": {"status": 429,
-                                                                    "message": "slow down"}})
+    r = post(
+        http,
+        upstream,
+        "/chat/completions",
+        {**CHAT, "fake": {"status": 429, "message": "slow down"}},
+    )
     assert r.status == 429 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["message"] == "slow down"
     r = http.request("GET", upstream.base_url + "/nope")
@@ -144,22 +176,44 @@ def test_delay_and_hang(upstream: FakeUpstream, http: urllib3.PoolManager) -> No
     start = time.monotonic()
     r = post(http, upstream, "/chat/completions", {**CHAT, "fake": {"delay_ms": 150}})
     assert r.status == 200 and time.monotonic() - start >= 0.14
+    start = time.monotonic()
+    slow = {**CHAT, "stream": True, "fake": {"words": 2, "chunk_delay_ms": 25}}
+    events = sse_events(post(http, upstream, "/chat/completions", slow).data)
+    assert len(events) == 4 and time.monotonic() - start >= 0.1  # 5 gaps between 6 HTTP chunks
+    assert post(http, upstream, "/chat/completions", CHAT).status == 200  # keep-alive still OK
     upstream.clear()
     with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-        post(http, upstream, "/chat/completions", {**CHAT, "fake": {"hang": True}},
-             timeout=urllib3.Timeout(connect=5, read=0.2))
+        post(
+            http,
+            upstream,
+            "/chat/completions",
+            {**CHAT, "fake": {"hang": True}},
+            timeout=urllib3.Timeout(connect=5, read=0.2),
+        )
     assert upstream.wait_for_requests(1)[0]["body"]["fake"] == {"hang": True}
     assert post(http, upstream, "/chat/completions", CHAT).status == 200
 
 
 def test_completions_embeddings_models(upstream: FakeUpstream, http: urllib3.PoolManager) -> None:
-    r = post(http, upstream, "/completions", {"model": "m", "prompt": "one two three",
-                                              "max_tokens": 2})
+    r = post(
+        http, upstream, "/completions", {"model": "m", "prompt": "one two three", "max_tokens": 2}
+    )
     assert r.json()["choices"][0]["text"] == " the quick"
     assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    events = sse_events(post(http, upstream, "/completions", {
-        "model": "m", "prompt": "a b", "max_tokens": 2, "stream": True,
-        "stream_options": {"include_usage": True}}).data)
+    events = sse_events(
+        post(
+            http,
+            upstream,
+            "/completions",
+            {
+                "model": "m",
+                "prompt": "a b",
+                "max_tokens": 2,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ).data
+    )
     assert [e["object"] for e in events] == ["text_completion"] * 4
     assert [e["choices"][0]["text"] for e in events[:2]] == [" the", " quick"]
     assert events[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
@@ -173,23 +227,27 @@ def test_completions_embeddings_models(upstream: FakeUpstream, http: urllib3.Poo
 
 def test_openai_sdk(upstream: FakeUpstream, client: openai.OpenAI) -> None:
     upstream.clear()
-    resp = client.chat.completions.create(model="gpt-test", messages=CHAT["messages"],
-                                          max_tokens=4)  # type: ignore[arg-type]
+    resp = client.chat.completions.create(model="gpt-test", messages=MESSAGES, max_tokens=4)
     assert resp.choices[0].message.content == completion_text(4) and resp.model == "gpt-test"
     assert resp.usage is not None and resp.usage.completion_tokens == 4
     assert resp.usage.prompt_tokens == CHAT_PROMPT_TOKENS
     assert upstream.requests[-1]["authorization"] == "Bearer sk-upstream"
 
     stream = client.chat.completions.create(
-        model="gpt-test", messages=CHAT["messages"], stream=True,  # type: ignore[arg-type]
+        model="gpt-test",
+        messages=MESSAGES,
+        stream=True,
         stream_options={"include_usage": True},
-        extra_body={"fake": {"words": 3, "cached_tokens": 1, "reasoning_tokens": 2}})
+        extra_body={"fake": {"words": 3, "cached_tokens": 1, "reasoning_tokens": 2}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == completion_text(3)
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 5
-    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 1
+    assert (
+        usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 1
+    )
     assert usage.completion_tokens_details is not None
     assert usage.completion_tokens_details.reasoning_tokens == 2
 
@@ -200,14 +258,19 @@ def test_openai_sdk(upstream: FakeUpstream, client: openai.OpenAI) -> None:
     assert emb.usage.prompt_tokens == 3
     assert [m.id for m in client.models.list()]
     with pytest.raises(openai.APIStatusError) as info:
-        client.chat.completions.create(model="m", messages=CHAT["messages"],  # type: ignore
-                                       extra_body={"fake": {"status": 503}})
+        client.chat.completions.create(
+            model="m", messages=MESSAGES, extra_body={"fake": {"status": 503}}
+        )
     assert info.value.status_code == 503
 
 
 def test_cli_process() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.upstream", "--port", "0"],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.upstream", "--port", "0"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()

@@ -121,6 +121,7 @@ def _phrase(status: int) -> str:
 
 
 def error_body(status: int, message: str | None = None) -> bytes:
+    """OpenAI error envelope {"error": {message, type, param, code}} as JSON bytes."""
     err = {
         "message": message or f"fake upstream error {status}",
         "type": _ERROR_TYPES.get(
@@ -133,6 +134,7 @@ def error_body(status: int, message: str | None = None) -> bytes:
 
 
 def http_head(status: int, ctype: str, length: int | None, close: bool, extra: str = "") -> bytes:
+    """HTTP/1.1 status line + headers; length None means a chunked body."""
     size = (
         f"content-length: {length}\r\n" if length is not None else "transfer-encoding: chunked\r\n"
     )
@@ -162,6 +164,7 @@ class Reply:
 def json_reply(
     status: int, body: bytes, close: bool, fake: dict[str, Any], extra: str = ""
 ) -> Reply:
+    """A Content-Length JSON reply."""
     return Reply(
         http_head(status, "application/json", len(body), close, extra), [body], close, fake
     )
