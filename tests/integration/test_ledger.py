@@ -1,0 +1,80 @@
+"""The ledger never loses a record: a database outage spools to disk, replay drains it once."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from meterlane.core.db import make_engine, utcnow
+from meterlane.core.tenancy import TenancyService
+from meterlane.metering.ledger import CallRecord, LedgerWriter
+from meterlane.metering.models import UsageEvent
+
+pytestmark = pytest.mark.integration
+
+
+def record(app_id: int, user_id: int, key: str) -> CallRecord:
+    return CallRecord(
+        app_id=app_id, end_user_id=user_id, request_id=f"req_{key}", idempotency_key=key,
+        endpoint="chat.completions", requested_model="m", upstream="u", upstream_model="m",
+        stream=False, input_tokens=11, cached_input_tokens=2, output_tokens=7,
+        reasoning_tokens=0, usage_source="reported", cost_pico_usd=123_456, priced=True,
+        status="ok", http_status=200, error=None, latency_ms=5, ttft_ms=None,
+        created_at=utcnow())
+
+
+def keys_in_ledger(engine: Engine) -> list[tuple[str, int, Any]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(select(
+            UsageEvent.idempotency_key, UsageEvent.cost_pico_usd, UsageEvent.created_at))]
+
+
+def test_outage_spools_and_replay_writes_each_record_once(clean_db: Engine,
+                                                          tmp_path: Path) -> None:
+    tenancy = TenancyService(clean_db)
+    app_id, _ = tenancy.ensure_app("acme")
+    user_id = tenancy.ensure_end_user(app_id, "alice")
+    down = make_engine(clean_db.url.set(port=9).render_as_string(hide_password=False))
+    spool = tmp_path / "spool"
+    outage = LedgerWriter(down, spool)
+    first, second = record(app_id, user_id, "k1"), record(app_id, user_id, "k2")
+    assert outage.record(first) == "spooled"
+    assert outage.record(second) == "spooled"
+    assert keys_in_ledger(clean_db) == []
+    assert list(spool.glob("usage-*.jsonl"))
+
+    healthy = LedgerWriter(clean_db, spool)
+    assert healthy.record(first) == "written"  # one of them made it in another way
+    assert healthy.replay() == 1  # the duplicate is skipped, the other one is written
+    rows = sorted(keys_in_ledger(clean_db))
+    assert [(k, c) for k, c, _ in rows] == [("k1", 123_456), ("k2", 123_456)]
+    assert rows[1][2] == second.created_at
+    assert list(spool.iterdir()) == []
+    assert healthy.replay() == 0
+
+
+def test_duplicate_idempotency_key_is_reported_not_raised(clean_db: Engine,
+                                                          tmp_path: Path) -> None:
+    tenancy = TenancyService(clean_db)
+    app_id, _ = tenancy.ensure_app("acme")
+    user_id = tenancy.ensure_end_user(app_id, "alice")
+    writer = LedgerWriter(clean_db, tmp_path)
+    assert writer.record(record(app_id, user_id, "same")) == "written"
+    assert writer.record(record(app_id, user_id, "same")) == "duplicate"
+    assert len(keys_in_ledger(clean_db)) == 1
+
+
+def test_readyz_checks_redis_when_configured(app_config: Any, redis_server: str) -> None:
+    from meterlane.app import create_app
+
+    ok = create_app(replace(app_config, redis_url=redis_server)).test_client().get("/readyz")
+    assert ok.status_code == 200 and ok.get_json()["checks"]["redis"] == "ok"
+    down = create_app(replace(app_config, redis_url="redis://127.0.0.1:9/0"))
+    resp = down.test_client().get("/readyz")
+    assert resp.status_code == 503 and resp.mimetype == "application/problem+json"
+    assert resp.get_json()["checks"]["redis"].startswith("error")
