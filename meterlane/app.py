@@ -13,12 +13,13 @@ import orjson
 from flask import Flask, Response, g
 from marshmallow import ValidationError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from meterlane.core.auth import AuthService
 from meterlane.core.config import Config
 from meterlane.core.db import make_engine
-from meterlane.core.errors import DomainError, problem
+from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, problem
 from meterlane.core.keys import KeyService
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
@@ -117,6 +118,11 @@ def _register_hooks(app: Flask) -> None:
     def domain_error(exc: DomainError) -> Response:
         return _problem(exc.status, exc.title, exc.detail, slug=exc.slug,
                         extra=exc.extra, headers=exc.headers)
+
+    @app.errorhandler(OperationalError)
+    def database_down(exc: OperationalError) -> Response:
+        log.error("database unavailable in request %s: %s", g.get("request_id"), exc)
+        return domain_error(DATABASE_UNAVAILABLE)
 
     @app.errorhandler(ValidationError)
     def validation_error(exc: ValidationError) -> Response:

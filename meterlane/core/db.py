@@ -56,8 +56,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, pool_size=20, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
-                         pool_recycle=1800)
+    # No pre-ping: it costs a round trip per checkout on the hot path. A connection that died
+    # fails once, is invalidated by the pool, and the caller's error path handles it.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -88,6 +88,10 @@ class ServiceUnavailableError(DomainError):
     openai_type, openai_code = "service_unavailable", "service_unavailable"
 
 
+DATABASE_UNAVAILABLE = ServiceUnavailableError(
+    "The database is unavailable; try again shortly.", headers={"Retry-After": "1"})
+
+
 def problem(status: int, title: str, detail: str, *, slug: str | None, instance: str,
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """An RFC 9457 problem document."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from meterlane.core.errors import DomainError, openai_error
+from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
 from meterlane.core.web import current_principal, request_id, wiring
 from meterlane.gateway.service import CallContext, GatewayResponse
 from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
@@ -52,6 +53,12 @@ def domain_error(exc: DomainError) -> Response:
     body = openai_error(exc.detail, type_=exc.openai_type, code=exc.openai_code,
                         param=exc.param, **exc.extra)
     return wiring().json(body, status=exc.status, headers=exc.headers)
+
+
+@bp.errorhandler(OperationalError)
+def database_down(exc: OperationalError) -> Response:
+    log.error("database unavailable in gateway request %s: %s", request_id(), exc)
+    return domain_error(DATABASE_UNAVAILABLE)
 
 
 @bp.errorhandler(HTTPException)

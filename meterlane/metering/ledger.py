@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import queue
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,23 +58,95 @@ class CallRecord:
         return values
 
 
+class _Pending:
+    """One record waiting for the group commit that carries it."""
+
+    __slots__ = ("row", "done", "result")
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
+        self.done = threading.Event()
+        self.result = "spooled"
+
+
 class LedgerWriter:
     """Writes CallRecords. A record is never lost: if the database refuses for any reason
-    other than a duplicate, the record goes to an fsync'd spool file that `replay` drains."""
+    other than a duplicate, the record goes to an fsync'd spool file that `replay` drains.
 
-    def __init__(self, engine: Engine, spool_dir: Path) -> None:
+    Writes are group-committed: concurrent calls in a process hand their rows to one writer
+    thread (a greenlet under gevent), which inserts whatever has queued up in one transaction.
+    Each caller still waits until its own row is committed (or spooled) before it returns."""
+
+    def __init__(self, engine: Engine, spool_dir: Path, *, batch_max: int = 500) -> None:
         self.engine = engine
         self.spool_dir = spool_dir
+        self.batch_max = batch_max
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._writer_pid: int | None = None
 
     def record(self, rec: CallRecord) -> str:
         """Append one record; returns "written", "duplicate" or "spooled"."""
+        pending = _Pending(rec.row())
+        self._ensure_writer()
+        self._queue.put(pending)
+        pending.done.wait()
+        return pending.result
+
+    def _ensure_writer(self) -> None:
+        if self._writer_pid == os.getpid():
+            return
+        with self._lock:
+            if self._writer_pid != os.getpid():  # first use, or first use after a fork
+                self._queue = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(self._queue,), daemon=True,
+                                 name="ledger-writer").start()
+                self._writer_pid = os.getpid()
+
+    def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
+        while True:
+            batch = [q.get()]
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write_batch(batch)
+            except Exception:  # never let the writer die: a dead writer blocks every call
+                log.exception("ledger writer failed on a batch of %d; spooling it", len(batch))
+                for pending in batch:
+                    try:
+                        self._settle_one(pending)
+                    except Exception:
+                        # Neither the database nor the disk took it: leave it in the log.
+                        log.critical("usage record LOST (no database, no spool): %s",
+                                     orjson.dumps(pending.row).decode())
+                        pending.result = "lost"
+            finally:
+                for pending in batch:
+                    pending.done.set()
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
         try:
-            return self._insert(rec.row())
-        except DBAPIError as exc:
-            log.error("ledger write failed, spooling request %s: %s", rec.request_id, exc)
-            self._spool(rec.row())
-            return "spooled"
+            with self.engine.begin() as conn:
+                conn.execute(insert(UsageEvent), [p.row for p in batch])
+        except DBAPIError:
+            # A duplicate key or an outage: sort it out row by row.
+            for pending in batch:
+                self._settle_one(pending)
+            return
+        for pending in batch:
+            pending.result = "written"
+
+    def _settle_one(self, pending: _Pending) -> None:
+        try:
+            pending.result = self._insert(pending.row)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the record must survive
+            log.error("ledger write failed, spooling request %s: %s",
+                      pending.row.get("request_id"), exc)
+            self._spool(pending.row)
+            pending.result = "spooled"
 
     def _insert(self, row: dict[str, Any]) -> str:
         try:

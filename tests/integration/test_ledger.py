@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -78,3 +79,30 @@ def test_readyz_checks_redis_when_configured(app_config: Any, redis_server: str)
     resp = down.test_client().get("/readyz")
     assert resp.status_code == 503 and resp.mimetype == "application/problem+json"
     assert resp.get_json()["checks"]["redis"].startswith("error")
+
+
+def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
+                                                tmp_path: Path) -> None:
+    from meterlane.app import create_app
+    from meterlane.core.auth import Role
+    from meterlane.migrations import upgrade
+    from tests.conftest import config_from_toml, gateway_toml
+    from tests.support.services import create_database, libpq_url
+
+    name = f"mlane_gone_{tmp_path.name[-12:].replace('-', '_')}"
+    url = create_database(pg_server, name)
+    upgrade(make_engine(url))
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
+                                      database_url=url))
+    key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+    with psycopg.connect(libpq_url(pg_server), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")  # type: ignore[arg-type]
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+    resp = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "user": "u"},
+                       headers=headers)
+    assert resp.status_code == 503, resp.data
+    assert resp.get_json()["error"]["type"] == "service_unavailable"
+    usage = client.get("/v1/usage", headers=headers)
+    assert usage.status_code == 503 and usage.mimetype == "application/problem+json"
+    app.extensions["wiring"].engine.dispose()
