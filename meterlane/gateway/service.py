@@ -24,7 +24,7 @@ from meterlane.core.errors import (
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
 from meterlane.gateway.protocol import texts_of_choices, usage_from
-from meterlane.gateway.streaming import StreamRelay, sse_error
+from meterlane.gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from meterlane.gateway.upstream import UpstreamClient, error_from_response
 from meterlane.metering.service import ENDPOINT_EMBEDDINGS, CallOutcome, MeteringService
 
@@ -114,8 +114,20 @@ class GatewayService:
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
                resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
         """Forward each complete SSE event as soon as it arrives; settle however it ends."""
-        status, error, clean = "client_disconnected", None, False
+        settled = False
+
+        def settle(status: str, error: str | None = None) -> None:
+            nonlocal settled
+            if relay.done:
+                resp.release_conn()
+            else:
+                resp.close()  # stop the upstream generating for nobody
+            outcome.reported, outcome.output_texts = relay.usage, relay.texts
+            settled = True
+            self._finish(outcome, started, status=status, error=error)
+
         try:
+            last = b""
             try:
                 for data in upstream.chunks(resp):
                     out = relay.feed(data)
@@ -126,22 +138,21 @@ class GatewayService:
                 tail = relay.flush()
                 if tail:
                     yield tail
-                status = "ok" if relay.done else "stream_error"
-                if not relay.done:
+                if relay.done:
+                    settle("ok")
+                    last = DONE_EVENT
+                else:
                     error = f"upstream '{upstream.name}' closed the stream before [DONE]"
-                    yield sse_error(error, type_="upstream_error", code="upstream_stream_error")
-                clean = relay.done
+                    settle("stream_error", error)
+                    last = sse_error(error, type_="upstream_error", code="upstream_stream_error")
             except DomainError as exc:
-                status, error = "stream_error", exc.detail
-                yield sse_error(exc.detail, type_=exc.openai_type, code=exc.openai_code or "")
+                settle("stream_error", exc.detail)
+                last = sse_error(exc.detail, type_=exc.openai_type, code=exc.openai_code or "")
+            # Sent after settling: a client that has seen the end can read its usage.
+            yield last
         finally:
-            if clean:
-                resp.release_conn()
-            else:
-                resp.close()  # stop the upstream generating for nobody
-            outcome.reported = relay.usage
-            outcome.output_texts = relay.texts
-            self._finish(outcome, started, status=status, error=error)
+            if not settled:  # the client went away mid-stream
+                settle("client_disconnected")
 
     def _finish(self, outcome: CallOutcome, started: float, *, status: str = "ok",
                 http_status: int = 200, error: str | None = None) -> None:

@@ -10,6 +10,7 @@ from meterlane.gateway.protocol import texts_of_choices, usage_from
 from meterlane.metering.pricing import TokenUsage
 
 _DONE = b"[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
@@ -17,6 +18,8 @@ class StreamRelay:
 
     Complete events are forwarded at once; only a partial event waits for its end. The usage
     chunk the gateway asked for is dropped unless the client asked for it too (as OpenAI does).
+    The final `[DONE]` is held back: the gateway sends it once the call is in the ledger, so a
+    client that has seen the end of a stream can read its usage.
     Content events are kept (as raw bytes, parsed only if needed) so that the tokenizer can
     count what passed when the upstream reports no usage."""
 
@@ -51,7 +54,7 @@ class StreamRelay:
             return True  # comments, retry: lines and the like pass through untouched
         if payload == _DONE:
             self.done = True
-            return True
+            return False
         self.events += 1
         if b'"usage"' in payload:
             doc = _loads(payload)

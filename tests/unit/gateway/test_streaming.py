@@ -2,7 +2,7 @@
 
 import orjson
 
-from meterlane.gateway.streaming import StreamRelay
+from meterlane.gateway.streaming import DONE_EVENT, StreamRelay
 
 
 def event(doc: object) -> bytes:
@@ -13,20 +13,20 @@ CONTENT = event({"choices": [{"index": 0, "delta": {"content": "Hello"}}], "usag
 USAGE = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3,
                                          "total_tokens": 10,
                                          "prompt_tokens_details": {"cached_tokens": 2}}})
-DONE = b"data: [DONE]\n\n"
+DONE = DONE_EVENT
 
 
 def test_usage_chunk_is_hidden_unless_client_asked() -> None:
     relay = StreamRelay(client_wants_usage=False)
     out = relay.feed(CONTENT + USAGE + DONE)
-    assert out == CONTENT + DONE
+    assert out == CONTENT  # [DONE] is held back until the call is settled
     assert relay.usage is not None and relay.usage.input_tokens == 7
     assert relay.usage.cached_input_tokens == 2 and relay.done
 
 
 def test_usage_chunk_is_shown_when_client_asked() -> None:
     relay = StreamRelay(client_wants_usage=True)
-    assert relay.feed(CONTENT + USAGE + DONE) == CONTENT + USAGE + DONE
+    assert relay.feed(CONTENT + USAGE + DONE) == CONTENT + USAGE and relay.done
 
 
 def test_partial_event_waits_for_its_end_and_nothing_else_waits() -> None:
@@ -34,7 +34,7 @@ def test_partial_event_waits_for_its_end_and_nothing_else_waits() -> None:
     first, second = CONTENT[:10], CONTENT[10:]
     assert relay.feed(first) == b""
     assert relay.feed(second + DONE[:4]) == CONTENT
-    assert relay.feed(DONE[4:]) == DONE
+    assert relay.feed(DONE[4:]) == b"" and relay.done
 
 
 def test_crlf_framing_is_understood() -> None:
