@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,25 @@ def _tokenizers() -> TokenizerRegistry:
     return TokenizerRegistry.load()
 
 
+def _check_cooperative_driver() -> None:
+    """Under gevent, psycopg must have been imported after patching, or every query blocks
+    the whole worker (psycopg picks its wait function at import)."""
+    monkey = sys.modules.get("gevent.monkey")
+    waiting = sys.modules.get("psycopg.waiting")
+    if monkey is None or waiting is None or not monkey.is_module_patched("select"):
+        return
+    if waiting.wait is getattr(waiting, "wait_c", None):
+        raise RuntimeError("psycopg was imported before gevent patched the standard library; "
+                           "its queries would block every request of this worker")
+
+
 def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from meterlane.migrations import ensure_schema_current
 
     engine = make_engine(config.database_url)
     if check_schema:
         ensure_schema_current(engine)
+    _check_cooperative_driver()
     redis_client = None
     if config.redis_url:
         import redis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,14 +43,12 @@ def main() -> None:
 def serve(host: str, port: int, workers: int, timeout: int) -> None:
     """Run the service under gunicorn (gevent workers: many streams open at once)."""
     config = _config()
-    engine = _engine(config)
-    from meterlane.migrations import SchemaNotMigratedError, ensure_schema_current
-
-    try:
-        ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
-    except SchemaNotMigratedError as exc:
-        raise click.ClickException(str(exc)) from exc
-    engine.dispose()
+    # Check (or, on SQLite, apply) migrations in a child process: the gunicorn master must not
+    # import the database driver, or psycopg picks its blocking wait before gevent patches.
+    check = subprocess.run([sys.executable, "-m", "meterlane.cli", "db", "ensure"],
+                           capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
     # Each worker writes its metrics here; /metrics merges them. Must be set before any
     # worker imports prometheus_client.
     metrics_dir = tempfile.mkdtemp(prefix="meterlane-metrics-")
@@ -79,6 +78,18 @@ def db_upgrade(revision: str) -> None:
     after = current_revision(engine)
     click.echo(f"database at revision {after}" + ("" if before == after else
                                                    f" (was {before or 'empty'})"))
+
+
+@db.command("ensure", hidden=True)
+def db_ensure() -> None:
+    """Fail unless the schema is current (migrating it first where auto-migrate is on)."""
+    from meterlane.migrations import SchemaNotMigratedError, ensure_schema_current
+
+    config = _config()
+    try:
+        ensure_schema_current(_engine(config), auto_migrate=config.should_auto_migrate)
+    except SchemaNotMigratedError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @db.command("current")

@@ -8,13 +8,14 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -80,8 +81,10 @@ class LedgerWriter:
     def __init__(self, engine: Engine, spool_dir: Path, *, batch_max: int = 500) -> None:
         self.engine = engine
         # One INSERT statement is atomic by itself: autocommit saves the BEGIN and COMMIT
-        # round trips on the hot path.
+        # round trips on the hot path, and the driver-level statement skips SQLAlchemy's
+        # per-call compile and bind processing (half the cost of a write).
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._sql, self._params = _driver_insert(engine.dialect.name)
         self.spool_dir = spool_dir
         self.batch_max = batch_max
         self._lock = threading.Lock()
@@ -133,7 +136,7 @@ class LedgerWriter:
     def _write_batch(self, batch: list[_Pending]) -> None:
         try:
             with self._autocommit.connect() as conn:
-                conn.execute(insert(UsageEvent), [p.row for p in batch])
+                conn.exec_driver_sql(self._sql, [self._params(p.row) for p in batch])
         except DBAPIError:
             # A duplicate key or an outage: sort it out row by row.
             for pending in batch:
@@ -154,7 +157,7 @@ class LedgerWriter:
     def _insert(self, row: dict[str, Any]) -> str:
         try:
             with self._autocommit.connect() as conn:
-                conn.execute(insert(UsageEvent), row)
+                conn.exec_driver_sql(self._sql, self._params(row))
             return "written"
         except IntegrityError:
             if self._exists(row):
@@ -218,6 +221,28 @@ class LedgerWriter:
                 raise
             claimed.unlink()
         return written
+
+
+def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The INSERT in the driver's own parameter style, and how a row's values are bound."""
+    columns = [c.name for c in _TABLE.columns if c.name != "id"]
+    if dialect == "postgresql":
+        marks = [f"%({c})s" for c in columns]
+
+        def params(row: dict[str, Any]) -> dict[str, Any]:
+            return row
+    else:
+        marks = [f":{c}" for c in columns]
+
+        def params(row: dict[str, Any]) -> dict[str, Any]:
+            # SQLite keeps UTC timestamps as text in SQLAlchemy's own format, so that the
+            # ORM reads them back and range queries compare them as text.
+            return {**row, "created_at":
+                    row["created_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")}
+    # Only our own table and column names go into the text; values are bound by the driver.
+    table = UsageEvent.__tablename__
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"  # noqa: S608
+    return sql, params
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

@@ -106,3 +106,29 @@ def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
     usage = client.get("/v1/usage", headers=headers)
     assert usage.status_code == 503 and usage.mimetype == "application/problem+json"
     app.extensions["wiring"].engine.dispose()
+
+
+def test_sqlite_rows_read_back_as_utc_and_fall_in_usage_ranges(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from meterlane.metering.store import UsageQuery, UsageStore
+    from meterlane.migrations import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    upgrade(engine)
+    tenancy = TenancyService(engine)
+    app_id, _ = tenancy.ensure_app("acme")
+    user_id = tenancy.ensure_end_user(app_id, "alice")
+    rec = record(app_id, user_id, "k1")
+    assert LedgerWriter(engine, tmp_path).record(rec) == "written"
+    [(key, cost, created_at)] = keys_in_ledger(engine)
+    assert (key, cost, created_at) == ("k1", 123_456, rec.created_at)
+    store = UsageStore(engine)
+    inside = UsageQuery(app_id, None, rec.created_at - timedelta(seconds=1),
+                        rec.created_at + timedelta(seconds=1), group_by="day")
+    totals, [day] = store.totals(inside)
+    assert totals.requests == 1 and day.key == rec.created_at.strftime("%Y-%m-%d")
+    after = UsageQuery(app_id, None, rec.created_at + timedelta(microseconds=1),
+                       rec.created_at + timedelta(seconds=1))
+    assert store.totals(after)[0].requests == 0
+    engine.dispose()
