@@ -32,11 +32,13 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig, *, pool_size: int = 64) -> None:
         self.config = config
         self.name = config.name
-        self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=pool_size, block=False, retries=False,
+        # One pool for the upstream's host (no per-call URL parsing or pool lookup).
+        self._pool = urllib3.connection_from_url(
+            config.base_url, maxsize=pool_size, block=False, retries=False,
             timeout=urllib3.Timeout(connect=config.connect_timeout_s,
                                     read=config.read_timeout_s),
         )
+        self._prefix = urllib3.util.parse_url(config.base_url).path or ""
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
@@ -44,9 +46,9 @@ class UpstreamClient:
     def post(self, path: str, body: bytes, *, stream: bool) -> urllib3.BaseHTTPResponse:
         """Send the request; returns the response with its body unread when stream=True."""
         try:
-            return self._pool.request(
-                "POST", self.config.base_url + path, body=body, headers=self._headers,
-                preload_content=not stream, redirect=False,
+            return self._pool.urlopen(
+                "POST", self._prefix + path, body=body, headers=self._headers,
+                preload_content=not stream, redirect=False, retries=False,
             )
         except HTTPError as exc:
             raise self.translate(exc) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -53,7 +52,7 @@ class CallRecord:
     created_at: datetime
 
     def row(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
+        values = dict(self.__dict__)  # all fields are scalars: no deep copy needed
         if values["error"] is not None:
             values["error"] = values["error"][:500]
         return values
