@@ -126,7 +126,7 @@ def config_from_toml(toml: str, tmp_path: Path, **overrides: Any) -> Config:
     path = tmp_path / "meterlane.toml"
     path.write_text(toml)
     settings = load_toml(path, {})
-    base = Config(data_dir=str(tmp_path / "var"), key_cache_seconds=0, testing=True, **settings)
+    base = Config(data_dir=str(tmp_path / "var"), key_cache_seconds=0, **settings)
     return replace(base, **overrides)
 
 

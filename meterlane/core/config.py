@@ -58,7 +58,6 @@ class Config:
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
     user_key_max_ttl_seconds: int = 7 * 24 * 3600
-    testing: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

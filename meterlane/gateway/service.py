@@ -60,31 +60,17 @@ class GatewayService:
         self.metrics = metrics
 
     def list_models(self) -> dict[str, Any]:
-        created = 0
         return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": created, "owned_by": m.upstream}
+            {"id": m.name, "object": "model", "created": 0, "owned_by": m.upstream}
             for m in self.config.models]}
 
     def call(self, ctx: CallContext, endpoint: str, raw: bytes) -> GatewayResponse:
         """One metered call. Bad input raises before anything is forwarded or written."""
         started = time.perf_counter()
-        body = _parse_body(raw)
-        model = self._model(body)
-        end_user_id = self._end_user(ctx, body)
-        app_id = ctx.principal.app_id
-        assert app_id is not None  # app and user keys always belong to an app
-        key = self._idempotency_key(ctx, app_id)
-        stream = body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS
-        client_wants_usage = False
-        if stream:
-            options = body.get("stream_options")
-            client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        outcome = CallOutcome(
-            app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
-            idempotency_key=key, endpoint=endpoint, model=model, stream=stream, request=body,
-            created_at=utcnow(), latency_ms=0)
+        outcome = self._prepare(ctx, endpoint, raw)
+        model, stream = outcome.model, outcome.stream
         upstream = self.upstreams[model.upstream]
-        payload = self._upstream_payload(raw, body, model, stream)
+        payload = self._upstream_payload(raw, outcome.request, model, stream)
         try:
             resp = upstream.post(PATHS[endpoint], payload, stream=stream)
         except DomainError as exc:
@@ -99,7 +85,9 @@ class GatewayService:
             raise err
         outcome.accepted = True
         if stream:
-            relay = StreamRelay(client_wants_usage=client_wants_usage)
+            options = outcome.request.get("stream_options")
+            relay = StreamRelay(client_wants_usage=isinstance(options, dict)
+                                and options.get("include_usage") is True)
             return GatewayResponse(200, self._relay(outcome, started, upstream, resp, relay),
                                    {"Content-Type": "text/event-stream; charset=utf-8",
                                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -110,6 +98,19 @@ class GatewayService:
         outcome.output_texts = lambda: texts_of_choices(doc)
         self._finish(outcome, started)
         return GatewayResponse(200, data, {"Content-Type": "application/json"})
+
+    def _prepare(self, ctx: CallContext, endpoint: str, raw: bytes) -> CallOutcome:
+        """Validate the call and name its end user, model and idempotency key."""
+        body = _parse_body(raw)
+        model = self._model(body)
+        end_user_id = self._end_user(ctx, body)
+        app_id = ctx.principal.app_id
+        assert app_id is not None  # app and user keys always belong to an app
+        return CallOutcome(
+            app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
+            idempotency_key=self._idempotency_key(ctx, app_id), endpoint=endpoint,
+            model=model, stream=body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS,
+            request=body, created_at=utcnow(), latency_ms=0)
 
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
                resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
