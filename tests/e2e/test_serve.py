@@ -254,3 +254,15 @@ def test_embedded_default_runs_on_sqlite_with_no_other_server(
         client.close()
     finally:
         stop(proc)
+
+
+def test_cli_revoked_key_is_refused(server: Server) -> None:
+    created = cli(server.env, "keys", "create", "--role", "app", "--app", "e2e")
+    key = created.stdout.strip().splitlines()[-1]
+    client = server.client(key=key)
+    assert client.models.list().data
+    revoked = cli(server.env, "keys", "revoke", key)
+    assert revoked.returncode == 0, revoked.stderr
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
