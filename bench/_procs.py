@@ -1,0 +1,261 @@
+"""Processes of a run: fake upstream, `meterlane serve`, keys, Postgres database, CPU from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "bench-model"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process this run started; each in its own session so that Ctrl-C reaches only
+    us, and stop_all() can end each one (and its children, e.g. gunicorn workers) by id."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes], int]] = []
+
+    def start(self, name: str, cmd: list[str], *, stop_signal: int = signal.SIGTERM,
+              **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kw)  # noqa: S603
+        self.procs.append((name, proc, stop_signal))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int, timeout: float = 20) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # the session (process group) this run created
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in that group (e.g. workers of a killed master) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for name, proc, sig in reversed(self.procs):
+            if proc.poll() is None:
+                log(f"stopping {name} (pid {proc.pid})")
+            self.stop(proc, sig)
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy (anything but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
+
+
+def pids_named(comm: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == comm:
+                out.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+
+def start_upstream(procs: Processes, logdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    err = (logdir / "upstream.log").open("wb")
+    proc = procs.start("fake upstream",
+                       [sys.executable, "-m", "tests.support.upstream", "--port", "0"],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline().decode() if ready else ""
+    match = re.search(r"listening on (http://\S+)", line)
+    if match is None:
+        raise BenchError(f"fake upstream did not start (see {logdir / 'upstream.log'})")
+    return proc, match.group(1)
+
+
+def write_config(path: Path, upstream_base: str) -> None:
+    path.write_text(f"""
+[[upstreams]]
+name = "fake"
+base_url = "{upstream_base}"
+
+[[models]]
+name = "{MODEL}"
+upstream = "fake"
+price = {{ input = "0.15", output = "0.60" }}
+""")
+
+
+def postgres_database(admin_url: str, name: str) -> str:
+    """Drop and create database `name` on the server of admin_url; returns its URL."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    if name in ("postgres", "template0", "template1") or not re.fullmatch(r"\w+", name):
+        raise BenchError(f"refusing to drop and recreate database {name!r}")
+    url = make_url(admin_url)
+    libpq = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    libpq = make_url(admin_url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def git_version() -> str:
+    """HEAD's short hash, with "+dirty" when meterlane/ has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,  # noqa: S607
+                              text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "meterlane") else "")
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "meterlane.cli", *args], env=env,  # noqa: S603
+                          capture_output=True, text=True, timeout=180, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"meterlane {' '.join(args)} failed:\n{done.stderr}{done.stdout}")
+    return done.stdout
+
+
+def http_get(host: str, port: int, path: str, headers: dict[str, str] | None = None,
+             timeout: float = 30) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, workers: int, logfile: Path,
+                 timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"meterlane serve exited with {proc.returncode}:\n"
+                             + logfile.read_text()[-3000:])
+        try:
+            status, _ = http_get("127.0.0.1", port, "/healthz", timeout=2)
+            if status == 200 and len(children_of(proc.pid)) >= workers:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError("meterlane serve did not become healthy:\n" + logfile.read_text()[-3000:])
+
+
+# -- CPU use ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuProbe:
+    """CPU seconds used by each watched process between start() and stop()."""
+
+    pids: dict[str, list[int]]
+    dynamic: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
+    _dynamic_pids: dict[str, list[int]] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+
+    def _read(self) -> dict[str, float]:
+        out = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
+        for name, pids in self._dynamic_pids.items():
+            out[name] = sum(cpu_seconds(p) for p in pids)
+        out["machine total"] = machine_busy_seconds()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["bench client"] = usage.ru_utime + usage.ru_stime
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["wrk"] = child.ru_utime + child.ru_stime  # reaped children: only wrk in between
+        return out
+
+    def start(self) -> None:
+        # Processes found at the start (e.g. Postgres backends of the pooled connections).
+        self._dynamic_pids = {name: fn() for name, fn in self.dynamic.items()}
+        self.before = self._read()
+        self.wall = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        wall = time.monotonic() - self.wall
+        out = {name: round((after[name] - self.before.get(name, 0.0)) / wall, 3)
+               for name in after}
+        # Whatever else ran on the machine meanwhile (other tenants, kernel threads).
+        ours = sum(v for k, v in out.items() if k != "machine total")
+        out["other processes"] = round(max(0.0, out["machine total"] - ours), 3)
+        return out
