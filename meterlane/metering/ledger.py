@@ -159,19 +159,25 @@ class LedgerWriter:
                 conn.exec_driver_sql(self._sql, self._params(row))
             return "written"
         except IntegrityError:
-            if self._exists(row):
-                return "duplicate"
-            raise
+            holder = self._request_holding(row["app_id"], row["idempotency_key"])
+            if holder is None:
+                raise
+            if holder == row["request_id"]:
+                return "duplicate"  # the same call again (a spool replay): already counted
+            # Another call raced in with the same client key and was forwarded too: it was
+            # paid for, so it is kept under a key of its own rather than dropped.
+            return self._insert({**row, "idempotency_key":
+                                 f"{row['idempotency_key']}#{row['request_id']}"})
 
-    def _exists(self, row: dict[str, Any]) -> bool:
+    def _request_holding(self, app_id: int, idempotency_key: str) -> str | None:
         with self.engine.connect() as conn:
             found = conn.execute(select(_TABLE.c.request_id).where(
-                _TABLE.c.app_id == row["app_id"],
-                _TABLE.c.idempotency_key == row["idempotency_key"])).first()
-        return found is not None
+                _TABLE.c.app_id == app_id,
+                _TABLE.c.idempotency_key == idempotency_key)).scalar_one_or_none()
+        return found
 
     def key_used(self, app_id: int, idempotency_key: str) -> bool:
-        return self._exists({"app_id": app_id, "idempotency_key": idempotency_key})
+        return self._request_holding(app_id, idempotency_key) is not None
 
     # -- spool ---------------------------------------------------------------------------
 

@@ -70,6 +70,21 @@ def test_duplicate_idempotency_key_is_reported_not_raised(clean_db: Engine,
     assert len(keys_in_ledger(clean_db)) == 1
 
 
+def test_two_calls_racing_on_one_client_key_are_both_kept(clean_db: Engine,
+                                                          tmp_path: Path) -> None:
+    tenancy = TenancyService(clean_db)
+    app_id, _ = tenancy.ensure_app("acme")
+    user_id = tenancy.ensure_end_user(app_id, "alice")
+    writer = LedgerWriter(clean_db, tmp_path)
+    first = record(app_id, user_id, "client-key")
+    second = replace(first, request_id="req_other")
+    assert writer.record(first) == "written"
+    assert writer.record(second) == "written"
+    assert writer.record(second) == "duplicate"
+    keys = sorted(k for k, _, _ in keys_in_ledger(clean_db))
+    assert keys == ["client-key", "client-key#req_other"]
+
+
 def test_readyz_checks_redis_when_configured(app_config: Any, redis_server: str) -> None:
     from meterlane.app import create_app
 
