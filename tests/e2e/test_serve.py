@@ -266,3 +266,16 @@ def test_cli_revoked_key_is_refused(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
 
+
+def test_metrics_merge_every_worker(server: Server) -> None:
+    client = server.client()
+    for i in range(20):  # keep-alive off per call: spread the calls over both workers
+        client.with_options(default_headers={"Connection": "close"}).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, user=f"m{i}")
+    conn = http.client.HTTPConnection(server.base.split("//")[1], timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    calls = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("meterlane_calls_total{"))
+    assert calls == server.rows()  # every recorded call, whichever worker served it
+

@@ -29,6 +29,12 @@ def record(app_id: int, user_id: int, key: str) -> CallRecord:
         created_at=utcnow())
 
 
+def app_and_user(engine: Engine) -> tuple[int, int]:
+    tenancy = TenancyService(engine)
+    app_id, _ = tenancy.ensure_app("acme")
+    return app_id, tenancy.ensure_end_user(app_id, "alice")
+
+
 def keys_in_ledger(engine: Engine) -> list[tuple[str, int, Any]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(select(
@@ -37,9 +43,7 @@ def keys_in_ledger(engine: Engine) -> list[tuple[str, int, Any]]:
 
 def test_outage_spools_and_replay_writes_each_record_once(clean_db: Engine,
                                                           tmp_path: Path) -> None:
-    tenancy = TenancyService(clean_db)
-    app_id, _ = tenancy.ensure_app("acme")
-    user_id = tenancy.ensure_end_user(app_id, "alice")
+    app_id, user_id = app_and_user(clean_db)
     down = make_engine(clean_db.url.set(port=9).render_as_string(hide_password=False))
     spool = tmp_path / "spool"
     outage = LedgerWriter(down, spool)
@@ -61,9 +65,7 @@ def test_outage_spools_and_replay_writes_each_record_once(clean_db: Engine,
 
 def test_duplicate_idempotency_key_is_reported_not_raised(clean_db: Engine,
                                                           tmp_path: Path) -> None:
-    tenancy = TenancyService(clean_db)
-    app_id, _ = tenancy.ensure_app("acme")
-    user_id = tenancy.ensure_end_user(app_id, "alice")
+    app_id, user_id = app_and_user(clean_db)
     writer = LedgerWriter(clean_db, tmp_path)
     assert writer.record(record(app_id, user_id, "same")) == "written"
     assert writer.record(record(app_id, user_id, "same")) == "duplicate"
@@ -72,9 +74,7 @@ def test_duplicate_idempotency_key_is_reported_not_raised(clean_db: Engine,
 
 def test_two_calls_racing_on_one_client_key_are_both_kept(clean_db: Engine,
                                                           tmp_path: Path) -> None:
-    tenancy = TenancyService(clean_db)
-    app_id, _ = tenancy.ensure_app("acme")
-    user_id = tenancy.ensure_end_user(app_id, "alice")
+    app_id, user_id = app_and_user(clean_db)
     writer = LedgerWriter(clean_db, tmp_path)
     first = record(app_id, user_id, "client-key")
     second = replace(first, request_id="req_other")
@@ -131,9 +131,7 @@ def test_sqlite_rows_read_back_as_utc_and_fall_in_usage_ranges(tmp_path: Path) -
 
     engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
     upgrade(engine)
-    tenancy = TenancyService(engine)
-    app_id, _ = tenancy.ensure_app("acme")
-    user_id = tenancy.ensure_end_user(app_id, "alice")
+    app_id, user_id = app_and_user(engine)
     rec = record(app_id, user_id, "k1")
     assert LedgerWriter(engine, tmp_path).record(rec) == "written"
     [(key, cost, created_at)] = keys_in_ledger(engine)
