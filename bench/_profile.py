@@ -95,16 +95,12 @@ def print_profile(profile: dict[str, Any]) -> None:
         print(f"\npy-spy profile of the workers under c=32 ({profile['samples']} samples; "
               f"workers busy {profile['busy_share_pct']}% of the time; shares are of busy "
               "samples)")
-    print("  by package/module (inclusive):")
-    for name, pct in profile["area_inclusive_pct"][:15]:
-        print(f"    {pct:5.1f}%  {name}")
-    print("  by package/module (self):")
-    for name, pct in profile["area_self_pct"][:15]:
-        print(f"    {pct:5.1f}%  {name}")
-    print("  functions (inclusive):")
-    for name, pct in profile["inclusive_pct"][:25]:
-        print(f"    {pct:5.1f}%  {name}")
-    print("  functions (self):")
-    for name, pct in profile["self_pct"][:20]:
-        print(f"    {pct:5.1f}%  {name}")
+    sections = [("by package/module (inclusive)", "area_inclusive_pct", 15),
+                ("by package/module (self)", "area_self_pct", 15),
+                ("functions (inclusive)", "inclusive_pct", 25),
+                ("functions (self)", "self_pct", 20)]
+    for title, key, top in sections:
+        print(f"  {title}:")
+        for name, pct in profile[key][:top]:
+            print(f"    {pct:5.1f}%  {name}")
     print(f"  raw stacks: {', '.join(profile['raw_files'])}")

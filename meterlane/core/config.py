@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,6 @@ class Config:
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
     user_key_max_ttl_seconds: int = 7 * 24 * 3600
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def embedded(self) -> bool:
@@ -122,9 +121,10 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
     if len({m.name for m in models}) != len(models):
         raise ConfigError("model names must be unique")
-    known = {"upstreams", "models"}
-    return {"upstreams": upstreams, "models": models,
-            "extra": {k: v for k, v in raw.items() if k not in known}}
+    unknown = sorted(set(raw) - {"upstreams", "models"})
+    if unknown:  # a typo such as [[model]] must not silently drop the models
+        raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], [[models]]")
+    return {"upstreams": upstreams, "models": models}
 
 
 def _tables(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:

@@ -57,9 +57,10 @@ class UpstreamClient:
         """A transport failure as a domain error that names the upstream."""
         where = f"upstream '{self.name}' ({self.config.base_url})"
         # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
-        if isinstance(exc, NewConnectionError) or _caused_by_refusal(exc):
+        # retries=False: urllib3 raises the transport error itself, never MaxRetryError.
+        if isinstance(exc, NewConnectionError):
             return UpstreamUnavailableError(f"Could not connect to {where}: {_reason(exc)}.")
-        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)) or _caused_by_timeout(exc):
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
             return UpstreamTimeoutError(f"Timed out waiting for {where}.")
         return UpstreamUnavailableError(f"Connection to {where} failed: {exc.__class__.__name__}.")
 
@@ -83,16 +84,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(cause, ConnectionRefusedError) or "refused" in str(exc).lower():
         return "connection refused"
     return "could not open a connection"
-
-
-def _caused_by_timeout(exc: BaseException) -> bool:
-    reason = getattr(exc, "reason", None)
-    return isinstance(reason, (ConnectTimeoutError, ReadTimeoutError, TimeoutError))
-
-
-def _caused_by_refusal(exc: BaseException) -> bool:
-    reason = getattr(exc, "reason", None)
-    return isinstance(reason, (NewConnectionError, ConnectionRefusedError))
 
 
 def error_from_response(upstream: str, status: int, body: bytes,

@@ -37,6 +37,7 @@ def test_missing_or_invalid_key_is_401(client: Any, clean_db: Engine, headers: d
     resp = client.post(CHAT, data=data, headers=headers)
     assert resp.status_code == status
     assert resp.get_json()["error"]["code"] == code
+    assert resp.headers["X-Meterlane-Request-Id"].startswith("req_")
 
 
 @pytest.mark.parametrize(("data", "status", "param"), [

@@ -66,6 +66,7 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
     ('[[upstreams]]\nname = "u"\nbase_url = "http://x"\n[[models]]\nname = "m"\n'
      'upstream = "u"\nprice = { input = "0.00000001", output = "1" }\n', "6 decimal places"),
     ("not toml [", "c.toml"),
+    ('[[model]]\nname = "m"\n', "unknown settings \\['model'\\]"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, snippet: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
