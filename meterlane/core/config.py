@@ -10,6 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+LIMIT_STORES = ("auto", "redis", "sql")
+
 DEFAULT_DATA_DIR = "var"
 PRICE_FIELDS = ("input", "cached_input", "output", "reasoning")
 
@@ -44,12 +46,17 @@ class ModelConfig:
     upstream_model: str
     price: ModelPrice | None = None
     tokenizer: str | None = None
+    # The field that caps output when the gateway must clip a chat call the client did not
+    # cap itself (OpenAI's reasoning models take only max_completion_tokens).
+    max_tokens_param: str = "max_tokens"
 
 
 @dataclass(frozen=True)
 class Config:
     database_url: str = ""
     redis_url: str | None = None
+    redis_cluster: bool = False  # MLANE_REDIS_CLUSTER=1: the URL names a Redis Cluster node
+    redis_prefix: str = "ml:"  # every Redis key starts with it (share a Redis between deployments)
     data_dir: str = DEFAULT_DATA_DIR
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
@@ -58,6 +65,17 @@ class Config:
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
     user_key_max_ttl_seconds: int = 7 * 24 * 3600
+    # [[plans]] tables as read; meterlane.plans.catalog parses and checks them at start.
+    plans_raw: tuple[dict[str, Any], ...] = ()
+    config_text: str = ""
+    # [limits]: where counters live ("auto": Redis when MLANE_REDIS_URL is set, else the
+    # database) and how long a lease holds its reservation if it is never settled.
+    limits_store: str = "auto"
+    lease_seconds: int = 600
+
+    @property
+    def model_names(self) -> frozenset[str]:
+        return frozenset(m.name for m in self.models)
 
     @property
     def embedded(self) -> bool:
@@ -93,6 +111,8 @@ class Config:
         return cls(
             database_url=database_url,
             redis_url=env.get("MLANE_REDIS_URL") or None,
+            redis_prefix=env.get("MLANE_REDIS_PREFIX") or "ml:",
+            redis_cluster=bool(_bool_or_none(env.get("MLANE_REDIS_CLUSTER"))),
             data_dir=data_dir,
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
@@ -108,8 +128,8 @@ def default_sqlite_url(data_dir: str) -> str:
 def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     """Parse the TOML config; floats become Decimal so prices stay exact."""
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh, parse_float=Decimal)
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text, parse_float=Decimal)
     except FileNotFoundError as exc:
         raise ConfigError(f"MLANE_CONFIG names {path}, which does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -121,10 +141,28 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
     if len({m.name for m in models}) != len(models):
         raise ConfigError("model names must be unique")
-    unknown = sorted(set(raw) - {"upstreams", "models"})
+    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "limits"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
-        raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], [[models]]")
-    return {"upstreams": upstreams, "models": models}
+        raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
+                          "[[models]], [[plans]], [limits]")
+    return {"upstreams": upstreams, "models": models,
+            "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
+            **_limits(raw.get("limits", {}))}
+
+
+def _limits(table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError("[limits] must be a table")
+    unknown = sorted(set(table) - {"store", "lease_seconds"})
+    if unknown:
+        raise ConfigError(f"[limits]: unknown settings {unknown}; expected store, lease_seconds")
+    store = table.get("store", "auto")
+    if store not in LIMIT_STORES:
+        raise ConfigError(f"[limits]: store must be one of {', '.join(LIMIT_STORES)}")
+    lease = table.get("lease_seconds", 600)
+    if not isinstance(lease, int) or isinstance(lease, bool) or not 5 <= lease <= 86400:
+        raise ConfigError("[limits]: lease_seconds must be a whole number from 5 to 86400")
+    return {"limits_store": store, "lease_seconds": lease}
 
 
 def _tables(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -168,10 +206,13 @@ def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
     tokenizer = table.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ConfigError(f"{where}: tokenizer must be an encoding name such as 'o200k_base'")
+    param = table.get("max_tokens_param", "max_tokens")
+    if param not in ("max_tokens", "max_completion_tokens"):
+        raise ConfigError(f"{where}: max_tokens_param must be max_tokens or max_completion_tokens")
     return ModelConfig(
         name=name, upstream=upstream,
         upstream_model=_str(table, "upstream_model", where, default=name),
-        price=price, tokenizer=tokenizer,
+        price=price, tokenizer=tokenizer, max_tokens_param=param,
     )
 
 
