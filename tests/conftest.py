@@ -15,10 +15,12 @@ from sqlalchemy.engine import Engine
 from meterlane.core.auth import Role
 from meterlane.core.config import Config, load_toml
 from meterlane.core.db import make_engine
+from tests.support.cluster import ClusterUnavailableError, start_cluster
 from tests.support.services import create_database, postgres_url, redis_url
 from tests.support.upstream import FakeUpstream
 
-TABLES = "usage_events, api_keys, end_users, apps"
+TABLES = ("limit_refusals, limit_leases, limit_counters, end_user_plans, usage_events, "
+          "api_keys, end_users, apps")
 
 
 def _worker() -> str:
@@ -41,6 +43,17 @@ def pg_server(service_root: Path) -> Iterator[str]:
 def redis_server(service_root: Path) -> Iterator[str]:
     url, stop = redis_url(service_root)
     yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(service_root: Path) -> Iterator[list[tuple[str, int]]]:
+    """Startup nodes [(host, port)] of this worker's own 3-master Redis Cluster on loopback."""
+    try:
+        nodes, stop = start_cluster(service_root)
+    except ClusterUnavailableError as exc:
+        pytest.skip(f"no Redis Cluster: {exc}")
+    yield nodes
     stop()
 
 

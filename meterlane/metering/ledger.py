@@ -50,6 +50,7 @@ class CallRecord:
     latency_ms: int
     ttft_ms: int | None
     created_at: datetime
+    limits_pending: bool = False
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed
@@ -61,12 +62,13 @@ class CallRecord:
 class _Pending:
     """One record waiting for the group commit that carries it."""
 
-    __slots__ = ("row", "done", "result")
+    __slots__ = ("row", "done", "result", "dedupe")
 
-    def __init__(self, row: dict[str, Any]) -> None:
+    def __init__(self, row: dict[str, Any], dedupe: bool = False) -> None:
         self.row = row
         self.done = threading.Event()
         self.result = "spooled"
+        self.dedupe = dedupe
 
 
 class LedgerWriter:
@@ -90,9 +92,12 @@ class LedgerWriter:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._writer_pid: int | None = None
 
-    def record(self, rec: CallRecord) -> str:
-        """Append one record; returns "written", "duplicate" or "spooled"."""
-        pending = _Pending(rec.row())
+    def record(self, rec: CallRecord, *, dedupe: bool = False) -> str:
+        """Append one record; returns "written", "duplicate" or "spooled". With `dedupe`, a
+        record whose idempotency key is already in the ledger is a duplicate whatever request
+        carried it (usage reported twice by an app); without, only a replay of the same
+        request is (two proxied calls racing on one client key were both paid for)."""
+        pending = _Pending(rec.row(), dedupe)
         self._ensure_writer()
         self._queue.put(pending)
         pending.done.wait()
@@ -146,14 +151,14 @@ class LedgerWriter:
 
     def _settle_one(self, pending: _Pending) -> None:
         try:
-            pending.result = self._insert(pending.row)
+            pending.result = self._insert(pending.row, dedupe=pending.dedupe)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the record must survive
             log.error("ledger write failed, spooling request %s: %s",
                       pending.row.get("request_id"), exc)
             self._spool(pending.row)
             pending.result = "spooled"
 
-    def _insert(self, row: dict[str, Any]) -> str:
+    def _insert(self, row: dict[str, Any], *, dedupe: bool = False) -> str:
         try:
             with self._autocommit.connect() as conn:
                 conn.exec_driver_sql(self._sql, self._params(row))
@@ -162,7 +167,7 @@ class LedgerWriter:
             holder = self._request_holding(row["app_id"], row["idempotency_key"])
             if holder is None:
                 raise
-            if holder == row["request_id"]:
+            if holder == row["request_id"] or dedupe:
                 return "duplicate"  # the same call again (a spool replay): already counted
             # Another call raced in with the same client key and was forwarded too: it was
             # paid for, so it is kept under a key of its own rather than dropped.

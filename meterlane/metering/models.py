@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from meterlane.core.db import Base, BigIntPK
@@ -16,6 +16,8 @@ class UsageEvent(Base):
         UniqueConstraint("app_id", "idempotency_key"),
         Index("ix_usage_events_app_created", "app_id", "created_at"),
         Index("ix_usage_events_app_user_created", "app_id", "end_user_id", "created_at"),
+        Index("ix_usage_events_limits_pending", "id", postgresql_where=text("limits_pending"),
+              sqlite_where=text("limits_pending")),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -42,4 +44,57 @@ class UsageEvent(Base):
     error: Mapped[str | None] = mapped_column(String(500))
     latency_ms: Mapped[int]
     ttft_ms: Mapped[int | None]
+    created_at: Mapped[datetime]
+    # True for a call let through while the limit store was down ("fail open"): its usage is
+    # counted into the limits once the store is back.
+    limits_pending: Mapped[bool] = mapped_column(default=False, server_default="0")
+
+
+class LimitCounter(Base):
+    """A limit counter of the SQL limit store (the Redis store keeps these in Redis)."""
+
+    __tablename__ = "limit_counters"
+
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class LimitLease(Base):
+    """A reservation held against a tag's counters, or the remembered answer of a settle,
+    release or commit (kept a day so a repeat gets the same answer)."""
+
+    __tablename__ = "limit_leases"
+    __table_args__ = (Index("ix_limit_leases_tag_state_expires", "tag", "state", "expires_ms"),)
+
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[str] = mapped_column(Text)
+
+
+class LimitRefusal(Base):
+    """A call the limits refused: what the paywall acts on."""
+
+    __tablename__ = "limit_refusals"
+    __table_args__ = (Index("ix_limit_refusals_app_user_created", "app_id", "end_user_id",
+                            "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    request_id: Mapped[str] = mapped_column(String(40))
+    plan_id: Mapped[str] = mapped_column(String(64))
+    limit_id: Mapped[str] = mapped_column(String(80))
+    metric: Mapped[str] = mapped_column(String(16))
+    window: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))  # quota_exceeded | rate_limited
+    used: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    resets_at: Mapped[datetime | None]
+    model: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
