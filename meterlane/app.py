@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from meterlane.core.auth import AuthService
-from meterlane.core.config import Config
+from meterlane.core.config import Config, ConfigError
 from meterlane.core.db import make_engine
 from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, problem
 from meterlane.core.keys import KeyService
@@ -27,8 +27,12 @@ from meterlane.core.tenancy import TenancyService
 from meterlane.gateway.service import GatewayService
 from meterlane.gateway.upstream import UpstreamClient
 from meterlane.metering.ledger import LedgerWriter
+from meterlane.metering.limits import LimitsService
+from meterlane.metering.limitstore import LimitStore, SqlLimitStore
 from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
+from meterlane.plans.catalog import Catalog
+from meterlane.plans.service import PlanService
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -45,6 +49,8 @@ class Wiring:
     tenancy: TenancyService
     ledger: LedgerWriter
     metering: MeteringService
+    limits: LimitsService
+    plans: PlanService
     gateway: GatewayService
     metrics: Metrics
     redis: Any | None
@@ -80,22 +86,44 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     if check_schema:
         ensure_schema_current(engine)
     _check_cooperative_driver()
-    redis_client = None
+    redis_client: Any = None
     if config.redis_url:
         import redis
 
-        redis_client = redis.Redis.from_url(config.redis_url, socket_timeout=2,
-                                            socket_connect_timeout=2)
+        if config.redis_cluster:
+            from redis.cluster import RedisCluster
+
+            redis_client = RedisCluster.from_url(config.redis_url, socket_timeout=2,
+                                                 socket_connect_timeout=2)
+        else:
+            redis_client = redis.Redis.from_url(config.redis_url, socket_timeout=2,
+                                                socket_connect_timeout=2)
     auth = AuthService(engine, cache_seconds=config.key_cache_seconds)
     tenancy = TenancyService(engine)
     ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
     metering = MeteringService(engine, ledger, _tokenizers())
     metrics = Metrics()
+    catalog = Catalog.from_config(config)
+    plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
+    limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
+                           config.models, lease_seconds=config.lease_seconds)
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
-    gateway = GatewayService(config, tenancy, metering, upstreams, metrics)
+    gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
-                  tenancy=tenancy, ledger=ledger, metering=metering, gateway=gateway,
-                  metrics=metrics, redis=redis_client)
+                  tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
+                  plans=plans, gateway=gateway, metrics=metrics, redis=redis_client)
+
+
+def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
+    """Redis when configured (several instances share it), else the database."""
+    store = config.limits_store
+    if store == "redis" and redis_client is None:
+        raise ConfigError("[limits] store = \"redis\" needs MLANE_REDIS_URL")
+    if redis_client is not None and store in ("auto", "redis"):
+        from meterlane.metering.redislimits import RedisLimitStore
+
+        return RedisLimitStore(redis_client, config.redis_prefix)
+    return SqlLimitStore(engine)
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -110,9 +138,11 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.core.api import bp as keys_bp
     from meterlane.gateway.api import bp as gateway_bp
     from meterlane.metering.api import bp as metering_bp
+    from meterlane.metering.limits_api import bp as limits_bp
     from meterlane.ops import bp as ops_bp
+    from meterlane.plans.api import bp as plans_bp
 
-    for bp in (gateway_bp, keys_bp, metering_bp, ops_bp):
+    for bp in (gateway_bp, keys_bp, metering_bp, limits_bp, plans_bp, ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

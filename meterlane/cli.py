@@ -15,8 +15,12 @@ from meterlane.core.config import Config, ConfigError
 
 
 def _config() -> Config:
+    from meterlane.plans.catalog import Catalog
+
     try:
-        return Config.from_env()
+        config = Config.from_env()
+        Catalog.from_config(config)  # a malformed plan stops every command, naming its line
+        return config
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from exc
 
@@ -166,6 +170,25 @@ def ledger_replay() -> None:
     """Write usage records spooled to disk during a database outage into the ledger."""
     written = _wiring().ledger.replay()
     click.echo(f"replayed {written} usage records")
+
+
+@main.group()
+def limits() -> None:
+    """Limit counters (the ledger is the truth; counters can be rebuilt from it)."""
+
+
+@limits.command("rebuild")
+def limits_rebuild() -> None:
+    """Set the current periods' counters from the ledger, e.g. after losing Redis."""
+    wiring = _wiring()
+    if not wiring.limits.enabled:
+        raise click.ClickException("no plan has limits: nothing to rebuild")
+    def progress(n: int) -> None:
+        if n % 1000 == 0:
+            click.echo(f"  {n} end users rebuilt", err=True)
+
+    done = wiring.limits.rebuild(progress=progress)
+    click.echo(f"rebuilt the counters of {done} end users and apps from the ledger")
 
 
 def _ensure_embedded_schema(config: Config) -> None:

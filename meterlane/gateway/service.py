@@ -20,16 +20,29 @@ from meterlane.core.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitedError,
 )
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
 from meterlane.gateway.protocol import texts_of_choices, usage_from
 from meterlane.gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from meterlane.gateway.upstream import UpstreamClient, error_from_response
-from meterlane.metering.service import ENDPOINT_EMBEDDINGS, CallOutcome, MeteringService
+from meterlane.metering.limits import Lease, LimitsService, quota_headers
+from meterlane.metering.pricing import TokenUsage
+from meterlane.metering.service import (
+    ENDPOINT_CHAT,
+    ENDPOINT_COMPLETIONS,
+    ENDPOINT_EMBEDDINGS,
+    CallOutcome,
+    MeteringService,
+)
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 255
+# What OpenAI generates for /v1/completions when max_tokens is not given.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 128
 PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
          "embeddings": "/embeddings"}
 
@@ -52,12 +65,15 @@ class CallContext:
 
 class GatewayService:
     def __init__(self, config: Config, tenancy: TenancyService, metering: MeteringService,
-                 upstreams: dict[str, UpstreamClient], metrics: Metrics) -> None:
+                 upstreams: dict[str, UpstreamClient], metrics: Metrics,
+                 limits: LimitsService | None = None) -> None:
         self.config = config
         self.tenancy = tenancy
         self.metering = metering
         self.upstreams = upstreams
         self.metrics = metrics
+        self.limits = limits if limits is not None and limits.enabled else None
+        self.clock = utcnow  # when a call happened (tests freeze it with the limits' clock)
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -70,18 +86,23 @@ class GatewayService:
         outcome = self._prepare(ctx, endpoint, raw)
         model, stream = outcome.model, outcome.stream
         upstream = self.upstreams[model.upstream]
-        payload = self._upstream_payload(raw, outcome.request, model, stream)
+        clip = self._reserve(outcome, started) if self.limits is not None else None
+        lease: Lease | None = outcome.lease
+        limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
+        payload = self._upstream_payload(raw, outcome.request, model, stream, clip)
         try:
             resp = upstream.post(PATHS[endpoint], payload, stream=stream)
         except DomainError as exc:
             self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
                          error=exc.detail)
+            exc.headers.update(limit_headers)
             raise
         if resp.status >= 300:
             err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
             resp.release_conn()
             self._finish(outcome, started, status="upstream_error", http_status=err.status,
                          error=err.detail)
+            err.headers.update(limit_headers)
             raise err
         outcome.accepted = True
         if stream:
@@ -90,14 +111,54 @@ class GatewayService:
                                 and options.get("include_usage") is True)
             return GatewayResponse(200, self._relay(outcome, started, upstream, resp, relay),
                                    {"Content-Type": "text/event-stream; charset=utf-8",
-                                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                    **limit_headers},
                                    streaming=True)
         data = resp.data
         doc = _loads(data)
         outcome.reported = usage_from(doc)
         outcome.output_texts = lambda: texts_of_choices(doc)
         self._finish(outcome, started)
-        return GatewayResponse(200, data, {"Content-Type": "application/json"})
+        return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers})
+
+    def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
+        """Reserve the call's estimate; returns the output-token field to set and its value
+        when the grant is below what the call would otherwise generate."""
+        assert self.limits is not None
+        body, endpoint, model = outcome.request, outcome.endpoint, outcome.model
+        field_name, requested = _requested_output(endpoint, body, model.max_tokens_param)
+        choices = _choices(endpoint, body)
+        if endpoint == ENDPOINT_EMBEDDINGS:
+            want, least = 0, 0
+        elif requested is not None:
+            want, least = requested, 1
+        else:
+            plan = self.limits.plans.plan_of(outcome.end_user_id).plan
+            want = (COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS
+                    else plan.default_max_output_tokens)
+            least = 1
+        prompt = self.metering.prompt_tokens(model, endpoint, body)
+        try:
+            lease = self.limits.reserve(
+                app_id=outcome.app_id, end_user_id=outcome.end_user_id, model=model,
+                prompt_tokens=prompt, want_out=want, min_out=least, out_per_token=choices,
+                request_id=outcome.request_id)
+        except (QuotaExceededError, RateLimitedError) as exc:
+            status = "quota_exceeded" if exc.status == 402 else "rate_limited"
+            self._finish(outcome, started, status=status, http_status=exc.status,
+                         error=exc.detail)
+            raise
+        except DomainError as exc:
+            self._finish(outcome, started, status="limits_unavailable", http_status=exc.status,
+                         error=exc.detail)
+            raise
+        outcome.lease = lease
+        outcome.limits_pending = lease.fail_open
+        if endpoint == ENDPOINT_EMBEDDINGS or lease.out is None:
+            return None
+        if requested is None or lease.out < requested:
+            return field_name, lease.out
+        return None
 
     def _prepare(self, ctx: CallContext, endpoint: str, raw: bytes) -> CallOutcome:
         """Validate the call and name its end user, model and idempotency key."""
@@ -110,7 +171,7 @@ class GatewayService:
             app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
             idempotency_key=self._idempotency_key(ctx, app_id), endpoint=endpoint,
             model=model, stream=body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS,
-            request=body, created_at=utcnow(), latency_ms=0)
+            request=body, created_at=self.clock(), latency_ms=0)
 
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
                resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
@@ -165,8 +226,23 @@ class GatewayService:
             # The ledger spools on database failure; anything else here is a bug to see.
             log.exception("settling request %s failed", outcome.request_id)
             self.metrics.errors.labels(kind="settle_failed").inc()
+            if outcome.lease is not None:
+                self._settle_limits(outcome.lease, None)
             raise
+        if outcome.lease is not None:
+            usage = None if record.usage_source == "none" else TokenUsage(
+                input_tokens=record.input_tokens, output_tokens=record.output_tokens)
+            self._settle_limits(outcome.lease, usage, record.cost_pico_usd)
         self.metrics.observe_call(record, time.perf_counter() - started)
+
+    def _settle_limits(self, lease: Lease, usage: TokenUsage | None,
+                       cost_pico: int | None = None) -> None:
+        assert self.limits is not None
+        try:
+            self.limits.settle(lease, usage, cost_pico)
+        except Exception:  # the lease expires by itself; the ledger has the call
+            log.exception("settling the limits lease %s failed", lease.id)
+            self.metrics.errors.labels(kind="limits_settle_failed").inc()
 
     def _model(self, body: dict[str, Any]) -> ModelConfig:
         name = body.get("model")
@@ -217,16 +293,49 @@ class GatewayService:
 
     @staticmethod
     def _upstream_payload(raw: bytes, body: dict[str, Any], model: ModelConfig,
-                          stream: bool) -> bytes:
-        if not stream and model.upstream_model == model.name:
+                          stream: bool, clip: tuple[str, int] | None = None) -> bytes:
+        if not stream and model.upstream_model == model.name and clip is None:
             return raw  # nothing to change: forward the client's bytes untouched
         out = dict(body)
         out["model"] = model.upstream_model
+        if clip is not None:
+            out[clip[0]] = clip[1]
         if stream:
             options = out.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
         return orjson.dumps(out)
+
+
+def _requested_output(endpoint: str, body: dict[str, Any],
+                      default_field: str) -> tuple[str, int | None]:
+    """The output-token cap the client asked for, and the field that carries it."""
+    names = (("max_completion_tokens", "max_tokens") if endpoint == ENDPOINT_CHAT
+             else ("max_tokens",))
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequestError(f"{name} must be a positive integer.", param=name)
+        return name, value
+    return (default_field if endpoint == ENDPOINT_CHAT else "max_tokens"), None
+
+
+def _choices(endpoint: str, body: dict[str, Any]) -> int:
+    """How many completions the call generates (each may use the output cap)."""
+    if endpoint == ENDPOINT_EMBEDDINGS:
+        return 1
+    count = 1
+    for name in ("n", "best_of") if endpoint == ENDPOINT_COMPLETIONS else ("n",):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHOICES:
+            raise InvalidRequestError(f"{name} must be an integer from 1 to {MAX_CHOICES}.",
+                                      param=name)
+        count = max(count, value)
+    return count
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:

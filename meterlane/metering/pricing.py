@@ -26,6 +26,17 @@ class TokenUsage:
         return self.input_tokens + self.output_tokens
 
 
+def rate_of(price: Decimal) -> int:
+    """pico-USD per token."""
+    return _rate(price)
+
+
+def output_rate(price: ModelPrice) -> int:
+    """The most an output token can cost (reasoning tokens are output tokens)."""
+    reasoning = price.reasoning if price.reasoning is not None else price.output
+    return max(_rate(price.output), _rate(reasoning))
+
+
 def _rate(price: Decimal) -> int:
     value = price * _PICO_PER_TOKEN
     if value != value.to_integral_value():

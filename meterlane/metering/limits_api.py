@@ -1,0 +1,240 @@
+"""Limits API: metering without the proxy (reserve, settle, release, track), and quotas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response
+
+from meterlane.core.auth import Principal, Role, require_role, validate_user_id
+from meterlane.core.config import ModelConfig
+from meterlane.core.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
+from meterlane.core.openapi import documented
+from meterlane.core.web import current_principal, json_body, query_args, request_id, wiring
+from meterlane.metering.limits import Applied, LimitStoreUnavailableError, QuotaLine, utc_iso
+from meterlane.metering.pricing import TokenUsage, cost_pico_usd, format_usd
+from meterlane.metering.schemas import (
+    LeaseSchema,
+    MeterResultSchema,
+    QuotaSchema,
+    ReleaseRequestSchema,
+    ReserveRequestSchema,
+    SettleRequestSchema,
+    TrackRequestSchema,
+)
+from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
+from meterlane.plans.catalog import LimitSpec
+
+bp = Blueprint("limits", __name__, url_prefix="/v1")
+STORE_DOWN = "The limits store is unavailable; try again shortly."
+
+
+def _caller(principal: Principal, user: str | None) -> tuple[int, int, str]:
+    """(app id, end user id, user) that a metering call acts for."""
+    if principal.role == Role.USER:
+        assert principal.end_user_id is not None and principal.end_user is not None
+        if user is not None and user != principal.end_user:
+            raise PermissionDeniedError("This end-user key acts only for its own user.")
+        assert principal.app_id is not None
+        return principal.app_id, principal.end_user_id, principal.end_user
+    require_role(principal, Role.APP)
+    if user is None:
+        raise InvalidRequestError("Name the end user: set 'user'.", param="user")
+    assert principal.app_id is not None
+    user = validate_user_id(user)
+    return principal.app_id, wiring().tenancy.ensure_end_user(principal.app_id, user), user
+
+
+def _model(name: str) -> ModelConfig:
+    """The configured model, or an unpriced stand-in for a model the app calls itself."""
+    return wiring().config.model(name) or ModelConfig(name=name, upstream="", upstream_model=name)
+
+
+def _limit_state(limit: LimitSpec, used: int, remaining: int,
+                 resets_at: datetime | None) -> dict[str, Any]:
+    def value(amount: int) -> int | str:
+        return (format_usd(amount) or "0") if limit.metric == "cost_usd" else amount
+
+    return {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
+            "scope": limit.scope, "model": limit.model,
+            "kind": "rate" if limit.is_rate else "quota", "used": value(used),
+            "remaining": value(max(0, remaining)), "limit": value(limit.amount),
+            "resets_at": utc_iso(resets_at)}
+
+
+def _applied_states(applied: list[Applied], now: datetime) -> list[dict[str, Any]]:
+    return [_limit_state(a.limit, a.state.used, a.state.remaining, a.resets_at(now))
+            for a in applied if a.state is not None]
+
+
+@bp.post("/meter/reserve")
+@documented(summary="Reserve a call's tokens before the app makes it itself",
+            body=ReserveRequestSchema, response=LeaseSchema, status=201, tag="metering")
+def reserve() -> Response:
+    """Reserve against every limit of the user's plan; settle or release the lease after."""
+    principal = current_principal()
+    args = ReserveRequestSchema().load(json_body())
+    app_id, end_user_id, user = _caller(principal, args.get("user"))
+    model = _model(args["model"])
+    limits = wiring().limits
+    plan = wiring().plans.plan_of(end_user_id).plan
+    prompt = args.get("input_tokens")
+    if prompt is None:
+        given = [k for k in ("messages", "prompt", "input") if k in args]
+        if len(given) != 1:
+            raise InvalidRequestError("Give input_tokens, or exactly one of messages, prompt "
+                                      "or input to count.", param="input_tokens")
+        endpoint = {"messages": ENDPOINT_CHAT, "prompt": ENDPOINT_COMPLETIONS,
+                    "input": ENDPOINT_EMBEDDINGS}[given[0]]
+        prompt = wiring().metering.prompt_tokens(model, endpoint, args)
+    want = args.get("max_output_tokens")
+    if want is None:
+        want = plan.default_max_output_tokens
+    lease = limits.reserve(app_id=app_id, end_user_id=end_user_id, model=model,
+                           prompt_tokens=prompt, want_out=want, min_out=min(1, want),
+                           request_id=request_id())
+    body = {"lease_id": lease.id, "user": user, "model": model.name, "plan": lease.plan.id,
+            "input_tokens": prompt, "granted_output_tokens": lease.out,
+            "expires_at": utc_iso(lease.expires or lease.created),
+            "limits": _applied_states(lease.applied, lease.created)}
+    return wiring().json(LeaseSchema().dump(body), status=201)
+
+
+def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
+    try:
+        meta = wiring().limits.lease_info(lease_id)
+    except LimitStoreUnavailableError as exc:
+        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    # Someone else's lease is reported exactly like one that does not exist.
+    if (meta is None or meta.get("app_id") != principal.app_id
+            or (principal.role == Role.USER and meta.get("end_user_id") != principal.end_user_id)):
+        raise NotFoundError(f"No lease {lease_id!r} for this key (or it was forgotten a day "
+                            "after it ended).", param="lease_id")
+    if principal.role not in (Role.APP, Role.USER):
+        raise PermissionDeniedError("Only app and end-user keys settle leases.")
+    return meta
+
+
+@bp.post("/meter/settle")
+@documented(summary="Settle a lease with the call's real usage (records it in the ledger)",
+            body=SettleRequestSchema, response=MeterResultSchema, tag="metering")
+def settle() -> Response:
+    principal = current_principal()
+    args = SettleRequestSchema().load(json_body())
+    lease_id = args["lease_id"]
+    meta = _own_lease(principal, lease_id)
+    usage = TokenUsage(**args["usage"])
+    model = _model(meta["model"])
+    cost = cost_pico_usd(usage, model.price) if model.price is not None else None
+    try:
+        result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost)
+    except LimitStoreUnavailableError as exc:
+        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    if result.outcome == "expired":
+        raise ConflictError(f"Lease {lease_id} expired before it was settled, and its "
+                            "reservation was returned. Record the call with POST "
+                            "/v1/meter/track instead.", code="lease_expired")
+    if result.outcome == "already_released":
+        raise ConflictError(f"Lease {lease_id} was released; it cannot be settled.",
+                            code="lease_released")
+    if result.outcome == "already_settled" and result.actual != {
+            "tokens": usage.total_tokens, "cost": cost or 0}:
+        raise ConflictError(f"Lease {lease_id} was already settled with other usage.",
+                            code="lease_settled")
+    wiring().metering.record_direct(
+        app_id=meta["app_id"], end_user_id=meta["end_user_id"], model=model, usage=usage,
+        request_id=request_id(), idempotency_key=lease_id, endpoint="meter.settle")
+    return wiring().json(MeterResultSchema().dump({
+        "lease_id": lease_id, "idempotency_key": None, "outcome": "settled",
+        "cost_usd": format_usd(cost)}))
+
+
+@bp.post("/meter/release")
+@documented(summary="Release a lease: the call did not happen", body=ReleaseRequestSchema,
+            response=MeterResultSchema, tag="metering")
+def release() -> Response:
+    principal = current_principal()
+    args = ReleaseRequestSchema().load(json_body())
+    lease_id = args["lease_id"]
+    meta = _own_lease(principal, lease_id)
+    try:
+        result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), None, None)
+    except LimitStoreUnavailableError as exc:
+        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    if result.outcome == "already_settled":
+        raise ConflictError(f"Lease {lease_id} was settled; it cannot be released.",
+                            code="lease_settled")
+    outcome = "expired" if result.outcome == "expired" else "released"
+    return wiring().json(MeterResultSchema().dump({
+        "lease_id": lease_id, "idempotency_key": None, "outcome": outcome, "cost_usd": None}))
+
+
+@bp.post("/meter/track")
+@documented(summary="Record a call the app made itself, without a lease (idempotent)",
+            body=TrackRequestSchema, response=MeterResultSchema, status=201, tag="metering")
+def track() -> Response:
+    principal = current_principal()
+    args = TrackRequestSchema().load(json_body())
+    app_id, end_user_id, _user = _caller(principal, args.get("user"))
+    model = _model(args["model"])
+    usage = TokenUsage(**args["usage"])
+    cost = cost_pico_usd(usage, model.price) if model.price is not None else None
+    key = args["idempotency_key"]
+    written = wiring().metering.record_direct(
+        app_id=app_id, end_user_id=end_user_id, model=model, usage=usage,
+        request_id=request_id(), idempotency_key=key, endpoint="meter.track")
+    try:
+        wiring().limits.track(app_id=app_id, end_user_id=end_user_id, model=model, usage=usage,
+                              cost_pico=cost, event_id=key)
+    except ServiceUnavailableError:
+        if written != "duplicate":
+            wiring().metering.mark_limits_pending(app_id, key)
+        raise
+    fresh = written != "duplicate"
+    return wiring().json(MeterResultSchema().dump({
+        "lease_id": None, "idempotency_key": key, "outcome": "tracked" if fresh else "duplicate",
+        "cost_usd": format_usd(cost)}), status=201 if fresh else 200)
+
+
+def _quota(app_id: int, end_user_id: int, user: str) -> Response:
+    plan, lines = wiring().limits.quota(app_id, end_user_id)
+    body = {"user": user, "plan": {"id": plan.id, "name": plan.name},
+            "limits": [_line(line) for line in lines]}
+    return wiring().json(QuotaSchema().dump(body))
+
+
+def _line(line: QuotaLine) -> dict[str, Any]:
+    return _limit_state(line.limit, line.used, line.remaining, line.resets_at)
+
+
+@bp.get("/users/<path:user>/quota")
+@documented(summary="Every limit of an end user: used, remaining, limit, when it resets",
+            response=QuotaSchema, tag="quota")
+def user_quota(user: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    user = validate_user_id(user)
+    app_id = principal.app_id
+    if app_id is None:
+        app = query_args().get("app")
+        if not app:
+            raise InvalidRequestError("An admin key names the app: ?app=NAME.", param="app")
+        app_id = wiring().tenancy.get_app(app)
+    return _quota(app_id, wiring().tenancy.ensure_end_user(app_id, user), user)
+
+
+@bp.get("/me/quota")
+@documented(summary="The calling end user's own limits (user keys)", response=QuotaSchema,
+            tag="quota")
+def my_quota() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.USER)
+    assert principal.app_id is not None and principal.end_user_id is not None
+    return _quota(principal.app_id, principal.end_user_id, principal.end_user or "")

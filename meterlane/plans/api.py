@@ -1,0 +1,34 @@
+"""Plans API: put an end user on a plan."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from meterlane.core.auth import Role, require_role, validate_user_id
+from meterlane.core.errors import InvalidRequestError
+from meterlane.core.openapi import documented
+from meterlane.core.web import current_principal, json_body, query_args, wiring
+from meterlane.plans.schemas import PlanAssignmentRequestSchema, PlanAssignmentSchema
+
+bp = Blueprint("plans", __name__, url_prefix="/v1")
+
+
+@bp.put("/users/<path:user>/plan")
+@documented(summary="Put an end user on a plan (its billing cycle starts at anchored_at)",
+            body=PlanAssignmentRequestSchema, response=PlanAssignmentSchema, tag="plans")
+def assign_plan(user: str) -> Response:
+    """Put an end user on a plan; with no assignment a user is on the default plan."""
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    user = validate_user_id(user)
+    args = PlanAssignmentRequestSchema().load(json_body())
+    app_id = principal.app_id
+    if app_id is None:
+        app = query_args().get("app")
+        if not app:
+            raise InvalidRequestError("An admin key names the app: ?app=NAME.", param="app")
+        app_id = wiring().tenancy.get_app(app)
+    end_user_id = wiring().tenancy.ensure_end_user(app_id, user)
+    assignment = wiring().plans.assign(app_id, end_user_id, args["plan"], args.get("anchored_at"))
+    return wiring().json(PlanAssignmentSchema().dump(
+        {"user": user, "plan": assignment.plan.id, "anchored_at": assignment.anchored_at}))

@@ -1,0 +1,87 @@
+"""Which plan an end user is on: an explicit assignment, else the catalog's default plan."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from meterlane.core.db import utcnow
+from meterlane.core.errors import InvalidRequestError, NotFoundError
+from meterlane.core.models import EndUser
+from meterlane.plans.catalog import Catalog, Plan
+from meterlane.plans.models import EndUserPlan
+
+
+@dataclass(frozen=True)
+class Assignment:
+    plan: Plan
+    # The billing-cycle anchor: "cycle" windows run monthly from it (for the default plan,
+    # from when the end user was first seen).
+    anchored_at: datetime
+    explicit: bool
+
+
+class PlanService:
+    def __init__(self, engine: Engine, catalog: Catalog, *, cache_seconds: float = 2.0) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.cache_seconds = cache_seconds
+        self._cache: dict[int, tuple[float, Assignment]] = {}
+        self._lock = threading.Lock()
+
+    def plan_of(self, end_user_id: int) -> Assignment:
+        now = time.monotonic()
+        hit = self._cache.get(end_user_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(EndUserPlan.plan_id, EndUserPlan.anchored_at).where(
+                EndUserPlan.end_user_id == end_user_id)).first()
+            created = None if row else conn.execute(select(EndUser.created_at).where(
+                EndUser.id == end_user_id)).scalar_one_or_none()
+        assignment = self._resolve(row, created)
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[end_user_id] = (now + self.cache_seconds, assignment)
+        return assignment
+
+    def _resolve(self, row: Any, created: datetime | None) -> Assignment:
+        default = self.catalog.default
+        if row is not None:
+            plan_id: str = row[0]
+            anchored: datetime = row[1]
+            plan = self.catalog.get(plan_id)
+            if plan is not None:
+                return Assignment(plan, anchored, True)
+            # A plan removed from the config: its users fall back to the default plan.
+        if default is None:
+            raise NotFoundError("No plans are configured.")
+        return Assignment(default, created or utcnow(), False)
+
+    def assign(self, app_id: int, end_user_id: int, plan_id: str,
+               anchored_at: datetime | None = None) -> Assignment:
+        plan = self.catalog.get(plan_id)
+        if plan is None:
+            known = ", ".join(p.id for p in self.catalog.plans) or "none"
+            raise InvalidRequestError(f"Unknown plan {plan_id!r}; the plans are: {known}.",
+                                      param="plan")
+        now = utcnow()
+        anchor = anchored_at or now
+        values = {"end_user_id": end_user_id, "app_id": app_id, "plan_id": plan_id,
+                  "anchored_at": anchor, "updated_at": now}
+        with self.engine.begin() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            stmt = dialect.insert(EndUserPlan).values(**values)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["end_user_id"],
+                set_={"plan_id": plan_id, "anchored_at": anchor, "updated_at": now}))
+        self._cache.pop(end_user_id, None)
+        return Assignment(plan, anchor, True)
