@@ -402,3 +402,20 @@ def test_an_app_scope_limit_is_one_pool_for_every_user_on_the_plan(
     assert pooled["used"] == quota(lclient, lkeys.app, "tom")["tokens-day-app"]["used"]
     assert pooled["used"] == sum(r.input_tokens + r.output_tokens for r in ledger(clean_db))
     assert pooled["used"] <= 200
+
+
+def test_the_quota_shown_is_exactly_what_the_engine_grants_next(lclient: Any,
+                                                                 lkeys: Keys) -> None:
+    h = bearer(lkeys.app)
+    assert lclient.post(CHAT, json=chat("gail", max_tokens=33), headers=h).status_code == 200
+    left = quota(lclient, lkeys.app, "gail")["tokens-day"]["remaining"]
+    exact = lclient.post("/v1/meter/reserve", json={"user": "gail", "model": "gpt-4o-mini",
+                                                    "input_tokens": 10,
+                                                    "max_output_tokens": left - 10}, headers=h)
+    assert exact.status_code == 201 and exact.get_json()["granted_output_tokens"] == left - 10
+    assert quota(lclient, lkeys.app, "gail")["tokens-day"]["remaining"] == 0
+    more = lclient.post("/v1/meter/reserve", json={"user": "gail", "model": "gpt-4o-mini",
+                                                   "input_tokens": 0, "max_output_tokens": 1},
+                        headers=h)
+    assert more.status_code == 402
+    assert more.get_json()["limit"]["id"] == "tokens-day"  # problem+json names the limit too
