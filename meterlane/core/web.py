@@ -52,3 +52,13 @@ def json_body(*, allow_empty: bool = False) -> Any:
 
 def query_args() -> dict[str, Any]:
     return {k: v for k, v in request.args.items()}
+
+
+def app_in_scope(principal: Principal) -> int:
+    """The app a request acts in: the key's own, or `?app=NAME` for an operator-wide key."""
+    if principal.app_id is not None:
+        return principal.app_id
+    app = request.args.get("app")
+    if not app:
+        raise InvalidRequestError("An admin key names the app: ?app=NAME.", param="app")
+    return wiring().tenancy.get_app(app)

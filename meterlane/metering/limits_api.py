@@ -17,7 +17,7 @@ from meterlane.core.errors import (
     ServiceUnavailableError,
 )
 from meterlane.core.openapi import documented
-from meterlane.core.web import current_principal, json_body, query_args, request_id, wiring
+from meterlane.core.web import app_in_scope, current_principal, json_body, request_id, wiring
 from meterlane.metering.limits import Applied, LimitStoreUnavailableError, QuotaLine, utc_iso
 from meterlane.metering.pricing import TokenUsage, cost_pico_usd, format_usd
 from meterlane.metering.schemas import (
@@ -221,12 +221,7 @@ def user_quota(user: str) -> Response:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)
     user = validate_user_id(user)
-    app_id = principal.app_id
-    if app_id is None:
-        app = query_args().get("app")
-        if not app:
-            raise InvalidRequestError("An admin key names the app: ?app=NAME.", param="app")
-        app_id = wiring().tenancy.get_app(app)
+    app_id = app_in_scope(principal)
     return _quota(app_id, wiring().tenancy.ensure_end_user(app_id, user), user)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from meterlane.core.auth import Role, require_role, validate_user_id
-from meterlane.core.errors import InvalidRequestError
 from meterlane.core.openapi import documented
-from meterlane.core.web import current_principal, json_body, query_args, wiring
+from meterlane.core.web import app_in_scope, current_principal, json_body, wiring
 from meterlane.plans.schemas import PlanAssignmentRequestSchema, PlanAssignmentSchema
 
 bp = Blueprint("plans", __name__, url_prefix="/v1")
@@ -22,12 +21,7 @@ def assign_plan(user: str) -> Response:
     require_role(principal, Role.APP, Role.ADMIN)
     user = validate_user_id(user)
     args = PlanAssignmentRequestSchema().load(json_body())
-    app_id = principal.app_id
-    if app_id is None:
-        app = query_args().get("app")
-        if not app:
-            raise InvalidRequestError("An admin key names the app: ?app=NAME.", param="app")
-        app_id = wiring().tenancy.get_app(app)
+    app_id = app_in_scope(principal)
     end_user_id = wiring().tenancy.ensure_end_user(app_id, user)
     assignment = wiring().plans.assign(app_id, end_user_id, args["plan"], args.get("anchored_at"))
     return wiring().json(PlanAssignmentSchema().dump(
