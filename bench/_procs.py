@@ -132,7 +132,8 @@ def start_upstream(procs: Processes, logdir: Path) -> tuple[subprocess.Popen[byt
     return proc, match.group(1)
 
 
-def write_config(path: Path, upstream_base: str) -> None:
+def write_config(path: Path, upstream_base: str, extra: str = "") -> None:
+    """The bench config: one priced model on the fake upstream, then `extra` (e.g. plans)."""
     path.write_text(f"""
 [[upstreams]]
 name = "fake"
@@ -142,7 +143,16 @@ base_url = "{upstream_base}"
 name = "{MODEL}"
 upstream = "fake"
 price = {{ input = "0.15", output = "0.60" }}
-""")
+""" + extra)
+
+
+def serve_env(config: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of the meterlane commands of a run: ours without any MLANE_ setting
+    (a developer's shell must not leak into the bench), plus the config and data dir."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLANE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(MLANE_CONFIG=str(config), MLANE_DATA_DIR=str(data_dir), **extra)
+    return env
 
 
 def postgres_database(admin_url: str, name: str) -> str:
@@ -218,6 +228,27 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, workers: int, logfile
             pass
         time.sleep(0.1)
     raise BenchError("meterlane serve did not become healthy:\n" + logfile.read_text()[-3000:])
+
+
+@dataclass(frozen=True)
+class Served:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workers: list[int]
+    log: Path
+
+
+def start_serve(procs: Processes, env: dict[str, str], *, workers: int, cwd: Path,
+                log_path: Path, name: str = "meterlane serve") -> Served:
+    """`meterlane serve` on a free port, once /healthz answers and every worker is up."""
+    port = free_port()
+    proc = procs.start(name, [
+        sys.executable, "-m", "meterlane.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--workers", str(workers)],
+        stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
+        env=env, cwd=cwd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, workers, log_path)
+    return Served(proc, port, children_of(proc.pid), log_path)
 
 
 # -- CPU use ---------------------------------------------------------------------------------

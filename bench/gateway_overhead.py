@@ -25,7 +25,6 @@ import platform
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,16 +41,15 @@ from bench._procs import (
     BenchError,
     CpuProbe,
     Processes,
-    children_of,
     cli,
     drop_postgres_database,
-    free_port,
     git_version,
     log,
     pids_named,
     postgres_database,
+    serve_env,
+    start_serve,
     start_upstream,
-    wait_healthy,
     write_config,
 )
 from bench._profile import analyse_profile, print_profile, profile_workers
@@ -135,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
         upstream_proc, upstream_base = start_upstream(procs, tmp)
         log(f"fake upstream at {upstream_base} (pid {upstream_proc.pid})")
         write_config(tmp / "meterlane.toml", upstream_base)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("MLANE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update(MLANE_CONFIG=str(tmp / "meterlane.toml"), MLANE_DATA_DIR=str(tmp / "var"))
+        env = serve_env(tmp / "meterlane.toml", tmp / "var")
         if args.key_cache_seconds is not None:
             env["MLANE_KEY_CACHE_SECONDS"] = str(args.key_cache_seconds)
         if args.database == "postgres":
@@ -146,15 +142,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
             env["MLANE_DATABASE_URL"] = db_url
             log(f"created database {args.postgres_db}; {cli(env, 'db', 'upgrade').strip()}")
         key = cli(env, "keys", "create", "--role", "app", "--app", "bench").strip().splitlines()[-1]
-        port = free_port()
-        serve_log = tmp / "serve.log"
-        serve = procs.start("meterlane serve", [
-            sys.executable, "-m", "meterlane.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(args.workers)],
-            stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
-            env=env, cwd=tmp, stdout=serve_log.open("wb"), stderr=subprocess.STDOUT)
-        wait_healthy(serve, port, args.workers, serve_log)
-        workers = children_of(serve.pid)
+        served = start_serve(procs, env, workers=args.workers, cwd=tmp,
+                             log_path=tmp / "serve.log")
+        serve, port, workers = served.proc, served.port, served.workers
         log(f"meterlane serve on 127.0.0.1:{port} (master {serve.pid}, workers {workers})")
 
         up_host, up_port = re.match(r"http://([^:/]+):(\d+)", upstream_base).groups()  # type: ignore[union-attr]
