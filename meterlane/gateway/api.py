@@ -23,8 +23,11 @@ def _call(endpoint: str) -> Response:
                       user_header=request.headers.get("X-Meterlane-User"),
                       idempotency_key=request.headers.get("Idempotency-Key"))
     result: GatewayResponse = wiring().gateway.call(ctx, endpoint, request.get_data())
-    return Response(result.body, status=result.status, headers=result.headers,
-                    direct_passthrough=result.streaming)
+    response = Response(result.body, status=result.status, headers=result.headers,
+                        direct_passthrough=result.streaming)
+    if result.after is not None:
+        response.call_on_close(result.after)
+    return response
 
 
 @bp.post("/chat/completions")

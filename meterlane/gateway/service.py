@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,9 @@ class GatewayResponse:
     body: bytes | Iterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
     streaming: bool = False
+    # Run once the response has been sent: settling the limits lease is off the latency path
+    # (the reservation already holds at least what the call used, so nothing can overspend).
+    after: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,14 +98,14 @@ class GatewayService:
             resp = upstream.post(PATHS[endpoint], payload, stream=stream)
         except DomainError as exc:
             self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
-                         error=exc.detail)
+                         error=exc.detail)()
             exc.headers.update(limit_headers)
             raise
         if resp.status >= 300:
             err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
             resp.release_conn()
             self._finish(outcome, started, status="upstream_error", http_status=err.status,
-                         error=err.detail)
+                         error=err.detail)()
             err.headers.update(limit_headers)
             raise err
         outcome.accepted = True
@@ -118,8 +122,9 @@ class GatewayService:
         doc = _loads(data)
         outcome.reported = usage_from(doc)
         outcome.output_texts = lambda: texts_of_choices(doc)
-        self._finish(outcome, started)
-        return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers})
+        after = self._finish(outcome, started)
+        return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers},
+                               after=None if after is _nothing else after)
 
     def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
         """Reserve the call's estimate; returns the output-token field to set and its value
@@ -146,11 +151,11 @@ class GatewayService:
         except (QuotaExceededError, RateLimitedError) as exc:
             status = "quota_exceeded" if exc.status == 402 else "rate_limited"
             self._finish(outcome, started, status=status, http_status=exc.status,
-                         error=exc.detail)
+                         error=exc.detail)()
             raise
         except DomainError as exc:
             self._finish(outcome, started, status="limits_unavailable", http_status=exc.status,
-                         error=exc.detail)
+                         error=exc.detail)()
             raise
         outcome.lease = lease
         outcome.limits_pending = lease.fail_open
@@ -177,16 +182,17 @@ class GatewayService:
                resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
         """Forward each complete SSE event as soon as it arrives; settle however it ends."""
         settled = False
+        after: Callable[[], None] = _nothing
 
         def settle(status: str, error: str | None = None) -> None:
-            nonlocal settled
+            nonlocal settled, after
             if relay.done:
                 resp.release_conn()
             else:
                 resp.close()  # stop the upstream generating for nobody
             outcome.reported, outcome.output_texts = relay.usage, relay.texts
             settled = True
-            self._finish(outcome, started, status=status, error=error)
+            after = self._finish(outcome, started, status=status, error=error)
 
         try:
             last = b""
@@ -210,14 +216,17 @@ class GatewayService:
             except DomainError as exc:
                 settle("stream_error", exc.detail)
                 last = sse_error(exc.detail, type_=exc.openai_type, code=exc.openai_code or "")
-            # Sent after settling: a client that has seen the end can read its usage.
+            # Sent after the ledger write: a client that has seen the end can read its usage.
             yield last
         finally:
             if not settled:  # the client went away mid-stream
                 settle("client_disconnected")
+            after()
 
     def _finish(self, outcome: CallOutcome, started: float, *, status: str = "ok",
-                http_status: int = 200, error: str | None = None) -> None:
+                http_status: int = 200, error: str | None = None) -> Callable[[], None]:
+        """Write the call's ledger row; returns the settling of its limits lease, for the
+        caller to run once the client has its answer."""
         outcome.latency_ms = _ms_since(started)
         outcome.status, outcome.http_status, outcome.error = status, http_status, error
         try:
@@ -229,11 +238,13 @@ class GatewayService:
             if outcome.lease is not None:
                 self._settle_limits(outcome.lease, None)
             raise
-        if outcome.lease is not None:
-            usage = None if record.usage_source == "none" else TokenUsage(
-                input_tokens=record.input_tokens, output_tokens=record.output_tokens)
-            self._settle_limits(outcome.lease, usage, record.cost_pico_usd)
         self.metrics.observe_call(record, time.perf_counter() - started)
+        lease = outcome.lease
+        if lease is None:
+            return _nothing
+        usage = None if record.usage_source == "none" else TokenUsage(
+            input_tokens=record.input_tokens, output_tokens=record.output_tokens)
+        return functools.partial(self._settle_limits, lease, usage, record.cost_pico_usd)
 
     def _settle_limits(self, lease: Lease, usage: TokenUsage | None,
                        cost_pico: int | None = None) -> None:
@@ -305,6 +316,10 @@ class GatewayService:
             out["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
         return orjson.dumps(out)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _requested_output(endpoint: str, body: dict[str, Any],

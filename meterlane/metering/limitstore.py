@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import text
@@ -50,7 +50,7 @@ class Check:
     interval_ms: int = 0
 
     def wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)  # every field is a scalar: no need for asdict's deep copy
 
 
 @dataclass(frozen=True)

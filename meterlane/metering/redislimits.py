@@ -6,9 +6,10 @@ Python in limitstore.py step for step; the contract suite holds them to one beha
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from typing import Any
+
+import orjson
 
 from meterlane.metering.limitstore import Actual, Check, CheckState, Reservation, Settlement
 
@@ -24,8 +25,8 @@ def _states(raw: list[list[Any]]) -> tuple[CheckState, ...]:
     return tuple(CheckState(int(s[0]), int(s[1]), int(s[2]) if s[2] else None) for s in raw)
 
 
-def _actual(actual: Actual) -> str:
-    return json.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost)})
+def _actual(actual: Actual) -> bytes:
+    return orjson.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost)})
 
 
 class RedisLimitStore:
@@ -48,9 +49,9 @@ class RedisLimitStore:
                 expires_ms: int, want_out: int, min_out: int, clip: bool,
                 meta: dict[str, Any]) -> Reservation:
         raw = self._run("reserve", tag, now_ms, lease_id, expires_ms, want_out, min_out,
-                        1 if clip else 0, json.dumps(meta),
-                        json.dumps([c.wire() for c in checks]))
-        doc = json.loads(raw)
+                        1 if clip else 0, orjson.dumps(meta),
+                        orjson.dumps([c.wire() for c in checks]))
+        doc = orjson.loads(raw)
         if doc["granted"]:
             return Reservation(True, int(doc["out"]), None, _states(doc["states"]))
         refused = int(doc["refused"])
@@ -58,7 +59,7 @@ class RedisLimitStore:
 
     def settle(self, tag: str, lease_id: str, actual: Actual | None, *,
                now_ms: int) -> Settlement:
-        doc = json.loads(self._run("settle", tag, now_ms, lease_id,
+        doc = orjson.loads(self._run("settle", tag, now_ms, lease_id,
                                    _actual(actual) if actual is not None else ""))
         recorded = doc.get("actual")
         return Settlement(doc["outcome"], {k: int(v) for k, v in recorded.items()}
@@ -69,18 +70,19 @@ class RedisLimitStore:
         for key in (f"{base}:l:{lease_id}", f"{base}:d:{lease_id}"):
             raw = self.client.get(key)
             if raw is not None:
-                meta: dict[str, Any] | None = json.loads(raw).get("meta")
+                meta: dict[str, Any] | None = orjson.loads(raw).get("meta")
                 return meta
         return None
 
     def peek(self, tag: str, checks: list[Check], *, now_ms: int) -> tuple[CheckState, ...]:
-        doc = json.loads(self._run("peek", tag, now_ms, json.dumps([c.wire() for c in checks])))
+        checks_doc = orjson.dumps([c.wire() for c in checks])
+        doc = orjson.loads(self._run("peek", tag, now_ms, checks_doc))
         return _states(doc["states"])
 
     def commit(self, tag: str, event_id: str, checks: list[Check], actual: Actual, *,
                now_ms: int) -> bool:
         return bool(self._run("commit", tag, now_ms, event_id, _actual(actual),
-                              json.dumps([c.wire() for c in checks])))
+                              orjson.dumps([c.wire() for c in checks])))
 
     def overwrite(self, tag: str, values: list[tuple[Check, int]], *, now_ms: int) -> None:
-        self._run("overwrite", tag, now_ms, json.dumps([[c.wire(), v] for c, v in values]))
+        self._run("overwrite", tag, now_ms, orjson.dumps([[c.wire(), v] for c, v in values]))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -95,8 +96,18 @@ def limited(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
     app.extensions["wiring"].engine.dispose()
 
 
+class ClosingClient(FlaskClient):
+    """Reads each response whole and closes it, as a WSGI server does once it has sent it
+    (the gateway settles limits leases then)."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
 @pytest.fixture()
 def lclient(limited: Any) -> Any:
+    limited.test_client_class = ClosingClient
     return limited.test_client()
 
 
@@ -419,3 +430,15 @@ def test_the_quota_shown_is_exactly_what_the_engine_grants_next(lclient: Any,
                         headers=h)
     assert more.status_code == 402
     assert more.get_json()["limit"]["id"] == "tokens-day"  # problem+json names the limit too
+
+
+def test_the_lease_is_settled_once_the_response_is_sent(limited: Any, lkeys: Keys) -> None:
+    raw = limited.test_client()  # a client that leaves the response open, as if still sending
+    resp = raw.post(CHAT, json=chat("hal", max_tokens=40), headers=bearer(lkeys.app))
+    assert resp.status_code == 200
+    real = resp.get_json()["usage"]["total_tokens"]
+    closing = ClosingClient(limited, limited.response_class, use_cookies=False)
+    held = quota(closing, lkeys.app, "hal")["tokens-day"]["used"]
+    assert held > real  # until then the reservation (prompt estimate + 40) stands
+    resp.close()
+    assert quota(closing, lkeys.app, "hal")["tokens-day"]["used"] == real
