@@ -261,13 +261,12 @@ class CpuProbe:
     pids: dict[str, list[int]]
     dynamic: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
     _dynamic_pids: dict[str, list[int]] = field(default_factory=dict)
+    _dynamic_start: dict[str, dict[int, float]] = field(default_factory=dict)
     before: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
     def _read(self) -> dict[str, float]:
         out = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.pids.items()}
-        for name, pids in self._dynamic_pids.items():
-            out[name] = sum(cpu_seconds(p) for p in pids)
         out["machine total"] = machine_busy_seconds()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         out["bench client"] = usage.ru_utime + usage.ru_stime
@@ -275,14 +274,24 @@ class CpuProbe:
         out["wrk"] = child.ru_utime + child.ru_stime  # reaped children: only wrk in between
         return out
 
+    def _read_dynamic(self) -> dict[str, dict[int, float]]:
+        return {name: {p: cpu_seconds(p) for p in pids}
+                for name, pids in self._dynamic_pids.items()}
+
     def start(self) -> None:
         # Processes found at the start (e.g. Postgres backends of the pooled connections).
         self._dynamic_pids = {name: fn() for name, fn in self.dynamic.items()}
+        self._dynamic_start = self._read_dynamic()
         self.before = self._read()
         self.wall = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         after = self._read()
+        for name, now in self._read_dynamic().items():
+            start = self._dynamic_start[name]
+            # One that exited meanwhile (a pooled backend closed) reads 0: it counts 0, not
+            # minus what it had used before the start.
+            after[name] = sum(v - start[p] for p, v in now.items() if v)
         wall = time.monotonic() - self.wall
         out = {name: round((after[name] - self.before.get(name, 0.0)) / wall, 3)
                for name in after}
