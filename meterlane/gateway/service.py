@@ -13,6 +13,7 @@ import orjson
 import urllib3
 
 from meterlane.core.auth import Principal, Role, validate_user_id
+from meterlane.core.background import background_runner
 from meterlane.core.config import Config, ModelConfig
 from meterlane.core.db import utcnow
 from meterlane.core.errors import (
@@ -78,6 +79,9 @@ class GatewayService:
         self.metrics = metrics
         self.limits = limits if limits is not None and limits.enabled else None
         self.clock = utcnow  # when a call happened (tests freeze it with the limits' clock)
+        # Runs work that must not hold up the client (settling a lease): a greenlet under
+        # gevent, so a keep-alive connection's next request is read at once; else inline.
+        self.background: Callable[[Callable[[], None]], None] = background_runner()
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -124,7 +128,8 @@ class GatewayService:
         outcome.output_texts = lambda: texts_of_choices(doc)
         after = self._finish(outcome, started)
         return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers},
-                               after=None if after is _nothing else after)
+                               after=None if after is _nothing else
+                               functools.partial(self.background, after))
 
     def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
         """Reserve the call's estimate; returns the output-token field to set and its value
@@ -221,7 +226,7 @@ class GatewayService:
         finally:
             if not settled:  # the client went away mid-stream
                 settle("client_disconnected")
-            after()
+            self.background(after)
 
     def _finish(self, outcome: CallOutcome, started: float, *, status: str = "ok",
                 http_status: int = 200, error: str | None = None) -> Callable[[], None]:

@@ -312,8 +312,9 @@ class LimitsService:
         outcome = "settled"
         for tag in lease.tags:
             try:
-                with store_errors():
-                    result = self.store.settle(tag, lease.id, actual, now_ms=epoch_ms(now))
+                with store_errors():  # the gateway settles once: no answer to remember
+                    result = self.store.settle(tag, lease.id, actual, now_ms=epoch_ms(now),
+                                               remember_ms=0)
             except LimitStoreUnavailableError:
                 log.error("limit store unavailable settling lease %s; its reservation is held "
                           "until it expires, and the ledger has the call", lease.id)

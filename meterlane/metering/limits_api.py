@@ -115,8 +115,8 @@ def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
     # Someone else's lease is reported exactly like one that does not exist.
     if (meta is None or meta.get("app_id") != principal.app_id
             or (principal.role == Role.USER and meta.get("end_user_id") != principal.end_user_id)):
-        raise NotFoundError(f"No lease {lease_id!r} for this key (or it was forgotten a day "
-                            "after it ended).", param="lease_id")
+        raise NotFoundError(f"No lease {lease_id!r} for this key (or it ended over an hour "
+                            "ago).", param="lease_id")
     if principal.role not in (Role.APP, Role.USER):
         raise PermissionDeniedError("Only app and end-user keys settle leases.")
     return meta
@@ -190,14 +190,14 @@ def track() -> Response:
     written = wiring().metering.record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage,
         request_id=request_id(), idempotency_key=key, endpoint="meter.track")
-    try:
-        wiring().limits.track(app_id=app_id, end_user_id=end_user_id, model=model, usage=usage,
-                              cost_pico=cost, event_id=key)
-    except ServiceUnavailableError:
-        if written != "duplicate":
-            wiring().metering.mark_limits_pending(app_id, key)
-        raise
     fresh = written != "duplicate"
+    if fresh:  # the ledger keeps keys for good: a repeat is never counted twice
+        try:
+            wiring().limits.track(app_id=app_id, end_user_id=end_user_id, model=model,
+                                  usage=usage, cost_pico=cost, event_id=key)
+        except ServiceUnavailableError:
+            wiring().metering.mark_limits_pending(app_id, key)
+            raise
     return wiring().json(MeterResultSchema().dump({
         "lease_id": None, "idempotency_key": key, "outcome": "tracked" if fresh else "duplicate",
         "cost_usd": format_usd(cost)}), status=201 if fresh else 200)

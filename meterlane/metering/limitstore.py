@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-DONE_TTL_MS = 24 * 3600 * 1000  # settle / release / commit answers are remembered this long
+DONE_TTL_MS = 3600 * 1000  # settle / release / commit answers are remembered this long
 SWEEP_BATCH = 100
 
 
@@ -97,8 +97,8 @@ class LimitStore(Protocol):
                 expires_ms: int, want_out: int, min_out: int, clip: bool,
                 meta: dict[str, Any]) -> Reservation: ...
 
-    def settle(self, tag: str, lease_id: str, actual: Actual | None, *,
-               now_ms: int) -> Settlement: ...
+    def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
+               remember_ms: int = DONE_TTL_MS) -> Settlement: ...
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None: ...
 
@@ -331,8 +331,11 @@ class SqlLimitStore:
                      "b": json.dumps({"charges": charges, "meta": meta})})
         return result
 
-    def settle(self, tag: str, lease_id: str, actual: Actual | None, *,
-               now_ms: int) -> Settlement:
+    def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
+               remember_ms: int = DONE_TTL_MS) -> Settlement:
+        """Apply the real usage (None: release it all). The answer is remembered for
+        `remember_ms` so a repeat gets it again; 0 remembers nothing (the gateway settles
+        its own leases exactly once)."""
         with self._tx(tag, now_ms) as (conn, counters):
             self._sweep(conn, tag, counters)
             row = conn.execute(text("SELECT state, body FROM limit_leases WHERE tag = :t "
@@ -351,10 +354,14 @@ class SqlLimitStore:
             if actual is not None:
                 recorded = {"tokens": actual.tokens, "cost": actual.cost}
             outcome = "settled" if actual is not None else "released"
-            conn.execute(text("UPDATE limit_leases SET state = :s, expires_ms = :k, body = :b "
-                              "WHERE tag = :t AND id = :i"),
-                         {"s": outcome, "k": now_ms + DONE_TTL_MS, "t": tag, "i": lease_id,
-                          "b": json.dumps({"meta": doc["meta"], "actual": recorded})})
+            if remember_ms <= 0:
+                conn.execute(text("DELETE FROM limit_leases WHERE tag = :t AND id = :i"),
+                             {"t": tag, "i": lease_id})
+            else:
+                conn.execute(text("UPDATE limit_leases SET state = :s, expires_ms = :k, "
+                                  "body = :b WHERE tag = :t AND id = :i"),
+                             {"s": outcome, "k": now_ms + remember_ms, "t": tag, "i": lease_id,
+                              "b": json.dumps({"meta": doc["meta"], "actual": recorded})})
         return Settlement(outcome, recorded)
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None:

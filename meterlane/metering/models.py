@@ -65,7 +65,7 @@ class LimitCounter(Base):
 
 class LimitLease(Base):
     """A reservation held against a tag's counters, or the remembered answer of a settle,
-    release or commit (kept a day so a repeat gets the same answer)."""
+    release or commit (kept an hour so a repeat gets the same answer)."""
 
     __tablename__ = "limit_leases"
     __table_args__ = (Index("ix_limit_leases_tag_state_expires", "tag", "state", "expires_ms"),)

@@ -11,7 +11,14 @@ from typing import Any
 
 import orjson
 
-from meterlane.metering.limitstore import Actual, Check, CheckState, Reservation, Settlement
+from meterlane.metering.limitstore import (
+    DONE_TTL_MS,
+    Actual,
+    Check,
+    CheckState,
+    Reservation,
+    Settlement,
+)
 
 PREFIX = "ml:"
 
@@ -57,10 +64,11 @@ class RedisLimitStore:
         refused = int(doc["refused"])
         return Reservation(False, 0, refused if refused >= 0 else None, _states(doc["states"]))
 
-    def settle(self, tag: str, lease_id: str, actual: Actual | None, *,
-               now_ms: int) -> Settlement:
+    def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
+               remember_ms: int = DONE_TTL_MS) -> Settlement:
         doc = orjson.loads(self._run("settle", tag, now_ms, lease_id,
-                                   _actual(actual) if actual is not None else ""))
+                                   _actual(actual) if actual is not None else "",
+                                   remember_ms))
         recorded = doc.get("actual")
         return Settlement(doc["outcome"], {k: int(v) for k, v in recorded.items()}
                           if isinstance(recorded, dict) else None)

@@ -141,8 +141,20 @@ def test_500_parallel_calls_from_4_processes_never_overspend(served: Served) -> 
     assert recorded <= QUOTA  # zero overspend with clip
     assert recorded > QUOTA - 100  # and the quota was used, not wasted by leaked leases
     for limit in ("tokens-day", "tokens-month", "tokens-rolling-5h"):
-        assert served.used("heavy", limit) == recorded  # counters equal the ledger's sums
+        # Counters equal the ledger's sums once the last leases are settled: the server
+        # settles each just after its response has gone out.
+        assert settled_to(served, "heavy", limit, recorded) == recorded
     assert served.ledger_rows("heavy") == 500  # refusals are recorded too
+
+
+def settled_to(served: Served, user: str, limit: str, expected: int) -> int:
+    """The counter, read until it shows `expected` (or 10 s pass)."""
+    deadline = time.monotonic() + 10
+    used = served.used(user, limit)
+    while used != expected and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for the settles that follow the last responses
+        used = served.used(user, limit)
+    return used
 
 
 def _workers(master: int) -> list[int]:

@@ -4,7 +4,7 @@
 -- The same steps, in Python, are meterlane/metering/limitstore.py (the SQL store).
 local base = KEYS[1]
 local now = tonumber(ARGV[1])
-local DONE_TTL = 86400000
+local DONE_TTL = 3600000  -- as limitstore.DONE_TTL_MS
 local SWEEP_BATCH = 100
 
 -- cjson prints numbers with 14 significant digits: anything that leaves a script as JSON

@@ -1,5 +1,7 @@
--- ARGV: now, lease id, actual usage as JSON {tokens, cost}, or "" to release.
+-- ARGV: now, lease id, actual usage as JSON {tokens, cost}, or "" to release, and how long
+-- to remember the answer for a repeat (ms; 0: not at all).
 local lease_id = ARGV[2]
+local remember = tonumber(ARGV[4])
 sweep()
 local done = redis.call('GET', base .. ':d:' .. lease_id)
 if done then
@@ -23,6 +25,8 @@ local outcome = 'released'
 if actual then outcome = 'settled' end
 redis.call('DEL', base .. ':l:' .. lease_id)
 redis.call('ZREM', base .. ':leases', lease_id)
-redis.call('SET', base .. ':d:' .. lease_id,
-           cjson.encode({state = outcome, meta = lease.meta, actual = actual}), 'PX', DONE_TTL)
+if remember > 0 then
+  redis.call('SET', base .. ':d:' .. lease_id,
+             cjson.encode({state = outcome, meta = lease.meta, actual = actual}), 'PX', remember)
+end
 return cjson.encode({outcome = outcome, actual = actual})
