@@ -75,13 +75,12 @@ local function apply(c, slot, delta)
   if delta == 0 then return end
   local key = base .. c.key
   if c.kind == 'counter' or c.kind == 'gauge' then
-    local exists = redis.call('EXISTS', key) == 1
-    if not exists and delta < 0 then return end
+    if delta < 0 and redis.call('EXISTS', key) == 0 then return end
     local value = redis.call('INCRBY', key, fmt(delta))
     if c.kind == 'gauge' and value <= 0 then
       redis.call('DEL', key)
-    elseif c.expires_ms > 0 then
-      redis.call('PEXPIREAT', key, fmt(c.expires_ms))
+    elseif c.expires_ms > 0 and value == delta then
+      redis.call('PEXPIREAT', key, fmt(c.expires_ms))  -- a new counter (its period's first use)
     end
   elseif c.kind == 'rolling' then
     local field = fmt(slot)
