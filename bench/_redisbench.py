@@ -84,7 +84,7 @@ def evalsha_ceiling(client: Any, clients: int, duration: float,
 
 def retained_bytes(client: Any, prefix: str, sample: int = 50) -> dict[str, Any]:
     """What the run's settled leases leave behind: keys under the prefix and the memory of a
-    sample of the per-lease "done" records (kept for 24 h so that settle stays idempotent)."""
+    sample of the per-lease "done" records (kept 1 h so that an API settle stays idempotent)."""
     keys = done = 0
     sizes: list[int] = []
     for key in client.scan_iter(match=f"{prefix}*", count=1000):

@@ -213,10 +213,11 @@ def store_result(rounds: list[dict[str, Any]], redis: Any, prefix: str,
     retained = retained_bytes(redis, prefix)
     print_store(summary, meta)
     if retained["done_record_bytes_mean"]:
-        per_day = 1000 * 86400 * retained["done_record_bytes_mean"] / 2**30
-        print(f"Redis keeps a 'done' record per settled lease for 24 h: "
-              f"{retained['done_records']:,} records, ~{retained['done_record_bytes_mean']:.0f}"
-              f" bytes each (MEMORY USAGE), i.e. ~{per_day:.0f} GiB at a steady 1,000 calls/s")
+        per_hour = 1000 * 3600 * retained["done_record_bytes_mean"] / 2**30
+        print(f"A settle through the metering API keeps a 'done' record for 1 h (the gateway's "
+              f"own leases keep none): {retained['done_records']:,} records, "
+              f"~{retained['done_record_bytes_mean']:.0f} bytes each (MEMORY USAGE), i.e. "
+              f"~{per_hour:.1f} GiB at a steady 1,000 API settles/s")
     return {"summary": summary, "redis_retained": retained, "rounds": rounds}
 
 
