@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,5 +72,55 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # No checkpoint inside a request's commit (a stall of several ms for whoever crosses the
+    # threshold): a thread of this process checkpoints the WAL in the background instead.
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    path = cursor.execute("PRAGMA database_list").fetchone()[2]
     cursor.close()
+    if path:
+        _start_checkpointer(path)
+
+
+_checkpointers: dict[tuple[int, str], bool] = {}
+_checkpointers_lock = threading.Lock()
+CHECKPOINT_SECONDS = 1.0
+
+
+def _start_checkpointer(path: str) -> None:
+    """One OS thread per process and database file, checkpointing the WAL every second
+    (PASSIVE: it never blocks writers). A real thread even under gevent, so that the
+    checkpoint's I/O never stalls a worker's greenlets."""
+    key = (os.getpid(), path)
+    if key in _checkpointers:
+        return
+    with _checkpointers_lock:
+        if key in _checkpointers:
+            return
+        _checkpointers[key] = True
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        # gevent's Thread is a greenlet: start a real OS thread with the original primitive.
+        monkey.get_original("_thread", "start_new_thread")(_checkpoint_forever, (path,))
+        return
+    threading.Thread(target=_checkpoint_forever, args=(path,), daemon=True,
+                     name="sqlite-checkpoint").start()
+
+
+def _checkpoint_forever(path: str) -> None:
+    sleep = time.sleep
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("time"):
+        sleep = monkey.get_original("time", "sleep")
+    while True:
+        sleep(CHECKPOINT_SECONDS)
+        if not os.path.exists(path):
+            return  # the database went away (a test's temporary file)
+        try:
+            conn = sqlite3.connect(path, timeout=10)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:  # busy: try again next time (no logging: not a gevent thread)
+            continue
 
