@@ -145,6 +145,7 @@ class LimitsService:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.clock = clock
+        self._periods: dict[tuple[int, datetime | None], tuple[int, int, str, int]] = {}
         self._catch_up_needed = threading.Event()
         self._catching_up = threading.Lock()
 
@@ -169,17 +170,15 @@ class LimitsService:
             out.append(Applied(limit, tag, check))
         return out
 
-    @staticmethod
-    def _check(limit: LimitSpec, assignment: Assignment, now: datetime, fixed: int,
+    def _check(self, limit: LimitSpec, assignment: Assignment, now: datetime, fixed: int,
                per_out: int) -> Check:
         w: Window = limit.window
-        key = counter_key(limit)
         code = METRIC_CODE[limit.metric]
         if w.kind in ("calendar", "cycle"):
-            period = period_of(w, now, assignment.anchored_at if w.kind == "cycle" else None)
-            return Check(key=f"{key}|{period.id}", kind="counter", metric=code,
-                         amount=limit.amount, fixed=fixed, per_out=per_out,
-                         expires_ms=epoch_ms(period.end) + COUNTER_GRACE_MS)
+            key, expires = self._period_key(limit, assignment, now)
+            return Check(key=key, kind="counter", metric=code, amount=limit.amount,
+                         fixed=fixed, per_out=per_out, expires_ms=expires)
+        key = counter_key(limit)
         if w.kind == "rolling":
             slots = rolling_slots(w, now)
             return Check(key=key, kind="rolling", metric=code, amount=limit.amount, fixed=fixed,
@@ -191,6 +190,24 @@ class LimitsService:
                          per_out=per_out, refill=refill, interval_ms=interval_ms)
         return Check(key=key, kind="gauge", metric=code, amount=limit.amount, fixed=fixed,
                      per_out=per_out)
+
+    def _period_key(self, limit: LimitSpec, assignment: Assignment,
+                    now: datetime) -> tuple[str, int]:
+        """The counter key of the period holding `now`, and when the key may go; periods are
+        cached until they end (working them out in a time zone is most of a reservation's
+        own CPU)."""
+        anchor = assignment.anchored_at if limit.window.kind == "cycle" else None
+        cache_key = (id(limit), anchor)
+        now_ms = epoch_ms(now)
+        hit = self._periods.get(cache_key)
+        if hit is not None and hit[0] <= now_ms < hit[1]:
+            return hit[2], hit[3]
+        period = period_of(limit.window, now, anchor)
+        found = (f"{counter_key(limit)}|{period.id}", epoch_ms(period.end) + COUNTER_GRACE_MS)
+        if len(self._periods) > 100_000:
+            self._periods.clear()
+        self._periods[cache_key] = (epoch_ms(period.start), epoch_ms(period.end), *found)
+        return found
 
     # -- reserve / settle / release ---------------------------------------------------------
 

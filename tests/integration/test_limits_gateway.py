@@ -442,3 +442,26 @@ def test_the_lease_is_settled_once_the_response_is_sent(limited: Any, lkeys: Key
     assert held > real  # until then the reservation (prompt estimate + 40) stands
     resp.close()
     assert quota(closing, lkeys.app, "hal")["tokens-day"]["used"] == real
+
+
+def test_limits_rebuild_command(limited: Any, lclient: Any, lkeys: Keys, pg_url: str,
+                                tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meterlane.cli import main
+
+    assert lclient.post(CHAT, json=chat("ivy", max_tokens=12), headers=bearer(lkeys.app)
+                        ).status_code == 200
+    config = limited.extensions["wiring"].config
+    env = {"MLANE_DATABASE_URL": pg_url, "MLANE_CONFIG": str(tmp_path / "meterlane.toml"),
+           "MLANE_DATA_DIR": str(tmp_path / "cli-var"), "MLANE_REDIS_URL": config.redis_url or "",
+           "MLANE_REDIS_PREFIX": config.redis_prefix}
+    result = CliRunner().invoke(main, ["limits", "rebuild"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "rebuilt the counters of 1 end users" in result.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text((tmp_path / "meterlane.toml").read_text().replace(
+        'window = "day"', 'window = "dya"', 1))
+    refused = CliRunner().invoke(main, ["limits", "rebuild"],
+                                 env={**env, "MLANE_CONFIG": str(broken)})
+    assert refused.exit_code != 0 and "line " in refused.output and "dya" in refused.output
