@@ -27,9 +27,10 @@ from meterlane.core.errors import (
     RateLimitedError,
     ServiceUnavailableError,
 )
+from meterlane.metering.limits_text import quota_headers, shown, unit_of, utc_iso, value_of
 from meterlane.metering.limitstore import Actual, Check, CheckState, LimitStore, Settlement
 from meterlane.metering.models import LimitRefusal, UsageEvent
-from meterlane.metering.pricing import TokenUsage, format_usd, output_rate, rate_of
+from meterlane.metering.pricing import TokenUsage, output_rate, rate_of
 from meterlane.plans.catalog import Catalog, LimitSpec, Plan
 from meterlane.plans.service import Assignment, PlanService
 from meterlane.plans.windows import (
@@ -213,29 +214,32 @@ class LimitsService:
 
     def reserve(self, *, app_id: int, end_user_id: int, model: ModelConfig, prompt_tokens: int,
                 want_out: int, min_out: int, out_per_token: int = 1,
-                request_id: str = "", lease_id: str | None = None) -> Lease:
+                request_id: str = "", keep: bool = False) -> Lease:
         """Reserve the call's estimate against every limit of the user's plan, all or nothing.
         Raises QuotaExceededError / RateLimitedError naming the limit, or
-        ServiceUnavailableError when the store is down and the plan fails closed."""
+        ServiceUnavailableError when the store is down and the plan fails closed. With
+        `keep`, a lease no limit applies to is stored all the same (the metering API settles
+        it by id later); the gateway keeps such leases only in memory."""
         now = self.clock()
         assignment = self.plans.plan_of(end_user_id)
         plan = assignment.plan
         applied = self._applied(app_id, end_user_id, assignment, model, now,
                                 prompt_tokens=prompt_tokens, out_per_token=out_per_token)
-        lease_id = lease_id or f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
+        lease_id = f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
         bounded = any(a.check.per_out > 0 for a in applied)
         lease = Lease(lease_id, plan, model.name, applied, want_out if bounded else None, now,
                       meta={"app_id": app_id, "end_user_id": end_user_id, "model": model.name,
                             "plan": plan.id, "request_id": request_id})
-        if not applied:
+        if not applied and not keep:
             return lease
-        lease.meta["tags"] = lease.tags
+        tags = lease.tags or [user_tag(app_id, end_user_id)]
+        lease.meta["tags"] = tags
         expires = epoch_ms(now) + self.lease_seconds * 1000
         lease.expires = from_epoch_ms(expires)
         grant = want_out
         reserved: list[str] = []
         try:
-            for tag in lease.tags:
+            for tag in tags:
                 group = [a for a in applied if a.tag == tag]
                 with store_errors():
                     result = self.store.reserve(
@@ -282,16 +286,16 @@ class LimitsService:
         used = state.used if state else 0
         resets = hit.resets_at(now, need)
         rate = limit.is_rate
-        unit = _unit(limit)
+        unit = unit_of(limit)
         detail = (f"{'Rate limit' if rate else 'Quota'} {limit.id!r} of plan {lease.plan.id!r} "
-                  f"reached: {_fmt(limit, used)} of {_fmt(limit, limit.amount)} {unit} used"
-                  + (f"; resets at {_iso(resets)}" if resets else
+                  f"reached: {shown(limit, used)} of {shown(limit, limit.amount)} {unit} used"
+                  + (f"; resets at {utc_iso(resets)}" if resets else
                      "; frees up as running calls end") + ".")
         info: dict[str, Any] = {
             "limit": {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
                       "scope": limit.scope, "model": limit.model,
-                      "used": _value(limit, used), "limit": _value(limit, limit.amount),
-                      "resets_at": _iso(resets) if resets else None},
+                      "used": value_of(limit, used), "limit": value_of(limit, limit.amount),
+                      "resets_at": utc_iso(resets) if resets else None},
             "plan": lease.plan.id}
         headers: dict[str, str] = {}
         if resets is not None:
@@ -589,73 +593,3 @@ def _is_redis_outage(exc: Exception) -> bool:
         return False
     return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             redis.exceptions.BusyLoadingError))
-
-
-def _unit(limit: LimitSpec) -> str:
-    return {"tokens": "tokens", "requests": "requests", "cost_usd": "USD",
-            "concurrent": "concurrent requests"}[limit.metric] + (
-        f" per {limit.window.spec}" if limit.window.kind != "none" else "")
-
-
-def _value(limit: LimitSpec, amount: int) -> int | str:
-    if limit.metric == "cost_usd":
-        return format_usd(amount) or "0"
-    return amount
-
-
-def _fmt(limit: LimitSpec, amount: int) -> str:
-    value = _value(limit, amount)
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def utc_iso(moment: datetime | None) -> str | None:
-    return _iso(moment)
-
-
-
-
-def _duration(seconds: float) -> str:
-    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    whole = int(-(-seconds // 1))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-def quota_headers(applied: list[Applied], now: datetime) -> dict[str, str]:
-    """X-Meterlane-Quota-* for the tightest quota, and OpenAI's x-ratelimit-* for the
-    tightest request and token rate limits."""
-    headers: dict[str, str] = {}
-    quotas = [a for a in applied if a.state is not None and not a.limit.is_rate]
-    if quotas:
-        tight = min(quotas, key=lambda a: (a.state.remaining / a.limit.amount  # type: ignore[union-attr]
-                                           if a.limit.amount else 0))
-        assert tight.state is not None
-        headers["X-Meterlane-Quota-Limit"] = tight.limit.id
-        headers["X-Meterlane-Quota-Remaining"] = str(_value(tight.limit,
-                                                            max(0, tight.state.remaining)))
-        resets = tight.resets_at(now)
-        headers["X-Meterlane-Quota-Reset"] = _iso(resets) or ""
-    for metric, suffix in (("requests", "requests"), ("tokens", "tokens")):
-        rates = [a for a in applied if a.state is not None and a.limit.is_rate
-                 and a.limit.metric == metric]
-        if not rates:
-            continue
-        tight = min(rates, key=lambda a: a.state.remaining)  # type: ignore[union-attr]
-        assert tight.state is not None
-        headers[f"x-ratelimit-limit-{suffix}"] = str(tight.limit.amount)
-        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, tight.state.remaining))
-        resets = tight.resets_at(now)
-        headers[f"x-ratelimit-reset-{suffix}"] = _duration(
-            (resets - now).total_seconds() if resets else 0)
-    return headers

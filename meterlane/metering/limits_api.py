@@ -18,7 +18,8 @@ from meterlane.core.errors import (
 )
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, request_id, wiring
-from meterlane.metering.limits import Applied, LimitStoreUnavailableError, QuotaLine, utc_iso
+from meterlane.metering.limits import Applied, LimitStoreUnavailableError, QuotaLine
+from meterlane.metering.limits_text import utc_iso, value_of
 from meterlane.metering.pricing import TokenUsage, cost_pico_usd, format_usd
 from meterlane.metering.schemas import (
     LeaseSchema,
@@ -59,14 +60,11 @@ def _model(name: str) -> ModelConfig:
 
 def _limit_state(limit: LimitSpec, used: int, remaining: int,
                  resets_at: datetime | None) -> dict[str, Any]:
-    def value(amount: int) -> int | str:
-        return (format_usd(amount) or "0") if limit.metric == "cost_usd" else amount
-
     return {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
             "scope": limit.scope, "model": limit.model,
-            "kind": "rate" if limit.is_rate else "quota", "used": value(used),
-            "remaining": value(max(0, remaining)), "limit": value(limit.amount),
-            "resets_at": utc_iso(resets_at)}
+            "kind": "rate" if limit.is_rate else "quota", "used": value_of(limit, used),
+            "remaining": value_of(limit, max(0, remaining)),
+            "limit": value_of(limit, limit.amount), "resets_at": utc_iso(resets_at)}
 
 
 def _applied_states(applied: list[Applied], now: datetime) -> list[dict[str, Any]]:
@@ -99,7 +97,7 @@ def reserve() -> Response:
         want = plan.default_max_output_tokens
     lease = limits.reserve(app_id=app_id, end_user_id=end_user_id, model=model,
                            prompt_tokens=prompt, want_out=want, min_out=min(1, want),
-                           request_id=request_id())
+                           request_id=request_id(), keep=True)
     body = {"lease_id": lease.id, "user": user, "model": model.name, "plan": lease.plan.id,
             "input_tokens": prompt, "granted_output_tokens": lease.out,
             "expires_at": utc_iso(lease.expires or lease.created),

@@ -48,6 +48,14 @@ window = "month"
 amount = 100
 
 [[plans]]
+id = "narrow"
+[[plans.limits]]
+metric = "tokens"
+window = "day"
+amount = 100
+model = "o3-mini"
+
+[[plans]]
 id = "team"
 [[plans.limits]]
 metric = "tokens"
@@ -176,8 +184,6 @@ def test_clip_lowers_max_tokens_so_the_quota_is_never_overspent(
 def test_an_exhausted_quota_is_a_402_naming_the_limit_and_is_recorded(
         lclient: Any, lkeys: Keys, clean_db: Engine, limited: Any) -> None:
     engine = clean_db
-    with engine.begin():
-        pass
     lclient.post("/v1/meter/track", json={"user": "alice", "model": "gpt-4o-mini",
                                           "usage": {"input_tokens": 295, "output_tokens": 0},
                                           "idempotency_key": "t1"}, headers=bearer(lkeys.app))
@@ -465,3 +471,17 @@ def test_limits_rebuild_command(limited: Any, lclient: Any, lkeys: Keys, pg_url:
     refused = CliRunner().invoke(main, ["limits", "rebuild"],
                                  env={**env, "MLANE_CONFIG": str(broken)})
     assert refused.exit_code != 0 and "line " in refused.output and "dya" in refused.output
+
+
+def test_a_lease_no_limit_applies_to_can_still_be_settled(lclient: Any, lkeys: Keys,
+                                                          clean_db: Engine) -> None:
+    h = bearer(lkeys.app)
+    assert lclient.put("/v1/users/kim/plan", json={"plan": "narrow"},
+                       headers=h).status_code == 200
+    # narrow limits only o3-mini: nothing applies to this model, yet the lease must settle
+    lease = lclient.post("/v1/meter/reserve", json={"user": "kim", "model": "my-own-model",
+                                                    "input_tokens": 5}, headers=h).get_json()
+    settled = lclient.post("/v1/meter/settle", json={"lease_id": lease["lease_id"], "usage": {
+        "input_tokens": 5, "output_tokens": 7}}, headers=h)
+    assert settled.status_code == 200, settled.data
+    assert [r.output_tokens for r in ledger(clean_db)] == [7]
