@@ -269,3 +269,28 @@ def test_cluster_keys_of_a_tag_share_one_slot(store: Any) -> None:
     assert all(len(nodes) == 1 for nodes in stored.values())
     assert all(len(found) == 1 for found in slots.values())
     assert {node for nodes in stored.values() for node in nodes} == {n.name for n in primaries}
+
+
+def test_the_service_counts_on_a_cluster_when_told(redis_cluster: list[tuple[str, int]],
+                                                   tmp_path: Path) -> None:
+    """MLANE_REDIS_CLUSTER=1: the app's limits run on the Redis Cluster the URL names."""
+    from redis.cluster import RedisCluster
+
+    from meterlane.app import build_wiring
+    from meterlane.core.config import Config
+    from meterlane.migrations import upgrade
+
+    host, port = redis_cluster[0]
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(make_engine(db))
+    config = Config.from_env({"MLANE_DATABASE_URL": db, "MLANE_REDIS_URL": f"redis://{host}:{port}/0",
+                              "MLANE_REDIS_CLUSTER": "1",
+                              "MLANE_REDIS_PREFIX": f"mlt-{uuid.uuid4().hex[:8]}:"})
+    wiring = build_wiring(config)
+    store = wiring.limits.store
+    assert isinstance(store, RedisLimitStore) and isinstance(store.client, RedisCluster)
+    checks = [tokens(100)]
+    assert reserve(store, checks, want=50).granted
+    assert used(store, checks) == [60]
+    store.client.close()
+    wiring.engine.dispose()
