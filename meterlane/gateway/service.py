@@ -13,7 +13,6 @@ import orjson
 import urllib3
 
 from meterlane.core.auth import Principal, Role, validate_user_id
-from meterlane.core.background import background_runner
 from meterlane.core.config import Config, ModelConfig
 from meterlane.core.db import utcnow
 from meterlane.core.errors import (
@@ -80,9 +79,6 @@ class GatewayService:
         self.metrics = metrics
         self.limits = limits if limits is not None and limits.enabled else None
         self.clock = utcnow  # when a call happened (tests freeze it with the limits' clock)
-        # Runs work that must not hold up the client (settling a lease): a greenlet under
-        # gevent, so a keep-alive connection's next request is read at once; else inline.
-        self.background: Callable[[Callable[[], None]], None] = background_runner()
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -129,8 +125,7 @@ class GatewayService:
         outcome.output_texts = lambda: texts_of_choices(doc)
         after = self._finish(outcome, started)
         return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers},
-                               after=None if after is _nothing else
-                               functools.partial(self.background, after))
+                               after=None if after is _nothing else after)
 
     def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
         """Reserve the call's estimate; returns the output-token field to set and its value
@@ -227,7 +222,7 @@ class GatewayService:
         finally:
             if not settled:  # the client went away mid-stream
                 settle("client_disconnected")
-            self.background(after)
+            after()  # queues the lease's settling: it does not hold up the stream's end
 
     def _finish(self, outcome: CallOutcome, started: float, *, status: str = "ok",
                 http_status: int = 200, error: str | None = None) -> Callable[[], None]:
@@ -256,7 +251,7 @@ class GatewayService:
                        cost_pico: int | None = None) -> None:
         assert self.limits is not None
         try:
-            self.limits.settle(lease, usage, cost_pico)
+            self.limits.settle_soon(lease, usage, cost_pico)
         except Exception:  # the lease expires by itself; the ledger has the call
             log.exception("settling the limits lease %s failed", lease.id)
             self.metrics.errors.labels(kind="limits_settle_failed").inc()

@@ -7,9 +7,11 @@ is one atomic store step per tag (one for nearly every plan), all or nothing."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
+from meterlane.core.background import background_runner
 from meterlane.core.config import ModelConfig
 from meterlane.core.errors import (
     DomainError,
@@ -44,6 +47,7 @@ from meterlane.plans.windows import (
 
 log = logging.getLogger(__name__)
 COUNTER_GRACE_MS = 60_000
+SETTLE_BATCH = 64
 METRIC_CODE = {"tokens": "t", "requests": "r", "cost_usd": "c", "concurrent": "g"}
 
 
@@ -147,6 +151,9 @@ class LimitsService:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self._periods: dict[tuple[int, datetime | None], tuple[int, int, str, int]] = {}
+        self._queue: deque[tuple[Lease, Actual | None]] = deque()
+        self._draining = False
+        self._background = background_runner()
         self._catch_up_needed = threading.Event()
         self._catching_up = threading.Lock()
 
@@ -328,26 +335,71 @@ class LimitsService:
         if lease.done or lease.fail_open or not lease.applied:
             lease.done = True
             return "settled" if usage is not None else "released"
-        now = self.clock()
+        lease.done = True
         actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
-        outcome = "settled"
-        for tag in lease.tags:
-            try:
-                with store_errors():  # the gateway settles once: no answer to remember
-                    result = self.store.settle(tag, lease.id, actual, now_ms=epoch_ms(now),
-                                               remember_ms=0)
-            except LimitStoreUnavailableError:
-                log.error("limit store unavailable settling lease %s; its reservation is held "
-                          "until it expires, and the ledger has the call", lease.id)
-                self._catch_up_needed.set()
-                continue
+        return self._settle_batch([(lease, actual)])[0]
+
+    def settle_soon(self, lease: Lease, usage: TokenUsage | None,
+                    cost_pico: int | None) -> None:
+        """Settle without holding up the caller: under gevent one greenlet per worker settles
+        whatever has queued up, in one store round trip; elsewhere it settles at once."""
+        if lease.done or lease.fail_open or not lease.applied:
+            lease.done = True
+            return
+        lease.done = True
+        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
+        if not self.store.batches:
+            # One settle per round trip (a SQL transaction, a cluster): settle each on its own
+            # so that a backlog can never hold reservations past their lease time.
+            self._background(functools.partial(self._settle_one, lease, actual))
+            return
+        self._queue.append((lease, actual))
+        if not self._draining:
+            self._draining = True
+            self._background(self._drain)
+
+    def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch: list[tuple[Lease, Actual | None]] = []
+                while self._queue and len(batch) < SETTLE_BATCH:
+                    batch.append(self._queue.popleft())
+                try:
+                    self._settle_batch(batch)
+                except Exception:  # the leases expire by themselves; the ledger has the calls
+                    log.exception("settling %d limits leases failed", len(batch))
+        finally:
+            self._draining = False
+
+    def _settle_one(self, lease: Lease, actual: Actual | None) -> None:
+        try:
+            self._settle_batch([(lease, actual)])
+        except Exception:  # the lease expires by itself; the ledger has the call
+            log.exception("settling the limits lease %s failed", lease.id)
+
+    def _settle_batch(self, batch: list[tuple[Lease, Actual | None]]) -> list[str]:
+        now = self.clock()
+        items = [(tag, lease, actual) for lease, actual in batch for tag in lease.tags]
+        try:
+            with store_errors():  # the gateway settles once: no answer to remember
+                results = self.store.settle_many(
+                    [(tag, lease.id, actual) for tag, lease, actual in items],
+                    now_ms=epoch_ms(now), remember_ms=0)
+        except LimitStoreUnavailableError:
+            log.error("limit store unavailable settling %d leases; their reservations are "
+                      "held until they expire, and the ledger has the calls", len(batch))
+            self._catch_up_needed.set()
+            return ["unavailable"] * len(batch)
+        outcomes: dict[str, str] = {}
+        for (tag, lease, actual), result in zip(items, results, strict=True):
             if result.outcome == "expired" and actual is not None:
                 # The call outlived its lease: its reservation was returned, so count it now.
                 group = [a.check for a in lease.applied if a.tag == tag]
-                self.store.commit(tag, f"late:{lease.id}", group, actual, now_ms=epoch_ms(now))
-            outcome = result.outcome
-        lease.done = True
-        return outcome
+                with store_errors():
+                    self.store.commit(tag, f"late:{lease.id}", group, actual,
+                                      now_ms=epoch_ms(now))
+            outcomes[lease.id] = result.outcome
+        return [outcomes[lease.id] for lease, _ in batch]
 
     def release(self, lease: Lease) -> str:
         return self.settle(lease, None, None)

@@ -93,12 +93,18 @@ class Settlement:
 
 
 class LimitStore(Protocol):
+    # True when settle_many costs one round trip for the whole batch.
+    batches: bool
+
     def reserve(self, tag: str, lease_id: str, checks: list[Check], *, now_ms: int,
                 expires_ms: int, want_out: int, min_out: int, clip: bool,
                 meta: dict[str, Any]) -> Reservation: ...
 
     def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
                remember_ms: int = DONE_TTL_MS) -> Settlement: ...
+
+    def settle_many(self, items: list[tuple[str, str, Actual | None]], *, now_ms: int,
+                    remember_ms: int = DONE_TTL_MS) -> list[Settlement]: ...
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None: ...
 
@@ -235,6 +241,8 @@ class SqlLimitStore:
     """Counters in `limit_counters`, leases in `limit_leases`; one transaction per step,
     serialised per tag (Postgres: an advisory lock; SQLite: BEGIN IMMEDIATE)."""
 
+    batches = False
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
@@ -363,6 +371,11 @@ class SqlLimitStore:
                              {"s": outcome, "k": now_ms + remember_ms, "t": tag, "i": lease_id,
                               "b": json.dumps({"meta": doc["meta"], "actual": recorded})})
         return Settlement(outcome, recorded)
+
+    def settle_many(self, items: list[tuple[str, str, Actual | None]], *, now_ms: int,
+                    remember_ms: int = DONE_TTL_MS) -> list[Settlement]:
+        return [self.settle(tag, lease_id, actual, now_ms=now_ms, remember_ms=remember_ms)
+                for tag, lease_id, actual in items]
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

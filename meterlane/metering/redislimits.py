@@ -32,6 +32,13 @@ def _states(raw: list[list[Any]]) -> tuple[CheckState, ...]:
     return tuple(CheckState(int(s[0]), int(s[1]), int(s[2]) if s[2] else None) for s in raw)
 
 
+def _settlement(raw: bytes) -> Settlement:
+    doc = orjson.loads(raw)
+    recorded = doc.get("actual")
+    return Settlement(doc["outcome"], {k: int(v) for k, v in recorded.items()}
+                      if isinstance(recorded, dict) else None)
+
+
 def _actual(actual: Actual) -> bytes:
     return orjson.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost)})
 
@@ -40,6 +47,8 @@ class RedisLimitStore:
     def __init__(self, client: Any, prefix: str = PREFIX) -> None:
         self.client = client
         self.prefix = prefix
+        # A cluster client refuses scripts in a pipeline: there, each settle goes on its own.
+        self.batches = type(client).__name__ != "RedisCluster"
         self._scripts = {name: client.register_script(_script(name))
                          for name in ("reserve", "settle", "peek", "commit", "overwrite")}
 
@@ -66,12 +75,23 @@ class RedisLimitStore:
 
     def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
                remember_ms: int = DONE_TTL_MS) -> Settlement:
-        doc = orjson.loads(self._run("settle", tag, now_ms, lease_id,
-                                   _actual(actual) if actual is not None else "",
-                                   remember_ms))
-        recorded = doc.get("actual")
-        return Settlement(doc["outcome"], {k: int(v) for k, v in recorded.items()}
-                          if isinstance(recorded, dict) else None)
+        return _settlement(self._run("settle", tag, now_ms, lease_id,
+                                     _actual(actual) if actual is not None else "",
+                                     remember_ms))
+
+    def settle_many(self, items: list[tuple[str, str, Actual | None]], *, now_ms: int,
+                    remember_ms: int = DONE_TTL_MS) -> list[Settlement]:
+        """Several settles in one round trip (a pipeline; each script stays atomic)."""
+        if len(items) == 1 or not self.batches:
+            return [self.settle(tag, lease_id, actual, now_ms=now_ms, remember_ms=remember_ms)
+                    for tag, lease_id, actual in items]
+        pipe = self.client.pipeline(transaction=False)
+        script = self._scripts["settle"]
+        for tag, lease_id, actual in items:
+            script(keys=[self.base(tag)], args=[
+                now_ms, lease_id, _actual(actual) if actual is not None else "", remember_ms],
+                client=pipe)
+        return [_settlement(raw) for raw in pipe.execute()]
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None:
         base = self.base(tag)

@@ -294,3 +294,17 @@ def test_the_service_counts_on_a_cluster_when_told(redis_cluster: list[tuple[str
     assert used(store, checks) == [60]
     store.client.close()
     wiring.engine.dispose()
+
+
+def test_settle_many_is_each_settle_in_one_round_trip(store: Any) -> None:
+    checks = [tokens(1000)]
+    reserve(store, checks, lease="ls_1")
+    reserve(store, checks, lease="ls_2")
+    reserve(store, checks, lease="ls_3")
+    results = store.settle_many([("u1.1", "ls_1", Actual(tokens=5)), ("u1.1", "ls_2", None),
+                                 ("u1.1", "ls_nope", None), ("u1.1", "ls_3", Actual(tokens=7))],
+                                now_ms=T0, remember_ms=0)
+    assert [r.outcome for r in results] == ["settled", "released", "unknown", "settled"]
+    assert used(store, checks) == [12]
+    # remember_ms=0 keeps no answer: a repeat finds nothing to settle
+    assert store.settle("u1.1", "ls_1", Actual(tokens=5), now_ms=T0).outcome == "unknown"
