@@ -359,17 +359,22 @@ class LimitsService:
             self._background(self._drain)
 
     def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch: list[tuple[Lease, Actual | None]] = []
-                while self._queue and len(batch) < SETTLE_BATCH:
-                    batch.append(self._queue.popleft())
-                try:
-                    self._settle_batch(batch)
-                except Exception:  # the leases expire by themselves; the ledger has the calls
-                    log.exception("settling %d limits leases failed", len(batch))
-        finally:
-            self._draining = False
+        while True:
+            try:
+                while self._queue:
+                    batch: list[tuple[Lease, Actual | None]] = []
+                    while self._queue and len(batch) < SETTLE_BATCH:
+                        batch.append(self._queue.popleft())
+                    try:
+                        self._settle_batch(batch)
+                    except Exception:  # the leases expire by themselves; the ledger has them
+                        log.exception("settling %d limits leases failed", len(batch))
+            finally:
+                self._draining = False
+            # A lease queued just as the loop ended (another thread) must not wait for the next.
+            if not self._queue or self._draining:
+                return
+            self._draining = True
 
     def _settle_one(self, lease: Lease, actual: Actual | None) -> None:
         try:
