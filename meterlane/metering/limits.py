@@ -14,11 +14,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -32,7 +32,7 @@ from meterlane.core.errors import (
 )
 from meterlane.metering.limits_text import quota_headers, shown, unit_of, utc_iso, value_of
 from meterlane.metering.limitstore import Actual, Check, CheckState, LimitStore, Settlement
-from meterlane.metering.models import LimitRefusal, UsageEvent
+from meterlane.metering.models import LimitRefusal
 from meterlane.metering.pricing import TokenUsage, output_rate, rate_of
 from meterlane.plans.catalog import Catalog, LimitSpec, Plan
 from meterlane.plans.service import Assignment, PlanService
@@ -458,7 +458,7 @@ class LimitsService:
         lines.sort(key=lambda line: order.get(id(line.limit), 0))
         return assignment.plan, lines
 
-    # -- fail-open catch-up -----------------------------------------------------------------
+    # -- the ledger is the truth: catch-up and rebuild (limits_replay.py) --------------------
 
     def _start_catch_up(self) -> None:
         if self._catching_up.locked():
@@ -467,100 +467,15 @@ class LimitsService:
 
     def catch_up(self) -> int:
         """Count in the store the calls that were let through while it was down."""
-        if not self._catching_up.acquire(blocking=False):
-            return 0
-        try:
-            self._catch_up_needed.clear()
-            done = 0
-            for row in self._pending_rows():
-                try:
-                    self.count_event(row)
-                except LimitStoreUnavailableError:
-                    self._catch_up_needed.set()
-                    break
-                with self.engine.begin() as conn:
-                    conn.execute(update(UsageEvent).where(UsageEvent.id == row.id)
-                                 .values(limits_pending=False))
-                done += 1
-            return done
-        finally:
-            self._catching_up.release()
+        from meterlane.metering.limits_replay import catch_up
 
-    def _pending_rows(self) -> Iterator[Any]:
-        table = UsageEvent.__table__
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(table).where(table.c.limits_pending.is_(True))
-                                .order_by(table.c.id).limit(10_000)).all()
-        yield from rows
-
-    def count_event(self, row: Any) -> None:
-        """Apply one ledger row to the counters of the periods it happened in (once)."""
-        assignment = self.plans.plan_of(row.end_user_id)
-        model = self.models.get(row.requested_model) or ModelConfig(
-            row.requested_model, row.upstream or "", row.upstream_model or "")
-        applied = self._applied(row.app_id, row.end_user_id, assignment, model,
-                                row.created_at, prompt_tokens=row.input_tokens)
-        actual = Actual(row.input_tokens + row.output_tokens, row.cost_pico_usd or 0)
-        for tag in dict.fromkeys(a.tag for a in applied):
-            group = [a.check for a in applied if a.tag == tag]
-            with store_errors():
-                self.store.commit(tag, f"ev:{row.app_id}:{row.idempotency_key}", group, actual,
-                                  now_ms=epoch_ms(self.clock()))
-
-    # -- rebuild from the ledger ------------------------------------------------------------
+        return catch_up(self)
 
     def rebuild(self, progress: Callable[[int], None] | None = None) -> int:
-        """Set every counter of the current periods to what the ledger says (plus what live
-        leases hold). Token buckets refill by themselves and are left as they are. Returns
-        how many tags (end users and apps) were rebuilt."""
-        now = self.clock()
-        horizon = now - timedelta(days=32)
-        for plan in self.catalog.plans:
-            for limit in plan.limits:
-                if limit.window.kind == "rolling":
-                    horizon = min(horizon, now - timedelta(seconds=limit.window.seconds))
-        table = UsageEvent.__table__
-        cols = table.c
-        by_user: dict[tuple[int, int], list[Any]] = {}
-        with self.engine.begin() as conn:
-            # The rebuild counts calls let through while the store was down: no catch-up.
-            conn.execute(update(UsageEvent).where(UsageEvent.limits_pending.is_(True))
-                         .values(limits_pending=False))
-        with self.engine.connect() as conn:
-            for row in conn.execute(select(
-                    cols.app_id, cols.end_user_id, cols.requested_model, cols.created_at,
-                    cols.input_tokens, cols.output_tokens, cols.cost_pico_usd,
-                    cols.usage_source).where(cols.created_at >= horizon)):
-                by_user.setdefault((row.app_id, row.end_user_id), []).append(row)
-            # Users with live counters but no recent rows are rebuilt to zero too.
-            users = {(a, u) for a, u in conn.execute(select(cols.app_id, cols.end_user_id)
-                                                     .distinct()
-                                                     .where(cols.created_at >= horizon))}
-        by_app: dict[int, list[Any]] = {}
-        for (app_id, _user), rows in by_user.items():
-            by_app.setdefault(app_id, []).extend(rows)
-        done = 0
-        app_values: dict[str, list[tuple[Check, int]]] = {}
-        for app_id, end_user_id in sorted(users):
-            assignment = self.plans.plan_of(end_user_id)
-            values: list[tuple[Check, int]] = []
-            for a in self._applied(app_id, end_user_id, assignment, None, now):
-                rows = by_user.get((app_id, end_user_id), []) if a.limit.scope == "user" \
-                    else by_app.get(app_id, [])
-                target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
-                target.extend(_rebuilt(a, assignment, rows, now))
-            with store_errors():
-                self.store.overwrite(user_tag(app_id, end_user_id), values,
-                                     now_ms=epoch_ms(now))
-            done += 1
-            if progress:
-                progress(done)
-        for tag, values in app_values.items():
-            unique = list({(c.key, c.slot): (c, v) for c, v in values}.values())
-            with store_errors():
-                self.store.overwrite(tag, unique, now_ms=epoch_ms(now))
-            done += 1
-        return done
+        """Set the current periods' counters from the ledger; see limits_replay.rebuild."""
+        from meterlane.metering.limits_replay import rebuild
+
+        return rebuild(self, progress)
 
     def track(self, *, app_id: int, end_user_id: int, model: ModelConfig, usage: TokenUsage,
               cost_pico: int | None, event_id: str) -> bool:
@@ -581,37 +496,6 @@ class LimitsService:
                 raise ServiceUnavailableError("The limits store is unavailable; try again "
                                               "shortly.", headers={"Retry-After": "1"}) from exc
         return fresh
-
-
-def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any],
-             now: datetime) -> list[tuple[Check, int]]:
-    """The values a check's counter should hold, from ledger rows."""
-    limit, check = a.limit, a.check
-    rows = [r for r in rows if limit.applies_to(r.requested_model) and r.usage_source != "none"]
-
-    def amount(r: Any) -> int:
-        if limit.metric == "tokens":
-            return int(r.input_tokens + r.output_tokens)
-        if limit.metric == "cost_usd":
-            return int(r.cost_pico_usd or 0)
-        return 1
-
-    if check.kind == "counter":
-        period = period_of(limit.window, now, assignment.anchored_at
-                           if limit.window.kind == "cycle" else None)
-        return [(check, sum(amount(r) for r in rows if period.start <= r.created_at < period.end))]
-    if check.kind == "rolling":
-        low = check.slot - check.slots + 1
-        slots: dict[int, int] = {}
-        for r in rows:
-            slot = epoch_ms(r.created_at) // check.slot_ms
-            if low <= slot <= check.slot:
-                slots[slot] = slots.get(slot, 0) + amount(r)
-        return [(replace(check, slot=slot), value) for slot, value in sorted(slots.items())] or [
-            (check, 0)]
-    if check.kind == "gauge":
-        return [(check, 0)]  # only live leases hold a concurrency slot
-    return []
 
 
 def _charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,

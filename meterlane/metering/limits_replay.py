@@ -1,0 +1,154 @@
+"""The ledger is the truth: count calls let through while the limit store was down, and
+rebuild the counters of the current periods from the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from meterlane.core.config import ModelConfig
+from meterlane.metering.limits import (
+    Applied,
+    LimitStoreUnavailableError,
+    store_errors,
+    user_tag,
+)
+from meterlane.metering.limitstore import Actual, Check
+from meterlane.metering.models import UsageEvent
+from meterlane.plans.service import Assignment
+from meterlane.plans.windows import epoch_ms, period_of
+
+if TYPE_CHECKING:
+    from meterlane.metering.limits import LimitsService
+
+
+def catch_up(service: LimitsService) -> int:
+    """Count in the store the calls that were let through while it was down."""
+    if not service._catching_up.acquire(blocking=False):
+        return 0
+    try:
+        service._catch_up_needed.clear()
+        done = 0
+        for row in _pending_rows(service):
+            try:
+                count_event(service, row)
+            except LimitStoreUnavailableError:
+                service._catch_up_needed.set()
+                break
+            with service.engine.begin() as conn:
+                conn.execute(update(UsageEvent).where(UsageEvent.id == row.id)
+                             .values(limits_pending=False))
+            done += 1
+        return done
+    finally:
+        service._catching_up.release()
+
+def _pending_rows(service: LimitsService) -> Iterator[Any]:
+    table = UsageEvent.__table__
+    with service.engine.connect() as conn:
+        rows = conn.execute(select(table).where(table.c.limits_pending.is_(True))
+                            .order_by(table.c.id).limit(10_000)).all()
+    yield from rows
+
+def count_event(service: LimitsService, row: Any) -> None:
+    """Apply one ledger row to the counters of the periods it happened in (once)."""
+    assignment = service.plans.plan_of(row.end_user_id)
+    model = service.models.get(row.requested_model) or ModelConfig(
+        row.requested_model, row.upstream or "", row.upstream_model or "")
+    applied = service._applied(row.app_id, row.end_user_id, assignment, model,
+                            row.created_at, prompt_tokens=row.input_tokens)
+    actual = Actual(row.input_tokens + row.output_tokens, row.cost_pico_usd or 0)
+    for tag in dict.fromkeys(a.tag for a in applied):
+        group = [a.check for a in applied if a.tag == tag]
+        with store_errors():
+            service.store.commit(tag, f"ev:{row.app_id}:{row.idempotency_key}", group, actual,
+                              now_ms=epoch_ms(service.clock()))
+
+
+def rebuild(service: LimitsService, progress: Callable[[int], None] | None = None) -> int:
+    """Set every counter of the current periods to what the ledger says (plus what live
+    leases hold). Token buckets refill by themselves and are left as they are. Returns
+    how many tags (end users and apps) were rebuilt."""
+    now = service.clock()
+    horizon = now - timedelta(days=32)
+    for plan in service.catalog.plans:
+        for limit in plan.limits:
+            if limit.window.kind == "rolling":
+                horizon = min(horizon, now - timedelta(seconds=limit.window.seconds))
+    table = UsageEvent.__table__
+    cols = table.c
+    by_user: dict[tuple[int, int], list[Any]] = {}
+    with service.engine.begin() as conn:
+        # The rebuild counts calls let through while the store was down: no catch-up.
+        conn.execute(update(UsageEvent).where(UsageEvent.limits_pending.is_(True))
+                     .values(limits_pending=False))
+    with service.engine.connect() as conn:
+        for row in conn.execute(select(
+                cols.app_id, cols.end_user_id, cols.requested_model, cols.created_at,
+                cols.input_tokens, cols.output_tokens, cols.cost_pico_usd,
+                cols.usage_source).where(cols.created_at >= horizon)):
+            by_user.setdefault((row.app_id, row.end_user_id), []).append(row)
+        # Users with live counters but no recent rows are rebuilt to zero too.
+        users = {(a, u) for a, u in conn.execute(select(cols.app_id, cols.end_user_id)
+                                                 .distinct()
+                                                 .where(cols.created_at >= horizon))}
+    by_app: dict[int, list[Any]] = {}
+    for (app_id, _user), rows in by_user.items():
+        by_app.setdefault(app_id, []).extend(rows)
+    done = 0
+    app_values: dict[str, list[tuple[Check, int]]] = {}
+    for app_id, end_user_id in sorted(users):
+        assignment = service.plans.plan_of(end_user_id)
+        values: list[tuple[Check, int]] = []
+        for a in service._applied(app_id, end_user_id, assignment, None, now):
+            rows = by_user.get((app_id, end_user_id), []) if a.limit.scope == "user" \
+                else by_app.get(app_id, [])
+            target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
+            target.extend(_rebuilt(a, assignment, rows, now))
+        with store_errors():
+            service.store.overwrite(user_tag(app_id, end_user_id), values,
+                                 now_ms=epoch_ms(now))
+        done += 1
+        if progress:
+            progress(done)
+    for tag, values in app_values.items():
+        unique = list({(c.key, c.slot): (c, v) for c, v in values}.values())
+        with store_errors():
+            service.store.overwrite(tag, unique, now_ms=epoch_ms(now))
+        done += 1
+    return done
+
+
+def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any],
+             now: datetime) -> list[tuple[Check, int]]:
+    """The values a check's counter should hold, from ledger rows."""
+    limit, check = a.limit, a.check
+    rows = [r for r in rows if limit.applies_to(r.requested_model) and r.usage_source != "none"]
+
+    def amount(r: Any) -> int:
+        if limit.metric == "tokens":
+            return int(r.input_tokens + r.output_tokens)
+        if limit.metric == "cost_usd":
+            return int(r.cost_pico_usd or 0)
+        return 1
+
+    if check.kind == "counter":
+        period = period_of(limit.window, now, assignment.anchored_at
+                           if limit.window.kind == "cycle" else None)
+        return [(check, sum(amount(r) for r in rows if period.start <= r.created_at < period.end))]
+    if check.kind == "rolling":
+        low = check.slot - check.slots + 1
+        slots: dict[int, int] = {}
+        for r in rows:
+            slot = epoch_ms(r.created_at) // check.slot_ms
+            if low <= slot <= check.slot:
+                slots[slot] = slots.get(slot, 0) + amount(r)
+        return [(replace(check, slot=slot), value) for slot, value in sorted(slots.items())] or [
+            (check, 0)]
+    if check.kind == "gauge":
+        return [(check, 0)]  # only live leases hold a concurrency slot
+    return []
