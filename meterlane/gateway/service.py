@@ -134,14 +134,13 @@ class GatewayService:
         body, endpoint, model = outcome.request, outcome.endpoint, outcome.model
         field_name, requested = _requested_output(endpoint, body, model.max_tokens_param)
         choices = _choices(endpoint, body)
+        want: int | None
         if endpoint == ENDPOINT_EMBEDDINGS:
             want, least = 0, 0
         elif requested is not None:
             want, least = requested, 1
-        else:
-            plan = self.limits.plans.plan_of(outcome.end_user_id).plan
-            want = (COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS
-                    else plan.default_max_output_tokens)
+        else:  # chat: the plan's default cap; completions: OpenAI's own default
+            want = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS else None
             least = 1
         prompt = self.metering.prompt_tokens(model, endpoint, body)
         try:

@@ -220,16 +220,19 @@ class LimitsService:
     # -- reserve / settle / release ---------------------------------------------------------
 
     def reserve(self, *, app_id: int, end_user_id: int, model: ModelConfig, prompt_tokens: int,
-                want_out: int, min_out: int, out_per_token: int = 1,
+                want_out: int | None, min_out: int, out_per_token: int = 1,
                 request_id: str = "", keep: bool = False) -> Lease:
         """Reserve the call's estimate against every limit of the user's plan, all or nothing.
         Raises QuotaExceededError / RateLimitedError naming the limit, or
         ServiceUnavailableError when the store is down and the plan fails closed. With
         `keep`, a lease no limit applies to is stored all the same (the metering API settles
-        it by id later); the gateway keeps such leases only in memory."""
+        it by id later); the gateway keeps such leases only in memory. `want_out` None: the
+        plan's default_max_output_tokens."""
         now = self.clock()
         assignment = self.plans.plan_of(end_user_id)
         plan = assignment.plan
+        if want_out is None:
+            want_out = plan.default_max_output_tokens
         applied = self._applied(app_id, end_user_id, assignment, model, now,
                                 prompt_tokens=prompt_tokens, out_per_token=out_per_token)
         lease_id = f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
@@ -416,7 +419,7 @@ class LimitsService:
             return None
         app_id, _user, tag = named
         for candidate in (tag, app_tag(app_id)):
-            with store_errors():
+            with store_down_is_503():
                 meta = self.store.lease_meta(candidate, lease_id)
             if meta is not None:
                 return dict(meta)
@@ -429,7 +432,7 @@ class LimitsService:
         actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
         first: Settlement | None = None
         for tag in tags:
-            with store_errors():
+            with store_down_is_503():
                 result = self.store.settle(tag, lease_id, actual, now_ms=epoch_ms(now))
             first = first or result
         return first or Settlement("unknown")
@@ -443,13 +446,8 @@ class LimitsService:
         lines: list[QuotaLine] = []
         for tag in dict.fromkeys(a.tag for a in applied):
             group = [a for a in applied if a.tag == tag]
-            try:
-                with store_errors():
-                    states = self.store.peek(tag, [a.check for a in group],
-                                             now_ms=epoch_ms(now))
-            except LimitStoreUnavailableError as exc:
-                raise ServiceUnavailableError("The limits store is unavailable; try again "
-                                              "shortly.", headers={"Retry-After": "1"}) from exc
+            with store_down_is_503():
+                states = self.store.peek(tag, [a.check for a in group], now_ms=epoch_ms(now))
             for a, st in zip(group, states, strict=True):
                 hit = Applied(a.limit, a.tag, a.check, st)
                 lines.append(QuotaLine(a.limit, st.used, max(0, st.remaining),
@@ -488,13 +486,9 @@ class LimitsService:
         fresh = True
         for tag in dict.fromkeys(a.tag for a in applied):
             group = [a.check for a in applied if a.tag == tag]
-            try:
-                with store_errors():
-                    fresh = self.store.commit(tag, f"ev:{app_id}:{event_id}", group, actual,
-                                              now_ms=epoch_ms(now)) and fresh
-            except LimitStoreUnavailableError as exc:
-                raise ServiceUnavailableError("The limits store is unavailable; try again "
-                                              "shortly.", headers={"Retry-After": "1"}) from exc
+            with store_down_is_503():
+                fresh = self.store.commit(tag, f"ev:{app_id}:{event_id}", group, actual,
+                                          now_ms=epoch_ms(now)) and fresh
         return fresh
 
 
@@ -525,6 +519,18 @@ def store_errors() -> Iterator[None]:
         if _is_redis_outage(exc):
             raise LimitStoreUnavailableError(str(exc)) from exc
         raise
+
+
+@contextmanager
+def store_down_is_503() -> Iterator[None]:
+    """For the API's own reads and writes: an unreachable store is a 503 (no plan setting
+    applies to them)."""
+    try:
+        with store_errors():
+            yield
+    except LimitStoreUnavailableError as exc:
+        raise ServiceUnavailableError("The limits store is unavailable; try again shortly.",
+                                      headers={"Retry-After": "1"}) from exc
 
 
 def _is_redis_outage(exc: Exception) -> bool:

@@ -18,9 +18,9 @@ from meterlane.core.errors import (
 )
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, request_id, wiring
-from meterlane.metering.limits import Applied, LimitStoreUnavailableError, QuotaLine
+from meterlane.metering.limits import Applied, QuotaLine
 from meterlane.metering.limits_text import utc_iso, value_of
-from meterlane.metering.pricing import TokenUsage, cost_pico_usd, format_usd
+from meterlane.metering.pricing import TokenUsage, cost_or_none, format_usd
 from meterlane.metering.schemas import (
     LeaseSchema,
     MeterResultSchema,
@@ -34,7 +34,6 @@ from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDP
 from meterlane.plans.catalog import LimitSpec
 
 bp = Blueprint("limits", __name__, url_prefix="/v1")
-STORE_DOWN = "The limits store is unavailable; try again shortly."
 
 
 def _caller(principal: Principal, user: str | None) -> tuple[int, int, str]:
@@ -81,8 +80,6 @@ def reserve() -> Response:
     args = ReserveRequestSchema().load(json_body())
     app_id, end_user_id, user = _caller(principal, args.get("user"))
     model = _model(args["model"])
-    limits = wiring().limits
-    plan = wiring().plans.plan_of(end_user_id).plan
     prompt = args.get("input_tokens")
     if prompt is None:
         given = [k for k in ("messages", "prompt", "input") if k in args]
@@ -92,12 +89,11 @@ def reserve() -> Response:
         endpoint = {"messages": ENDPOINT_CHAT, "prompt": ENDPOINT_COMPLETIONS,
                     "input": ENDPOINT_EMBEDDINGS}[given[0]]
         prompt = wiring().metering.prompt_tokens(model, endpoint, args)
-    want = args.get("max_output_tokens")
-    if want is None:
-        want = plan.default_max_output_tokens
-    lease = limits.reserve(app_id=app_id, end_user_id=end_user_id, model=model,
-                           prompt_tokens=prompt, want_out=want, min_out=min(1, want),
-                           request_id=request_id(), keep=True)
+    want = args.get("max_output_tokens")  # None: the plan's default
+    lease = wiring().limits.reserve(app_id=app_id, end_user_id=end_user_id, model=model,
+                                    prompt_tokens=prompt, want_out=want,
+                                    min_out=0 if want == 0 else 1, request_id=request_id(),
+                                    keep=True)
     body = {"lease_id": lease.id, "user": user, "model": model.name, "plan": lease.plan.id,
             "input_tokens": prompt, "granted_output_tokens": lease.out,
             "expires_at": utc_iso(lease.expires or lease.created),
@@ -106,10 +102,7 @@ def reserve() -> Response:
 
 
 def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
-    try:
-        meta = wiring().limits.lease_info(lease_id)
-    except LimitStoreUnavailableError as exc:
-        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    meta = wiring().limits.lease_info(lease_id)
     # Someone else's lease is reported exactly like one that does not exist.
     if (meta is None or meta.get("app_id") != principal.app_id
             or (principal.role == Role.USER and meta.get("end_user_id") != principal.end_user_id)):
@@ -130,11 +123,8 @@ def settle() -> Response:
     meta = _own_lease(principal, lease_id)
     usage = TokenUsage(**args["usage"])
     model = _model(meta["model"])
-    cost = cost_pico_usd(usage, model.price) if model.price is not None else None
-    try:
-        result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost)
-    except LimitStoreUnavailableError as exc:
-        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    cost = cost_or_none(usage, model.price)
+    result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost)
     if result.outcome == "expired":
         raise ConflictError(f"Lease {lease_id} expired before it was settled, and its "
                             "reservation was returned. Record the call with POST "
@@ -148,7 +138,8 @@ def settle() -> Response:
                             code="lease_settled")
     wiring().metering.record_direct(
         app_id=meta["app_id"], end_user_id=meta["end_user_id"], model=model, usage=usage,
-        request_id=request_id(), idempotency_key=lease_id, endpoint="meter.settle")
+        cost_pico=cost, request_id=request_id(), idempotency_key=lease_id,
+        endpoint="meter.settle")
     return wiring().json(MeterResultSchema().dump({
         "lease_id": lease_id, "idempotency_key": None, "outcome": "settled",
         "cost_usd": format_usd(cost)}))
@@ -162,10 +153,7 @@ def release() -> Response:
     args = ReleaseRequestSchema().load(json_body())
     lease_id = args["lease_id"]
     meta = _own_lease(principal, lease_id)
-    try:
-        result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), None, None)
-    except LimitStoreUnavailableError as exc:
-        raise ServiceUnavailableError(STORE_DOWN, headers={"Retry-After": "1"}) from exc
+    result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), None, None)
     if result.outcome == "already_settled":
         raise ConflictError(f"Lease {lease_id} was settled; it cannot be released.",
                             code="lease_settled")
@@ -183,10 +171,10 @@ def track() -> Response:
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
     usage = TokenUsage(**args["usage"])
-    cost = cost_pico_usd(usage, model.price) if model.price is not None else None
+    cost = cost_or_none(usage, model.price)
     key = args["idempotency_key"]
     written = wiring().metering.record_direct(
-        app_id=app_id, end_user_id=end_user_id, model=model, usage=usage,
+        app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
         request_id=request_id(), idempotency_key=key, endpoint="meter.track")
     fresh = written != "duplicate"
     if fresh:  # the ledger keeps keys for good: a repeat is never counted twice

@@ -57,6 +57,11 @@ def cost_pico_usd(usage: TokenUsage, price: ModelPrice) -> int:
             + reasoning * reasoning_rate)
 
 
+def cost_or_none(usage: TokenUsage, price: ModelPrice | None) -> int | None:
+    """The cost, or None for a model without a price (never $0)."""
+    return cost_pico_usd(usage, price) if price is not None else None
+
+
 def pico_to_usd(pico: int) -> Decimal:
     """Exact USD as a Decimal (12 decimal places)."""
     return Decimal(pico).scaleb(-12)

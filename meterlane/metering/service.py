@@ -14,7 +14,7 @@ from meterlane.core.config import ModelConfig
 from meterlane.core.db import utcnow
 from meterlane.metering.ledger import CallRecord, LedgerWriter
 from meterlane.metering.models import UsageEvent
-from meterlane.metering.pricing import TokenUsage, cost_pico_usd
+from meterlane.metering.pricing import TokenUsage, cost_or_none
 from meterlane.metering.store import UsageQuery, UsageStore, UsageTotals
 from meterlane.metering.tokens import (
     TokenizerRegistry,
@@ -97,7 +97,7 @@ class MeteringService:
             stream=outcome.stream, input_tokens=usage.input_tokens,
             cached_input_tokens=usage.cached_input_tokens, output_tokens=usage.output_tokens,
             reasoning_tokens=usage.reasoning_tokens, usage_source=source,
-            cost_pico_usd=cost_pico_usd(usage, price) if price is not None else None,
+            cost_pico_usd=cost_or_none(usage, price),
             priced=price is not None, status=outcome.status, http_status=outcome.http_status,
             error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
@@ -106,20 +106,18 @@ class MeteringService:
         return record
 
     def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,
-                      usage: TokenUsage, request_id: str, idempotency_key: str,
-                      endpoint: str) -> str:
+                      usage: TokenUsage, cost_pico: int | None, request_id: str,
+                      idempotency_key: str, endpoint: str) -> str:
         """Record a call the app made itself (reported through the metering API); returns the
         ledger's answer: written, duplicate (this key was recorded before) or spooled."""
-        price = model.price
         record = CallRecord(
             app_id=app_id, end_user_id=end_user_id, request_id=request_id,
             idempotency_key=idempotency_key, endpoint=endpoint, requested_model=model.name,
             upstream=model.upstream or None, upstream_model=model.upstream_model, stream=False,
             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
             output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
-            usage_source="reported",
-            cost_pico_usd=cost_pico_usd(usage, price) if price is not None else None,
-            priced=price is not None, status="ok", http_status=200, error=None, latency_ms=0,
+            usage_source="reported", cost_pico_usd=cost_pico,
+            priced=model.price is not None, status="ok", http_status=200, error=None, latency_ms=0,
             ttft_ms=None, created_at=self.clock())
         return self.ledger.record(record, dedupe=True)
 

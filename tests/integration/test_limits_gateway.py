@@ -485,3 +485,19 @@ def test_a_lease_no_limit_applies_to_can_still_be_settled(lclient: Any, lkeys: K
         "input_tokens": 5, "output_tokens": 7}}, headers=h)
     assert settled.status_code == 200, settled.data
     assert [r.output_tokens for r in ledger(clean_db)] == [7]
+
+
+def test_the_metering_api_answers_503_while_the_store_is_down(lclient: Any, lkeys: Keys,
+                                                             limited: Any) -> None:
+    h = bearer(lkeys.app)
+    lease = lclient.post("/v1/meter/reserve", json={"user": "pam", "model": "gpt-4o-mini",
+                                                    "input_tokens": 5}, headers=h).get_json()
+    _redis_down(limited)
+    for resp in (lclient.get("/v1/users/pam/quota", headers=h),
+                 lclient.post("/v1/meter/settle", json={"lease_id": lease["lease_id"],
+                                                        "usage": {"input_tokens": 5}}, headers=h),
+                 lclient.post("/v1/meter/track", json={"user": "pam", "model": "gpt-4o-mini",
+                                                       "idempotency_key": "t",
+                                                       "usage": {"input_tokens": 5}}, headers=h)):
+        assert resp.status_code == 503, resp.data
+        assert resp.headers["Retry-After"] == "1"
