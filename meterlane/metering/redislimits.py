@@ -6,10 +6,13 @@ Python in limitstore.py step for step; the contract suite holds them to one beha
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from meterlane.metering.limitstore import (
     DONE_TTL_MS,
@@ -43,20 +46,98 @@ def _actual(actual: Actual) -> bytes:
     return orjson.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost)})
 
 
+class _Lane:
+    """Commands on connections of the store's own: a free list of redis-py connections made
+    with the client's settings (address, auth, database, TLS, timeouts). redis-py's pool
+    checks each connection it lends for unread data (a poll), takes a lock and records
+    metrics on every command: under gevent that is about 80 us a call, half of what a
+    reservation costs. A connection that fails is dropped; one that fails after waiting in
+    the free list (the server restarted) is replaced and the commands are sent once more, as
+    redis-py's default retry does."""
+
+    def __init__(self, client: Any) -> None:
+        pool = client.connection_pool
+        self._cls = pool.connection_class
+        self._kwargs = dict(pool.connection_kwargs)
+        self._free: list[Any] = []
+        self._pid = os.getpid()
+
+    def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` in one write and read their replies; an error reply is returned
+        as its ResponseError, the others as redis-py parses them."""
+        if self._pid != os.getpid():  # a forked child never shares its parent's sockets
+            self._free, self._pid = [], os.getpid()
+        reused = bool(self._free)
+        conn = self._free.pop() if reused else self._cls(**self._kwargs)
+        try:
+            replies = self._send(conn, commands)
+        except RedisConnectionError:
+            conn.disconnect()
+            if not reused:
+                raise
+            conn = self._cls(**self._kwargs)
+            try:
+                replies = self._send(conn, commands)
+            except BaseException:
+                conn.disconnect()
+                raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        self._free.append(conn)
+        return replies
+
+    @staticmethod
+    def _send(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        packed = (conn.pack_command(*commands[0]) if len(commands) == 1
+                  else conn.pack_commands(commands))
+        conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:  # the connection stays in step: read the rest
+                replies.append(exc)
+        return replies
+
+
 class RedisLimitStore:
     def __init__(self, client: Any, prefix: str = PREFIX) -> None:
         self.client = client
         self.prefix = prefix
-        # A cluster client refuses scripts in a pipeline: there, each settle goes on its own.
+        # A cluster client refuses scripts in a pipeline and has no single pool: there, each
+        # script goes through the client, and each settle on its own.
         self.batches = type(client).__name__ != "RedisCluster"
-        self._scripts = {name: client.register_script(_script(name))
-                         for name in ("reserve", "settle", "peek", "commit", "overwrite")}
+        self._source = {name: _script(name)
+                        for name in ("reserve", "settle", "peek", "commit", "overwrite")}
+        self._scripts = {name: client.register_script(src) for name, src in self._source.items()}
+        self._sha = {name: script.sha for name, script in self._scripts.items()}
+        self._lane = _Lane(client) if self.batches else None
 
     def base(self, tag: str) -> str:
         return f"{self.prefix}{{{tag}}}"
 
     def _run(self, name: str, tag: str, *args: Any) -> Any:
-        return self._scripts[name](keys=[self.base(tag)], args=list(args))
+        if self._lane is None:
+            return self._scripts[name](keys=[self.base(tag)], args=list(args))
+        return self._run_many(name, [(tag, args)])[0]
+
+    def _run_many(self, name: str, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """One script on several tags, in one round trip; raises the first error reply."""
+        assert self._lane is not None
+        sha = self._sha[name]
+        commands = [("EVALSHA", sha, 1, self.base(tag), *args) for tag, args in calls]
+        replies = self._lane.run(commands)
+        if any(isinstance(r, NoScriptError) for r in replies):  # the server forgot it
+            self._lane.run([("SCRIPT", "LOAD", self._source[name])])
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            for i, reply in zip(again, self._lane.run([commands[i] for i in again]),
+                                strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
 
     def ping(self) -> None:
         self.client.ping()
@@ -82,16 +163,13 @@ class RedisLimitStore:
     def settle_many(self, items: list[tuple[str, str, Actual | None]], *, now_ms: int,
                     remember_ms: int = DONE_TTL_MS) -> list[Settlement]:
         """Several settles in one round trip (a pipeline; each script stays atomic)."""
-        if len(items) == 1 or not self.batches:
+        if self._lane is None:
             return [self.settle(tag, lease_id, actual, now_ms=now_ms, remember_ms=remember_ms)
                     for tag, lease_id, actual in items]
-        pipe = self.client.pipeline(transaction=False)
-        script = self._scripts["settle"]
-        for tag, lease_id, actual in items:
-            script(keys=[self.base(tag)], args=[
-                now_ms, lease_id, _actual(actual) if actual is not None else "", remember_ms],
-                client=pipe)
-        return [_settlement(raw) for raw in pipe.execute()]
+        replies = self._run_many("settle", [
+            (tag, (now_ms, lease_id, _actual(actual) if actual is not None else "", remember_ms))
+            for tag, lease_id, actual in items])
+        return [_settlement(raw) for raw in replies]
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None:
         base = self.base(tag)

@@ -308,3 +308,46 @@ def test_settle_many_is_each_settle_in_one_round_trip(store: Any) -> None:
     assert used(store, checks) == [12]
     # remember_ms=0 keeps no answer: a repeat finds nothing to settle
     assert store.settle("u1.1", "ls_1", Actual(tokens=5), now_ms=T0).outcome == "unknown"
+
+
+# -- the Redis store's own connections ------------------------------------------------------
+
+@pytest.fixture()
+def redis_store(redis_server: str) -> Iterator[RedisLimitStore]:
+    client = redis.Redis.from_url(redis_server)
+    yield RedisLimitStore(client, prefix=f"mlt-{uuid.uuid4().hex[:8]}:")
+    client.close()
+
+
+def test_scripts_flushed_on_the_server_are_loaded_again(redis_store: RedisLimitStore) -> None:
+    checks = [tokens(1000)]
+    reserve(redis_store, checks, lease="ls_a")
+    reserve(redis_store, checks, lease="ls_b")
+    redis_store.client.script_flush()
+    results = redis_store.settle_many([("u1.1", "ls_a", Actual(tokens=5)),
+                                       ("u1.1", "ls_b", Actual(tokens=6))], now_ms=T0)
+    assert [r.outcome for r in results] == ["settled", "settled"]
+    redis_store.client.script_flush()
+    assert reserve(redis_store, checks).granted
+    assert used(redis_store, checks) == [5 + 6 + 110]
+
+
+def test_connections_the_server_dropped_are_replaced(redis_server: str) -> None:
+    name = f"mlt-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server, client_name=name)
+    store = RedisLimitStore(client, prefix=f"{name}:")
+    admin = redis.Redis.from_url(redis_server)
+    try:
+        checks = [tokens(1000)]
+        assert reserve(store, checks, lease="ls_1").granted  # its connection is kept
+        mine = [c for c in admin.client_list() if c.get("name") == name]
+        assert mine
+        for c in mine:  # as a server restart would
+            admin.client_kill_filter(_id=c["id"])
+        # the kept connection fails once inside the store; the call goes on a new one
+        assert reserve(store, checks, lease="ls_2").granted
+        assert store.settle("u1.1", "ls_1", Actual(tokens=1), now_ms=T0).outcome == "settled"
+        assert used(store, checks) == [1 + 110]
+    finally:
+        client.close()
+        admin.close()
