@@ -244,20 +244,22 @@ class LimitsService:
             return lease
         tags = lease.tags or [user_tag(app_id, end_user_id)]
         lease.meta["tags"] = tags
-        expires = epoch_ms(now) + self.lease_seconds * 1000
+        now_ms = epoch_ms(now)
+        expires = now_ms + self.lease_seconds * 1000
         lease.expires = from_epoch_ms(expires)
         grant = want_out
         reserved: list[str] = []
         try:
             for tag in tags:
-                group = [a for a in applied if a.tag == tag]
+                at = [i for i, a in enumerate(applied) if a.tag == tag]
+                group = [applied[i] for i in at]
                 with store_errors():
                     result = self.store.reserve(
-                        tag, lease_id, [a.check for a in group], now_ms=epoch_ms(now),
+                        tag, lease_id, [a.check for a in group], now_ms=now_ms,
                         expires_ms=expires, want_out=grant, min_out=min_out,
                         clip=plan.on_limit == "clip", meta=lease.meta)
-                for i, a in enumerate(group):
-                    applied[applied.index(a)] = Applied(a.limit, a.tag, a.check, result.states[i])
+                for i, a, state in zip(at, group, result.states, strict=True):
+                    applied[i] = Applied(a.limit, a.tag, a.check, state)
                 if not result.granted:
                     idx = result.refused if result.refused is not None else 0
                     hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])

@@ -7,25 +7,23 @@ local now = tonumber(ARGV[1])
 local DONE_TTL = 3600000  -- as limitstore.DONE_TTL_MS
 local SWEEP_BATCH = 100
 
--- cjson prints numbers with 14 significant digits: anything that leaves a script as JSON
--- (a stored lease, a reply) carries its numbers as decimal strings instead.
+-- cjson prints numbers with 14 significant digits: anything a script encodes as JSON (a
+-- reply, a done record) carries its numbers as decimal strings instead. A lease keeps the
+-- checks exactly as the caller sent them (ARGV, never re-encoded) and the charges formatted
+-- by fmt.
 local function fmt(n) return string.format('%.0f', n) end
-local NUMERIC = {'amount', 'fixed', 'per_out', 'expires_ms', 'slot_ms', 'slots', 'slot',
-                 'refill', 'interval_ms', 'charged'}
 
-local function pack(c)
-  local out = {}
-  for k, v in pairs(c) do
-    if type(v) == 'number' then out[k] = fmt(v) else out[k] = v end
-  end
-  return out
+-- A stored lease: {"checks": [...], "charged": [...], "meta": {...}}, spliced from the
+-- reserve's own arguments (no decode and encode of what it only keeps).
+local function lease_json(checks_json, charged, meta_json)
+  return '{"checks":' .. checks_json .. ',"charged":[' .. table.concat(charged, ',') ..
+         '],"meta":' .. meta_json .. '}'
 end
 
-local function unpack_check(c)
-  for _, k in ipairs(NUMERIC) do
-    if c[k] ~= nil then c[k] = tonumber(c[k]) end
-  end
-  return c
+-- A lease's checks, each with what it was charged.
+local function lease_charges(lease)
+  for i, ch in ipairs(lease.checks) do ch.charged = lease.charged[i] end
+  return lease.checks
 end
 
 local function reply_state(st)
@@ -108,10 +106,7 @@ local function sweep()
     local raw = redis.call('GET', base .. ':l:' .. id)
     if raw then
       local lease = cjson.decode(raw)
-      for _, ch in ipairs(lease.charges) do
-        unpack_check(ch)
-        apply(ch, ch.slot, -ch.charged)
-      end
+      for _, ch in ipairs(lease_charges(lease)) do apply(ch, ch.slot, -ch.charged) end
       redis.call('DEL', base .. ':l:' .. id)
       redis.call('SET', base .. ':d:' .. id, cjson.encode({state = 'expired', meta = lease.meta}),
                  'PX', DONE_TTL)

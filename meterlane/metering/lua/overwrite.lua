@@ -6,8 +6,7 @@ local held = {}
 for _, id in ipairs(redis.call('ZRANGE', base .. ':leases', 0, -1)) do
   local raw = redis.call('GET', base .. ':l:' .. id)
   if raw then
-    for _, ch in ipairs(cjson.decode(raw).charges) do
-      unpack_check(ch)
+    for _, ch in ipairs(lease_charges(cjson.decode(raw))) do
       local k = ch.key .. '#' .. fmt(ch.kind == 'rolling' and ch.slot or 0)
       held[k] = (held[k] or 0) + ch.charged
     end

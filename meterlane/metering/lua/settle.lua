@@ -15,8 +15,7 @@ if not raw then return cjson.encode({outcome = 'unknown'}) end
 local lease = cjson.decode(raw)
 local actual = nil
 if ARGV[3] ~= '' then actual = cjson.decode(ARGV[3]) end
-for _, ch in ipairs(lease.charges) do
-  unpack_check(ch)
+for _, ch in ipairs(lease_charges(lease)) do
   local real = 0
   if actual then real = charge_of(ch, actual, ch.charged) end
   apply(ch, ch.slot, real - ch.charged)
