@@ -3,6 +3,7 @@ alike, step for step. Time is passed explicitly (a frozen clock)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -351,3 +352,23 @@ def test_connections_the_server_dropped_are_replaced(redis_server: str) -> None:
     finally:
         client.close()
         admin.close()
+
+
+def test_leases_stored_by_the_previous_version_still_settle_and_expire(
+        redis_store: RedisLimitStore) -> None:
+    checks = [tokens(1000)]
+    assert reserve(redis_store, checks, lease="ls_new").granted  # creates the counter: 110
+    base = redis_store.base("u1.1")
+    old = {"charges": [{**{k: str(v) if isinstance(v, int) else v
+                           for k, v in c.wire().items()}, "charged": "110"} for c in checks],
+           "meta": {"who": "old"}}
+    client = redis_store.client
+    for lease, expires in (("ls_old_settled", T0 + 60_000), ("ls_old_expired", T0 + 1)):
+        client.incrby(f"{base}{checks[0].key}", 110)  # what the old reserve charged
+        client.set(f"{base}:l:{lease}", json.dumps(old))
+        client.zadd(f"{base}:leases", {lease: expires})
+    assert used(redis_store, checks) == [330]
+    assert redis_store.settle("u1.1", "ls_old_settled", Actual(tokens=7),
+                              now_ms=T0 + 2).outcome == "settled"
+    # ls_old_expired was swept by that settle: its 110 returned
+    assert used(redis_store, checks, now=T0 + 2) == [110 + 7]

@@ -22,6 +22,15 @@ end
 
 -- A lease's checks, each with what it was charged.
 local function lease_charges(lease)
+  if lease.checks == nil then
+    -- written by an earlier version: {"charges": [check with charged, numbers as strings]}
+    for _, ch in ipairs(lease.charges) do
+      for k, v in pairs(ch) do
+        if k ~= 'key' and k ~= 'kind' and k ~= 'metric' then ch[k] = tonumber(v) end
+      end
+    end
+    return lease.charges
+  end
   for i, ch in ipairs(lease.checks) do ch.charged = lease.charged[i] end
   return lease.checks
 end
