@@ -104,6 +104,13 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     metering = MeteringService(engine, ledger, _tokenizers())
     metrics = Metrics()
     catalog = Catalog.from_config(config)
+    if check_schema and catalog.plans:
+        from meterlane.plans.versions import PlanChangedError, ensure_unchanged
+
+        try:
+            ensure_unchanged(engine, catalog)
+        except PlanChangedError as exc:
+            raise ConfigError(str(exc)) from exc
     plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
     limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
                            config.models, lease_seconds=config.lease_seconds)

@@ -88,11 +88,16 @@ def db_upgrade(revision: str) -> None:
 def db_ensure() -> None:
     """Fail unless the schema is current (migrating it first where auto-migrate is on)."""
     from meterlane.migrations import SchemaNotMigratedError, ensure_schema_current
+    from meterlane.plans.catalog import Catalog
+    from meterlane.plans.versions import PlanChangedError, ensure_unchanged
 
     config = _config()
     try:
-        ensure_schema_current(_engine(config), auto_migrate=config.should_auto_migrate)
-    except SchemaNotMigratedError as exc:
+        engine = _engine(config)
+        ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
+        # serve runs this first: a changed published plan stops it before any worker starts
+        ensure_unchanged(engine, Catalog.from_config(config))
+    except (SchemaNotMigratedError, PlanChangedError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -189,6 +194,86 @@ def limits_rebuild() -> None:
 
     done = wiring.limits.rebuild(progress=progress)
     click.echo(f"rebuilt the counters of {done} end users and apps from the ledger")
+
+
+@main.group()
+def plans() -> None:
+    """The plan catalog ([[plans]] in the config)."""
+
+
+@plans.command("check")
+def plans_check() -> None:
+    """Validate the catalog and compare it with the published plan versions."""
+    from meterlane.plans.catalog import Catalog
+    from meterlane.plans.versions import states
+
+    config = _config()
+    catalog = Catalog.from_config(config)
+    if not catalog.plans:
+        click.echo("no [[plans]] in the config: every call is metered, none is limited")
+        return
+    try:
+        _ensure_embedded_schema(config)
+        found = states(_engine(config), catalog)
+    except Exception as exc:  # noqa: BLE001 - the config check stands on its own
+        click.echo(f"(published versions not compared: {exc})", err=True)
+        found = None
+    by_ref = {s.plan.ref: s.state for s in found} if found is not None else {}
+    for plan in sorted(catalog.plans, key=lambda p: (p.id, p.version)):
+        click.echo(f"{plan.ref:<20} {_plan_summary(plan)}  "
+                   f"[{by_ref.get(plan.ref, 'not compared')}]")
+    changed = [ref for ref, state in by_ref.items() if state == "changed"]
+    if changed:
+        raise click.ClickException(
+            f"published versions changed: {', '.join(changed)}; restore them and publish the "
+            "change as a new version")
+    unpublished = sum(1 for state in by_ref.values() if state == "unpublished")
+    ids = len({p.id for p in catalog.plans})
+    click.echo(f"catalog OK: {ids} plans, {len(catalog.plans)} versions"
+               + (f"; {unpublished} not yet published (meterlane plans publish)"
+                  if unpublished else ""))
+
+
+@plans.command("publish")
+def plans_publish() -> None:
+    """Record the catalog's new plan versions as published (from then on immutable)."""
+    from meterlane.plans.catalog import Catalog
+    from meterlane.plans.versions import PlanChangedError, publish
+
+    config = _config()
+    _ensure_embedded_schema(config)
+    try:
+        fresh = publish(_engine(config), Catalog.from_config(config))
+    except PlanChangedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for plan in fresh:
+        click.echo(f"published {plan.ref}")
+    click.echo(f"{len(fresh)} plan versions published" if fresh else
+               "nothing to publish: every plan version is published as it is")
+
+
+def _plan_summary(plan: Any) -> str:
+    from meterlane.plans.terms import format_minor
+
+    t = plan.terms
+    parts = [plan.name]
+    parts.append(f"{format_minor(t.price.amount, t.price.currency)}/{t.price.interval}"
+                 if t.price else "free")
+    if t.trial_days:
+        parts.append(f"trial {t.trial_days} d")
+    if t.allowance is not None:
+        parts.append(f"allowance {t.allowance:,} credits/cycle")
+    if t.overage is not None:
+        parts.append(f"overage {format_minor(t.overage.price_per_1m, t.price.currency)}/1M "
+                     f"up to {format_minor(t.overage.spend_cap, t.price.currency)}")
+    elif t.allowance is not None:
+        parts.append("hard stop")
+    if t.tiers is not None:
+        parts.append(f"tiers {','.join(t.tiers)}")
+    parts.append(f"{len(plan.limits)} limits")
+    if t.retired:
+        parts.append("retired")
+    return "; ".join(parts)
 
 
 def _ensure_embedded_schema(config: Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class ModelConfig:
     # The field that caps output when the gateway must clip a chat call the client did not
     # cap itself (OpenAI's reasoning models take only max_completion_tokens).
     max_tokens_param: str = "max_tokens"
+    # Which plans may call it (a plan lists the tiers it may use) and how many credits each of
+    # its tokens costs on a plan with credit multipliers.
+    tier: str = "standard"
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,14 @@ def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
     param = table.get("max_tokens_param", "max_tokens")
     if param not in ("max_tokens", "max_completion_tokens"):
         raise ConfigError(f"{where}: max_tokens_param must be max_tokens or max_completion_tokens")
+    tier = table.get("tier", "standard")
+    if not isinstance(tier, str) or not re.fullmatch(r"[a-z0-9_-]{1,32}", tier):
+        raise ConfigError(f"{where}: tier must be 1-32 lowercase letters, digits, '_' or '-', "
+                          f"got {tier!r}")
     return ModelConfig(
         name=name, upstream=upstream,
         upstream_model=_str(table, "upstream_model", where, default=name),
-        price=price, tokenizer=tokenizer, max_tokens_param=param,
+        price=price, tokenizer=tokenizer, max_tokens_param=param, tier=tier,
     )
 
 

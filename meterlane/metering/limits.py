@@ -26,6 +26,7 @@ from meterlane.core.background import background_runner
 from meterlane.core.config import ModelConfig
 from meterlane.core.errors import (
     DomainError,
+    PermissionDeniedError,
     QuotaExceededError,
     RateLimitedError,
     ServiceUnavailableError,
@@ -48,7 +49,8 @@ from meterlane.plans.windows import (
 log = logging.getLogger(__name__)
 COUNTER_GRACE_MS = 60_000
 SETTLE_BATCH = 64
-METRIC_CODE = {"tokens": "t", "requests": "r", "cost_usd": "c", "concurrent": "g"}
+METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
+               "concurrent": "g"}
 
 
 class LimitStoreUnavailableError(Exception):
@@ -95,6 +97,7 @@ class Lease:
     out: int | None           # output tokens granted; None when no limit bounds them
     created: datetime
     fail_open: bool = False
+    credits_per_token: int = 1  # the credit multiplier of the model's tier on the plan
     done: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     expires: datetime | None = None
@@ -168,9 +171,10 @@ class LimitsService:
                  out_per_token: int = 1) -> list[Applied]:
         plan = assignment.plan
         limits = plan.limits_for(model.name) if model else plan.limits
+        credits = plan.terms.credits_per_token(model.tier) if model else 1
         out: list[Applied] = []
         for limit in limits:
-            fixed, per_out = _charges(limit, model, prompt_tokens, out_per_token)
+            fixed, per_out = _charges(limit, model, prompt_tokens, out_per_token, credits)
             if fixed is None:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
@@ -231,15 +235,24 @@ class LimitsService:
         now = self.clock()
         assignment = self.plans.plan_of(end_user_id)
         plan = assignment.plan
+        if not plan.terms.allows_tier(model.tier):
+            err = PermissionDeniedError(
+                f"Model {model.name!r} is in tier {model.tier!r}, which plan {plan.id!r} does "
+                f"not include (it may call: {', '.join(plan.terms.tiers or ())}).",
+                param="model")
+            err.openai_code = "model_not_in_plan"
+            raise err
         if want_out is None:
             want_out = plan.default_max_output_tokens
         applied = self._applied(app_id, end_user_id, assignment, model, now,
                                 prompt_tokens=prompt_tokens, out_per_token=out_per_token)
         lease_id = f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
         bounded = any(a.check.per_out > 0 for a in applied)
+        credits = plan.terms.credits_per_token(model.tier)
         lease = Lease(lease_id, plan, model.name, applied, want_out if bounded else None, now,
+                      credits_per_token=credits,
                       meta={"app_id": app_id, "end_user_id": end_user_id, "model": model.name,
-                            "plan": plan.id, "request_id": request_id})
+                            "plan": plan.id, "request_id": request_id, "w": credits})
         if not applied and not keep:
             return lease
         tags = lease.tags or [user_tag(app_id, end_user_id)]
@@ -341,8 +354,7 @@ class LimitsService:
             lease.done = True
             return "settled" if usage is not None else "released"
         lease.done = True
-        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
-        return self._settle_batch([(lease, actual)])[0]
+        return self._settle_batch([(lease, _actual(lease, usage, cost_pico))])[0]
 
     def settle_soon(self, lease: Lease, usage: TokenUsage | None,
                     cost_pico: int | None) -> None:
@@ -352,7 +364,7 @@ class LimitsService:
             lease.done = True
             return
         lease.done = True
-        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
+        actual = _actual(lease, usage, cost_pico)
         if not self.store.batches:
             # One settle per round trip (a SQL transaction, a cluster): settle each on its own
             # so that a backlog can never hold reservations past their lease time.
@@ -428,10 +440,11 @@ class LimitsService:
         return None
 
     def settle_by_id(self, lease_id: str, tags: list[str], usage: TokenUsage | None,
-                     cost_pico: int | None) -> Settlement:
+                     cost_pico: int | None, *, credits_per_token: int = 1) -> Settlement:
         """Settle (or, with no usage, release) a lease known only by id: the metering API."""
         now = self.clock()
-        actual = None if usage is None else Actual(usage.total_tokens, cost_pico or 0)
+        actual = None if usage is None else Actual(
+            usage.total_tokens, cost_pico or 0, usage.total_tokens * credits_per_token)
         first: Settlement | None = None
         for tag in tags:
             with store_down_is_503():
@@ -484,7 +497,8 @@ class LimitsService:
         assignment = self.plans.plan_of(end_user_id)
         applied = self._applied(app_id, end_user_id, assignment, model, now,
                                 prompt_tokens=usage.input_tokens)
-        actual = Actual(usage.total_tokens, cost_pico or 0)
+        actual = Actual(usage.total_tokens, cost_pico or 0,
+                        usage.total_tokens * assignment.plan.terms.credits_per_token(model.tier))
         fresh = True
         for tag in dict.fromkeys(a.tag for a in applied):
             group = [a.check for a in applied if a.tag == tag]
@@ -494,12 +508,20 @@ class LimitsService:
         return fresh
 
 
+def _actual(lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> Actual | None:
+    if usage is None:
+        return None
+    return Actual(usage.total_tokens, cost_pico or 0, usage.total_tokens * lease.credits_per_token)
+
+
 def _charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
-             out_per_token: int) -> tuple[int | None, int]:
+             out_per_token: int, credits_per_token: int = 1) -> tuple[int | None, int]:
     """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
     limit cannot apply (a cost limit on a model without a price)."""
     if limit.metric == "tokens":
         return prompt_tokens, out_per_token
+    if limit.metric == "credits":
+        return prompt_tokens * credits_per_token, out_per_token * credits_per_token
     if limit.metric == "cost_usd":
         if model is None:
             return 0, 0

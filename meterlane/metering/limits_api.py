@@ -124,7 +124,8 @@ def settle() -> Response:
     usage = TokenUsage(**args["usage"])
     model = _model(meta["model"])
     cost = cost_or_none(usage, model.price)
-    result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost)
+    result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost,
+                                          credits_per_token=int(meta.get("w", 1)))
     if result.outcome == "expired":
         raise ConflictError(f"Lease {lease_id} expired before it was settled, and its "
                             "reservation was returned. Record the call with POST "
@@ -132,8 +133,9 @@ def settle() -> Response:
     if result.outcome == "already_released":
         raise ConflictError(f"Lease {lease_id} was released; it cannot be settled.",
                             code="lease_released")
-    if result.outcome == "already_settled" and result.actual != {
-            "tokens": usage.total_tokens, "cost": cost or 0}:
+    recorded = result.actual or {}
+    if result.outcome == "already_settled" and (recorded.get("tokens"), recorded.get("cost")) != (
+            usage.total_tokens, cost or 0):
         raise ConflictError(f"Lease {lease_id} was already settled with other usage.",
                             code="lease_settled")
     wiring().metering.record_direct(

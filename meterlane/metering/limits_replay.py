@@ -61,7 +61,9 @@ def count_event(service: LimitsService, row: Any) -> None:
         row.requested_model, row.upstream or "", row.upstream_model or "")
     applied = service._applied(row.app_id, row.end_user_id, assignment, model,
                             row.created_at, prompt_tokens=row.input_tokens)
-    actual = Actual(row.input_tokens + row.output_tokens, row.cost_pico_usd or 0)
+    tokens = row.input_tokens + row.output_tokens
+    actual = Actual(tokens, row.cost_pico_usd or 0,
+                    tokens * assignment.plan.terms.credits_per_token(model.tier))
     for tag in dict.fromkeys(a.tag for a in applied):
         group = [a.check for a in applied if a.tag == tag]
         with store_errors():
@@ -108,7 +110,7 @@ def rebuild(service: LimitsService, progress: Callable[[int], None] | None = Non
             rows = by_user.get((app_id, end_user_id), []) if a.limit.scope == "user" \
                 else by_app.get(app_id, [])
             target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
-            target.extend(_rebuilt(a, assignment, rows, now))
+            target.extend(_rebuilt(a, assignment, rows, now, service.models))
         with store_errors():
             service.store.overwrite(user_tag(app_id, end_user_id), values,
                                  now_ms=epoch_ms(now))
@@ -123,15 +125,23 @@ def rebuild(service: LimitsService, progress: Callable[[int], None] | None = Non
     return done
 
 
-def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any],
-             now: datetime) -> list[tuple[Check, int]]:
+def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any], now: datetime,
+             models: dict[str, ModelConfig]) -> list[tuple[Check, int]]:
     """The values a check's counter should hold, from ledger rows."""
+    terms = assignment.plan.terms
+
+    def credits_of(model: str) -> int:
+        config = models.get(model)
+        return terms.credits_per_token(config.tier if config else "standard")
+
     limit, check = a.limit, a.check
     rows = [r for r in rows if limit.applies_to(r.requested_model) and r.usage_source != "none"]
 
     def amount(r: Any) -> int:
         if limit.metric == "tokens":
             return int(r.input_tokens + r.output_tokens)
+        if limit.metric == "credits":
+            return int(r.input_tokens + r.output_tokens) * credits_of(r.requested_model)
         if limit.metric == "cost_usd":
             return int(r.cost_pico_usd or 0)
         return 1

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def unit_of(limit: LimitSpec) -> str:
-    return {"tokens": "tokens", "requests": "requests", "cost_usd": "USD",
+    return {"tokens": "tokens", "credits": "credits", "requests": "requests", "cost_usd": "USD",
             "concurrent": "concurrent requests"}[limit.metric] + (
         f" per {limit.window.spec}" if limit.window.kind != "none" else "")
 

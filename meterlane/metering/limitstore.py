@@ -38,7 +38,8 @@ class Check:
 
     key: str             # the counter, unique within its tag
     kind: str            # counter | gauge | rolling | bucket
-    metric: str          # what settles it: t(okens), r(equests), c(ost), g(auge)
+    metric: str          # what settles it: t(okens), w(eighted tokens: credits), r(equests),
+    #                      c(ost), g(auge)
     amount: int          # the limit
     fixed: int           # charge that does not depend on output tokens (prompt, 1 request)
     per_out: int         # charge per output token
@@ -74,11 +75,14 @@ class Actual:
 
     tokens: int
     cost: int = 0
+    credits: int | None = None  # tokens x the credit multiplier of the model's tier
 
     def charge(self, check: dict[str, Any] | Check, charged: int) -> int:
         metric = check["metric"] if isinstance(check, dict) else check.metric
         if metric == "t":
             return self.tokens
+        if metric == "w":
+            return self.tokens if self.credits is None else self.credits
         if metric == "c":
             return self.cost
         if metric == "r":
@@ -360,7 +364,8 @@ class SqlLimitStore:
                 real = actual.charge(ch, ch["charged"]) if actual else 0
                 counters.apply(ch, ch["slot"], real - ch["charged"])
             if actual is not None:
-                recorded = {"tokens": actual.tokens, "cost": actual.cost}
+                recorded = {"tokens": actual.tokens, "cost": actual.cost,
+                            "credits": actual.charge({"metric": "w"}, 0)}
             outcome = "settled" if actual is not None else "released"
             if remember_ms <= 0:
                 conn.execute(text("DELETE FROM limit_leases WHERE tag = :t AND id = :i"),

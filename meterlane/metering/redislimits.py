@@ -43,7 +43,8 @@ def _settlement(raw: bytes) -> Settlement:
 
 
 def _actual(actual: Actual) -> bytes:
-    return orjson.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost)})
+    return orjson.dumps({"tokens": str(actual.tokens), "cost": str(actual.cost),
+                         "credits": str(actual.charge({"metric": "w"}, 0))})
 
 
 class _Lane:

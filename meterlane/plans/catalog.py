@@ -10,20 +10,23 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from meterlane.core.config import Config, ConfigError
+from meterlane.plans.terms import TERM_KEYS, Terms, parse_terms
 from meterlane.plans.windows import Window, WindowError, parse_window
 
-METRICS = ("tokens", "requests", "cost_usd", "concurrent")
+# credits: tokens times the credit multiplier of the model's tier (1 unless the plan says)
+METRICS = ("tokens", "credits", "requests", "cost_usd", "concurrent")
 SCOPES = ("user", "app")
 ON_LIMIT = ("clip", "reject")
 ON_STORE_FAILURE = ("closed", "open")
 # Far beyond any real quota, and small enough that every counter stays exact in a double
 # (Redis scripts compute in doubles): 2**53 pico-USD is about 9,007 USD.
-MAX_AMOUNT = {"tokens": 10**15, "requests": 10**12, "concurrent": 10**6}
+MAX_AMOUNT = {"tokens": 10**15, "credits": 10**15, "requests": 10**12, "concurrent": 10**6}
 MAX_COST_USD = Decimal(9000)
 PICO_PER_USD = 10**12
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 _PLAN_KEYS = {"id", "name", "default", "on_limit", "on_store_failure", "timezone",
-              "default_max_output_tokens", "limits"}
+              "default_max_output_tokens", "limits"} | TERM_KEYS
+ALLOWANCE_ID = "allowance"  # the limit a plan's `allowance` becomes
 _LIMIT_KEYS = {"id", "metric", "window", "amount", "model", "scope", "timezone"}
 
 
@@ -59,6 +62,16 @@ class Plan:
     timezone: str = "UTC"
     default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     limits: tuple[LimitSpec, ...] = field(default=())
+    terms: Terms = field(default_factory=Terms)
+
+    @property
+    def version(self) -> int:
+        return self.terms.version
+
+    @property
+    def ref(self) -> str:
+        """The plan version as one string: "pro@2"."""
+        return f"{self.id}@{self.terms.version}"
 
     def limits_for(self, model: str) -> tuple[LimitSpec, ...]:
         return tuple(limit for limit in self.limits if limit.applies_to(model))
@@ -66,40 +79,57 @@ class Plan:
 
 @dataclass(frozen=True)
 class Catalog:
+    """Every version of every plan. A plan id's current version is its highest: what new
+    subscribers get; older versions stay for the subscribers who bought them."""
+
     plans: tuple[Plan, ...] = ()
 
     @property
     def enabled(self) -> bool:
-        """Limits are on when any plan has one."""
-        return any(plan.limits for plan in self.plans)
+        """The limits engine is on when any plan has a limit (an allowance is one) or
+        restricts the model tiers it may call."""
+        return any(plan.limits or plan.terms.tiers is not None for plan in self.plans)
+
+    @property
+    def current(self) -> tuple[Plan, ...]:
+        latest: dict[str, Plan] = {}
+        for plan in self.plans:
+            if plan.id not in latest or plan.version > latest[plan.id].version:
+                latest[plan.id] = plan
+        return tuple(latest.values())
 
     @property
     def default(self) -> Plan | None:
-        for plan in self.plans:
-            if plan.default:
+        for plan in self.current:
+            if any(p.default for p in self.plans if p.id == plan.id):
                 return plan
         return None
 
-    def get(self, plan_id: str) -> Plan | None:
-        for plan in self.plans:
-            if plan.id == plan_id:
-                return plan
-        return None
+    def get(self, plan_id: str, version: int | None = None) -> Plan | None:
+        """That version of the plan, or with no version its current one."""
+        found = [p for p in self.plans if p.id == plan_id
+                 and (version is None or p.version == version)]
+        return max(found, key=lambda p: p.version) if found else None
 
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
-        return parse_plans(config.plans_raw, config.config_text, config.model_names)
+        tiers = frozenset(m.tier for m in config.models)
+        return parse_plans(config.plans_raw, config.config_text, config.model_names, tiers)
 
 
 def parse_plans(tables: tuple[dict[str, Any], ...], text: str = "",
-                models: frozenset[str] | None = None) -> Catalog:
+                models: frozenset[str] | None = None,
+                tiers: frozenset[str] | None = None) -> Catalog:
     where = _Where(text)
-    plans = tuple(_plan(table, where, models) for table in tables)
-    ids = [p.id for p in plans]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    plans = tuple(_plan(table, where, models, tiers, i) for i, table in enumerate(tables))
+    refs = [p.ref for p in plans]
+    dupes = sorted({r for r in refs if refs.count(r) > 1})
     if dupes:
-        raise ConfigError(where.at("id", dupes[0], f"plan ids must be unique: {dupes[0]!r}"))
-    defaults = [p.id for p in plans if p.default]
+        plan_id = dupes[0].split("@")[0]
+        raise ConfigError(where.at("id", plan_id, f"plan {plan_id!r} has version "
+                                   f"{dupes[0].split('@')[1]} twice: give each version its "
+                                   "own number"))
+    defaults = sorted({p.id for p in plans if p.default})
     if len(defaults) > 1:
         raise ConfigError(f"only one plan may be the default; {defaults} all say default = true")
     if plans and not defaults:
@@ -118,6 +148,17 @@ class _Where:
         line = self.line_of(key, value, after)
         return f"line {line}: {message}" if line else message
 
+    def table_start(self, name: str, index: int) -> int:
+        """The line of the index-th [[name]] header (0: not found)."""
+        header = re.compile(rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]")
+        seen = -1
+        for number, line in enumerate(self.lines, start=1):
+            if header.match(line):
+                seen += 1
+                if seen == index:
+                    return number
+        return 0
+
     def line_of(self, key: str, value: Any, after: int = 0) -> int:
         shown = f'"{value}"' if isinstance(value, str) else str(value)
         pattern = re.compile(rf"(^|[{{,\s]){re.escape(key)}\s*=\s*{re.escape(shown)}")
@@ -129,12 +170,13 @@ class _Where:
         return 0
 
 
-def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None) -> Plan:
+def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
+          tiers: frozenset[str] | None = None, index: int = 0) -> Plan:
     plan_id = table.get("id")
     if not isinstance(plan_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", plan_id):
         raise ConfigError(where.at("id", plan_id, f"[[plans]] id must be 1-64 letters, digits, "
                                    f"'_', '-' or '.', got {plan_id!r}"))
-    start = where.line_of("id", plan_id)
+    start = where.table_start("plans", index) or where.line_of("id", plan_id)
     ctx = f"plan {plan_id!r}"
 
     def fail(key: str, value: Any, message: str) -> ConfigError:
@@ -164,9 +206,17 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None) -
     name = table.get("name", plan_id)
     if not isinstance(name, str):
         raise fail("name", name, "name must be a string")
+    terms = parse_terms(table, fail, tiers)
+    if terms.allowance is not None:
+        if ALLOWANCE_ID in ids:
+            raise fail("id", ALLOWANCE_ID, f"limit id {ALLOWANCE_ID!r} is the plan's "
+                       "allowance: name the limit otherwise")
+        # Monthly from the billing anchor, on annual plans too (they grant it monthly).
+        limits += (LimitSpec(id=ALLOWANCE_ID, metric="credits",
+                             window=parse_window("cycle", tz), amount=terms.allowance),)
     return Plan(id=plan_id, name=name, default=default, on_limit=on_limit,
                 on_store_failure=on_failure, timezone=tz, default_max_output_tokens=default_out,
-                limits=limits)
+                limits=limits, terms=terms)
 
 
 def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,

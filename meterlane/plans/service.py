@@ -42,7 +42,8 @@ class PlanService:
         if hit is not None and hit[0] > now:
             return hit[1]
         with self.engine.connect() as conn:
-            row = conn.execute(select(EndUserPlan.plan_id, EndUserPlan.anchored_at).where(
+            row = conn.execute(select(EndUserPlan.plan_id, EndUserPlan.anchored_at,
+                                      EndUserPlan.plan_version).where(
                 EndUserPlan.end_user_id == end_user_id)).first()
             created = None if row else conn.execute(select(EndUser.created_at).where(
                 EndUser.id == end_user_id)).scalar_one_or_none()
@@ -58,7 +59,8 @@ class PlanService:
         if row is not None:
             plan_id: str = row[0]
             anchored: datetime = row[1]
-            plan = self.catalog.get(plan_id)
+            # The version the user bought; if the config no longer has it, the current one.
+            plan = self.catalog.get(plan_id, row[2]) or self.catalog.get(plan_id)
             if plan is not None:
                 return Assignment(plan, anchored, True)
             # A plan removed from the config: its users fall back to the default plan.
@@ -67,21 +69,26 @@ class PlanService:
         return Assignment(default, created or utcnow(), False)
 
     def assign(self, app_id: int, end_user_id: int, plan_id: str,
-               anchored_at: datetime | None = None) -> Assignment:
-        plan = self.catalog.get(plan_id)
+               anchored_at: datetime | None = None, version: int | None = None) -> Assignment:
+        """Put an end user on a plan version (with none, the plan's current version)."""
+        plan = self.catalog.get(plan_id, version)
         if plan is None:
-            known = ", ".join(p.id for p in self.catalog.plans) or "none"
-            raise InvalidRequestError(f"Unknown plan {plan_id!r}; the plans are: {known}.",
-                                      param="plan")
+            known = ", ".join(p.ref for p in self.catalog.plans) or "none"
+            what = f"plan {plan_id!r}" + (f" version {version}" if version else "")
+            raise InvalidRequestError(f"Unknown {what}; the plans are: {known}.", param="plan")
+        if plan.terms.retired:
+            raise InvalidRequestError(f"Plan {plan.ref} is retired: it keeps its subscribers "
+                                      "but takes no new ones.", param="plan")
         now = utcnow()
         anchor = anchored_at or now
         values = {"end_user_id": end_user_id, "app_id": app_id, "plan_id": plan_id,
-                  "anchored_at": anchor, "updated_at": now}
+                  "plan_version": plan.version, "anchored_at": anchor, "updated_at": now}
         with self.engine.begin() as conn:
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
             stmt = dialect.insert(EndUserPlan).values(**values)
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["end_user_id"],
-                set_={"plan_id": plan_id, "anchored_at": anchor, "updated_at": now}))
+                set_={"plan_id": plan_id, "plan_version": plan.version, "anchored_at": anchor,
+                      "updated_at": now}))
         self._cache.pop(end_user_id, None)
         return Assignment(plan, anchor, True)

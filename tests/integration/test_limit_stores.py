@@ -110,7 +110,8 @@ def test_settle_and_release_are_idempotent_per_lease(store: Any) -> None:
     reserve(store, checks, lease="ls_b")
     store.settle("u1.1", "ls_a", Actual(tokens=30), now_ms=T0)
     again = store.settle("u1.1", "ls_a", Actual(tokens=30), now_ms=T0)
-    assert again.outcome == "already_settled" and again.actual == {"tokens": 30, "cost": 0}
+    assert again.outcome == "already_settled" and again.actual == {"tokens": 30, "cost": 0,
+                                                              "credits": 30}
     assert store.settle("u1.1", "ls_b", None, now_ms=T0).outcome == "released"
     assert store.settle("u1.1", "ls_b", None, now_ms=T0).outcome == "already_released"
     assert store.settle("u1.1", "ls_b", Actual(tokens=5), now_ms=T0).outcome == "already_released"

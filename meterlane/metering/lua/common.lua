@@ -128,6 +128,7 @@ end
 -- what a request counts (its reservation, or 1 for a tracked call).
 local function charge_of(ch, actual, ran)
   if ch.metric == 't' then return tonumber(actual.tokens) end
+  if ch.metric == 'w' then return tonumber(actual.credits or actual.tokens) end
   if ch.metric == 'c' then return tonumber(actual.cost) end
   if ch.metric == 'r' then return ran end
   return 0

@@ -121,7 +121,7 @@ def test_the_line_named_is_in_the_right_plan(tmp_path: Path) -> None:
     ('[[plans]]\nid = "a"\n', "default = true"),
     ('[[plans]]\nid = "a"\ndefault = true\n[[plans]]\nid = "b"\ndefault = true\n',
      "only one plan"),
-    ('[[plans]]\nid = "a"\ndefault = true\n[[plans]]\nid = "a"\n', "unique"),
+    ('[[plans]]\nid = "a"\ndefault = true\n[[plans]]\nid = "a"\n', "version 1 twice"),
     ('[[plans]]\nid = "a"\ndefault = true\non_limit = "maybe"\n', "on_limit"),
     ('[[plans]]\nid = "a"\ndefault = true\ntimezone = "Mars/Olympus"\n[[plans.limits]]\n'
      'metric = "tokens"\nwindow = "day"\namount = 5\n', "Mars/Olympus"),
