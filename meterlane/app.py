@@ -26,12 +26,14 @@ from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
 from meterlane.gateway.service import GatewayService
 from meterlane.gateway.upstream import UpstreamClient
+from meterlane.metering.accrual import AccrualService
 from meterlane.metering.ledger import LedgerWriter
 from meterlane.metering.limits import LimitsService
 from meterlane.metering.limitstore import LimitStore, SqlLimitStore
 from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
 from meterlane.plans.catalog import Catalog
+from meterlane.plans.credits import CreditsService
 from meterlane.plans.service import PlanService
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class Wiring:
     gateway: GatewayService
     metrics: Metrics
     redis: Any | None
+    credits: CreditsService
+    accrual: AccrualService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -112,13 +116,17 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
         except PlanChangedError as exc:
             raise ConfigError(str(exc)) from exc
     plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
+    credits = CreditsService(engine, cache_seconds=config.key_cache_seconds)
     limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
-                           config.models, lease_seconds=config.lease_seconds)
+                           config.models, lease_seconds=config.lease_seconds,
+                           extra_allowance=credits.extra_allowance)
+    accrual = AccrualService(engine, credits, plans, config.models)
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
-                  plans=plans, gateway=gateway, metrics=metrics, redis=redis_client)
+                  plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
+                  credits=credits, accrual=accrual)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
@@ -145,11 +153,12 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.core.api import bp as keys_bp
     from meterlane.gateway.api import bp as gateway_bp
     from meterlane.metering.api import bp as metering_bp
+    from meterlane.metering.credits_api import bp as credits_bp
     from meterlane.metering.limits_api import bp as limits_bp
     from meterlane.ops import bp as ops_bp
     from meterlane.plans.api import bp as plans_bp
 
-    for bp in (gateway_bp, keys_bp, metering_bp, limits_bp, plans_bp, ops_bp):
+    for bp in (gateway_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp, ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

@@ -252,6 +252,26 @@ def plans_publish() -> None:
                "nothing to publish: every plan version is published as it is")
 
 
+@main.group()
+def credits() -> None:
+    """Credits: usage past plan allowances, burned from grants or billed as overage."""
+
+
+@credits.command("accrue")
+def credits_accrue() -> None:
+    """Account recent usage of every end user against allowance, credits and overage."""
+    from meterlane.core.db import utcnow
+
+    wiring = _wiring()
+
+    def progress(n: int) -> None:
+        if n % 1000 == 0:
+            click.echo(f"  {n} end users accounted", err=True)
+
+    done = wiring.accrual.accrue_all(utcnow(), progress)
+    click.echo(f"accounted {done} usage events")
+
+
 def _plan_summary(plan: Any) -> str:
     from meterlane.plans.terms import format_minor
 

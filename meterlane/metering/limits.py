@@ -35,7 +35,7 @@ from meterlane.metering.limits_text import quota_headers, shown, unit_of, utc_is
 from meterlane.metering.limitstore import Actual, Check, CheckState, LimitStore, Settlement
 from meterlane.metering.models import LimitRefusal
 from meterlane.metering.pricing import TokenUsage, output_rate, rate_of
-from meterlane.plans.catalog import Catalog, LimitSpec, Plan
+from meterlane.plans.catalog import ALLOWANCE_ID, Catalog, LimitSpec, Plan
 from meterlane.plans.service import Assignment, PlanService
 from meterlane.plans.windows import (
     Window,
@@ -51,6 +51,9 @@ COUNTER_GRACE_MS = 60_000
 SETTLE_BATCH = 64
 METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
                "concurrent": "g"}
+
+
+ExtraAllowance = Callable[[int, Assignment, datetime], int]
 
 
 class LimitStoreUnavailableError(Exception):
@@ -145,7 +148,8 @@ def counter_key(limit: LimitSpec) -> str:
 class LimitsService:
     def __init__(self, catalog: Catalog, store: LimitStore, plans: PlanService, engine: Engine,
                  models: tuple[ModelConfig, ...] = (), *, lease_seconds: int = 600,
-                 clock: Callable[[], datetime] = now_utc) -> None:
+                 clock: Callable[[], datetime] = now_utc,
+                 extra_allowance: ExtraAllowance | None = None) -> None:
         self.catalog = catalog
         self.models = {m.name: m for m in models}
         self.store = store
@@ -153,6 +157,8 @@ class LimitsService:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.clock = clock
+        # How far past its plan's allowance an end user may go (credits, overage); None: not
+        self.extra_allowance = extra_allowance
         self._periods: dict[tuple[int, datetime | None], tuple[int, int, str, int]] = {}
         self._queue: deque[tuple[Lease, Actual | None]] = deque()
         self._draining = False
@@ -178,29 +184,42 @@ class LimitsService:
             if fixed is None:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
-            check = self._check(limit, assignment, now, fixed, per_out)
+            amount = limit.amount
+            if limit.id == ALLOWANCE_ID:
+                amount += self._extra(end_user_id, assignment, now)
+            check = self._check(limit, assignment, now, fixed, per_out, amount)
             out.append(Applied(limit, tag, check))
         return out
 
+    def _extra(self, end_user_id: int, assignment: Assignment, now: datetime) -> int:
+        if self.extra_allowance is None:
+            return 0
+        try:
+            return self.extra_allowance(end_user_id, assignment, now)
+        except OperationalError:  # the database is down: the allowance alone, never more
+            log.exception("could not read the credits of end user %s", end_user_id)
+            return 0
+
     def _check(self, limit: LimitSpec, assignment: Assignment, now: datetime, fixed: int,
-               per_out: int) -> Check:
+               per_out: int, amount: int | None = None) -> Check:
         w: Window = limit.window
         code = METRIC_CODE[limit.metric]
+        amount = limit.amount if amount is None else amount
         if w.kind in ("calendar", "cycle"):
             key, expires = self._period_key(limit, assignment, now)
-            return Check(key=key, kind="counter", metric=code, amount=limit.amount,
+            return Check(key=key, kind="counter", metric=code, amount=amount,
                          fixed=fixed, per_out=per_out, expires_ms=expires)
         key = counter_key(limit)
         if w.kind == "rolling":
             slots = rolling_slots(w, now)
-            return Check(key=key, kind="rolling", metric=code, amount=limit.amount, fixed=fixed,
+            return Check(key=key, kind="rolling", metric=code, amount=amount, fixed=fixed,
                          per_out=per_out, slot_ms=slots.size * 1000, slots=slots.count,
                          slot=slots.current)
         if w.kind == "bucket":
             refill, interval_ms = bucket_params(w)
-            return Check(key=key, kind="bucket", metric=code, amount=limit.amount, fixed=fixed,
+            return Check(key=key, kind="bucket", metric=code, amount=amount, fixed=fixed,
                          per_out=per_out, refill=refill, interval_ms=interval_ms)
-        return Check(key=key, kind="gauge", metric=code, amount=limit.amount, fixed=fixed,
+        return Check(key=key, kind="gauge", metric=code, amount=amount, fixed=fixed,
                      per_out=per_out)
 
     def _period_key(self, limit: LimitSpec, assignment: Assignment,
@@ -313,13 +332,13 @@ class LimitsService:
         rate = limit.is_rate
         unit = unit_of(limit)
         detail = (f"{'Rate limit' if rate else 'Quota'} {limit.id!r} of plan {lease.plan.id!r} "
-                  f"reached: {shown(limit, used)} of {shown(limit, limit.amount)} {unit} used"
+                  f"reached: {shown(limit, used)} of {shown(limit, hit.check.amount)} {unit} used"
                   + (f"; resets at {utc_iso(resets)}" if resets else
                      "; frees up as running calls end") + ".")
         info: dict[str, Any] = {
             "limit": {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
                       "scope": limit.scope, "model": limit.model,
-                      "used": value_of(limit, used), "limit": value_of(limit, limit.amount),
+                      "used": value_of(limit, used), "limit": value_of(limit, hit.check.amount),
                       "resets_at": utc_iso(resets) if resets else None},
             "plan": lease.plan.id}
         headers: dict[str, str] = {}

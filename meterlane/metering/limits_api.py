@@ -31,7 +31,7 @@ from meterlane.metering.schemas import (
     TrackRequestSchema,
 )
 from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
-from meterlane.plans.catalog import LimitSpec
+from meterlane.plans.catalog import ALLOWANCE_ID, LimitSpec
 
 bp = Blueprint("limits", __name__, url_prefix="/v1")
 
@@ -59,11 +59,15 @@ def _model(name: str) -> ModelConfig:
 
 def _limit_state(limit: LimitSpec, used: int, remaining: int,
                  resets_at: datetime | None) -> dict[str, Any]:
-    return {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
-            "scope": limit.scope, "model": limit.model,
-            "kind": "rate" if limit.is_rate else "quota", "used": value_of(limit, used),
-            "remaining": value_of(limit, max(0, remaining)),
-            "limit": value_of(limit, limit.amount), "resets_at": utc_iso(resets_at)}
+    state = {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
+             "scope": limit.scope, "model": limit.model,
+             "kind": "rate" if limit.is_rate else "quota", "used": value_of(limit, used),
+             "remaining": value_of(limit, max(0, remaining)),
+             # what the engine enforces: the allowance grows by credits and overage
+             "limit": value_of(limit, used + remaining), "resets_at": utc_iso(resets_at)}
+    if limit.id == ALLOWANCE_ID:
+        state["included"] = limit.amount
+    return state
 
 
 def _applied_states(applied: list[Applied], now: datetime) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
+from meterlane.plans.credits import DEFAULT_PRIORITY, MAX_GRANT
+
 # A '+' in a query string arrives as a space: "...T10:00:00 02:00" means +02:00.
 _ZONE_SPACE = re.compile(r" (\d\d:?\d\d)$")
 
@@ -116,7 +118,11 @@ class LimitStateSchema(Schema):
     kind = fields.String(metadata={"description": "quota (402 when spent) or rate (429)"})
     used = fields.Raw(metadata={"description": "Integer, or a decimal USD string for cost_usd"})
     remaining = fields.Raw()
-    limit = fields.Raw()
+    limit = fields.Raw(metadata={"description": "What is enforced now: for the allowance, "
+                                 "the plan's included credits plus the credits and overage "
+                                 "that may follow them"})
+    included = fields.Integer(metadata={"description": "The allowance only: credits the plan "
+                                        "includes per billing cycle"})
     resets_at = fields.String(allow_none=True, metadata={
         "description": "When it frees up (UTC, RFC 3339); null for concurrency"})
 
@@ -173,3 +179,44 @@ class QuotaSchema(Schema):
     plan = fields.Dict()
     limits = fields.List(fields.Nested(LimitStateSchema))
 
+
+# -- credits ----------------------------------------------------------------------------
+
+class GrantRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    amount = fields.Integer(required=True, strict=True,
+                            validate=validate.Range(min=1, max=MAX_GRANT))
+    source = fields.String(required=True, validate=validate.OneOf(("promotion", "refund",
+                                                                   "topup")))
+    external_id = fields.String(required=True, validate=validate.Length(min=1, max=200),
+                                metadata={"description": "Your id for the grant: the same id "
+                                          "twice grants once"})
+    priority = fields.Integer(strict=True, load_default=DEFAULT_PRIORITY,
+                              validate=validate.Range(min=0, max=10_000),
+                              metadata={"description": "Lower burns first"})
+    expires_at = fields.AwareDateTime(allow_none=True, load_default=None)
+    note = fields.String(allow_none=True, load_default=None,
+                         validate=validate.Length(max=500))
+
+
+class GrantSchema(Schema):
+    id = fields.Integer()
+    source = fields.String()
+    amount = fields.Integer()
+    remaining = fields.Integer()
+    priority = fields.Integer()
+    granted_at = fields.String()
+    expires_at = fields.String(allow_none=True)
+    state = fields.String(metadata={"description": "live, spent, expired or pending"})
+
+
+class CreditsSchema(Schema):
+    object = fields.Constant("credits")
+    user = fields.String()
+    balance = fields.Integer(metadata={"description": "Credits usable now"})
+    granted = fields.Integer()
+    burned = fields.Integer()
+    expired = fields.Integer()
+    grants = fields.List(fields.Nested(GrantSchema))

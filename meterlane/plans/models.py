@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from meterlane.core.db import Base
+from meterlane.core.db import Base, BigIntPK
 
 
 class EndUserPlan(Base):
@@ -34,3 +34,61 @@ class PlanVersion(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     content: Mapped[str] = mapped_column(Text)  # JSON, as terms.content_of
     published_at: Mapped[datetime]
+
+
+class CreditGrant(Base):
+    """Credits given to an end user: a top-up, a promotion, a refund or rolled-over allowance.
+    Append-only: the balance is derived from grants, burns and expiry."""
+
+    __tablename__ = "credit_grants"
+    __table_args__ = (UniqueConstraint("app_id", "external_id"),
+                      Index("ix_credit_grants_user", "end_user_id", "granted_at"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # credits
+    source: Mapped[str] = mapped_column(String(16))  # topup | promotion | refund | rollover
+    priority: Mapped[int]                             # lower burns first
+    granted_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    external_id: Mapped[str] = mapped_column(String(200))  # idempotency key of the grant
+    note: Mapped[str | None] = mapped_column(String(500))
+
+
+class CreditBurn(Base):
+    """Credits of a grant spent by one usage event (past the plan's allowance)."""
+
+    __tablename__ = "credit_burns"
+    __table_args__ = (UniqueConstraint("usage_event_id", "grant_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("credit_grants.id"), index=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    usage_event_id: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    burned_at: Mapped[datetime]  # when the usage happened
+
+
+class CreditOverage(Base):
+    """Credits one usage event used past the allowance and every credit: billed as overage."""
+
+    __tablename__ = "credit_overages"
+
+    usage_event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), index=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int]
+    credits: Mapped[int] = mapped_column(BigInteger)
+    happened_at: Mapped[datetime]
+
+
+class CreditCursor(Base):
+    """How far an end user's usage has been accounted against allowance and credits."""
+
+    __tablename__ = "credit_cursors"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    cycle_start: Mapped[datetime | None]  # the billing cycle cycle_used belongs to
+    cycle_used: Mapped[int] = mapped_column(BigInteger)  # credits used in that cycle

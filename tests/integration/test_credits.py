@@ -1,0 +1,176 @@
+"""Credits end to end: grants through the API (once per external id), calls past the
+allowance burning them, overage up to the spend cap, rollover at the end of a billing cycle;
+the balances checked against the ledger, on both limit stores."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from meterlane.plans.models import CreditGrant, CreditOverage
+from tests.conftest import Keys, bearer, config_from_toml
+from tests.integration.test_limits_gateway import NOW, Clock, ClosingClient, chat, ledger, quota
+from tests.integration.test_plan_terms import tiered_toml
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.integration
+CHAT = "/v1/chat/completions"
+
+PLANS = """
+[[plans]]
+id = "basic"
+default = true
+allowance = 100
+
+[[plans]]
+id = "metered"
+price = { amount = 1000, currency = "usd", interval = "month" }
+allowance = 100
+overage = { price_per_1m_tokens = 1000, spend_cap = 1 }   # 1 cent buys 1,000 credits
+rollover_cap = 50
+credit_multipliers = { frontier = 3 }
+"""
+
+
+@pytest.fixture(params=["sql", "redis"])
+def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream: FakeUpstream,
+        tmp_path: Path) -> Any:
+    from meterlane.app import create_app
+
+    toml = tiered_toml(upstream.base_url).split("[[plans]]")[0] + PLANS
+    config = config_from_toml(toml, tmp_path, database_url=pg_url)
+    if request.param == "redis":
+        config = replace(config, redis_url=request.getfixturevalue("redis_server"),
+                         redis_prefix=f"mlt-{uuid.uuid4().hex[:8]}:")
+    app = create_app(config)
+    w = app.extensions["wiring"]
+    clock = Clock()
+    w.limits.clock = w.gateway.clock = w.metering.clock = w.credits.clock = clock
+    app.clock = clock  # type: ignore[attr-defined]
+    app.test_client_class = ClosingClient
+    yield app
+    w.engine.dispose()
+
+
+@pytest.fixture()
+def keys(app: Any) -> Keys:
+    from meterlane.core.auth import Role
+
+    service = app.extensions["wiring"].keys
+    return Keys(app=service.create_key(Role.APP, "acme").key,
+                other_app=service.create_key(Role.APP, "globex").key,
+                admin=service.create_key(Role.ADMIN, None).key,
+                finance=service.create_key(Role.FINANCE, "acme").key)
+
+
+def track(client: Any, key: str, user: str, tokens: int, ref: str, model: str = "gpt-4o-mini"
+          ) -> None:
+    resp = client.post("/v1/meter/track", json={
+        "user": user, "model": model, "usage": {"input_tokens": tokens, "output_tokens": 0},
+        "idempotency_key": ref}, headers=bearer(key))
+    assert resp.status_code in (200, 201), resp.data
+
+
+def grant(client: Any, key: str, user: str, amount: int, ref: str, **extra: Any) -> Any:
+    return client.post(f"/v1/users/{user}/credits/grants", headers=bearer(key), json={
+        "amount": amount, "source": "promotion", "external_id": ref, **extra})
+
+
+def credits(client: Any, key: str, user: str = "alice") -> dict[str, Any]:
+    resp = client.get(f"/v1/users/{user}/credits", headers=bearer(key))
+    assert resp.status_code == 200, resp.data
+    body: dict[str, Any] = resp.get_json()
+    return body
+
+
+def test_credits_carry_calls_past_the_allowance(app: Any, keys: Keys, clean_db: Engine) -> None:
+    client = app.test_client()
+    track(client, keys.app, "alice", 95, "t1")
+    refused = client.post(CHAT, json=chat(max_tokens=10), headers=bearer(keys.app))
+    assert refused.status_code == 402
+    assert refused.get_json()["error"]["limit"]["id"] == "allowance"
+
+    first = grant(client, keys.app, "alice", 200, "promo-1")
+    assert first.status_code == 201 and first.get_json()["remaining"] == 200
+    assert grant(client, keys.app, "alice", 200, "promo-1").status_code == 200  # once
+    clash = grant(client, keys.app, "alice", 300, "promo-1")
+    assert clash.status_code == 409
+
+    served = [client.post(CHAT, json=chat(max_tokens=10), headers=bearer(keys.app))
+              for _ in range(3)]
+    assert [r.status_code for r in served] == [200, 200, 200]
+    used = sum(r.input_tokens + r.output_tokens for r in ledger(clean_db))
+    assert used > 100
+    body = credits(client, keys.app)
+    assert body["granted"] == 200 and body["burned"] == used - 100
+    assert body["balance"] == 200 - (used - 100) and body["expired"] == 0
+    [only] = body["grants"]
+    assert only["remaining"] == body["balance"] and only["state"] == "live"
+    line = quota(client, keys.app)["allowance"]
+    assert line["included"] == 100 and line["used"] == used
+    assert line["remaining"] == body["balance"]  # what the gateway lets through next
+    with clean_db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(CreditGrant)).scalar_one() == 1
+    # another app's key sees none of it
+    other = client.get("/v1/users/alice/credits", headers=bearer(keys.other_app)).get_json()
+    assert other["granted"] == 0 and other["grants"] == []
+
+
+def test_bad_grants_are_refused(app: Any, keys: Keys) -> None:
+    client = app.test_client()
+    past = (NOW - timedelta(days=1)).isoformat()
+    for body, field in (({"expires_at": past}, "expires_at"), ({"amount": 0}, "amount"),
+                        ({"amount": 1.5}, "amount"), ({"source": "rollover"}, "source"),
+                        ({"colour": "red"}, "colour")):
+        payload = {"amount": 10, "source": "promotion", "external_id": "x", **body}
+        resp = client.post("/v1/users/alice/credits/grants", json=payload,
+                           headers=bearer(keys.app))
+        assert resp.status_code in (400, 422), (body, resp.data)
+        assert field in resp.get_data(as_text=True)
+    assert credits(client, keys.app)["grants"] == []
+
+
+def test_overage_follows_the_credits_up_to_the_spend_cap(app: Any, keys: Keys,
+                                                         clean_db: Engine) -> None:
+    client = app.test_client()
+    assert client.put("/v1/users/bob/plan", json={"plan": "metered"},
+                      headers=bearer(keys.app)).status_code == 200
+    track(client, keys.app, "bob", 90, "b1")
+    grant(client, keys.app, "bob", 20, "promo-b")
+    track(client, keys.app, "bob", 10, "b2", model="o3-mini")  # frontier: 30 credits
+    body = credits(client, keys.app, "bob")
+    assert body["burned"] == 20 and body["balance"] == 0  # 90 + 30 = 120: 20 past the allowance
+    track(client, keys.app, "bob", 500, "b3")
+    credits(client, keys.app, "bob")
+    with clean_db.connect() as conn:
+        over = conn.execute(select(func.sum(CreditOverage.credits))).scalar_one()
+    assert over == 500  # past the allowance and every credit
+    line = quota(client, keys.app, "bob")["allowance"]
+    assert line["limit"] == 100 + 20 + 1000  # allowance + credits burned + overage headroom
+    assert line["remaining"] == 1120 - 620
+    big = client.post(CHAT, json=chat(user="bob", max_tokens=600), headers=bearer(keys.app))
+    assert big.status_code == 200
+    assert big.get_json()["usage"]["total_tokens"] <= 500  # clipped at the spend cap
+
+
+def test_unused_allowance_rolls_over_capped_into_the_next_cycle(app: Any, keys: Keys) -> None:
+    client = app.test_client()
+    anchor = (NOW - timedelta(days=3)).isoformat()
+    assert client.put("/v1/users/carol/plan", json={"plan": "metered", "anchored_at": anchor},
+                      headers=bearer(keys.app)).status_code == 200
+    track(client, keys.app, "carol", 30, "c1")
+    assert credits(client, keys.app, "carol")["granted"] == 0
+    app.clock.now = NOW + timedelta(days=40)  # 43 days after the anchor: in the 2nd cycle
+    body = credits(client, keys.app, "carol")
+    rolled = [g for g in body["grants"] if g["source"] == "rollover"]
+    assert [g["amount"] for g in rolled] == [50]  # the 1st cycle left 70 unused; capped at 50
+    assert rolled[0]["state"] == "live" and body["balance"] == 50
+    again = credits(client, keys.app, "carol")  # accounting twice changes nothing
+    assert again == body
