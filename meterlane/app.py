@@ -32,6 +32,7 @@ from meterlane.metering.limits import LimitsService
 from meterlane.metering.limitstore import LimitStore, SqlLimitStore
 from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
+from meterlane.plans.billing import BillingService
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.credits import CreditsService
 from meterlane.plans.service import PlanService
@@ -58,6 +59,7 @@ class Wiring:
     redis: Any | None
     credits: CreditsService
     accrual: AccrualService
+    billing: BillingService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -121,12 +123,14 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                            config.models, lease_seconds=config.lease_seconds,
                            extra_allowance=credits.extra_allowance)
     accrual = AccrualService(engine, credits, plans, config.models)
+    billing = BillingService(engine, catalog, plans, credits,
+                             webhook_secret=config.stripe_webhook_secret)
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
-                  credits=credits, accrual=accrual)
+                  credits=credits, accrual=accrual, billing=billing)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 LIMIT_STORES = ("auto", "redis", "sql")
+STRIPE_API_VERSION = "2026-10-28.endive"  # the version the pinned stripe library speaks
 
 DEFAULT_DATA_DIR = "var"
 PRICE_FIELDS = ("input", "cached_input", "output", "reasoning")
@@ -76,6 +77,12 @@ class Config:
     # database) and how long a lease holds its reservation if it is never settled.
     limits_store: str = "auto"
     lease_seconds: int = 600
+    # Stripe: secrets from the environment (MLANE_STRIPE_API_KEY, MLANE_STRIPE_WEBHOOK_SECRET),
+    # the rest from [stripe]. The API version is pinned: Stripe's objects change shape with it.
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_version: str = STRIPE_API_VERSION
+    stripe_api_base: str | None = None  # a Stripe-compatible server (tests: a fake on loopback)
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -121,6 +128,8 @@ class Config:
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
+            stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
+            stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             **file_settings,
         )
 
@@ -145,13 +154,31 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
     if len({m.name for m in models}) != len(models):
         raise ConfigError("model names must be unique")
-    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "limits"})
+    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "limits", "stripe"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
         raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
                           "[[models]], [[plans]], [limits]")
     return {"upstreams": upstreams, "models": models,
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
-            **_limits(raw.get("limits", {}))}
+            **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {}))}
+
+
+def _stripe(table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError("[stripe] must be a table")
+    unknown = sorted(set(table) - {"api_version", "api_base"})
+    if unknown:
+        raise ConfigError(f"[stripe]: unknown settings {unknown}; expected api_version, "
+                          "api_base (the keys come from MLANE_STRIPE_API_KEY and "
+                          "MLANE_STRIPE_WEBHOOK_SECRET)")
+    version = table.get("api_version", STRIPE_API_VERSION)
+    if not isinstance(version, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}(\.\w+)?", version):
+        raise ConfigError("[stripe]: api_version must be a Stripe API version like "
+                          f"{STRIPE_API_VERSION!r}")
+    base = table.get("api_base")
+    if base is not None and (not isinstance(base, str) or not base.startswith("http")):
+        raise ConfigError("[stripe]: api_base must be an http(s) URL")
+    return {"stripe_api_version": version, "stripe_api_base": base}
 
 
 def _limits(table: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from meterlane.core.auth import Role, require_role, validate_user_id
 from meterlane.core.openapi import documented
@@ -26,3 +26,13 @@ def assign_plan(user: str) -> Response:
     assignment = wiring().plans.assign(app_id, end_user_id, args["plan"], args.get("anchored_at"))
     return wiring().json(PlanAssignmentSchema().dump(
         {"user": user, "plan": assignment.plan.id, "anchored_at": assignment.anchored_at}))
+
+
+@bp.post("/stripe/webhook")
+@documented(summary="Stripe webhook endpoint (signed by Stripe; each event handled once)",
+            tag="billing")
+def stripe_webhook() -> Response:
+    """Verify the signature on the raw body, store the event by id, handle it once."""
+    outcome = wiring().billing.receive(request.get_data(),
+                                       request.headers.get("Stripe-Signature"))
+    return wiring().json({"received": True, "outcome": outcome})

@@ -146,6 +146,21 @@ class CreditsService:
         self._forget(end_user_id)
         return GrantBalance(new_id, amount, priority, at, expires_at, source), True
 
+    def grant_in(self, conn: Connection, *, app_id: int, end_user_id: int, amount: int,
+                 source: str, external_id: str, granted_at: datetime,
+                 note: str | None = None) -> bool:
+        """A grant inside the caller's transaction (a webhook's), once per external id."""
+        exists = conn.execute(select(CreditGrant.id).where(
+            CreditGrant.app_id == app_id, CreditGrant.external_id == external_id)).first()
+        if exists is not None:
+            return False
+        conn.execute(insert(CreditGrant).values(
+            app_id=app_id, end_user_id=end_user_id, amount=amount, source=source,
+            priority=DEFAULT_PRIORITY, granted_at=granted_at, expires_at=None,
+            external_id=external_id, note=note))
+        self._forget(end_user_id)
+        return True
+
     def _grant_by_external_id(self, app_id: int, external_id: str
                               ) -> tuple[Any, GrantBalance] | None:
         with self.engine.connect() as conn:

@@ -92,3 +92,68 @@ class CreditCursor(Base):
     last_event_id: Mapped[int] = mapped_column(BigInteger)
     cycle_start: Mapped[datetime | None]  # the billing cycle cycle_used belongs to
     cycle_used: Mapped[int] = mapped_column(BigInteger)  # credits used in that cycle
+
+
+class StripeEvent(Base):
+    """A Stripe webhook event, stored by its id before it is handled: a replay is found here
+    and not applied twice; an event whose handling failed is handled when Stripe retries."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]          # when Stripe created it (orders subscription states)
+    payload: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime]
+    handled_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(String(500))
+
+
+class StripeCustomer(Base):
+    """The Stripe customer of an end user."""
+
+    __tablename__ = "stripe_customers"
+
+    customer_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), unique=True)
+
+
+class Subscription(Base):
+    """An end user's subscription as Stripe last told it (newest event wins)."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # Stripe's sub_...
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), index=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int]
+    status: Mapped[str] = mapped_column(String(32))  # trialing | active | past_due | canceled ...
+    billing_anchor: Mapped[datetime]
+    current_period_start: Mapped[datetime | None]
+    current_period_end: Mapped[datetime | None]
+    cancel_at_period_end: Mapped[bool]
+    trial_end: Mapped[datetime | None]
+    last_event_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class RevenueEvent(Base):
+    """Money that moved for an end user: an invoice paid, a credit pack bought, a refund
+    (negative). Keyed by Stripe's object id, so a replayed event records nothing new."""
+
+    __tablename__ = "revenue_events"
+    __table_args__ = (UniqueConstraint("source_id", "kind"),
+                      Index("ix_revenue_events_app_occurred", "app_id", "occurred_at"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(100))  # in_..., cs_..., ch_...
+    kind: Mapped[str] = mapped_column(String(32))  # invoice_paid | credit_purchase | refund
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # minor units; refunds negative
+    currency: Mapped[str] = mapped_column(String(3))
+    period_start: Mapped[datetime | None]
+    period_end: Mapped[datetime | None]
+    occurred_at: Mapped[datetime]

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from meterlane.core.db import utcnow
 from meterlane.core.errors import InvalidRequestError, NotFoundError
@@ -79,16 +79,26 @@ class PlanService:
         if plan.terms.retired:
             raise InvalidRequestError(f"Plan {plan.ref} is retired: it keeps its subscribers "
                                       "but takes no new ones.", param="plan")
-        now = utcnow()
-        anchor = anchored_at or now
-        values = {"end_user_id": end_user_id, "app_id": app_id, "plan_id": plan_id,
-                  "plan_version": plan.version, "anchored_at": anchor, "updated_at": now}
+        anchor = anchored_at or utcnow()
         with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            stmt = dialect.insert(EndUserPlan).values(**values)
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["end_user_id"],
-                set_={"plan_id": plan_id, "plan_version": plan.version, "anchored_at": anchor,
-                      "updated_at": now}))
-        self._cache.pop(end_user_id, None)
+            self.assign_in(conn, app_id, end_user_id, plan, anchor)
         return Assignment(plan, anchor, True)
+
+    def assign_in(self, conn: Connection, app_id: int, end_user_id: int, plan: Plan,
+                  anchor: datetime) -> None:
+        """Put an end user on a plan version inside the caller's transaction (billing)."""
+        now = utcnow()
+        values = {"end_user_id": end_user_id, "app_id": app_id, "plan_id": plan.id,
+                  "plan_version": plan.version, "anchored_at": anchor, "updated_at": now}
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(EndUserPlan).values(**values)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["end_user_id"],
+            set_={"plan_id": plan.id, "plan_version": plan.version, "anchored_at": anchor,
+                  "updated_at": now}))
+        self._cache.pop(end_user_id, None)
+
+    def unassign_in(self, conn: Connection, end_user_id: int) -> None:
+        """Back to the default plan (a subscription past due or canceled)."""
+        conn.execute(delete(EndUserPlan).where(EndUserPlan.end_user_id == end_user_id))
+        self._cache.pop(end_user_id, None)

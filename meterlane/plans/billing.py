@@ -1,0 +1,226 @@
+"""Stripe webhooks: verified, stored by event id, handled once and in any order.
+
+Subscription events set which plan version an end user is on (newest Stripe event wins;
+past_due and canceled fall back to the default plan); a completed checkout links the Stripe
+customer to the end user and, for a credit pack, grants the credits; invoices and refunds
+become revenue facts. An event that cannot be handled yet (its end user is not known) is
+kept unhandled and answered 500, so that Stripe retries it later."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import stripe
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from meterlane.core.db import utcnow
+from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
+from meterlane.plans.catalog import Catalog
+from meterlane.plans.credits import CreditsService
+from meterlane.plans.models import RevenueEvent, StripeCustomer, StripeEvent, Subscription
+from meterlane.plans.service import PlanService
+
+log = logging.getLogger(__name__)
+HANDLED = ("checkout.session.completed", "customer.subscription.created",
+           "customer.subscription.updated", "customer.subscription.deleted", "invoice.paid",
+           "invoice.payment_failed", "charge.refunded")
+ON_PLAN = ("trialing", "active")  # other statuses fall back to the app's default plan
+META_APP, META_USER = "mlane_app_id", "mlane_end_user_id"
+
+
+class WebhookRetryError(DomainError):
+    """Stored, not handled yet: Stripe will retry it."""
+
+    status, slug, title = 500, "webhook-not-handled", "Webhook event not handled yet"
+
+
+def _at(ts: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(ts), UTC) if ts else None
+
+
+class BillingService:
+    def __init__(self, engine: Engine, catalog: Catalog, plans: PlanService,
+                 credits: CreditsService, *, webhook_secret: str | None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.plans = plans
+        self.credits = credits
+        self.webhook_secret = webhook_secret
+        self.clock = clock
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def receive(self, payload: bytes, signature: str | None) -> str:
+        """Verify, store and handle one webhook delivery; returns what happened."""
+        if not self.webhook_secret:
+            raise NotFoundError("Stripe webhooks are not configured (MLANE_STRIPE_WEBHOOK_"
+                                "SECRET is not set).")
+        try:
+            event = stripe.Webhook.construct_event(payload, signature or "",
+                                                   self.webhook_secret)
+        except (ValueError, stripe.SignatureVerificationError) as exc:
+            raise InvalidRequestError(f"Bad Stripe webhook: {exc}") from exc
+        doc: dict[str, Any] = orjson.loads(payload)
+        event_id, kind = event.id, event.type
+        if kind not in HANDLED:
+            return "ignored"
+        with self.engine.begin() as conn:
+            try:
+                conn.execute(insert(StripeEvent).values(
+                    id=event_id, type=kind, created_at=_at(doc.get("created")) or self.clock(),
+                    payload=payload.decode(), received_at=self.clock()))
+            except IntegrityError:
+                pass  # delivered before: handled then, or to be handled now
+        with self.engine.connect() as conn:
+            handled = conn.execute(select(StripeEvent.handled_at).where(
+                StripeEvent.id == event_id)).scalar_one()
+        if handled is not None:
+            return "duplicate"
+        try:
+            with self.engine.begin() as conn:
+                self._handle(conn, kind, doc["data"]["object"], _at(doc.get("created")))
+                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id)
+                             .values(handled_at=self.clock(), error=None))
+        except _NotYetError as exc:
+            with self.engine.begin() as conn:
+                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id)
+                             .values(error=str(exc)[:500]))
+            raise WebhookRetryError(f"Event {event_id} cannot be handled yet: {exc}; Stripe "
+                                    "will deliver it again.") from exc
+        return "handled"
+
+    # -- handling ---------------------------------------------------------------------------
+
+    def _handle(self, conn: Connection, kind: str, obj: dict[str, Any],
+                created: datetime | None) -> None:
+        at = created or self.clock()
+        if kind == "checkout.session.completed":
+            self._checkout_completed(conn, obj, at)
+        elif kind.startswith("customer.subscription."):
+            self._subscription(conn, obj, at, deleted=kind.endswith(".deleted"))
+        elif kind == "invoice.paid":
+            app_id, user = self._owner(conn, obj)
+            period = (obj.get("lines") or {}).get("data") or [{}]
+            span = period[0].get("period") or {}
+            self._revenue(conn, obj["id"], "invoice_paid", app_id, user,
+                          int(obj.get("amount_paid") or 0), obj.get("currency") or "usd", at,
+                          _at(span.get("start") or obj.get("period_start")),
+                          _at(span.get("end") or obj.get("period_end")))
+        elif kind == "invoice.payment_failed":
+            app_id, user = self._owner(conn, obj)
+            log.warning("invoice %s of end user %s failed; the subscription goes past_due",
+                        obj.get("id"), user)
+        elif kind == "charge.refunded":
+            app_id, user = self._owner(conn, obj)
+            refunded = -int(obj.get("amount_refunded") or 0)
+            inserted = self._revenue(conn, obj["id"], "refund", app_id, user, refunded,
+                                     obj.get("currency") or "usd", at)
+            if not inserted:  # a later partial refund: the charge's total refunded so far
+                conn.execute(update(RevenueEvent).where(
+                    RevenueEvent.source_id == obj["id"], RevenueEvent.kind == "refund",
+                    RevenueEvent.amount > refunded).values(amount=refunded, occurred_at=at))
+
+    def _checkout_completed(self, conn: Connection, obj: dict[str, Any], at: datetime) -> None:
+        app_id, user = self._owner(conn, obj)
+        customer = obj.get("customer")
+        if customer:
+            self._link(conn, customer, app_id, user)
+        meta = obj.get("metadata") or {}
+        credits = int(meta.get("mlane_credits") or 0)
+        if obj.get("mode") == "payment" and credits > 0:
+            if obj.get("payment_status") not in ("paid", "no_payment_required"):
+                return  # asynchronous payment: granted on checkout.session.async_payment_...
+            self.credits.grant_in(conn, app_id=app_id, end_user_id=user, amount=credits,
+                                  source="topup", external_id=obj["id"], granted_at=at,
+                                  note="credit pack bought through Stripe Checkout")
+            self._revenue(conn, obj["id"], "credit_purchase", app_id, user,
+                          int(obj.get("amount_total") or 0), obj.get("currency") or "usd", at)
+
+    def _subscription(self, conn: Connection, obj: dict[str, Any], at: datetime, *,
+                      deleted: bool) -> None:
+        app_id, user = self._owner(conn, obj)
+        if obj.get("customer"):
+            self._link(conn, obj["customer"], app_id, user)
+        items = (obj.get("items") or {}).get("data") or [{}]
+        item = items[0]
+        lookup = (item.get("price") or {}).get("lookup_key") or ""
+        plan_id, _, version = lookup.partition("@")
+        plan = self.catalog.get(plan_id, int(version)) if version.isdigit() else None
+        if plan is None:
+            raise _NotYetError(f"subscription {obj.get('id')} has price lookup key "
+                               f"{lookup!r}, which names no plan version of the catalog")
+        status = "canceled" if deleted else str(obj.get("status") or "incomplete")
+        anchor = _at(obj.get("billing_cycle_anchor")) or at
+        row = {"app_id": app_id, "end_user_id": user, "plan_id": plan.id,
+               "plan_version": plan.version, "status": status, "billing_anchor": anchor,
+               "current_period_start": _at(item.get("current_period_start")
+                                           or obj.get("current_period_start")),
+               "current_period_end": _at(item.get("current_period_end")
+                                         or obj.get("current_period_end")),
+               "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),
+               "trial_end": _at(obj.get("trial_end")), "last_event_at": at,
+               "updated_at": self.clock()}
+        last = conn.execute(select(Subscription.last_event_at).where(
+            Subscription.id == obj["id"])).scalar_one_or_none()
+        if last is not None and last > at:
+            return  # an older event arriving late: the newer one already applied
+        if last is None:
+            conn.execute(insert(Subscription).values(id=obj["id"], **row))
+        else:
+            conn.execute(update(Subscription).where(Subscription.id == obj["id"]).values(**row))
+        if status in ON_PLAN:
+            self.plans.assign_in(conn, app_id, user, plan, anchor)
+        else:
+            self.plans.unassign_in(conn, user)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _owner(self, conn: Connection, obj: dict[str, Any]) -> tuple[int, int]:
+        """(app id, end user id) an object belongs to: our metadata on it (or on its parent
+        subscription), else its customer's link."""
+        for meta in (obj.get("metadata"), (obj.get("subscription_details") or {}).get(
+                "metadata"), ((obj.get("parent") or {}).get("subscription_details") or {})
+                .get("metadata")):
+            if meta and meta.get(META_APP) and meta.get(META_USER):
+                return int(meta[META_APP]), int(meta[META_USER])
+        customer = obj.get("customer")
+        if customer:
+            found = conn.execute(select(StripeCustomer.app_id, StripeCustomer.end_user_id)
+                                 .where(StripeCustomer.customer_id == customer)).first()
+            if found is not None:
+                return int(found[0]), int(found[1])
+        raise _NotYetError(f"{obj.get('object', 'object')} {obj.get('id')} names no end user "
+                           "and its customer is not linked to one yet")
+
+    @staticmethod
+    def _link(conn: Connection, customer: str, app_id: int, end_user_id: int) -> None:
+        known = conn.execute(select(StripeCustomer.end_user_id).where(
+            StripeCustomer.customer_id == customer)).scalar_one_or_none()
+        if known is None:
+            conn.execute(insert(StripeCustomer).values(customer_id=customer, app_id=app_id,
+                                                       end_user_id=end_user_id))
+
+    @staticmethod
+    def _revenue(conn: Connection, source_id: str, kind: str, app_id: int, end_user_id: int,
+                 amount: int, currency: str, at: datetime, period_start: datetime | None = None,
+                 period_end: datetime | None = None) -> bool:
+        exists = conn.execute(select(RevenueEvent.id).where(
+            RevenueEvent.source_id == source_id, RevenueEvent.kind == kind)).first()
+        if exists is not None:
+            return False
+        conn.execute(insert(RevenueEvent).values(
+            source_id=source_id, kind=kind, app_id=app_id, end_user_id=end_user_id,
+            amount=amount, currency=currency.lower(), period_start=period_start,
+            period_end=period_end, occurred_at=at))
+        return True
+
+
+class _NotYetError(Exception):
+    """The event needs something that has not arrived yet (an end user link, a plan)."""

@@ -1,0 +1,261 @@
+"""Stripe webhooks, signed with Stripe's real scheme (HMAC-SHA256 over "t.payload"): stored
+by event id and handled once, in any order; subscriptions set the end user's plan version,
+checkouts link customers and sell credit packs, invoices and refunds become revenue facts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+
+from meterlane.plans.models import CreditGrant, RevenueEvent, Subscription
+from tests.conftest import _tables, bearer, config_from_toml, gateway_toml
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.integration
+SECRET = "whsec_test_secret"
+HOOK = "/v1/stripe/webhook"
+
+PLANS = """
+[[plans]]
+id = "free"
+default = true
+allowance = 1000
+
+[[plans]]
+id = "pro"
+price = { amount = 2000, currency = "usd", interval = "month" }
+trial_days = 14
+allowance = 100000
+
+[[plans]]
+id = "team"
+price = { amount = 19200, currency = "usd", interval = "year" }
+allowance = 500000
+"""
+
+
+@pytest.fixture()
+def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
+    from meterlane.app import create_app
+
+    config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
+                              database_url=pg_url)
+    app = create_app(replace(config, stripe_webhook_secret=SECRET))
+    yield app
+    app.extensions["wiring"].engine.dispose()
+
+
+@pytest.fixture()
+def user(app: Any) -> tuple[str, int, int]:
+    """(app key, app id, end user id) of end user "alice" of app "acme"."""
+    from meterlane.core.auth import Role
+
+    w = app.extensions["wiring"]
+    key = w.keys.create_key(Role.APP, "acme").key
+    principal = w.auth.authenticate(key)
+    end_user_id = w.tenancy.ensure_end_user(principal.app_id, "alice")
+    return key, principal.app_id, end_user_id
+
+
+def signed(payload: bytes, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
+    t = str(at or int(time.time()))
+    sig = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
+
+
+def event(event_id: str, kind: str, obj: dict[str, Any], created: int) -> bytes:
+    return orjson.dumps({"id": event_id, "object": "event", "type": kind, "created": created,
+                         "api_version": "2026-10-28.endive", "livemode": False,
+                         "data": {"object": obj}})
+
+
+def deliver(client: Any, payload: bytes) -> Any:
+    return client.post(HOOK, data=payload, headers=signed(payload))
+
+
+def meta(app_id: int, end_user_id: int) -> dict[str, str]:
+    return {"mlane_app_id": str(app_id), "mlane_end_user_id": str(end_user_id)}
+
+
+def subscription(sub_id: str, status: str, lookup: str, *, owner: dict[str, str] | None = None,
+                 customer: str = "cus_1", anchor: int = 1_790_000_000) -> dict[str, Any]:
+    return {"id": sub_id, "object": "subscription", "customer": customer, "status": status,
+            "metadata": owner or {}, "billing_cycle_anchor": anchor,
+            "cancel_at_period_end": False, "trial_end": None,
+            "items": {"object": "list", "data": [{
+                "id": "si_1", "current_period_start": anchor,
+                "current_period_end": anchor + 30 * 86400,
+                "price": {"id": f"price_{lookup}", "lookup_key": lookup}}]}}
+
+
+def plan_of(client: Any, key: str) -> str:
+    resp = client.get("/v1/users/alice/quota", headers=bearer(key))
+    assert resp.status_code == 200, resp.data
+    body: dict[str, Any] = resp.get_json()
+    return str(body["plan"]["id"])
+
+
+def test_a_subscription_follows_its_newest_event_and_falls_back_when_it_lapses(
+        app: Any, user: tuple[str, int, int], clean_db: Engine) -> None:
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    owner = meta(app_id, end_user_id)
+    created = event("evt_1", "customer.subscription.created",
+                    subscription("sub_1", "trialing", "pro@1", owner=owner), 100)
+    assert deliver(client, created).get_json()["outcome"] == "handled"
+    assert plan_of(client, key) == "pro"
+    assert deliver(client, created).get_json()["outcome"] == "duplicate"  # a replay
+    upgrade = event("evt_3", "customer.subscription.updated",
+                    subscription("sub_1", "active", "team@1"), 300)
+    late = event("evt_2", "customer.subscription.updated",
+                 subscription("sub_1", "past_due", "pro@1"), 200)
+    assert deliver(client, upgrade).status_code == 200  # the customer link finds alice
+    assert deliver(client, late).get_json()["outcome"] == "handled"  # older: changes nothing
+    assert plan_of(client, key) == "team"
+    with clean_db.connect() as conn:
+        row = conn.execute(select(Subscription.__table__)).one()
+    assert (row.status, row.plan_id, row.plan_version) == ("active", "team", 1)
+    lapsed = event("evt_4", "customer.subscription.updated",
+                   subscription("sub_1", "past_due", "team@1"), 400)
+    assert deliver(client, lapsed).status_code == 200
+    assert plan_of(client, key) == "free"
+    back = event("evt_5", "customer.subscription.updated",
+                 subscription("sub_1", "active", "team@1"), 500)
+    deliver(client, back)
+    assert plan_of(client, key) == "team"
+    gone = event("evt_6", "customer.subscription.deleted",
+                 subscription("sub_1", "active", "team@1"), 600)
+    deliver(client, gone)
+    assert plan_of(client, key) == "free"
+
+
+def test_an_event_for_an_unknown_end_user_is_kept_and_handled_on_retry(
+        app: Any, user: tuple[str, int, int], clean_db: Engine) -> None:
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    invoice = event("evt_inv", "invoice.paid", {
+        "id": "in_1", "object": "invoice", "customer": "cus_9", "amount_paid": 2000,
+        "currency": "usd", "lines": {"data": [{"period": {"start": 1_790_000_000,
+                                                          "end": 1_792_592_000}}]}}, 100)
+    first = deliver(client, invoice)
+    assert first.status_code == 500  # Stripe retries a 5xx
+    checkout = event("evt_co", "checkout.session.completed", {
+        "id": "cs_1", "object": "checkout.session", "mode": "subscription",
+        "customer": "cus_9", "metadata": meta(app_id, end_user_id), "payment_status": "paid",
+        "amount_total": 2000, "currency": "usd"}, 90)
+    assert deliver(client, checkout).status_code == 200
+    assert deliver(client, invoice).get_json()["outcome"] == "handled"  # the retry
+    assert deliver(client, invoice).get_json()["outcome"] == "duplicate"
+    with clean_db.connect() as conn:
+        rows = conn.execute(select(RevenueEvent.__table__)).all()
+    assert [(r.kind, r.amount, r.end_user_id) for r in rows] == [
+        ("invoice_paid", 2000, end_user_id)]
+
+
+def test_a_credit_pack_grants_once_and_refunds_are_revenue_facts(
+        app: Any, user: tuple[str, int, int], clean_db: Engine) -> None:
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    pack = event("evt_pack", "checkout.session.completed", {
+        "id": "cs_pack", "object": "checkout.session", "mode": "payment", "customer": "cus_2",
+        "metadata": {**meta(app_id, end_user_id), "mlane_credits": "5000"},
+        "payment_status": "paid", "amount_total": 1000, "currency": "usd"}, 100)
+    assert deliver(client, pack).status_code == 200
+    assert deliver(client, pack).get_json()["outcome"] == "duplicate"
+    credits = client.get("/v1/users/alice/credits", headers=bearer(key)).get_json()
+    assert credits["balance"] == 5000 and credits["grants"][0]["source"] == "topup"
+    for eid, refunded in (("evt_r1", 300), ("evt_r2", 800), ("evt_r1", 300)):
+        refund = event(eid, "charge.refunded", {
+            "id": "ch_1", "object": "charge", "customer": "cus_2", "amount_refunded": refunded,
+            "currency": "usd"}, 200 if eid == "evt_r1" else 300)
+        assert deliver(client, refund).status_code == 200
+    with clean_db.connect() as conn:
+        facts = {r.kind: r.amount for r in conn.execute(select(RevenueEvent.__table__))}
+        grants = conn.execute(select(func.count()).select_from(CreditGrant)).scalar_one()
+    assert facts == {"credit_purchase": 1000, "refund": -800} and grants == 1
+
+
+def test_bad_deliveries_are_refused_and_change_nothing(app: Any, user: tuple[str, int, int],
+                                                       clean_db: Engine) -> None:
+    client = app.test_client()
+    payload = event("evt_x", "customer.subscription.created",
+                    subscription("sub_x", "active", "pro@1", owner=meta(*user[1:])), 100)
+    assert client.post(HOOK, data=payload, headers=signed(payload, "whsec_wrong")
+                       ).status_code == 400
+    assert client.post(HOOK, data=payload).status_code == 400  # unsigned
+    stale = signed(payload, at=int(time.time()) - 3600)  # outside Stripe's 5-minute tolerance
+    assert client.post(HOOK, data=payload, headers=stale).status_code == 400
+    assert client.post(HOOK, data=b"{not json", headers=signed(b"{not json")).status_code == 400
+    with clean_db.connect() as conn:
+        assert conn.execute(text("select count(*) from stripe_events")).scalar_one() == 0
+
+
+def test_webhooks_are_off_without_a_secret(clean_db: Engine, pg_url: str,
+                                           upstream: FakeUpstream, tmp_path: Path) -> None:
+    from meterlane.app import create_app
+
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
+                                      database_url=pg_url))
+    payload = event("evt_y", "invoice.paid", {"id": "in_y"}, 1)
+    assert app.test_client().post(HOOK, data=payload, headers=signed(payload)).status_code == 404
+    app.extensions["wiring"].engine.dispose()
+
+
+EVENTS = ["sub_created", "sub_active", "sub_team", "pack", "refund_1", "refund_2"]
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.permutations(EVENTS), st.lists(st.sampled_from(EVENTS), max_size=4))
+def test_any_order_and_any_replay_end_in_the_same_state(
+        app: Any, user: tuple[str, int, int], clean_db: Engine, order: list[str],
+        replays: list[str]) -> None:
+    _key, app_id, end_user_id = user
+    with clean_db.begin() as conn:  # each example starts from no billing state
+        for table in ("stripe_events", "subscriptions", "revenue_events", "credit_burns",
+                      "credit_grants", "stripe_customers", "end_user_plans"):
+            assert table in _tables()
+            conn.execute(text(f"DELETE FROM {table}"))
+    app.extensions["wiring"].plans._cache.clear()
+    owner = meta(app_id, end_user_id)
+    payloads = {
+        "sub_created": event("e1", "customer.subscription.created",
+                             subscription("sub_1", "trialing", "pro@1", owner=owner), 100),
+        "sub_active": event("e2", "customer.subscription.updated",
+                            subscription("sub_1", "active", "pro@1", owner=owner), 200),
+        "sub_team": event("e3", "customer.subscription.updated",
+                          subscription("sub_1", "active", "team@1", owner=owner), 300),
+        "pack": event("e4", "checkout.session.completed", {
+            "id": "cs_p", "mode": "payment", "customer": "cus_1",
+            "metadata": {**owner, "mlane_credits": "700"}, "payment_status": "paid",
+            "amount_total": 500, "currency": "usd"}, 150),
+        "refund_1": event("e5", "charge.refunded", {"id": "ch_1", "metadata": owner,
+                                                    "amount_refunded": 100,
+                                                    "currency": "usd"}, 400),
+        "refund_2": event("e6", "charge.refunded", {"id": "ch_1", "metadata": owner,
+                                                    "amount_refunded": 250,
+                                                    "currency": "usd"}, 500),
+    }
+    client = app.test_client()
+    for name in order + replays:
+        assert deliver(client, payloads[name]).status_code == 200
+    with clean_db.connect() as conn:
+        sub = conn.execute(select(Subscription.status, Subscription.plan_id)).one()
+        facts = sorted((r.kind, r.amount) for r in conn.execute(select(RevenueEvent.__table__)))
+        granted = conn.execute(select(func.coalesce(func.sum(CreditGrant.amount), 0))
+                               ).scalar_one()
+    assert tuple(sub) == ("active", "team")
+    assert facts == [("credit_purchase", 500), ("refund", -250)] and granted == 700
+    assigned = app.extensions["wiring"].plans.plan_of(end_user_id)
+    assert assigned.plan.ref == "team@1"
