@@ -34,8 +34,10 @@ from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
 from meterlane.plans.billing import BillingService
 from meterlane.plans.catalog import Catalog
+from meterlane.plans.checkout import CheckoutService
 from meterlane.plans.credits import CreditsService
 from meterlane.plans.service import PlanService
+from meterlane.plans.stripe_sync import stripe_client
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -60,6 +62,7 @@ class Wiring:
     credits: CreditsService
     accrual: AccrualService
     billing: BillingService
+    checkout: CheckoutService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -125,12 +128,13 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     accrual = AccrualService(engine, credits, plans, config.models)
     billing = BillingService(engine, catalog, plans, credits,
                              webhook_secret=config.stripe_webhook_secret)
+    checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config))
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
-                  credits=credits, accrual=accrual, billing=billing)
+                  credits=credits, accrual=accrual, billing=billing, checkout=checkout)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:

@@ -252,6 +252,32 @@ def plans_publish() -> None:
                "nothing to publish: every plan version is published as it is")
 
 
+@plans.command("sync")
+def plans_sync() -> None:
+    """Create or update the Stripe products and prices of the catalog (idempotent: lookup
+    keys), publishing its plan versions; says what it changed."""
+    from meterlane.core.errors import DomainError
+    from meterlane.plans.catalog import Catalog
+    from meterlane.plans.stripe_sync import stripe_client, sync
+    from meterlane.plans.versions import PlanChangedError, publish
+
+    config = _config()
+    catalog = Catalog.from_config(config)
+    _ensure_embedded_schema(config)
+    try:
+        publish(_engine(config), catalog)
+        changes = sync(stripe_client(config), catalog)
+    except (PlanChangedError, DomainError) as exc:
+        raise click.ClickException(str(getattr(exc, "detail", exc))) from exc
+    for change in changes:
+        click.echo(str(change))
+    conflicts = [c for c in changes if c.action == "conflict"]
+    if conflicts:
+        raise click.ClickException(f"{len(conflicts)} prices in Stripe differ from the catalog")
+    made = sum(1 for c in changes if c.action != "unchanged")
+    click.echo(f"{made} changes in Stripe" if made else "Stripe is in sync: nothing changed")
+
+
 @main.group()
 def credits() -> None:
     """Credits: usage past plan allowances, burned from grants or billed as overage."""

@@ -188,3 +188,23 @@ def keys(app: Any) -> Keys:
 
 def bearer(key: str, **headers: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", **headers}
+
+
+@pytest.fixture(scope="session")
+def fake_stripe() -> Iterator[str]:
+    """The base URL of a fake Stripe API on loopback (tests/support/fakestripe.py)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fakestripe", "--port", "0"],
+                            cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "listening on PORT", printed once the port is bound
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"the fake Stripe server did not start: {line!r}")
+        yield f"http://127.0.0.1:{line.split()[-1]}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

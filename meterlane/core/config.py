@@ -72,6 +72,7 @@ class Config:
     user_key_max_ttl_seconds: int = 7 * 24 * 3600
     # [[plans]] tables as read; meterlane.plans.catalog parses and checks them at start.
     plans_raw: tuple[dict[str, Any], ...] = ()
+    packs_raw: tuple[dict[str, Any], ...] = ()  # [[credit_packs]], parsed with the plans
     config_text: str = ""
     # [limits]: where counters live ("auto": Redis when MLANE_REDIS_URL is set, else the
     # database) and how long a lease holds its reservation if it is never settled.
@@ -154,12 +155,14 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
     if len({m.name for m in models}) != len(models):
         raise ConfigError("model names must be unique")
-    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "limits", "stripe"})
+    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "credit_packs", "limits",
+                                 "stripe"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
         raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
                           "[[models]], [[plans]], [limits]")
     return {"upstreams": upstreams, "models": models,
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
+            "packs_raw": tuple(_tables(raw, "credit_packs")),
             **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {}))}
 
 

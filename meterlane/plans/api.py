@@ -7,7 +7,12 @@ from flask import Blueprint, Response, request
 from meterlane.core.auth import Role, require_role, validate_user_id
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, wiring
-from meterlane.plans.schemas import PlanAssignmentRequestSchema, PlanAssignmentSchema
+from meterlane.plans.schemas import (
+    CheckoutRequestSchema,
+    CheckoutSessionSchema,
+    PlanAssignmentRequestSchema,
+    PlanAssignmentSchema,
+)
 
 bp = Blueprint("plans", __name__, url_prefix="/v1")
 
@@ -36,3 +41,21 @@ def stripe_webhook() -> Response:
     outcome = wiring().billing.receive(request.get_data(),
                                        request.headers.get("Stripe-Signature"))
     return wiring().json({"received": True, "outcome": outcome})
+
+
+@bp.post("/checkout/sessions")
+@documented(summary="Start a Stripe Checkout for an end user: a plan or a credit pack",
+            body=CheckoutRequestSchema, response=CheckoutSessionSchema, status=201,
+            tag="billing")
+def create_checkout() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = CheckoutRequestSchema().load(json_body())
+    app_id = app_in_scope(principal)
+    user = validate_user_id(args["user"])
+    end_user_id = wiring().tenancy.ensure_end_user(app_id, user)
+    session = wiring().checkout.create(
+        app_id=app_id, end_user_id=end_user_id, user=user, plan_id=args.get("plan"),
+        pack_id=args.get("credit_pack"), success_url=args["success_url"],
+        cancel_url=args["cancel_url"])
+    return wiring().json(CheckoutSessionSchema().dump(session.__dict__), status=201)

@@ -5,12 +5,12 @@ Parsed once at start; a malformed plan stops the service with the config line at
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from meterlane.core.config import Config, ConfigError
-from meterlane.plans.terms import TERM_KEYS, Terms, parse_terms
+from meterlane.plans.terms import TERM_KEYS, CreditPack, Terms, parse_pack, parse_terms
 from meterlane.plans.windows import Window, WindowError, parse_window
 
 # credits: tokens times the credit multiplier of the model's tier (1 unless the plan says)
@@ -83,6 +83,10 @@ class Catalog:
     subscribers get; older versions stay for the subscribers who bought them."""
 
     plans: tuple[Plan, ...] = ()
+    packs: tuple[CreditPack, ...] = ()
+
+    def pack(self, pack_id: str) -> CreditPack | None:
+        return next((p for p in self.packs if p.id == pack_id), None)
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +118,13 @@ class Catalog:
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
         tiers = frozenset(m.tier for m in config.models)
-        return parse_plans(config.plans_raw, config.config_text, config.model_names, tiers)
+        catalog = parse_plans(config.plans_raw, config.config_text, config.model_names, tiers)
+        where = _Where(config.config_text)
+        packs = tuple(parse_pack(t, i, where) for i, t in enumerate(config.packs_raw))
+        ids = [p.id for p in packs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("[[credit_packs]] ids must be unique")
+        return replace(catalog, packs=packs)
 
 
 def parse_plans(tables: tuple[dict[str, Any], ...], text: str = "",

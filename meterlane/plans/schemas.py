@@ -19,3 +19,22 @@ class PlanAssignmentSchema(Schema):
     user = fields.String()
     plan = fields.String()
     anchored_at = fields.AwareDateTime()
+
+
+class CheckoutRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    plan = fields.String(validate=validate.Length(min=1, max=64))
+    credit_pack = fields.String(validate=validate.Length(min=1, max=64))
+    success_url = fields.Url(required=True, require_tld=False)
+    cancel_url = fields.Url(required=True, require_tld=False)
+
+
+class CheckoutSessionSchema(Schema):
+    object = fields.Constant("checkout.session")
+    id = fields.String()
+    url = fields.String(metadata={"description": "Send the end user here to pay"})
+    mode = fields.String(metadata={"description": "subscription (a plan) or payment (a pack)"})
+    item = fields.String(metadata={"description": "The plan version or credit pack bought"})

@@ -107,6 +107,48 @@ def parse_terms(table: dict[str, Any], fail: Fail, tiers_known: frozenset[str] |
                  rollover_cap=rollover, **flags)
 
 
+@dataclass(frozen=True)
+class CreditPack:
+    """Credits sold once through Checkout ([[credit_packs]] in the config)."""
+
+    id: str
+    name: str
+    credits: int
+    price: Price  # interval unused: a one-time price
+
+    @property
+    def ref(self) -> str:
+        return f"pack:{self.id}"
+
+
+def parse_pack(table: dict[str, Any], index: int, where: Any) -> CreditPack:
+    pack_id = table.get("id")
+    start = where.table_start("credit_packs", index)
+
+    def fail(key: str, value: Any, message: str) -> ConfigError:
+        return ConfigError(where.at(key, value, f"credit pack {pack_id!r}: {message}",
+                                    max(start - 1, 0)))
+
+    if not isinstance(pack_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pack_id):
+        raise fail("id", pack_id, "id must be 1-64 letters, digits, '_', '-' or '.'")
+    unknown = sorted(set(table) - {"id", "name", "credits", "price"})
+    if unknown:
+        raise fail(unknown[0], table[unknown[0]], f"unknown settings {unknown}")
+    credits: Any = table.get("credits")
+    if not _is_int(credits) or not 1 <= credits <= MAX_CREDITS:
+        raise fail("credits", credits, "credits must be a whole number from 1")
+    if "price" not in table:
+        raise fail("id", pack_id, "a credit pack needs a price")
+    price = _price({"interval": "month", **table["price"]} if isinstance(table["price"], dict)
+                   else table["price"], fail)
+    if price.amount < 1:
+        raise fail("amount", price.amount, "a credit pack's price must be above 0")
+    name = table.get("name", pack_id)
+    if not isinstance(name, str):
+        raise fail("name", name, "name must be a string")
+    return CreditPack(pack_id, name, credits, price)
+
+
 def _price(value: Any, fail: Fail) -> Price:
     shape = 'price = { amount = 2000, currency = "usd", interval = "month" } (minor units)'
     if not isinstance(value, dict) or set(value) - {"amount", "currency", "interval"}:

@@ -1,0 +1,95 @@
+"""Stripe Checkout Sessions for a plan (a subscription, with the plan's trial) or a credit
+pack (a one-time payment). The session carries the end user in its metadata, so that the
+webhooks that follow (checkout.session.completed, customer.subscription.*) find them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Engine
+
+from meterlane.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from meterlane.plans.billing import META_APP, META_USER
+from meterlane.plans.catalog import Catalog
+from meterlane.plans.models import StripeCustomer
+from meterlane.plans.stripe_sync import BillingProviderError
+
+
+@dataclass(frozen=True)
+class CheckoutSession:
+    id: str
+    url: str
+    mode: str
+    item: str  # the plan version ("pro@2") or the pack ("pack:small")
+
+
+class CheckoutService:
+    def __init__(self, engine: Engine, catalog: Catalog,
+                 client: Callable[[], stripe.StripeClient]) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.client = client  # built on first use: no Stripe key, no billing
+
+    def create(self, *, app_id: int, end_user_id: int, user: str, plan_id: str | None,
+               pack_id: str | None, success_url: str, cancel_url: str) -> CheckoutSession:
+        meta = {META_APP: str(app_id), META_USER: str(end_user_id), "mlane_user": user}
+        params: dict[str, Any]
+        if (plan_id is None) == (pack_id is None):
+            raise InvalidRequestError("Name either a plan or a credit_pack.", param="plan")
+        if plan_id is not None:
+            plan = self.catalog.get(plan_id)
+            if plan is None:
+                raise NotFoundError(f"No plan {plan_id!r}.", param="plan")
+            if plan.terms.retired:
+                raise InvalidRequestError(f"Plan {plan.ref} is retired.", param="plan")
+            if plan.terms.price is None:
+                raise InvalidRequestError(f"Plan {plan.ref} is free: there is nothing to buy.",
+                                          param="plan")
+            ref, mode = plan.ref, "subscription"
+            subscription: dict[str, Any] = {"metadata": {**meta, "mlane_plan": plan.ref}}
+            if plan.terms.trial_days:
+                subscription["trial_period_days"] = plan.terms.trial_days
+            params = {"subscription_data": subscription}
+        else:
+            assert pack_id is not None
+            pack = self.catalog.pack(pack_id)
+            if pack is None:
+                raise NotFoundError(f"No credit pack {pack_id!r}.", param="credit_pack")
+            ref, mode = pack.ref, "payment"
+            meta["mlane_credits"] = str(pack.credits)
+            params = {}
+        try:
+            client = self.client()
+            found = client.v1.prices.list(params={"lookup_keys": [ref], "limit": 1}).data
+            if not found or not found[0].active:
+                raise ConflictError(f"Stripe has no active price for {ref}: run `meterlane "
+                                    "plans sync`.", code="price_not_synced")
+            customer = self._customer(client, app_id, end_user_id, user)
+            create: Any = {  # a TypedDict in stripe's stubs; built from plain values here
+                "mode": mode, "customer": customer, "client_reference_id": f"{app_id}:"
+                f"{end_user_id}", "line_items": [{"price": found[0].id, "quantity": 1}],
+                "success_url": success_url, "cancel_url": cancel_url, "metadata": meta,
+                **params}
+            session = client.v1.checkout.sessions.create(params=create)
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe could not start the checkout: "
+                                       f"{exc.user_message or exc}") from exc
+        return CheckoutSession(session.id, session.url or "", mode, ref)
+
+    def _customer(self, client: stripe.StripeClient, app_id: int, end_user_id: int,
+                  user: str) -> str:
+        with self.engine.connect() as conn:
+            known = conn.execute(select(StripeCustomer.customer_id).where(
+                StripeCustomer.end_user_id == end_user_id)).scalar_one_or_none()
+        if known is not None:
+            return str(known)
+        customer = client.v1.customers.create(params={
+            "metadata": {META_APP: str(app_id), META_USER: str(end_user_id), "mlane_user": user}})
+        with self.engine.begin() as conn:
+            conn.execute(insert(StripeCustomer).values(customer_id=customer.id, app_id=app_id,
+                                                       end_user_id=end_user_id))
+        return str(customer.id)

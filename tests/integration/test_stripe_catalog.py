@@ -1,0 +1,197 @@
+"""The catalog in Stripe (`meterlane plans sync`, idempotent by lookup key) and Checkout
+Sessions for plans and credit packs, through the official stripe library against a fake
+Stripe API on loopback (localstripe plus documented responses: tests/support/fakestripe.py)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stripe
+from click.testing import CliRunner
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from meterlane.plans.models import StripeCustomer
+from tests.conftest import bearer, config_from_toml, gateway_toml
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.integration
+
+
+def catalog_toml(tag: str) -> str:
+    """Plans with ids unique to the test: the fake Stripe lives as long as the session."""
+    return f"""
+[[plans]]
+id = "free-{tag}"
+default = true
+allowance = 1000
+
+[[plans]]
+id = "pro-{tag}"
+name = "Pro"
+price = {{ amount = 2000, currency = "usd", interval = "month" }}
+trial_days = 14
+allowance = 100000
+
+[[plans]]
+id = "pro-{tag}"
+name = "Pro"
+version = 2
+price = {{ amount = 2500, currency = "usd", interval = "month" }}
+allowance = 150000
+
+[[plans]]
+id = "team-{tag}"
+name = "Team"
+price = {{ amount = 19200, currency = "usd", interval = "year" }}
+allowance = 500000
+
+[[plans]]
+id = "old-{tag}"
+price = {{ amount = 900, currency = "usd", interval = "month" }}
+retired = true
+
+[[credit_packs]]
+id = "small-{tag}"
+name = "100k credits"
+credits = 100000
+price = {{ amount = 500, currency = "usd" }}
+"""
+
+
+@pytest.fixture()
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture()
+def env(tmp_path: Path, pg_url: str, clean_db: Engine, fake_stripe: str, upstream: FakeUpstream,
+        tag: str) -> dict[str, str]:
+    path = tmp_path / "meterlane.toml"
+    path.write_text(gateway_toml(upstream.base_url) + catalog_toml(tag)
+                    + f'\n[stripe]\napi_base = "{fake_stripe}"\n')
+    return {"MLANE_CONFIG": str(path), "MLANE_DATABASE_URL": pg_url,
+            "MLANE_STRIPE_API_KEY": "sk_test_meterlane"}
+
+
+def client_for(fake_stripe: str) -> stripe.StripeClient:
+    return stripe.StripeClient("sk_test_meterlane", base_addresses={"api": fake_stripe})
+
+
+def test_plans_sync_creates_the_catalog_once(env: dict[str, str], fake_stripe: str,
+                                             tag: str) -> None:
+    from meterlane.cli import main
+
+    runner = CliRunner()
+    first = runner.invoke(main, ["plans", "sync"], env=env)
+    assert first.exit_code == 0, first.output
+    lines = first.output.splitlines()
+    for expected in (f"created     product mlane_pro-{tag}", f"created     price pro-{tag}@1",
+                     f"created     price pro-{tag}@2", f"created     price team-{tag}@1",
+                     f"created     product mlane_pack_small-{tag}",
+                     f"created     price pack:small-{tag}"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    assert not any(f"free-{tag}" in line for line in lines)  # a free plan has nothing to sell
+    second = runner.invoke(main, ["plans", "sync"], env=env)
+    assert second.exit_code == 0, second.output
+    assert "Stripe is in sync: nothing changed" in second.output
+    stripe_side = client_for(fake_stripe)
+    [team] = stripe_side.v1.prices.list(params={"lookup_keys": [f"team-{tag}@1"]}).data
+    assert (team.unit_amount, team.currency, team.recurring.interval) == (19200, "usd", "year")
+    [old] = stripe_side.v1.prices.list(params={"lookup_keys": [f"old-{tag}@1"]}).data
+    assert old.active is False  # retired: kept for its subscribers, sold no more
+
+
+def test_a_price_that_differs_in_stripe_is_reported_not_overwritten(
+        env: dict[str, str], fake_stripe: str, tag: str) -> None:
+    from meterlane.cli import main
+
+    stripe_side = client_for(fake_stripe)
+    stripe_side.v1.products.create(params={"id": f"mlane_team-{tag}", "name": "Team"})
+    stripe_side.v1.prices.create(params={
+        "product": f"mlane_team-{tag}", "unit_amount": 15000, "currency": "usd",
+        "recurring": {"interval": "year"}, "lookup_key": f"team-{tag}@1"})
+    result = CliRunner().invoke(main, ["plans", "sync"], env=env)
+    assert result.exit_code == 1
+    assert f"conflict    price team-{tag}@1" in result.output
+    assert "publish the change as a new version" in result.output
+
+
+def test_stripe_unreachable_or_unconfigured_is_a_clear_error(env: dict[str, str]) -> None:
+    from meterlane.cli import main
+
+    path = Path(env["MLANE_CONFIG"])
+    down = path.read_text().replace("api_base = \"http://127.0.0.1:", "api_base = \"http://"
+                                    "127.0.0.1:9#")
+    path.write_text(down)
+    result = CliRunner().invoke(main, ["plans", "sync"], env=env)
+    assert result.exit_code == 1 and "The Stripe sync failed" in result.output
+    unconfigured = CliRunner().invoke(main, ["plans", "sync"],
+                                      env={**env, "MLANE_STRIPE_API_KEY": ""})
+    assert unconfigured.exit_code == 1 and "MLANE_STRIPE_API_KEY" in unconfigured.output
+
+
+@pytest.fixture()
+def app(env: dict[str, str], tmp_path: Path, pg_url: str, fake_stripe: str,
+        upstream: FakeUpstream, tag: str) -> Any:
+    from meterlane.app import create_app
+    from meterlane.cli import main
+
+    assert CliRunner().invoke(main, ["plans", "sync"], env=env).exit_code == 0
+    config = config_from_toml(Path(env["MLANE_CONFIG"]).read_text(), tmp_path,
+                              database_url=pg_url)
+    app = create_app(replace(config, stripe_api_key="sk_test_meterlane"))
+    yield app
+    app.extensions["wiring"].engine.dispose()
+
+
+def checkout(client: Any, key: str, **body: Any) -> Any:
+    return client.post("/v1/checkout/sessions", headers=bearer(key), json={
+        "user": "alice", "success_url": "https://app.example/ok",
+        "cancel_url": "https://app.example/back", **body})
+
+
+def test_checkout_for_a_plan_and_for_a_credit_pack(app: Any, tag: str, fake_stripe: str,
+                                                   clean_db: Engine) -> None:
+    from meterlane.core.auth import Role
+
+    key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+    client = app.test_client()
+    plan = checkout(client, key, plan=f"pro-{tag}")
+    assert plan.status_code == 201, plan.data
+    body = plan.get_json()
+    assert body["mode"] == "subscription" and body["item"] == f"pro-{tag}@2"  # current version
+    assert body["url"].startswith("https://checkout.stripe.com/")
+    stripe_side = client_for(fake_stripe)
+    session = stripe_side.v1.checkout.sessions.retrieve(body["id"])
+    assert session.metadata["mlane_user"] == "alice"
+    assert session.subscription_data["metadata"]["mlane_plan"] == f"pro-{tag}@2"
+    pack = checkout(client, key, credit_pack=f"small-{tag}")
+    assert pack.status_code == 201 and pack.get_json()["mode"] == "payment"
+    pack_session = stripe_side.v1.checkout.sessions.retrieve(pack.get_json()["id"])
+    assert pack_session.metadata["mlane_credits"] == "100000"
+    assert pack_session.amount_total == 500
+    assert pack_session.customer == session.customer  # one Stripe customer per end user
+    with clean_db.connect() as conn:
+        assert len(conn.execute(select(StripeCustomer.customer_id)).all()) == 1
+
+
+def test_checkout_refuses_what_cannot_be_bought(app: Any, tag: str) -> None:
+    from meterlane.core.auth import Role
+
+    key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+    client = app.test_client()
+    for body, status, needle in (({"plan": "gold"}, 404, "No plan"),
+                                 ({"plan": f"old-{tag}"}, 400, "retired"),
+                                 ({"plan": f"free-{tag}"}, 400, "free"),
+                                 ({"credit_pack": "huge"}, 404, "No credit pack"),
+                                 ({}, 400, "either a plan or a credit_pack"),
+                                 ({"plan": f"pro-{tag}", "credit_pack": f"small-{tag}"}, 400,
+                                  "either")):
+        resp = checkout(client, key, **body)
+        assert resp.status_code == status, (body, resp.data)
+        assert needle in resp.get_json()["detail"]

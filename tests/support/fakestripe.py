@@ -1,0 +1,186 @@
+"""A fake Stripe API on loopback for tests: localstripe (PyPI, a stateful fake of Stripe's
+core objects: customers, products, ...) plus, for what localstripe does not cover, Prices,
+Checkout Sessions and Billing Meter Events answered in the shapes Stripe documents
+(recorded from its API reference). One process per test session; state in memory only.
+
+Run: python -m tests.support.fakestripe --port 0   (prints "listening on PORT")"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import socket
+import time
+from typing import Any
+
+from aiohttp import web
+
+_prices: dict[str, dict[str, Any]] = {}
+_sessions: dict[str, dict[str, Any]] = {}
+_meter_events: dict[str, dict[str, Any]] = {}
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"type": "invalid_request_error", "message": message,
+                                        "param": param}}, status=status)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+async def _form(request: web.Request) -> dict[str, Any]:
+    from localstripe.server import get_post_data
+
+    data: dict[str, Any] = await get_post_data(request)
+    return data
+
+
+async def create_price(request: web.Request) -> web.Response:
+    data = await _form(request)
+    amount, currency = _int(data.get("unit_amount")), data.get("currency")
+    if amount is None or not currency or not data.get("product"):
+        return _error(400, "Missing required param: unit_amount, currency or product.")
+    lookup = data.get("lookup_key")
+    if lookup:
+        holder = next((p for p in _prices.values() if p["lookup_key"] == lookup), None)
+        if holder is not None:
+            if data.get("transfer_lookup_key") not in ("true", True):
+                return _error(400, f"A price (`{holder['id']}`) already uses that lookup key.",
+                              "lookup_key")
+            holder["lookup_key"] = None
+    recurring = data.get("recurring") or None
+    price = {"id": _id("price"), "object": "price", "active": True,
+             "billing_scheme": "per_unit", "created": int(time.time()), "currency": currency,
+             "livemode": False, "lookup_key": lookup, "metadata": data.get("metadata") or {},
+             "nickname": data.get("nickname"), "product": data["product"],
+             "recurring": ({"interval": recurring.get("interval"),
+                            "interval_count": _int(recurring.get("interval_count")) or 1,
+                            "usage_type": recurring.get("usage_type", "licensed"),
+                            "meter": recurring.get("meter")} if recurring else None),
+             "tax_behavior": "unspecified", "type": "recurring" if recurring else "one_time",
+             "unit_amount": amount, "unit_amount_decimal": str(amount)}
+    _prices[price["id"]] = price
+    return web.json_response(price)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    keys = request.query.getall("lookup_keys[]", []) or [
+        v for k, v in request.query.items() if k.startswith("lookup_keys[")]
+    data = [p for p in _prices.values() if not keys or p["lookup_key"] in keys]
+    if request.query.get("active") in ("true", "false"):
+        data = [p for p in data if p["active"] == (request.query["active"] == "true")]
+    return web.json_response({"object": "list", "url": "/v1/prices", "has_more": False,
+                              "data": data})
+
+
+async def update_price(request: web.Request) -> web.Response:
+    price = _prices.get(request.match_info["id"])
+    if price is None:
+        return _error(404, f"No such price: '{request.match_info['id']}'", "id")
+    data = await _form(request)
+    if "active" in data:
+        price["active"] = data["active"] in ("true", True)
+    if "metadata" in data:
+        price["metadata"].update(data["metadata"] or {})
+    return web.json_response(price)
+
+
+async def get_price(request: web.Request) -> web.Response:
+    price = _prices.get(request.match_info["id"])
+    if price is None:
+        return _error(404, f"No such price: '{request.match_info['id']}'", "id")
+    return web.json_response(price)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    data = await _form(request)
+    mode = data.get("mode")
+    items = data.get("line_items") or []
+    if mode not in ("payment", "subscription", "setup") or not items:
+        return _error(400, "Missing required param: mode or line_items.")
+    for item in items:
+        if item.get("price") not in _prices:
+            return _error(400, f"No such price: '{item.get('price')}'", "line_items[0][price]")
+    total = sum(_prices[i["price"]]["unit_amount"] * (_int(i.get("quantity")) or 1)
+                for i in items)
+    session_id = _id("cs_test")
+    session = {"id": session_id, "object": "checkout.session", "mode": mode,
+               "status": "open", "payment_status": "unpaid", "livemode": False,
+               "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+               "success_url": data.get("success_url"), "cancel_url": data.get("cancel_url"),
+               "customer": data.get("customer"), "customer_email": data.get("customer_email"),
+               "client_reference_id": data.get("client_reference_id"),
+               "metadata": data.get("metadata") or {}, "amount_total": total,
+               "currency": _prices[items[0]["price"]]["currency"],
+               "consent_collection": data.get("consent_collection"),
+               "subscription_data": data.get("subscription_data"),
+               "expires_at": int(time.time()) + 86400, "created": int(time.time())}
+    _sessions[session_id] = session
+    return web.json_response(session)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session = _sessions.get(request.match_info["id"])
+    if session is None:
+        return _error(404, f"No such checkout.session: '{request.match_info['id']}'", "id")
+    return web.json_response(session)
+
+
+async def create_meter_event(request: web.Request) -> web.Response:
+    data = await _form(request)
+    identifier = data.get("identifier") or _id("mev")
+    if not data.get("event_name") or not isinstance(data.get("payload"), dict):
+        return _error(400, "Missing required param: event_name or payload.")
+    if identifier in _meter_events:  # Stripe de-duplicates by identifier
+        return _error(400, f"An event with identifier {identifier} already exists.",
+                      "identifier")
+    event = {"object": "billing.meter_event", "created": int(time.time()),
+             "event_name": data["event_name"], "identifier": identifier, "livemode": False,
+             "payload": data["payload"], "timestamp": _int(data.get("timestamp"))}
+    _meter_events[identifier] = event
+    return web.json_response(event)
+
+
+async def list_meter_events(request: web.Request) -> web.Response:
+    """Not Stripe's API: what the fake received, for tests to compare (GET /_fake/...)."""
+    return web.json_response({"data": list(_meter_events.values())})
+
+
+def build() -> web.Application:
+    from localstripe import resources
+    from localstripe.server import app
+
+    resources.store.dump_to_disk = lambda: None  # type: ignore[method-assign]
+    app.router.add_post("/v1/prices", create_price)
+    app.router.add_get("/v1/prices", list_prices)
+    app.router.add_get("/v1/prices/{id}", get_price)
+    app.router.add_post("/v1/prices/{id}", update_price)
+    app.router.add_post("/v1/checkout/sessions", create_session)
+    app.router.add_get("/v1/checkout/sessions/{id}", get_session)
+    app.router.add_post("/v1/billing/meter_events", create_meter_event)
+    app.router.add_get("/_config/meter_events", list_meter_events)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(128)  # connections wait in the backlog until the app accepts them
+    print(f"listening on {sock.getsockname()[1]}", flush=True)
+    web.run_app(build(), sock=sock, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
