@@ -36,6 +36,7 @@ from meterlane.plans.billing import BillingService
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.checkout import CheckoutService
 from meterlane.plans.credits import CreditsService
+from meterlane.plans.overage import OverageReporter
 from meterlane.plans.service import PlanService
 from meterlane.plans.stripe_sync import stripe_client
 
@@ -63,6 +64,7 @@ class Wiring:
     accrual: AccrualService
     billing: BillingService
     checkout: CheckoutService
+    overage: OverageReporter
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -129,12 +131,14 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     billing = BillingService(engine, catalog, plans, credits,
                              webhook_secret=config.stripe_webhook_secret)
     checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config))
+    overage = OverageReporter(engine, functools.partial(stripe_client, config))
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
-                  credits=credits, accrual=accrual, billing=billing, checkout=checkout)
+                  credits=credits, accrual=accrual, billing=billing, checkout=checkout,
+                  overage=overage)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:

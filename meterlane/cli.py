@@ -279,6 +279,53 @@ def plans_sync() -> None:
 
 
 @main.group()
+def billing() -> None:
+    """Stripe billing: overage reporting and reconciliation."""
+
+
+@billing.command("report-overage")
+def billing_report_overage() -> None:
+    """Account recent usage, then send overage not yet reported to Stripe (meter events)."""
+    from meterlane.core.db import utcnow
+    from meterlane.core.errors import DomainError
+
+    wiring = _wiring()
+    wiring.accrual.accrue_all(utcnow())
+    try:
+        sent = wiring.overage.report()
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    click.echo(f"reported {sent} overage meter events to Stripe")
+
+
+@billing.command("reconcile")
+@click.option("--period", required=True, help="The month, e.g. 2026-11.")
+def billing_reconcile(period: str) -> None:
+    """Compare, per end user, overage in the ledger, reported, and summed by Stripe."""
+    from meterlane.core.db import utcnow
+    from meterlane.core.errors import DomainError
+
+    wiring = _wiring()
+    wiring.accrual.accrue_all(utcnow())
+    try:
+        lines = wiring.overage.reconcile(period)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    click.echo(f"{'end user':>9}  {'customer':<30} {'ledger':>12} {'reported':>12} "
+               f"{'stripe':>12}  state")
+    for line in lines:
+        state = "ok" if line.ok else ("no Stripe customer" if line.customer is None
+                                      else "DIFFERENCE")
+        stripe_sum = "-" if line.stripe is None else f"{line.stripe:,}"
+        click.echo(f"{line.end_user_id:>9}  {line.customer or '-':<30} {line.ledger:>12,} "
+                   f"{line.reported:>12,} {stripe_sum:>12}  {state}")
+    bad = [line for line in lines if not line.ok]
+    if bad:
+        raise click.ClickException(f"{len(bad)} of {len(lines)} end users differ for {period}")
+    click.echo(f"{period}: {len(lines)} end users with overage, all reconciled")
+
+
+@main.group()
 def credits() -> None:
     """Credits: usage past plan allowances, burned from grants or billed as overage."""
 

@@ -50,6 +50,8 @@ class CheckoutService:
                 raise InvalidRequestError(f"Plan {plan.ref} is free: there is nothing to buy.",
                                           param="plan")
             ref, mode = plan.ref, "subscription"
+            # overage is billed by a metered price on the same subscription
+            extra_prices = [f"{ref}:overage"] if plan.terms.overage else []
             subscription: dict[str, Any] = {"metadata": {**meta, "mlane_plan": plan.ref}}
             if plan.terms.trial_days:
                 subscription["trial_period_days"] = plan.terms.trial_days
@@ -60,18 +62,24 @@ class CheckoutService:
             if pack is None:
                 raise NotFoundError(f"No credit pack {pack_id!r}.", param="credit_pack")
             ref, mode = pack.ref, "payment"
+            extra_prices = []
             meta["mlane_credits"] = str(pack.credits)
             params = {}
         try:
             client = self.client()
-            found = client.v1.prices.list(params={"lookup_keys": [ref], "limit": 1}).data
-            if not found or not found[0].active:
-                raise ConflictError(f"Stripe has no active price for {ref}: run `meterlane "
-                                    "plans sync`.", code="price_not_synced")
+            keys = [ref] + extra_prices
+            prices = {p.lookup_key: p for p in client.v1.prices.list(
+                params={"lookup_keys": keys, "limit": 10}).data if p.active}
+            missing = [k for k in keys if k not in prices]
+            if missing:
+                raise ConflictError(f"Stripe has no active price for {', '.join(missing)}: "
+                                    "run `meterlane plans sync`.", code="price_not_synced")
+            items: list[dict[str, Any]] = [{"price": prices[ref].id, "quantity": 1}]
+            items += [{"price": prices[k].id} for k in keys[1:]]  # metered: no quantity
             customer = self._customer(client, app_id, end_user_id, user)
             create: Any = {  # a TypedDict in stripe's stubs; built from plain values here
                 "mode": mode, "customer": customer, "client_reference_id": f"{app_id}:"
-                f"{end_user_id}", "line_items": [{"price": found[0].id, "quantity": 1}],
+                f"{end_user_id}", "line_items": items,
                 "success_url": success_url, "cancel_url": cancel_url, "metadata": meta,
                 **params}
             session = client.v1.checkout.sessions.create(params=create)

@@ -81,6 +81,7 @@ class CreditOverage(Base):
     plan_version: Mapped[int]
     credits: Mapped[int] = mapped_column(BigInteger)
     happened_at: Mapped[datetime]
+    reported_at: Mapped[datetime | None]  # sent to Stripe as a meter event
 
 
 class CreditCursor(Base):

@@ -6,6 +6,7 @@ error to fix in the config (publish a new version), never something sync overwri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import stripe
@@ -16,6 +17,7 @@ from meterlane.plans.catalog import Catalog, Plan
 from meterlane.plans.terms import CreditPack
 
 PRODUCT_PREFIX = "mlane_"
+METER_EVENT = "mlane_overage_credits"
 
 
 class BillingProviderError(DomainError):
@@ -55,12 +57,18 @@ def sync(client: stripe.StripeClient, catalog: Catalog) -> list[SyncChange]:
     """Create or update the products and prices of every priced plan version."""
     changes: list[SyncChange] = []
     try:
+        meter: str | None = None
+        if any(p.terms.overage for p in catalog.plans):
+            meter, change = _meter(client)
+            changes.append(change)
         for plan_id in dict.fromkeys(p.id for p in catalog.plans):
             versions = [p for p in catalog.plans if p.id == plan_id and p.terms.price]
             if versions:
                 current = max(versions, key=lambda p: p.version)
                 changes.append(_product(client, current))
                 changes.extend(_price(client, plan) for plan in versions)
+                changes.extend(_overage_price(client, plan, meter) for plan in versions
+                               if plan.terms.overage and meter)
         for pack in catalog.packs:
             changes.extend(_pack(client, pack))
     except stripe.StripeError as exc:
@@ -140,3 +148,43 @@ def _pack(client: stripe.StripeClient, pack: CreditPack) -> list[SyncChange]:
         client.v1.prices.update(found[0].id, params={"active": False})
     out.append(SyncChange("price", pack.ref, "updated" if found else "created", created.id))
     return out
+
+
+def _meter(client: stripe.StripeClient) -> tuple[str, SyncChange]:
+    """The one Stripe meter that overage credits are reported to (summed per customer)."""
+    for meter in client.v1.billing.meters.list(params={"status": "active", "limit": 100}).data:
+        if meter.event_name == METER_EVENT:
+            return meter.id, SyncChange("meter", METER_EVENT, "unchanged", meter.id)
+    created = client.v1.billing.meters.create(params={
+        "display_name": "Meterlane overage credits", "event_name": METER_EVENT,
+        "default_aggregation": {"formula": "sum"},
+        "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+        "value_settings": {"event_payload_key": "value"}})
+    return created.id, SyncChange("meter", METER_EVENT, "created", created.id)
+
+
+def overage_key(plan: Plan) -> str:
+    return f"{plan.ref}:overage"
+
+
+def _overage_price(client: stripe.StripeClient, plan: Plan, meter: str) -> SyncChange:
+    """The metered price of a plan version's overage: per credit, exact in decimal minor
+    units (200 per 1M credits -> "0.0002")."""
+    overage, price = plan.terms.overage, plan.terms.price
+    assert overage is not None and price is not None
+    per_credit = Decimal(overage.price_per_1m) / 1_000_000
+    found = client.v1.prices.list(params={"lookup_keys": [overage_key(plan)], "limit": 1}).data
+    if found:
+        existing = found[0]
+        if Decimal(existing.unit_amount_decimal or "0") != per_credit:
+            return SyncChange("price", overage_key(plan), "conflict",
+                              f"Stripe has {existing.unit_amount_decimal} per credit; the "
+                              f"catalog says {per_credit}")
+        return SyncChange("price", overage_key(plan), "unchanged", existing.id)
+    created = client.v1.prices.create(params={
+        "product": product_id(plan.id), "currency": price.currency,
+        "unit_amount_decimal": per_credit, "lookup_key": overage_key(plan),
+        "recurring": {"interval": price.interval, "usage_type": "metered", "meter": meter},
+        "nickname": f"{plan.name} v{plan.version} overage",
+        "metadata": {"mlane_plan": plan.id, "mlane_version": str(plan.version)}})
+    return SyncChange("price", overage_key(plan), "created", created.id)

@@ -18,6 +18,7 @@ from aiohttp import web
 _prices: dict[str, dict[str, Any]] = {}
 _sessions: dict[str, dict[str, Any]] = {}
 _meter_events: dict[str, dict[str, Any]] = {}
+_meters: dict[str, dict[str, Any]] = {}
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -46,7 +47,8 @@ async def _form(request: web.Request) -> dict[str, Any]:
 async def create_price(request: web.Request) -> web.Response:
     data = await _form(request)
     amount, currency = _int(data.get("unit_amount")), data.get("currency")
-    if amount is None or not currency or not data.get("product"):
+    decimal_amount = data.get("unit_amount_decimal")
+    if (amount is None and decimal_amount is None) or not currency or not data.get("product"):
         return _error(400, "Missing required param: unit_amount, currency or product.")
     lookup = data.get("lookup_key")
     if lookup:
@@ -66,7 +68,8 @@ async def create_price(request: web.Request) -> web.Response:
                             "usage_type": recurring.get("usage_type", "licensed"),
                             "meter": recurring.get("meter")} if recurring else None),
              "tax_behavior": "unspecified", "type": "recurring" if recurring else "one_time",
-             "unit_amount": amount, "unit_amount_decimal": str(amount)}
+             "unit_amount": amount,
+             "unit_amount_decimal": str(decimal_amount if amount is None else amount)}
     _prices[price["id"]] = price
     return web.json_response(price)
 
@@ -109,8 +112,9 @@ async def create_session(request: web.Request) -> web.Response:
     for item in items:
         if item.get("price") not in _prices:
             return _error(400, f"No such price: '{item.get('price')}'", "line_items[0][price]")
+    # metered prices (usage billed later) add nothing to what is paid at checkout
     total = sum(_prices[i["price"]]["unit_amount"] * (_int(i.get("quantity")) or 1)
-                for i in items)
+                for i in items if _prices[i["price"]]["unit_amount"] is not None)
     session_id = _id("cs_test")
     session = {"id": session_id, "object": "checkout.session", "mode": mode,
                "status": "open", "payment_status": "unpaid", "livemode": False,
@@ -149,6 +153,53 @@ async def create_meter_event(request: web.Request) -> web.Response:
     return web.json_response(event)
 
 
+async def create_meter(request: web.Request) -> web.Response:
+    data = await _form(request)
+    name = data.get("event_name")
+    if not name or not data.get("display_name"):
+        return _error(400, "Missing required param: event_name or display_name.")
+    if any(m["event_name"] == name and m["status"] == "active" for m in _meters.values()):
+        return _error(400, f"An active meter with event_name `{name}` already exists.",
+                      "event_name")
+    meter = {"id": _id("mtr"), "object": "billing.meter", "created": int(time.time()),
+             "display_name": data["display_name"], "event_name": name,
+             "status": "active", "livemode": False,
+             "default_aggregation": data.get("default_aggregation") or {"formula": "sum"},
+             "customer_mapping": data.get("customer_mapping") or {
+                 "event_payload_key": "stripe_customer_id", "type": "by_id"},
+             "value_settings": data.get("value_settings") or {"event_payload_key": "value"}}
+    _meters[meter["id"]] = meter
+    return web.json_response(meter)
+
+
+async def list_meters(request: web.Request) -> web.Response:
+    data = [m for m in _meters.values()
+            if request.query.get("status") in (None, m["status"])]
+    return web.json_response({"object": "list", "url": "/v1/billing/meters",
+                              "has_more": False, "data": data})
+
+
+async def meter_event_summaries(request: web.Request) -> web.Response:
+    meter = _meters.get(request.match_info["id"])
+    if meter is None:
+        return _error(404, f"No such billing.meter: '{request.match_info['id']}'", "id")
+    customer = request.query.get("customer")
+    start, end = _int(request.query.get("start_time")), _int(request.query.get("end_time"))
+    if not customer or start is None or end is None:
+        return _error(400, "Missing required param: customer, start_time or end_time.")
+    total = 0.0
+    for ev in _meter_events.values():
+        if (ev["event_name"] == meter["event_name"]
+                and ev["payload"].get("stripe_customer_id") == customer
+                and start <= (ev["timestamp"] or ev["created"]) < end):
+            total += float(ev["payload"].get("value") or 0)
+    summary = {"id": _id("mtrusg"), "object": "billing.meter_event_summary",
+               "aggregated_value": total, "start_time": start, "end_time": end,
+               "livemode": False, "meter": meter["id"]}
+    return web.json_response({"object": "list", "has_more": False, "data": [summary],
+                              "url": f"/v1/billing/meters/{meter['id']}/event_summaries"})
+
+
 async def list_meter_events(request: web.Request) -> web.Response:
     """Not Stripe's API: what the fake received, for tests to compare (GET /_fake/...)."""
     return web.json_response({"data": list(_meter_events.values())})
@@ -166,6 +217,9 @@ def build() -> web.Application:
     app.router.add_post("/v1/checkout/sessions", create_session)
     app.router.add_get("/v1/checkout/sessions/{id}", get_session)
     app.router.add_post("/v1/billing/meter_events", create_meter_event)
+    app.router.add_post("/v1/billing/meters", create_meter)
+    app.router.add_get("/v1/billing/meters", list_meters)
+    app.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
     app.router.add_get("/_config/meter_events", list_meter_events)
     return app
 
