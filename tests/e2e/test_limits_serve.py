@@ -31,11 +31,13 @@ from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 QUOTA = 10_000
+# The kill test waits for a lease to expire: its server's leases are short. The burst runs
+# on a server with long ones: 500 calls of one user queue on the SQL store's lock for
+# seconds, and a lease that expires while its call waits has its reservation returned early
+# (leases are not renewed; the default lease_seconds is 600).
 LEASE_SECONDS = 5
+BURST_LEASE_SECONDS = 120
 PLANS = f"""
-[limits]
-lease_seconds = {LEASE_SECONDS}
-
 [[plans]]
 id = "burst"
 default = true
@@ -97,13 +99,14 @@ def _user_id(conn: Any, user: str) -> int:
     return int(conn.execute(select(EndUser.id).where(EndUser.external_id == user)).scalar_one())
 
 
-@pytest.fixture(scope="module", params=["redis", "sql"])
-def served(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstream,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp(f"limits-{request.param}")
+def _serve(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstream,
+           tmp_path_factory: pytest.TempPathFactory, lease_seconds: int) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp(f"limits-{request.param}-{lease_seconds}")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
-    url = create_database(pg_server, f"mlane_e2e_limits_{request.param}_{worker}")
-    (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + PLANS)
+    url = create_database(pg_server,
+                          f"mlane_e2e_limits_{request.param}_{lease_seconds}_{worker}")
+    (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + PLANS
+                                        + f"\n[limits]\nlease_seconds = {lease_seconds}\n")
     env = {**os.environ, "MLANE_DATABASE_URL": url, "MLANE_CONFIG": str(tmp / "meterlane.toml"),
            "MLANE_DATA_DIR": str(tmp / "var"), "MLANE_KEY_CACHE_SECONDS": "0"}
     stop_redis = None
@@ -124,6 +127,19 @@ def served(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstrea
         engine.dispose()
         if stop_redis:
             stop_redis()
+
+
+@pytest.fixture(scope="module", params=["redis", "sql"])
+def served(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstream,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from _serve(request, pg_server, upstream, tmp_path_factory, BURST_LEASE_SECONDS)
+
+
+@pytest.fixture(scope="module", params=["redis", "sql"])
+def served_short(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstream,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server whose leases expire after LEASE_SECONDS."""
+    yield from _serve(request, pg_server, upstream, tmp_path_factory, LEASE_SECONDS)
 
 
 def test_500_parallel_calls_from_4_processes_never_overspend(served: Served) -> None:
@@ -163,7 +179,8 @@ def _workers(master: int) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def test_a_killed_worker_leaks_no_quota(served: Served) -> None:
+def test_a_killed_worker_leaks_no_quota(served_short: Served) -> None:
+    served = served_short
     """kill -9 every worker while calls hold leases; after the lease time the quota is whole."""
     body = {"model": "gpt-4o-mini", "user": "victim", "max_tokens": 500, "stream": True,
             "messages": [{"role": "user", "content": "hi"}], "fake": {"chunk_delay_ms": 200}}
