@@ -39,6 +39,7 @@ from meterlane.plans.credits import CreditsService
 from meterlane.plans.overage import OverageReporter
 from meterlane.plans.service import PlanService
 from meterlane.plans.stripe_sync import stripe_client
+from meterlane.plans.subscriptions import SubscriptionService
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -65,6 +66,7 @@ class Wiring:
     billing: BillingService
     checkout: CheckoutService
     overage: OverageReporter
+    subscriptions: SubscriptionService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -132,13 +134,15 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                              webhook_secret=config.stripe_webhook_secret)
     checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config))
     overage = OverageReporter(engine, functools.partial(stripe_client, config))
+    subscriptions = SubscriptionService(engine, catalog,
+                                        functools.partial(stripe_client, config))
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
                   credits=credits, accrual=accrual, billing=billing, checkout=checkout,
-                  overage=overage)
+                  overage=overage, subscriptions=subscriptions)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:

@@ -12,6 +12,8 @@ from meterlane.plans.schemas import (
     CheckoutSessionSchema,
     PlanAssignmentRequestSchema,
     PlanAssignmentSchema,
+    SubscriptionChangeRequestSchema,
+    SubscriptionChangeSchema,
 )
 
 bp = Blueprint("plans", __name__, url_prefix="/v1")
@@ -59,3 +61,27 @@ def create_checkout() -> Response:
         pack_id=args.get("credit_pack"), success_url=args["success_url"],
         cancel_url=args["cancel_url"])
     return wiring().json(CheckoutSessionSchema().dump(session.__dict__), status=201)
+
+
+@bp.post("/subscriptions/<sub_id>/change")
+@documented(summary="Change a subscription's plan: an upgrade at once (prorated), a "
+            "downgrade at the end of the period", body=SubscriptionChangeRequestSchema,
+            response=SubscriptionChangeSchema, tag="billing")
+def change_subscription(sub_id: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = SubscriptionChangeRequestSchema().load(json_body())
+    change = wiring().subscriptions.change(app_id=app_in_scope(principal),
+                                           subscription_id=sub_id, plan_id=args["plan"])
+    return wiring().json(SubscriptionChangeSchema().dump(change.__dict__))
+
+
+@bp.post("/subscriptions/<sub_id>/cancel")
+@documented(summary="Cancel a subscription at the end of its paid period",
+            response=SubscriptionChangeSchema, tag="billing")
+def cancel_subscription(sub_id: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    change = wiring().subscriptions.cancel(app_id=app_in_scope(principal),
+                                           subscription_id=sub_id)
+    return wiring().json(SubscriptionChangeSchema().dump(change.__dict__))

@@ -41,7 +41,13 @@ class WebhookRetryError(DomainError):
 
 
 def _at(ts: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(ts), UTC) if ts else None
+    """A Stripe timestamp (seconds since the epoch) as a UTC datetime."""
+    if not ts:
+        return None
+    try:
+        return datetime.fromtimestamp(int(ts), UTC)
+    except (TypeError, ValueError, OverflowError, OSError) as exc:
+        raise InvalidRequestError(f"Bad Stripe timestamp {ts!r}") from exc
 
 
 class BillingService:

@@ -38,3 +38,20 @@ class CheckoutSessionSchema(Schema):
     url = fields.String(metadata={"description": "Send the end user here to pay"})
     mode = fields.String(metadata={"description": "subscription (a plan) or payment (a pack)"})
     item = fields.String(metadata={"description": "The plan version or credit pack bought"})
+
+
+class SubscriptionChangeRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    plan = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class SubscriptionChangeSchema(Schema):
+    object = fields.Constant("subscription.change")
+    subscription = fields.String()
+    action = fields.String(metadata={"description": "upgraded (at once, prorated), "
+                                     "downgrade_scheduled or cancel_scheduled (at the end of "
+                                     "the period)"})
+    plan = fields.String()
+    effective_at = fields.AwareDateTime(allow_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -150,7 +151,7 @@ def test_openapi_documents_every_non_gateway_route(app: Any, client: Any) -> Non
     for rule in app.url_map.iter_rules():
         if rule.endpoint.startswith(("gateway.", "static")):
             continue
-        path = rule.rule.replace("<path:user>", "{user}")
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         assert path in doc["paths"], f"{rule.rule} is not in the OpenAPI document"
     usage = doc["paths"]["/v1/usage"]["get"]
     assert any(p["name"] == "group_by" for p in usage["parameters"])

@@ -197,8 +197,11 @@ def test_bad_deliveries_are_refused_and_change_nothing(app: Any, user: tuple[str
     stale = signed(payload, at=int(time.time()) - 3600)  # outside Stripe's 5-minute tolerance
     assert client.post(HOOK, data=payload, headers=stale).status_code == 400
     assert client.post(HOOK, data=b"{not json", headers=signed(b"{not json")).status_code == 400
+    absurd = event("evt_z", "customer.subscription.created",
+                   subscription("sub_z", "active", "pro@1", owner=meta(*user[1:])), 10**15)
+    assert client.post(HOOK, data=absurd, headers=signed(absurd)).status_code == 400
     with clean_db.connect() as conn:
-        assert conn.execute(text("select count(*) from stripe_events")).scalar_one() == 0
+        assert conn.execute(text("select count(*) from subscriptions")).scalar_one() == 0
 
 
 def test_webhooks_are_off_without_a_secret(clean_db: Engine, pg_url: str,

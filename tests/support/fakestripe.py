@@ -19,6 +19,9 @@ _prices: dict[str, dict[str, Any]] = {}
 _sessions: dict[str, dict[str, Any]] = {}
 _meter_events: dict[str, dict[str, Any]] = {}
 _meters: dict[str, dict[str, Any]] = {}
+_subscriptions: dict[str, dict[str, Any]] = {}
+_schedules: dict[str, dict[str, Any]] = {}
+MONTH = 30 * 86400
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -205,23 +208,147 @@ async def list_meter_events(request: web.Request) -> web.Response:
     return web.json_response({"data": list(_meter_events.values())})
 
 
+def _sub_item(price_id: str, quantity: Any = None) -> dict[str, Any]:
+    price = _prices[price_id]
+    metered = (price.get("recurring") or {}).get("usage_type") == "metered"
+    return {"id": _id("si"), "object": "subscription_item", "price": price,
+            "quantity": None if metered else (_int(quantity) or 1)}
+
+
+async def create_subscription(request: web.Request) -> web.Response:
+    """Subscriptions with Prices (localstripe's take Plans only)."""
+    data = await _form(request)
+    items = data.get("items") or []
+    if not data.get("customer") or not items:
+        return _error(400, "Missing required param: customer or items.")
+    if any(i.get("price") not in _prices for i in items):
+        return _error(400, "No such price.", "items")
+    now = int(time.time())
+    sub = {"id": _id("sub"), "object": "subscription", "customer": data["customer"],
+           "status": "active", "metadata": data.get("metadata") or {},
+           "billing_cycle_anchor": now, "cancel_at_period_end": False, "trial_end": None,
+           "current_period_start": now, "current_period_end": now + MONTH, "schedule": None,
+           "items": {"object": "list", "data": [_sub_item(i["price"], i.get("quantity"))
+                                                 for i in items]},
+           "latest_proration_behavior": None}
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=now, current_period_end=now + MONTH)
+    _subscriptions[sub["id"]] = sub
+    return web.json_response(sub)
+
+
+async def get_subscription(request: web.Request) -> web.Response:
+    sub = _subscriptions.get(request.match_info["id"])
+    if sub is None:
+        return _error(404, f"No such subscription: '{request.match_info['id']}'", "id")
+    return web.json_response(sub)
+
+
+async def update_subscription(request: web.Request) -> web.Response:
+    sub = _subscriptions.get(request.match_info["id"])
+    if sub is None:
+        return _error(404, f"No such subscription: '{request.match_info['id']}'", "id")
+    data = await _form(request)
+    if sub.get("schedule") and "items" in data:
+        return _error(400, "The subscription is managed by a subscription schedule.")
+    items = sub["items"]["data"]
+    for change in data.get("items") or []:
+        current = next((i for i in items if i["id"] == change.get("id")), None)
+        if change.get("id") and current is None:
+            return _error(400, f"No such subscription item: {change['id']}", "items")
+        if change.get("deleted") in ("true", True):
+            items.remove(current)
+        elif current is not None and change.get("price"):
+            if change["price"] not in _prices:
+                return _error(400, "No such price.", "items")
+            current["price"] = _prices[change["price"]]
+        elif change.get("price"):
+            if change["price"] not in _prices:
+                return _error(400, "No such price.", "items")
+            items.append(_sub_item(change["price"], change.get("quantity")))
+    if "cancel_at_period_end" in data:
+        sub["cancel_at_period_end"] = data["cancel_at_period_end"] in ("true", True)
+    if "proration_behavior" in data:
+        sub["latest_proration_behavior"] = data["proration_behavior"]
+    sub["metadata"].update(data.get("metadata") or {})
+    return web.json_response(sub)
+
+
+async def create_schedule(request: web.Request) -> web.Response:
+    data = await _form(request)
+    sub = _subscriptions.get(data.get("from_subscription") or "")
+    if sub is None:
+        return _error(400, "from_subscription names no subscription.", "from_subscription")
+    if sub.get("schedule"):
+        return _error(400, "The subscription already has a schedule.", "from_subscription")
+    schedule = {"id": _id("sub_sched"), "object": "subscription_schedule",
+                "subscription": sub["id"], "end_behavior": "release", "status": "active",
+                "phases": [{"start_date": sub["current_period_start"],
+                            "end_date": sub["current_period_end"],
+                            "items": [{"price": i["price"]["id"], "quantity": i["quantity"]}
+                                      for i in sub["items"]["data"]],
+                            "proration_behavior": "create_prorations"}]}
+    sub["schedule"] = schedule["id"]
+    _schedules[schedule["id"]] = schedule
+    return web.json_response(schedule)
+
+
+async def update_schedule(request: web.Request) -> web.Response:
+    schedule = _schedules.get(request.match_info["id"])
+    if schedule is None:
+        return _error(404, f"No such subscription_schedule: '{request.match_info['id']}'")
+    data = await _form(request)
+    phases = data.get("phases")
+    if phases is not None:
+        for phase in phases:
+            if any(i.get("price") not in _prices for i in phase.get("items") or []):
+                return _error(400, "No such price.", "phases")
+        if _int(phases[0].get("start_date")) != schedule["phases"][0]["start_date"]:
+            return _error(400, "You can not modify the start date of the current phase.")
+        schedule["phases"] = [{**ph, "start_date": _int(ph.get("start_date")),
+                               "end_date": _int(ph.get("end_date"))} for ph in phases]
+    if data.get("end_behavior"):
+        schedule["end_behavior"] = data["end_behavior"]
+    return web.json_response(schedule)
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    schedule = _schedules.get(request.match_info["id"])
+    if schedule is None:
+        return _error(404, f"No such subscription_schedule: '{request.match_info['id']}'")
+    return web.json_response(schedule)
+
+
 def build() -> web.Application:
     from localstripe import resources
     from localstripe.server import app
 
     resources.store.dump_to_disk = lambda: None  # type: ignore[method-assign]
-    app.router.add_post("/v1/prices", create_price)
-    app.router.add_get("/v1/prices", list_prices)
-    app.router.add_get("/v1/prices/{id}", get_price)
-    app.router.add_post("/v1/prices/{id}", update_price)
-    app.router.add_post("/v1/checkout/sessions", create_session)
-    app.router.add_get("/v1/checkout/sessions/{id}", get_session)
-    app.router.add_post("/v1/billing/meter_events", create_meter_event)
-    app.router.add_post("/v1/billing/meters", create_meter)
-    app.router.add_get("/v1/billing/meters", list_meters)
-    app.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
-    app.router.add_get("/_config/meter_events", list_meter_events)
-    return app
+    ours = web.Application(middlewares=app.middlewares)
+    ours.router.add_post("/v1/subscriptions", create_subscription)
+    ours.router.add_get("/v1/subscriptions/{id}", get_subscription)
+    ours.router.add_post("/v1/subscriptions/{id}", update_subscription)
+    ours.router.add_post("/v1/subscription_schedules", create_schedule)
+    ours.router.add_get("/v1/subscription_schedules/{id}", get_schedule)
+    ours.router.add_post("/v1/subscription_schedules/{id}", update_schedule)
+    ours.router.add_post("/v1/prices", create_price)
+    ours.router.add_get("/v1/prices", list_prices)
+    ours.router.add_get("/v1/prices/{id}", get_price)
+    ours.router.add_post("/v1/prices/{id}", update_price)
+    ours.router.add_post("/v1/checkout/sessions", create_session)
+    ours.router.add_get("/v1/checkout/sessions/{id}", get_session)
+    ours.router.add_post("/v1/billing/meter_events", create_meter_event)
+    ours.router.add_post("/v1/billing/meters", create_meter)
+    ours.router.add_get("/v1/billing/meters", list_meters)
+    ours.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
+    ours.router.add_get("/_config/meter_events", list_meter_events)
+    # then localstripe's own routes: ours, registered first, answer where both exist
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if path and route.method != "HEAD":
+            ours.router.add_route(route.method, path, route.handler)
+    return ours
 
 
 def main() -> None:
