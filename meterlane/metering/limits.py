@@ -490,6 +490,17 @@ class LimitsService:
         lines.sort(key=lambda line: order.get(id(line.limit), 0))
         return assignment.plan, lines
 
+    def allowance_used(self, app_id: int, end_user_id: int, assignment: Assignment,
+                       now: datetime) -> int:
+        """Credits on the allowance counter of the cycle holding `now` (settled and held)."""
+        found = [a for a in self._applied(app_id, end_user_id, assignment, None, now)
+                 if a.limit.id == ALLOWANCE_ID]
+        if not found:
+            return 0
+        with store_down_is_503():
+            [state] = self.store.peek(found[0].tag, [found[0].check], now_ms=epoch_ms(now))
+        return state.used
+
     # -- the ledger is the truth: catch-up and rebuild (limits_replay.py) --------------------
 
     def _start_catch_up(self) -> None:

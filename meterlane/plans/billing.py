@@ -24,7 +24,9 @@ from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundErro
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.credits import CreditsService
 from meterlane.plans.models import RevenueEvent, StripeCustomer, StripeEvent, Subscription
-from meterlane.plans.service import PlanService
+from meterlane.plans.service import Assignment, PlanService
+from meterlane.plans.subscriptions import monthly_price
+from meterlane.plans.windows import parse_window, period_of
 
 log = logging.getLogger(__name__)
 HANDLED = ("checkout.session.completed", "customer.subscription.created",
@@ -32,6 +34,10 @@ HANDLED = ("checkout.session.completed", "customer.subscription.created",
            "invoice.payment_failed", "charge.refunded")
 ON_PLAN = ("trialing", "active")  # other statuses fall back to the app's default plan
 META_APP, META_USER = "mlane_app_id", "mlane_end_user_id"
+_CYCLE = parse_window("cycle", "UTC")
+
+
+AllowanceUsed = Callable[[int, int, Assignment, datetime], int]
 
 
 class WebhookRetryError(DomainError):
@@ -53,8 +59,12 @@ def _at(ts: Any) -> datetime | None:
 class BillingService:
     def __init__(self, engine: Engine, catalog: Catalog, plans: PlanService,
                  credits: CreditsService, *, webhook_secret: str | None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 allowance_used: AllowanceUsed | None = None) -> None:
         self.engine = engine
+        # Credits of the allowance used so far in a cycle (the limits engine's counter):
+        # what an upgrade that does not carry usage over sets aside.
+        self.allowance_used = allowance_used
         self.catalog = catalog
         self.plans = plans
         self.credits = credits
@@ -182,6 +192,14 @@ class BillingService:
         else:
             conn.execute(update(Subscription).where(Subscription.id == obj["id"]).values(**row))
         if status in ON_PLAN:
+            before = self.plans.plan_of(user).plan
+            if (before.id != plan.id and monthly_price(plan) > monthly_price(before)
+                    and not plan.terms.upgrade_carries_usage
+                    and plan.terms.allowance is not None and self.allowance_used):
+                now = self.clock()
+                used = self.allowance_used(app_id, user, Assignment(plan, anchor, True), now)
+                self.credits.set_offset_in(conn, user, period_of(_CYCLE, now, anchor).start,
+                                           used)
             self.plans.assign_in(conn, app_id, user, plan, anchor)
         else:
             self.plans.unassign_in(conn, user)

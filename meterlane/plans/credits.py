@@ -21,7 +21,13 @@ from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.db import utcnow
 from meterlane.core.errors import ConflictError, InvalidRequestError
-from meterlane.plans.models import CreditBurn, CreditCursor, CreditGrant, CreditOverage
+from meterlane.plans.models import (
+    AllowanceOffset,
+    CreditBurn,
+    CreditCursor,
+    CreditGrant,
+    CreditOverage,
+)
 from meterlane.plans.service import Assignment
 from meterlane.plans.windows import parse_window, period_of
 
@@ -209,7 +215,10 @@ class CreditsService:
                 select(func.coalesce(func.sum(CreditBurn.amount), 0)).where(
                     CreditBurn.end_user_id == end_user_id,
                     CreditBurn.burned_at >= cycle.start)).scalar_one()
-        extra = int(burned_in_cycle) + summarise(grants, now).balance
+            offset = conn.execute(select(AllowanceOffset.credits).where(
+                AllowanceOffset.end_user_id == end_user_id,
+                AllowanceOffset.cycle_start == cycle.start)).scalar_one_or_none() or 0
+        extra = int(burned_in_cycle) + int(offset) + summarise(grants, now).balance
         if terms.overage is not None:
             extra += terms.overage.headroom_credits
         with self._lock:
@@ -217,6 +226,22 @@ class CreditsService:
                 self._cache.clear()
             self._cache[key] = (clock + self.cache_seconds, extra)
         return extra
+
+    def set_offset_in(self, conn: Connection, end_user_id: int, cycle_start: datetime,
+                      credits: int) -> None:
+        """Usage of the cycle so far no longer counts against its allowance (an upgrade that
+        does not carry usage over); a later such upgrade in the cycle moves it up."""
+        current = conn.execute(select(AllowanceOffset.credits).where(
+            AllowanceOffset.end_user_id == end_user_id,
+            AllowanceOffset.cycle_start == cycle_start)).scalar_one_or_none()
+        if current is None:
+            conn.execute(insert(AllowanceOffset).values(
+                end_user_id=end_user_id, cycle_start=cycle_start, credits=credits))
+        elif credits > current:
+            conn.execute(update(AllowanceOffset).where(
+                AllowanceOffset.end_user_id == end_user_id,
+                AllowanceOffset.cycle_start == cycle_start).values(credits=credits))
+        self._forget(end_user_id)
 
     def _forget(self, end_user_id: int) -> None:
         with self._lock:
@@ -260,6 +285,9 @@ class CreditsService:
             cycle_start = cursor.cycle_start if cursor else None
             used = cursor.cycle_used if cursor else 0
             grants = self.balances(end_user_id, conn)
+            offsets = dict(conn.execute(select(AllowanceOffset.cycle_start,
+                                               AllowanceOffset.credits).where(
+                AllowanceOffset.end_user_id == end_user_id)).all())
             burns: list[dict[str, Any]] = []
             overages: list[dict[str, Any]] = []
             for ev in events:
@@ -273,7 +301,8 @@ class CreditsService:
                 elif cycle_start is not None and start < cycle_start:
                     start = cycle_start  # a late event of a closed cycle counts in the open one
                 cycle_start = start
-                from_allowance = min(ev.credits, max(0, terms.allowance - used))
+                allowance = terms.allowance + int(offsets.get(start, 0))
+                from_allowance = min(ev.credits, max(0, allowance - used))
                 used += ev.credits
                 rest = ev.credits - from_allowance
                 for grant_id, amount in burn(grants, rest, ev.at):

@@ -158,3 +158,14 @@ class RevenueEvent(Base):
     period_start: Mapped[datetime | None]
     period_end: Mapped[datetime | None]
     occurred_at: Mapped[datetime]
+
+
+class AllowanceOffset(Base):
+    """Allowance credits used in a cycle before an upgrade that does not carry usage over:
+    the new plan's allowance starts from here, as if that usage had not happened."""
+
+    __tablename__ = "allowance_offsets"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    cycle_start: Mapped[datetime] = mapped_column(primary_key=True)
+    credits: Mapped[int] = mapped_column(BigInteger)
