@@ -195,3 +195,17 @@ def test_checkout_refuses_what_cannot_be_bought(app: Any, tag: str) -> None:
         resp = checkout(client, key, **body)
         assert resp.status_code == status, (body, resp.data)
         assert needle in resp.get_json()["detail"]
+
+
+def test_checkout_with_stripe_unreachable_is_a_502(app: Any, tag: str) -> None:
+    from meterlane.core.auth import Role
+
+    w = app.extensions["wiring"]
+    key = w.keys.create_key(Role.APP, "acme").key
+    dead = replace(w.config, stripe_api_base="http://127.0.0.1:9")
+    from meterlane.plans.stripe_sync import stripe_client
+
+    w.checkout.client = lambda: stripe_client(dead)
+    resp = checkout(app.test_client(), key, plan=f"pro-{tag}")
+    assert resp.status_code == 502, resp.data
+    assert "Stripe could not start the checkout" in resp.get_json()["detail"]
