@@ -351,7 +351,7 @@ def _plan_summary(plan: Any) -> str:
     t = plan.terms
     parts = [plan.name]
     parts.append(f"{format_minor(t.price.amount, t.price.currency)}/{t.price.interval}"
-                 if t.price else "free")
+                 if t.price else "no price")
     if t.trial_days:
         parts.append(f"trial {t.trial_days} d")
     if t.allowance is not None:

@@ -24,6 +24,7 @@ from meterlane.metering.limitstore import (
 )
 
 PREFIX = "ml:"
+MAX_IDLE = 64  # idle connections a worker keeps for its scripts
 
 
 def _script(name: str) -> str:
@@ -68,8 +69,10 @@ class _Lane:
         as its ResponseError, the others as redis-py parses them."""
         if self._pid != os.getpid():  # a forked child never shares its parent's sockets
             self._free, self._pid = [], os.getpid()
-        reused = bool(self._free)
-        conn = self._free.pop() if reused else self._cls(**self._kwargs)
+        try:
+            conn, reused = self._free.pop(), True
+        except IndexError:  # none free (atomic under threads as under greenlets)
+            conn, reused = self._cls(**self._kwargs), False
         try:
             replies = self._send(conn, commands)
         except RedisConnectionError:
@@ -85,7 +88,10 @@ class _Lane:
         except BaseException:
             conn.disconnect()
             raise
-        self._free.append(conn)
+        if len(self._free) < MAX_IDLE:
+            self._free.append(conn)
+        else:  # after a burst, keep a bounded number of idle connections
+            conn.disconnect()
         return replies
 
     @staticmethod

@@ -29,7 +29,8 @@ from meterlane.plans.subscriptions import monthly_price
 from meterlane.plans.windows import parse_window, period_of
 
 log = logging.getLogger(__name__)
-HANDLED = ("checkout.session.completed", "customer.subscription.created",
+HANDLED = ("checkout.session.completed", "checkout.session.async_payment_succeeded",
+           "customer.subscription.created",
            "customer.subscription.updated", "customer.subscription.deleted", "invoice.paid",
            "invoice.payment_failed", "charge.refunded")
 ON_PLAN = ("trialing", "active")  # other statuses fall back to the app's default plan
@@ -87,6 +88,11 @@ class BillingService:
         event_id, kind = event.id, event.type
         if kind not in HANDLED:
             return "ignored"
+        data = doc.get("data")
+        obj = data.get("object") if isinstance(data, dict) else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            raise InvalidRequestError(f"Stripe event {event_id} carries no data.object with "
+                                      "an id")
         with self.engine.begin() as conn:
             try:
                 conn.execute(insert(StripeEvent).values(
@@ -101,9 +107,20 @@ class BillingService:
             return "duplicate"
         try:
             with self.engine.begin() as conn:
-                self._handle(conn, kind, doc["data"]["object"], _at(doc.get("created")))
-                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id)
+                self._handle(conn, kind, obj, _at(doc.get("created")))
+                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id,
+                                                       StripeEvent.handled_at.is_(None))
                              .values(handled_at=self.clock(), error=None))
+        except IntegrityError as exc:
+            with self.engine.connect() as conn:
+                done = conn.execute(select(StripeEvent.handled_at).where(
+                    StripeEvent.id == event_id)).scalar_one()
+            if done is not None:
+                return "duplicate"  # handled at the same moment by another worker
+            raise WebhookRetryError(f"Event {event_id} could not be applied ({exc.orig}); "
+                                    "Stripe will deliver it again.") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"Stripe event {event_id} is malformed: {exc!r}") from exc
         except _NotYetError as exc:
             with self.engine.begin() as conn:
                 conn.execute(update(StripeEvent).where(StripeEvent.id == event_id)
@@ -117,7 +134,7 @@ class BillingService:
     def _handle(self, conn: Connection, kind: str, obj: dict[str, Any],
                 created: datetime | None) -> None:
         at = created or self.clock()
-        if kind == "checkout.session.completed":
+        if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             self._checkout_completed(conn, obj, at)
         elif kind.startswith("customer.subscription."):
             self._subscription(conn, obj, at, deleted=kind.endswith(".deleted"))
@@ -152,7 +169,7 @@ class BillingService:
         credits = int(meta.get("mlane_credits") or 0)
         if obj.get("mode") == "payment" and credits > 0:
             if obj.get("payment_status") not in ("paid", "no_payment_required"):
-                return  # asynchronous payment: granted on checkout.session.async_payment_...
+                return  # paid later: granted on checkout.session.async_payment_succeeded
             self.credits.grant_in(conn, app_id=app_id, end_user_id=user, amount=credits,
                                   source="topup", external_id=obj["id"], granted_at=at,
                                   note="credit pack bought through Stripe Checkout")
@@ -183,17 +200,25 @@ class BillingService:
                "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),
                "trial_end": _at(obj.get("trial_end")), "last_event_at": at,
                "updated_at": self.clock()}
-        last = conn.execute(select(Subscription.last_event_at).where(
-            Subscription.id == obj["id"])).scalar_one_or_none()
-        if last is not None and last > at:
-            return  # an older event arriving late: the newer one already applied
-        if last is None:
+        # Locked: two events of one subscription handled at once apply in turn.
+        prior = conn.execute(select(Subscription.last_event_at, Subscription.status,
+                                    Subscription.plan_id, Subscription.plan_version)
+                             .where(Subscription.id == obj["id"]).with_for_update()).first()
+        if prior is not None and (prior.last_event_at > at or prior.status == "canceled"):
+            # an older event arriving late (Stripe stamps events to the second), or any
+            # event after the end: a canceled subscription never comes back
+            return
+        if prior is None:
             conn.execute(insert(Subscription).values(id=obj["id"], **row))
         else:
             conn.execute(update(Subscription).where(Subscription.id == obj["id"]).values(**row))
         if status in ON_PLAN:
-            before = self.plans.plan_of(user).plan
-            if (before.id != plan.id and monthly_price(plan) > monthly_price(before)
+            # what this subscription was on before this event (not the user's plan of the
+            # moment, which is the default while the subscription is past due)
+            before = (self.catalog.get(prior.plan_id, prior.plan_version)
+                      if prior is not None and prior.status in ON_PLAN else None)
+            if (before is not None and before.id != plan.id
+                    and monthly_price(plan) > monthly_price(before)
                     and not plan.terms.upgrade_carries_usage
                     and plan.terms.allowance is not None and self.allowance_used):
                 now = self.clock()
@@ -201,6 +226,14 @@ class BillingService:
                 self.credits.set_offset_in(conn, user, period_of(_CYCLE, now, anchor).start,
                                            used)
             self.plans.assign_in(conn, app_id, user, plan, anchor)
+            return
+        others = conn.execute(select(Subscription.plan_id, Subscription.plan_version,
+                                     Subscription.billing_anchor).where(
+            Subscription.end_user_id == user, Subscription.id != obj["id"],
+            Subscription.status.in_(ON_PLAN)).order_by(Subscription.updated_at.desc())).first()
+        other = self.catalog.get(others.plan_id, others.plan_version) if others else None
+        if others is not None and other is not None:  # another live subscription still holds
+            self.plans.assign_in(conn, app_id, user, other, others.billing_anchor)
         else:
             self.plans.unassign_in(conn, user)
 
@@ -226,8 +259,9 @@ class BillingService:
     @staticmethod
     def _link(conn: Connection, customer: str, app_id: int, end_user_id: int) -> None:
         known = conn.execute(select(StripeCustomer.end_user_id).where(
-            StripeCustomer.customer_id == customer)).scalar_one_or_none()
-        if known is None:
+            (StripeCustomer.customer_id == customer)
+            | (StripeCustomer.end_user_id == end_user_id))).first()
+        if known is None:  # the first customer of an end user is the one that maps back
             conn.execute(insert(StripeCustomer).values(customer_id=customer, app_id=app_id,
                                                        end_user_id=end_user_id))
 

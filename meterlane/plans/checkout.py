@@ -11,11 +11,12 @@ from typing import Any
 import stripe
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from meterlane.plans.billing import META_APP, META_USER
 from meterlane.plans.catalog import Catalog
-from meterlane.plans.models import StripeCustomer
+from meterlane.plans.models import StripeCustomer, Subscription
 from meterlane.plans.stripe_sync import BillingProviderError
 
 
@@ -49,6 +50,14 @@ class CheckoutService:
             if plan.terms.price is None:
                 raise InvalidRequestError(f"Plan {plan.ref} is free: there is nothing to buy.",
                                           param="plan")
+            with self.engine.connect() as conn:
+                live = conn.execute(select(Subscription.id).where(
+                    Subscription.end_user_id == end_user_id,
+                    Subscription.status.in_(("trialing", "active", "past_due")))).first()
+            if live is not None:
+                raise ConflictError(f"The end user already has subscription {live[0]}: change "
+                                    f"it (POST /v1/subscriptions/{live[0]}/change) instead.",
+                                    code="already_subscribed")
             ref, mode = plan.ref, "subscription"
             # overage is billed by a metered price on the same subscription
             extra_prices = [f"{ref}:overage"] if plan.terms.overage else []
@@ -97,7 +106,12 @@ class CheckoutService:
             return str(known)
         customer = client.v1.customers.create(params={
             "metadata": {META_APP: str(app_id), META_USER: str(end_user_id), "mlane_user": user}})
-        with self.engine.begin() as conn:
-            conn.execute(insert(StripeCustomer).values(customer_id=customer.id, app_id=app_id,
-                                                       end_user_id=end_user_id))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(StripeCustomer).values(
+                    customer_id=customer.id, app_id=app_id, end_user_id=end_user_id))
+        except IntegrityError:  # a checkout at the same moment linked one first: use it
+            with self.engine.connect() as conn:
+                return str(conn.execute(select(StripeCustomer.customer_id).where(
+                    StripeCustomer.end_user_id == end_user_id)).scalar_one())
         return str(customer.id)

@@ -8,6 +8,7 @@ package feeds the events (plans never reads the ledger itself)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from meterlane.plans.models import (
 from meterlane.plans.service import Assignment
 from meterlane.plans.windows import parse_window, period_of
 
+log = logging.getLogger(__name__)
 SOURCES = ("topup", "promotion", "refund", "rollover")
 DEFAULT_PRIORITY = 100
 MAX_GRANT = 10**15
@@ -130,6 +132,9 @@ class CreditsService:
         if source not in SOURCES:
             raise InvalidRequestError(f"source must be one of {', '.join(SOURCES)}",
                                       param="source")
+        if external_id.startswith("rollover:"):
+            raise InvalidRequestError("external_id may not start with 'rollover:' (Meterlane's "
+                                      "own rollover grants use it)", param="external_id")
         at = granted_at or self.clock()
         if expires_at is not None and expires_at <= at:
             raise InvalidRequestError("expires_at must be after the grant", param="expires_at")
@@ -269,8 +274,14 @@ class CreditsService:
         now = now or self.clock()
         try:
             done = self._account(app_id, end_user_id, assignment, events, now)
-        except (_RacedError, IntegrityError):
+        except _RacedError:
             return 0  # another run accounted these first (its rows are committed, these not)
+        except IntegrityError:
+            # Two first runs creating the cursor at once: the other won. Anything else that
+            # lands here recurs, so it is logged where an operator sees it.
+            log.exception("accounting the usage of end user %s was refused by the database",
+                          end_user_id)
+            return 0
         self._forget(end_user_id)
         return done
 
@@ -293,6 +304,10 @@ class CreditsService:
             for ev in events:
                 if ev.event_id <= last:
                     continue
+                if cursor is None and ev.at < assignment.anchored_at:
+                    # usage from before the user came onto this plan is not charged to it
+                    last = ev.event_id
+                    continue
                 start = period_of(_CYCLE, ev.at, assignment.anchored_at).start
                 if cycle_start is not None and start > cycle_start:
                     self._close_cycles(conn, app_id, end_user_id, assignment, cycle_start, used,
@@ -310,7 +325,7 @@ class CreditsService:
                                   "usage_event_id": ev.event_id, "amount": amount,
                                   "burned_at": ev.at})
                     rest -= amount
-                if rest > 0:
+                if rest > 0 and terms.overage is not None:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
                                      "credits": rest, "happened_at": ev.at})
@@ -350,8 +365,10 @@ class CreditsService:
                 break
             following = period_of(_CYCLE, cycle.end, assignment.anchored_at)
             amount = min(max(0, terms.allowance - used), terms.rollover_cap)
-            if amount > 0:
-                external = f"rollover:{end_user_id}:{cycle.start.isoformat()}"
+            external = f"rollover:{end_user_id}:{cycle.start.isoformat()}"
+            exists = conn.execute(select(CreditGrant.id).where(
+                CreditGrant.app_id == app_id, CreditGrant.external_id == external)).first()
+            if amount > 0 and exists is None:
                 new_id = conn.execute(insert(CreditGrant).values(
                     app_id=app_id, end_user_id=end_user_id, amount=amount, source="rollover",
                     priority=DEFAULT_PRIORITY, granted_at=cycle.end,

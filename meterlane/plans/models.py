@@ -82,6 +82,8 @@ class CreditOverage(Base):
     credits: Mapped[int] = mapped_column(BigInteger)
     happened_at: Mapped[datetime]
     reported_at: Mapped[datetime | None]  # sent to Stripe as a meter event
+    # why Stripe refused it (e.g. older than Stripe accepts); not sent again until cleared
+    report_error: Mapped[str | None] = mapped_column(String(500))
 
 
 class CreditCursor(Base):

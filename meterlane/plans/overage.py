@@ -5,6 +5,7 @@ reconciliation of what the ledger says, what was reported, and what Stripe summe
 from __future__ import annotations
 
 import calendar
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from meterlane.core.db import utcnow
 from meterlane.core.errors import InvalidRequestError
 from meterlane.plans.models import CreditOverage, StripeCustomer
 from meterlane.plans.stripe_sync import METER_EVENT, BillingProviderError
+
+log = logging.getLogger(__name__)
 
 
 def meter_identifier(usage_event_id: int) -> str:
@@ -65,26 +68,32 @@ class OverageReporter:
                 select(CreditOverage.usage_event_id, CreditOverage.credits,
                        CreditOverage.happened_at, StripeCustomer.customer_id)
                 .join(StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
-                .where(CreditOverage.reported_at.is_(None))
+                .where(CreditOverage.reported_at.is_(None),
+                       CreditOverage.report_error.is_(None))
                 .order_by(CreditOverage.usage_event_id).limit(batch)).all()
         client = self.client()
         sent = 0
         for event_id, credits, happened_at, customer in rows:
+            values: dict[str, object] = {"reported_at": self.clock()}
             try:
                 client.v1.billing.meter_events.create(params={
                     "event_name": METER_EVENT, "identifier": meter_identifier(event_id),
                     "payload": {"stripe_customer_id": customer, "value": str(credits)},
                     "timestamp": int(happened_at.timestamp())})
+                sent += 1
             except stripe.InvalidRequestError as exc:
-                if "already exists" not in str(exc):  # sent before, not marked: it is there
-                    raise BillingProviderError(f"Stripe refused overage of event {event_id}: "
-                                               f"{exc.user_message or exc}") from exc
+                if "already exists" in str(exc):
+                    sent += 1  # sent before but not marked: Stripe has it
+                else:
+                    # Refused for good (too old, an unknown customer): kept aside, shown by
+                    # reconcile, and the rest still go.
+                    log.error("Stripe refused the overage of usage event %s: %s", event_id, exc)
+                    values = {"report_error": str(exc.user_message or exc)[:500]}
             except stripe.StripeError as exc:
                 raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
             with self.engine.begin() as conn:
                 conn.execute(update(CreditOverage).where(
-                    CreditOverage.usage_event_id == event_id).values(reported_at=self.clock()))
-            sent += 1
+                    CreditOverage.usage_event_id == event_id).values(**values))
         return sent
 
     def reconcile(self, period: str, *, ask_stripe: bool = True) -> list[ReconcileLine]:

@@ -77,6 +77,7 @@ class SubscriptionService:
             client = self.client()
             sub = client.v1.subscriptions.retrieve(subscription_id)
             prices = self._prices(client, target)
+            self._release_schedule(client, sub)  # this change replaces an earlier scheduled one
             items: list[dict[str, Any]] = []
             for item in sub["items"].data:
                 recurring = item.price.recurring
@@ -111,13 +112,22 @@ class SubscriptionService:
         """Cancel at the end of the paid period (idempotent)."""
         row = self._row(app_id, subscription_id)
         try:
-            self.client().v1.subscriptions.update(subscription_id,
-                                                  params={"cancel_at_period_end": True})
+            client = self.client()
+            # a scheduled downgrade would renew the subscription: the cancel replaces it
+            self._release_schedule(client, client.v1.subscriptions.retrieve(subscription_id))
+            client.v1.subscriptions.update(subscription_id, params={"cancel_at_period_end": True})
         except stripe.StripeError as exc:
             raise BillingProviderError(f"Stripe could not cancel the subscription: "
                                        f"{exc.user_message or exc}") from exc
         return SubscriptionChange(subscription_id, "cancel_scheduled",
                                   f"{row.plan_id}@{row.plan_version}", row.current_period_end)
+
+    @staticmethod
+    def _release_schedule(client: stripe.StripeClient, sub: Any) -> None:
+        schedule = getattr(sub, "schedule", None)
+        if schedule:
+            client.v1.subscription_schedules.release(
+                schedule if isinstance(schedule, str) else schedule.id)
 
     def _prices(self, client: stripe.StripeClient, plan: Plan) -> list[str]:
         keys = [plan.ref] + ([f"{plan.ref}:overage"] if plan.terms.overage else [])

@@ -128,6 +128,7 @@ def test_bad_grants_are_refused(app: Any, keys: Keys) -> None:
     past = (NOW - timedelta(days=1)).isoformat()
     for body, field in (({"expires_at": past}, "expires_at"), ({"amount": 0}, "amount"),
                         ({"amount": 1.5}, "amount"), ({"source": "rollover"}, "source"),
+                        ({"external_id": "rollover:1:x"}, "external_id"),
                         ({"colour": "red"}, "colour")):
         payload = {"amount": 10, "source": "promotion", "external_id": "x", **body}
         resp = client.post("/v1/users/alice/credits/grants", json=payload,
@@ -174,3 +175,20 @@ def test_unused_allowance_rolls_over_capped_into_the_next_cycle(app: Any, keys: 
     assert rolled[0]["state"] == "live" and body["balance"] == 50
     again = credits(client, keys.app, "carol")  # accounting twice changes nothing
     assert again == body
+
+
+def test_usage_from_before_the_plan_is_not_charged_to_it(app: Any, keys: Keys,
+                                                         clean_db: Engine) -> None:
+    client = app.test_client()
+    app.clock.now = NOW - timedelta(days=5)
+    track(client, keys.app, "erin", 500, "old")  # on the default plan, days ago
+    app.clock.now = NOW
+    anchor = (NOW - timedelta(days=1)).isoformat()
+    assert client.put("/v1/users/erin/plan", json={"plan": "metered", "anchored_at": anchor},
+                      headers=bearer(keys.app)).status_code == 200
+    track(client, keys.app, "erin", 120, "new")
+    credits(client, keys.app, "erin")
+    with clean_db.connect() as conn:
+        over = conn.execute(select(func.coalesce(func.sum(CreditOverage.credits), 0))
+                            ).scalar_one()
+    assert over == 20  # only what passed the allowance since the plan began

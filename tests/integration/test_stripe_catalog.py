@@ -209,3 +209,27 @@ def test_checkout_with_stripe_unreachable_is_a_502(app: Any, tag: str) -> None:
     resp = checkout(app.test_client(), key, plan=f"pro-{tag}")
     assert resp.status_code == 502, resp.data
     assert "Stripe could not start the checkout" in resp.get_json()["detail"]
+
+
+def test_a_second_plan_checkout_is_refused(app: Any, tag: str, clean_db: Engine) -> None:
+    from sqlalchemy import insert
+
+    from meterlane.core.auth import Role
+    from meterlane.core.db import utcnow
+    from meterlane.plans.models import Subscription
+
+    w = app.extensions["wiring"]
+    key = w.keys.create_key(Role.APP, "acme").key
+    principal = w.auth.authenticate(key)
+    end_user_id = w.tenancy.ensure_end_user(principal.app_id, "alice")
+    now = utcnow()
+    with clean_db.begin() as conn:  # as the webhooks of a first subscription leave it
+        conn.execute(insert(Subscription).values(
+            id="sub_live", app_id=principal.app_id, end_user_id=end_user_id,
+            plan_id=f"pro-{tag}", plan_version=2, status="active", billing_anchor=now,
+            current_period_start=now, current_period_end=None, cancel_at_period_end=False,
+            trial_end=None, last_event_at=now, updated_at=now))
+    resp = checkout(app.test_client(), key, plan=f"team-{tag}")
+    assert resp.status_code == 409 and resp.get_json()["code"] == "already_subscribed"
+    pack = checkout(app.test_client(), key, credit_pack=f"small-{tag}")
+    assert pack.status_code == 201  # credit packs are not subscriptions

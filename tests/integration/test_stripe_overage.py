@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from meterlane.core.db import utcnow
@@ -116,3 +116,29 @@ def test_reconcile_refuses_a_bad_period(setup: Any) -> None:
     for bad in ("2026-13", "November", "2026-1"):
         result = cli(env, "billing", "reconcile", "--period", bad)
         assert result.exit_code == 1 and "month like 2026-11" in result.output
+
+
+def test_an_overage_stripe_refuses_is_set_aside_and_the_rest_still_go(
+        setup: Any, clean_db: Engine) -> None:
+    from datetime import timedelta
+
+    app, key, env, tag = setup
+    client = app.test_client()
+    client.post("/v1/checkout/sessions", headers=bearer(key), json={
+        "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
+        "cancel_url": "https://a.example/no"})
+    client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
+    track(client, key, 130, "u1")
+    track(client, key, 20, "u2")
+    client.get("/v1/users/alice/credits", headers=bearer(key))  # accounts: 30 + 20 overage
+    with clean_db.begin() as conn:  # the first is older than Stripe takes (35 days)
+        first = conn.execute(select(func.min(CreditOverage.usage_event_id))).scalar_one()
+        conn.execute(update(CreditOverage).where(CreditOverage.usage_event_id == first)
+                     .values(happened_at=utcnow() - timedelta(days=40)))
+    sent = cli(env, "billing", "report-overage")
+    assert sent.exit_code == 0 and "reported 1 overage" in sent.output, sent.output
+    with clean_db.connect() as conn:
+        refused = conn.execute(select(CreditOverage.report_error).where(
+            CreditOverage.usage_event_id == first)).scalar_one()
+    assert refused and "35" in refused
+    assert "reported 0 overage" in cli(env, "billing", "report-overage").output  # set aside

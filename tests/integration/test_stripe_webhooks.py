@@ -262,3 +262,43 @@ def test_any_order_and_any_replay_end_in_the_same_state(
     assert facts == [("credit_purchase", 500), ("refund", -250)] and granted == 700
     assigned = app.extensions["wiring"].plans.plan_of(end_user_id)
     assert assigned.plan.ref == "team@1"
+
+
+def test_a_pack_paid_later_is_granted_when_the_payment_succeeds(
+        app: Any, user: tuple[str, int, int]) -> None:
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    session = {"id": "cs_async", "object": "checkout.session", "mode": "payment",
+               "customer": "cus_a", "metadata": {**meta(app_id, end_user_id),
+                                                 "mlane_credits": "300"},
+               "amount_total": 300, "currency": "eur"}
+    deliver(client, event("evt_c1", "checkout.session.completed",
+                          {**session, "payment_status": "unpaid"}, 100))
+    assert client.get("/v1/users/alice/credits", headers=bearer(key)).get_json()["granted"] == 0
+    deliver(client, event("evt_c2", "checkout.session.async_payment_succeeded",
+                          {**session, "payment_status": "paid"}, 200))
+    assert client.get("/v1/users/alice/credits", headers=bearer(key)).get_json()["granted"] \
+        == 300
+
+
+def test_a_canceled_subscription_stays_canceled(app: Any, user: tuple[str, int, int]) -> None:
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    owner = meta(app_id, end_user_id)
+    deliver(client, event("evt_d1", "customer.subscription.deleted",
+                          subscription("sub_d", "canceled", "pro@1", owner=owner), 100))
+    deliver(client, event("evt_d2", "customer.subscription.updated",
+                          subscription("sub_d", "active", "pro@1", owner=owner), 100))
+    assert plan_of(client, key) == "free"  # same second, after the end: ignored
+
+
+def test_a_malformed_event_is_a_400(app: Any, user: tuple[str, int, int]) -> None:
+    client = app.test_client()
+    for obj in (None, {"object": "subscription"}, {"id": "sub_m", "metadata": {
+            "mlane_app_id": "x", "mlane_end_user_id": "1"}, "items": {"data": [{
+                "price": {"lookup_key": "pro@1"}}]}}):
+        payload = orjson.dumps({"id": f"evt_{id(obj)}", "object": "event",
+                                "type": "customer.subscription.updated", "created": 1,
+                                "data": {"object": obj}})
+        resp = client.post(HOOK, data=payload, headers=signed(payload))
+        assert resp.status_code == 400, (obj, resp.data)

@@ -131,7 +131,9 @@ def test_upgrade_now_downgrade_and_cancel_at_period_end(world: Any) -> None:
 
     cancel = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
     assert cancel.status_code == 200 and cancel.get_json()["action"] == "cancel_scheduled"
-    assert client.v1.subscriptions.retrieve(sub_id).cancel_at_period_end is True
+    canceled = client.v1.subscriptions.retrieve(sub_id)
+    assert canceled.cancel_at_period_end is True
+    assert canceled.schedule is None  # the scheduled downgrade no longer renews it
     again = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
     assert again.status_code == 200  # idempotent
 

@@ -32,11 +32,13 @@ allowance = 1000
 id = "plus"
 price = { amount = 2000, currency = "usd", interval = "month" }
 allowance = 2000
+overage = { price_per_1m_tokens = 100, spend_cap = 1 }   # 1 cent buys 10,000 credits
 
 [[plans]]
 id = "fresh"
 price = { amount = 2000, currency = "usd", interval = "month" }
 allowance = 2000
+overage = { price_per_1m_tokens = 100, spend_cap = 1 }   # 1 cent buys 10,000 credits
 upgrade_carries_usage = false
 """
 
@@ -63,7 +65,8 @@ def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream:
     w.engine.dispose()
 
 
-@pytest.mark.parametrize(("target", "remaining"), [("plus", 2000 - 800), ("fresh", 2000)])
+@pytest.mark.parametrize(("target", "remaining"), [("plus", 2000 - 800 + 10_000),
+                                                 ("fresh", 2000 + 10_000)])
 def test_an_upgrade_carries_usage_unless_the_plan_says_not(
         app: Any, target: str, remaining: int, clean_db: Engine) -> None:
     from meterlane.core.auth import Role

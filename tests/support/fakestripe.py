@@ -146,6 +146,9 @@ async def create_meter_event(request: web.Request) -> web.Response:
     identifier = data.get("identifier") or _id("mev")
     if not data.get("event_name") or not isinstance(data.get("payload"), dict):
         return _error(400, "Missing required param: event_name or payload.")
+    stamp = _int(data.get("timestamp")) or int(time.time())
+    if stamp < time.time() - 35 * 86400:  # as Stripe: no events older than 35 days
+        return _error(400, "Timestamp must be within the past 35 calendar days.", "timestamp")
     if identifier in _meter_events:  # Stripe de-duplicates by identifier
         return _error(400, f"An event with identifier {identifier} already exists.",
                       "identifier")
@@ -266,6 +269,8 @@ async def update_subscription(request: web.Request) -> web.Response:
             if change["price"] not in _prices:
                 return _error(400, "No such price.", "items")
             items.append(_sub_item(change["price"], change.get("quantity")))
+    if sub.get("schedule") and "cancel_at_period_end" in data:
+        return _error(400, "The subscription is managed by a subscription schedule.")
     if "cancel_at_period_end" in data:
         sub["cancel_at_period_end"] = data["cancel_at_period_end"] in ("true", True)
     if "proration_behavior" in data:
@@ -312,6 +317,17 @@ async def update_schedule(request: web.Request) -> web.Response:
     return web.json_response(schedule)
 
 
+async def release_schedule(request: web.Request) -> web.Response:
+    schedule = _schedules.get(request.match_info["id"])
+    if schedule is None:
+        return _error(404, f"No such subscription_schedule: '{request.match_info['id']}'")
+    schedule["status"] = "released"
+    sub = _subscriptions.get(schedule["subscription"])
+    if sub is not None:
+        sub["schedule"] = None
+    return web.json_response(schedule)
+
+
 async def get_schedule(request: web.Request) -> web.Response:
     schedule = _schedules.get(request.match_info["id"])
     if schedule is None:
@@ -331,6 +347,7 @@ def build() -> web.Application:
     ours.router.add_post("/v1/subscription_schedules", create_schedule)
     ours.router.add_get("/v1/subscription_schedules/{id}", get_schedule)
     ours.router.add_post("/v1/subscription_schedules/{id}", update_schedule)
+    ours.router.add_post("/v1/subscription_schedules/{id}/release", release_schedule)
     ours.router.add_post("/v1/prices", create_price)
     ours.router.add_get("/v1/prices", list_prices)
     ours.router.add_get("/v1/prices/{id}", get_price)
