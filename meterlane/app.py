@@ -126,10 +126,10 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
             raise ConfigError(str(exc)) from exc
     plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
     credits = CreditsService(engine, cache_seconds=config.key_cache_seconds)
+    accrual = AccrualService(engine, credits, plans, config.models)
     limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
                            config.models, lease_seconds=config.lease_seconds,
-                           extra_allowance=credits.extra_allowance)
-    accrual = AccrualService(engine, credits, plans, config.models)
+                           extra_allowance=accrual.extra_allowance)
     billing = BillingService(engine, catalog, plans, credits,
                              webhook_secret=config.stripe_webhook_secret,
                              allowance_used=limits.allowance_used)

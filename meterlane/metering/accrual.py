@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from meterlane.core.config import ModelConfig
 from meterlane.metering.models import UsageEvent
 from meterlane.plans.credits import CreditsService, UsageCredits
-from meterlane.plans.service import PlanService
+from meterlane.plans.service import Assignment, PlanService
 
 BATCH = 5000
 ACTIVE_DAYS = 62  # accrue_all looks at end users with usage this recent
@@ -49,6 +49,13 @@ class AccrualService:
             done += accounted
             if len(rows) < BATCH or accounted == 0:
                 return done
+
+    def extra_allowance(self, app_id: int, end_user_id: int, assignment: Assignment,
+                        now: datetime) -> int:
+        """What the limits engine may let the user's allowance grow by (credits, overage),
+        with their usage accounted first."""
+        return self.credits.extra_allowance(
+            end_user_id, assignment, now, refresh=lambda: self.accrue(app_id, end_user_id, now))
 
     def accrue_all(self, now: datetime, progress: Callable[[int], None] | None = None) -> int:
         """Accrue every end user with recent usage; returns how many events."""

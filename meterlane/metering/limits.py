@@ -53,7 +53,7 @@ METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
                "concurrent": "g"}
 
 
-ExtraAllowance = Callable[[int, Assignment, datetime], int]
+ExtraAllowance = Callable[[int, int, Assignment, datetime], int]  # app, end user, ...
 
 
 class LimitStoreUnavailableError(Exception):
@@ -186,16 +186,17 @@ class LimitsService:
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
             amount = limit.amount
             if limit.id == ALLOWANCE_ID:
-                amount += self._extra(end_user_id, assignment, now)
+                amount += self._extra(app_id, end_user_id, assignment, now)
             check = self._check(limit, assignment, now, fixed, per_out, amount)
             out.append(Applied(limit, tag, check))
         return out
 
-    def _extra(self, end_user_id: int, assignment: Assignment, now: datetime) -> int:
+    def _extra(self, app_id: int, end_user_id: int, assignment: Assignment,
+               now: datetime) -> int:
         if self.extra_allowance is None:
             return 0
         try:
-            return self.extra_allowance(end_user_id, assignment, now)
+            return self.extra_allowance(app_id, end_user_id, assignment, now)
         except OperationalError:  # the database is down: the allowance alone, never more
             log.exception("could not read the credits of end user %s", end_user_id)
             return 0

@@ -203,7 +203,8 @@ class CreditsService:
 
     # -- what the limits engine may let through past the allowance --------------------------
 
-    def extra_allowance(self, end_user_id: int, assignment: Assignment, now: datetime) -> int:
+    def extra_allowance(self, end_user_id: int, assignment: Assignment, now: datetime,
+                        refresh: Callable[[], object] | None = None) -> int:
         """Credits the allowance counter of the current cycle may grow by: the credits burned
         in this cycle plus the balance (their sum does not move as usage is accounted), plus
         what the overage spend cap buys. Cached for a moment, like plan assignments."""
@@ -214,6 +215,10 @@ class CreditsService:
         clock = time.monotonic()
         if hit is not None and hit[0] > clock:
             return hit[1]
+        if refresh is not None:
+            # Account the usage first: credits a past cycle burned but nobody has accounted
+            # yet would otherwise count as balance again in this one.
+            refresh()
         grants = self.balances(end_user_id)
         with self.engine.connect() as conn:
             burned_in_cycle = conn.execute(

@@ -192,3 +192,12 @@ def test_usage_from_before_the_plan_is_not_charged_to_it(app: Any, keys: Keys,
         over = conn.execute(select(func.coalesce(func.sum(CreditOverage.credits), 0))
                             ).scalar_one()
     assert over == 20  # only what passed the allowance since the plan began
+
+
+def test_credits_burned_in_a_cycle_are_not_spent_again_in_the_next(app: Any, keys: Keys) -> None:
+    client = app.test_client()
+    assert grant(client, keys.app, "fay", 50, "promo-f").status_code == 201
+    track(client, keys.app, "fay", 140, "f1")  # 40 past the allowance: burns 40 credits
+    app.clock.now = NOW + timedelta(days=40)  # a new cycle, nothing accounted yet
+    line = quota(client, keys.app, "fay")["allowance"]
+    assert line["used"] == 0 and line["limit"] == 100 + 10  # the 10 credits left, not 50
