@@ -6,8 +6,6 @@ cancels; webhooks replayed and reordered; overage reported and reconciled."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
 import os
 import time
@@ -26,6 +24,7 @@ from meterlane.plans.models import CreditOverage, RevenueEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.services import create_database
+from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -64,10 +63,8 @@ class Journey:
         return payload
 
     def deliver(self, payload: bytes) -> None:
-        t = str(int(time.time()))
-        sig = hmac.new(SECRET.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
         status, body = self.http("POST", "/v1/stripe/webhook", raw=payload,
-                                 headers={"Stripe-Signature": f"t={t},v1={sig}"})
+                                 headers=stripe_headers(payload, SECRET))
         assert status == 200, body
 
     def quota(self) -> dict[str, Any]:

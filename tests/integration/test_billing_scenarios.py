@@ -6,9 +6,6 @@ Stripe's billing anchor (annual plans too), a calendar-month limit on the 1st.""
 from __future__ import annotations
 
 import calendar
-import hashlib
-import hmac
-import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from tests.conftest import bearer, config_from_toml, gateway_toml
 from tests.integration.test_limits_gateway import NOW, Clock
+from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -65,9 +63,7 @@ def iso(moment: datetime) -> str:
 
 
 def signed(payload: bytes) -> dict[str, str]:
-    t = str(int(time.time()))
-    sig = hmac.new(SECRET.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
+    return stripe_headers(payload, SECRET)
 
 
 def sub_event(event_id: str, kind: str, status: str, plan_ref: str, created: int,

@@ -4,8 +4,6 @@ checkouts link customers and sell credit packs, invoices and refunds become reve
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from meterlane.plans.models import CreditGrant, RevenueEvent, Subscription
 from tests.conftest import _tables, bearer, config_from_toml, gateway_toml
+from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -69,9 +68,7 @@ def user(app: Any) -> tuple[str, int, int]:
 
 
 def signed(payload: bytes, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
-    t = str(at or int(time.time()))
-    sig = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    return {"Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"}
+    return stripe_headers(payload, secret, at)
 
 
 def event(event_id: str, kind: str, obj: dict[str, Any], created: int) -> bytes:

@@ -4,8 +4,6 @@ events then set the plan. Against the fake Stripe, through the official library.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 import uuid
 from dataclasses import replace
@@ -19,6 +17,7 @@ from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 from tests.conftest import bearer, config_from_toml, gateway_toml
+from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -85,10 +84,8 @@ def deliver_current(app: Any, client: stripe.StripeClient, sub_id: str, kind: st
     payload = orjson.dumps({"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind,
                             "created": next(_created), "data": {"object": obj}},
                            default=str)
-    t = str(int(time.time()))
-    sig = hmac.new(SECRET.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    resp = app.test_client().post("/v1/stripe/webhook", data=payload, headers={
-        "Stripe-Signature": f"t={t},v1={sig}", "Content-Type": "application/json"})
+    resp = app.test_client().post("/v1/stripe/webhook", data=payload,
+                                  headers=stripe_headers(payload, SECRET))
     assert resp.status_code == 200, resp.data
 
 
