@@ -284,7 +284,9 @@ def billing() -> None:
 
 
 @billing.command("report-overage")
-def billing_report_overage() -> None:
+@click.option("--retry-refused", is_flag=True,
+              help="Send again the overage Stripe refused before (after fixing the cause).")
+def billing_report_overage(retry_refused: bool) -> None:
     """Account recent usage, then send overage not yet reported to Stripe (meter events)."""
     from meterlane.core.db import utcnow
     from meterlane.core.errors import DomainError
@@ -292,7 +294,7 @@ def billing_report_overage() -> None:
     wiring = _wiring()
     wiring.accrual.accrue_all(utcnow())
     try:
-        sent = wiring.overage.report()
+        sent = wiring.overage.report(retry_refused=retry_refused)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
     click.echo(f"reported {sent} overage meter events to Stripe")

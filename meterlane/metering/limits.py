@@ -174,7 +174,7 @@ class LimitsService:
 
     def _applied(self, app_id: int, end_user_id: int, assignment: Assignment,
                  model: ModelConfig | None, now: datetime, *, prompt_tokens: int = 0,
-                 out_per_token: int = 1) -> list[Applied]:
+                 out_per_token: int = 1, extra: bool = True) -> list[Applied]:
         plan = assignment.plan
         limits = plan.limits_for(model.name) if model else plan.limits
         credits = plan.terms.credits_per_token(model.tier) if model else 1
@@ -185,7 +185,7 @@ class LimitsService:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
             amount = limit.amount
-            if limit.id == ALLOWANCE_ID:
+            if limit.id == ALLOWANCE_ID and extra:
                 amount += self._extra(app_id, end_user_id, assignment, now)
             check = self._check(limit, assignment, now, fixed, per_out, amount)
             out.append(Applied(limit, tag, check))
@@ -494,8 +494,8 @@ class LimitsService:
     def allowance_used(self, app_id: int, end_user_id: int, assignment: Assignment,
                        now: datetime) -> int:
         """Credits on the allowance counter of the cycle holding `now` (settled and held)."""
-        found = [a for a in self._applied(app_id, end_user_id, assignment, None, now)
-                 if a.limit.id == ALLOWANCE_ID]
+        found = [a for a in self._applied(app_id, end_user_id, assignment, None, now,
+                                          extra=False) if a.limit.id == ALLOWANCE_ID]
         if not found:
             return 0
         with store_down_is_503():

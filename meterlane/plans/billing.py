@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.db import utcnow
 from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
-from meterlane.plans.catalog import Catalog
+from meterlane.plans.catalog import Catalog, Plan
 from meterlane.plans.credits import CreditsService
 from meterlane.plans.models import RevenueEvent, StripeCustomer, StripeEvent, Subscription
 from meterlane.plans.service import Assignment, PlanService
@@ -106,8 +106,12 @@ class BillingService:
         if handled is not None:
             return "duplicate"
         try:
+            # Read before the write transaction opens: the limit store may be this same
+            # database (SQLite), whose lock the transaction would hold.
+            set_aside = (self._upgrade_usage(obj, _at(doc.get("created")) or self.clock())
+                         if kind.startswith("customer.subscription.") else None)
             with self.engine.begin() as conn:
-                self._handle(conn, kind, obj, _at(doc.get("created")))
+                self._handle(conn, kind, obj, _at(doc.get("created")), set_aside)
                 conn.execute(update(StripeEvent).where(StripeEvent.id == event_id,
                                                        StripeEvent.handled_at.is_(None))
                              .values(handled_at=self.clock(), error=None))
@@ -132,12 +136,13 @@ class BillingService:
     # -- handling ---------------------------------------------------------------------------
 
     def _handle(self, conn: Connection, kind: str, obj: dict[str, Any],
-                created: datetime | None) -> None:
+                created: datetime | None, set_aside: tuple[datetime, int] | None) -> None:
         at = created or self.clock()
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             self._checkout_completed(conn, obj, at)
         elif kind.startswith("customer.subscription."):
-            self._subscription(conn, obj, at, deleted=kind.endswith(".deleted"))
+            self._subscription(conn, obj, at, deleted=kind.endswith(".deleted"),
+                               set_aside=set_aside)
         elif kind == "invoice.paid":
             app_id, user = self._owner(conn, obj)
             period = (obj.get("lines") or {}).get("data") or [{}]
@@ -176,16 +181,44 @@ class BillingService:
             self._revenue(conn, obj["id"], "credit_purchase", app_id, user,
                           int(obj.get("amount_total") or 0), obj.get("currency") or "usd", at)
 
+    def _upgrade_usage(self, obj: dict[str, Any], at: datetime) -> tuple[datetime, int] | None:
+        """For an upgrade to a plan that does not carry usage over: (cycle start, allowance
+        credits used so far), read before the event is applied; else None."""
+        plan = self._plan_of(obj)
+        if (plan is None or plan.terms.upgrade_carries_usage or plan.terms.allowance is None
+                or self.allowance_used is None or obj.get("status") not in ON_PLAN):
+            return None
+        with self.engine.connect() as conn:
+            prior = conn.execute(select(Subscription.status, Subscription.plan_id,
+                                        Subscription.plan_version, Subscription.last_event_at)
+                                 .where(Subscription.id == obj["id"])).first()
+            if prior is None or prior.status not in ON_PLAN or prior.last_event_at > at:
+                return None
+            before = self.catalog.get(prior.plan_id, prior.plan_version)
+            if (before is None or before.id == plan.id
+                    or monthly_price(plan) <= monthly_price(before)):
+                return None
+            app_id, user = self._owner(conn, obj)
+        anchor = _at(obj.get("billing_cycle_anchor")) or at
+        now = self.clock()
+        used = self.allowance_used(app_id, user, Assignment(plan, anchor, True), now)
+        return period_of(_CYCLE, now, anchor).start, used
+
+    def _plan_of(self, obj: dict[str, Any]) -> Plan | None:
+        items = (obj.get("items") or {}).get("data") or [{}]
+        lookup = (items[0].get("price") or {}).get("lookup_key") or ""
+        plan_id, _, version = lookup.partition("@")
+        return self.catalog.get(plan_id, int(version)) if version.isdigit() else None
+
     def _subscription(self, conn: Connection, obj: dict[str, Any], at: datetime, *,
-                      deleted: bool) -> None:
+                      deleted: bool, set_aside: tuple[datetime, int] | None = None) -> None:
         app_id, user = self._owner(conn, obj)
         if obj.get("customer"):
             self._link(conn, obj["customer"], app_id, user)
         items = (obj.get("items") or {}).get("data") or [{}]
         item = items[0]
         lookup = (item.get("price") or {}).get("lookup_key") or ""
-        plan_id, _, version = lookup.partition("@")
-        plan = self.catalog.get(plan_id, int(version)) if version.isdigit() else None
+        plan = self._plan_of(obj)
         if plan is None:
             raise _NotYetError(f"subscription {obj.get('id')} has price lookup key "
                                f"{lookup!r}, which names no plan version of the catalog")
@@ -213,18 +246,8 @@ class BillingService:
         else:
             conn.execute(update(Subscription).where(Subscription.id == obj["id"]).values(**row))
         if status in ON_PLAN:
-            # what this subscription was on before this event (not the user's plan of the
-            # moment, which is the default while the subscription is past due)
-            before = (self.catalog.get(prior.plan_id, prior.plan_version)
-                      if prior is not None and prior.status in ON_PLAN else None)
-            if (before is not None and before.id != plan.id
-                    and monthly_price(plan) > monthly_price(before)
-                    and not plan.terms.upgrade_carries_usage
-                    and plan.terms.allowance is not None and self.allowance_used):
-                now = self.clock()
-                used = self.allowance_used(app_id, user, Assignment(plan, anchor, True), now)
-                self.credits.set_offset_in(conn, user, period_of(_CYCLE, now, anchor).start,
-                                           used)
+            if set_aside is not None:  # an upgrade that does not carry usage over
+                self.credits.set_offset_in(conn, user, set_aside[0], set_aside[1])
             self.plans.assign_in(conn, app_id, user, plan, anchor)
             return
         others = conn.execute(select(Subscription.plan_id, Subscription.plan_version,

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from meterlane.core.db import utcnow
 from meterlane.core.errors import ConflictError, InvalidRequestError
@@ -215,11 +215,21 @@ class CreditsService:
         clock = time.monotonic()
         if hit is not None and hit[0] > clock:
             return hit[1]
-        if refresh is not None:
-            # Account the usage first: credits a past cycle burned but nobody has accounted
-            # yet would otherwise count as balance again in this one.
-            refresh()
         grants = self.balances(end_user_id)
+        if refresh is not None and grants:
+            with self.engine.connect() as conn:
+                cursor = conn.execute(select(CreditCursor.cycle_start).where(
+                    CreditCursor.end_user_id == end_user_id)).first()
+            if cursor is None or cursor[0] is None or cursor[0] < cycle.start:
+                # Account first: credits an earlier cycle burned but nobody has accounted
+                # yet would otherwise count as balance again in this one. (Within a cycle
+                # the sum burned-this-cycle + balance does not move as usage is accounted.)
+                try:
+                    refresh()
+                except OperationalError:
+                    log.exception("accounting end user %s before reading credits failed",
+                                  end_user_id)
+                grants = self.balances(end_user_id)
         with self.engine.connect() as conn:
             burned_in_cycle = conn.execute(
                 select(func.coalesce(func.sum(CreditBurn.amount), 0)).where(
@@ -309,7 +319,7 @@ class CreditsService:
             for ev in events:
                 if ev.event_id <= last:
                     continue
-                if cursor is None and ev.at < assignment.anchored_at:
+                if ev.at < assignment.anchored_at:
                     # usage from before the user came onto this plan is not charged to it
                     last = ev.event_id
                     continue

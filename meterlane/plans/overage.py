@@ -61,8 +61,14 @@ class OverageReporter:
         self.client = client
         self.clock = clock
 
-    def report(self, batch: int = 1000) -> int:
-        """Send every unreported overage of a Stripe customer; returns how many were sent."""
+    def report(self, batch: int = 1000, *, retry_refused: bool = False) -> int:
+        """Send every unreported overage of a Stripe customer; returns how many were sent.
+        With retry_refused, those Stripe refused before are tried again."""
+        if retry_refused:
+            with self.engine.begin() as conn:
+                conn.execute(update(CreditOverage).where(
+                    CreditOverage.reported_at.is_(None),
+                    CreditOverage.report_error.is_not(None)).values(report_error=None))
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(CreditOverage.usage_event_id, CreditOverage.credits,

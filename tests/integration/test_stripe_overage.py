@@ -142,3 +142,9 @@ def test_an_overage_stripe_refuses_is_set_aside_and_the_rest_still_go(
             CreditOverage.usage_event_id == first)).scalar_one()
     assert refused and "35" in refused
     assert "reported 0 overage" in cli(env, "billing", "report-overage").output  # set aside
+    # still too old: refused again when retried, and kept aside again
+    again = cli(env, "billing", "report-overage", "--retry-refused")
+    assert again.exit_code == 0 and "reported 0 overage" in again.output
+    with clean_db.connect() as conn:
+        assert conn.execute(select(CreditOverage.report_error).where(
+            CreditOverage.usage_event_id == first)).scalar_one()

@@ -43,15 +43,26 @@ upgrade_carries_usage = false
 """
 
 
-@pytest.fixture(params=["sql", "redis"])
+@pytest.fixture(params=["sql", "redis", "sqlite"])
 def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream: FakeUpstream,
         tmp_path: Path) -> Any:
     import uuid
 
     from meterlane.app import create_app
 
+    # "sqlite": the embedded default (SQLite ledger and SQL limit store), where a write on a
+    # second connection inside the webhook's transaction would wait on its own lock
+    url = pg_url
+    if request.param == "sqlite":
+        from meterlane.core.db import make_engine
+        from meterlane.migrations import upgrade
+
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
-                              database_url=pg_url)
+                              database_url=url)
     config = replace(config, stripe_webhook_secret=SECRET)
     if request.param == "redis":
         config = replace(config, redis_url=request.getfixturevalue("redis_server"),
@@ -104,7 +115,7 @@ def test_an_upgrade_carries_usage_unless_the_plan_says_not(
     from meterlane.plans.models import CreditOverage
 
     client.get("/v1/users/alice/credits", headers=bearer(key))  # accounts the usage
-    with clean_db.connect() as conn:
+    with w.engine.connect() as conn:
         over = conn.execute(select(func.coalesce(func.sum(CreditOverage.credits), 0))
                             ).scalar_one()
     # basic's 1000 covered the first 800; then 1500 more against the new plan's allowance

@@ -35,10 +35,14 @@ class Meterlane:
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self._http = http_client or httpx.Client(
-            base_url=self.base_url, timeout=timeout,
-            headers={"Authorization": f"Bearer {api_key}",
-                     "User-Agent": "meterlane-sdk-python/0.1"})
+        headers = {"Authorization": f"Bearer {api_key}",
+                   "User-Agent": "meterlane-sdk-python/0.1"}
+        if http_client is None:
+            http_client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        else:  # the caller's client (proxies, transports): pointed at this server, with the key
+            http_client.base_url = httpx.URL(self.base_url)
+            http_client.headers.update(headers)
+        self._http = http_client
 
     def close(self) -> None:
         self._http.close()
@@ -89,8 +93,8 @@ class Meterlane:
                 input_tokens: int | None = None, messages: list[Any] | None = None,
                 max_output_tokens: int | None = None) -> Lease:
         """Reserve a call's tokens against the user's limits; raises QuotaExceeded or
-        RateLimited when they would be overspent. Not retried: a lost answer's lease expires
-        by itself on the server."""
+        RateLimited when they would be overspent. Retried only on a 429 or 503 (the server
+        did nothing), not on a lost answer: such a lease expires by itself on the server."""
         body: dict[str, Any] = {"model": model}
         for key, value in (("user", user), ("input_tokens", input_tokens),
                            ("messages", messages), ("max_output_tokens", max_output_tokens)):
@@ -139,7 +143,11 @@ class Meterlane:
                 attempt += 1
                 continue
             if resp.status_code < 300:
-                return resp.json() if resp.content else {}
+                try:
+                    return resp.json() if resp.content else {}
+                except ValueError as exc:  # not Meterlane answering (a proxy's page?)
+                    raise MeterlaneError(resp.status_code, f"{method} {path}: the answer is "
+                                         "not JSON") from exc
             try:
                 body = resp.json()
             except ValueError:
@@ -158,7 +166,8 @@ class Meterlane:
         if retry_after is not None:
             time.sleep(retry_after)
             return
-        time.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random() / 2))
+        time.sleep(min(MAX_RETRY_WAIT,
+                       self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)))
 
 
 class Lease:
@@ -221,8 +230,8 @@ class MeteredCall:
         if exc_type is not None or self._usage is None:
             try:
                 self.lease.release()
-            except MeterlaneError:
-                pass  # the lease expires by itself; the block's own error matters more
+            except Exception:  # noqa: BLE001, S110 - the lease expires by itself; the
+                pass           # block's own error is the one to see
             if exc_type is None:
                 raise MeterlaneError(0, "the metered block ended without call.record(...): "
                                      "its lease was released and nothing was recorded")
