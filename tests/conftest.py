@@ -177,6 +177,11 @@ def client(app: Any) -> Any:
 
 @pytest.fixture()
 def keys(app: Any) -> Keys:
+    return make_keys(app)
+
+
+def make_keys(app: Any) -> Keys:
+    """An app key of "acme" and of "globex", an admin key and a finance key of "acme"."""
     service = app.extensions["wiring"].keys
     return Keys(
         app=service.create_key(Role.APP, "acme").key,

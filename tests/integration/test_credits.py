@@ -59,17 +59,6 @@ def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream:
     w.engine.dispose()
 
 
-@pytest.fixture()
-def keys(app: Any) -> Keys:
-    from meterlane.core.auth import Role
-
-    service = app.extensions["wiring"].keys
-    return Keys(app=service.create_key(Role.APP, "acme").key,
-                other_app=service.create_key(Role.APP, "globex").key,
-                admin=service.create_key(Role.ADMIN, None).key,
-                finance=service.create_key(Role.FINANCE, "acme").key)
-
-
 def track(client: Any, key: str, user: str, tokens: int, ref: str, model: str = "gpt-4o-mini"
           ) -> None:
     resp = client.post("/v1/meter/track", json={

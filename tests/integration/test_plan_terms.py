@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 from meterlane.core.config import ConfigError
-from tests.conftest import Keys, bearer, config_from_toml, gateway_toml
+from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.integration.test_limits_gateway import Clock, ClosingClient, chat, ledger, quota
 from tests.support.upstream import FakeUpstream
 
@@ -76,13 +76,7 @@ def tiered(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
 
 @pytest.fixture()
 def tkeys(tiered: Any) -> Keys:
-    from meterlane.core.auth import Role
-
-    service = tiered.extensions["wiring"].keys
-    return Keys(app=service.create_key(Role.APP, "acme").key,
-                other_app=service.create_key(Role.APP, "globex").key,
-                admin=service.create_key(Role.ADMIN, None).key,
-                finance=service.create_key(Role.FINANCE, "acme").key)
+    return make_keys(tiered)
 
 
 def put_plan(client: Any, key: str, user: str, plan: str) -> Any:
