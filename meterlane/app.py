@@ -168,6 +168,7 @@ def create_app(config: Config | None = None) -> Flask:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
 
     from meterlane.core.api import bp as keys_bp
+    from meterlane.gateway.api import anthropic_bp
     from meterlane.gateway.api import bp as gateway_bp
     from meterlane.metering.api import bp as metering_bp
     from meterlane.metering.credits_api import bp as credits_bp
@@ -175,7 +176,8 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.ops import bp as ops_bp
     from meterlane.plans.api import bp as plans_bp
 
-    for bp in (gateway_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp, ops_bp):
+    for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
+               ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

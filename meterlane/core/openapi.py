@@ -35,7 +35,8 @@ def build_spec(app: Flask, *, title: str = "Meterlane API",
                    plugins=[MarshmallowPlugin()],
                    info={"description": "Meterlane's own API. The OpenAI-compatible gateway "
                                         "routes (/v1/chat/completions, ...) follow OpenAI's "
-                                        "API reference and are not repeated here."})
+                                        "API reference, and /v1/messages Anthropic's; they "
+                                        "are not repeated here."})
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     problem = {"description": "Error", "content": {"application/problem+json": {
         "schema": {"$ref": "#/components/schemas/Problem"}}}}

@@ -23,7 +23,10 @@ def request_id() -> str:
 
 
 def bearer_key() -> str | None:
-    header = request.headers.get("Authorization", "")
+    """The key of `Authorization: Bearer <key>`, or of `X-Api-Key` (Anthropic's SDK)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return request.headers.get("X-Api-Key", "").strip() or None
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer":
         return None

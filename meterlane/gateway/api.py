@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, request
 from sqlalchemy.exc import OperationalError
@@ -10,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
 from meterlane.core.web import current_principal, request_id, wiring
+from meterlane.gateway import anthropic
 from meterlane.gateway.service import CallContext, GatewayResponse
 from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
@@ -22,7 +24,10 @@ def _call(endpoint: str) -> Response:
     ctx = CallContext(principal=principal, request_id=request_id(),
                       user_header=request.headers.get("X-Meterlane-User"),
                       idempotency_key=request.headers.get("Idempotency-Key"))
-    result: GatewayResponse = wiring().gateway.call(ctx, endpoint, request.get_data())
+    return _response(wiring().gateway.call(ctx, endpoint, request.get_data()))
+
+
+def _response(result: GatewayResponse) -> Response:
     response = Response(result.body, status=result.status, headers=result.headers,
                         direct_passthrough=result.streaming)
     if result.after is not None:
@@ -78,3 +83,44 @@ def unexpected(exc: Exception) -> Response:
     body = openai_error("Internal error in the gateway; the request id identifies it.",
                         type_="server_error", code="internal_error")
     return wiring().json(body, status=500)
+
+
+# Anthropic's Messages API: its own blueprint, so that its errors use Anthropic's envelope.
+anthropic_bp = Blueprint("anthropic", __name__, url_prefix="/v1")
+
+
+@anthropic_bp.post("/messages")
+def messages() -> Response:
+    principal = current_principal()
+    ctx = CallContext(principal=principal, request_id=request_id(),
+                      user_header=request.headers.get("X-Meterlane-User"),
+                      idempotency_key=request.headers.get("Idempotency-Key"))
+    return _response(wiring().gateway.messages(ctx, request.get_data()))
+
+
+def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None,
+                     **extra: Any) -> Response:
+    return wiring().json(anthropic.error_body(status, message, **extra), status=status,
+                         headers=headers)
+
+
+@anthropic_bp.errorhandler(DomainError)
+def messages_domain_error(exc: DomainError) -> Response:
+    return _anthropic_error(exc.status, exc.detail, exc.headers, **exc.extra)
+
+
+@anthropic_bp.errorhandler(OperationalError)
+def messages_database_down(exc: OperationalError) -> Response:
+    log.error("database unavailable in gateway request %s: %s", request_id(), exc)
+    return messages_domain_error(DATABASE_UNAVAILABLE)
+
+
+@anthropic_bp.errorhandler(HTTPException)
+def messages_http_error(exc: HTTPException) -> Response:
+    return _anthropic_error(exc.code or 500, exc.description or exc.name)
+
+
+@anthropic_bp.errorhandler(Exception)
+def messages_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error in gateway request %s", request_id())
+    return _anthropic_error(500, "Internal error in the gateway; the request id identifies it.")

@@ -26,9 +26,11 @@ from meterlane.core.errors import (
 )
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
+from meterlane.gateway import anthropic
 from meterlane.gateway.protocol import texts_of_choices, usage_from
 from meterlane.gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from meterlane.gateway.upstream import UpstreamClient, error_from_response
+from meterlane.metering.ledger import CallRecord
 from meterlane.metering.limits import Lease, LimitsService
 from meterlane.metering.limits_text import quota_headers
 from meterlane.metering.pricing import TokenUsage
@@ -87,8 +89,22 @@ class GatewayService:
 
     def call(self, ctx: CallContext, endpoint: str, raw: bytes) -> GatewayResponse:
         """One metered call. Bad input raises before anything is forwarded or written."""
+        body = _parse_body(raw)
+        return self._call(ctx, endpoint, body, raw, Wire(body))
+
+    def messages(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
+        """Anthropic's Messages API, served as the chat call it translates to."""
+        body = anthropic.to_chat(_parse_body(raw))
+        model = self._model(body)
+        if model.max_tokens_param != "max_tokens":
+            body[model.max_tokens_param] = body.pop("max_tokens")
+        return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
+
+    def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
+              wire: Wire) -> GatewayResponse:
         started = time.perf_counter()
-        outcome = self._prepare(ctx, endpoint, raw)
+        outcome = self._prepare(ctx, endpoint, body)
+        outcome.api = wire.api
         model, stream = outcome.model, outcome.stream
         upstream = self.upstreams[model.upstream]
         clip = self._reserve(outcome, started) if self.limits is not None else None
@@ -111,10 +127,7 @@ class GatewayService:
             raise err
         outcome.accepted = True
         if stream:
-            options = outcome.request.get("stream_options")
-            relay = StreamRelay(client_wants_usage=isinstance(options, dict)
-                                and options.get("include_usage") is True)
-            return GatewayResponse(200, self._relay(outcome, started, upstream, resp, relay),
+            return GatewayResponse(200, self._relay(outcome, started, upstream, resp, wire),
                                    {"Content-Type": "text/event-stream; charset=utf-8",
                                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                     **limit_headers},
@@ -124,7 +137,9 @@ class GatewayService:
         outcome.reported = usage_from(doc)
         outcome.output_texts = lambda: texts_of_choices(doc)
         after = self._finish(outcome, started)
-        return GatewayResponse(200, data, {"Content-Type": "application/json", **limit_headers},
+        assert outcome.record is not None
+        return GatewayResponse(200, wire.response(data, doc, outcome.record),
+                               {"Content-Type": "application/json", **limit_headers},
                                after=None if after is _nothing else after)
 
     def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
@@ -165,9 +180,8 @@ class GatewayService:
             return field_name, lease.out
         return None
 
-    def _prepare(self, ctx: CallContext, endpoint: str, raw: bytes) -> CallOutcome:
+    def _prepare(self, ctx: CallContext, endpoint: str, body: dict[str, Any]) -> CallOutcome:
         """Validate the call and name its end user, model and idempotency key."""
-        body = _parse_body(raw)
         model = self._model(body)
         end_user_id = self._end_user(ctx, body)
         app_id = ctx.principal.app_id
@@ -179,8 +193,9 @@ class GatewayService:
             request=body, created_at=self.clock(), latency_ms=0)
 
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
-               resp: urllib3.BaseHTTPResponse, relay: StreamRelay) -> Iterator[bytes]:
+               resp: urllib3.BaseHTTPResponse, wire: Wire) -> Iterator[bytes]:
         """Forward each complete SSE event as soon as it arrives; settle however it ends."""
+        relay = wire.relay()
         settled = False
         after: Callable[[], None] = _nothing
 
@@ -202,20 +217,21 @@ class GatewayService:
                     if out:
                         if outcome.ttft_ms is None:
                             outcome.ttft_ms = _ms_since(started)
-                        yield out
+                        yield wire.part(out)
                 tail = relay.flush()
                 if tail:
-                    yield tail
+                    yield wire.part(tail)
                 if relay.done:
                     settle("ok")
-                    last = DONE_EVENT
+                    assert outcome.record is not None
+                    last = wire.end(outcome.record)
                 else:
                     error = f"upstream '{upstream.name}' closed the stream before [DONE]"
                     settle("stream_error", error)
-                    last = sse_error(error, type_="upstream_error", code="upstream_stream_error")
+                    last = wire.error(502, error, "upstream_error", "upstream_stream_error")
             except DomainError as exc:
                 settle("stream_error", exc.detail)
-                last = sse_error(exc.detail, type_=exc.openai_type, code=exc.openai_code or "")
+                last = wire.error(exc.status, exc.detail, exc.openai_type, exc.openai_code or "")
             # Sent after the ledger write: a client that has seen the end can read its usage.
             yield last
         finally:
@@ -303,9 +319,10 @@ class GatewayService:
         return key
 
     @staticmethod
-    def _upstream_payload(raw: bytes, body: dict[str, Any], model: ModelConfig,
+    def _upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig,
                           stream: bool, clip: tuple[str, int] | None = None) -> bytes:
-        if not stream and model.upstream_model == model.name and clip is None:
+        if raw is not None and not stream and model.upstream_model == model.name \
+                and clip is None:
             return raw  # nothing to change: forward the client's bytes untouched
         out = dict(body)
         out["model"] = model.upstream_model
@@ -320,6 +337,54 @@ class GatewayService:
 
 def _nothing() -> None:
     return None
+
+
+class Wire:
+    """The client's side of a call: OpenAI's wire format, relayed as it is."""
+
+    api: str | None = None  # the ledger's endpoint name when it differs from the call's
+
+    def __init__(self, body: dict[str, Any] | None = None) -> None:
+        options = (body or {}).get("stream_options")
+        self.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    def relay(self) -> StreamRelay:
+        return StreamRelay(client_wants_usage=self.client_wants_usage)
+
+    def response(self, data: bytes, doc: Any, record: CallRecord) -> bytes:
+        return data  # forwarded byte for byte
+
+    def part(self, events: bytes) -> bytes:
+        return events
+
+    def end(self, record: CallRecord) -> bytes:
+        return DONE_EVENT
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return sse_error(message, type_=type_, code=code)
+
+
+class MessagesWire(Wire):
+    """Anthropic's Messages API: the chat answer translated back, as a Message or its stream."""
+
+    api = anthropic.MESSAGES_ENDPOINT
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model = model
+        self.stream = anthropic.MessagesStream(model)
+
+    def response(self, data: bytes, doc: Any, record: CallRecord) -> bytes:
+        return orjson.dumps(anthropic.message_from_chat(doc, self.model, record))
+
+    def part(self, events: bytes) -> bytes:
+        return self.stream.feed(events)
+
+    def end(self, record: CallRecord) -> bytes:
+        return self.stream.end(record)
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return self.stream.error(status, message)
 
 
 def _requested_output(endpoint: str, body: dict[str, Any],

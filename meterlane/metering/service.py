@@ -54,6 +54,10 @@ class CallOutcome:
     # Let through while the limit store was down: count it into the limits later.
     limits_pending: bool = False
     lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
+    # The API the call came in through when it is not `endpoint` (e.g. Anthropic's messages,
+    # served as a chat call): the ledger records this name.
+    api: str | None = None
+    record: CallRecord | None = None  # the ledger row, once settled
 
 
 class MeteringService:
@@ -92,7 +96,7 @@ class MeteringService:
         record = CallRecord(
             app_id=outcome.app_id, end_user_id=outcome.end_user_id,
             request_id=outcome.request_id, idempotency_key=outcome.idempotency_key,
-            endpoint=outcome.endpoint, requested_model=outcome.model.name,
+            endpoint=outcome.api or outcome.endpoint, requested_model=outcome.model.name,
             upstream=outcome.model.upstream, upstream_model=outcome.model.upstream_model,
             stream=outcome.stream, input_tokens=usage.input_tokens,
             cached_input_tokens=usage.cached_input_tokens, output_tokens=usage.output_tokens,
@@ -103,6 +107,7 @@ class MeteringService:
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
         )
         self.ledger.record(record)
+        outcome.record = record
         return record
 
     def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,

@@ -198,13 +198,18 @@ def _completion_reply(path: str, body: dict[str, Any], fake: dict[str, Any], clo
         "model": body.get("model") or "fake-model",
         "system_fingerprint": "fp_fake",
     }
+    tool = fake.get("tool_call") if chat else None  # {"name", "arguments"}: a tool call too
+    finish = "tool_calls" if tool else "stop"
     if not body.get("stream"):
         if chat:
             message = {"role": "assistant", "content": "".join(words), "refusal": None}
+            if tool:
+                message["tool_calls"] = [{"id": "call_fake1", "type": "function",
+                                          "function": dict(tool)}]
             choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             choice = {"index": 0, "text": "".join(words)}
-        choice.update(logprobs=None, finish_reason="stop")
+        choice.update(logprobs=None, finish_reason=finish)
         obj = {**base, "choices": [choice]}
         if with_usage:
             obj["usage"] = _usage(body, fake, path, True)
@@ -227,13 +232,24 @@ def _completion_reply(path: str, body: dict[str, Any], fake: dict[str, Any], clo
         c.update(logprobs=None, finish_reason=finish)
         return _sse({**base, "choices": [c]})
 
+    def tool_chunk(delta: dict[str, Any]) -> bytes:
+        c = {"index": 0, "delta": {"tool_calls": [{"index": 0, **delta}]},
+             "logprobs": None, "finish_reason": None}
+        return _sse({**base, "choices": [c]})
+
     prefix = [chunk(None, None, role=True)] if chat else []
     parts = prefix + [chunk(w, None) for w in words]
+    if tool:  # the arguments arrive in two pieces, as OpenAI streams them
+        args = str(tool.get("arguments") or "")
+        half = len(args) // 2
+        parts.append(tool_chunk({"id": "call_fake1", "type": "function",
+                                 "function": {"name": tool.get("name"), "arguments": args[:half]}}))
+        parts.append(tool_chunk({"function": {"arguments": args[half:]}}))
     fail = fake.get("fail_after_chunks")
     if fail is not None:
         parts = parts[: len(prefix) + max(0, int(fail))]
     else:
-        parts.append(chunk(None, "stop"))
+        parts.append(chunk(None, finish))
         if include_usage:
             parts.append(_sse({**base, "choices": [], "usage": _usage(body, fake, path, True)}))
         parts += [_sse(b"[DONE]"), b"0\r\n\r\n"]

@@ -119,6 +119,8 @@ class _HttpProtocol(asyncio.Protocol):
             self._send(json_reply(400, error_body(400, "Invalid JSON body"), close, {}))
             return
         self.owner._record(method, path, headers, body)
+        if self.owner.behaviour and isinstance(body, dict):
+            body = {**body, "fake": {**self.owner.behaviour, **fake_options(body)}}
         try:
             reply = route(method, path, body, close)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -163,6 +165,9 @@ class FakeUpstream:
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", record: bool = True) -> None:
         self.host, self.port, self.record = host, port, record
+        # `fake` options applied to every request (a request's own override them): make the
+        # whole server fail, slow down or recover, e.g. {"status": 503} or {"delay_ms": 200}.
+        self.behaviour: dict[str, Any] = {}
         self._requests: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._count = 0
