@@ -24,6 +24,7 @@ from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, problem
 from meterlane.core.keys import KeyService
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
+from meterlane.gateway.router import Router
 from meterlane.gateway.service import GatewayService
 from meterlane.gateway.upstream import UpstreamClient
 from meterlane.metering.accrual import AccrualService
@@ -138,7 +139,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
-    gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits)
+    router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
+    gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,

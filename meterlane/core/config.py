@@ -39,6 +39,12 @@ class UpstreamConfig:
     api_key: str | None = None
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
+    # The router's view of the upstream: calls in flight (per gateway process) at which it is
+    # saturated and routed calls overflow to the next candidate (None: no cap); failures in a
+    # row (connection, timeout, 429, 5xx) that open its circuit, and for how long.
+    max_concurrency: int | None = None
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,17 @@ class ModelConfig:
     # Which plans may call it (a plan lists the tiers it may use) and how many credits each of
     # its tokens costs on a plan with credit multipliers.
     tier: str = "standard"
+    # What the router may send it: 1 simple tasks, 2 moderate (tools, code, long prompts),
+    # 3 hard (high reasoning effort, very long prompts).
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class AliasConfig:
+    """A model name the router resolves: `models` are its candidates."""
+
+    name: str
+    models: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class Config:
     data_dir: str = DEFAULT_DATA_DIR
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
+    aliases: tuple[AliasConfig, ...] = ()
     max_body_bytes: int = 8 * 1024 * 1024
     auto_migrate: bool | None = None
     key_cache_seconds: float = 2.0
@@ -102,6 +120,12 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
+        return None
+
+    def alias(self, name: str) -> AliasConfig | None:
+        for alias in self.aliases:
+            if alias.name == name:
+                return alias
         return None
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -155,12 +179,15 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
     if len({m.name for m in models}) != len(models):
         raise ConfigError("model names must be unique")
-    unknown = sorted(set(raw) - {"upstreams", "models", "plans", "credit_packs", "limits",
-                                 "stripe"})
+    aliases = tuple(_alias(a, {m.name for m in models}) for a in _tables(raw, "aliases"))
+    if len({a.name for a in aliases}) != len(aliases):
+        raise ConfigError("alias names must be unique")
+    unknown = sorted(set(raw) - {"upstreams", "models", "aliases", "plans", "credit_packs",
+                                 "limits", "stripe"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
         raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
-                          "[[models]], [[plans]], [limits]")
-    return {"upstreams": upstreams, "models": models,
+                          "[[models]], [[aliases]], [[plans]], [limits]")
+    return {"upstreams": upstreams, "models": models, "aliases": aliases,
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
             **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {}))}
@@ -223,11 +250,47 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
     key_env = table.get("api_key_env")
     if key_env is not None:
         api_key = env.get(_str(table, "api_key_env", where)) or None
+    cap = table.get("max_concurrency")
+    if cap is not None and not _whole(cap, 1, 100_000):
+        raise ConfigError(f"{where}: max_concurrency must be a whole number from 1 to 100000")
+    failures = table.get("breaker_failures", 3)
+    if not _whole(failures, 1, 1000):
+        raise ConfigError(f"{where}: breaker_failures must be a whole number from 1 to 1000")
+    cooldown = table.get("breaker_cooldown", 10)
+    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, Decimal)) \
+            or not 0 < cooldown <= 3600:
+        raise ConfigError(f"{where}: breaker_cooldown must be seconds, more than 0, at most 3600")
     return UpstreamConfig(
         name=name, base_url=base_url, api_key=api_key,
         connect_timeout_s=float(table.get("connect_timeout", 5)),
         read_timeout_s=float(table.get("timeout", 600)),
+        max_concurrency=cap, breaker_failures=failures, breaker_cooldown_s=float(cooldown),
     )
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def parse_alias_models(value: Any, where: str, models: set[str]) -> tuple[str, ...]:
+    """An alias's candidate models: a non-empty list of configured model names."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: models must be a non-empty list of model names")
+    unknown = [v for v in value if v not in models]
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]!r} is not a model in [[models]]")
+    return tuple(dict.fromkeys(value))
+
+
+def _alias(table: dict[str, Any], models: set[str]) -> AliasConfig:
+    name = _str(table, "name", "[[aliases]]")
+    where = f"alias {name!r}"
+    if name in models:
+        raise ConfigError(f"{where}: a model has this name; an alias needs its own")
+    unknown = sorted(set(table) - {"name", "models"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown settings {unknown}; expected name, models")
+    return AliasConfig(name=name, models=parse_alias_models(table.get("models"), where, models))
 
 
 def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
@@ -247,10 +310,13 @@ def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
     if not isinstance(tier, str) or not re.fullmatch(r"[a-z0-9_-]{1,32}", tier):
         raise ConfigError(f"{where}: tier must be 1-32 lowercase letters, digits, '_' or '-', "
                           f"got {tier!r}")
+    level = table.get("level", 2)
+    if not _whole(level, 1, 3):
+        raise ConfigError(f"{where}: level must be 1 (simple tasks), 2 (moderate) or 3 (hard)")
     return ModelConfig(
         name=name, upstream=upstream,
         upstream_model=_str(table, "upstream_model", where, default=name),
-        price=price, tokenizer=tokenizer, max_tokens_param=param, tier=tier,
+        price=price, tokenizer=tokenizer, max_tokens_param=param, tier=tier, level=level,
     )
 
 

@@ -23,11 +23,13 @@ from meterlane.core.errors import (
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitedError,
+    UpstreamUnavailableError,
 )
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
 from meterlane.gateway import anthropic
 from meterlane.gateway.protocol import texts_of_choices, usage_from
+from meterlane.gateway.router import Route, Router
 from meterlane.gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from meterlane.gateway.upstream import UpstreamClient, error_from_response
 from meterlane.metering.ledger import CallRecord
@@ -41,6 +43,8 @@ from meterlane.metering.service import (
     CallOutcome,
     MeteringService,
 )
+from meterlane.plans.catalog import Plan
+from meterlane.plans.service import PlanService
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 255
@@ -73,13 +77,16 @@ class CallContext:
 class GatewayService:
     def __init__(self, config: Config, tenancy: TenancyService, metering: MeteringService,
                  upstreams: dict[str, UpstreamClient], metrics: Metrics,
-                 limits: LimitsService | None = None) -> None:
+                 limits: LimitsService | None = None, plans: PlanService | None = None,
+                 router: Router | None = None) -> None:
         self.config = config
         self.tenancy = tenancy
         self.metering = metering
         self.upstreams = upstreams
         self.metrics = metrics
         self.limits = limits if limits is not None and limits.enabled else None
+        self.plans = plans
+        self.router = router or Router(config)
         self.clock = utcnow  # when a call happened (tests freeze it with the limits' clock)
 
     def list_models(self) -> dict[str, Any]:
@@ -95,36 +102,64 @@ class GatewayService:
     def messages(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
         """Anthropic's Messages API, served as the chat call it translates to."""
         body = anthropic.to_chat(_parse_body(raw))
-        model = self._model(body)
-        if model.max_tokens_param != "max_tokens":
-            body[model.max_tokens_param] = body.pop("max_tokens")
         return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
               wire: Wire) -> GatewayResponse:
         started = time.perf_counter()
-        outcome = self._prepare(ctx, endpoint, body)
+        outcome, route = self._prepare(ctx, endpoint, body)
         outcome.api = wire.api
-        model, stream = outcome.model, outcome.stream
-        upstream = self.upstreams[model.upstream]
-        clip = self._reserve(outcome, started) if self.limits is not None else None
-        lease: Lease | None = outcome.lease
-        limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
-        payload = self._upstream_payload(raw, outcome.request, model, stream, clip)
-        try:
-            resp = upstream.post(PATHS[endpoint], payload, stream=stream)
-        except DomainError as exc:
-            self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
-                         error=exc.detail)()
-            exc.headers.update(limit_headers)
-            raise
-        if resp.status >= 300:
-            err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
-            resp.release_conn()
-            self._finish(outcome, started, status="upstream_error", http_status=err.status,
-                         error=err.detail)()
-            err.headers.update(limit_headers)
-            raise err
+        stream = outcome.stream
+        candidates = route.candidates if route is not None else [outcome.model]
+        for i, model in enumerate(candidates):
+            last = i == len(candidates) - 1
+            if route is not None:
+                why = self.router.unavailable(model.upstream)
+                if why is not None:
+                    route.skipped(model, why)
+                    continue
+                outcome.route_reason = route.reason(model)
+            outcome.model = model
+            upstream = self.upstreams[model.upstream]
+            clip = self._reserve(outcome, started) if self.limits is not None else None
+            lease: Lease | None = outcome.lease
+            limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
+            payload = self._upstream_payload(raw, outcome.request, model, stream, clip)
+            self.router.enter(upstream.name)
+            try:
+                resp = upstream.post(PATHS[endpoint], payload, stream=stream)
+            except DomainError as exc:
+                self.router.leave(upstream.name)
+                self.router.failed(upstream.name)
+                if route is not None and not last:  # fall back before the first byte
+                    route.failed(model, _short(exc.detail))
+                    self._release(outcome)
+                    continue
+                self._note_failure(outcome, route, model, exc.detail)
+                self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
+                             error=exc.detail)()
+                exc.headers.update(limit_headers)
+                raise
+            if resp.status >= 300:
+                err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
+                resp.release_conn()
+                self.router.leave(upstream.name)
+                retryable = resp.status == 429 or resp.status >= 500
+                if retryable:
+                    self.router.failed(upstream.name)
+                    if route is not None and not last:
+                        route.failed(model, f"HTTP {resp.status}")
+                        self._release(outcome)
+                        continue
+                self._note_failure(outcome, route, model, f"HTTP {resp.status}")
+                self._finish(outcome, started, status="upstream_error", http_status=err.status,
+                             error=err.detail)()
+                err.headers.update(limit_headers)
+                raise err
+            self.router.succeeded(upstream.name)
+            break
+        else:  # every candidate was skipped or failed before answering
+            raise self._no_candidate(outcome, route, started)
         outcome.accepted = True
         if stream:
             return GatewayResponse(200, self._relay(outcome, started, upstream, resp, wire),
@@ -132,6 +167,7 @@ class GatewayService:
                                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                     **limit_headers},
                                    streaming=True)
+        self.router.leave(upstream.name)  # the body is read: the call holds the upstream no more
         data = resp.data
         doc = _loads(data)
         outcome.reported = usage_from(doc)
@@ -141,6 +177,32 @@ class GatewayService:
         return GatewayResponse(200, wire.response(data, doc, outcome.record),
                                {"Content-Type": "application/json", **limit_headers},
                                after=None if after is _nothing else after)
+
+    @staticmethod
+    def _note_failure(outcome: CallOutcome, route: Route | None, model: ModelConfig,
+                      why: str) -> None:
+        if route is not None:
+            route.failed(model, _short(why))
+            outcome.route_reason = route.reason(model)
+
+    def _release(self, outcome: CallOutcome) -> None:
+        """Give back the reservation of a candidate that failed before it answered."""
+        lease, outcome.lease = outcome.lease, None
+        if lease is not None:
+            self._settle_limits(lease, None)
+
+    def _no_candidate(self, outcome: CallOutcome, route: Route | None,
+                      started: float) -> DomainError:
+        assert route is not None  # a direct call always has its one model to try
+        detail = (f"No model of alias {route.alias!r} could take the call: "
+                  + "; ".join(route.notes) + ".")
+        err = UpstreamUnavailableError(detail, headers={
+            "Retry-After": str(self.router.retry_after())})
+        err.status, err.openai_code = 503, "no_model_available"
+        outcome.route_reason = route.reason(outcome.model)
+        self._finish(outcome, started, status="upstream_unavailable", http_status=503,
+                     error=detail)()
+        return err
 
     def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
         """Reserve the call's estimate; returns the output-token field to set and its value
@@ -180,17 +242,41 @@ class GatewayService:
             return field_name, lease.out
         return None
 
-    def _prepare(self, ctx: CallContext, endpoint: str, body: dict[str, Any]) -> CallOutcome:
-        """Validate the call and name its end user, model and idempotency key."""
-        model = self._model(body)
+    def _prepare(self, ctx: CallContext, endpoint: str,
+                 body: dict[str, Any]) -> tuple[CallOutcome, Route | None]:
+        """Validate the call and name its end user, model (or route) and idempotency key."""
+        name = self._model_name(body)
+        model = self.config.model(name)
+        if model is None and not self.router.is_alias(name):
+            err = NotFoundError(f"The model '{name}' does not exist or is not configured.",
+                                param="model")
+            err.openai_code = "model_not_found"
+            raise err
         end_user_id = self._end_user(ctx, body)
+        route = None
+        if model is None:
+            route = self.router.route(name, self._plan(end_user_id), body)
+            if route is None:  # another plan's alias
+                err = NotFoundError(f"The model '{name}' is not an alias of this user's plan.",
+                                    param="model")
+                err.openai_code = "model_not_found"
+                raise err
+            model = route.candidates[0]
         app_id = ctx.principal.app_id
         assert app_id is not None  # app and user keys always belong to an app
-        return CallOutcome(
+        outcome = CallOutcome(
             app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
             idempotency_key=self._idempotency_key(ctx, app_id), endpoint=endpoint,
             model=model, stream=body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS,
             request=body, created_at=self.clock(), latency_ms=0)
+        if route is not None:
+            outcome.route_alias, outcome.route_allowed = route.alias, route.allowed
+        return outcome, route
+
+    def _plan(self, end_user_id: int) -> Plan | None:
+        if self.plans is None or not self.plans.catalog.plans:
+            return None  # no plans: every model is allowed
+        return self.plans.plan_of(end_user_id).plan
 
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
                resp: urllib3.BaseHTTPResponse, wire: Wire) -> Iterator[bytes]:
@@ -201,10 +287,13 @@ class GatewayService:
 
         def settle(status: str, error: str | None = None) -> None:
             nonlocal settled, after
+            self.router.leave(upstream.name)
             if relay.done:
                 resp.release_conn()
             else:
                 resp.close()  # stop the upstream generating for nobody
+            if status == "stream_error":
+                self.router.failed(upstream.name)
             outcome.reported, outcome.output_texts = relay.usage, relay.texts
             settled = True
             after = self._finish(outcome, started, status=status, error=error)
@@ -271,17 +360,12 @@ class GatewayService:
             log.exception("settling the limits lease %s failed", lease.id)
             self.metrics.errors.labels(kind="limits_settle_failed").inc()
 
-    def _model(self, body: dict[str, Any]) -> ModelConfig:
+    @staticmethod
+    def _model_name(body: dict[str, Any]) -> str:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("you must provide a model parameter", param="model")
-        model = self.config.model(name)
-        if model is None:
-            err = NotFoundError(f"The model '{name}' does not exist or is not configured.",
-                                param="model")
-            err.openai_code = "model_not_found"
-            raise err
-        return model
+        return name
 
     def _end_user(self, ctx: CallContext, body: dict[str, Any]) -> int:
         principal = ctx.principal
@@ -321,13 +405,17 @@ class GatewayService:
     @staticmethod
     def _upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig,
                           stream: bool, clip: tuple[str, int] | None = None) -> bytes:
-        if raw is not None and not stream and model.upstream_model == model.name \
+        if raw is not None and not stream and model.upstream_model == body.get("model") \
                 and clip is None:
             return raw  # nothing to change: forward the client's bytes untouched
         out = dict(body)
         out["model"] = model.upstream_model
         if clip is not None:
             out[clip[0]] = clip[1]
+        if model.max_tokens_param == "max_completion_tokens" and "max_tokens" in out \
+                and "max_completion_tokens" not in out:
+            # a routed or translated call names max_tokens; this model takes only the other
+            out["max_completion_tokens"] = out.pop("max_tokens")
         if stream:
             options = out.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}),
@@ -433,6 +521,10 @@ def _loads(data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _status_of(exc: DomainError) -> str:

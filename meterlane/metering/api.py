@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Response
@@ -12,7 +13,12 @@ from meterlane.core.errors import InvalidRequestError, NotFoundError, Permission
 from meterlane.core.openapi import documented
 from meterlane.core.web import current_principal, query_args, wiring
 from meterlane.metering.pricing import format_usd
-from meterlane.metering.schemas import UsageQuerySchema, UsageReportSchema
+from meterlane.metering.schemas import (
+    RoutingQuerySchema,
+    RoutingReportSchema,
+    UsageQuerySchema,
+    UsageReportSchema,
+)
 from meterlane.metering.store import UsageQuery, UsageTotals
 
 bp = Blueprint("metering", __name__, url_prefix="/v1")
@@ -23,9 +29,55 @@ bp = Blueprint("metering", __name__, url_prefix="/v1")
             query=UsageQuerySchema, response=UsageReportSchema, tag="usage")
 def usage() -> Response:
     """Usage totals (requests, tokens by kind, cost) for an app or one end user."""
+    principal = _reader()
+    args = UsageQuerySchema().load(query_args())
+    app_name, user, query = _query(principal, args)
+    totals, groups = wiring().metering.usage_totals(query)
+    report = {"app": app_name, "user": user, "from_": query.start, "to": query.end,
+              "group_by": args.get("group_by"), "totals": _dump(totals),
+              "groups": [_dump(g) for g in groups]}
+    return wiring().json(UsageReportSchema().dump(report))
+
+
+@bp.get("/usage/routing")
+@documented(summary="What the router saved: routed calls per alias, their cost against the "
+                    "most expensive allowed model", query=RoutingQuerySchema,
+            response=RoutingReportSchema, tag="usage")
+def routing() -> Response:
+    """Routed calls per alias: what they cost, what the same tokens would have cost on the
+    most expensive model each call's plan allowed, and which models served them."""
+    principal = _reader()
+    app_name, user, query = _query(principal, RoutingQuerySchema().load(query_args()))
+    aliases = wiring().metering.routing_savings(query)
+    cost = sum(a["cost_pico"] for a in aliases)
+    baseline = sum(a["baseline_pico"] for a in aliases)
+    report = {"app": app_name, "user": user, "from_": query.start, "to": query.end,
+              "aliases": [_savings(a) for a in aliases], "cost_usd": format_usd(cost),
+              "baseline_usd": format_usd(baseline), "saved_usd": format_usd(baseline - cost)}
+    return wiring().json(RoutingReportSchema().dump(report))
+
+
+def _savings(entry: dict[str, Any]) -> dict[str, Any]:
+    cost, baseline = entry["cost_pico"], entry["baseline_pico"]
+    percent = None
+    if baseline > 0:  # exact: integer pico-USD, one decimal place
+        percent = str((Decimal(baseline - cost) * 100 / baseline).quantize(Decimal("0.1")))
+    return {"alias": entry["alias"], "calls": entry["calls"], "cost_usd": format_usd(cost),
+            "baseline_usd": format_usd(baseline), "saved_usd": format_usd(baseline - cost),
+            "saved_percent": percent, "unpriced_calls": entry["unpriced_calls"],
+            "served": [{"model": s["model"], "calls": s["calls"],
+                        "cost_usd": format_usd(s["cost_pico"])} for s in entry["served"]]}
+
+
+def _reader() -> Principal:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN, Role.FINANCE, Role.USER)
-    args = UsageQuerySchema().load(query_args())
+    return principal
+
+
+def _query(principal: Principal, args: dict[str, Any]
+           ) -> tuple[str | None, str | None, UsageQuery]:
+    """The caller's scope (its app, or any for operator-wide keys; one user) and period."""
     now = datetime.now(UTC)
     start = args.get("from_") or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = args.get("to") or now
@@ -40,13 +92,8 @@ def usage() -> Response:
             raise NotFoundError(f"No end user {user!r} in this app.")
     elif user is not None:
         raise InvalidRequestError("Name the app (app=) to filter by user.", param="app")
-    totals, groups = wiring().metering.usage_totals(UsageQuery(
-        app_id=app_id, end_user_id=end_user_id, start=start, end=end,
-        group_by=args.get("group_by")))
-    report = {"app": app_name, "user": user, "from_": start, "to": end,
-              "group_by": args.get("group_by"), "totals": _dump(totals),
-              "groups": [_dump(g) for g in groups]}
-    return wiring().json(UsageReportSchema().dump(report))
+    return app_name, user, UsageQuery(app_id=app_id, end_user_id=end_user_id, start=start,
+                                      end=end, group_by=args.get("group_by"))
 
 
 def _app_scope(principal: Principal, app: str | None) -> tuple[int | None, str | None]:

@@ -51,6 +51,9 @@ class CallRecord:
     ttft_ms: int | None
     created_at: datetime
     limits_pending: bool = False
+    route_alias: str | None = None
+    route_reason: str | None = None
+    baseline_cost_pico_usd: int | None = None
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed

@@ -48,6 +48,12 @@ class UsageEvent(Base):
     # True for a call let through while the limit store was down ("fail open"): its usage is
     # counted into the limits once the store is back.
     limits_pending: Mapped[bool] = mapped_column(default=False, server_default="0")
+    # A call the router served: the alias asked for, why this model (difficulty, skipped and
+    # failed candidates), and what its tokens would have cost on the alias's most expensive
+    # model the plan allows (NULL when no candidate has a price).
+    route_alias: Mapped[str | None] = mapped_column(String(100))
+    route_reason: Mapped[str | None] = mapped_column(String(500))
+    baseline_cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LimitCounter(Base):

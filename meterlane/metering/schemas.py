@@ -72,6 +72,52 @@ class UsageReportSchema(Schema):
     groups = fields.List(fields.Nested(UsageTotalsSchema))
 
 
+class RoutingQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(validate=validate.Length(min=1, max=256),
+                         metadata={"description": "The app's end-user id"})
+    app = fields.String(validate=validate.Length(min=1, max=100),
+                        metadata={"description": "App name (operator-wide keys only)"})
+    from_ = Instant(data_key="from", metadata={
+        "description": "Start, inclusive (ISO 8601); default: start of the current UTC month"})
+    to = Instant(metadata={"description": "End, exclusive (ISO 8601); default: now"})
+
+
+class ServedModelSchema(Schema):
+    model = fields.String()
+    calls = fields.Integer()
+    cost_usd = fields.String()
+
+
+class AliasSavingsSchema(Schema):
+    alias = fields.String()
+    calls = fields.Integer()
+    cost_usd = fields.String(metadata={"description": "What the routed calls cost"})
+    baseline_usd = fields.String(metadata={
+        "description": "What the same tokens would have cost, each call on the most expensive "
+                       "model of the alias its plan allowed"})
+    saved_usd = fields.String()
+    saved_percent = fields.String(allow_none=True)
+    unpriced_calls = fields.Integer(metadata={
+        "description": "Calls served by a model with no list price (a local GPU), counted at "
+                       "zero cost"})
+    served = fields.List(fields.Nested(ServedModelSchema))
+
+
+class RoutingReportSchema(Schema):
+    object = fields.Constant("routing.savings")
+    app = fields.String(allow_none=True)
+    user = fields.String(allow_none=True)
+    from_ = fields.AwareDateTime(data_key="from")
+    to = fields.AwareDateTime()
+    aliases = fields.List(fields.Nested(AliasSavingsSchema))
+    cost_usd = fields.String()
+    baseline_usd = fields.String()
+    saved_usd = fields.String()
+
+
 # -- limits: reserve / settle / release / track, and the quota a user sees ----------------
 
 MAX_TOKENS_PER_CALL = 100_000_000

@@ -58,6 +58,17 @@ class CallOutcome:
     # served as a chat call): the ledger records this name.
     api: str | None = None
     record: CallRecord | None = None  # the ledger row, once settled
+    # Set when the router served the call: the alias, its decision, and the candidates the
+    # plan allowed (the most expensive of them prices the baseline the savings report uses).
+    route_alias: str | None = None
+    route_reason: str | None = None
+    route_allowed: tuple[ModelConfig, ...] = ()
+
+
+def _baseline(usage: TokenUsage, allowed: tuple[ModelConfig, ...]) -> int | None:
+    """The usage priced at the most expensive allowed candidate (None: none has a price)."""
+    costs = [c for c in (cost_or_none(usage, m.price) for m in allowed) if c is not None]
+    return max(costs) if costs else None
 
 
 class MeteringService:
@@ -105,6 +116,8 @@ class MeteringService:
             priced=price is not None, status=outcome.status, http_status=outcome.http_status,
             error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
+            route_alias=outcome.route_alias, route_reason=outcome.route_reason,
+            baseline_cost_pico_usd=_baseline(usage, outcome.route_allowed),
         )
         self.ledger.record(record)
         outcome.record = record
@@ -138,3 +151,19 @@ class MeteringService:
 
     def usage_totals(self, query: UsageQuery) -> tuple[UsageTotals, list[UsageTotals]]:
         return self.usage_store.totals(query)
+
+    def routing_savings(self, query: UsageQuery) -> list[dict[str, Any]]:
+        """Per alias: routed calls, what they cost, what the same tokens would have cost on
+        the most expensive model the plan allowed, and the models that served them."""
+        by_alias: dict[str, dict[str, Any]] = {}
+        for row in self.usage_store.routed(query):
+            entry = by_alias.setdefault(row.alias, {
+                "alias": row.alias, "calls": 0, "cost_pico": 0, "baseline_pico": 0,
+                "unpriced_calls": 0, "served": []})
+            entry["calls"] += row.calls
+            entry["cost_pico"] += row.cost_pico_usd
+            entry["baseline_pico"] += row.baseline_pico_usd
+            entry["unpriced_calls"] += row.unpriced_calls
+            entry["served"].append({"model": row.model, "calls": row.calls,
+                                    "cost_pico": row.cost_pico_usd})
+        return list(by_alias.values())

@@ -42,6 +42,18 @@ class UsageTotals:
         return self.input_tokens + self.output_tokens
 
 
+@dataclass(frozen=True)
+class RoutedTotals:
+    """Routed calls of one alias served by one model."""
+
+    alias: str
+    model: str
+    calls: int
+    cost_pico_usd: int
+    baseline_pico_usd: int
+    unpriced_calls: int  # served by a model with no list price (a local GPU): counted as 0
+
+
 def _day(dialect: str) -> ColumnElement[Any]:
     if dialect == "postgresql":
         return func.to_char(func.timezone("UTC", _T.created_at), "YYYY-MM-DD")
@@ -79,6 +91,28 @@ class UsageStore:
                 groups = list(conn.execute(
                     select(key, *measures).where(*where).group_by(key).order_by(key)))
         return _totals(None, tuple(overall)), [_totals(str(r[0]), tuple(r[1:])) for r in groups]
+
+
+    def routed(self, query: UsageQuery) -> list[RoutedTotals]:
+        """Routed calls per (alias, served model): their cost, and the baseline cost of the
+        same tokens on each call's most expensive allowed candidate."""
+        where = [_T.created_at >= query.start, _T.created_at < query.end,
+                 _T.route_alias.is_not(None)]
+        if query.app_id is not None:
+            where.append(_T.app_id == query.app_id)
+        if query.end_user_id is not None:
+            where.append(_T.end_user_id == query.end_user_id)
+        stmt = select(
+            _T.route_alias, _T.requested_model, func.count(),
+            func.coalesce(func.sum(_T.cost_pico_usd), 0),
+            func.coalesce(func.sum(func.coalesce(_T.baseline_cost_pico_usd,
+                                                 _T.cost_pico_usd)), 0),
+            func.coalesce(func.sum(case((_T.priced.is_(False), 1), else_=0)), 0),
+        ).where(*where).group_by(_T.route_alias, _T.requested_model).order_by(
+            _T.route_alias, _T.requested_model)
+        with self.engine.connect() as conn:
+            return [RoutedTotals(str(r[0]), str(r[1]), *(int(v) for v in r[2:]))
+                    for r in conn.execute(stmt)]
 
 
 def _totals(key: str | None, row: tuple[Any, ...]) -> UsageTotals:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from meterlane.core.config import Config, ConfigError
+from meterlane.core.config import Config, ConfigError, parse_alias_models
 from meterlane.plans.terms import TERM_KEYS, CreditPack, Terms, parse_pack, parse_terms
 from meterlane.plans.windows import Window, WindowError, parse_window
 
@@ -25,7 +25,7 @@ MAX_COST_USD = Decimal(9000)
 PICO_PER_USD = 10**12
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 _PLAN_KEYS = {"id", "name", "default", "on_limit", "on_store_failure", "timezone",
-              "default_max_output_tokens", "limits"} | TERM_KEYS
+              "default_max_output_tokens", "limits", "aliases"} | TERM_KEYS
 ALLOWANCE_ID = "allowance"  # the limit a plan's `allowance` becomes
 _LIMIT_KEYS = {"id", "metric", "window", "amount", "model", "scope", "timezone"}
 
@@ -63,6 +63,14 @@ class Plan:
     default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     limits: tuple[LimitSpec, ...] = field(default=())
     terms: Terms = field(default_factory=Terms)
+    # Model aliases of its own (name -> candidate models), ahead of the global [[aliases]].
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def alias(self, name: str) -> tuple[str, ...] | None:
+        for alias, models in self.aliases:
+            if alias == name:
+                return models
+        return None
 
     @property
     def version(self) -> int:
@@ -224,9 +232,22 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
         # Monthly from the billing anchor, on annual plans too (they grant it monthly).
         limits += (LimitSpec(id=ALLOWANCE_ID, metric="credits",
                              window=parse_window("cycle", tz), amount=terms.allowance),)
+    raw_aliases = table.get("aliases", {})
+    if not isinstance(raw_aliases, dict):
+        raise fail("aliases", raw_aliases, 'aliases must be a table like { smart = ["m1", "m2"] }')
+    aliases = []
+    for alias, value in raw_aliases.items():
+        if models is not None and alias in models:
+            raise fail("aliases", alias, f"alias {alias!r} is a model's name")
+        try:
+            names = parse_alias_models(value, f"{ctx}: alias {alias!r}",
+                                       set(models) if models is not None else set(value or []))
+        except ConfigError as exc:
+            raise fail("aliases", value, str(exc).removeprefix(f"{ctx}: ")) from exc
+        aliases.append((alias, names))
     return Plan(id=plan_id, name=name, default=default, on_limit=on_limit,
                 on_store_failure=on_failure, timezone=tz, default_max_output_tokens=default_out,
-                limits=limits, terms=terms)
+                limits=limits, terms=terms, aliases=tuple(aliases))
 
 
 def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,

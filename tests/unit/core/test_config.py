@@ -67,6 +67,18 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
      'upstream = "u"\nprice = { input = "0.00000001", output = "1" }\n', "6 decimal places"),
     ("not toml [", "c.toml"),
     ('[[model]]\nname = "m"\n', "unknown settings \\['model'\\]"),
+    (TOML + '[[aliases]]\nname = "auto"\nmodels = ["gpt-4o-mini", "gpt-5"]\n',
+     "alias 'auto': 'gpt-5' is not a model"),
+    (TOML + '[[aliases]]\nname = "llama"\nmodels = ["gpt-4o-mini"]\n',
+     "a model has this name"),
+    (TOML + '[[aliases]]\nname = "auto"\nmodels = []\n', "non-empty list"),
+    (TOML.replace('upstream_model =', 'level = 4\nupstream_model ='), "level must be 1"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\nmax_concurrency = 0'),
+     "max_concurrency must be"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\nbreaker_cooldown = -1'),
+     "breaker_cooldown must be"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, snippet: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

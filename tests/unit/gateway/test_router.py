@@ -1,0 +1,99 @@
+"""The router's decisions (no I/O): difficulty, candidate order by plan tiers, level and price,
+and the circuit breaker's states on an injected clock."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from meterlane.core.config import AliasConfig, Config, ModelConfig, ModelPrice, UpstreamConfig
+from meterlane.core.errors import PermissionDeniedError
+from meterlane.gateway.router import LONG_PROMPT_CHARS, Router, difficulty
+from meterlane.plans.catalog import Plan
+from meterlane.plans.terms import Terms
+
+
+def _model(name: str, level: int, price: str | None, tier: str = "standard",
+           upstream: str = "cloud") -> ModelConfig:
+    return ModelConfig(name=name, upstream=upstream, upstream_model=name, level=level, tier=tier,
+                       price=ModelPrice(Decimal(price), Decimal(price)) if price else None)
+
+
+MODELS = (_model("local", 1, None, upstream="gpu"), _model("small", 2, "0.2"),
+          _model("mid", 2, "1"), _model("big", 3, "10", tier="premium"))
+CONFIG = Config(upstreams=(UpstreamConfig("gpu", "http://g", breaker_failures=2,
+                                          breaker_cooldown_s=5),
+                           UpstreamConfig("cloud", "http://c")),
+                models=MODELS, aliases=(AliasConfig("auto", ("big", "mid", "small", "local")),))
+
+
+def _chat(text: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.mark.parametrize(("body", "level", "signals"), [
+    (_chat(), 1, ()),
+    (_chat(tools=[{}]), 2, ("tools",)),
+    (_chat("```py\nprint(1)\n```"), 2, ("code",)),
+    (_chat("SELECT name FROM users WHERE id = 1"), 2, ("code",)),
+    (_chat("x" * LONG_PROMPT_CHARS), 2, ("long prompt",)),
+    (_chat("x" * LONG_PROMPT_CHARS * 4), 3, ("very long prompt",)),
+    (_chat("def f():\n  pass", tools=[{}]), 3, ("tools", "code")),
+    (_chat(reasoning_effort="medium"), 2, ("reasoning effort medium",)),
+    (_chat(reasoning_effort="high"), 3, ("reasoning effort high",)),
+    (_chat(reasoning={"effort": "high"}), 3, ("reasoning effort high",)),
+    ({"prompt": "import os\nos.listdir()"}, 2, ("code",)),
+])
+def test_difficulty(body: dict[str, Any], level: int, signals: tuple[str, ...]) -> None:
+    found = difficulty(body)
+    assert (found.level, found.signals) == (level, signals)
+
+
+def _names(route: Any) -> list[str]:
+    return [m.name for m in route.candidates]
+
+
+def test_able_models_cheapest_first_then_the_rest_strongest_first() -> None:
+    router = Router(CONFIG)
+    assert _names(router.route("auto", None, _chat())) == ["local", "small", "mid", "big"]
+    assert _names(router.route("auto", None, _chat(tools=[{}]))) == [
+        "small", "mid", "big", "local"]
+    assert _names(router.route("auto", None, _chat(reasoning_effort="high"))) == [
+        "big", "small", "mid", "local"]
+    assert router.route("small", None, _chat()) is None  # not an alias
+
+
+def test_plan_tiers_filter_and_plan_aliases_come_first() -> None:
+    plan = Plan(id="free", name="free", terms=Terms(tiers=("standard",)),
+                aliases=(("auto", ("mid", "local")),))
+    router = Router(CONFIG, frozenset({"auto"}))
+    route = router.route("auto", plan, _chat(reasoning_effort="high"))
+    assert route is not None and _names(route) == ["mid", "local"]
+    assert route.reason(route.candidates[0]).endswith("mid most capable allowed")
+    premium = Plan(id="p", name="p", terms=Terms(tiers=("premium",)))
+    with pytest.raises(PermissionDeniedError, match="No model of alias 'auto' is allowed"):
+        Router(CONFIG).route("auto", Plan(id="g", name="g", terms=Terms(
+            tiers=("gold",))), _chat())
+    route = Router(CONFIG).route("auto", premium, _chat())
+    assert route is not None and _names(route) == ["big"]
+
+
+def test_the_circuit_opens_half_opens_and_closes() -> None:
+    now = [100.0]
+    router = Router(CONFIG, clock=lambda: now[0])
+    router.failed("gpu")
+    assert router.unavailable("gpu") is None  # one failure of two
+    router.failed("gpu")
+    assert router.unavailable("gpu") == "circuit open"
+    assert router.retry_after() == 6
+    now[0] += 5
+    assert router.unavailable("gpu") is None  # half-open: calls may try it
+    router.failed("gpu")  # one failure while half-open re-opens it at once
+    assert router.unavailable("gpu") == "circuit open"
+    now[0] += 5
+    router.succeeded("gpu")
+    router.failed("gpu")
+    assert router.unavailable("gpu") is None  # closed again: counting from zero
+    assert [s["circuit"] for s in router.status()] == ["closed", "closed"]
