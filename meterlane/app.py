@@ -21,6 +21,7 @@ from meterlane.core.auth import AuthService
 from meterlane.core.config import Config, ConfigError
 from meterlane.core.db import make_engine
 from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, problem
+from meterlane.core.events import EventService
 from meterlane.core.keys import KeyService
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
@@ -33,6 +34,7 @@ from meterlane.metering.limits import LimitsService
 from meterlane.metering.limitstore import LimitStore, SqlLimitStore
 from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
+from meterlane.paywall.service import PaywallService
 from meterlane.plans.billing import BillingService
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.checkout import CheckoutService
@@ -68,6 +70,8 @@ class Wiring:
     checkout: CheckoutService
     overage: OverageReporter
     subscriptions: SubscriptionService
+    events: EventService
+    paywall: PaywallService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -138,6 +142,10 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     overage = OverageReporter(engine, functools.partial(stripe_client, config))
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
+    events = EventService(engine)
+    paywall = PaywallService(engine, events)
+    limits.on_limit_event = paywall.on_limit_event
+    limits.thresholds = config.paywall_thresholds
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
@@ -145,7 +153,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
                   credits=credits, accrual=accrual, billing=billing, checkout=checkout,
-                  overage=overage, subscriptions=subscriptions)
+                  overage=overage, subscriptions=subscriptions, events=events,
+                  paywall=paywall)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
@@ -176,10 +185,11 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.metering.credits_api import bp as credits_bp
     from meterlane.metering.limits_api import bp as limits_bp
     from meterlane.ops import bp as ops_bp
+    from meterlane.paywall.api import bp as paywall_bp
     from meterlane.plans.api import bp as plans_bp
 
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
-               ops_bp):
+               paywall_bp, ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

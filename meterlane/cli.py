@@ -300,6 +300,29 @@ def billing_report_overage(retry_refused: bool) -> None:
     click.echo(f"reported {sent} overage meter events to Stripe")
 
 
+@main.group()
+def webhooks() -> None:
+    """Signed webhooks to the app (each serve worker sends them too)."""
+
+
+@webhooks.command("deliver")
+@click.option("--loop", "forever", is_flag=True, help="Keep sending, once a second.")
+def webhooks_deliver(forever: bool) -> None:
+    """Send the webhook deliveries that are due (retries included)."""
+    import time
+
+    wiring = _wiring()
+    total = 0
+    while True:
+        sent = wiring.events.deliver_due()
+        total += sent
+        if not sent and not forever:
+            break
+        if not sent:
+            time.sleep(1)
+    click.echo(f"attempted {total} webhook deliveries")
+
+
 @billing.command("reconcile")
 @click.option("--period", required=True, help="The month, e.g. 2026-11.")
 def billing_reconcile(period: str) -> None:

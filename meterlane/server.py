@@ -20,7 +20,10 @@ class MeterlaneServer(BaseApplication):  # type: ignore[misc]
         # Imported here, inside the worker, after gevent has patched the standard library.
         from meterlane.app import create_app
 
-        return create_app()
+        app = create_app()
+        # Each worker sends the webhooks that are due (deliveries are claimed: never twice).
+        app.extensions["wiring"].events.start()
+        return app
 
 
 def run(*, host: str, port: int, workers: int, timeout: int) -> None:

@@ -102,6 +102,8 @@ class Config:
     stripe_webhook_secret: str | None = None
     stripe_api_version: str = STRIPE_API_VERSION
     stripe_api_base: str | None = None  # a Stripe-compatible server (tests: a fake on loopback)
+    # [paywall]: the percents of a quota at which a threshold event goes to the app.
+    paywall_thresholds: tuple[int, ...] = (50, 80, 100)
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -183,14 +185,27 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     if len({a.name for a in aliases}) != len(aliases):
         raise ConfigError("alias names must be unique")
     unknown = sorted(set(raw) - {"upstreams", "models", "aliases", "plans", "credit_packs",
-                                 "limits", "stripe"})
+                                 "limits", "stripe", "paywall"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
         raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
                           "[[models]], [[aliases]], [[plans]], [limits]")
     return {"upstreams": upstreams, "models": models, "aliases": aliases,
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
-            **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {}))}
+            **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {})),
+            **_paywall(raw.get("paywall", {}))}
+
+
+def _paywall(table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError("[paywall] must be a table")
+    unknown = sorted(set(table) - {"thresholds"})
+    if unknown:
+        raise ConfigError(f"[paywall]: unknown settings {unknown}; expected thresholds")
+    thresholds = table.get("thresholds", [50, 80, 100])
+    if not isinstance(thresholds, list) or not all(_whole(t, 1, 100) for t in thresholds):
+        raise ConfigError("[paywall]: thresholds must be a list of percents from 1 to 100")
+    return {"paywall_thresholds": tuple(sorted(set(thresholds)))}
 
 
 def _stripe(table: Any) -> dict[str, Any]:

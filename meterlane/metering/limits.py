@@ -111,6 +111,26 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class LimitEvent:
+    """A quota reached (a refusal) or a threshold of it crossed: what the paywall acts on."""
+
+    app_id: int
+    end_user_id: int
+    plan: Plan
+    limit: LimitSpec
+    info: dict[str, Any]  # the limit as a 402 shows it (id, metric, window, used, limit, ...)
+    used: int             # in the counter's units
+    amount: int
+    period: str           # names the limit's current period: one event per threshold and period
+    threshold: int | None  # percent crossed; None for a refusal
+    request_id: str = ""
+
+
+# The paywall's hook: records the event and returns what a 402 carries about it (or None).
+LimitHook = Callable[[LimitEvent], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
 class QuotaLine:
     limit: LimitSpec
     used: int
@@ -165,6 +185,10 @@ class LimitsService:
         self._background = background_runner()
         self._catch_up_needed = threading.Event()
         self._catching_up = threading.Lock()
+        # Set by the paywall: called on a quota refusal and when a call's usage crosses one of
+        # `thresholds` (percent of a quota; rate limits have none).
+        self.on_limit_event: LimitHook | None = None
+        self.thresholds: tuple[int, ...] = (50, 80, 100)
 
     @property
     def enabled(self) -> bool:
@@ -353,7 +377,84 @@ class LimitsService:
             detail, headers=headers, limit=info["limit"], plan=info["plan"])
         self._record_refusal(app_id, end_user_id, request_id, lease, limit, used, resets,
                              "rate_limited" if rate else "quota_exceeded", now)
+        if not rate and self.on_limit_event is not None:
+            event = LimitEvent(app_id, end_user_id, lease.plan, limit, info["limit"], used,
+                               hit.check.amount, _period(hit.check, now), None, request_id)
+            try:
+                paywall = self.on_limit_event(event)
+            except Exception:  # noqa: BLE001 - the refusal stands without its paywall event
+                log.exception("the paywall could not record the refusal of %s", request_id)
+                paywall = None
+            if paywall is not None:
+                err.extra["paywall"] = paywall
         return err
+
+    def _crossings(self, lease: Lease, actual: Actual) -> list[LimitEvent]:
+        """The thresholds of its quotas that this call's usage crossed (from the states its
+        reservation saw: no store round trip)."""
+        app_id, end_user_id = lease.meta.get("app_id"), lease.meta.get("end_user_id")
+        if not isinstance(app_id, int) or not isinstance(end_user_id, int):
+            return []
+        pairs = []
+        for a in lease.applied:
+            if a.state is not None:
+                c = a.check
+                before = max(a.state.used - (c.fixed + c.per_out * (lease.out or 0)), 0)
+                pairs.append((a, before, before + actual.charge(c, c.fixed)))
+        return self._crossed(app_id, end_user_id, lease.plan, pairs,
+                             str(lease.meta.get("request_id") or ""))
+
+    def _crossings_now(self, app_id: int, end_user_id: int, model: ModelConfig | None,
+                       actual: Actual, request_id: str = "") -> None:
+        """For usage counted without a reservation's states (the metering API): read the
+        counters after it and emit the thresholds it crossed."""
+        if self.on_limit_event is None:
+            return
+        try:
+            now = self.clock()
+            assignment = self.plans.plan_of(end_user_id)
+            applied = self._applied(app_id, end_user_id, assignment, model, now)
+            pairs = []
+            if model is None:  # a per-model limit of another model saw none of it
+                applied = [a for a in applied if a.limit.model is None]
+            for tag in dict.fromkeys(a.tag for a in applied):
+                group = [a for a in applied if a.tag == tag]
+                states = self.store.peek(tag, [a.check for a in group], now_ms=epoch_ms(now))
+                for a, st in zip(group, states, strict=True):
+                    charge = actual.charge(a.check, a.check.fixed)
+                    pairs.append((Applied(a.limit, a.tag, a.check, st), st.used - charge,
+                                  st.used))
+            self._emit(self._crossed(app_id, end_user_id, assignment.plan, pairs, request_id))
+        except Exception:  # noqa: BLE001 - a threshold event is a notice, never a failure
+            log.exception("could not check the thresholds of end user %s", end_user_id)
+
+    def _crossed(self, app_id: int, end_user_id: int, plan: Plan,
+                 pairs: list[tuple[Applied, int, int]], request_id: str) -> list[LimitEvent]:
+        out: list[LimitEvent] = []
+        now = self.clock()
+        for a, before, after in pairs:
+            c = a.check
+            if a.limit.is_rate or c.kind not in ("counter", "rolling") or c.amount <= 0:
+                continue
+            for pct in self.thresholds:
+                if before * 100 < pct * c.amount <= after * 100:
+                    resets = a.resets_at(now)
+                    info = {"id": a.limit.id, "metric": a.limit.metric,
+                            "window": a.limit.window.spec, "scope": a.limit.scope,
+                            "model": a.limit.model, "used": value_of(a.limit, after),
+                            "limit": value_of(a.limit, c.amount),
+                            "resets_at": utc_iso(resets) if resets else None}
+                    out.append(LimitEvent(app_id, end_user_id, plan, a.limit, info, after,
+                                          c.amount, _period(c, now), pct, request_id))
+        return out
+
+    def _emit(self, events: list[LimitEvent]) -> None:
+        assert self.on_limit_event is not None
+        for event in events:
+            try:
+                self.on_limit_event(event)
+            except Exception:  # noqa: BLE001 - a threshold event is a notice, never a failure
+                log.exception("the paywall could not record a threshold of %s", event.limit.id)
 
     def _record_refusal(self, app_id: int, end_user_id: int, request_id: str, lease: Lease,
                         limit: LimitSpec, used: int, resets: datetime | None, kind: str,
@@ -385,6 +486,10 @@ class LimitsService:
             return
         lease.done = True
         actual = _actual(lease, usage, cost_pico)
+        if actual is not None and self.on_limit_event is not None:
+            crossed = self._crossings(lease, actual)
+            if crossed:
+                self._background(functools.partial(self._emit, crossed))
         if not self.store.batches:
             # One settle per round trip (a SQL transaction, a cluster): settle each on its own
             # so that a backlog can never hold reservations past their lease time.
@@ -470,6 +575,11 @@ class LimitsService:
             with store_down_is_503():
                 result = self.store.settle(tag, lease_id, actual, now_ms=epoch_ms(now))
             first = first or result
+        ids = lease_tags(lease_id)
+        if actual is not None and ids is not None and first is not None \
+                and first.outcome == "settled":
+            self._background(functools.partial(self._crossings_now, ids[0], ids[1], None,
+                                               actual, lease_id))
         return first or Settlement("unknown")
 
     # -- the quota a user sees --------------------------------------------------------------
@@ -536,7 +646,19 @@ class LimitsService:
             with store_down_is_503():
                 fresh = self.store.commit(tag, f"ev:{app_id}:{event_id}", group, actual,
                                           now_ms=epoch_ms(now)) and fresh
+        if fresh and applied:
+            self._background(functools.partial(self._crossings_now, app_id, end_user_id, model,
+                                               actual, event_id))
         return fresh
+
+
+def _period(check: Check, now: datetime) -> str:
+    """A name for the check's current period: its end for a calendar counter, else the span
+    that holds now (so a rolling window yields at most one event per threshold per span)."""
+    if check.kind == "counter":
+        return f"c{check.expires_ms}"
+    span = max(check.slot_ms * check.slots, 1)
+    return f"r{epoch_ms(now) // span}"
 
 
 def _actual(lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> Actual | None:

@@ -120,6 +120,8 @@ def test_typed_errors(served: tuple[str, str]) -> None:
             ml.reserve(user="cy", model="gpt-4o-mini", input_tokens=20, max_output_tokens=10)
         assert spent.value.status == 402 and spent.value.limit["id"] == "tokens-day"
         assert spent.value.limit["used"] == 395
+        assert spent.value.paywall is not None
+        assert spent.value.paywall["trigger"] == "limit_reached"
         with pytest.raises(BadRequest):
             ml.reserve(user="cy", model="gpt-4o-mini", input_tokens=-5)
         with pytest.raises(NotFound):

@@ -11,7 +11,8 @@ from meterlane_sdk.errors import (
     RateLimited,
     ServiceUnavailable,
 )
+from meterlane_sdk.webhooks import InvalidSignature, verify
 
-__all__ = ["BadRequest", "ConnectionFailed", "Lease", "MeteredCall", "Meterlane",
-           "MeterlaneError", "NotFound", "PermissionDenied", "QuotaExceeded", "RateLimited",
-           "ServiceUnavailable"]
+__all__ = ["BadRequest", "ConnectionFailed", "InvalidSignature", "Lease", "MeteredCall",
+           "Meterlane", "MeterlaneError", "NotFound", "PermissionDenied", "QuotaExceeded",
+           "RateLimited", "ServiceUnavailable", "verify"]

@@ -1,0 +1,1 @@
+"""Paywall: events when a user runs out, offers, consent evidence, cancellation."""

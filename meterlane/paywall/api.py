@@ -1,0 +1,79 @@
+"""Paywall events and the app's webhook endpoint (problem+json errors)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from meterlane.core.auth import Role, require_role, validate_user_id
+from meterlane.core.errors import NotFoundError, PermissionDeniedError
+from meterlane.core.openapi import documented
+from meterlane.core.web import app_in_scope, current_principal, json_body, query_args, wiring
+from meterlane.paywall.schemas import (
+    DeliveriesQuerySchema,
+    DeliveryListSchema,
+    EventListSchema,
+    EventsQuerySchema,
+    WebhookEndpointRequestSchema,
+    WebhookEndpointSchema,
+)
+
+bp = Blueprint("paywall", __name__, url_prefix="/v1")
+
+
+@bp.get("/paywall/events")
+@documented(summary="Paywall events (a quota reached, a threshold crossed), newest first",
+            query=EventsQuerySchema, response=EventListSchema, tag="paywall")
+def paywall_events() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN, Role.USER)
+    args = EventsQuerySchema().load(query_args())
+    app_id = app_in_scope(principal)
+    end_user_id = None
+    user = args.get("user")
+    if principal.role == Role.USER:
+        if user is not None and user != principal.end_user:
+            raise PermissionDeniedError("An end-user key sees only its own paywall events.")
+        end_user_id = principal.end_user_id
+    elif user is not None:
+        end_user_id = wiring().tenancy.find_end_user(app_id, validate_user_id(user))
+        if end_user_id is None:
+            raise NotFoundError(f"No end user {user!r} in this app.")
+    events = wiring().paywall.events_of(app_id, end_user_id, args.get("trigger"),
+                                        args["limit"])
+    return wiring().json(EventListSchema().dump({"data": events}))
+
+
+@bp.put("/webhooks")
+@documented(summary="Set the app's webhook URL (a new or rotated endpoint returns its secret "
+                    "once)", body=WebhookEndpointRequestSchema, response=WebhookEndpointSchema,
+            tag="webhooks")
+def set_webhook() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = WebhookEndpointRequestSchema().load(json_body())
+    endpoint = wiring().events.set_endpoint(app_in_scope(principal), args["url"],
+                                            rotate=args["rotate_secret"])
+    return wiring().json(WebhookEndpointSchema().dump(endpoint))
+
+
+@bp.get("/webhooks")
+@documented(summary="The app's webhook endpoint (its secret is never shown again)",
+            response=WebhookEndpointSchema, tag="webhooks")
+def get_webhook() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    endpoint = wiring().events.endpoint(app_in_scope(principal))
+    if endpoint is None:
+        raise NotFoundError("This app has no webhook endpoint; set one with PUT /v1/webhooks.")
+    return wiring().json(WebhookEndpointSchema().dump(endpoint))
+
+
+@bp.get("/webhooks/deliveries")
+@documented(summary="The delivery log: each event sent to the app, with every attempt",
+            query=DeliveriesQuerySchema, response=DeliveryListSchema, tag="webhooks")
+def deliveries() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = DeliveriesQuerySchema().load(query_args())
+    data = wiring().events.deliveries(app_in_scope(principal), args.get("event"))
+    return wiring().json(DeliveryListSchema().dump({"data": data}))
