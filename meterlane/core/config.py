@@ -300,6 +300,8 @@ def parse_alias_models(value: Any, where: str, models: set[str]) -> tuple[str, .
 def _alias(table: dict[str, Any], models: set[str]) -> AliasConfig:
     name = _str(table, "name", "[[aliases]]")
     where = f"alias {name!r}"
+    if len(name) > 100:
+        raise ConfigError(f"{where}: an alias name is at most 100 characters")
     if name in models:
         raise ConfigError(f"{where}: a model has this name; an alias needs its own")
     unknown = sorted(set(table) - {"name", "models"})

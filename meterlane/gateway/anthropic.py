@@ -60,7 +60,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
     if body.get("stream") is True:
         chat["stream"] = True
-    for name in ("temperature", "top_p", "top_k"):  # top_k: vLLM, llama.cpp and Ollama take it
+    for name in ("temperature", "top_p"):  # (top_k is not OpenAI's: a cloud upstream refuses it)
         if body.get(name) is not None:
             chat[name] = body[name]
     stops = body.get("stop_sequences")
@@ -73,8 +73,12 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidRequestError("metadata: an object is required", param="metadata")
-        if metadata.get("user_id") is not None:
-            chat["user"] = metadata["user_id"]  # Anthropic's end-user id is Meterlane's user
+        user_id = metadata.get("user_id")
+        if user_id is not None:
+            if not isinstance(user_id, str):
+                raise InvalidRequestError("metadata.user_id: a string is required",
+                                          param="metadata")
+            chat["user"] = user_id  # the end user, unless the key or a header names one
     tools = body.get("tools")
     if tools is not None:
         chat["tools"] = _chat_tools(tools)
@@ -87,7 +91,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     output = output or {}
     effort = output.get("effort")
     if effort is not None:
-        if effort not in _EFFORTS:
+        if not isinstance(effort, str) or effort not in _EFFORTS:
             raise InvalidRequestError(f"output_config.effort: one of {', '.join(_EFFORTS)}",
                                       param="output_config")
         chat["reasoning_effort"] = _EFFORTS[effort]
@@ -218,7 +222,7 @@ def _chat_tool_choice(choice: Any) -> Any:
 def usage_of(record: CallRecord) -> dict[str, Any]:
     """The ledger's usage as Anthropic reports it (input excludes the cached part)."""
     usage: dict[str, Any] = {
-        "input_tokens": record.input_tokens - record.cached_input_tokens,
+        "input_tokens": max(0, record.input_tokens - record.cached_input_tokens),
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": record.cached_input_tokens,
         "output_tokens": record.output_tokens,
@@ -297,7 +301,7 @@ class MessagesStream:
         self.started = False
         self.finish: Any = None
         self._index = -1
-        self._open: tuple[str, int | None] | None = None  # ("text", None) or ("tool", n)
+        self._open: tuple[str, Any] | None = None  # ("text", None) or ("tool", index or id)
         self._buffer = b""
 
     def start(self) -> bytes:
@@ -332,7 +336,11 @@ class MessagesStream:
         for call in delta.get("tool_calls") or []:
             if not isinstance(call, dict):
                 continue
-            n = call.get("index") if isinstance(call.get("index"), int) else 0
+            # A call is named by its index; a server that sends none names each by its id
+            # (a chunk without either continues the open call).
+            n: Any = call.get("index") if isinstance(call.get("index"), int) else call.get("id")
+            if n is None:
+                n = self._open[1] if self._open and self._open[0] == "tool" else 0
             fn = _dict(call.get("function"))
             out.append(self._open_block(("tool", n), {
                 "type": "tool_use", "id": str(call.get("id") or _tool_id()),
@@ -344,7 +352,7 @@ class MessagesStream:
             self.finish = choice["finish_reason"]
         return b"".join(out)
 
-    def _open_block(self, key: tuple[str, int | None], block: dict[str, Any]) -> bytes:
+    def _open_block(self, key: tuple[str, Any], block: dict[str, Any]) -> bytes:
         if self._open == key:
             return b""
         out = self._close_block()

@@ -29,9 +29,12 @@ from meterlane.plans.catalog import Plan
 # Prompt length (characters; about 4 per token) at which a call is moderate, and hard.
 LONG_PROMPT_CHARS = 16_000
 VERY_LONG_PROMPT_CHARS = 64_000
+# Linear-time patterns only (no nested or unbounded gaps), over a bounded prefix of the prompt.
 _CODE = re.compile(
-    r"```|^\s*(?:def|class|import|from \S+ import|fn|func|public|#include)\b|"
-    r"\bfunction\s*\w*\s*\(|=>\s*\{|\bSELECT\b[\s\S]+?\bFROM\b|;\s*$", re.MULTILINE)
+    r"```|^[ \t]*(?:def|class|import|from [\w.]+ import|fn|func|public|#include)\b|"
+    r"\bfunction[ \t]*\w{0,64}[ \t]*\(|=>[ \t]*\{|\bSELECT\b[^;]{1,300}?\bFROM\b|;[ \t]*$",
+    re.MULTILINE)
+CODE_SCAN_CHARS = 32_000
 MAX_REASON = 500
 
 
@@ -50,7 +53,7 @@ def difficulty(body: dict[str, Any]) -> Difficulty:
     signals: list[str] = []
     if body.get("tools") or body.get("functions"):
         signals.append("tools")
-    if _CODE.search(text):
+    if _CODE.search(text, 0, CODE_SCAN_CHARS):
         signals.append("code")
     if len(text) >= VERY_LONG_PROMPT_CHARS:
         signals.append("very long prompt")
@@ -113,7 +116,7 @@ class Route:
     def failed(self, model: ModelConfig, why: str) -> None:
         self.notes.append(f"{model.name} failed: {why}")
 
-    def reason(self, served: ModelConfig) -> str:
+    def reason(self, served: ModelConfig | None) -> str:
         """Why this model: the difficulty, the first choice and why, and what happened to
         each candidate tried or skipped before it."""
         first = self.candidates[0]
@@ -122,7 +125,7 @@ class Route:
         text = f"{self.difficulty.describe()}; {first.name} {why}"
         if self.notes:
             text += "; " + "; ".join(self.notes)
-        if served is not first:
+        if served is not None and served is not first:
             text += f"; served by {served.name}"
         return text[:MAX_REASON]
 
@@ -130,7 +133,8 @@ class Route:
 @dataclass
 class _Circuit:
     failures: int = 0  # in a row
-    open_until: float = 0.0  # 0: closed; past: half-open (a failure re-opens it at once)
+    open_until: float = 0.0  # 0: closed; past: half-open (one probe at a time)
+    probe_until: float = 0.0  # a half-open probe is out until then
     in_flight: int = 0
 
 
@@ -176,15 +180,26 @@ class Router:
 
     # -- upstream health ----------------------------------------------------------------------
 
-    def unavailable(self, upstream: str) -> str | None:
-        """Why a routed call should not go to this upstream now, or None."""
+    def acquire(self, upstream: str, *, routed: bool) -> str | None:
+        """Take a slot on the upstream for a call, or say why a routed call should not go
+        there now (its circuit is open, a probe is already out, it is saturated). Checking and
+        taking happen under one lock, so a burst cannot overshoot the cap. A direct call (one
+        model, no alternative) always goes."""
         circuit = self._circuits[upstream]
-        cap = self.upstreams[upstream].max_concurrency
+        config = self.upstreams[upstream]
+        now = self.clock()
         with self._lock:
-            if circuit.open_until > self.clock():
-                return "circuit open"
-            if cap is not None and circuit.in_flight >= cap:
-                return f"saturated ({circuit.in_flight} calls in flight)"
+            if routed:
+                if circuit.open_until > now:
+                    return "circuit open"
+                cap = config.max_concurrency
+                if cap is not None and circuit.in_flight >= cap:
+                    return f"saturated ({circuit.in_flight} calls in flight)"
+                if circuit.open_until:  # half-open: one probe decides
+                    if circuit.probe_until > now:
+                        return "circuit half-open, a probe is out"
+                    circuit.probe_until = now + config.breaker_cooldown_s
+            circuit.in_flight += 1
         return None
 
     def retry_after(self) -> int:
@@ -194,10 +209,6 @@ class Router:
             waits = [c.open_until - now for c in self._circuits.values() if c.open_until > now]
         return max(1, int(min(waits)) + 1) if waits else 1
 
-    def enter(self, upstream: str) -> None:
-        with self._lock:
-            self._circuits[upstream].in_flight += 1
-
     def leave(self, upstream: str) -> None:
         with self._lock:
             circuit = self._circuits[upstream]
@@ -206,7 +217,7 @@ class Router:
     def succeeded(self, upstream: str) -> None:
         with self._lock:
             circuit = self._circuits[upstream]
-            circuit.failures, circuit.open_until = 0, 0.0
+            circuit.failures, circuit.open_until, circuit.probe_until = 0, 0.0, 0.0
 
     def failed(self, upstream: str) -> None:
         config = self.upstreams[upstream]
@@ -216,6 +227,7 @@ class Router:
             half_open = circuit.open_until != 0.0
             if half_open or circuit.failures >= config.breaker_failures:
                 circuit.open_until = self.clock() + config.breaker_cooldown_s
+                circuit.probe_until = 0.0
 
     def status(self) -> list[dict[str, Any]]:
         """Each upstream's circuit and calls in flight (this process)."""

@@ -102,6 +102,10 @@ class GatewayService:
     def messages(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
         """Anthropic's Messages API, served as the chat call it translates to."""
         body = anthropic.to_chat(_parse_body(raw))
+        if ctx.principal.role == Role.USER or ctx.user_header is not None:
+            # metadata.user_id is the client's own opaque id (Claude Code sets one): it names
+            # the end user only when neither the key nor the header does.
+            body.pop("user", None)
         return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
@@ -114,49 +118,23 @@ class GatewayService:
         for i, model in enumerate(candidates):
             last = i == len(candidates) - 1
             if route is not None:
-                why = self.router.unavailable(model.upstream)
+                why = self.router.acquire(model.upstream, routed=True)
                 if why is not None:
                     route.skipped(model, why)
                     continue
                 outcome.route_reason = route.reason(model)
+            else:
+                self.router.acquire(model.upstream, routed=False)
             outcome.model = model
             upstream = self.upstreams[model.upstream]
-            clip = self._reserve(outcome, started) if self.limits is not None else None
-            lease: Lease | None = outcome.lease
-            limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
-            payload = self._upstream_payload(raw, outcome.request, model, stream, clip)
-            self.router.enter(upstream.name)
             try:
-                resp = upstream.post(PATHS[endpoint], payload, stream=stream)
-            except DomainError as exc:
+                resp, limit_headers = self._attempt(outcome, started, endpoint, raw, route, last)
+            except _FallbackError:
                 self.router.leave(upstream.name)
-                self.router.failed(upstream.name)
-                if route is not None and not last:  # fall back before the first byte
-                    route.failed(model, _short(exc.detail))
-                    self._release(outcome)
-                    continue
-                self._note_failure(outcome, route, model, exc.detail)
-                self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
-                             error=exc.detail)()
-                exc.headers.update(limit_headers)
+                continue
+            except BaseException:
+                self.router.leave(upstream.name)
                 raise
-            if resp.status >= 300:
-                err = error_from_response(upstream.name, resp.status, resp.data, resp.headers)
-                resp.release_conn()
-                self.router.leave(upstream.name)
-                retryable = resp.status == 429 or resp.status >= 500
-                if retryable:
-                    self.router.failed(upstream.name)
-                    if route is not None and not last:
-                        route.failed(model, f"HTTP {resp.status}")
-                        self._release(outcome)
-                        continue
-                self._note_failure(outcome, route, model, f"HTTP {resp.status}")
-                self._finish(outcome, started, status="upstream_error", http_status=err.status,
-                             error=err.detail)()
-                err.headers.update(limit_headers)
-                raise err
-            self.router.succeeded(upstream.name)
             break
         else:  # every candidate was skipped or failed before answering
             raise self._no_candidate(outcome, route, started)
@@ -168,6 +146,7 @@ class GatewayService:
                                     **limit_headers},
                                    streaming=True)
         self.router.leave(upstream.name)  # the body is read: the call holds the upstream no more
+        self.router.succeeded(upstream.name)
         data = resp.data
         doc = _loads(data)
         outcome.reported = usage_from(doc)
@@ -178,6 +157,64 @@ class GatewayService:
                                {"Content-Type": "application/json", **limit_headers},
                                after=None if after is _nothing else after)
 
+    def _attempt(self, outcome: CallOutcome, started: float, endpoint: str, raw: bytes | None,
+                 route: Route | None, last: bool
+                 ) -> tuple[urllib3.BaseHTTPResponse, dict[str, str]]:
+        """Reserve for this candidate and send the call. Raises _FallbackError when a routed call
+        should go on to the next candidate (nothing is written then), or the error to answer
+        with (its ledger row written)."""
+        model, stream = outcome.model, outcome.stream
+        upstream = self.upstreams[model.upstream]
+        fallback = route is not None and not last
+        try:
+            clip = self._reserve(outcome, started, final=not fallback) \
+                if self.limits is not None else None
+        except (QuotaExceededError, RateLimitedError) as exc:
+            if route is not None and fallback:  # another candidate may have room
+                route.skipped(model, _short(exc.detail))
+                raise _FallbackError from exc
+            raise
+        lease: Lease | None = outcome.lease
+        limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
+        payload = self._upstream_payload(raw, outcome.request, model, stream, clip, endpoint)
+        try:
+            resp = upstream.post(PATHS[endpoint], payload, stream=stream)
+            status = resp.status
+            err = None
+            if status >= 300:
+                try:
+                    err = error_from_response(upstream.name, status, resp.data, resp.headers)
+                except urllib3.exceptions.HTTPError as exc:  # the error body did not arrive
+                    err = upstream.translate(exc)
+                resp.release_conn()
+        except DomainError as exc:
+            self.router.failed(upstream.name)
+            if route is not None and fallback:  # fall back before the first byte
+                route.failed(model, _short(exc.detail))
+                self._release(outcome)
+                raise _FallbackError from exc
+            self._note_failure(outcome, route, model, exc.detail)
+            self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
+                         error=exc.detail)()
+            exc.headers.update(limit_headers)
+            raise
+        if err is not None:
+            retryable = status == 429 or status >= 500
+            if retryable:
+                self.router.failed(upstream.name)
+                if route is not None and fallback:
+                    route.failed(model, f"HTTP {status}")
+                    self._release(outcome)
+                    raise _FallbackError
+            else:
+                self.router.succeeded(upstream.name)  # it answered: the upstream is up
+            self._note_failure(outcome, route, model, f"HTTP {status}")
+            self._finish(outcome, started, status="upstream_error", http_status=err.status,
+                         error=err.detail)()
+            err.headers.update(limit_headers)
+            raise err
+        return resp, limit_headers
+
     @staticmethod
     def _note_failure(outcome: CallOutcome, route: Route | None, model: ModelConfig,
                       why: str) -> None:
@@ -186,10 +223,14 @@ class GatewayService:
             outcome.route_reason = route.reason(model)
 
     def _release(self, outcome: CallOutcome) -> None:
-        """Give back the reservation of a candidate that failed before it answered."""
+        """Give back the reservation of a candidate that failed before it answered, before the
+        next candidate reserves (so the two never count at once)."""
         lease, outcome.lease = outcome.lease, None
-        if lease is not None:
-            self._settle_limits(lease, None)
+        if lease is not None and self.limits is not None:
+            try:
+                self.limits.release(lease)
+            except Exception:  # the lease expires by itself
+                log.exception("releasing the limits lease %s failed", lease.id)
 
     def _no_candidate(self, outcome: CallOutcome, route: Route | None,
                       started: float) -> DomainError:
@@ -199,12 +240,13 @@ class GatewayService:
         err = UpstreamUnavailableError(detail, headers={
             "Retry-After": str(self.router.retry_after())})
         err.status, err.openai_code = 503, "no_model_available"
-        outcome.route_reason = route.reason(outcome.model)
+        outcome.route_reason = route.reason(None)
         self._finish(outcome, started, status="upstream_unavailable", http_status=503,
                      error=detail)()
         return err
 
-    def _reserve(self, outcome: CallOutcome, started: float) -> tuple[str, int] | None:
+    def _reserve(self, outcome: CallOutcome, started: float,
+                 final: bool = True) -> tuple[str, int] | None:
         """Reserve the call's estimate; returns the output-token field to set and its value
         when the grant is below what the call would otherwise generate."""
         assert self.limits is not None
@@ -226,9 +268,10 @@ class GatewayService:
                 prompt_tokens=prompt, want_out=want, min_out=least, out_per_token=choices,
                 request_id=outcome.request_id)
         except (QuotaExceededError, RateLimitedError) as exc:
-            status = "quota_exceeded" if exc.status == 402 else "rate_limited"
-            self._finish(outcome, started, status=status, http_status=exc.status,
-                         error=exc.detail)()
+            if final:  # else the router tries the next candidate: no row for this one
+                status = "quota_exceeded" if exc.status == 402 else "rate_limited"
+                self._finish(outcome, started, status=status, http_status=exc.status,
+                             error=exc.detail)()
             raise
         except DomainError as exc:
             self._finish(outcome, started, status="limits_unavailable", http_status=exc.status,
@@ -294,6 +337,8 @@ class GatewayService:
                 resp.close()  # stop the upstream generating for nobody
             if status == "stream_error":
                 self.router.failed(upstream.name)
+            elif status == "ok":
+                self.router.succeeded(upstream.name)
             outcome.reported, outcome.output_texts = relay.usage, relay.texts
             settled = True
             after = self._finish(outcome, started, status=status, error=error)
@@ -384,6 +429,7 @@ class GatewayService:
             raise InvalidRequestError(
                 "Name the end user: set the 'user' field or the X-Meterlane-User header.",
                 param="user")
+        named = [validate_user_id(v) for v in named]  # a non-string is a 400, not a 500
         if len(set(named)) > 1:
             raise InvalidRequestError(
                 "The 'user' field and the X-Meterlane-User header name different users.",
@@ -404,18 +450,23 @@ class GatewayService:
 
     @staticmethod
     def _upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig,
-                          stream: bool, clip: tuple[str, int] | None = None) -> bytes:
-        if raw is not None and not stream and model.upstream_model == body.get("model") \
-                and clip is None:
+                          stream: bool, clip: tuple[str, int] | None = None,
+                          endpoint: str = ENDPOINT_CHAT) -> bytes:
+        # A routed call named an alias; a translated one (raw None) was built by the gateway.
+        routed = body.get("model") != model.name or raw is None
+        if raw is not None and not stream and not routed and clip is None \
+                and model.upstream_model == model.name:
             return raw  # nothing to change: forward the client's bytes untouched
         out = dict(body)
         out["model"] = model.upstream_model
         if clip is not None:
             out[clip[0]] = clip[1]
-        if model.max_tokens_param == "max_completion_tokens" and "max_tokens" in out \
-                and "max_completion_tokens" not in out:
-            # a routed or translated call names max_tokens; this model takes only the other
-            out["max_completion_tokens"] = out.pop("max_tokens")
+        if endpoint == ENDPOINT_CHAT and routed:
+            # The client named the cap for some model; this one may take only the other field.
+            other = "max_tokens" if model.max_tokens_param == "max_completion_tokens" \
+                else "max_completion_tokens"
+            if other in out and model.max_tokens_param not in out:
+                out[model.max_tokens_param] = out.pop(other)
         if stream:
             options = out.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}),
@@ -425,6 +476,10 @@ class GatewayService:
 
 def _nothing() -> None:
     return None
+
+
+class _FallbackError(Exception):
+    """This candidate could not take a routed call; the next one is tried."""
 
 
 class Wire:

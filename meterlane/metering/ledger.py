@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -258,8 +259,14 @@ def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[s
     return sql, params
 
 
+# A record spooled by an older version lacks the fields added since: their defaults.
+_SPOOL_DEFAULTS: dict[str, Any] = {
+    name: f.default for name, f in CallRecord.__dataclass_fields__.items()
+    if f.default is not dataclasses.MISSING}
+
+
 def _decode(raw: bytes) -> dict[str, Any]:
-    row: dict[str, Any] = orjson.loads(raw)
+    row: dict[str, Any] = {**_SPOOL_DEFAULTS, **orjson.loads(raw)}
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
 

@@ -97,7 +97,7 @@ class UsageStore:
         """Routed calls per (alias, served model): their cost, and the baseline cost of the
         same tokens on each call's most expensive allowed candidate."""
         where = [_T.created_at >= query.start, _T.created_at < query.end,
-                 _T.route_alias.is_not(None)]
+                 _T.route_alias.is_not(None), _T.status == "ok"]  # calls a model served
         if query.app_id is not None:
             where.append(_T.app_id == query.app_id)
         if query.end_user_id is not None:

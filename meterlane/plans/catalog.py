@@ -239,6 +239,8 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
     for alias, value in raw_aliases.items():
         if models is not None and alias in models:
             raise fail("aliases", alias, f"alias {alias!r} is a model's name")
+        if len(alias) > 100:
+            raise fail("aliases", alias, "an alias name is at most 100 characters")
         try:
             names = parse_alias_models(value, f"{ctx}: alias {alias!r}",
                                        set(models) if models is not None else set(value or []))

@@ -145,3 +145,19 @@ def test_sqlite_rows_read_back_as_utc_and_fall_in_usage_ranges(tmp_path: Path) -
                        rec.created_at + timedelta(seconds=1))
     assert store.totals(after)[0].requests == 0
     engine.dispose()
+
+
+def test_a_record_spooled_by_an_older_version_is_replayed(clean_db: Engine,
+                                                          tmp_path: Path) -> None:
+    """A spool written before the router's columns existed still replays after an upgrade."""
+    import orjson
+
+    app_id, user_id = app_and_user(clean_db)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    old = {k: v for k, v in record(app_id, user_id, "old").row().items()
+           if k not in ("route_alias", "route_reason", "baseline_cost_pico_usd")}
+    old["created_at"] = old["created_at"].isoformat()
+    (spool / "usage-1.jsonl").write_bytes(orjson.dumps(old) + b"\n")
+    assert LedgerWriter(clean_db, spool).replay() == 1
+    assert [k for k, _, _ in keys_in_ledger(clean_db)] == ["old"]

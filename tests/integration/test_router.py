@@ -69,6 +69,11 @@ tiers = ["standard", "premium"]
 metric = "tokens"
 window = "day"
 amount = 100000
+[[plans.limits]]
+metric = "requests"
+window = "day"
+amount = 1
+model = "o3-mini"
 
 [[plans]]
 id = "free"
@@ -157,13 +162,15 @@ def test_difficulty_and_price_pick_the_model(routed: tuple[Any, Keys, Clock],
     sent = cloud.requests[-1]["body"]
     assert sent["model"] == "o3-mini" and sent["max_completion_tokens"] == 4
     assert "max_tokens" not in sent
+    # o3-mini's one call a day is spent: the next hard call goes to the next candidate
     assert ask(client, keys.app, reasoning_effort="high").status_code == 200
     served = [(r.route_alias, r.requested_model, r.route_reason.split(";")[0])
               for r in rows(clean_db)]
     assert served == [("auto", "llama-local", "level 1"),
                       ("auto", "gpt-4o-mini", "level 2 (tools)"),
                       ("auto", "o3-mini", "level 3 (tools, code)"),
-                      ("auto", "o3-mini", "level 3 (reasoning effort high)")]
+                      ("auto", "gpt-4o-mini", "level 3 (reasoning effort high)")]
+    assert "o3-mini skipped: Quota 'requests-day-o3-mini'" in rows(clean_db)[-1].route_reason
 
 
 def test_plan_tiers_and_plan_aliases(routed: tuple[Any, Keys, Clock], cloud: FakeUpstream,
@@ -290,6 +297,9 @@ def test_every_candidate_down_is_a_clear_503(routed: tuple[Any, Keys, Clock],
     assert int(down.headers["Retry-After"]) <= COOLDOWN + 1
     last = rows(clean_db)[-1]
     assert last.status == "upstream_unavailable" and last.http_status == 503
+    assert "served by" not in last.route_reason
+    savings = client.get("/v1/usage/routing", headers=bearer(keys.app)).get_json()
+    assert savings["aliases"] == []  # failed calls served nothing: no savings claimed
 
 
 def test_the_savings_report_matches_the_ledger(routed: tuple[Any, Keys, Clock],

@@ -59,7 +59,9 @@ def test_tool_choice(choice: dict[str, Any], expected: Any) -> None:
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages"),
     ({"tool_choice": {"type": "tool"}}, "tool_choice"), ({"tools": [{}]}, "tools"),
     ({"output_config": {"effort": "extreme"}}, "output_config"),
-    ({"stop_sequences": "x"}, "stop_sequences"), ({"metadata": []}, "metadata")])
+    ({"stop_sequences": "x"}, "stop_sequences"), ({"metadata": []}, "metadata"),
+    ({"output_config": {"effort": []}}, "output_config"),
+    ({"metadata": {"user_id": ["a"]}}, "metadata")])
 def test_bad_requests_name_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         to_chat({**_messages(), **body})
@@ -114,3 +116,18 @@ def test_a_chat_stream_becomes_blocks_in_order_with_the_ledgers_usage() -> None:
     assert delta["usage"] == {"input_tokens": 5, "cache_creation_input_tokens": 0,
                               "cache_read_input_tokens": 4, "output_tokens": 6,
                               "output_tokens_details": {"thinking_tokens": 2}}
+
+
+def test_tool_calls_without_an_index_open_a_block_each() -> None:
+    stream = MessagesStream("m")
+    out = stream.feed(_chunk({"tool_calls": [{"id": "a", "function": {"name": "f",
+                                                                      "arguments": '{"x":'}}]}))
+    out += stream.feed(_chunk({"tool_calls": [{"function": {"arguments": "1}"}}]}))
+    out += stream.feed(_chunk({"tool_calls": [{"id": "b", "function": {"name": "g",
+                                                                      "arguments": "{}"}}]}))
+    out += stream.end(_record())
+    starts = [e["content_block"] for n, e in _events(out) if n == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("a", "f"), ("b", "g")]
+    deltas = [(e["index"], e["delta"]["partial_json"]) for n, e in _events(out)
+              if n == "content_block_delta"]
+    assert deltas == [(0, '{"x":'), (0, "1}"), (1, "{}")]

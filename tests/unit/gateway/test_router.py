@@ -10,7 +10,7 @@ import pytest
 
 from meterlane.core.config import AliasConfig, Config, ModelConfig, ModelPrice, UpstreamConfig
 from meterlane.core.errors import PermissionDeniedError
-from meterlane.gateway.router import LONG_PROMPT_CHARS, Router, difficulty
+from meterlane.gateway.router import CODE_SCAN_CHARS, LONG_PROMPT_CHARS, Router, difficulty
 from meterlane.plans.catalog import Plan
 from meterlane.plans.terms import Terms
 
@@ -80,20 +80,53 @@ def test_plan_tiers_filter_and_plan_aliases_come_first() -> None:
     assert route is not None and _names(route) == ["big"]
 
 
-def test_the_circuit_opens_half_opens_and_closes() -> None:
+def test_the_circuit_opens_half_opens_with_one_probe_and_closes() -> None:
     now = [100.0]
     router = Router(CONFIG, clock=lambda: now[0])
+
+    def take() -> str | None:
+        why = router.acquire("gpu", routed=True)
+        if why is None:
+            router.leave("gpu")
+        return why
+
     router.failed("gpu")
-    assert router.unavailable("gpu") is None  # one failure of two
+    assert take() is None  # one failure of two
     router.failed("gpu")
-    assert router.unavailable("gpu") == "circuit open"
+    assert take() == "circuit open"
+    assert router.acquire("gpu", routed=False) is None  # a direct call always goes
+    router.leave("gpu")
     assert router.retry_after() == 6
     now[0] += 5
-    assert router.unavailable("gpu") is None  # half-open: calls may try it
-    router.failed("gpu")  # one failure while half-open re-opens it at once
-    assert router.unavailable("gpu") == "circuit open"
+    assert router.acquire("gpu", routed=True) is None  # half-open: this call is the probe
+    assert take() == "circuit half-open, a probe is out"
+    router.failed("gpu")  # the probe failed: open again at once
+    router.leave("gpu")
+    assert take() == "circuit open"
     now[0] += 5
-    router.succeeded("gpu")
+    assert router.acquire("gpu", routed=True) is None
+    router.succeeded("gpu")  # the probe answered: closed
+    router.leave("gpu")
     router.failed("gpu")
-    assert router.unavailable("gpu") is None  # closed again: counting from zero
+    assert take() is None  # closed again: counting from zero
     assert [s["circuit"] for s in router.status()] == ["closed", "closed"]
+
+
+def test_the_concurrency_cap_is_taken_atomically() -> None:
+    capped = Config(upstreams=(UpstreamConfig("gpu", "http://g", max_concurrency=2),),
+                    models=(_model("local", 1, None, upstream="gpu"),))
+    router = Router(capped)
+    assert router.acquire("gpu", routed=True) is None
+    assert router.acquire("gpu", routed=True) is None
+    assert router.acquire("gpu", routed=True) == "saturated (2 calls in flight)"
+    router.leave("gpu")
+    assert router.acquire("gpu", routed=True) is None
+
+
+def test_code_is_looked_for_in_a_bounded_prefix_only() -> None:
+    assert difficulty(_chat("x" * 10 + "\n```py\n")).signals == ("code",)
+    late = "word " * (CODE_SCAN_CHARS // 5) + "\n```py\n"
+    assert "code" not in difficulty(_chat(late)).signals
+    # inputs that made the old patterns backtrack for seconds are scanned in linear time
+    assert difficulty(_chat("SELECT " * 5000)).level >= 1
+    assert difficulty(_chat("\n" * 50_000 + "x")).level >= 1
