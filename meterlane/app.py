@@ -143,7 +143,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
     events = EventService(engine)
-    paywall = PaywallService(engine, events)
+    paywall = PaywallService(engine, events, catalog, config.models)
     limits.on_limit_event = paywall.on_limit_event
     limits.thresholds = config.paywall_thresholds
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
@@ -195,6 +195,15 @@ def create_app(config: Config | None = None) -> Flask:
     return app
 
 
+def _string_keys(value: Any) -> Any:
+    """marshmallow names a list item by its index (an int): JSON keys are strings."""
+    if isinstance(value, dict):
+        return {str(k): _string_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_string_keys(v) for v in value]
+    return value
+
+
 def _register_hooks(app: Flask) -> None:
     @app.before_request
     def assign_request_id() -> None:
@@ -218,7 +227,7 @@ def _register_hooks(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def validation_error(exc: ValidationError) -> Response:
         return _problem(422, "Invalid request", "The request did not validate.",
-                        slug="validation", extra={"errors": exc.messages})
+                        slug="validation", extra={"errors": _string_keys(exc.messages)})
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -13,6 +13,10 @@ from meterlane.paywall.schemas import (
     DeliveryListSchema,
     EventListSchema,
     EventsQuerySchema,
+    OfferDraftSchema,
+    OffersQuerySchema,
+    OfferVersionSchema,
+    ServedOffersSchema,
     WebhookEndpointRequestSchema,
     WebhookEndpointSchema,
 )
@@ -77,3 +81,50 @@ def deliveries() -> Response:
     args = DeliveriesQuerySchema().load(query_args())
     data = wiring().events.deliveries(app_in_scope(principal), args.get("event"))
     return wiring().json(DeliveryListSchema().dump({"data": data}))
+
+
+@bp.post("/paywall/offers")
+@documented(summary="A new offer version (a draft): copy and policies; prices and entitlements "
+                    "come from the plan", body=OfferDraftSchema, response=OfferVersionSchema,
+            status=201, tag="paywall")
+def create_offer() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    draft = OfferDraftSchema().load(json_body())
+    created = wiring().paywall.create_offer(app_in_scope(principal), draft)
+    return wiring().json(OfferVersionSchema().dump(created), status=201)
+
+
+@bp.post("/paywall/offers/<offer>/versions/<int:version>/publish")
+@documented(summary="Publish an offer version: every rule for every target jurisdiction and "
+                    "platform; 422 lists the rule ids and fields it breaks",
+            response=OfferVersionSchema, tag="paywall")
+def publish_offer(offer: str, version: int) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    published = wiring().paywall.publish_offer(app_in_scope(principal), offer, version)
+    return wiring().json(OfferVersionSchema().dump(published))
+
+
+@bp.get("/paywall/offers")
+@documented(summary="The published offers for a user, jurisdiction, platform and locale, with "
+                    "the disclosure and call to action the jurisdiction requires",
+            query=OffersQuerySchema, response=ServedOffersSchema, tag="paywall")
+def served_offers() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN, Role.USER)
+    args = OffersQuerySchema().load(query_args())
+    app_id = app_in_scope(principal)
+    end_user_id = principal.end_user_id if principal.role == Role.USER else None
+    user = args.get("user")
+    if principal.role == Role.USER and user is not None and user != principal.end_user:
+        raise PermissionDeniedError("An end-user key sees only its own offers.")
+    if end_user_id is None and user is not None:
+        end_user_id = wiring().tenancy.find_end_user(app_id, validate_user_id(user))
+    current = None
+    if end_user_id is not None and wiring().plans.catalog.plans:
+        current = wiring().plans.plan_of(end_user_id).plan.id
+    served = wiring().paywall.served_offers(
+        app_id, jurisdiction=args.get("jurisdiction"), platform=args["platform"],
+        locale=args.get("locale"), current_plan=current)
+    return wiring().json(ServedOffersSchema().dump(served))

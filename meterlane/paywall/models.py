@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from meterlane.core.db import Base, BigIntPK
@@ -31,3 +31,21 @@ class PaywallEvent(Base):
     dedupe_key: Mapped[str] = mapped_column(String(300), unique=True)
     body: Mapped[str] = mapped_column(Text)  # the event's data, as its webhook carries it
     created_at: Mapped[datetime]
+
+
+class OfferVersion(Base):
+    """An offer version: immutable content (from a draft and the plan it sells), hashed;
+    served and sold only once published."""
+
+    __tablename__ = "offer_versions"
+    __table_args__ = (UniqueConstraint("app_id", "offer_id", "version"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    offer_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))  # draft | published
+    content: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    published_at: Mapped[datetime | None]

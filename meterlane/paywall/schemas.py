@@ -80,3 +80,70 @@ class DeliverySchema(Schema):
 class DeliveryListSchema(Schema):
     object = fields.Constant("list")
     data = fields.List(fields.Nested(DeliverySchema))
+
+
+class OfferDraftSchema(Schema):
+    """A draft offer: the copy and policies; prices and entitlements come from the plan."""
+
+    class Meta:
+        unknown = RAISE
+
+    offer = fields.String(required=True, validate=validate.Regexp(
+        r"^[a-z0-9][a-z0-9_.-]{0,63}$", error="1-64 lowercase letters, digits, '_', '.', '-'"))
+    kind = fields.String(load_default="subscription",
+                         validate=validate.OneOf(["subscription", "credits"]))
+    plan = fields.String(validate=validate.Length(min=1, max=64))
+    pack = fields.String(validate=validate.Length(min=1, max=64))
+    auto_renews = fields.Boolean()
+    min_commitment = fields.String(validate=validate.Length(max=500))
+    cancel_instructions = fields.String(validate=validate.Length(max=1000))
+    cancel_deadline = fields.String(validate=validate.Length(max=500))
+    headline = fields.Dict(keys=fields.String())
+    equivalents = fields.List(fields.Dict(keys=fields.String()))
+    trial = fields.Dict(keys=fields.String())
+    tax_behavior = fields.String(validate=validate.OneOf(["inclusive", "exclusive"]))
+    fees = fields.List(fields.Dict(keys=fields.String()))
+    policy_refs = fields.Dict(keys=fields.String(), values=fields.String())
+    copy = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[a-z]{2}$")),
+                       values=fields.Dict(keys=fields.String(), values=fields.String()))
+    template = fields.Dict(keys=fields.String())
+    claims = fields.List(fields.Dict(keys=fields.String()))
+    platforms = fields.List(fields.String(validate=validate.OneOf(["web", "ios", "android"])))
+    jurisdictions = fields.List(fields.String(validate=validate.Length(min=1, max=16)))
+
+
+class ViolationSchema(Schema):
+    rule = fields.String(metadata={"description": "The rule id of COMPLIANCE.md (DSC-04, ...)"})
+    field = fields.String()
+    message = fields.String()
+    target = fields.String(metadata={"description": "jurisdiction/platform"})
+
+
+class OfferVersionSchema(Schema):
+    offer = fields.String()
+    version = fields.Integer()
+    status = fields.String()
+    content_hash = fields.String()
+    content = fields.Dict()
+    violations = fields.List(fields.Nested(ViolationSchema), metadata={
+        "description": "What publishing would refuse, as of now"})
+
+
+class OffersQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(validate=validate.Length(min=1, max=256))
+    jurisdiction = fields.String(validate=validate.Length(max=16), metadata={
+        "description": "US-CA, DE, FR, EU-FR, ...; unknown or absent: the strictest profile"})
+    platform = fields.String(load_default="web",
+                             validate=validate.OneOf(["web", "ios", "android"]))
+    locale = fields.String(validate=validate.Length(max=16))
+    app = fields.String()
+
+
+class ServedOffersSchema(Schema):
+    object = fields.Constant("list")
+    jurisdiction = fields.String(metadata={"description": "The profile the rules applied"})
+    platform = fields.String()
+    data = fields.List(fields.Dict())

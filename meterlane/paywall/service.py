@@ -7,15 +7,19 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from meterlane.core.config import ModelConfig
 from meterlane.core.db import utcnow
+from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.metering.limits import LimitEvent
-from meterlane.paywall.models import PaywallEvent
+from meterlane.paywall import offers
+from meterlane.paywall.models import OfferVersion, PaywallEvent
+from meterlane.plans.catalog import Catalog
 
 LIMIT_REACHED = "limit_reached"
 THRESHOLD_CROSSED = "threshold_crossed"
@@ -23,12 +27,109 @@ EVENT_TYPES = {LIMIT_REACHED: "usage.limit_reached", THRESHOLD_CROSSED: "usage.t
 MAX_PAGE = 500
 
 
+class OfferRejectedError(DomainError):
+    """An offer that breaks a compliance rule is never published (nor served, nor sold)."""
+
+    status, slug, title = 422, "offer-violates-rules", "The offer breaks compliance rules"
+
+
 class PaywallService:
-    def __init__(self, engine: Engine, events: EventService,
+    def __init__(self, engine: Engine, events: EventService, catalog: Catalog | None = None,
+                 models: tuple[ModelConfig, ...] = (),
                  clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
         self.events = events
+        self.catalog = catalog or Catalog()
+        self.models = models
         self.clock = clock
+
+    # -- offers ------------------------------------------------------------------------------
+
+    def create_offer(self, app_id: int, draft: dict[str, Any]) -> dict[str, Any]:
+        """A new version of an offer (its first, or the next: a version never changes)."""
+        offer_id = draft["offer"]
+        kind = draft.get("kind", "subscription")
+        if kind == "subscription" and self.catalog.get(str(draft.get("plan"))) is None:
+            raise InvalidRequestError(f"Unknown plan {draft.get('plan')!r}.", param="plan")
+        if kind == "credits" and self.catalog.pack(str(draft.get("pack"))) is None:
+            raise InvalidRequestError(f"Unknown credit pack {draft.get('pack')!r}.",
+                                      param="pack")
+        content = offers.build(draft, self.catalog, self.models)
+        digest = offers.content_hash(content)
+        with self.engine.begin() as conn:
+            last = conn.execute(select(OfferVersion.version).where(
+                OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id).order_by(
+                OfferVersion.version.desc()).limit(1).with_for_update()).scalar()
+            version = (last or 0) + 1
+            conn.execute(insert(OfferVersion).values(
+                app_id=app_id, offer_id=offer_id, version=version, status="draft",
+                content=orjson.dumps(content).decode(), content_hash=digest,
+                created_at=self.clock()))
+        return {"offer": offer_id, "version": version, "status": "draft",
+                "content_hash": digest, "content": content,
+                "violations": [v.as_dict() for v in offers.check(content)]}
+
+    def publish_offer(self, app_id: int, offer_id: str, version: int) -> dict[str, Any]:
+        """Run every rule for every target; publish, or refuse with the rule ids (422)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(OfferVersion.status, OfferVersion.content,
+                                      OfferVersion.content_hash).where(
+                OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id,
+                OfferVersion.version == version).with_for_update()).first()
+            if row is None:
+                raise NotFoundError(f"No version {version} of offer {offer_id!r}.")
+            content = orjson.loads(row.content)
+            result = {"offer": offer_id, "version": version, "content_hash": row.content_hash}
+            if row.status == "published":
+                return {**result, "status": "published"}
+            violations = offers.check(content)
+            if violations:
+                listed = [v.as_dict() for v in violations]
+                self.events.publish_in(conn, app_id, "compliance.offer_publish_rejected",
+                                       {**result, "violations": listed})
+            else:
+                conn.execute(update(OfferVersion).where(
+                    OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id,
+                    OfferVersion.version == version).values(
+                    status="published", published_at=self.clock()))
+        if violations:
+            rules = sorted({v.rule for v in violations})
+            raise OfferRejectedError(
+                f"Offer {offer_id!r} v{version} breaks {', '.join(rules)}; it stays a draft.",
+                violations=listed, rules=rules)
+        return {**result, "status": "published"}
+
+    def served_offers(self, app_id: int, *, jurisdiction: str | None, platform: str,
+                      locale: str | None, current_plan: str | None = None) -> dict[str, Any]:
+        """The latest published version of each offer that targets this jurisdiction and
+        platform, rendered with the disclosure and call to action it requires; unknown
+        jurisdiction: the strictest profile (GEN-01)."""
+        profile = offers.resolve(jurisdiction)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(OfferVersion.offer_id, OfferVersion.version,
+                                       OfferVersion.content, OfferVersion.content_hash).where(
+                OfferVersion.app_id == app_id, OfferVersion.status == "published").order_by(
+                OfferVersion.offer_id, OfferVersion.version.desc())).all()
+        latest: dict[str, Any] = {}
+        for row in rows:
+            latest.setdefault(row.offer_id, row)
+        out = []
+        for row in latest.values():
+            content = orjson.loads(row.content)
+            targets = content.get("jurisdictions") or ["*"]
+            if profile.id not in targets and "*" not in targets:
+                continue
+            if platform not in (content.get("platforms") or ["web"]):
+                continue
+            plan = content.get("plan") or {}
+            if current_plan is not None and plan.get("id") == current_plan:
+                continue  # what the user already has is no offer
+            out.append({"offer": row.offer_id, "version": row.version,
+                        "content_hash": row.content_hash, "kind": content.get("kind"),
+                        "plan": content.get("plan"), "billing": content.get("billing"),
+                        "entitlements": content.get("entitlements"),
+                        **offers.render(content, profile, locale)})
+        return {"jurisdiction": profile.id, "platform": platform, "data": out}
 
     def on_limit_event(self, event: LimitEvent) -> dict[str, Any]:
         """Record the event (once per threshold and period) with its webhook, in one
@@ -39,7 +140,12 @@ class PaywallService:
         existing = self._by_dedupe(dedupe)
         if existing is not None:
             return existing
-        offers: list[dict[str, Any]] = []  # offers come from the offer catalog (issue 5, part 2)
+        # What the user may take: published offers other than their plan, rendered for an
+        # unknown location (the strictest profile) until the app asks with the user's own.
+        offers = [{k: o[k] for k in ("offer", "version", "content_hash", "price", "interval",
+                                     "disclosure", "cta_label", "decline_label")}
+                  for o in self.served_offers(event.app_id, jurisdiction=None, platform="web",
+                                              locale=None, current_plan=event.plan.id)["data"]]
         event_id = new_event_id()
         try:
             with self.engine.begin() as conn:
