@@ -142,7 +142,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     overage = OverageReporter(engine, functools.partial(stripe_client, config))
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
-    events = EventService(engine)
+    events = EventService(engine, allow_private=config.webhooks_allow_private)
     paywall = PaywallService(engine, events, catalog, config.models)
     limits.on_limit_event = paywall.on_limit_event
     limits.thresholds = config.paywall_thresholds

@@ -104,6 +104,8 @@ class Config:
     stripe_api_base: str | None = None  # a Stripe-compatible server (tests: a fake on loopback)
     # [paywall]: the percents of a quota at which a threshold event goes to the app.
     paywall_thresholds: tuple[int, ...] = (50, 80, 100)
+    # MLANE_WEBHOOKS_ALLOW_PRIVATE=1: webhooks may go to private and loopback addresses.
+    webhooks_allow_private: bool = False
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -155,6 +157,7 @@ class Config:
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
+            webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             **file_settings,

@@ -9,15 +9,18 @@ between sending and recording can repeat a delivery).
 
 Signature (documented for receivers): header `Meterlane-Signature: t=<unix seconds>,v1=<hex>`
 where hex = HMAC-SHA256(endpoint secret, f"{t}.{raw body}"). Reject a timestamp more than five
-minutes old, compare in constant time, de-duplicate by `Meterlane-Event-Id` (= body "id").
+minutes old, compare in constant time, de-duplicate by the signed body's "id" (the
+`Meterlane-Event-Id` header repeats it, unsigned).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +32,10 @@ import orjson
 import urllib3
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.db import utcnow
-from meterlane.core.errors import InvalidRequestError
+from meterlane.core.errors import ConflictError, InvalidRequestError
 from meterlane.core.models import OutboxEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ EVENT_ID_HEADER = "Meterlane-Event-Id"
 TOLERANCE_SECONDS = 300
 # Seconds to wait after each failed attempt; then the delivery is given up ("failed").
 BACKOFF = (10, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
-CLAIM_SECONDS = 60
+CLAIM_SECONDS = 120  # well over an attempt's timeouts (5 s to connect, 10 s per read)
 
 
 def new_event_id() -> str:
@@ -63,7 +67,7 @@ def verify(secret: str, body: bytes, header: str, *, now: float | None = None,
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         return False
     expected = sign(secret, body, timestamp).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    return hmac.compare_digest(expected.encode(), parts.get("v1", "").encode())
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,32 @@ class Endpoint:
     created_at: datetime
 
 
+class _RefusedError(Exception):
+    """A webhook URL that must not be called (it points inside the operator's network)."""
+
+
+def private_address(host: str) -> str | None:
+    """The private, loopback or link-local address a host resolves to, if any."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return None  # unresolvable: the attempt fails on its own
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved \
+                or addr.is_multicast or addr.is_unspecified:
+            return str(addr)
+    return None
+
+
 class EventService:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, allow_private: bool = False) -> None:
         self.engine = engine
         self.clock = clock
+        # Webhooks to private addresses (loopback, 10/8, 169.254/16, ...) are refused unless
+        # the operator allows them (MLANE_WEBHOOKS_ALLOW_PRIVATE=1: development, tests).
+        self.allow_private = allow_private
         self._http = urllib3.PoolManager(num_pools=32, maxsize=4, retries=False,
                                          timeout=urllib3.Timeout(connect=5, read=timeout_s))
         self._stop = threading.Event()
@@ -90,6 +115,9 @@ class EventService:
         if not url.startswith(("https://", "http://")) or len(url) > 2000:
             raise InvalidRequestError("url must be an http(s) URL of at most 2000 characters.",
                                       param="url")
+        blocked = self._blocked(url)
+        if blocked is not None:
+            raise InvalidRequestError(blocked, param="url")
         now = self.clock()
         with self.engine.begin() as conn:
             row = conn.execute(select(WebhookEndpoint.created_at).where(
@@ -98,8 +126,12 @@ class EventService:
             if row is None or rotate:
                 secret = "whsec_" + secrets.token_urlsafe(32)
             if row is None:
-                conn.execute(insert(WebhookEndpoint).values(
-                    app_id=app_id, url=url, secret=secret, created_at=now))
+                try:
+                    conn.execute(insert(WebhookEndpoint).values(
+                        app_id=app_id, url=url, secret=secret, created_at=now))
+                except IntegrityError as exc:
+                    raise ConflictError("Another request set this app's webhook at the same "
+                                        "time; read it with GET /v1/webhooks.") from exc
                 return Endpoint(url, secret, now)
             values: dict[str, Any] = {"url": url}
             if secret is not None:
@@ -107,6 +139,16 @@ class EventService:
             conn.execute(update(WebhookEndpoint).where(WebhookEndpoint.app_id == app_id)
                          .values(**values))
             return Endpoint(url, secret, row.created_at)
+
+    def _blocked(self, url: str) -> str | None:
+        if self.allow_private:
+            return None
+        host = urllib3.util.parse_url(url).host or ""
+        found = private_address(host.strip("[]"))
+        if found is None:
+            return None
+        return (f"the webhook host {host!r} resolves to a private address ({found}); "
+                "set MLANE_WEBHOOKS_ALLOW_PRIVATE=1 to allow it")
 
     def endpoint(self, app_id: int) -> Endpoint | None:
         with self.engine.connect() as conn:
@@ -144,21 +186,25 @@ class EventService:
             ).order_by(WebhookDelivery.next_attempt_at).limit(limit)).scalars().all()
         sent = 0
         for delivery_id in due:
-            if self._claim(delivery_id, now):
-                self._attempt(delivery_id)
+            claimed = self._claim(delivery_id)
+            if claimed is not None:
+                self._attempt(delivery_id, claimed)
                 sent += 1
         return sent
 
-    def _claim(self, delivery_id: int, now: datetime) -> bool:
-        """Take a delivery for a while (compare-and-set: works on SQLite and Postgres)."""
+    def _claim(self, delivery_id: int) -> datetime | None:
+        """Take a delivery for a while (compare-and-set: works on SQLite and Postgres); the
+        claim's expiry is its token, so only the claimant records the attempt."""
+        now = self.clock()  # now, not when the batch was read: an attempt takes time
+        until = now + timedelta(seconds=CLAIM_SECONDS)
         with self.engine.begin() as conn:
             result = conn.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending",
                 WebhookDelivery.next_attempt_at <= now,
-            ).values(next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS)))
-            return result.rowcount == 1
+            ).values(next_attempt_at=until))
+            return until if result.rowcount == 1 else None
 
-    def _attempt(self, delivery_id: int) -> None:
+    def _attempt(self, delivery_id: int, claimed_until: datetime) -> None:
         with self.engine.connect() as conn:
             row = conn.execute(select(
                 WebhookDelivery.attempts, WebhookEndpoint.url, WebhookEndpoint.secret,
@@ -172,14 +218,23 @@ class EventService:
         status: int | None = None
         error: str | None = None
         try:
+            blocked = self._blocked(url)
+            if blocked is not None:
+                raise _RefusedError(blocked)
             resp = self._http.request(
-                "POST", url, body=payload, redirect=False,
+                "POST", url, body=payload, redirect=False, preload_content=False,
                 headers={"Content-Type": "application/json", EVENT_ID_HEADER: event_id,
                          SIGNATURE_HEADER: sign(secret, payload, int(time.time())),
                          "User-Agent": "Meterlane-Webhooks/1"})
-            status = resp.status
+            try:
+                status = resp.status
+                resp.read(4096)  # the answer's body does not matter: never read it all
+            finally:
+                resp.close()
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
+        except _RefusedError as exc:
+            error = str(exc)
         except urllib3.exceptions.HTTPError as exc:
             error = f"{exc.__class__.__name__}: {exc}"[:500]
         elapsed = int((time.perf_counter() - started) * 1000)
@@ -194,11 +249,15 @@ class EventService:
         else:
             values["next_attempt_at"] = now + timedelta(seconds=BACKOFF[attempts - 1])
         with self.engine.begin() as conn:
+            mine = conn.execute(update(WebhookDelivery).where(
+                WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at == claimed_until).values(**values))
+            if mine.rowcount != 1:  # the claim ran out and another dispatcher took it
+                log.warning("webhook delivery %s: claim lost, attempt not recorded", delivery_id)
+                return
             conn.execute(insert(WebhookAttempt).values(
                 delivery_id=delivery_id, attempt=attempts, at=now, status=status,
                 error=error, duration_ms=elapsed))
-            conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
-                         .values(**values))
 
     def deliveries(self, app_id: int, event_id: str | None = None,
                    limit: int = 100) -> list[dict[str, Any]]:

@@ -266,7 +266,7 @@ class GatewayService:
             lease = self.limits.reserve(
                 app_id=outcome.app_id, end_user_id=outcome.end_user_id, model=model,
                 prompt_tokens=prompt, want_out=want, min_out=least, out_per_token=choices,
-                request_id=outcome.request_id)
+                request_id=outcome.request_id, paywall=final)
         except (QuotaExceededError, RateLimitedError) as exc:
             if final:  # else the router tries the next candidate: no row for this one
                 status = "quota_exceeded" if exc.status == 402 else "rate_limited"

@@ -269,7 +269,7 @@ class LimitsService:
 
     def reserve(self, *, app_id: int, end_user_id: int, model: ModelConfig, prompt_tokens: int,
                 want_out: int | None, min_out: int, out_per_token: int = 1,
-                request_id: str = "", keep: bool = False) -> Lease:
+                request_id: str = "", keep: bool = False, paywall: bool = True) -> Lease:
         """Reserve the call's estimate against every limit of the user's plan, all or nothing.
         Raises QuotaExceededError / RateLimitedError naming the limit, or
         ServiceUnavailableError when the store is down and the plan fails closed. With
@@ -321,7 +321,8 @@ class LimitsService:
                     idx = result.refused if result.refused is not None else 0
                     hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
                     need = hit.check.fixed + hit.check.per_out * max(min_out, 1)
-                    raise self._refusal(lease, hit, now, app_id, end_user_id, request_id, need)
+                    raise self._refusal(lease, hit, now, app_id, end_user_id, request_id, need,
+                                        paywall=paywall)
                 reserved.append(tag)
                 grant = min(grant, result.out)
         except LimitStoreUnavailableError as exc:
@@ -350,7 +351,8 @@ class LimitsService:
                 log.warning("could not release lease %s on %s; it will expire", lease_id, tag)
 
     def _refusal(self, lease: Lease, hit: Applied, now: datetime, app_id: int,
-                 end_user_id: int, request_id: str, need: int) -> DomainError:
+                 end_user_id: int, request_id: str, need: int,
+                 paywall: bool = True) -> DomainError:
         limit, state = hit.limit, hit.state
         used = state.used if state else 0
         resets = hit.resets_at(now, need)
@@ -377,16 +379,17 @@ class LimitsService:
             detail, headers=headers, limit=info["limit"], plan=info["plan"])
         self._record_refusal(app_id, end_user_id, request_id, lease, limit, used, resets,
                              "rate_limited" if rate else "quota_exceeded", now)
-        if not rate and self.on_limit_event is not None:
+        if not rate and paywall and self.on_limit_event is not None:
             event = LimitEvent(app_id, end_user_id, lease.plan, limit, info["limit"], used,
                                hit.check.amount, _period(hit.check, now), None, request_id)
+            block: dict[str, Any] | None
             try:
-                paywall = self.on_limit_event(event)
+                block = self.on_limit_event(event)
             except Exception:  # noqa: BLE001 - the refusal stands without its paywall event
                 log.exception("the paywall could not record the refusal of %s", request_id)
-                paywall = None
-            if paywall is not None:
-                err.extra["paywall"] = paywall
+                block = None
+            if block is not None:
+                err.extra["paywall"] = block
         return err
 
     def _crossings(self, lease: Lease, actual: Actual) -> list[LimitEvent]:
@@ -434,18 +437,21 @@ class LimitsService:
         now = self.clock()
         for a, before, after in pairs:
             c = a.check
-            if a.limit.is_rate or c.kind not in ("counter", "rolling") or c.amount <= 0:
+            # Percent of what the plan grants: an allowance's counter also holds the credits
+            # and overage headroom beyond it, which are not "the quota".
+            amount = min(c.amount, a.limit.amount) if a.limit.amount > 0 else c.amount
+            if a.limit.is_rate or c.kind not in ("counter", "rolling") or amount <= 0:
                 continue
             for pct in self.thresholds:
-                if before * 100 < pct * c.amount <= after * 100:
+                if before * 100 < pct * amount <= after * 100:
                     resets = a.resets_at(now)
                     info = {"id": a.limit.id, "metric": a.limit.metric,
                             "window": a.limit.window.spec, "scope": a.limit.scope,
                             "model": a.limit.model, "used": value_of(a.limit, after),
-                            "limit": value_of(a.limit, c.amount),
+                            "limit": value_of(a.limit, amount),
                             "resets_at": utc_iso(resets) if resets else None}
                     out.append(LimitEvent(app_id, end_user_id, plan, a.limit, info, after,
-                                          c.amount, _period(c, now), pct, request_id))
+                                          amount, _period(c, now), pct, request_id))
         return out
 
     def _emit(self, events: list[LimitEvent]) -> None:
@@ -487,7 +493,11 @@ class LimitsService:
         lease.done = True
         actual = _actual(lease, usage, cost_pico)
         if actual is not None and self.on_limit_event is not None:
-            crossed = self._crossings(lease, actual)
+            try:
+                crossed = self._crossings(lease, actual)
+            except Exception:  # noqa: BLE001 - never in the way of the settle below
+                log.exception("checking the thresholds of lease %s failed", lease.id)
+                crossed = []
             if crossed:
                 self._background(functools.partial(self._emit, crossed))
         if not self.store.batches:

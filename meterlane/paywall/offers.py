@@ -55,6 +55,11 @@ EU_COUNTRIES = frozenset("AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU 
                          "SK SI ES SE IS LI NO".split())
 
 
+def known(code: str) -> bool:
+    """Whether a target names a jurisdiction (or "*": anywhere else)."""
+    return code == "*" or resolve(code) is not STRICTEST
+
+
 def resolve(jurisdiction: str | None) -> Profile:
     """A profile from a code such as "US-CA", "DE", "EU-FR", "FR", "US"; unknown: strictest."""
     code = (jurisdiction or "").strip().upper()
@@ -77,19 +82,21 @@ PLATFORMS = ("web", "ios", "android")
 
 # CNS-03: order buttons that say that the order costs money, per locale (lowercase prefixes).
 PAYMENT_CTAS = {
-    "en": ("subscribe and pay", "subscribe – pay", "subscribe - pay", "buy now", "pay now",
-           "order with obligation to pay", "subscribe now – pay", "subscribe now - pay"),
+    "en": ("subscribe and pay", "subscribe - pay", "buy now", "pay now",
+           "order with obligation to pay", "subscribe now - pay"),
     "de": ("zahlungspflichtig bestellen", "jetzt kaufen", "kostenpflichtig abonnieren",
            "zahlungspflichtig abonnieren"),
     "fr": ("commander avec obligation de paiement", "s'abonner et payer", "payer maintenant",
            "acheter maintenant"),
 }
 # DSC-09: decline labels that shame the user.
-CONFIRMSHAMING = re.compile(r"\bno,? i (?:don'?t|do not) (?:want|like|need)|\bi(?:'d| would) "
-                            r"rather (?:pay more|stay|miss)|\bi don'?t care\b|\bi hate\b",
-                            re.IGNORECASE)
+CONFIRMSHAMING = re.compile(r"\bi (?:don'?t|do not) (?:want|like|need|care)|\bi(?:'d| would) "
+                            r"rather (?:pay more|stay|miss|be)|\bi hate\b|\bi prefer (?:to )?"
+                            r"(?:pay|lose|miss)|\bich (?:will|möchte) (?:nicht|kein)|"
+                            r"\bje ne veux pas", re.IGNORECASE)
 UNLIMITED = re.compile(r"\bunlimited\b|\bno limits?\b|\bunbegrenzt\b|\billimité", re.IGNORECASE)
-SAVINGS = re.compile(r"\bsave\b|\d+\s*%\s*off|\bspare\b|\béconomis", re.IGNORECASE)
+SAVINGS = re.compile(r"\bsav(?:e|es|ing|ings)\b|\d+\s*%\s*(?:off|rabatt|de réduction)|"
+                     r"[-−]\s*\d+\s*%|\bspare\b|\béconomis|\bsparen\b", re.IGNORECASE)
 REQUIRED_POLICIES = ("terms_url", "privacy_url", "cancel_policy_url", "refund_policy_url")
 
 
@@ -110,6 +117,9 @@ def build(draft: dict[str, Any], catalog: Catalog,
     """The offer's full content: the draft's copy and policies, and the billing terms and
     entitlements taken from the plan (or credit pack) the limits engine enforces."""
     content = {k: v for k, v in draft.items() if k != "offer"}
+    if draft.get("jurisdictions") is not None:  # "DE", "de", "EU-DE" all name one profile
+        content["jurisdictions"] = sorted({t if t == "*" else resolve(t).id
+                                           for t in draft["jurisdictions"]})
     kind = draft.get("kind", "subscription")
     content["kind"] = kind
     if kind == "credits":
@@ -212,6 +222,9 @@ def _check_one(c: dict[str, Any], profile: Profile, platform: str,
         if not _text(trial.get("cancel_before_text")):
             fail("DSC-03", "trial.cancel_before_text",
                  "a trial must say how to cancel before the first charge")
+        if not _text(trial.get("first_charge_date_expr")):
+            fail("DSC-03", "trial.first_charge_date_expr",
+                 "a trial must state its first charge date (e.g. 'signup + 14 days')")
     # DSC-04: the headline is the amount actually billed, per the billing period.
     headline = _dict(c.get("headline"))
     if billing:
@@ -227,11 +240,9 @@ def _check_one(c: dict[str, Any], profile: Profile, platform: str,
     ents = c.get("entitlements")
     capped = bool(ents and (ents.get("limits") or ents.get("allowance_credits")
                             or ents.get("credits")))
-    for locale, copy in _copies(c):
-        for key, text in copy.items():
-            if capped and isinstance(text, str) and UNLIMITED.search(text):
-                fail("DSC-05", f"copy.{locale}.{key}",
-                     "says unlimited, but the plan has limits")
+    for field, text in _texts(c):
+        if capped and UNLIMITED.search(text):
+            fail("DSC-05", field, "says unlimited, but the plan has limits")
     # DSC-06: cancellation and refund policies.
     refs = _dict(c.get("policy_refs"))
     for key in ("cancel_policy_url", "refund_policy_url"):
@@ -254,11 +265,16 @@ def _check_one(c: dict[str, Any], profile: Profile, platform: str,
     # DSC-09: a clear decline; no confirmshaming; no fake urgency.
     if template.get("dismiss") is not True:
         fail("DSC-09", "template.dismiss", "the paywall must have a close / decline control")
+    if not _copies(c):
+        fail("DSC-09", "copy", "the offer needs copy: a call to action and a decline label, "
+             "in at least one locale")
     for locale, copy in _copies(c):
         decline = copy.get("decline_label")
+        if not _text(copy.get("cta_label")):
+            fail("DSC-01", f"copy.{locale}.cta_label", "a call to action is required")
         if not _text(decline):
             fail("DSC-09", f"copy.{locale}.decline_label", "a decline label is required")
-        elif CONFIRMSHAMING.search(str(decline)):
+        elif CONFIRMSHAMING.search(_plain(str(decline))):
             fail("DSC-09", f"copy.{locale}.decline_label",
                  "the decline label shames the user (confirmshaming)")
     countdown = template.get("countdown")
@@ -272,7 +288,7 @@ def _check_one(c: dict[str, Any], profile: Profile, platform: str,
         for locale in locales:
             label = str(copies.get(locale, {}).get("cta_label") or "")
             allowed = PAYMENT_CTAS.get(locale, PAYMENT_CTAS["en"])
-            if not label.strip().lower().startswith(allowed):
+            if not _plain(label).startswith(allowed):
                 fail("CNS-03", f"copy.{locale}.cta_label",
                      f"in {profile.id} the order button must signal payment "
                      f"(e.g. {allowed[0]!r}), got {label!r}")
@@ -282,13 +298,32 @@ def _check_one(c: dict[str, Any], profile: Profile, platform: str,
         fail("APP-03", "kind", "a credit pack is a one-time (consumable) product, "
              "not a subscription")
     # GEN-03: no savings claim without a real reference price.
+    for field, text in _texts(c):
+        ref = None
+        if field.startswith("claims."):
+            claim = (c.get("claims") or [])[int(field.split(".")[1])]
+            ref = claim.get("reference_price") if isinstance(claim, dict) else None
+        if SAVINGS.search(text) and not (
+                isinstance(ref, int) and billing and ref > billing["amount"]):
+            fail("GEN-03", field, "a savings claim must be a claim with a real prior price "
+                 "(reference_price), higher than the billed amount")
+    return out
+
+
+def _plain(text: str) -> str:
+    """Curly apostrophes and dashes as their plain forms, for matching."""
+    return (text.replace("\u2019", "'").replace("\u2018", "'").replace("\u2014", "-")
+            .replace("\u2013", "-").strip().lower())
+
+
+def _texts(c: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every piece of copy a user reads: (field, text)."""
+    out = [(f"copy.{loc}.{key}", text) for loc, copy in _copies(c)
+           for key, text in copy.items() if isinstance(text, str)]
     for i, claim in enumerate(c.get("claims") or []):
         text = claim.get("text") if isinstance(claim, dict) else claim
-        ref = claim.get("reference_price") if isinstance(claim, dict) else None
-        if isinstance(text, str) and SAVINGS.search(text) and not (
-                isinstance(ref, int) and billing and ref > billing["amount"]):
-            fail("GEN-03", f"claims.{i}", "a savings claim must reference a real prior price, "
-                 "higher than the billed amount")
+        if isinstance(text, str):
+            out.append((f"claims.{i}", text))
     return out
 
 
@@ -330,8 +365,7 @@ def render(content: dict[str, Any], profile: Profile, locale: str | None) -> dic
     per = _INTERVALS.get(loc, _INTERVALS["en"]).get(str(billing.get("interval")), "")
     lines = _disclosure(loc, content, price, per, profile)
     cta = str(copy.get("cta_label") or "")
-    if profile.eu_cta and not cta.strip().lower().startswith(
-            PAYMENT_CTAS.get(loc, PAYMENT_CTAS["en"])):
+    if profile.eu_cta and not _plain(cta).startswith(PAYMENT_CTAS.get(loc, PAYMENT_CTAS["en"])):
         cta = {"de": "Zahlungspflichtig bestellen",
                "fr": "Commander avec obligation de paiement"}.get(
             loc, f"Subscribe and pay {price}" + (f" per {per}" if per else ""))
@@ -356,23 +390,27 @@ def _disclosure(loc: str, c: dict[str, Any], price: str, per: str,
                  if renews else f"{price}, einmalig."]
         if trial_days:
             lines.insert(0, f"{trial_days} Tage kostenlos, danach {price} pro {per}.")
-        lines.append(f"Kündigung: {c.get('cancel_instructions')} ({c.get('cancel_deadline')}). "
-                     f"Mindestlaufzeit: {c.get('min_commitment')}.")
+        if renews:
+            lines.append(f"Kündigung: {c.get('cancel_instructions')} "
+                         f"({c.get('cancel_deadline')}). "
+                         f"Mindestlaufzeit: {c.get('min_commitment')}.")
     elif loc == "fr":
         lines = [f"{price} par {per}, renouvelé automatiquement jusqu'à résiliation."
                  if renews else f"{price}, paiement unique."]
         if trial_days:
             lines.insert(0, f"{trial_days} jours gratuits, puis {price} par {per}.")
-        lines.append(f"Résiliation : {c.get('cancel_instructions')} "
-                     f"({c.get('cancel_deadline')}). Engagement : {c.get('min_commitment')}.")
+        if renews:
+            lines.append(f"Résiliation : {c.get('cancel_instructions')} "
+                         f"({c.get('cancel_deadline')}). Engagement : {c.get('min_commitment')}.")
     else:
         lines = [f"{price} billed every {per}; renews automatically until you cancel."
                  if renews else f"{price}, charged once."]
         if trial_days:
             lines.insert(0, f"Free for {trial_days} days, then {price} every {per}. "
                          f"{(c.get('trial') or {}).get('cancel_before_text') or ''}".strip())
-        lines.append(f"To cancel: {c.get('cancel_instructions')} ({c.get('cancel_deadline')}). "
-                     f"Minimum term: {c.get('min_commitment')}.")
+        if renews:
+            lines.append(f"To cancel: {c.get('cancel_instructions')} "
+                         f"({c.get('cancel_deadline')}). Minimum term: {c.get('min_commitment')}.")
     if ents.get("allowance_credits"):
         lines.append(f"Includes {ents['allowance_credits']:,} credits per month.")
     for lim in ents.get("limits") or []:

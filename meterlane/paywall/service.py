@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -13,7 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.config import ModelConfig
 from meterlane.core.db import utcnow
-from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
+from meterlane.core.errors import (
+    ConflictError,
+    DomainError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.metering.limits import LimitEvent
@@ -25,6 +31,7 @@ LIMIT_REACHED = "limit_reached"
 THRESHOLD_CROSSED = "threshold_crossed"
 EVENT_TYPES = {LIMIT_REACHED: "usage.limit_reached", THRESHOLD_CROSSED: "usage.threshold_crossed"}
 MAX_PAGE = 500
+OFFER_CACHE_SECONDS = 2.0
 
 
 class OfferRejectedError(DomainError):
@@ -42,6 +49,7 @@ class PaywallService:
         self.catalog = catalog or Catalog()
         self.models = models
         self.clock = clock
+        self._offer_cache: dict[tuple[int, str], tuple[float, list[dict[str, Any]]]] = {}
 
     # -- offers ------------------------------------------------------------------------------
 
@@ -54,17 +62,26 @@ class PaywallService:
         if kind == "credits" and self.catalog.pack(str(draft.get("pack"))) is None:
             raise InvalidRequestError(f"Unknown credit pack {draft.get('pack')!r}.",
                                       param="pack")
+        unknown = [t for t in draft.get("jurisdictions") or [] if not offers.known(t)]
+        if unknown:
+            raise InvalidRequestError(
+                f"Unknown jurisdiction {unknown[0]!r}; use one of {', '.join(offers.TARGETS)} "
+                "or a country code.", param="jurisdictions")
         content = offers.build(draft, self.catalog, self.models)
         digest = offers.content_hash(content)
-        with self.engine.begin() as conn:
-            last = conn.execute(select(OfferVersion.version).where(
-                OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id).order_by(
-                OfferVersion.version.desc()).limit(1).with_for_update()).scalar()
-            version = (last or 0) + 1
-            conn.execute(insert(OfferVersion).values(
-                app_id=app_id, offer_id=offer_id, version=version, status="draft",
-                content=orjson.dumps(content).decode(), content_hash=digest,
-                created_at=self.clock()))
+        try:
+            with self.engine.begin() as conn:
+                last = conn.execute(select(OfferVersion.version).where(
+                    OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id).order_by(
+                    OfferVersion.version.desc()).limit(1).with_for_update()).scalar()
+                version = (last or 0) + 1
+                conn.execute(insert(OfferVersion).values(
+                    app_id=app_id, offer_id=offer_id, version=version, status="draft",
+                    content=orjson.dumps(content).decode(), content_hash=digest,
+                    created_at=self.clock()))
+        except IntegrityError as exc:  # another request took this version number
+            raise ConflictError(f"Another version of offer {offer_id!r} was created at the "
+                                "same time; send it again.") from exc
         return {"offer": offer_id, "version": version, "status": "draft",
                 "content_hash": digest, "content": content,
                 "violations": [v.as_dict() for v in offers.check(content)]}
@@ -82,7 +99,7 @@ class PaywallService:
             result = {"offer": offer_id, "version": version, "content_hash": row.content_hash}
             if row.status == "published":
                 return {**result, "status": "published"}
-            violations = offers.check(content)
+            violations = offers.check(content) + self._stale(content)
             if violations:
                 listed = [v.as_dict() for v in violations]
                 self.events.publish_in(conn, app_id, "compliance.offer_publish_rejected",
@@ -98,6 +115,19 @@ class PaywallService:
                 f"Offer {offer_id!r} v{version} breaks {', '.join(rules)}; it stays a draft.",
                 violations=listed, rules=rules)
         return {**result, "status": "published"}
+
+    def _stale(self, content: dict[str, Any]) -> list[offers.Violation]:
+        """An offer of a plan version that is no longer the one sold (DSC-04, DSC-05)."""
+        plan = content.get("plan")
+        if not isinstance(plan, dict):
+            return []
+        current = self.catalog.get(str(plan.get("id")))
+        if current is not None and current.version == plan.get("version") \
+                and not current.terms.retired:
+            return []
+        return [offers.Violation("DSC-05", "plan", f"plan {plan.get('id')!r} v"
+                                 f"{plan.get('version')} is no longer the version sold: create "
+                                 "a new offer version from the current plan", "*")]
 
     def served_offers(self, app_id: int, *, jurisdiction: str | None, platform: str,
                       locale: str | None, current_plan: str | None = None) -> dict[str, Any]:
@@ -124,6 +154,8 @@ class PaywallService:
             plan = content.get("plan") or {}
             if current_plan is not None and plan.get("id") == current_plan:
                 continue  # what the user already has is no offer
+            if self._stale(content):
+                continue  # the plan changed since: its copy no longer says what is sold
             out.append({"offer": row.offer_id, "version": row.version,
                         "content_hash": row.content_hash, "kind": content.get("kind"),
                         "plan": content.get("plan"), "billing": content.get("billing"),
@@ -135,17 +167,16 @@ class PaywallService:
         """Record the event (once per threshold and period) with its webhook, in one
         transaction; returns the paywall block a 402 carries."""
         trigger = LIMIT_REACHED if event.threshold is None else THRESHOLD_CROSSED
-        dedupe = (f"{event.app_id}:{event.end_user_id}:{event.limit.id}:{event.period}:"
-                  f"{trigger}:{event.threshold or ''}")
+        # Per plan version and amount too: a user who upgrades or buys credits and runs out
+        # again in the same period gets a new event.
+        dedupe = (f"{event.app_id}:{event.end_user_id}:{event.plan.ref}:{event.limit.id}:"
+                  f"{event.amount}:{event.period}:{trigger}:{event.threshold or ''}")
+        # What the user may take now: published offers other than their plan, rendered for an
+        # unknown location (the strictest profile) until the app asks with the user's own.
+        offers = self._offers_for(event.app_id, event.plan.id)
         existing = self._by_dedupe(dedupe)
         if existing is not None:
-            return existing
-        # What the user may take: published offers other than their plan, rendered for an
-        # unknown location (the strictest profile) until the app asks with the user's own.
-        offers = [{k: o[k] for k in ("offer", "version", "content_hash", "price", "interval",
-                                     "disclosure", "cta_label", "decline_label")}
-                  for o in self.served_offers(event.app_id, jurisdiction=None, platform="web",
-                                              locale=None, current_plan=event.plan.id)["data"]]
+            return {**existing, "offers": offers}
         event_id = new_event_id()
         try:
             with self.engine.begin() as conn:
@@ -170,6 +201,22 @@ class PaywallService:
                 raise
             return found
         return _block(event_id, trigger, offers)
+
+    def _offers_for(self, app_id: int, plan_id: str) -> list[dict[str, Any]]:
+        """The offers a 402 carries (cached a few seconds: a burst of refusals renders once)."""
+        key = (app_id, plan_id)
+        now = time.monotonic()
+        hit = self._offer_cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        listed = [{k: o[k] for k in ("offer", "version", "content_hash", "price", "interval",
+                                     "disclosure", "cta_label", "decline_label")}
+                  for o in self.served_offers(app_id, jurisdiction=None, platform="web",
+                                              locale=None, current_plan=plan_id)["data"]]
+        if len(self._offer_cache) > 10_000:
+            self._offer_cache.clear()
+        self._offer_cache[key] = (now + OFFER_CACHE_SECONDS, listed)
+        return listed
 
     def _by_dedupe(self, dedupe: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

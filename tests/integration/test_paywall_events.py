@@ -51,7 +51,7 @@ def paywalled(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
     from meterlane.app import create_app
 
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
-                              database_url=pg_url)
+                              database_url=pg_url, webhooks_allow_private=True)
     app = create_app(config)
     clock = Clock()
     app.extensions["wiring"].events.clock = clock
@@ -234,3 +234,21 @@ def test_the_sdks_verify_accepts_a_real_delivery_and_refuses_a_forgery(
     t = int(header.split(",")[0][2:])
     with pytest.raises(InvalidSignature, match="tolerance"):
         verify(delivery.body, header, secret, now=t + 301)  # a replay, too late
+
+
+def test_webhooks_to_private_addresses_are_refused_unless_allowed(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> None:
+    from meterlane.app import create_app
+
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
+                                      database_url=pg_url))
+    try:
+        keys = make_keys(app)
+        client = app.test_client()
+        for url in ("http://127.0.0.1:8080/h", "http://169.254.169.254/latest",
+                    "http://10.1.2.3/h", "http://[::1]/h", "http://localhost/h"):
+            resp = client.put("/v1/webhooks", json={"url": url}, headers=bearer(keys.app))
+            assert resp.status_code == 400, url
+            assert "private address" in resp.get_json()["detail"]
+    finally:
+        app.extensions["wiring"].engine.dispose()

@@ -108,6 +108,11 @@ def test_published_offers_are_served_per_jurisdiction_and_versions_never_change(
     assert nowhere["jurisdiction"] == "STRICTEST"
     assert nowhere["data"][0]["cta_label"].startswith("Subscribe and pay")
     assert offers("jurisdiction=US-CA&platform=ios")["data"]
+    # a target named by its country code is served to that country
+    de_only = {**GOOD, "offer": "pro-de", "jurisdictions": ["de"]}
+    assert publish(client, keys.app, de_only).status_code == 200
+    assert {o["offer"] for o in offers("jurisdiction=DE")["data"]} == {"pro-monthly", "pro-de"}
+    assert {o["offer"] for o in offers("jurisdiction=FR")["data"]} == {"pro-monthly"}
     # a new version is a draft: v1 is served until v2 is published
     changed = {**GOOD, "cancel_instructions": "Account > Billing > Cancel"}
     v2 = client.post("/v1/paywall/offers", json=changed, headers=bearer(keys.app)).get_json()
@@ -144,6 +149,7 @@ def test_bad_offer_input_is_a_clear_error(served: tuple[Any, Keys]) -> None:
     app, keys = served
     client = app.test_client()
     cases = [({**GOOD, "offer": "Bad Id!"}, 422), ({**GOOD, "plan": "gold"}, 400),
+             ({**GOOD, "jurisdictions": ["Atlantis"]}, 400),
              ({**GOOD, "platforms": ["fax"]}, 422), ({**GOOD, "extra": 1}, 422)]
     for draft, status in cases:
         resp = client.post("/v1/paywall/offers", json=draft, headers=bearer(keys.app))

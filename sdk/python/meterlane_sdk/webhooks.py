@@ -30,7 +30,7 @@ def verify(body: bytes, signature: str, secret: str, *,
         raise InvalidSignature("the signature's timestamp is outside the tolerance")
     expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body,
                         hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, given):
+    if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
         raise InvalidSignature("the signature does not match")
     event: dict[str, Any] = json.loads(body)
     return event

@@ -81,9 +81,10 @@ def test_dsc_02_disclosure_beside_the_cta() -> None:
 def test_dsc_03_a_trial_states_the_price_after_it_and_how_to_cancel() -> None:
     base = {"plan": "trial", "headline": {"amount": 1000, "interval": "month"}}
     found = rules(offer(**base))
-    assert {("DSC-03", "trial.post_trial_amount"), ("DSC-03", "trial.cancel_before_text")} \
-        <= found
+    assert {("DSC-03", "trial.post_trial_amount"), ("DSC-03", "trial.cancel_before_text"),
+            ("DSC-03", "trial.first_charge_date_expr")} <= found
     fixed = offer(**base, trial={"post_trial_amount": 1000,
+                                 "first_charge_date_expr": "signup + 14 days",
                                  "cancel_before_text": "Cancel before day 14 to pay nothing."})
     assert not {r for r, _ in rules(fixed)} & {"DSC-03"}
     assert "Free for 14 days, then 10.00 USD every month" in render(fixed, resolve("US-CA"),
@@ -103,6 +104,7 @@ def test_dsc_05_no_unlimited_when_the_plan_has_limits() -> None:
     bad = copy.deepcopy(GOOD["copy"])
     bad["en"]["headline"] = "Pro: unlimited AI"
     assert rules(offer(copy=bad)) == {("DSC-05", "copy.en.headline")}
+    assert rules(offer(claims=[{"text": "Unlimited chats"}])) == {("DSC-05", "claims.0")}
 
 
 def test_dsc_06_cancellation_and_refund_policies() -> None:
@@ -130,9 +132,12 @@ def test_dsc_08_terms_privacy_and_the_ios_block() -> None:
 def test_dsc_09_a_clear_decline_no_shaming_no_fake_urgency() -> None:
     assert ("DSC-09", "template.dismiss") in rules(
         offer(template={**GOOD["template"], "dismiss": False}))
-    shaming = copy.deepcopy(GOOD["copy"])
-    shaming["en"]["decline_label"] = "No, I don't want to be smarter"
-    assert rules(offer(copy=shaming)) == {("DSC-09", "copy.en.decline_label")}
+    for label in ("No, I don't want to be smarter", "No thanks, I don\u2019t want to grow",
+                  "I'd rather pay more later"):
+        shaming = copy.deepcopy(GOOD["copy"])
+        shaming["en"]["decline_label"] = label
+        assert rules(offer(copy=shaming)) == {("DSC-09", "copy.en.decline_label")}, label
+    assert ("DSC-09", "copy") in rules(offer(copy=None))
     fake = offer(template={**GOOD["template"], "countdown": {"seconds": 600}})
     assert rules(fake) == {("DSC-09", "template.countdown")}
 
@@ -143,6 +148,9 @@ def test_cns_03_the_eu_order_button_signals_payment() -> None:
     weak["fr"]["cta_label"] = "Continuer"
     found = rules(offer(copy=weak))
     assert found == {("CNS-03", "copy.de.cta_label"), ("CNS-03", "copy.fr.cta_label")}
+    dash = copy.deepcopy(GOOD["copy"])
+    dash["en"]["cta_label"] = "Subscribe \u2014 pay 20.00 EUR/month"  # COMPLIANCE.md's example
+    assert check(offer(copy=dash)) == []
     us = copy.deepcopy(GOOD["copy"])
     us["en"]["cta_label"] = "Get Pro"
     assert check(offer(copy=us, jurisdictions=["US-CA"])) == []  # no such rule in the US
@@ -163,6 +171,9 @@ def test_app_03_a_credit_pack_is_never_a_subscription() -> None:
 
 def test_gen_03_a_savings_claim_needs_a_real_reference_price() -> None:
     assert rules(offer(claims=[{"text": "Save 50%"}])) == {("GEN-03", "claims.0")}
+    headline = copy.deepcopy(GOOD["copy"])
+    headline["en"]["headline"] = "Pro, -30% today"
+    assert rules(offer(copy=headline)) == {("GEN-03", "copy.en.headline")}
     assert check(offer(claims=[{"text": "Save 50%", "reference_price": 4000}])) == []
 
 
