@@ -186,10 +186,11 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.metering.limits_api import bp as limits_bp
     from meterlane.ops import bp as ops_bp
     from meterlane.paywall.api import bp as paywall_bp
+    from meterlane.paywall.api import widget_bp
     from meterlane.plans.api import bp as plans_bp
 
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
-               paywall_bp, ops_bp):
+               paywall_bp, widget_bp, ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

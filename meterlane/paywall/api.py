@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from pathlib import Path
+
+from flask import Blueprint, Response, request
 
 from meterlane.core.auth import Role, require_role, validate_user_id
 from meterlane.core.errors import NotFoundError, PermissionDeniedError
@@ -22,6 +24,31 @@ from meterlane.paywall.schemas import (
 )
 
 bp = Blueprint("paywall", __name__, url_prefix="/v1")
+widget_bp = Blueprint("widget", __name__)
+WIDGET = Path(__file__).with_name("widget.js")
+# What the widget reads from the app's own pages (another origin): bearer keys, no cookies,
+# so any origin may call them.
+CORS_PATHS = frozenset({"/v1/me/quota", "/v1/me/credits", "/v1/paywall/offers"})
+
+
+@widget_bp.get("/widget.js")
+@documented(summary="The quota widget an app page includes with an end-user key (no CDN)",
+            tag="widget", content_type="application/javascript")
+def widget() -> Response:
+    resp = Response(WIDGET.read_bytes(), mimetype="application/javascript")
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    return resp
+
+
+@bp.after_app_request
+def cors(resp: Response) -> Response:
+    if request.path in CORS_PATHS:
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        resp.headers["Access-Control-Allow-Methods"] = "GET, OPTIONS"
+        resp.headers["Access-Control-Max-Age"] = "600"
+    return resp
 
 
 @bp.get("/paywall/events")
