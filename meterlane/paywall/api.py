@@ -7,10 +7,12 @@ from pathlib import Path
 from flask import Blueprint, Response, request
 
 from meterlane.core.auth import Role, require_role, validate_user_id
-from meterlane.core.errors import NotFoundError, PermissionDeniedError
+from meterlane.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, query_args, wiring
 from meterlane.paywall.schemas import (
+    ConsentRequestSchema,
+    ConsentSchema,
     DeliveriesQuerySchema,
     DeliveryListSchema,
     EventListSchema,
@@ -155,3 +157,38 @@ def served_offers() -> Response:
         app_id, jurisdiction=args.get("jurisdiction"), platform=args["platform"],
         locale=args.get("locale"), current_plan=current)
     return wiring().json(ServedOffersSchema().dump(served))
+
+
+@bp.post("/paywall/consents")
+@documented(summary="Record what an end user was shown and agreed to (checked against what "
+                    "was served; immutable)", body=ConsentRequestSchema, response=ConsentSchema,
+            status=201, tag="paywall")
+def record_consent() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.USER)
+    args = ConsentRequestSchema().load(json_body())
+    app_id = app_in_scope(principal)
+    if principal.role == Role.USER:
+        if args.get("user") not in (None, principal.end_user):
+            raise PermissionDeniedError("An end-user key consents only for its own user.")
+        assert principal.end_user_id is not None
+        end_user_id = principal.end_user_id
+        # what the server saw, not what a client claims
+        args["ip"] = request.remote_addr
+        args["user_agent"] = request.headers.get("User-Agent")
+    else:
+        if args.get("user") is None:
+            raise InvalidRequestError("Name the end user who agreed (user).", param="user")
+        end_user_id = wiring().tenancy.ensure_end_user(app_id, validate_user_id(args["user"]))
+    recorded = wiring().paywall.record_consent(app_id, end_user_id, args)
+    return wiring().json(ConsentSchema().dump(recorded), status=201)
+
+
+@bp.get("/paywall/consents/<consent_id>")
+@documented(summary="A consent record, read back as evidence", response=ConsentSchema,
+            tag="paywall")
+def read_consent(consent_id: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    return wiring().json(ConsentSchema().dump(
+        wiring().paywall.consent(app_in_scope(principal), consent_id)))

@@ -49,3 +49,44 @@ class OfferVersion(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     published_at: Mapped[datetime | None]
+
+
+class ConsentRecord(Base):
+    """What an end user was shown and agreed to (CNS-02): written once, never changed; kept
+    for the retention period (REC-01: at least 3 years, and a year past the subscription)."""
+
+    __tablename__ = "consent_records"
+    __table_args__ = (Index("ix_consent_records_app_user", "app_id", "end_user_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    consent_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    type: Mapped[str] = mapped_column(String(24))
+    offer_id: Mapped[str] = mapped_column(String(64))
+    offer_version: Mapped[int]
+    content_hash: Mapped[str] = mapped_column(String(64))
+    plan_id: Mapped[str | None] = mapped_column(String(64))
+    disclosure_text: Mapped[str] = mapped_column(Text)  # the snapshot shown
+    disclosure_sha256: Mapped[str] = mapped_column(String(64))
+    rendered_price: Mapped[str] = mapped_column(String(64))
+    cta_label: Mapped[str] = mapped_column(String(200))
+    locale: Mapped[str] = mapped_column(String(16))
+    platform: Mapped[str] = mapped_column(String(16))
+    jurisdiction: Mapped[str] = mapped_column(String(16))
+    render_manifest: Mapped[str] = mapped_column(Text)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(500))
+    captured_at: Mapped[datetime]
+    retain_until: Mapped[datetime]
+
+
+class ConsentUse(Base):
+    """The checkout a consent was used for: once (a second use is a replay)."""
+
+    __tablename__ = "consent_uses"
+
+    consent_id: Mapped[str] = mapped_column(ForeignKey("consent_records.consent_id"),
+                                            primary_key=True)
+    checkout_session_id: Mapped[str | None] = mapped_column(String(255))
+    used_at: Mapped[datetime]

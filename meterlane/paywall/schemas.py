@@ -147,3 +147,60 @@ class ServedOffersSchema(Schema):
     jurisdiction = fields.String(metadata={"description": "The profile the rules applied"})
     platform = fields.String()
     data = fields.List(fields.Dict())
+
+
+class RenderManifestSchema(Schema):
+    disclosure_in_viewport = fields.Boolean(required=True)
+    default_state = fields.String(required=True, metadata={
+        "description": "How the consent control started: 'unchecked' (CNS-01)"})
+    cta_label = fields.String(validate=validate.Length(max=200))
+    dismiss_present = fields.Boolean()
+    template_version = fields.String(validate=validate.Length(max=64))
+    app_version = fields.String(validate=validate.Length(max=64))
+
+
+class ConsentRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(validate=validate.Length(min=1, max=256), metadata={
+        "description": "The end user (app keys; a user key consents for itself)"})
+    type = fields.String(required=True, validate=validate.OneOf(
+        ["auto_renewal", "tos", "eu_early_start", "eu_waiver_ack", "auto_recharge"]))
+    offer = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    content_hash = fields.String(required=True, validate=validate.Length(equal=64))
+    disclosure_sha256 = fields.String(required=True, validate=validate.Length(equal=64),
+                                      metadata={"description": "SHA-256 (hex) of the "
+                                                "disclosure text as shown"})
+    rendered_price = fields.String(required=True, validate=validate.Length(max=64))
+    jurisdiction = fields.String(validate=validate.Length(max=16))
+    locale = fields.String(validate=validate.Length(max=16))
+    platform = fields.String(load_default="web",
+                             validate=validate.OneOf(["web", "ios", "android"]))
+    render_manifest = fields.Nested(RenderManifestSchema, required=True)
+    ip = fields.String(validate=validate.Length(max=64), metadata={
+        "description": "The end user's address, as the app saw it (app keys)"})
+    user_agent = fields.String(validate=validate.Length(max=500))
+
+
+class ConsentSchema(Schema):
+    consent_id = fields.String()
+    type = fields.String()
+    offer_id = fields.String()
+    offer_version = fields.Integer()
+    content_hash = fields.String()
+    plan_id = fields.String(allow_none=True)
+    disclosure_text = fields.String()
+    disclosure_sha256 = fields.String()
+    rendered_price = fields.String()
+    cta_label = fields.String()
+    locale = fields.String()
+    platform = fields.String()
+    jurisdiction = fields.String()
+    render_manifest = fields.Dict()
+    ip = fields.String(allow_none=True)
+    user_agent = fields.String(allow_none=True)
+    captured_at = fields.AwareDateTime()
+    retain_until = fields.AwareDateTime()
+    checkout_session_id = fields.String(allow_none=True)

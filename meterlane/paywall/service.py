@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -24,7 +26,7 @@ from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.metering.limits import LimitEvent
 from meterlane.paywall import offers
-from meterlane.paywall.models import OfferVersion, PaywallEvent
+from meterlane.paywall.models import ConsentRecord, ConsentUse, OfferVersion, PaywallEvent
 from meterlane.plans.catalog import Catalog
 
 LIMIT_REACHED = "limit_reached"
@@ -32,12 +34,21 @@ THRESHOLD_CROSSED = "threshold_crossed"
 EVENT_TYPES = {LIMIT_REACHED: "usage.limit_reached", THRESHOLD_CROSSED: "usage.threshold_crossed"}
 MAX_PAGE = 500
 OFFER_CACHE_SECONDS = 2.0
+CONSENT_TYPES = ("auto_renewal", "tos", "eu_early_start", "eu_waiver_ack", "auto_recharge")
+# REC-01: at least three years (and a year past the subscription's end: the longer wins).
+RETENTION = timedelta(days=3 * 366)
 
 
 class OfferRejectedError(DomainError):
     """An offer that breaks a compliance rule is never published (nor served, nor sold)."""
 
     status, slug, title = 422, "offer-violates-rules", "The offer breaks compliance rules"
+
+
+class ConsentRefusedError(DomainError):
+    """A consent that does not match what was served (forged, replayed, another offer)."""
+
+    status, slug, title = 409, "consent-refused", "Consent refused"
 
 
 class PaywallService:
@@ -242,6 +253,129 @@ class PaywallService:
         return [{"id": r[0], "created_at": r[2], **orjson.loads(r[1])} for r in rows]
 
 
+    # -- consent (CNS-01, CNS-02, CNS-04) ------------------------------------------------
+
+    def record_consent(self, app_id: int, end_user_id: int,
+                       args: dict[str, Any]) -> dict[str, Any]:
+        """Record what the user was shown and agreed to (CNS-02), after checking that it is what
+        Meterlane served: the published offer version, its content hash, the disclosure and the
+        price rendered for that jurisdiction and locale. Immutable once written."""
+        manifest = args["render_manifest"]
+        if manifest.get("default_state") != "unchecked":
+            raise InvalidRequestError("CNS-01: the consent control must start unchecked "
+                                      "(render_manifest.default_state = 'unchecked').",
+                                      param="render_manifest", rule="CNS-01")
+        if manifest.get("disclosure_in_viewport") is not True:
+            raise InvalidRequestError("DSC-02: the disclosure was not in view when the user agreed "
+                                      "(render_manifest.disclosure_in_viewport).",
+                                      param="render_manifest", rule="DSC-02")
+        with self.engine.connect() as conn:
+            row = conn.execute(select(OfferVersion.status, OfferVersion.content,
+                                      OfferVersion.content_hash).where(
+                OfferVersion.app_id == app_id, OfferVersion.offer_id == args["offer"],
+                OfferVersion.version == args["version"])).first()
+        if row is None or row.status != "published":
+            raise ConsentRefusedError(f"Offer {args['offer']!r} v{args['version']} is not a "
+                                      "published offer: no consent can be given to it.",
+                                      rule="DSC-01")
+        if row.content_hash != args["content_hash"]:
+            raise ConsentRefusedError("content_hash is not this offer version's: the consent names "
+                                      "another version.", rule="CNS-02")
+        content = orjson.loads(row.content)
+        if args["type"] == "auto_renewal" and content.get("kind") != "subscription":
+            raise ConsentRefusedError("An auto_renewal consent is for a subscription offer.")
+        profile = offers.resolve(args.get("jurisdiction"))
+        shown = offers.render(content, profile, args.get("locale"))
+        text = shown["disclosure"]
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if args["disclosure_sha256"] != digest:
+            raise ConsentRefusedError(
+                f"The disclosure the user saw is not the one served for {profile.id} and locale "
+                f"{shown['locale']!r} (its SHA-256 differs): show the served text.",
+                rule="CNS-02")
+        if args["rendered_price"] != shown["price"]:
+            raise ConsentRefusedError(f"rendered_price {args['rendered_price']!r} is not the "
+                                      f"price served ({shown['price']!r}).", rule="CNS-02")
+        now = self.clock()
+        consent_id = "cns_" + secrets.token_hex(12)
+        plan = content.get("plan") or {}
+        values = {
+            "consent_id": consent_id, "app_id": app_id, "end_user_id": end_user_id,
+            "type": args["type"], "offer_id": args["offer"], "offer_version": args["version"],
+            "content_hash": row.content_hash, "plan_id": plan.get("id"), "disclosure_text": text,
+            "disclosure_sha256": digest, "rendered_price": shown["price"],
+            "cta_label": str(manifest.get("cta_label") or shown["cta_label"])[:200],
+            "locale": shown["locale"], "platform": args.get("platform", "web"),
+            "jurisdiction": profile.id, "render_manifest": orjson.dumps(manifest).decode(),
+            "ip": args.get("ip"), "user_agent": (args.get("user_agent") or "")[:500] or None,
+            "captured_at": now, "retain_until": now + RETENTION}
+        with self.engine.begin() as conn:
+            conn.execute(insert(ConsentRecord).values(**values))
+            self.events.publish_in(conn, app_id, "consent.captured", _consent_view(values))
+        return _consent_view(values)
+
+
+    def consent(self, app_id: int, consent_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ConsentRecord.__table__).where(
+                ConsentRecord.app_id == app_id, ConsentRecord.consent_id == consent_id)).first()
+            use = conn.execute(select(ConsentUse.checkout_session_id, ConsentUse.used_at).where(
+                ConsentUse.consent_id == consent_id)).first() if row else None
+        if row is None:
+            raise NotFoundError(f"No consent {consent_id!r} in this app.")
+        view = _consent_view(dict(row._mapping))
+        view["checkout_session_id"] = use[0] if use else None
+        return view
+
+
+    def claim_consent(self, app_id: int, end_user_id: int, consent_id: str | None,
+                      plan_id: str) -> dict[str, Any]:
+        """The consent a plan checkout needs (CNS-01): this user's auto-renewal consent to an
+        offer of this plan, never used before. Claimed here; released if the checkout fails."""
+        if not consent_id:
+            raise ConflictError("CNS-01: a subscription checkout needs the user's recorded "
+                                "auto-renewal consent: POST /v1/paywall/consents, then pass "
+                                "consent_id.", code="consent_required", rule="CNS-01")
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ConsentRecord.__table__).where(
+                ConsentRecord.consent_id == consent_id, ConsentRecord.app_id == app_id)).first()
+        if row is None or row.end_user_id != end_user_id:
+            raise ConsentRefusedError("CNS-01: no such consent by this user.", rule="CNS-01")
+        if row.type != "auto_renewal" or row.plan_id != plan_id:
+            raise ConsentRefusedError(f"CNS-01: consent {consent_id} is a {row.type} consent to "
+                                      f"plan {row.plan_id!r}, not an auto-renewal consent to "
+                                      f"{plan_id!r}.", rule="CNS-01")
+        current = self.catalog.get(plan_id)
+        with self.engine.connect() as conn:
+            content = conn.execute(select(OfferVersion.content).where(
+                OfferVersion.app_id == app_id, OfferVersion.offer_id == row.offer_id,
+                OfferVersion.version == row.offer_version)).scalar_one()
+        plan = orjson.loads(content).get("plan") or {}
+        if current is None or plan.get("version") != current.version:
+            raise ConsentRefusedError("CNS-01: the consent was given to terms of a plan version "
+                                      "no longer sold: ask again.", rule="CNS-01")
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(ConsentUse).values(consent_id=consent_id,
+                                                       used_at=self.clock()))
+        except IntegrityError as exc:
+            raise ConsentRefusedError(f"CNS-01: consent {consent_id} was already used for a "
+                                      "checkout (a replay).", rule="CNS-01") from exc
+        return {"consent_id": consent_id, "disclosure": row.disclosure_text,
+                "rendered_price": row.rendered_price}
+
+
+    def link_consent(self, consent_id: str, session_id: str | None) -> None:
+        """Tie the consent to its checkout session (CNS-04), or free it when the checkout did not
+        start (session None)."""
+        with self.engine.begin() as conn:
+            if session_id is None:
+                conn.execute(delete(ConsentUse).where(ConsentUse.consent_id == consent_id,
+                                                      ConsentUse.checkout_session_id.is_(None)))
+            else:
+                conn.execute(update(ConsentUse).where(ConsentUse.consent_id == consent_id)
+                             .values(checkout_session_id=session_id))
+
 def _block(event_id: str, trigger: str, offers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"event_id": event_id, "trigger": trigger, "offers": offers}
 
@@ -250,3 +384,13 @@ def _parse(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _consent_view(values: dict[str, Any]) -> dict[str, Any]:
+    keys = ("consent_id", "type", "offer_id", "offer_version", "content_hash", "plan_id",
+            "disclosure_text", "disclosure_sha256", "rendered_price", "cta_label", "locale",
+            "platform", "jurisdiction", "ip", "user_agent", "captured_at", "retain_until")
+    view = {k: values.get(k) for k in keys}
+    manifest = values.get("render_manifest")
+    view["render_manifest"] = orjson.loads(manifest) if isinstance(manifest, str) else manifest
+    return view

@@ -56,10 +56,24 @@ def create_checkout() -> Response:
     app_id = app_in_scope(principal)
     user = validate_user_id(args["user"])
     end_user_id = wiring().tenancy.ensure_end_user(app_id, user)
-    session = wiring().checkout.create(
-        app_id=app_id, end_user_id=end_user_id, user=user, plan_id=args.get("plan"),
-        pack_id=args.get("credit_pack"), success_url=args["success_url"],
-        cancel_url=args["cancel_url"])
+    consent = None
+    plan = wiring().plans.catalog.get(args["plan"]) if args.get("plan") else None
+    if plan is not None and plan.terms.price is not None and not plan.terms.retired \
+            and args.get("credit_pack") is None:
+        # CNS-01: no subscription checkout without the user's recorded consent to its terms
+        consent = wiring().paywall.claim_consent(app_id, end_user_id, args.get("consent_id"),
+                                                 args["plan"])
+    try:
+        session = wiring().checkout.create(
+            app_id=app_id, end_user_id=end_user_id, user=user, plan_id=args.get("plan"),
+            pack_id=args.get("credit_pack"), success_url=args["success_url"],
+            cancel_url=args["cancel_url"], consent=consent)
+    except BaseException:
+        if consent is not None:  # the checkout did not start: the consent may be used again
+            wiring().paywall.link_consent(consent["consent_id"], None)
+        raise
+    if consent is not None:
+        wiring().paywall.link_consent(consent["consent_id"], session.id)
     return wiring().json(CheckoutSessionSchema().dump(session.__dict__), status=201)
 
 

@@ -18,6 +18,7 @@ from meterlane.plans.billing import META_APP, META_USER
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.models import StripeCustomer, Subscription
 from meterlane.plans.stripe_sync import BillingProviderError
+from meterlane.plans.terms import format_minor
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class CheckoutService:
         self.client = client  # built on first use: no Stripe key, no billing
 
     def create(self, *, app_id: int, end_user_id: int, user: str, plan_id: str | None,
-               pack_id: str | None, success_url: str, cancel_url: str) -> CheckoutSession:
+               pack_id: str | None, success_url: str, cancel_url: str,
+               consent: dict[str, Any] | None = None) -> CheckoutSession:
+        """`consent`: the user's recorded auto-renewal consent (the paywall's), which Stripe's
+        own consent collection then backs with a second record (CNS-04)."""
         meta = {META_APP: str(app_id), META_USER: str(end_user_id), "mlane_user": user}
+        if consent is not None:
+            meta["mlane_consent"] = consent["consent_id"]
         params: dict[str, Any]
         if (plan_id is None) == (pack_id is None):
             raise InvalidRequestError("Name either a plan or a credit_pack.", param="plan")
@@ -65,6 +71,15 @@ class CheckoutService:
             if plan.terms.trial_days:
                 subscription["trial_period_days"] = plan.terms.trial_days
             params = {"subscription_data": subscription}
+            if consent is not None:
+                price = format_minor(plan.terms.price.amount, plan.terms.price.currency)
+                params["consent_collection"] = {"terms_of_service": "required"}
+                params["custom_text"] = {"submit": {"message": (
+                    f"By subscribing you agree that {plan.name} renews automatically at {price} "
+                    f"per {plan.terms.price.interval} until you cancel; cancel any time "
+                    "before the next billing date.")[:1200]}}
+                subscription["description"] = f"{plan.name}: {price} per " \
+                    f"{plan.terms.price.interval}, renews until cancelled"
         else:
             assert pack_id is not None
             pack = self.catalog.pack(pack_id)

@@ -30,6 +30,9 @@ class CheckoutRequestSchema(Schema):
     credit_pack = fields.String(validate=validate.Length(min=1, max=64))
     success_url = fields.Url(required=True, require_tld=False)
     cancel_url = fields.Url(required=True, require_tld=False)
+    consent_id = fields.String(validate=validate.Length(min=1, max=40), metadata={
+        "description": "A plan (subscription) checkout: the user's auto-renewal consent "
+                       "(POST /v1/paywall/consents); without it the checkout is refused (CNS-01)"})
 
 
 class CheckoutSessionSchema(Schema):

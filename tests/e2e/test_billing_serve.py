@@ -23,6 +23,7 @@ from meterlane.core.db import make_engine, utcnow
 from meterlane.plans.models import CreditOverage, RevenueEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
+from tests.support.consent import consent_for
 from tests.support.services import create_database
 from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
@@ -142,9 +143,10 @@ def test_a_user_subscribes_overspends_tops_up_changes_plan_and_cancels(journey: 
     assert j.quota()["plan"]["id"] == f"free-{tag}"
 
     # 1. Checkout for pro; Stripe creates the subscription and tells us
+    consent = consent_for(j.http, "alice", f"pro-{tag}")  # the paywall's step first (CNS-01)
     status, session = j.http("POST", "/v1/checkout/sessions", {
         "user": "alice", "plan": f"pro-{tag}", "success_url": "https://app.example/ok",
-        "cancel_url": "https://app.example/back"})
+        "cancel_url": "https://app.example/back", "consent_id": consent})
     assert status == 201, session
     stripe_session = j.stripe.v1.checkout.sessions.retrieve(session["id"])
     owner = stripe_session.metadata.to_dict()

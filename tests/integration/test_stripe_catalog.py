@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from meterlane.plans.models import StripeCustomer
 from tests.conftest import bearer, config_from_toml, gateway_toml
+from tests.support.consent import consent_for, flask_call
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -161,8 +162,13 @@ def test_checkout_for_a_plan_and_for_a_credit_pack(app: Any, tag: str, fake_stri
 
     key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
     client = app.test_client()
-    plan = checkout(client, key, plan=f"pro-{tag}")
+    refused = checkout(client, key, plan=f"pro-{tag}")  # no consent recorded: CNS-01
+    assert refused.status_code == 409 and refused.get_json()["rule"] == "CNS-01"
+    consent = consent_for(flask_call(client, key), "alice", f"pro-{tag}")
+    plan = checkout(client, key, plan=f"pro-{tag}", consent_id=consent)
     assert plan.status_code == 201, plan.data
+    replay = checkout(client, key, plan=f"pro-{tag}", consent_id=consent)
+    assert replay.status_code == 409 and "already used" in replay.get_json()["detail"]
     body = plan.get_json()
     assert body["mode"] == "subscription" and body["item"] == f"pro-{tag}@2"  # current version
     assert body["url"].startswith("https://checkout.stripe.com/")
@@ -170,6 +176,12 @@ def test_checkout_for_a_plan_and_for_a_credit_pack(app: Any, tag: str, fake_stri
     session = stripe_side.v1.checkout.sessions.retrieve(body["id"])
     assert session.metadata["mlane_user"] == "alice"
     assert session.subscription_data["metadata"]["mlane_plan"] == f"pro-{tag}@2"
+    # CNS-04: Stripe's own consent collection backs ours, and names it
+    assert session.consent_collection["terms_of_service"] == "required"
+    assert "renews automatically" in session.custom_text["submit"]["message"]
+    assert session.metadata["mlane_consent"] == consent
+    record = client.get(f"/v1/paywall/consents/{consent}", headers=bearer(key)).get_json()
+    assert record["checkout_session_id"] == body["id"]
     pack = checkout(client, key, credit_pack=f"small-{tag}")
     assert pack.status_code == 201 and pack.get_json()["mode"] == "payment"
     pack_session = stripe_side.v1.checkout.sessions.retrieve(pack.get_json()["id"])
@@ -205,10 +217,15 @@ def test_checkout_with_stripe_unreachable_is_a_502(app: Any, tag: str) -> None:
     dead = replace(w.config, stripe_api_base="http://127.0.0.1:9")
     from meterlane.plans.stripe_sync import stripe_client
 
+    client = app.test_client()
+    consent = consent_for(flask_call(client, key), "alice", f"pro-{tag}")
+    live = w.checkout.client
     w.checkout.client = lambda: stripe_client(dead)
-    resp = checkout(app.test_client(), key, plan=f"pro-{tag}")
+    resp = checkout(client, key, plan=f"pro-{tag}", consent_id=consent)
     assert resp.status_code == 502, resp.data
     assert "Stripe could not start the checkout" in resp.get_json()["detail"]
+    w.checkout.client = live  # Stripe is back: the consent was not spent by the failure
+    assert checkout(client, key, plan=f"pro-{tag}", consent_id=consent).status_code == 201
 
 
 def test_a_second_plan_checkout_is_refused(app: Any, tag: str, clean_db: Engine) -> None:
@@ -229,7 +246,9 @@ def test_a_second_plan_checkout_is_refused(app: Any, tag: str, clean_db: Engine)
             plan_id=f"pro-{tag}", plan_version=2, status="active", billing_anchor=now,
             current_period_start=now, current_period_end=None, cancel_at_period_end=False,
             trial_end=None, last_event_at=now, updated_at=now))
-    resp = checkout(app.test_client(), key, plan=f"team-{tag}")
+    client = app.test_client()
+    consent = consent_for(flask_call(client, key), "alice", f"team-{tag}")
+    resp = checkout(client, key, plan=f"team-{tag}", consent_id=consent)
     assert resp.status_code == 409 and resp.get_json()["code"] == "already_subscribed"
     pack = checkout(app.test_client(), key, credit_pack=f"small-{tag}")
     assert pack.status_code == 201  # credit packs are not subscriptions

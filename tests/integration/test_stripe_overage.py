@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from meterlane.core.db import utcnow
 from meterlane.plans.models import CreditOverage
 from tests.conftest import bearer, config_from_toml, gateway_toml
+from tests.support.consent import consent_for, flask_call
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -80,9 +81,10 @@ def test_overage_is_reported_once_and_reconciles(setup: Any, clean_db: Engine) -
     app, key, env, tag = setup
     client = app.test_client()
     # a checkout creates alice's Stripe customer; the subscription puts her on the plan
+    consent = consent_for(flask_call(client, key), "alice", f"metered-{tag}")
     started = client.post("/v1/checkout/sessions", headers=bearer(key), json={
         "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
-        "cancel_url": "https://a.example/no"})
+        "cancel_url": "https://a.example/no", "consent_id": consent})
     assert started.status_code == 201, started.data
     assert client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"},
                       headers=bearer(key)).status_code == 200
@@ -126,7 +128,8 @@ def test_an_overage_stripe_refuses_is_set_aside_and_the_rest_still_go(
     client = app.test_client()
     client.post("/v1/checkout/sessions", headers=bearer(key), json={
         "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
-        "cancel_url": "https://a.example/no"})
+        "cancel_url": "https://a.example/no",
+        "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
     client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
     track(client, key, 130, "u1")
     track(client, key, 20, "u2")

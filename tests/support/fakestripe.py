@@ -128,6 +128,7 @@ async def create_session(request: web.Request) -> web.Response:
                "metadata": data.get("metadata") or {}, "amount_total": total,
                "currency": _prices[items[0]["price"]]["currency"],
                "consent_collection": data.get("consent_collection"),
+               "custom_text": data.get("custom_text"),
                "subscription_data": data.get("subscription_data"),
                "expires_at": int(time.time()) + 86400, "created": int(time.time())}
     _sessions[session_id] = session
