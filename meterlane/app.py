@@ -138,7 +138,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     billing = BillingService(engine, catalog, plans, credits,
                              webhook_secret=config.stripe_webhook_secret,
                              allowance_used=limits.allowance_used)
-    checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config))
+    checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config),
+                               collect_terms_consent=config.stripe_collect_terms_consent)
     overage = OverageReporter(engine, functools.partial(stripe_client, config))
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
@@ -173,6 +174,11 @@ def create_app(config: Config | None = None) -> Flask:
     config = config or Config.from_env()
     app = Flask("meterlane")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    if config.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = config.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
     app.extensions["wiring"] = wiring = build_wiring(config)
     spooled = wiring.ledger.replay()
     if spooled:

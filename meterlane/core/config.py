@@ -102,6 +102,10 @@ class Config:
     stripe_webhook_secret: str | None = None
     stripe_api_version: str = STRIPE_API_VERSION
     stripe_api_base: str | None = None  # a Stripe-compatible server (tests: a fake on loopback)
+    stripe_collect_terms_consent: bool = True  # Checkout's own terms-of-service consent
+    # MLANE_TRUSTED_PROXIES=N: the service sits behind N proxies; the client address is read
+    # from their X-Forwarded-For (consent records keep it).
+    trusted_proxies: int = 0
     # [paywall]: the percents of a quota at which a threshold event goes to the app.
     paywall_thresholds: tuple[int, ...] = (50, 80, 100)
     # MLANE_WEBHOOKS_ALLOW_PRIVATE=1: webhooks may go to private and loopback addresses.
@@ -158,6 +162,7 @@ class Config:
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
             webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),
+            trusted_proxies=_int(env, "MLANE_TRUSTED_PROXIES", 0),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             **file_settings,
@@ -214,7 +219,7 @@ def _paywall(table: Any) -> dict[str, Any]:
 def _stripe(table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError("[stripe] must be a table")
-    unknown = sorted(set(table) - {"api_version", "api_base"})
+    unknown = sorted(set(table) - {"api_version", "api_base", "collect_terms_consent"})
     if unknown:
         raise ConfigError(f"[stripe]: unknown settings {unknown}; expected api_version, "
                           "api_base (the keys come from MLANE_STRIPE_API_KEY and "
@@ -226,7 +231,11 @@ def _stripe(table: Any) -> dict[str, Any]:
     base = table.get("api_base")
     if base is not None and (not isinstance(base, str) or not base.startswith("http")):
         raise ConfigError("[stripe]: api_base must be an http(s) URL")
-    return {"stripe_api_version": version, "stripe_api_base": base}
+    collect = table.get("collect_terms_consent", True)
+    if not isinstance(collect, bool):
+        raise ConfigError("[stripe]: collect_terms_consent must be true or false")
+    return {"stripe_api_version": version, "stripe_api_base": base,
+            "stripe_collect_terms_consent": collect}
 
 
 def _limits(table: Any) -> dict[str, Any]:

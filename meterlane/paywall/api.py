@@ -30,7 +30,8 @@ widget_bp = Blueprint("widget", __name__)
 WIDGET = Path(__file__).with_name("widget.js")
 # What the widget reads from the app's own pages (another origin): bearer keys, no cookies,
 # so any origin may call them.
-CORS_PATHS = frozenset({"/v1/me/quota", "/v1/me/credits", "/v1/paywall/offers"})
+CORS_PATHS = {"/v1/me/quota": "GET", "/v1/me/credits": "GET", "/v1/paywall/offers": "GET",
+              "/v1/paywall/consents": "POST"}
 
 
 @widget_bp.get("/widget.js")
@@ -45,10 +46,11 @@ def widget() -> Response:
 
 @bp.after_app_request
 def cors(resp: Response) -> Response:
-    if request.path in CORS_PATHS:
+    method = CORS_PATHS.get(request.path)
+    if method is not None and request.method in (method, "OPTIONS"):
         resp.headers["Access-Control-Allow-Origin"] = "*"
         resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-        resp.headers["Access-Control-Allow-Methods"] = "GET, OPTIONS"
+        resp.headers["Access-Control-Allow-Methods"] = f"{method}, OPTIONS"
         resp.headers["Access-Control-Max-Age"] = "600"
     return resp
 

@@ -150,11 +150,11 @@ class ServedOffersSchema(Schema):
 
 
 class RenderManifestSchema(Schema):
-    disclosure_in_viewport = fields.Boolean(required=True)
+    disclosure_in_viewport = fields.Boolean(required=True, truthy={True}, falsy={False})
     default_state = fields.String(required=True, metadata={
         "description": "How the consent control started: 'unchecked' (CNS-01)"})
     cta_label = fields.String(validate=validate.Length(max=200))
-    dismiss_present = fields.Boolean()
+    dismiss_present = fields.Boolean(truthy={True}, falsy={False})
     template_version = fields.String(validate=validate.Length(max=64))
     app_version = fields.String(validate=validate.Length(max=64))
 

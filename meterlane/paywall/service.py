@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -37,6 +37,7 @@ OFFER_CACHE_SECONDS = 2.0
 CONSENT_TYPES = ("auto_renewal", "tos", "eu_early_start", "eu_waiver_ack", "auto_recharge")
 # REC-01: at least three years (and a year past the subscription's end: the longer wins).
 RETENTION = timedelta(days=3 * 366)
+CLAIM_LAPSE = timedelta(hours=1)
 
 
 class OfferRejectedError(DomainError):
@@ -140,6 +141,12 @@ class PaywallService:
                                  f"{plan.get('version')} is no longer the version sold: create "
                                  "a new offer version from the current plan", "*")]
 
+    @staticmethod
+    def _servable(content: dict[str, Any], profile: offers.Profile, platform: str) -> bool:
+        targets = content.get("jurisdictions") or ["*"]
+        return (profile.id in targets or "*" in targets) and \
+            platform in (content.get("platforms") or ["web"])
+
     def served_offers(self, app_id: int, *, jurisdiction: str | None, platform: str,
                       locale: str | None, current_plan: str | None = None) -> dict[str, Any]:
         """The latest published version of each offer that targets this jurisdiction and
@@ -157,10 +164,7 @@ class PaywallService:
         out = []
         for row in latest.values():
             content = orjson.loads(row.content)
-            targets = content.get("jurisdictions") or ["*"]
-            if profile.id not in targets and "*" not in targets:
-                continue
-            if platform not in (content.get("platforms") or ["web"]):
+            if not self._servable(content, profile, platform):
                 continue
             plan = content.get("plan") or {}
             if current_plan is not None and plan.get("id") == current_plan:
@@ -285,6 +289,17 @@ class PaywallService:
         if args["type"] == "auto_renewal" and content.get("kind") != "subscription":
             raise ConsentRefusedError("An auto_renewal consent is for a subscription offer.")
         profile = offers.resolve(args.get("jurisdiction"))
+        platform = args.get("platform", "web")
+        with self.engine.connect() as conn:
+            latest = conn.execute(select(func.max(OfferVersion.version)).where(
+                OfferVersion.app_id == app_id, OfferVersion.offer_id == args["offer"],
+                OfferVersion.status == "published")).scalar()
+        if not self._servable(content, profile, platform) or latest != args["version"] \
+                or self._stale(content):
+            raise ConsentRefusedError(
+                f"Offer {args['offer']!r} v{args['version']} is not what is served to "
+                f"{profile.id} on {platform} (another target, platform or version).",
+                rule="CNS-02")
         shown = offers.render(content, profile, args.get("locale"))
         text = shown["disclosure"]
         digest = hashlib.sha256(text.encode()).hexdigest()
@@ -293,6 +308,10 @@ class PaywallService:
                 f"The disclosure the user saw is not the one served for {profile.id} and locale "
                 f"{shown['locale']!r} (its SHA-256 differs): show the served text.",
                 rule="CNS-02")
+        label = manifest.get("cta_label")
+        if label is not None and label != shown["cta_label"]:
+            raise ConsentRefusedError(f"The button the user pressed ({label!r}) is not the one "
+                                      f"served ({shown['cta_label']!r}).", rule="CNS-03")
         if args["rendered_price"] != shown["price"]:
             raise ConsentRefusedError(f"rendered_price {args['rendered_price']!r} is not the "
                                       f"price served ({shown['price']!r}).", rule="CNS-02")
@@ -304,7 +323,7 @@ class PaywallService:
             "type": args["type"], "offer_id": args["offer"], "offer_version": args["version"],
             "content_hash": row.content_hash, "plan_id": plan.get("id"), "disclosure_text": text,
             "disclosure_sha256": digest, "rendered_price": shown["price"],
-            "cta_label": str(manifest.get("cta_label") or shown["cta_label"])[:200],
+            "cta_label": str(shown["cta_label"])[:200],
             "locale": shown["locale"], "platform": args.get("platform", "web"),
             "jurisdiction": profile.id, "render_manifest": orjson.dumps(manifest).decode(),
             "ip": args.get("ip"), "user_agent": (args.get("user_agent") or "")[:500] or None,
@@ -354,13 +373,21 @@ class PaywallService:
         if current is None or plan.get("version") != current.version:
             raise ConsentRefusedError("CNS-01: the consent was given to terms of a plan version "
                                       "no longer sold: ask again.", rule="CNS-01")
+        now = self.clock()
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(ConsentUse).values(consent_id=consent_id,
-                                                       used_at=self.clock()))
+                conn.execute(insert(ConsentUse).values(consent_id=consent_id, used_at=now))
         except IntegrityError as exc:
-            raise ConsentRefusedError(f"CNS-01: consent {consent_id} was already used for a "
-                                      "checkout (a replay).", rule="CNS-01") from exc
+            # A claim whose checkout never got a session (a crash in between) lapses after an
+            # hour; one with a session is a use, and a second use is a replay.
+            with self.engine.begin() as conn:
+                taken = conn.execute(update(ConsentUse).where(
+                    ConsentUse.consent_id == consent_id,
+                    ConsentUse.checkout_session_id.is_(None),
+                    ConsentUse.used_at < now - CLAIM_LAPSE).values(used_at=now)).rowcount
+            if taken != 1:
+                raise ConsentRefusedError(f"CNS-01: consent {consent_id} was already used for a "
+                                          "checkout (a replay).", rule="CNS-01") from exc
         return {"consent_id": consent_id, "disclosure": row.disclosure_text,
                 "rendered_price": row.rendered_price}
 

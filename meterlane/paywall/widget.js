@@ -15,7 +15,10 @@
   if (!script) { return; }
   var base = new URL(script.src).origin;
   var key = script.getAttribute("data-key") || "";
-  var target = document.querySelector(script.getAttribute("data-target") || "#meterlane-quota");
+  var target = null;
+  try {
+    target = document.querySelector(script.getAttribute("data-target") || "#meterlane-quota");
+  } catch (e) { /* an invalid selector: the widget goes right after its script tag */ }
   var checkoutUrl = script.getAttribute("data-checkout-url") || "";
   var jurisdiction = script.getAttribute("data-jurisdiction") || "";
   var locale = script.getAttribute("data-locale") || navigator.language || "";
@@ -111,6 +114,10 @@
     url.searchParams.set("offer", offer.offer);
     url.searchParams.set("version", String(offer.version));
     url.searchParams.set("content_hash", offer.content_hash);
+    // What the offer was rendered for: the app records the consent to exactly this.
+    url.searchParams.set("jurisdiction", offer.jurisdiction);
+    url.searchParams.set("locale", offer.locale);
+    url.searchParams.set("platform", "web");
     cta.href = url.toString();
     cta.setAttribute("role", "button");
     card.appendChild(cta);
@@ -128,7 +135,11 @@
     var spent = false;
     (quota.limits || []).forEach(function (line) {
       box.appendChild(renderLimit(line));
-      if (line.kind !== "rate" && Number(line.remaining) <= 0) { spent = true; }
+      // A quota on every model (not one model's) with under 0.1 % left: calls stop there.
+      var left = parseFloat(line.remaining), total = parseFloat(line.limit);
+      if (line.kind !== "rate" && !line.model && (left <= 0 || left * 1000 < total)) {
+        spent = true;
+      }
     });
     if (spent && offers && offers.data && offers.data.length) {
       var list = el("div", "ml-offers");
@@ -149,9 +160,16 @@
     target.appendChild(box);
   }
 
+  if (!key) {
+    fail({ status: 0, message: "the widget has no data-key (an end-user key)" });
+    return;
+  }
   var query = "?platform=web" + (jurisdiction ? "&jurisdiction=" + encodeURIComponent(jurisdiction) : "")
     + (locale ? "&locale=" + encodeURIComponent(locale) : "");
-  Promise.all([api("/v1/me/quota"), api("/v1/paywall/offers" + query)])
-    .then(function (both) { render(both[0], both[1]); })
-    .catch(fail);
+  api("/v1/me/quota").then(function (quota) {
+    // Offers are extra: if they cannot be loaded, the quota still shows.
+    return api("/v1/paywall/offers" + query)
+      .catch(function () { return { data: [] }; })
+      .then(function (offers) { render(quota, offers); });
+  }).catch(fail);
 })();

@@ -60,6 +60,7 @@ def create_checkout() -> Response:
     plan = wiring().plans.catalog.get(args["plan"]) if args.get("plan") else None
     if plan is not None and plan.terms.price is not None and not plan.terms.retired \
             and args.get("credit_pack") is None:
+        wiring().checkout.ensure_not_subscribed(end_user_id)  # before asking for consent
         # CNS-01: no subscription checkout without the user's recorded consent to its terms
         consent = wiring().paywall.claim_consent(app_id, end_user_id, args.get("consent_id"),
                                                  args["plan"])

@@ -31,10 +31,25 @@ class CheckoutSession:
 
 class CheckoutService:
     def __init__(self, engine: Engine, catalog: Catalog,
-                 client: Callable[[], stripe.StripeClient]) -> None:
+                 client: Callable[[], stripe.StripeClient], *,
+                 collect_terms_consent: bool = True) -> None:
         self.engine = engine
+        # Stripe's own terms-of-service consent on its page (CNS-04); Stripe refuses it until
+        # the account has a terms URL ([stripe] collect_terms_consent = false turns it off).
+        self.collect_terms_consent = collect_terms_consent
         self.catalog = catalog
         self.client = client  # built on first use: no Stripe key, no billing
+
+    def ensure_not_subscribed(self, end_user_id: int) -> None:
+        """A second subscription is refused: the live one is changed instead."""
+        with self.engine.connect() as conn:
+            live = conn.execute(select(Subscription.id).where(
+                Subscription.end_user_id == end_user_id,
+                Subscription.status.in_(("trialing", "active", "past_due")))).first()
+        if live is not None:
+            raise ConflictError(f"The end user already has subscription {live[0]}: change "
+                                f"it (POST /v1/subscriptions/{live[0]}/change) instead.",
+                                code="already_subscribed")
 
     def create(self, *, app_id: int, end_user_id: int, user: str, plan_id: str | None,
                pack_id: str | None, success_url: str, cancel_url: str,
@@ -56,14 +71,7 @@ class CheckoutService:
             if plan.terms.price is None:
                 raise InvalidRequestError(f"Plan {plan.ref} is free: there is nothing to buy.",
                                           param="plan")
-            with self.engine.connect() as conn:
-                live = conn.execute(select(Subscription.id).where(
-                    Subscription.end_user_id == end_user_id,
-                    Subscription.status.in_(("trialing", "active", "past_due")))).first()
-            if live is not None:
-                raise ConflictError(f"The end user already has subscription {live[0]}: change "
-                                    f"it (POST /v1/subscriptions/{live[0]}/change) instead.",
-                                    code="already_subscribed")
+            self.ensure_not_subscribed(end_user_id)
             ref, mode = plan.ref, "subscription"
             # overage is billed by a metered price on the same subscription
             extra_prices = [f"{ref}:overage"] if plan.terms.overage else []
@@ -73,7 +81,8 @@ class CheckoutService:
             params = {"subscription_data": subscription}
             if consent is not None:
                 price = format_minor(plan.terms.price.amount, plan.terms.price.currency)
-                params["consent_collection"] = {"terms_of_service": "required"}
+                if self.collect_terms_consent:  # needs a terms URL in Stripe's Dashboard
+                    params["consent_collection"] = {"terms_of_service": "required"}
                 params["custom_text"] = {"submit": {"message": (
                     f"By subscribing you agree that {plan.name} renews automatically at {price} "
                     f"per {plan.terms.price.interval} until you cancel; cancel any time "
@@ -106,7 +115,10 @@ class CheckoutService:
                 f"{end_user_id}", "line_items": items,
                 "success_url": success_url, "cancel_url": cancel_url, "metadata": meta,
                 **params}
-            session = client.v1.checkout.sessions.create(params=create)
+            # One consent, one session: a retry after an unclear failure gets the same one.
+            options: Any = {"idempotency_key": f"mlane-checkout-{consent['consent_id']}"} \
+                if consent is not None else {}
+            session = client.v1.checkout.sessions.create(params=create, options=options)
         except stripe.StripeError as exc:
             raise BillingProviderError(f"Stripe could not start the checkout: "
                                        f"{exc.user_message or exc}") from exc

@@ -102,8 +102,15 @@ def site(pg_server: str, upstream: FakeUpstream,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     engine = create_engine(url)
     try:
-        yield Site(base, f"http://127.0.0.1:{server.server_address[1]}",
-                   created.stdout.strip().splitlines()[-1], pages, engine)
+        site = Site(base, f"http://127.0.0.1:{server.server_address[1]}",
+                    created.stdout.strip().splitlines()[-1], pages, engine)
+        # A published offer, whose headline tries to inject markup into the page
+        draft = {**GOOD, "copy": {**GOOD["copy"], "de": {
+            **GOOD["copy"]["de"], "headline": '<img src=x onerror="document.title=1">Pro'}}}
+        made = site.api("POST", "/v1/paywall/offers", json=draft)
+        site.api("POST", f"/v1/paywall/offers/{GOOD['offer']}/versions/{made['version']}"
+                 "/publish")
+        yield site
     finally:
         server.shutdown()
         stop(proc)
@@ -154,8 +161,6 @@ def test_a_user_with_quota_sees_each_limit(site: Site) -> None:
 
 
 def test_a_user_who_ran_out_sees_the_offer_with_its_disclosure(site: Site) -> None:
-    created = site.api("POST", "/v1/paywall/offers", json=GOOD)
-    site.api("POST", f"/v1/paywall/offers/{GOOD['offer']}/versions/{created['version']}/publish")
     site.api("POST", "/v1/meter/track", json={
         "user": "bo", "model": "gpt-4o-mini", "idempotency_key": "w2",
         "usage": {"input_tokens": 1000, "output_tokens": 0}})
@@ -169,7 +174,11 @@ def test_a_user_who_ran_out_sees_the_offer_with_its_disclosure(site: Site) -> No
     href = html.unescape(re.search(r'class="ml-cta" href="([^"]+)"', dom)[1])  # type: ignore
     assert href.startswith("http://app.example/checkout?offer=pro-monthly&version=")
     assert f"content_hash={served['content_hash']}" in href
+    assert "jurisdiction=EU-DE&locale=de&platform=web" in href  # what the consent names
     assert texts(dom, "ml-decline") == ["Nicht jetzt"]
+    # the offer's copy is text on the page, never markup
+    assert texts(dom, "ml-offer-headline") == ['<img src=x onerror="document.title=1">Pro']
+    assert "<img" not in dom and "<title>My AI app</title>" in dom
 
 
 def test_an_expired_widget_key_is_a_clear_message(site: Site) -> None:

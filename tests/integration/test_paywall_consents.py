@@ -17,6 +17,7 @@ from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_ke
 from tests.integration.test_paywall_offers import PLANS
 from tests.support.consent import MANIFEST, consent_for, flask_call, publish_offer
 from tests.support.upstream import FakeUpstream
+from tests.unit.paywall.test_offer_rules import GOOD
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +92,8 @@ def test_forged_replayed_or_mismatched_consent_changes_nothing(
         (body(offer, "cy", rendered_price="1.00 EUR"), 409, "CNS-02"),        # another price
         (body(offer, "cy", jurisdiction="US-CA"), 409, "CNS-02"),             # other copy
         (body(offer, "cy", version=99), 409, "DSC-01"),                       # not published
+        (body(offer, "cy", render_manifest={**MANIFEST, "cta_label": "Weiter"}), 409,
+         "CNS-03"),                                                           # another button
         (body(offer, "cy", render_manifest={**MANIFEST, "default_state": "checked"}), 400,
          "CNS-01"),
         (body(offer, "cy", render_manifest={**MANIFEST, "disclosure_in_viewport": False}), 400,
@@ -110,3 +113,27 @@ def test_forged_replayed_or_mismatched_consent_changes_nothing(
     assert other.status_code == 409 and other.get_json()["rule"] == "CNS-01"
     foreign = client.get(f"/v1/paywall/consents/{theirs}", headers=bearer(keys.other_app))
     assert foreign.status_code == 404
+    elsewhere = client.post("/v1/checkout/sessions", headers=bearer(keys.other_app), json={
+        "user": "dee", "plan": "pro", "consent_id": theirs,
+        "success_url": "https://a.example/ok", "cancel_url": "https://a.example/no"})
+    assert elsewhere.status_code == 409 and elsewhere.get_json()["rule"] == "CNS-01"
+
+
+def test_a_consent_to_an_offer_not_served_there_is_refused(served: tuple[Any, Keys]) -> None:
+    app, keys = served
+    client = app.test_client()
+    us_only = {**GOOD, "offer": "pro-us", "plan": "pro", "jurisdictions": ["US-CA"],
+               "platforms": ["web"]}
+    made = client.post("/v1/paywall/offers", json=us_only, headers=bearer(keys.app)).get_json()
+    client.post(f"/v1/paywall/offers/pro-us/versions/{made['version']}/publish",
+                headers=bearer(keys.app))
+    offer = shown(client, keys.app, "eve", "US-CA")
+    assert client.post("/v1/paywall/consents", json=body(offer, "eve", "US-CA"),
+                       headers=bearer(keys.app)).status_code == 201
+    german = client.post("/v1/paywall/consents", json=body(offer, "eve", "DE"),
+                         headers=bearer(keys.app))
+    assert german.status_code == 409 and "not what is served to EU-DE" in \
+        german.get_json()["detail"]
+    ios = client.post("/v1/paywall/consents", json=body(offer, "eve", "US-CA", platform="ios"),
+                      headers=bearer(keys.app))
+    assert ios.status_code == 409 and "on ios" in ios.get_json()["detail"]

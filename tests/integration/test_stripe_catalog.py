@@ -247,8 +247,12 @@ def test_a_second_plan_checkout_is_refused(app: Any, tag: str, clean_db: Engine)
             current_period_start=now, current_period_end=None, cancel_at_period_end=False,
             trial_end=None, last_event_at=now, updated_at=now))
     client = app.test_client()
+    first = checkout(client, key, plan=f"team-{tag}")  # said before any consent is asked for
+    assert first.status_code == 409 and first.get_json()["code"] == "already_subscribed"
     consent = consent_for(flask_call(client, key), "alice", f"team-{tag}")
     resp = checkout(client, key, plan=f"team-{tag}", consent_id=consent)
     assert resp.status_code == 409 and resp.get_json()["code"] == "already_subscribed"
+    record = client.get(f"/v1/paywall/consents/{consent}", headers=bearer(key)).get_json()
+    assert record["checkout_session_id"] is None  # not spent on a refused checkout
     pack = checkout(app.test_client(), key, credit_pack=f"small-{tag}")
     assert pack.status_code == 201  # credit packs are not subscriptions
