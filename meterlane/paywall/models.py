@@ -90,3 +90,23 @@ class ConsentUse(Base):
                                             primary_key=True)
     checkout_session_id: Mapped[str | None] = mapped_column(String(255))
     used_at: Mapped[datetime]
+
+
+class CancellationRecord(Base):
+    """A cancellation as confirmed to the user (CXL-01, CXL-05): written once, never changed."""
+
+    __tablename__ = "cancellation_records"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    cancellation_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    subscription_id: Mapped[str] = mapped_column(String(255), unique=True)
+    plan: Mapped[str] = mapped_column(String(80))
+    mode: Mapped[str] = mapped_column(String(24))  # at_period_end
+    channel: Mapped[str] = mapped_column(String(32))
+    steps_count: Mapped[int]
+    requested_at: Mapped[datetime]
+    effective_at: Mapped[datetime | None]
+    confirmation_event_id: Mapped[str] = mapped_column(String(40))
+    retain_until: Mapped[datetime]

@@ -26,7 +26,13 @@ from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.metering.limits import LimitEvent
 from meterlane.paywall import offers
-from meterlane.paywall.models import ConsentRecord, ConsentUse, OfferVersion, PaywallEvent
+from meterlane.paywall.models import (
+    CancellationRecord,
+    ConsentRecord,
+    ConsentUse,
+    OfferVersion,
+    PaywallEvent,
+)
 from meterlane.plans.catalog import Catalog
 
 LIMIT_REACHED = "limit_reached"
@@ -402,6 +408,64 @@ class PaywallService:
             else:
                 conn.execute(update(ConsentUse).where(ConsentUse.consent_id == consent_id)
                              .values(checkout_session_id=session_id))
+
+    # -- cancellation (CXL-01, CXL-05) --------------------------------------------------------
+
+    def cancellation_of(self, app_id: int, subscription_id: str) -> dict[str, Any] | None:
+        """The confirmed cancellation of a subscription, if it was cancelled here."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(CancellationRecord.__table__).where(
+                CancellationRecord.app_id == app_id,
+                CancellationRecord.subscription_id == subscription_id)).first()
+        return _cancellation_view(dict(row._mapping)) if row is not None else None
+
+    def confirm_cancellation(self, app_id: int, end_user_id: int, subscription_id: str,
+                             plan: str, effective_at: datetime | None, channel: str,
+                             steps: int) -> dict[str, Any]:
+        """Record the cancellation and send its confirmation to the app (a webhook the app
+        passes on to the user: received at, ends at, no further charges), in one
+        transaction. A second confirmation of one subscription returns the first."""
+        now = self.clock()
+        event_id = new_event_id()
+        values = {"cancellation_id": "cxl_" + secrets.token_hex(12), "app_id": app_id,
+                  "end_user_id": end_user_id, "subscription_id": subscription_id,
+                  "plan": plan, "mode": "at_period_end", "channel": channel,
+                  "steps_count": steps, "requested_at": now, "effective_at": effective_at,
+                  "confirmation_event_id": event_id,
+                  "retain_until": max(now, effective_at or now) + RETENTION}
+        view = _cancellation_view(values)
+        try:
+            with self.engine.begin() as conn:
+                user = conn.execute(select(EndUser.external_id).where(
+                    EndUser.id == end_user_id)).scalar_one()
+                conn.execute(insert(CancellationRecord).values(**values))
+                self.events.publish_in(conn, app_id, "cancel.confirmed",
+                                       {**_jsonable(view), "user": user}, event_id=event_id)
+        except IntegrityError:  # confirmed at the same moment by another request
+            found = self.cancellation_of(app_id, subscription_id)
+            if found is None:
+                raise
+            return found
+        return view
+
+
+def _cancellation_view(values: dict[str, Any]) -> dict[str, Any]:
+    effective = values.get("effective_at")
+    return {"cancellation_id": values["cancellation_id"],
+            "subscription": values["subscription_id"], "plan": values["plan"],
+            "mode": values["mode"], "channel": values["channel"],
+            "steps_count": values["steps_count"], "received_at": values["requested_at"],
+            "effective_at": effective, "access_until": effective,
+            "no_further_charges": True,
+            "confirmation_event_id": values["confirmation_event_id"],
+            "text": "Your subscription is cancelled. You keep access until "
+                    + (effective.strftime("%Y-%m-%d %H:%M UTC") if effective else "the end of "
+                       "the paid period") + "; there will be no further charges."}
+
+
+def _jsonable(view: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in view.items()}
+
 
 def _block(event_id: str, trigger: str, offers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"event_id": event_id, "trigger": trigger, "offers": offers}

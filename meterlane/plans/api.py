@@ -8,6 +8,7 @@ from meterlane.core.auth import Role, require_role, validate_user_id
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, wiring
 from meterlane.plans.schemas import (
+    CancelRequestSchema,
     CheckoutRequestSchema,
     CheckoutSessionSchema,
     PlanAssignmentRequestSchema,
@@ -95,8 +96,23 @@ def change_subscription(sub_id: str) -> Response:
 @documented(summary="Cancel a subscription at the end of its paid period",
             response=SubscriptionChangeSchema, tag="billing")
 def cancel_subscription(sub_id: str) -> Response:
+    """One step (CXL-01): cancel at the end of the paid period, with a confirmation record
+    and its event at once (CXL-05). Idempotent: a second cancel changes nothing and returns
+    the first confirmation."""
     principal = current_principal()
     require_role(principal, Role.APP)
-    change = wiring().subscriptions.cancel(app_id=app_in_scope(principal),
-                                           subscription_id=sub_id)
-    return wiring().json(SubscriptionChangeSchema().dump(change.__dict__))
+    args = CancelRequestSchema().load(json_body(allow_empty=True))
+    app_id = app_in_scope(principal)
+    w = wiring()
+    done = w.paywall.cancellation_of(app_id, sub_id)
+    if done is not None:
+        return w.json(SubscriptionChangeSchema().dump({
+            "subscription": sub_id, "action": "cancel_scheduled", "plan": done["plan"],
+            "effective_at": done["effective_at"], "already_cancelled": True,
+            "confirmation": done}))
+    change = w.subscriptions.cancel(app_id=app_id, subscription_id=sub_id)
+    confirmation = w.paywall.confirm_cancellation(
+        app_id, w.subscriptions.end_user_of(app_id, sub_id), sub_id, change.plan,
+        change.effective_at, args["channel"], args["steps"])
+    return w.json(SubscriptionChangeSchema().dump({
+        **change.__dict__, "already_cancelled": False, "confirmation": confirmation}))

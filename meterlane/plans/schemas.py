@@ -58,3 +58,19 @@ class SubscriptionChangeSchema(Schema):
                                      "the period)"})
     plan = fields.String()
     effective_at = fields.AwareDateTime(allow_none=True)
+    already_cancelled = fields.Boolean(metadata={
+        "description": "A cancel: true when it was cancelled before (nothing changed)"})
+    confirmation = fields.Dict(metadata={
+        "description": "A cancel: the confirmation (received_at, effective_at, access_until, "
+                       "no_further_charges, text), also sent to the app as cancel.confirmed"})
+
+
+class CancelRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    channel = fields.String(load_default="api", validate=validate.Length(min=1, max=32),
+                            metadata={"description": "Where the user cancelled: settings, "
+                                      "email_link, ..."})
+    steps = fields.Integer(load_default=1, strict=True, validate=validate.Range(min=1, max=20),
+                           metadata={"description": "Interactions it took (CXL-01: at most 2)"})

@@ -108,6 +108,14 @@ class SubscriptionService:
         return SubscriptionChange(subscription_id, "downgrade_scheduled", target.ref,
                                   row.current_period_end)
 
+    def end_user_of(self, app_id: int, subscription_id: str) -> int:
+        with self.engine.connect() as conn:
+            found = conn.execute(select(Subscription.end_user_id).where(
+                Subscription.id == subscription_id, Subscription.app_id == app_id)).scalar()
+        if found is None:
+            raise NotFoundError(f"No subscription {subscription_id!r}.", param="subscription")
+        return int(found)
+
     def cancel(self, *, app_id: int, subscription_id: str) -> SubscriptionChange:
         """Cancel at the end of the paid period (idempotent)."""
         row = self._row(app_id, subscription_id)

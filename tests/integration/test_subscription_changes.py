@@ -14,8 +14,10 @@ import orjson
 import pytest
 import stripe
 from click.testing import CliRunner
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from meterlane.core.models import OutboxEvent
 from tests.conftest import bearer, config_from_toml, gateway_toml
 from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
@@ -126,13 +128,27 @@ def test_upgrade_now_downgrade_and_cancel_at_period_end(world: Any) -> None:
     assert next_phase["proration_behavior"] == "none"
     assert plan_of(app, key) == f"pro-{tag}"  # still pro: the period is paid
 
-    cancel = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
+    cancel = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key),
+                      json={"channel": "settings", "steps": 2})
     assert cancel.status_code == 200 and cancel.get_json()["action"] == "cancel_scheduled"
     canceled = client.v1.subscriptions.retrieve(sub_id)
     assert canceled.cancel_at_period_end is True
     assert canceled.schedule is None  # the scheduled downgrade no longer renews it
+    # CXL-05: a confirmation at once, as a record and as an event for the app to pass on
+    confirmation = cancel.get_json()["confirmation"]
+    assert confirmation["no_further_charges"] is True and confirmation["steps_count"] == 2
+    assert confirmation["access_until"] == cancel.get_json()["effective_at"]
+    assert "no further charges" in confirmation["text"]
     again = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
-    assert again.status_code == 200  # idempotent
+    assert again.status_code == 200 and again.get_json()["already_cancelled"] is True
+    assert again.get_json()["confirmation"]["cancellation_id"] == \
+        confirmation["cancellation_id"]  # idempotent: the first confirmation, nothing new
+    with app.extensions["wiring"].engine.connect() as conn:
+        events = conn.execute(select(OutboxEvent.type, OutboxEvent.body).where(
+            OutboxEvent.type == "cancel.confirmed")).all()
+    [(kind, sent)] = events
+    assert orjson.loads(sent)["data"]["cancellation_id"] == confirmation["cancellation_id"]
+    assert orjson.loads(sent)["data"]["user"] == "alice"
 
 
 def test_changes_that_cannot_be_made_are_refused(world: Any) -> None:
@@ -149,5 +165,10 @@ def test_changes_that_cannot_be_made_are_refused(world: Any) -> None:
     foreign = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(other))
     assert foreign.status_code == 404  # another app's subscription does not exist for it
     assert client.v1.subscriptions.retrieve(sub_id).cancel_at_period_end is False
+    with app.extensions["wiring"].engine.connect() as conn:
+        assert conn.execute(select(OutboxEvent.type)).scalars().all() == []  # nothing changed
+    bad = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key),
+                   json={"steps": 0})
+    assert bad.status_code == 422
     missing = web.post("/v1/subscriptions/sub_nope/cancel", headers=bearer(key))
     assert missing.status_code == 404
