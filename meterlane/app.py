@@ -177,8 +177,8 @@ def create_app(config: Config | None = None) -> Flask:
     if config.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        n = config.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
+        app.wsgi_app = ProxyFix(app.wsgi_app,  # type: ignore[method-assign]
+                                x_for=config.trusted_proxies, x_proto=1)
     app.extensions["wiring"] = wiring = build_wiring(config)
     spooled = wiring.ledger.replay()
     if spooled:

@@ -162,11 +162,18 @@ class Config:
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
             webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),
-            trusted_proxies=_int(env, "MLANE_TRUSTED_PROXIES", 0),
+            trusted_proxies=_proxies(env),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             **file_settings,
         )
+
+
+def _proxies(env: Mapping[str, str]) -> int:
+    hops = _int(env, "MLANE_TRUSTED_PROXIES", 0)
+    if not 0 <= hops <= 10:
+        raise ConfigError("MLANE_TRUSTED_PROXIES must be a whole number from 0 to 10")
+    return hops
 
 
 def default_sqlite_url(data_dir: str) -> str:

@@ -101,7 +101,8 @@ class CancellationRecord(Base):
     cancellation_id: Mapped[str] = mapped_column(String(40), unique=True)
     app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
     end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
-    subscription_id: Mapped[str] = mapped_column(String(255), unique=True)
+    # More than one when a cancel was undone (Stripe's portal, a plan change) and made again.
+    subscription_id: Mapped[str] = mapped_column(String(255), index=True)
     plan: Mapped[str] = mapped_column(String(80))
     mode: Mapped[str] = mapped_column(String(24))  # at_period_end
     channel: Mapped[str] = mapped_column(String(32))

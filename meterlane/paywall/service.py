@@ -6,7 +6,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -416,7 +416,8 @@ class PaywallService:
         with self.engine.connect() as conn:
             row = conn.execute(select(CancellationRecord.__table__).where(
                 CancellationRecord.app_id == app_id,
-                CancellationRecord.subscription_id == subscription_id)).first()
+                CancellationRecord.subscription_id == subscription_id).order_by(
+                CancellationRecord.id.desc()).limit(1)).first()
         return _cancellation_view(dict(row._mapping)) if row is not None else None
 
     def confirm_cancellation(self, app_id: int, end_user_id: int, subscription_id: str,
@@ -427,40 +428,46 @@ class PaywallService:
         transaction. A second confirmation of one subscription returns the first."""
         now = self.clock()
         event_id = new_event_id()
+        plan_row = self.catalog.get(*_ref(plan))
+        # Metered overage until the end of the period is still billed then.
+        usage_billed = bool(plan_row is not None and plan_row.terms.overage is not None)
         values = {"cancellation_id": "cxl_" + secrets.token_hex(12), "app_id": app_id,
                   "end_user_id": end_user_id, "subscription_id": subscription_id,
                   "plan": plan, "mode": "at_period_end", "channel": channel,
                   "steps_count": steps, "requested_at": now, "effective_at": effective_at,
                   "confirmation_event_id": event_id,
                   "retain_until": max(now, effective_at or now) + RETENTION}
-        view = _cancellation_view(values)
-        try:
-            with self.engine.begin() as conn:
-                user = conn.execute(select(EndUser.external_id).where(
-                    EndUser.id == end_user_id)).scalar_one()
-                conn.execute(insert(CancellationRecord).values(**values))
-                self.events.publish_in(conn, app_id, "cancel.confirmed",
-                                       {**_jsonable(view), "user": user}, event_id=event_id)
-        except IntegrityError:  # confirmed at the same moment by another request
-            found = self.cancellation_of(app_id, subscription_id)
-            if found is None:
-                raise
-            return found
+        view = _cancellation_view(values, usage_billed)
+        with self.engine.begin() as conn:
+            user = conn.execute(select(EndUser.external_id).where(
+                EndUser.id == end_user_id)).scalar_one()
+            conn.execute(insert(CancellationRecord).values(**values))
+            self.events.publish_in(conn, app_id, "cancel.confirmed",
+                                   {**_jsonable(view), "user": user}, event_id=event_id)
         return view
 
 
-def _cancellation_view(values: dict[str, Any]) -> dict[str, Any]:
+def _ref(plan: str) -> tuple[str, int | None]:
+    """"pro@2" -> ("pro", 2)."""
+    name, _, version = plan.partition("@")
+    return name, int(version) if version.isdigit() else None
+
+
+def _cancellation_view(values: dict[str, Any], usage_billed: bool = False) -> dict[str, Any]:
     effective = values.get("effective_at")
+    until = (effective.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if effective
+             else "the end of the paid period")
+    text = (f"Your subscription is cancelled. You keep access until {until}; there will be "
+            "no further subscription charges.")
+    if usage_billed:
+        text += " Usage beyond your allowance until then is billed at the end of the period."
     return {"cancellation_id": values["cancellation_id"],
             "subscription": values["subscription_id"], "plan": values["plan"],
             "mode": values["mode"], "channel": values["channel"],
             "steps_count": values["steps_count"], "received_at": values["requested_at"],
             "effective_at": effective, "access_until": effective,
-            "no_further_charges": True,
-            "confirmation_event_id": values["confirmation_event_id"],
-            "text": "Your subscription is cancelled. You keep access until "
-                    + (effective.strftime("%Y-%m-%d %H:%M UTC") if effective else "the end of "
-                       "the paid period") + "; there will be no further charges."}
+            "no_further_charges": not usage_billed,
+            "confirmation_event_id": values["confirmation_event_id"], "text": text}
 
 
 def _jsonable(view: dict[str, Any]) -> dict[str, Any]:

@@ -4,10 +4,12 @@ webhooks that follow (checkout.session.completed, customer.subscription.*) find 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import stripe
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
@@ -116,8 +118,11 @@ class CheckoutService:
                 "success_url": success_url, "cancel_url": cancel_url, "metadata": meta,
                 **params}
             # One consent, one session: a retry after an unclear failure gets the same one.
-            options: Any = {"idempotency_key": f"mlane-checkout-{consent['consent_id']}"} \
-                if consent is not None else {}
+            # (with the request's own hash: a retry with other URLs is another request)
+            digest = hashlib.sha256(orjson.dumps(create, option=orjson.OPT_SORT_KEYS)
+                                    ).hexdigest()[:16]
+            options: Any = {"idempotency_key": f"mlane-checkout-{consent['consent_id']}-"
+                            f"{digest}"} if consent is not None else {}
             session = client.v1.checkout.sessions.create(params=create, options=options)
         except stripe.StripeError as exc:
             raise BillingProviderError(f"Stripe could not start the checkout: "

@@ -49,13 +49,19 @@ class SubscriptionService:
         self.client = client
         self.clock = clock
 
-    def _row(self, app_id: int, subscription_id: str) -> Any:
+    def state(self, app_id: int, subscription_id: str) -> Any:
+        """The subscription as the webhooks left it (any status); 404 for another app's."""
         with self.engine.connect() as conn:
             row = conn.execute(select(Subscription.__table__).where(
                 Subscription.id == subscription_id, Subscription.app_id == app_id)).first()
         if row is None:  # another app's subscription reads as one that does not exist
             raise NotFoundError(f"No subscription {subscription_id!r}.", param="subscription")
-        if row.status not in LIVE:
+        return row
+
+    def _row(self, app_id: int, subscription_id: str,
+             live: tuple[str, ...] = LIVE) -> Any:
+        row = self.state(app_id, subscription_id)
+        if row.status not in live:
             raise ConflictError(f"Subscription {subscription_id} is {row.status}; only a "
                                 "trialing or active one can change.", code="subscription_ended")
         return row
@@ -108,17 +114,9 @@ class SubscriptionService:
         return SubscriptionChange(subscription_id, "downgrade_scheduled", target.ref,
                                   row.current_period_end)
 
-    def end_user_of(self, app_id: int, subscription_id: str) -> int:
-        with self.engine.connect() as conn:
-            found = conn.execute(select(Subscription.end_user_id).where(
-                Subscription.id == subscription_id, Subscription.app_id == app_id)).scalar()
-        if found is None:
-            raise NotFoundError(f"No subscription {subscription_id!r}.", param="subscription")
-        return int(found)
-
     def cancel(self, *, app_id: int, subscription_id: str) -> SubscriptionChange:
-        """Cancel at the end of the paid period (idempotent)."""
-        row = self._row(app_id, subscription_id)
+        """Cancel at the end of the paid period (idempotent); a past-due one too."""
+        row = self._row(app_id, subscription_id, (*LIVE, "past_due"))
         try:
             client = self.client()
             # a scheduled downgrade would renew the subscription: the cancel replaces it

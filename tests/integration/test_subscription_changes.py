@@ -79,12 +79,13 @@ api_base = "{fake_stripe}"
 _created = iter(range(int(time.time()), int(time.time()) + 10_000))
 
 
-def deliver_current(app: Any, client: stripe.StripeClient, sub_id: str, kind: str) -> None:
+def deliver_current(app: Any, client: stripe.StripeClient, sub_id: str, kind: str,
+                    created: int | None = None) -> None:
     """Send what Stripe would: the subscription as it now is, in a signed event (each later
     than the one before)."""
     obj = client.v1.subscriptions.retrieve(sub_id).to_dict()
     payload = orjson.dumps({"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind,
-                            "created": next(_created), "data": {"object": obj}},
+                            "created": created or next(_created), "data": {"object": obj}},
                            default=str)
     resp = app.test_client().post("/v1/stripe/webhook", data=payload,
                                   headers=stripe_headers(payload, SECRET))
@@ -136,9 +137,12 @@ def test_upgrade_now_downgrade_and_cancel_at_period_end(world: Any) -> None:
     assert canceled.schedule is None  # the scheduled downgrade no longer renews it
     # CXL-05: a confirmation at once, as a record and as an event for the app to pass on
     confirmation = cancel.get_json()["confirmation"]
-    assert confirmation["no_further_charges"] is True and confirmation["steps_count"] == 2
+    assert confirmation["steps_count"] == 2
     assert confirmation["access_until"] == cancel.get_json()["effective_at"]
-    assert "no further charges" in confirmation["text"]
+    assert "no further subscription charges" in confirmation["text"]
+    # pro bills overage at the period's end: the confirmation does not promise otherwise
+    assert confirmation["no_further_charges"] is False
+    assert "billed at the end of the period" in confirmation["text"]
     again = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
     assert again.status_code == 200 and again.get_json()["already_cancelled"] is True
     assert again.get_json()["confirmation"]["cancellation_id"] == \
@@ -149,6 +153,16 @@ def test_upgrade_now_downgrade_and_cancel_at_period_end(world: Any) -> None:
     [(kind, sent)] = events
     assert orjson.loads(sent)["data"]["cancellation_id"] == confirmation["cancellation_id"]
     assert orjson.loads(sent)["data"]["user"] == "alice"
+    # undone at Stripe (the customer portal), and said so by its webhook: a new cancel is a
+    # new cancellation, not the old confirmation
+    client.v1.subscriptions.update(sub_id, params={"cancel_at_period_end": False})
+    deliver_current(app, client, sub_id, "customer.subscription.updated",
+                    created=int(time.time()) + 5)  # after the first cancel was confirmed
+    third = web.post(f"/v1/subscriptions/{sub_id}/cancel", headers=bearer(key))
+    assert third.status_code == 200 and third.get_json()["already_cancelled"] is False
+    assert third.get_json()["confirmation"]["cancellation_id"] != \
+        confirmation["cancellation_id"]
+    assert client.v1.subscriptions.retrieve(sub_id).cancel_at_period_end is True
 
 
 def test_changes_that_cannot_be_made_are_refused(world: Any) -> None:

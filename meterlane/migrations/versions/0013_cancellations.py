@@ -41,9 +41,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_cancellation_records')),
         sa.UniqueConstraint('cancellation_id',
                             name=op.f('uq_cancellation_records_cancellation_id')),
-        sa.UniqueConstraint('subscription_id',
-                            name=op.f('uq_cancellation_records_subscription_id')),
     )
+    op.create_index(op.f('ix_cancellation_records_subscription_id'), 'cancellation_records',
+                    ['subscription_id'])
 
 
 def downgrade() -> None:
