@@ -101,7 +101,8 @@ class PairRunner:
     (check building, lease ids, states), i.e. what a gateway call runs minus the prompt count."""
 
     def __init__(self, store: Any, mode: str) -> None:
-        from meterlane.metering.limits import LimitsService, user_tag
+        from meterlane.metering.leases import user_tag
+        from meterlane.metering.limits import LimitsService
         from meterlane.metering.limitstore import Actual
         from meterlane.metering.pricing import TokenUsage
 

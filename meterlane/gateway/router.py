@@ -186,19 +186,22 @@ class Router:
         taking happen under one lock, so a burst cannot overshoot the cap. A direct call (one
         model, no alternative) always goes."""
         circuit = self._circuits[upstream]
+        if not routed:
+            with self._lock:
+                circuit.in_flight += 1
+            return None
         config = self.upstreams[upstream]
         now = self.clock()
         with self._lock:
-            if routed:
-                if circuit.open_until > now:
-                    return "circuit open"
-                cap = config.max_concurrency
-                if cap is not None and circuit.in_flight >= cap:
-                    return f"saturated ({circuit.in_flight} calls in flight)"
-                if circuit.open_until:  # half-open: one probe decides
-                    if circuit.probe_until > now:
-                        return "circuit half-open, a probe is out"
-                    circuit.probe_until = now + config.breaker_cooldown_s
+            if circuit.open_until > now:
+                return "circuit open"
+            cap = config.max_concurrency
+            if cap is not None and circuit.in_flight >= cap:
+                return f"saturated ({circuit.in_flight} calls in flight)"
+            if circuit.open_until:  # half-open: one probe decides
+                if circuit.probe_until > now:
+                    return "circuit half-open, a probe is out"
+                circuit.probe_until = now + config.breaker_cooldown_s
             circuit.in_flight += 1
         return None
 
@@ -215,8 +218,10 @@ class Router:
             circuit.in_flight = max(0, circuit.in_flight - 1)
 
     def succeeded(self, upstream: str) -> None:
+        circuit = self._circuits[upstream]
+        if not (circuit.failures or circuit.open_until):  # closed already: nothing to write
+            return
         with self._lock:
-            circuit = self._circuits[upstream]
             circuit.failures, circuit.open_until, circuit.probe_until = 0, 0.0, 0.0
 
     def failed(self, upstream: str) -> None:

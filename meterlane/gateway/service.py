@@ -32,8 +32,9 @@ from meterlane.gateway.protocol import texts_of_choices, usage_from
 from meterlane.gateway.router import Route, Router
 from meterlane.gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from meterlane.gateway.upstream import UpstreamClient, error_from_response
+from meterlane.metering.leases import Lease
 from meterlane.metering.ledger import CallRecord
-from meterlane.metering.limits import Lease, LimitsService
+from meterlane.metering.limits import LimitsService
 from meterlane.metering.limits_text import quota_headers
 from meterlane.metering.pricing import TokenUsage
 from meterlane.metering.service import (

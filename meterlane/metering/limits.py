@@ -12,10 +12,8 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert
@@ -31,10 +29,33 @@ from meterlane.core.errors import (
     RateLimitedError,
     ServiceUnavailableError,
 )
-from meterlane.metering.limits_text import quota_headers, shown, unit_of, utc_iso, value_of
-from meterlane.metering.limitstore import Actual, Check, CheckState, LimitStore, Settlement
+from meterlane.metering.leases import (
+    COUNTER_GRACE_MS,
+    Applied,
+    Lease,
+    QuotaLine,
+    app_tag,
+    counter_key,
+    lease_tags,
+    user_tag,
+)
+from meterlane.metering.limits_text import quota_headers, shown, unit_of, utc_iso
+from meterlane.metering.limitstore import Actual, Check, LimitStore, Settlement
 from meterlane.metering.models import LimitRefusal
+from meterlane.metering.outage import (
+    LimitStoreUnavailableError,
+    store_down_is_503,
+    store_errors,
+)
 from meterlane.metering.pricing import TokenUsage, output_rate, rate_of
+from meterlane.metering.thresholds import (
+    LimitEvent,
+    LimitHook,
+    Usage,
+    counter_period,
+    crossed,
+    limit_info,
+)
 from meterlane.plans.catalog import ALLOWANCE_ID, Catalog, LimitSpec, Plan
 from meterlane.plans.service import Assignment, PlanService
 from meterlane.plans.windows import (
@@ -47,7 +68,6 @@ from meterlane.plans.windows import (
 )
 
 log = logging.getLogger(__name__)
-COUNTER_GRACE_MS = 60_000
 SETTLE_BATCH = 64
 METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
                "concurrent": "g"}
@@ -56,113 +76,8 @@ METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
 ExtraAllowance = Callable[[int, int, Assignment, datetime], int]  # app, end user, ...
 
 
-class LimitStoreUnavailableError(Exception):
-    """The limit store cannot be reached; the plan decides whether calls go on."""
-
-
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class Applied:
-    """A limit as it applied to one call: the spec, its counter, and where it stands."""
-
-    limit: LimitSpec
-    tag: str
-    check: Check
-    state: CheckState | None = None
-
-    def resets_at(self, now: datetime, need: int = 0) -> datetime | None:
-        """When the counter frees up (its period ends, its oldest slot leaves the span, or the
-        bucket holds `need` more); None for a gauge, which frees when calls end."""
-        c = self.check
-        if c.kind == "counter":
-            return from_epoch_ms(c.expires_ms - COUNTER_GRACE_MS)
-        if c.kind == "rolling":
-            oldest = self.state.oldest_slot if self.state else None
-            return from_epoch_ms((oldest + c.slots) * c.slot_ms) if oldest is not None else None
-        if c.kind == "bucket":
-            tokens = self.state.remaining if self.state else c.amount
-            missing = (need or c.amount) - tokens
-            if missing <= 0:
-                return now
-            return now + timedelta(milliseconds=-(-missing * c.interval_ms // c.refill))
-        return None
-
-
-@dataclass
-class Lease:
-    id: str
-    plan: Plan
-    model: str
-    applied: list[Applied]
-    out: int | None           # output tokens granted; None when no limit bounds them
-    created: datetime
-    fail_open: bool = False
-    credits_per_token: int = 1  # the credit multiplier of the model's tier on the plan
-    done: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-    expires: datetime | None = None
-
-    @property
-    def tags(self) -> list[str]:
-        return list(dict.fromkeys(a.tag for a in self.applied))
-
-
-@dataclass(frozen=True)
-class LimitEvent:
-    """A quota reached (a refusal) or a threshold of it crossed: what the paywall acts on."""
-
-    app_id: int
-    end_user_id: int
-    plan: Plan
-    limit: LimitSpec
-    info: dict[str, Any]  # the limit as a 402 shows it (id, metric, window, used, limit, ...)
-    used: int             # in the counter's units
-    amount: int
-    period: str           # names the limit's current period: one event per threshold and period
-    threshold: int | None  # percent crossed; None for a refusal
-    request_id: str = ""
-
-
-# The paywall's hook: records the event and returns what a 402 carries about it (or None).
-LimitHook = Callable[[LimitEvent], "dict[str, Any] | None"]
-
-
-@dataclass(frozen=True)
-class QuotaLine:
-    limit: LimitSpec
-    used: int
-    remaining: int
-    resets_at: datetime | None
-    model: str | None
-
-
-def user_tag(app_id: int, end_user_id: int) -> str:
-    return f"u{app_id}.{end_user_id}"
-
-
-def app_tag(app_id: int) -> str:
-    return f"a{app_id}"
-
-
-def lease_tags(lease_id: str) -> tuple[int, int, str] | None:
-    """(app id, end user id, user tag) named by a lease id, or None if it is not one of ours."""
-    try:
-        prefix, app, user, _rand = lease_id.split("_", 3)
-        if prefix != "ls":
-            return None
-        return int(app), int(user), user_tag(int(app), int(user))
-    except ValueError:
-        return None
-
-
-def counter_key(limit: LimitSpec) -> str:
-    """What a counter counts, independent of plan: metric, window (with its zone) and model."""
-    w = limit.window
-    zone = w.tz if w.kind == "calendar" and w.unit in ("day", "week", "month") else ""
-    return f"{limit.metric}|{w.spec}|{zone}|{limit.model or '*'}"
 
 
 class LimitsService:
@@ -362,12 +277,7 @@ class LimitsService:
                   f"reached: {shown(limit, used)} of {shown(limit, hit.check.amount)} {unit} used"
                   + (f"; resets at {utc_iso(resets)}" if resets else
                      "; frees up as running calls end") + ".")
-        info: dict[str, Any] = {
-            "limit": {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
-                      "scope": limit.scope, "model": limit.model,
-                      "used": value_of(limit, used), "limit": value_of(limit, hit.check.amount),
-                      "resets_at": utc_iso(resets) if resets else None},
-            "plan": lease.plan.id}
+        info = limit_info(limit, used, hit.check.amount, resets)
         headers: dict[str, str] = {}
         if resets is not None:
             wait = max(1, -(-int((resets - now).total_seconds() * 1000) // 1000))
@@ -376,12 +286,13 @@ class LimitsService:
             headers["Retry-After"] = "1"
         headers.update(quota_headers([hit], now))
         err: DomainError = (RateLimitedError if rate else QuotaExceededError)(
-            detail, headers=headers, limit=info["limit"], plan=info["plan"])
+            detail, headers=headers, limit=info, plan=lease.plan.id)
         self._record_refusal(app_id, end_user_id, request_id, lease, limit, used, resets,
                              "rate_limited" if rate else "quota_exceeded", now)
         if not rate and paywall and self.on_limit_event is not None:
-            event = LimitEvent(app_id, end_user_id, lease.plan, limit, info["limit"], used,
-                               hit.check.amount, _period(hit.check, now), None, request_id)
+            event = LimitEvent(app_id, end_user_id, lease.plan, limit, info, used,
+                               hit.check.amount, counter_period(hit.check, now), None,
+                               request_id)
             block: dict[str, Any] | None
             try:
                 block = self.on_limit_event(event)
@@ -398,14 +309,16 @@ class LimitsService:
         app_id, end_user_id = lease.meta.get("app_id"), lease.meta.get("end_user_id")
         if not isinstance(app_id, int) or not isinstance(end_user_id, int):
             return []
-        pairs = []
+        now = self.clock()
+        usages = []
         for a in lease.applied:
             if a.state is not None:
                 c = a.check
                 before = max(a.state.used - (c.fixed + c.per_out * (lease.out or 0)), 0)
-                pairs.append((a, before, before + actual.charge(c, c.fixed)))
-        return self._crossed(app_id, end_user_id, lease.plan, pairs,
-                             str(lease.meta.get("request_id") or ""))
+                usages.append(Usage(a.limit, c, before, before + actual.charge(c, c.fixed),
+                                    a.resets_at(now)))
+        return crossed(app_id, end_user_id, lease.plan, usages, self.thresholds, now,
+                       str(lease.meta.get("request_id") or ""))
 
     def _crossings_now(self, app_id: int, end_user_id: int, model: ModelConfig | None,
                        actual: Actual, request_id: str = "") -> None:
@@ -417,7 +330,7 @@ class LimitsService:
             now = self.clock()
             assignment = self.plans.plan_of(end_user_id)
             applied = self._applied(app_id, end_user_id, assignment, model, now)
-            pairs = []
+            usages = []
             if model is None:  # a per-model limit of another model saw none of it
                 applied = [a for a in applied if a.limit.model is None]
             for tag in dict.fromkeys(a.tag for a in applied):
@@ -425,34 +338,12 @@ class LimitsService:
                 states = self.store.peek(tag, [a.check for a in group], now_ms=epoch_ms(now))
                 for a, st in zip(group, states, strict=True):
                     charge = actual.charge(a.check, a.check.fixed)
-                    pairs.append((Applied(a.limit, a.tag, a.check, st), st.used - charge,
-                                  st.used))
-            self._emit(self._crossed(app_id, end_user_id, assignment.plan, pairs, request_id))
+                    usages.append(Usage(a.limit, a.check, st.used - charge, st.used,
+                                        Applied(a.limit, a.tag, a.check, st).resets_at(now)))
+            self._emit(crossed(app_id, end_user_id, assignment.plan, usages, self.thresholds,
+                               now, request_id))
         except Exception:  # noqa: BLE001 - a threshold event is a notice, never a failure
             log.exception("could not check the thresholds of end user %s", end_user_id)
-
-    def _crossed(self, app_id: int, end_user_id: int, plan: Plan,
-                 pairs: list[tuple[Applied, int, int]], request_id: str) -> list[LimitEvent]:
-        out: list[LimitEvent] = []
-        now = self.clock()
-        for a, before, after in pairs:
-            c = a.check
-            # Percent of what the plan grants: an allowance's counter also holds the credits
-            # and overage headroom beyond it, which are not "the quota".
-            amount = min(c.amount, a.limit.amount) if a.limit.amount > 0 else c.amount
-            if a.limit.is_rate or c.kind not in ("counter", "rolling") or amount <= 0:
-                continue
-            for pct in self.thresholds:
-                if before * 100 < pct * amount <= after * 100:
-                    resets = a.resets_at(now)
-                    info = {"id": a.limit.id, "metric": a.limit.metric,
-                            "window": a.limit.window.spec, "scope": a.limit.scope,
-                            "model": a.limit.model, "used": value_of(a.limit, after),
-                            "limit": value_of(a.limit, amount),
-                            "resets_at": utc_iso(resets) if resets else None}
-                    out.append(LimitEvent(app_id, end_user_id, plan, a.limit, info, after,
-                                          amount, _period(c, now), pct, request_id))
-        return out
 
     def _emit(self, events: list[LimitEvent]) -> None:
         assert self.on_limit_event is not None
@@ -662,15 +553,6 @@ class LimitsService:
         return fresh
 
 
-def _period(check: Check, now: datetime) -> str:
-    """A name for the check's current period: its end for a calendar counter, else the span
-    that holds now (so a rolling window yields at most one event per threshold per span)."""
-    if check.kind == "counter":
-        return f"c{check.expires_ms}"
-    span = max(check.slot_ms * check.slots, 1)
-    return f"r{epoch_ms(now) // span}"
-
-
 def _actual(lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> Actual | None:
     if usage is None:
         return None
@@ -693,37 +575,3 @@ def _charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
             return None, 0
         return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
     return 1, 0
-
-
-@contextmanager
-def store_errors() -> Iterator[None]:
-    """Turn the store's outage errors (database or Redis) into LimitStoreUnavailableError."""
-    try:
-        yield
-    except OperationalError as exc:
-        raise LimitStoreUnavailableError(str(exc)) from exc
-    except Exception as exc:
-        if _is_redis_outage(exc):
-            raise LimitStoreUnavailableError(str(exc)) from exc
-        raise
-
-
-@contextmanager
-def store_down_is_503() -> Iterator[None]:
-    """For the API's own reads and writes: an unreachable store is a 503 (no plan setting
-    applies to them)."""
-    try:
-        with store_errors():
-            yield
-    except LimitStoreUnavailableError as exc:
-        raise ServiceUnavailableError("The limits store is unavailable; try again shortly.",
-                                      headers={"Retry-After": "1"}) from exc
-
-
-def _is_redis_outage(exc: Exception) -> bool:
-    try:
-        import redis
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                            redis.exceptions.BusyLoadingError))

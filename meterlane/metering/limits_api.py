@@ -18,7 +18,7 @@ from meterlane.core.errors import (
 )
 from meterlane.core.openapi import documented
 from meterlane.core.web import app_in_scope, current_principal, json_body, request_id, wiring
-from meterlane.metering.limits import Applied, QuotaLine
+from meterlane.metering.leases import Applied, QuotaLine
 from meterlane.metering.limits_text import utc_iso, value_of
 from meterlane.metering.pricing import TokenUsage, cost_or_none, format_usd
 from meterlane.metering.schemas import (

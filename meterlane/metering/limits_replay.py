@@ -11,14 +11,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from meterlane.core.config import ModelConfig
-from meterlane.metering.limits import (
-    Applied,
-    LimitStoreUnavailableError,
-    store_errors,
-    user_tag,
-)
+from meterlane.metering.leases import Applied, user_tag
 from meterlane.metering.limitstore import Actual, Check
 from meterlane.metering.models import UsageEvent
+from meterlane.metering.outage import LimitStoreUnavailableError, store_errors
 from meterlane.plans.service import Assignment
 from meterlane.plans.windows import epoch_ms, period_of
 

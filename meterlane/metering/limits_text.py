@@ -10,7 +10,7 @@ from meterlane.metering.pricing import format_usd
 from meterlane.plans.catalog import LimitSpec
 
 if TYPE_CHECKING:
-    from meterlane.metering.limits import Applied
+    from meterlane.metering.leases import Applied
 
 
 def unit_of(limit: LimitSpec) -> str:

@@ -30,7 +30,9 @@ class Instant(fields.Field):  # type: ignore[type-arg]
         return parsed.astimezone(UTC)
 
 
-class UsageQuerySchema(Schema):
+class RoutingQuerySchema(Schema):
+    """Whose usage and when: an app (operator-wide keys), one end user, a period."""
+
     class Meta:
         unknown = RAISE
 
@@ -42,6 +44,9 @@ class UsageQuerySchema(Schema):
         "description": "Start, inclusive (ISO 8601 date or datetime, UTC if no zone); "
                        "default: start of the current UTC month"})
     to = Instant(metadata={"description": "End, exclusive (ISO 8601); default: now"})
+
+
+class UsageQuerySchema(RoutingQuerySchema):
     group_by = fields.String(validate=validate.OneOf(["model", "day"]))
 
 
@@ -70,19 +75,6 @@ class UsageReportSchema(Schema):
     group_by = fields.String(allow_none=True)
     totals = fields.Nested(UsageTotalsSchema)
     groups = fields.List(fields.Nested(UsageTotalsSchema))
-
-
-class RoutingQuerySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    user = fields.String(validate=validate.Length(min=1, max=256),
-                         metadata={"description": "The app's end-user id"})
-    app = fields.String(validate=validate.Length(min=1, max=100),
-                        metadata={"description": "App name (operator-wide keys only)"})
-    from_ = Instant(data_key="from", metadata={
-        "description": "Start, inclusive (ISO 8601); default: start of the current UTC month"})
-    to = Instant(metadata={"description": "End, exclusive (ISO 8601); default: now"})
 
 
 class ServedModelSchema(Schema):

@@ -24,7 +24,7 @@ from meterlane.core.errors import (
 )
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
-from meterlane.metering.limits import LimitEvent
+from meterlane.metering.thresholds import LimitEvent
 from meterlane.paywall import offers
 from meterlane.paywall.models import (
     CancellationRecord,

@@ -127,6 +127,6 @@ def test_code_is_looked_for_in_a_bounded_prefix_only() -> None:
     assert difficulty(_chat("x" * 10 + "\n```py\n")).signals == ("code",)
     late = "word " * (CODE_SCAN_CHARS // 5) + "\n```py\n"
     assert "code" not in difficulty(_chat(late)).signals
-    # inputs that made the old patterns backtrack for seconds are scanned in linear time
-    assert difficulty(_chat("SELECT " * 5000)).level >= 1
-    assert difficulty(_chat("\n" * 50_000 + "x")).level >= 1
+    # inputs that made the old patterns backtrack for seconds (not code: no FROM, no code line)
+    assert "code" not in difficulty(_chat("SELECT " * 5000)).signals
+    assert "code" not in difficulty(_chat("\n" * 50_000 + "x")).signals
