@@ -34,7 +34,12 @@ from meterlane.metering.limits import LimitsService
 from meterlane.metering.limitstore import LimitStore, SqlLimitStore
 from meterlane.metering.service import MeteringService
 from meterlane.metering.tokens import TokenizerRegistry
+from meterlane.paywall.acknowledge import Acknowledger
+from meterlane.paywall.cancel_flow import CancelFlow
+from meterlane.paywall.evidence import EvidenceService
+from meterlane.paywall.notices import NoticeService
 from meterlane.paywall.service import PaywallService
+from meterlane.paywall.withdrawals import WithdrawalService
 from meterlane.plans.billing import BillingService
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.checkout import CheckoutService
@@ -72,6 +77,11 @@ class Wiring:
     subscriptions: SubscriptionService
     events: EventService
     paywall: PaywallService
+    acknowledger: Acknowledger
+    notices: NoticeService
+    withdrawals: WithdrawalService
+    cancel_flow: CancelFlow
+    evidence: EvidenceService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -146,6 +156,14 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     events = EventService(engine, allow_private=config.webhooks_allow_private)
     paywall = PaywallService(engine, events, catalog, config.models)
     limits.on_limit_event = paywall.on_limit_event
+    acknowledger = Acknowledger(engine, events, catalog)
+    billing.after_event = acknowledger.on_stripe_event
+    notices = NoticeService(engine, events, catalog)
+    withdrawals = WithdrawalService(engine, events, catalog, subscriptions)
+    cancel_flow = CancelFlow(engine, events, catalog, subscriptions, paywall,
+                             redis=redis_client, redis_prefix=config.redis_prefix)
+    evidence = EvidenceService(engine, subscriptions, paywall, notices, withdrawals,
+                               cancel_flow)
     limits.thresholds = config.paywall_thresholds
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
@@ -155,7 +173,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
                   credits=credits, accrual=accrual, billing=billing, checkout=checkout,
                   overage=overage, subscriptions=subscriptions, events=events,
-                  paywall=paywall)
+                  paywall=paywall, acknowledger=acknowledger, notices=notices,
+                  withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence)
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
@@ -193,10 +212,12 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.ops import bp as ops_bp
     from meterlane.paywall.api import bp as paywall_bp
     from meterlane.paywall.api import widget_bp
+    from meterlane.paywall.lifecycle_api import bp as lifecycle_bp
+    from meterlane.paywall.lifecycle_api import kuendigen_bp
     from meterlane.plans.api import bp as plans_bp
 
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
-               paywall_bp, widget_bp, ops_bp):
+               paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp, ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

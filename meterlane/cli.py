@@ -323,6 +323,28 @@ def webhooks_deliver(forever: bool) -> None:
     click.echo(f"attempted {total} webhook deliveries")
 
 
+@main.group()
+def notices() -> None:
+    """Reminders to subscribers: trial ending, renewal, yearly, price change (NTC-01..04)."""
+
+
+@notices.command("run")
+@click.option("--deliver/--no-deliver", default=True, show_default=True,
+              help="Also send the webhooks now (else the serve workers send them).")
+def notices_run(deliver: bool) -> None:
+    """Send every notice that is due and not sent yet (idempotent: run it from cron)."""
+    wiring = _wiring()
+    sent = wiring.notices.run()
+    for notice in sent:
+        late = "" if notice["on_time"] else "  (late: outside its window)"
+        click.echo(f"{notice['notice_type']:<17} {notice['subscription']:<32} "
+                   f"{notice['event_at'][:10]}  {notice['jurisdiction']:<9} "
+                   f"{notice['window']}{late}")
+    if deliver and sent:
+        wiring.events.deliver_due()
+    click.echo(f"sent {len(sent)} notices")
+
+
 @billing.command("reconcile")
 @click.option("--period", required=True, help="The month, e.g. 2026-11.")
 def billing_reconcile(period: str) -> None:

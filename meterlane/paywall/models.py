@@ -111,3 +111,114 @@ class CancellationRecord(Base):
     effective_at: Mapped[datetime | None]
     confirmation_event_id: Mapped[str] = mapped_column(String(40))
     retain_until: Mapped[datetime]
+
+
+class Acknowledgment(Base):
+    """What a subscriber was told right after checkout (ACK-01): terms, how to cancel, the
+    first charge, the EU withdrawal right; one per checkout, never changed."""
+
+    __tablename__ = "acknowledgments"
+    __table_args__ = (Index("ix_acknowledgments_app_user", "app_id", "end_user_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    ack_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    checkout_session_id: Mapped[str] = mapped_column(String(255), unique=True)
+    subscription_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    consent_id: Mapped[str | None] = mapped_column(String(40))
+    plan: Mapped[str] = mapped_column(String(80))
+    jurisdiction: Mapped[str] = mapped_column(String(16))
+    locale: Mapped[str] = mapped_column(String(16))
+    # sha256 of the lowercased e-mail Stripe collected: who may cancel without a login (CXL-03)
+    email_sha256: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    withdrawal_deadline: Mapped[datetime | None]  # EU/UK: 14 days (CXL-04)
+    content: Mapped[str] = mapped_column(Text)  # JSON: the acknowledgment as sent
+    event_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    retain_until: Mapped[datetime]
+
+
+class Notice(Base):
+    """A reminder sent to a subscriber (NTC-01 ... NTC-04): one per subscription, type and
+    occasion (the trial's end, a renewal, a subscription year, a price change)."""
+
+    __tablename__ = "notices"
+    __table_args__ = (UniqueConstraint("subscription_id", "notice_type", "occasion"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"), index=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    subscription_id: Mapped[str] = mapped_column(String(255))
+    notice_type: Mapped[str] = mapped_column(String(24))
+    occasion: Mapped[str] = mapped_column(String(80))  # e.g. the date of the event noticed
+    event_at: Mapped[datetime]                          # the trial end, renewal, change ...
+    jurisdiction: Mapped[str] = mapped_column(String(16))
+    window: Mapped[str] = mapped_column(String(80))     # "7-21 days before" (as applied)
+    sent_at: Mapped[datetime]
+    on_time: Mapped[bool]                               # inside the window when sent
+    content: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str] = mapped_column(String(40))
+    retain_until: Mapped[datetime]
+
+
+class PriceChange(Base):
+    """A plan version's subscribers moving to a new price on a date: scheduled only with the
+    notice period ahead (NTC-04)."""
+
+    __tablename__ = "price_changes"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    change_id: Mapped[str] = mapped_column(String(40), unique=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int]
+    to_version: Mapped[int]
+    effective_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+
+
+class Withdrawal(Base):
+    """An EU/UK withdrawal from a subscription within its withdrawal period (CXL-04), with
+    the refund as computed: never changed."""
+
+    __tablename__ = "withdrawals"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    withdrawal_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    subscription_id: Mapped[str] = mapped_column(String(255), unique=True)
+    requested_at: Mapped[datetime]
+    deadline: Mapped[datetime]
+    early_start: Mapped[bool]  # the user asked to start at once (CNS-05): pro-rata refund
+    days_used: Mapped[int]
+    term_days: Mapped[int]
+    paid: Mapped[int] = mapped_column(BigInteger)    # minor units
+    refund: Mapped[int] = mapped_column(BigInteger)  # minor units
+    currency: Mapped[str] = mapped_column(String(3))
+    refund_ref: Mapped[str | None] = mapped_column(String(255))  # Stripe's re_...
+    event_id: Mapped[str] = mapped_column(String(40))
+    retain_until: Mapped[datetime]
+
+
+class CancelDeclaration(Base):
+    """A cancellation declared through the public German button flow (CXL-03), as received,
+    matched to a subscription or not: its receipt is confirmed either way."""
+
+    __tablename__ = "cancel_declarations"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    declaration_id: Mapped[str] = mapped_column(String(40), unique=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"), index=True)
+    received_at: Mapped[datetime]
+    name: Mapped[str] = mapped_column(String(200))
+    email_sha256: Mapped[str] = mapped_column(String(64))
+    contract_ref: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # ordinary | extraordinary
+    reason: Mapped[str | None] = mapped_column(String(1000))
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    cancellation_id: Mapped[str | None] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(40))
+    retain_until: Mapped[datetime]

@@ -204,3 +204,106 @@ class ConsentSchema(Schema):
     captured_at = fields.AwareDateTime()
     retain_until = fields.AwareDateTime()
     checkout_session_id = fields.String(allow_none=True)
+
+
+# -- subscription lifecycle: cancel screen, withdrawal, price changes, evidence -------------------
+
+
+class CancelScreenQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    jurisdiction = fields.String(validate=validate.Length(max=16), metadata={
+        "description": "Where the user is (default: where they bought; unknown: strictest)"})
+    locale = fields.String(validate=validate.Length(max=16))
+    platform = fields.String(load_default="web", validate=validate.OneOf(["web", "ios",
+                                                                          "android"]))
+    offers = fields.String(load_default="no", validate=validate.OneOf(["yes", "no"]), metadata={
+        "description": "yes: the user agreed to see an offer (where one must be asked first)"})
+    app = fields.String(metadata={"description": "App name (operator-wide keys only)"})
+
+
+class CancelScreenSchema(Schema):
+    subscription = fields.String()
+    jurisdiction = fields.String()
+    save_offer_policy = fields.String(metadata={
+        "description": "none | one_with_cancel | ask_first (CXL-02)"})
+    cancel = fields.Dict(metadata={"description": "The cancel button: always shown"})
+    ask_permission = fields.Dict(allow_none=True)
+    save_offer = fields.Dict(allow_none=True, metadata={
+        "description": "At most one, shown with the cancel button (cancel_button_visible)"})
+
+
+class WithdrawalRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    subscription = fields.String(required=True, validate=validate.Length(min=1, max=255))
+
+
+class WithdrawalSchema(Schema):
+    withdrawal_id = fields.String()
+    subscription = fields.String()
+    requested_at = fields.AwareDateTime()
+    deadline = fields.AwareDateTime()
+    early_start = fields.Boolean()
+    days_used = fields.Integer()
+    term_days = fields.Integer()
+    paid = fields.Integer(metadata={"description": "Minor units"})
+    refund = fields.Integer(metadata={"description": "Minor units refunded"})
+    currency = fields.String()
+    refund_ref = fields.String(allow_none=True)
+    calculation = fields.String()
+    text = fields.String()
+    event_id = fields.String()
+    already_withdrawn = fields.Boolean()
+
+
+class PriceChangeRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    plan = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    to_version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    from_version = fields.Integer(strict=True, validate=validate.Range(min=1))
+    effective_at = fields.AwareDateTime(required=True)
+
+
+class PriceChangeSchema(Schema):
+    change_id = fields.String()
+    plan_id = fields.String()
+    from_version = fields.Integer()
+    to_version = fields.Integer()
+    effective_at = fields.AwareDateTime()
+    created_at = fields.AwareDateTime()
+    notice_from = fields.AwareDateTime()
+    old_price = fields.String()
+    new_price = fields.String()
+
+
+class PriceChangeListSchema(Schema):
+    data = fields.List(fields.Nested(PriceChangeSchema))
+
+
+class EvidenceQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    subscription = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    app = fields.String(metadata={"description": "App name (operator-wide keys only)"})
+
+
+class EvidenceSchema(Schema):
+    subscription = fields.Dict()
+    consent = fields.Dict(allow_none=True)
+    stripe_consent = fields.Dict(allow_none=True)
+    other_consents = fields.List(fields.Dict())
+    acknowledgment = fields.Dict(allow_none=True)
+    notices = fields.List(fields.Dict())
+    cancellations = fields.List(fields.Dict())
+    cancel_declarations = fields.List(fields.Dict())
+    withdrawal = fields.Dict(allow_none=True)
+    paywall_events = fields.List(fields.Dict())
+    access_activity = fields.Dict()
+    deliveries = fields.List(fields.Dict())
+    stripe_evidence = fields.Dict(metadata={"description": "Stripe's dispute evidence fields"})

@@ -336,7 +336,10 @@ class PaywallService:
             "captured_at": now, "retain_until": now + RETENTION}
         with self.engine.begin() as conn:
             conn.execute(insert(ConsentRecord).values(**values))
-            self.events.publish_in(conn, app_id, "consent.captured", _consent_view(values))
+            user = conn.execute(select(EndUser.external_id).where(
+                EndUser.id == end_user_id)).scalar_one()
+            self.events.publish_in(conn, app_id, "consent.captured",
+                                   {**_consent_view(values), "user": user})
         return _consent_view(values)
 
 

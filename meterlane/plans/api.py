@@ -102,24 +102,9 @@ def cancel_subscription(sub_id: str) -> Response:
     principal = current_principal()
     require_role(principal, Role.APP)
     args = CancelRequestSchema().load(json_body(allow_empty=True))
-    app_id = app_in_scope(principal)
-    w = wiring()
-    row = w.subscriptions.state(app_id, sub_id)
-    ended = row.cancel_at_period_end or row.status == "canceled"
-    done = w.paywall.cancellation_of(app_id, sub_id)
-    # Still cancelled (or the webhook saying so has not come yet): the first confirmation.
-    if done is not None and (ended or row.last_event_at <= done["received_at"]):
-        return w.json(SubscriptionChangeSchema().dump({
-            "subscription": sub_id, "action": "cancel_scheduled", "plan": done["plan"],
-            "effective_at": done["effective_at"], "already_cancelled": True,
-            "confirmation": done}))
-    if ended:  # cancelled at Stripe already (the portal, or an earlier try): confirm it here
-        plan, effective = f"{row.plan_id}@{row.plan_version}", row.current_period_end
-    else:
-        change = w.subscriptions.cancel(app_id=app_id, subscription_id=sub_id)
-        plan, effective = change.plan, change.effective_at
-    confirmation = w.paywall.confirm_cancellation(
-        app_id, row.end_user_id, sub_id, plan, effective, args["channel"], args["steps"])
-    return w.json(SubscriptionChangeSchema().dump({
-        "subscription": sub_id, "action": "cancel_scheduled", "plan": plan,
-        "effective_at": effective, "already_cancelled": False, "confirmation": confirmation}))
+    confirmation, before = wiring().cancel_flow.cancel(app_in_scope(principal), sub_id,
+                                                       args["channel"], args["steps"])
+    return wiring().json(SubscriptionChangeSchema().dump({
+        "subscription": sub_id, "action": "cancel_scheduled", "plan": confirmation["plan"],
+        "effective_at": confirmation["effective_at"], "already_cancelled": before,
+        "confirmation": confirmation}))

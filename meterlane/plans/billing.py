@@ -39,6 +39,10 @@ _CYCLE = parse_window("cycle", "UTC")
 
 
 AllowanceUsed = Callable[[int, int, Assignment, datetime], int]
+# Called in the transaction that applies a Stripe event (kind, object, when, app, end user):
+# what the paywall records of it (the acknowledgment after a checkout, ACK-01) lands with it
+# or not at all.
+AfterEvent = Callable[[Connection, str, dict[str, Any], datetime, int, int], None]
 
 
 class WebhookRetryError(DomainError):
@@ -71,6 +75,7 @@ class BillingService:
         self.credits = credits
         self.webhook_secret = webhook_secret
         self.clock = clock
+        self.after_event: AfterEvent | None = None
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -112,6 +117,9 @@ class BillingService:
                          if kind.startswith("customer.subscription.") else None)
             with self.engine.begin() as conn:
                 self._handle(conn, kind, obj, _at(doc.get("created")), set_aside)
+                if self.after_event is not None:
+                    self.after_event(conn, kind, obj, _at(doc.get("created")) or self.clock(),
+                                     *self._owner(conn, obj))
                 conn.execute(update(StripeEvent).where(StripeEvent.id == event_id,
                                                        StripeEvent.handled_at.is_(None))
                              .values(handled_at=self.clock(), error=None))

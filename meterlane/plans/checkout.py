@@ -75,9 +75,10 @@ class CheckoutService:
                                           param="plan")
             self.ensure_not_subscribed(end_user_id)
             ref, mode = plan.ref, "subscription"
+            meta["mlane_plan"] = ref
             # overage is billed by a metered price on the same subscription
             extra_prices = [f"{ref}:overage"] if plan.terms.overage else []
-            subscription: dict[str, Any] = {"metadata": {**meta, "mlane_plan": plan.ref}}
+            subscription: dict[str, Any] = {"metadata": dict(meta)}
             if plan.terms.trial_days:
                 subscription["trial_period_days"] = plan.terms.trial_days
             params = {"subscription_data": subscription}

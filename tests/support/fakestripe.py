@@ -21,6 +21,8 @@ _meter_events: dict[str, dict[str, Any]] = {}
 _meters: dict[str, dict[str, Any]] = {}
 _subscriptions: dict[str, dict[str, Any]] = {}
 _schedules: dict[str, dict[str, Any]] = {}
+_invoices: dict[str, dict[str, Any]] = {}
+_refunds: dict[str, dict[str, Any]] = {}  # idempotency key -> refund (as Stripe replays)
 MONTH = 30 * 86400
 
 
@@ -228,15 +230,19 @@ async def create_subscription(request: web.Request) -> web.Response:
     if any(i.get("price") not in _prices for i in items):
         return _error(400, "No such price.", "items")
     now = int(time.time())
+    trial = _int(data.get("trial_period_days")) or 0
+    first = _prices[items[0]["price"]].get("recurring") or {}
+    term = 365 * 86400 if first.get("interval") == "year" else MONTH
     sub = {"id": _id("sub"), "object": "subscription", "customer": data["customer"],
-           "status": "active", "metadata": data.get("metadata") or {},
-           "billing_cycle_anchor": now, "cancel_at_period_end": False, "trial_end": None,
-           "current_period_start": now, "current_period_end": now + MONTH, "schedule": None,
+           "status": "trialing" if trial else "active", "metadata": data.get("metadata") or {},
+           "billing_cycle_anchor": now + trial * 86400, "cancel_at_period_end": False,
+           "trial_end": now + trial * 86400 if trial else None, "ended_at": None,
+           "current_period_start": now, "current_period_end": now + term, "schedule": None,
            "items": {"object": "list", "data": [_sub_item(i["price"], i.get("quantity"))
                                                  for i in items]},
            "latest_proration_behavior": None}
     for item in sub["items"]["data"]:
-        item.update(current_period_start=now, current_period_end=now + MONTH)
+        item.update(current_period_start=now, current_period_end=now + term)
     _subscriptions[sub["id"]] = sub
     return web.json_response(sub)
 
@@ -278,6 +284,72 @@ async def update_subscription(request: web.Request) -> web.Response:
         sub["latest_proration_behavior"] = data["proration_behavior"]
     sub["metadata"].update(data.get("metadata") or {})
     return web.json_response(sub)
+
+
+async def cancel_subscription(request: web.Request) -> web.Response:
+    """DELETE /v1/subscriptions/{id}: ends it now (a second cancel is an error, as Stripe's)."""
+    sub = _subscriptions.get(request.match_info["id"])
+    if sub is None:
+        return _error(404, f"No such subscription: '{request.match_info['id']}'", "id")
+    if sub["status"] == "canceled" and not request.headers.get("Idempotency-Key"):
+        return _error(400, "This subscription has already been canceled.")
+    sub.update(status="canceled", ended_at=sub.get("ended_at") or int(time.time()),
+               cancel_at_period_end=False)
+    return web.json_response(sub)
+
+
+async def pay_invoice(request: web.Request) -> web.Response:
+    """Test control: Stripe invoices a subscription and a PaymentIntent pays it; returns the
+    paid invoice as invoice.paid carries it."""
+    data = await request.json()
+    sub = _subscriptions[data["subscription"]]
+    invoice_id = _id("in")
+    price = sub["items"]["data"][0]["price"]
+    start = _int(data.get("period_start")) or sub["current_period_start"]
+    invoice = {"id": invoice_id, "object": "invoice", "customer": sub["customer"],
+               "status": "paid", "amount_paid": data["amount"], "currency": price["currency"],
+               "parent": {"type": "subscription_details", "subscription_details": {
+                   "subscription": sub["id"], "metadata": sub["metadata"]}},
+               "lines": {"object": "list", "data": [{"period": {
+                   "start": start, "end": start + MONTH}}]},
+               "payments": data["payment_intent"]}
+    _invoices[invoice_id] = invoice
+    return web.json_response(invoice)
+
+
+async def list_invoice_payments(request: web.Request) -> web.Response:
+    invoice = _invoices.get(request.query.get("invoice", ""))
+    data = [] if invoice is None else [{
+        "id": _id("inpay"), "object": "invoice_payment", "invoice": invoice["id"],
+        "amount_paid": invoice["amount_paid"], "currency": invoice["currency"],
+        "is_default": True, "status": "paid",
+        "payment": {"type": "payment_intent", "payment_intent": invoice["payments"]}}]
+    return web.json_response({"object": "list", "data": data, "has_more": False,
+                              "url": "/v1/invoice_payments"})
+
+
+async def create_refund(request: web.Request) -> web.Response:
+    """Refunds through localstripe's (a real charge behind a PaymentIntent), replayed for a
+    repeated idempotency key as Stripe does."""
+    from localstripe.resources import Refund, UserError
+
+    key = request.headers.get("Idempotency-Key")
+    if key and key in _refunds:
+        return web.json_response(_refunds[key])
+    data = await _form(request)
+    try:
+        refund = Refund(charge=data.get("charge"), payment_intent=data.get("payment_intent"),
+                        amount=data.get("amount"), metadata=data.get("metadata"))
+    except UserError as exc:
+        return exc.to_response()  # type: ignore[no-any-return]
+    body = refund._export()
+    if key:
+        _refunds[key] = body
+    return web.json_response(body)
+
+
+async def list_refunds(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": list(_refunds.values())})
 
 
 async def create_schedule(request: web.Request) -> web.Response:
@@ -345,6 +417,11 @@ def build() -> web.Application:
     ours.router.add_post("/v1/subscriptions", create_subscription)
     ours.router.add_get("/v1/subscriptions/{id}", get_subscription)
     ours.router.add_post("/v1/subscriptions/{id}", update_subscription)
+    ours.router.add_delete("/v1/subscriptions/{id}", cancel_subscription)
+    ours.router.add_get("/v1/invoice_payments", list_invoice_payments)
+    ours.router.add_post("/v1/refunds", create_refund)
+    ours.router.add_post("/_config/invoices/pay", pay_invoice)
+    ours.router.add_get("/_config/refunds", list_refunds)
     ours.router.add_post("/v1/subscription_schedules", create_schedule)
     ours.router.add_get("/v1/subscription_schedules/{id}", get_schedule)
     ours.router.add_post("/v1/subscription_schedules/{id}", update_schedule)

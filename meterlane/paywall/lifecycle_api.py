@@ -1,0 +1,189 @@
+"""After the purchase: the cancel screen (CXL-02), EU withdrawal (CXL-04), price changes
+(NTC-04), the evidence bundle (NET-02); and Germany's public cancellation pages (CXL-03),
+HTML for people who are not logged in."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint, Response, request
+
+from meterlane.core.auth import Role, require_role
+from meterlane.core.errors import DomainError, NotFoundError
+from meterlane.core.openapi import documented
+from meterlane.core.web import app_in_scope, current_principal, json_body, query_args, wiring
+from meterlane.paywall.schemas import (
+    CancelScreenQuerySchema,
+    CancelScreenSchema,
+    EvidenceQuerySchema,
+    EvidenceSchema,
+    PriceChangeListSchema,
+    PriceChangeRequestSchema,
+    PriceChangeSchema,
+    WithdrawalRequestSchema,
+    WithdrawalSchema,
+)
+
+bp = Blueprint("lifecycle", __name__, url_prefix="/v1")
+kuendigen_bp = Blueprint("kuendigen", __name__)
+
+
+@bp.get("/subscriptions/<sub_id>/cancel-screen")
+@documented(summary="What the cancel screen shows: the cancel button, and a save offer only "
+            "where the user's jurisdiction allows one (CXL-02)", query=CancelScreenQuerySchema,
+            response=CancelScreenSchema, tag="billing")
+def cancel_screen(sub_id: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = CancelScreenQuerySchema().load(query_args())
+    screen = wiring().cancel_flow.screen(
+        app_in_scope(principal), sub_id, jurisdiction=args.get("jurisdiction"),
+        locale=args.get("locale"), platform=args["platform"],
+        offers_welcome=args["offers"] == "yes")
+    return wiring().json(CancelScreenSchema().dump(screen))
+
+
+@bp.post("/withdrawals")
+@documented(summary="Withdraw from a subscription within the EU/UK withdrawal period: it ends "
+            "at once and the refund is computed (CXL-04)", body=WithdrawalRequestSchema,
+            response=WithdrawalSchema, status=201, tag="billing")
+def withdraw() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = WithdrawalRequestSchema().load(json_body())
+    view, made = wiring().withdrawals.withdraw(app_in_scope(principal), args["subscription"])
+    return wiring().json(WithdrawalSchema().dump({**view, "already_withdrawn": not made}),
+                         status=201 if made else 200)
+
+
+@bp.post("/price-changes")
+@documented(summary="Schedule a plan version's subscribers onto a new price (at least 30 days "
+            "ahead: NTC-04)", body=PriceChangeRequestSchema, response=PriceChangeSchema,
+            status=201, tag="plans")
+def schedule_price_change() -> Response:
+    require_role(current_principal(), Role.ADMIN)
+    args = PriceChangeRequestSchema().load(json_body())
+    change = wiring().notices.schedule_price_change(
+        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"))
+    return wiring().json(PriceChangeSchema().dump(change), status=201)
+
+
+@bp.get("/price-changes")
+@documented(summary="Scheduled price changes", response=PriceChangeListSchema, tag="plans")
+def list_price_changes() -> Response:
+    require_role(current_principal(), Role.ADMIN)
+    return wiring().json(PriceChangeListSchema().dump({"data": wiring().notices.price_changes()}))
+
+
+@bp.get("/compliance/evidence")
+@documented(summary="Everything recorded about one subscription, ready for a dispute (NET-02)",
+            query=EvidenceQuerySchema, response=EvidenceSchema, tag="paywall")
+def evidence() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = EvidenceQuerySchema().load(query_args())
+    return wiring().json(EvidenceSchema().dump(
+        wiring().evidence.bundle(app_in_scope(principal), args["subscription"])))
+
+
+# -- Germany: the cancellation button (CXL-03), no login ------------------------------------------
+
+def _page(title: str, body: str, status: int = 200) -> Response:
+    doc = (f"<!doctype html><html lang=\"de\"><head><meta charset=\"utf-8\">"
+           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+           f"<title>{html.escape(title)}</title><style>body{{font:16px/1.5 system-ui,sans-serif;"
+           f"max-width:40rem;margin:2rem auto;padding:0 1rem}}label{{display:block;margin:.8rem "
+           f"0 .2rem}}input,select,textarea{{font:inherit;width:100%;padding:.4rem}}button{{font:"
+           f"inherit;font-weight:bold;padding:.7rem 1.4rem;margin-top:1.2rem}}.error{{color:"
+           f"#a00}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    resp = Response(doc, status=status, mimetype="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; " \
+        "form-action 'self'"
+    return resp
+
+
+def _app_or_404(app: str) -> int | Response:
+    try:
+        return wiring().cancel_flow.app_named(app)
+    except NotFoundError:
+        return _page("Nicht gefunden", "<p>Diese Seite gibt es nicht.</p>", 404)
+
+
+@kuendigen_bp.get("/kuendigen/<app>")
+@documented(summary="Germany's cancellation button, first step (no login): 'Verträge hier "
+            "kündigen' (CXL-03)", tag="billing", content_type="text/html")
+def kuendigen(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    return _page("Verträge hier kündigen", (
+        "<p>Hier können Sie Ihr Abonnement kündigen, ohne sich anzumelden.</p>"
+        f"<form method=\"get\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
+        "<button type=\"submit\">Verträge hier kündigen</button></form>"))
+
+
+def _form(app: str, values: dict[str, str], error: str | None = None) -> str:
+    v = {k: html.escape(values.get(k) or "") for k in ("name", "email", "contract_ref",
+                                                        "reason")}
+    kind = values.get("kind") or "ordinary"
+    options = "".join(f"<option value=\"{k}\"{' selected' if k == kind else ''}>{label}</option>"
+                      for k, label in (("ordinary", "ordentliche Kündigung"),
+                                       ("extraordinary", "außerordentliche Kündigung")))
+    return ((f"<p class=\"error\" role=\"alert\">{html.escape(error)}</p>" if error else "")
+            + f"<form method=\"post\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
+            f"<label for=\"name\">Name</label><input id=\"name\" name=\"name\" required "
+            f"maxlength=\"200\" autocomplete=\"name\" value=\"{v['name']}\">"
+            f"<label for=\"email\">E-Mail-Adresse (für die Bestätigung)</label><input "
+            f"id=\"email\" name=\"email\" type=\"email\" required autocomplete=\"email\" "
+            f"value=\"{v['email']}\">"
+            f"<label for=\"contract_ref\">Vertragsnummer (aus Ihrer Bestellbestätigung)</label>"
+            f"<input id=\"contract_ref\" name=\"contract_ref\" required maxlength=\"255\" "
+            f"value=\"{v['contract_ref']}\">"
+            f"<label for=\"kind\">Art der Kündigung</label><select id=\"kind\" name=\"kind\">"
+            f"{options}</select>"
+            f"<label for=\"when\">Zeitpunkt</label><input id=\"when\" name=\"when\" readonly "
+            f"value=\"zum nächstmöglichen Zeitpunkt\">"
+            f"<label for=\"reason\">Grund (nur bei außerordentlicher Kündigung)</label>"
+            f"<textarea id=\"reason\" name=\"reason\" maxlength=\"1000\">{v['reason']}</textarea>"
+            f"<button type=\"submit\">jetzt kündigen</button></form>")
+
+
+@kuendigen_bp.get("/kuendigen/<app>/bestaetigen")
+@documented(summary="Germany's cancellation button, confirmation page: identity, contract, "
+            "'jetzt kündigen' (CXL-03)", tag="billing", content_type="text/html")
+def kuendigen_form(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    return _page("Kündigung bestätigen", _form(app, {}))
+
+
+@kuendigen_bp.post("/kuendigen/<app>/bestaetigen")
+@documented(summary="Germany's cancellation button: the declaration, confirmed on receipt "
+            "(CXL-03)", tag="billing", content_type="text/html")
+def kuendigen_submit(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    values: dict[str, Any] = {k: request.form.get(k, "")[:2000] for k in (
+        "name", "email", "contract_ref", "kind", "reason")}
+    if not wiring().cancel_flow.allowed(app, request.remote_addr or "-"):
+        return _page("Zu viele Versuche", "<p>Bitte versuchen Sie es in einigen Minuten "
+                     "erneut.</p>", 429)
+    try:
+        done = wiring().cancel_flow.declare(found, values)
+    except DomainError as exc:
+        if exc.status >= 500:
+            raise
+        return _page("Kündigung bestätigen", _form(app, values, exc.detail), 400)
+    stamp = done["received_at"].strftime("%d.%m.%Y, %H:%M:%S Uhr (UTC)")
+    ends = (f"<p>Vertragsende: <strong>{done['ends_at'].strftime('%d.%m.%Y')}</strong></p>"
+            if done["ends_at"] else "")
+    return _page("Kündigung eingegangen", (
+        f"<p>{html.escape(done['text'])}</p><p>Eingang: <time datetime=\""
+        f"{done['received_at'].isoformat()}\">{stamp}</time></p>{ends}"
+        f"<p>Referenz: {html.escape(done['declaration_id'])}. Eine Bestätigung in Textform "
+        f"geht an {html.escape(done['email'])}.</p>"))

@@ -1,0 +1,191 @@
+"""EU/UK withdrawal (CXL-04): within the withdrawal period a subscriber may withdraw from the
+contract: the subscription ends at once and what was paid is refunded: in full, or, when the
+subscriber asked the service to start during the period (an eu_early_start consent, CNS-05),
+less the part already used (price x days used / days of the term).
+
+Separate from cancelling (which ends a subscription at the end of a paid period, refunding
+nothing). Stripe first, with idempotency keys (a retry neither cancels nor refunds twice), then
+the record and its event in one transaction: a failure records nothing and charges nothing."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from typing import Any
+
+import stripe
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from meterlane.core.db import utcnow
+from meterlane.core.errors import ConflictError
+from meterlane.core.events import EventService, new_event_id
+from meterlane.core.models import EndUser
+from meterlane.paywall.acknowledge import RETENTION, day, jsonable, of_subscription
+from meterlane.paywall.models import ConsentRecord, Withdrawal
+from meterlane.plans.catalog import Catalog
+from meterlane.plans.models import RevenueEvent
+from meterlane.plans.stripe_sync import BillingProviderError
+from meterlane.plans.subscriptions import SubscriptionService
+from meterlane.plans.terms import format_minor
+
+DAY = timedelta(days=1)
+
+
+def add_interval(at: datetime, interval: str) -> datetime:
+    """One billing term later (a month or a year; the 31st becomes the month's last day)."""
+    if interval == "year":
+        try:
+            return at.replace(year=at.year + 1)
+        except ValueError:
+            return at.replace(year=at.year + 1, day=28)
+    year, month = (at.year + 1, 1) if at.month == 12 else (at.year, at.month + 1)
+    for d in (at.day, 30, 29, 28):
+        try:
+            return at.replace(year=year, month=month, day=d)
+        except ValueError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def refund_due(paid: int, early_start: bool, days_used: int, term_days: int) -> int:
+    """Minor units to refund: all of it without an early-start request; else the unused
+    part, rounded half up to the minor unit (CXL-04: price x (1 - days used / term days))."""
+    if not early_start:
+        return paid
+    unused = Fraction(paid) * Fraction(term_days - days_used, term_days)
+    return int(math.floor(unused + Fraction(1, 2)))
+
+
+class WithdrawalService:
+    def __init__(self, engine: Engine, events: EventService, catalog: Catalog,
+                 subscriptions: SubscriptionService,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.events = events
+        self.catalog = catalog
+        self.subscriptions = subscriptions
+        self.clock = clock
+
+    def of_subscription(self, app_id: int, subscription_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Withdrawal.__table__).where(
+                Withdrawal.app_id == app_id,
+                Withdrawal.subscription_id == subscription_id)).first()
+        return _view(dict(row._mapping)) if row is not None else None
+
+    def withdraw(self, app_id: int, subscription_id: str) -> tuple[dict[str, Any], bool]:
+        """(the withdrawal, whether it was made now); a second request returns the first."""
+        sub = self.subscriptions.state(app_id, subscription_id)  # 404 for another app's
+        done = self.of_subscription(app_id, subscription_id)
+        if done is not None:
+            return done, False
+        now = self.clock()
+        with self.engine.connect() as conn:
+            ack = of_subscription(conn, app_id, subscription_id)
+            if ack is None or ack.withdrawal_deadline is None:
+                raise ConflictError(
+                    "CXL-04: this subscription has no right of withdrawal (it was not bought "
+                    "through a paywall checkout in a jurisdiction that grants one); cancel it "
+                    "instead.", code="withdrawal_not_available", rule="CXL-04")
+            deadline = _utc(ack.withdrawal_deadline)
+            if now >= deadline:
+                raise ConflictError(f"CXL-04: the withdrawal period ended on {day(deadline)}; "
+                                    "cancel the subscription instead.",
+                                    code="withdrawal_period_over", rule="CXL-04")
+            if sub.status not in ("trialing", "active", "past_due"):
+                raise ConflictError(f"Subscription {subscription_id} is {sub.status}.",
+                                    code="subscription_ended")
+            started = _utc(ack.started_at)
+            early = conn.execute(select(ConsentRecord.consent_id).where(
+                ConsentRecord.app_id == app_id, ConsentRecord.end_user_id == sub.end_user_id,
+                ConsentRecord.type == "eu_early_start",
+                ConsentRecord.captured_at <= ack.created_at)).first() is not None
+            paid_rows = conn.execute(select(RevenueEvent.source_id, RevenueEvent.amount,
+                                            RevenueEvent.currency).where(
+                RevenueEvent.app_id == app_id, RevenueEvent.end_user_id == sub.end_user_id,
+                RevenueEvent.kind == "invoice_paid",
+                RevenueEvent.occurred_at >= ack.started_at - DAY)).all()
+            user = conn.execute(select(EndUser.external_id).where(
+                EndUser.id == sub.end_user_id)).scalar_one()
+        plan = self.catalog.get(sub.plan_id, sub.plan_version)
+        interval = plan.terms.price.interval if plan and plan.terms.price else "month"
+        term_days = max(1, round((add_interval(started, interval) - started) / DAY))
+        days_used = min(term_days, max(0, math.ceil((now - started) / DAY)))
+        paid = sum(int(r.amount) for r in paid_rows)
+        currency = paid_rows[0].currency if paid_rows else (
+            plan.terms.price.currency if plan and plan.terms.price else "usd")
+        refund = refund_due(paid, early, days_used, term_days) if paid > 0 else 0
+        refund_ref = self._stripe(subscription_id, [r.source_id for r in paid_rows], refund)
+        withdrawal_id, event_id = "wdr_" + secrets.token_hex(12), new_event_id()
+        values = {"withdrawal_id": withdrawal_id, "app_id": app_id,
+                  "end_user_id": sub.end_user_id, "subscription_id": subscription_id,
+                  "requested_at": now, "deadline": deadline, "early_start": early,
+                  "days_used": days_used, "term_days": term_days, "paid": paid,
+                  "refund": refund, "currency": currency, "refund_ref": refund_ref,
+                  "event_id": event_id, "retain_until": now + RETENTION}
+        view = _view(values)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(Withdrawal).values(**values))
+                self.events.publish_in(conn, app_id, "withdrawal.confirmed",
+                                       {**jsonable(view), "user": user}, event_id=event_id)
+        except IntegrityError:  # withdrawn at the same moment by another request
+            first = self.of_subscription(app_id, subscription_id)
+            assert first is not None
+            return first, False
+        return view, True
+
+    def _stripe(self, subscription_id: str, invoices: list[str], refund: int) -> str | None:
+        """End the subscription now and refund (idempotent keys: a retry repeats nothing)."""
+        try:
+            client = self.subscriptions.client()
+            key = f"mlane-withdrawal-{subscription_id}"
+            client.v1.subscriptions.cancel(subscription_id, params={"prorate": False},
+                                           options={"idempotency_key": f"{key}-cancel"})
+            if refund <= 0 or not invoices:
+                return None
+            payments = client.v1.invoice_payments.list(params={"invoice": invoices[-1],
+                                                              "limit": 1}).data
+            if not payments:
+                raise ConflictError(f"Stripe knows no payment of invoice {invoices[-1]} to "
+                                    "refund.", code="payment_not_found")
+            payment: Any = payments[0].payment
+            target: Any = ({"payment_intent": payment.payment_intent}
+                           if getattr(payment, "payment_intent", None)
+                           else {"charge": payment.charge})
+            params: Any = {**target, "amount": refund,
+                           "metadata": {"mlane_withdrawal": subscription_id}}
+            made = client.v1.refunds.create(
+                params=params,
+                options={"idempotency_key": f"{key}-refund"})
+            return str(made.id)
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe could not end and refund the subscription: "
+                                       f"{exc.user_message or exc}") from exc
+
+
+def _utc(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _view(values: dict[str, Any]) -> dict[str, Any]:
+    refund = format_minor(int(values["refund"]), values["currency"])
+    text = (f"Your withdrawal was received on "
+            f"{_utc(values['requested_at']).strftime('%Y-%m-%d %H:%M UTC')}. The subscription "
+            f"has ended; {refund} will be refunded"
+            + (f" (the unused {values['term_days'] - values['days_used']} of "
+               f"{values['term_days']} days, as you asked us to start at once)."
+               if values["early_start"] and values["refund"] else "."))
+    return {"withdrawal_id": values["withdrawal_id"],
+            "subscription": values["subscription_id"], "requested_at": values["requested_at"],
+            "deadline": values["deadline"], "early_start": values["early_start"],
+            "days_used": values["days_used"], "term_days": values["term_days"],
+            "paid": values["paid"], "refund": values["refund"], "currency": values["currency"],
+            "refund_ref": values["refund_ref"], "event_id": values["event_id"],
+            "text": text, "calculation": "paid x (term_days - days_used) / term_days"
+            if values["early_start"] else "paid in full (no early-start request)"}
