@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,13 +22,16 @@ class Receiver:
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
         self.statuses: deque[int] = deque()
+        self.arrived = threading.Condition()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                owner.deliveries.append(Delivery(self.path, {k.lower(): v for k, v in
-                                                             self.headers.items()}, body))
+                with owner.arrived:
+                    owner.deliveries.append(Delivery(self.path, {k.lower(): v for k, v in
+                                                                 self.headers.items()}, body))
+                    owner.arrived.notify_all()
                 status = owner.statuses.popleft() if owner.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
@@ -48,3 +52,10 @@ class Receiver:
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def wait_for(self, done: Callable[[list[Delivery]], bool], timeout: float = 30) -> None:
+        """Block until `done(deliveries)` holds (woken by each delivery), or fail."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: done(self.deliveries), timeout):
+                raise AssertionError(f"not delivered in {timeout} s: got "
+                                     f"{[d.body[:80] for d in self.deliveries]}")
