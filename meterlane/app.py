@@ -14,13 +14,13 @@ import orjson
 from flask import Flask, Response, g
 from marshmallow import ValidationError
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from meterlane.core.auth import AuthService
 from meterlane.core.config import Config, ConfigError
 from meterlane.core.db import make_engine
-from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, problem
+from meterlane.core.errors import DATABASE_UNAVAILABLE, DomainError, InvalidRequestError, problem
 from meterlane.core.events import EventService
 from meterlane.core.keys import KeyService
 from meterlane.core.metrics import Metrics
@@ -251,6 +251,14 @@ def _register_hooks(app: Flask) -> None:
     def database_down(exc: OperationalError) -> Response:
         log.error("database unavailable in request %s: %s", g.get("request_id"), exc)
         return domain_error(DATABASE_UNAVAILABLE)
+
+    @app.errorhandler(DataError)
+    def unstorable(exc: DataError) -> Response:
+        # the database refused a value (a NUL character, text too long): the input's fault
+        log.info("request %s: the database refused a value: %s", g.get("request_id"), exc.orig)
+        return domain_error(InvalidRequestError(
+            "The request holds a value that cannot be stored (a NUL character, or text too "
+            "long)."))
 
     @app.errorhandler(ValidationError)
     def validation_error(exc: ValidationError) -> Response:

@@ -22,8 +22,15 @@ from meterlane.core.db import utcnow
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.paywall import offers
-from meterlane.paywall.models import Acknowledgment, CancellationRecord, ConsentRecord, OfferVersion
+from meterlane.paywall.models import (
+    Acknowledgment,
+    CancellationRecord,
+    ConsentRecord,
+    OfferVersion,
+    Withdrawal,
+)
 from meterlane.plans.catalog import Catalog, Plan
+from meterlane.plans.models import Subscription
 from meterlane.plans.terms import format_minor
 
 RETENTION = timedelta(days=3 * 366)  # REC-01, as consent records
@@ -84,10 +91,13 @@ class Acknowledger:
                 OfferVersion.version == consent.offer_version)).scalar()
             content = orjson.loads(row) if row else {}
         profile = offers.resolve(consent.jurisdiction if consent else None)
+        # CNS-05: the request to start at once, given to this offer before this checkout
         early = conn.execute(select(ConsentRecord.consent_id).where(
             ConsentRecord.app_id == app_id, ConsentRecord.end_user_id == end_user_id,
             ConsentRecord.type == "eu_early_start",
-            ConsentRecord.captured_at <= self.clock())).first()
+            ConsentRecord.offer_id == consent.offer_id,
+            ConsentRecord.captured_at <= consent.captured_at)).first() \
+            if consent is not None else None
         price = plan.terms.price
         trial = plan.terms.trial_days or 0
         first_charge = at + timedelta(days=trial)
@@ -161,28 +171,43 @@ class Acknowledger:
     def _charge_after_cancel(self, conn: Connection, invoice: dict[str, Any], at: datetime,
                              app_id: int, end_user_id: int) -> None:
         """An invoice paid for a period that starts after a confirmed cancellation took effect
-        is a charge the user was told would not come: alert the operator (and the app)."""
+        (or after a withdrawal) is a charge the user was told would not come: alert the
+        operator and the app. A cancellation undone since (the subscription renews again)
+        is no longer a promise."""
         sub = ((invoice.get("parent") or {}).get("subscription_details") or {}).get(
             "subscription") or invoice.get("subscription")
         if not isinstance(sub, str) or not int(invoice.get("amount_paid") or 0):
             return
-        lines = (invoice.get("lines") or {}).get("data") or [{}]
-        start = (lines[0].get("period") or {}).get("start") or invoice.get("period_start")
-        begins = datetime.fromtimestamp(int(start), UTC) if start else at
-        cancelled = conn.execute(select(CancellationRecord.cancellation_id,
-                                        CancellationRecord.effective_at).where(
-            CancellationRecord.subscription_id == sub,
-            CancellationRecord.app_id == app_id).order_by(
-            CancellationRecord.id.desc()).limit(1)).first()
-        if cancelled is None or cancelled.effective_at is None \
-                or begins < cancelled.effective_at:
+        starts = [int(p["start"]) for line in (invoice.get("lines") or {}).get("data") or []
+                  if isinstance(p := line.get("period"), dict) and p.get("start")]
+        if not starts and invoice.get("period_start"):
+            starts = [int(invoice["period_start"])]
+        begins = datetime.fromtimestamp(max(starts), UTC) if starts else at
+        ended: tuple[str, datetime] | None = None
+        withdrawn = conn.execute(select(Withdrawal.withdrawal_id, Withdrawal.requested_at).where(
+            Withdrawal.subscription_id == sub, Withdrawal.app_id == app_id)).first()
+        if withdrawn is not None:
+            ended = (withdrawn.withdrawal_id, withdrawn.requested_at)
+        else:
+            state = conn.execute(select(Subscription.status, Subscription.cancel_at_period_end)
+                                 .where(Subscription.id == sub)).first()
+            cancelled = conn.execute(select(CancellationRecord.cancellation_id,
+                                            CancellationRecord.effective_at).where(
+                CancellationRecord.subscription_id == sub,
+                CancellationRecord.app_id == app_id).order_by(
+                CancellationRecord.id.desc()).limit(1)).first()
+            still = state is not None and (state.cancel_at_period_end
+                                           or state.status == "canceled")
+            if cancelled is not None and cancelled.effective_at is not None and still:
+                ended = (cancelled.cancellation_id, cancelled.effective_at)
+        if ended is None or begins < ended[1]:
             return
         self.events.publish_in(conn, app_id, "compliance.alert", {
             "rule_ids": ["CXL-06"], "subscription": sub, "invoice": invoice.get("id"),
-            "cancellation_id": cancelled.cancellation_id,
+            "ended_by": ended[0],
             "detail": f"invoice {invoice.get('id')} charged {invoice.get('amount_paid')} for "
-                      f"a period from {day(begins)}, after the cancellation took effect on "
-                      f"{day(cancelled.effective_at)}: refund it"})
+                      f"a period from {day(begins)}, after the subscription ended for the "
+                      f"user on {day(ended[1])} ({ended[0]}): refund it"})
 
 
 def of_subscription(conn: Connection, app_id: int, subscription_id: str) -> Any:

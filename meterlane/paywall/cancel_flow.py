@@ -5,6 +5,7 @@ e-mail and contract reference, confirmed on receipt whether or not it matches a 
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -13,11 +14,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+import stripe
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from meterlane.core.db import utcnow
-from meterlane.core.errors import InvalidRequestError, NotFoundError
+from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import App
 from meterlane.paywall import offers
@@ -25,9 +27,12 @@ from meterlane.paywall.acknowledge import RETENTION, email_hash, jsonable, of_su
 from meterlane.paywall.models import Acknowledgment, CancelDeclaration
 from meterlane.paywall.service import PaywallService
 from meterlane.plans.catalog import Catalog
+from meterlane.plans.models import StripeCustomer, Subscription
 from meterlane.plans.subscriptions import SubscriptionService, monthly_price
 
+log = logging.getLogger(__name__)
 DECLARATIONS_PER_WINDOW, WINDOW_SECONDS = 10, 600  # per client address and app (CXL-03)
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}")
 KINDS = ("ordinary", "extraordinary")
 
@@ -78,7 +83,9 @@ class CancelFlow:
         row = self.subscriptions.state(app_id, sub_id)
         with self.engine.connect() as conn:
             ack = of_subscription(conn, app_id, sub_id)
-        profile = offers.resolve(jurisdiction or (ack.jurisdiction if ack else None))
+        # where the user bought decides (a query cannot talk a German buyer into a save
+        # offer); the query names it only for a subscription not bought here
+        profile = offers.resolve(ack.jurisdiction if ack is not None else jurisdiction)
         de = profile.two_step_cancel
         screen: dict[str, Any] = {
             "subscription": sub_id, "jurisdiction": profile.id,
@@ -118,10 +125,14 @@ class CancelFlow:
         counted in Redis when there is one (all workers), else in this process."""
         if self.redis is not None:
             key = f"{self.redis_prefix}kuendigen:{app}:{address}"
-            pipe = self.redis.pipeline()
-            pipe.set(key, 0, ex=WINDOW_SECONDS, nx=True)  # the window starts with the first
-            pipe.incr(key)
-            return int(pipe.execute()[1]) <= DECLARATIONS_PER_WINDOW
+            try:
+                pipe = self.redis.pipeline()
+                pipe.set(key, 0, ex=WINDOW_SECONDS, nx=True)  # the window starts with the first
+                pipe.incr(key)
+                return int(pipe.execute()[1]) <= DECLARATIONS_PER_WINDOW
+            except Exception as exc:  # noqa: BLE001 - the legal button never waits on Redis
+                log.warning("kuendigen rate limit unavailable (%s): allowed", exc)
+                return True
         now = time.monotonic()
         with self._seen_lock:
             for seen in [k for k, v in self._seen.items() if now - v[-1] >= WINDOW_SECONDS]:
@@ -138,7 +149,8 @@ class CancelFlow:
             raise NotFoundError(f"No app {name!r}.")
         return int(app_id)
 
-    def declare(self, app_id: int, form: dict[str, str]) -> dict[str, Any]:
+    def declare(self, app_id: int, form: dict[str, str], *,
+                throttled: bool = False) -> dict[str, Any]:
         """A cancellation declared without a login: recorded and confirmed on receipt; when
         the e-mail and contract reference match a subscription of this app, it is cancelled
         (at the end of its period) and its confirmation says when it ends."""
@@ -147,6 +159,8 @@ class CancelFlow:
         ref = (form.get("contract_ref") or "").strip()
         kind = form.get("kind") or "ordinary"
         reason = (form.get("reason") or "").strip() or None
+        if any(CONTROL.search(v) for v in (name, email, ref, reason or "")):
+            raise InvalidRequestError("Bitte verwenden Sie keine Steuerzeichen.", param="name")
         if not name or len(name) > 200:
             raise InvalidRequestError("Bitte geben Sie Ihren Namen an.", param="name")
         if not EMAIL.fullmatch(email):
@@ -162,34 +176,61 @@ class CancelFlow:
             raise InvalidRequestError("Der Kündigungsgrund ist zu lang (höchstens 1000 "
                                       "Zeichen).", param="reason")
         received = self.clock()
-        with self.engine.connect() as conn:
-            match = conn.execute(select(Acknowledgment.subscription_id).where(
-                Acknowledgment.app_id == app_id, Acknowledgment.subscription_id == ref,
-                Acknowledgment.email_sha256 == email_hash(email))).first()
-        confirmation = None
-        if match is not None:
-            try:
-                confirmation, _ = self.cancel(app_id, ref, "de_button", 2)
-            except NotFoundError:
-                confirmation = None
-        ends = confirmation["effective_at"] if confirmation else None
         declaration_id, event_id = "dcl_" + secrets.token_hex(12), new_event_id()
-        view = {"declaration_id": declaration_id, "received_at": received, "name": name,
-                "email": email, "contract_ref": ref, "kind": kind, "reason": reason,
-                "matched": confirmation is not None, "ends_at": ends,
-                "cancellation_id": confirmation["cancellation_id"] if confirmation else None,
-                "text": _confirmation_text(received, ends, ref)}
-        with self.engine.begin() as conn:
+        with self.engine.begin() as conn:  # received: recorded before anything is tried
             conn.execute(insert(CancelDeclaration).values(
                 declaration_id=declaration_id, app_id=app_id, received_at=received,
                 name=name, email_sha256=email_hash(email), contract_ref=ref, kind=kind,
-                reason=reason, subscription_id=ref if confirmation else None,
-                cancellation_id=view["cancellation_id"], event_id=event_id,
+                reason=reason, outcome="received", event_id=event_id,
                 retain_until=received + RETENTION))
-            # The app sends this to the e-mail given, as the text-form confirmation (§312k(4)).
+        outcome, confirmation = ("throttled", None) if throttled else ("unmatched", None)
+        if not throttled and self._matches(app_id, ref, email):
+            try:
+                confirmation, _ = self.cancel(app_id, ref, "de_button", 2)
+                outcome = "cancelled"
+            except DomainError as exc:  # Stripe down, an unpaid subscription: the app decides
+                log.error("declaration %s matched %s but the cancel failed: %s",
+                          declaration_id, ref, exc.detail)
+                outcome = "failed"
+        ends = confirmation["effective_at"] if confirmation else None
+        view = {"declaration_id": declaration_id, "received_at": received, "name": name,
+                "email": email, "contract_ref": ref, "kind": kind, "reason": reason,
+                "matched": confirmation is not None, "outcome": outcome, "ends_at": ends,
+                "cancellation_id": confirmation["cancellation_id"] if confirmation else None,
+                "text": _confirmation_text(received, ends, ref, confirmation is not None
+                                           and bool(confirmation["no_further_charges"]))}
+        with self.engine.begin() as conn:
+            conn.execute(update(CancelDeclaration).where(
+                CancelDeclaration.declaration_id == declaration_id).values(
+                outcome=outcome, subscription_id=ref if confirmation else None,
+                cancellation_id=view["cancellation_id"]))
+            # The app sends this to the e-mail given, as the text-form confirmation (§312k(4));
+            # one not matched (or whose cancel failed) is for the app to handle by hand.
             self.events.publish_in(conn, app_id, "cancel.declaration_received",
                                    jsonable(view), event_id=event_id)
         return view
+
+    def _matches(self, app_id: int, ref: str, email: str) -> bool:
+        """Whether the e-mail is the one of the contract: as Stripe gave it at checkout, or,
+        for a subscription bought before acknowledgments were kept, its Stripe customer's."""
+        digest = email_hash(email)
+        with self.engine.connect() as conn:
+            acked = conn.execute(select(Acknowledgment.email_sha256).where(
+                Acknowledgment.app_id == app_id,
+                Acknowledgment.subscription_id == ref)).scalars().all()
+            customer = conn.execute(select(StripeCustomer.customer_id).join(
+                Subscription, Subscription.end_user_id == StripeCustomer.end_user_id).where(
+                Subscription.id == ref, Subscription.app_id == app_id)).scalar()
+        if digest in acked:
+            return True
+        if acked and all(a is not None for a in acked) or customer is None:
+            return False
+        try:
+            found = self.subscriptions.client().v1.customers.retrieve(customer).email
+        except (stripe.StripeError, DomainError) as exc:
+            log.error("could not read the e-mail of customer %s: %s", customer, exc)
+            return False
+        return bool(found) and email_hash(str(found)) == digest
 
     def declarations_of(self, app_id: int, subscription_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -201,11 +242,15 @@ class CancelFlow:
         return [dict(r._mapping) for r in rows]
 
 
-def _confirmation_text(received: datetime, ends: datetime | None, ref: str) -> str:
+def _confirmation_text(received: datetime, ends: datetime | None, ref: str,
+                       no_further_charges: bool) -> str:
     stamp = received.strftime("%d.%m.%Y um %H:%M Uhr (UTC)")
     if ends is None:
         return (f"Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Wir "
                 "bestätigen Ihnen das Vertragsende per E-Mail.")
     end = ends.strftime("%d.%m.%Y")
+    after = ("danach erfolgen keine weiteren Abbuchungen." if no_further_charges else
+             "Nutzung über Ihr Kontingent hinaus bis dahin wird zum Periodenende abgerechnet; "
+             "danach erfolgen keine weiteren Abbuchungen.")
     return (f"Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Der "
-            f"Vertrag endet zum {end}; danach erfolgen keine weiteren Abbuchungen.")
+            f"Vertrag endet zum {end}; {after}")

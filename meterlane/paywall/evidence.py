@@ -16,10 +16,17 @@ from meterlane.core.models import EndUser, WebhookDelivery
 from meterlane.metering.models import UsageEvent
 from meterlane.paywall.acknowledge import day, jsonable, of_subscription
 from meterlane.paywall.cancel_flow import CancelFlow
-from meterlane.paywall.models import CancellationRecord, ConsentRecord, ConsentUse, PaywallEvent
+from meterlane.paywall.models import (
+    CancelDeclaration,
+    CancellationRecord,
+    ConsentRecord,
+    ConsentUse,
+    PaywallEvent,
+)
 from meterlane.paywall.notices import NoticeService
 from meterlane.paywall.service import PaywallService, _cancellation_view, _consent_view
 from meterlane.paywall.withdrawals import WithdrawalService
+from meterlane.plans.models import RevenueEvent
 from meterlane.plans.subscriptions import SubscriptionService
 
 
@@ -66,6 +73,15 @@ class EvidenceService:
                        UsageEvent.created_at >= since, UsageEvent.status == "ok")).one()
             user = conn.execute(select(EndUser.external_id).where(
                 EndUser.id == sub.end_user_id)).scalar_one()
+            # what was charged after the subscription ended for the user (CXL-06)
+            ended = cancellations[-1].effective_at if cancellations else None
+            after = conn.execute(select(RevenueEvent.source_id).where(
+                RevenueEvent.app_id == app_id, RevenueEvent.end_user_id == sub.end_user_id,
+                RevenueEvent.kind == "invoice_paid", RevenueEvent.amount > 0,
+                RevenueEvent.period_start >= ended)).scalars().all() if ended else []
+            unmatched = conn.execute(select(CancelDeclaration.declaration_id).where(
+                CancelDeclaration.app_id == app_id, CancelDeclaration.contract_ref == sub.id,
+                CancelDeclaration.outcome != "cancelled")).scalars().all()
         ack_view = orjson.loads(ack.content) if ack is not None else None
         notices = self.notices.of_subscription(app_id, subscription_id)
         withdrawal = self.withdrawals.of_subscription(app_id, subscription_id)
@@ -103,6 +119,8 @@ class EvidenceService:
             "access_activity": jsonable(activity),
             "deliveries": [jsonable(dict(r._mapping)) for r in deliveries],
         }
+        bundle["charged_after_end"] = list(after)
+        bundle["declarations_not_matched"] = list(unmatched)
         bundle["stripe_evidence"] = _stripe_fields(bundle, activity)
         return bundle
 
@@ -112,9 +130,20 @@ def _stripe_fields(b: dict[str, Any], activity: dict[str, Any]) -> dict[str, Any
     consent, ack = b["consent"] or {}, b["acknowledgment"] or {}
     cancels = b["cancellations"]
     refs = {k: ack.get(k) for k in ("terms_url", "cancel_policy_url", "refund_policy_url")}
-    rebuttal = ("The customer did not cancel before the charge." if not cancels else
-                "Cancellation received on " + str(cancels[-1]["received_at"]) + ", effective "
-                + str(cancels[-1]["effective_at"]) + "; no charge after that date.")
+    # Only what the records show: an invoice after the end, or a declaration not matched to
+    # the contract, is said, not argued away.
+    if not cancels:
+        rebuttal = "No cancellation of this subscription is recorded."
+    else:
+        last = cancels[-1]
+        rebuttal = (f"Cancellation received on {last['received_at']}, effective "
+                    f"{last['effective_at']}. ")
+        rebuttal += ("Invoices paid for periods after that date: "
+                     + ", ".join(b["charged_after_end"]) + "." if b["charged_after_end"]
+                     else "No invoice was paid for a period after that date.")
+    if b["declarations_not_matched"]:
+        rebuttal += (" Cancellation declarations naming this contract that were not matched "
+                     "to it: " + ", ".join(b["declarations_not_matched"]) + ".")
     return {
         "customer_purchase_ip": consent.get("ip"),
         "service_date": ack.get("enrolled_at"),

@@ -170,11 +170,11 @@ def kuendigen_submit(app: str) -> Response:
         return found
     values: dict[str, Any] = {k: request.form.get(k, "")[:2000] for k in (
         "name", "email", "contract_ref", "kind", "reason")}
-    if not wiring().cancel_flow.allowed(app, request.remote_addr or "-"):
-        return _page("Zu viele Versuche", "<p>Bitte versuchen Sie es in einigen Minuten "
-                     "erneut.</p>", 429)
+    # Past the rate limit a declaration is still received and recorded (the law wants every
+    # one confirmed); it is just not matched to a contract here: the app handles it.
+    throttled = not wiring().cancel_flow.allowed(app, request.remote_addr or "-")
     try:
-        done = wiring().cancel_flow.declare(found, values)
+        done = wiring().cancel_flow.declare(found, values, throttled=throttled)
     except DomainError as exc:
         if exc.status >= 500:
             raise

@@ -198,9 +198,12 @@ class Withdrawal(Base):
     paid: Mapped[int] = mapped_column(BigInteger)    # minor units
     refund: Mapped[int] = mapped_column(BigInteger)  # minor units
     currency: Mapped[str] = mapped_column(String(3))
-    refund_ref: Mapped[str | None] = mapped_column(String(255))  # Stripe's re_...
+    refund_ref: Mapped[str | None] = mapped_column(String(255))  # Stripe's re_... (,-joined)
     event_id: Mapped[str] = mapped_column(String(40))
     retain_until: Mapped[datetime]
+    # pending: recorded, Stripe not yet done (a retry resumes it); done: ended and refunded
+    state: Mapped[str] = mapped_column(String(16), server_default="done")
+    refund_plan: Mapped[str] = mapped_column(Text, server_default="[]")  # [[invoice, amount]]
 
 
 class CancelDeclaration(Base):
@@ -220,5 +223,7 @@ class CancelDeclaration(Base):
     reason: Mapped[str | None] = mapped_column(String(1000))
     subscription_id: Mapped[str | None] = mapped_column(String(255))
     cancellation_id: Mapped[str | None] = mapped_column(String(40))
+    # received | cancelled | unmatched | throttled | failed: what came of it
+    outcome: Mapped[str] = mapped_column(String(16), server_default="received")
     event_id: Mapped[str] = mapped_column(String(40))
     retain_until: Mapped[datetime]

@@ -40,6 +40,7 @@ from meterlane.plans.terms import format_minor
 
 DAY = timedelta(days=1)
 PRICE_CHANGE_LEAD = timedelta(days=30)  # NTC-04: scheduled at least this far ahead
+LIVE = ("trialing", "active", "past_due")  # past due still renews once paid
 NOTICE_TYPES = ("trial_ending", "renewal_upcoming", "annual_reminder", "price_change")
 
 
@@ -137,58 +138,74 @@ class NoticeService:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def run(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-        """Send every notice that is due and was not sent; returns those sent."""
+    def run(self, progress: Callable[[int], None] | None = None,
+            page: int = 500) -> list[dict[str, Any]]:
+        """Send every notice that is due and was not sent; returns those sent. Subscriptions
+        are read a page at a time (any number of them)."""
         now = self.clock()
         with self.engine.connect() as conn:
-            subs = conn.execute(select(Subscription.__table__).where(
-                Subscription.status.in_(("trialing", "active")))).all()
             changes = [c for c in conn.execute(select(PriceChange.__table__).where(
                 PriceChange.effective_at > now)).all()
                 if _aware(c.effective_at) - timedelta(days=PRICE.target) <= now]
-            sent_keys = {(r.subscription_id, r.notice_type, r.occasion) for r in conn.execute(
-                select(Notice.subscription_id, Notice.notice_type, Notice.occasion).where(
-                    Notice.subscription_id.in_([s.id for s in subs])))} if subs else set()
         sent: list[dict[str, Any]] = []
-        for i, sub in enumerate(subs):
-            if progress is not None:
-                progress(i)
-            plan = self.catalog.get(sub.plan_id, sub.plan_version)
-            if plan is None or plan.terms.price is None:
-                continue
-            for due in self._due(sub, plan, changes, now):
-                if (sub.id, due.notice_type, due.occasion) not in sent_keys:
-                    notice = self._send(sub, plan, due, now)
-                    if notice is not None:
-                        sent.append(notice)
-        return sent
+        after, seen = "", 0
+        while True:
+            with self.engine.connect() as conn:
+                subs = conn.execute(select(Subscription.__table__).where(
+                    Subscription.status.in_(LIVE), Subscription.id > after).order_by(
+                    Subscription.id).limit(page)).all()
+                if not subs:
+                    return sent
+                ids = [s.id for s in subs]
+                sent_keys = {tuple(r) for r in conn.execute(
+                    select(Notice.subscription_id, Notice.notice_type, Notice.occasion).where(
+                        Notice.subscription_id.in_(ids)))}
+                started = {r.subscription_id: r.started_at for r in conn.execute(
+                    select(Acknowledgment.subscription_id, Acknowledgment.started_at).where(
+                        Acknowledgment.subscription_id.in_(ids)))}
+            for sub in subs:
+                seen += 1
+                if progress is not None:
+                    progress(seen)
+                plan = self.catalog.get(sub.plan_id, sub.plan_version)
+                if plan is None or plan.terms.price is None:
+                    continue
+                for due in self._due(sub, plan, changes, now, _aware(started.get(sub.id))):
+                    if (sub.id, due.notice_type, due.occasion) not in sent_keys:
+                        notice = self._send(sub, plan, due, now)
+                        if notice is not None:
+                            sent.append(notice)
+            after = subs[-1].id
 
-    def _due(self, sub: Any, plan: Plan, changes: list[Any], now: datetime) -> list[Due]:
+    def _due(self, sub: Any, plan: Plan, changes: list[Any], now: datetime,
+             started: datetime | None) -> list[Due]:
         price = plan.terms.price
         assert price is not None
         due: list[Due] = []
         facts = {"amount": _price(plan), "interval": price.interval}
+        end = _aware(sub.current_period_end)
+        if sub.cancel_at_period_end or end is None:
+            return due  # nothing renews or converts: nothing to remind of
         trial_end = _aware(sub.trial_end)
         if sub.status == "trialing" and trial_end is not None and trial_end > now:
-            start = _aware(sub.current_period_start) or _aware(sub.billing_anchor)
+            start = started or _aware(sub.current_period_start) or _aware(sub.billing_anchor)
             window = trial_window(max(0, round((trial_end - start) / DAY)))
             if trial_end - timedelta(days=window.target) <= now:
                 due.append(Due("trial_ending", day(trial_end), trial_end, window,
                                {**facts, "first_charge_date": day(trial_end)}))
-        end = _aware(sub.current_period_end)
-        if sub.cancel_at_period_end or end is None:
-            return due  # nothing renews: no renewal, anniversary or price notices
         if price.interval == "year" and end > now \
                 and end - timedelta(days=RENEWAL.target) <= now:
             due.append(Due("renewal_upcoming", day(end), end, RENEWAL,
                            {**facts, "renews_at": day(end)}))
-        anchor = _aware(sub.billing_anchor)
+        # Anniversaries of the purchase (Stripe moves its anchor when the interval changes),
+        # one reminder for each, keyed by its date.
+        origin = started or _aware(sub.billing_anchor)
         years = 1
-        while add_years(anchor, years) <= now:
+        while add_years(origin, years) <= now:
             years += 1
-        anniversary = add_years(anchor, years)
+        anniversary = add_years(origin, years)
         if anniversary - timedelta(days=ANNUAL.target) <= now:
-            due.append(Due("annual_reminder", f"year-{years}", anniversary, ANNUAL,
+            due.append(Due("annual_reminder", day(anniversary), anniversary, ANNUAL,
                            {**facts, "anniversary": day(anniversary)}))
         for change in changes:
             if (change.plan_id, change.from_version) == (sub.plan_id, sub.plan_version):

@@ -306,4 +306,8 @@ class EvidenceSchema(Schema):
     paywall_events = fields.List(fields.Dict())
     access_activity = fields.Dict()
     deliveries = fields.List(fields.Dict())
+    charged_after_end = fields.List(fields.String(), metadata={
+        "description": "Invoices paid for a period after the cancellation took effect"})
+    declarations_not_matched = fields.List(fields.String(), metadata={
+        "description": "German cancel declarations naming this contract, not matched to it"})
     stripe_evidence = fields.Dict(metadata={"description": "Stripe's dispute evidence fields"})

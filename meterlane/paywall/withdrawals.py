@@ -4,8 +4,9 @@ subscriber asked the service to start during the period (an eu_early_start conse
 less the part already used (price x days used / days of the term).
 
 Separate from cancelling (which ends a subscription at the end of a paid period, refunding
-nothing). Stripe first, with idempotency keys (a retry neither cancels nor refunds twice), then
-the record and its event in one transaction: a failure records nothing and charges nothing."""
+nothing). Recorded first (pending, the refund fixed), then Stripe, then confirmed with its
+event: a failure between leaves it pending and the next request finishes what was recorded,
+never refunding an invoice twice."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
+import orjson
 import stripe
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -26,7 +28,7 @@ from meterlane.core.errors import ConflictError
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
 from meterlane.paywall.acknowledge import RETENTION, day, jsonable, of_subscription
-from meterlane.paywall.models import ConsentRecord, Withdrawal
+from meterlane.paywall.models import Withdrawal
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.models import RevenueEvent
 from meterlane.plans.stripe_sync import BillingProviderError
@@ -72,18 +74,57 @@ class WithdrawalService:
         self.clock = clock
 
     def of_subscription(self, app_id: int, subscription_id: str) -> dict[str, Any] | None:
+        """The withdrawal of a subscription once done (a pending one is not yet confirmed)."""
+        row = self._row(app_id, subscription_id)
+        return _view(dict(row._mapping)) if row is not None and row.state == "done" else None
+
+    def _row(self, app_id: int, subscription_id: str) -> Any:
         with self.engine.connect() as conn:
-            row = conn.execute(select(Withdrawal.__table__).where(
+            return conn.execute(select(Withdrawal.__table__).where(
                 Withdrawal.app_id == app_id,
                 Withdrawal.subscription_id == subscription_id)).first()
-        return _view(dict(row._mapping)) if row is not None else None
 
     def withdraw(self, app_id: int, subscription_id: str) -> tuple[dict[str, Any], bool]:
-        """(the withdrawal, whether it was made now); a second request returns the first."""
-        sub = self.subscriptions.state(app_id, subscription_id)  # 404 for another app's
-        done = self.of_subscription(app_id, subscription_id)
-        if done is not None:
-            return done, False
+        """(the withdrawal, whether it was made now); a second request returns the first.
+
+        Recorded first as pending, with the refund fixed; then Stripe (refunds, then the
+        cancel, each found again or made with an idempotency key); then confirmed. A failure
+        on the way leaves it pending, and the next request resumes it as it was computed,
+        whatever the subscription's status by then."""
+        self.subscriptions.state(app_id, subscription_id)  # 404 for another app's
+        row = self._row(app_id, subscription_id)
+        if row is not None and row.state == "done":
+            return _view(dict(row._mapping)), False
+        if row is None:
+            values = self._compute(app_id, subscription_id)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(Withdrawal).values(**values))
+            except IntegrityError:
+                pass  # recorded at the same moment by another request: resume that one
+            row = self._row(app_id, subscription_id)
+            if row.state == "done":
+                return _view(dict(row._mapping)), False
+        plan = [(str(i), int(a)) for i, a in orjson.loads(row.refund_plan)]
+        refs = self._stripe(subscription_id, plan)
+        values = dict(row._mapping)
+        values.update(refund_ref=",".join(refs) or None, state="done")
+        view = _view(values)
+        with self.engine.begin() as conn:
+            user = conn.execute(select(EndUser.external_id).where(
+                EndUser.id == row.end_user_id)).scalar_one()
+            done = conn.execute(update(Withdrawal).where(
+                Withdrawal.id == row.id, Withdrawal.state == "pending").values(
+                state="done", refund_ref=values["refund_ref"])).rowcount
+            if done == 1:  # confirmed once, whoever finished it
+                self.events.publish_in(conn, app_id, "withdrawal.confirmed",
+                                       {**jsonable(view), "user": user},
+                                       event_id=row.event_id)
+        return view, done == 1
+
+    def _compute(self, app_id: int, subscription_id: str) -> dict[str, Any]:
+        """Check the right of withdrawal and fix the refund (CXL-04)."""
+        sub = self.subscriptions.state(app_id, subscription_id)
         now = self.clock()
         with self.engine.connect() as conn:
             ack = of_subscription(conn, app_id, subscription_id)
@@ -100,73 +141,83 @@ class WithdrawalService:
             if sub.status not in ("trialing", "active", "past_due"):
                 raise ConflictError(f"Subscription {subscription_id} is {sub.status}.",
                                     code="subscription_ended")
-            started = _utc(ack.started_at)
-            early = conn.execute(select(ConsentRecord.consent_id).where(
-                ConsentRecord.app_id == app_id, ConsentRecord.end_user_id == sub.end_user_id,
-                ConsentRecord.type == "eu_early_start",
-                ConsentRecord.captured_at <= ack.created_at)).first() is not None
-            paid_rows = conn.execute(select(RevenueEvent.source_id, RevenueEvent.amount,
-                                            RevenueEvent.currency).where(
+            # what was paid since the purchase (invoices of more than nothing), oldest first
+            paid_rows = conn.execute(select(
+                RevenueEvent.source_id, RevenueEvent.amount, RevenueEvent.currency,
+                RevenueEvent.period_start).where(
                 RevenueEvent.app_id == app_id, RevenueEvent.end_user_id == sub.end_user_id,
-                RevenueEvent.kind == "invoice_paid",
-                RevenueEvent.occurred_at >= ack.started_at - DAY)).all()
-            user = conn.execute(select(EndUser.external_id).where(
-                EndUser.id == sub.end_user_id)).scalar_one()
+                RevenueEvent.kind == "invoice_paid", RevenueEvent.amount > 0,
+                RevenueEvent.occurred_at >= ack.started_at - DAY).order_by(
+                RevenueEvent.occurred_at, RevenueEvent.id)).all()
+        # the early-start request made with this purchase, as its acknowledgment says (CNS-05)
+        early = bool(orjson.loads(ack.content).get("early_start"))
         plan = self.catalog.get(sub.plan_id, sub.plan_version)
         interval = plan.terms.price.interval if plan and plan.terms.price else "month"
+        # days are counted from the start of the paid term (a free trial is not used days)
+        started = _utc(ack.started_at)
+        if paid_rows and paid_rows[0].period_start is not None:
+            started = max(started, _utc(paid_rows[0].period_start))
         term_days = max(1, round((add_interval(started, interval) - started) / DAY))
         days_used = min(term_days, max(0, math.ceil((now - started) / DAY)))
         paid = sum(int(r.amount) for r in paid_rows)
         currency = paid_rows[0].currency if paid_rows else (
             plan.terms.price.currency if plan and plan.terms.price else "usd")
         refund = refund_due(paid, early, days_used, term_days) if paid > 0 else 0
-        refund_ref = self._stripe(subscription_id, [r.source_id for r in paid_rows], refund)
-        withdrawal_id, event_id = "wdr_" + secrets.token_hex(12), new_event_id()
-        values = {"withdrawal_id": withdrawal_id, "app_id": app_id,
-                  "end_user_id": sub.end_user_id, "subscription_id": subscription_id,
-                  "requested_at": now, "deadline": deadline, "early_start": early,
-                  "days_used": days_used, "term_days": term_days, "paid": paid,
-                  "refund": refund, "currency": currency, "refund_ref": refund_ref,
-                  "event_id": event_id, "retain_until": now + RETENTION}
-        view = _view(values)
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(Withdrawal).values(**values))
-                self.events.publish_in(conn, app_id, "withdrawal.confirmed",
-                                       {**jsonable(view), "user": user}, event_id=event_id)
-        except IntegrityError:  # withdrawn at the same moment by another request
-            first = self.of_subscription(app_id, subscription_id)
-            assert first is not None
-            return first, False
-        return view, True
+        # refunded from the newest invoice back, never more than an invoice paid
+        spread: list[tuple[str, int]] = []
+        left = refund
+        for r in reversed(paid_rows):
+            take = min(left, int(r.amount))
+            if take > 0:
+                spread.append((r.source_id, take))
+                left -= take
+        return {"withdrawal_id": "wdr_" + secrets.token_hex(12), "app_id": app_id,
+                "end_user_id": sub.end_user_id, "subscription_id": subscription_id,
+                "requested_at": now, "deadline": deadline, "early_start": early,
+                "days_used": days_used, "term_days": term_days, "paid": paid,
+                "refund": refund, "currency": currency, "refund_ref": None,
+                "event_id": new_event_id(), "retain_until": now + RETENTION,
+                "state": "pending", "refund_plan": orjson.dumps(spread).decode()}
 
-    def _stripe(self, subscription_id: str, invoices: list[str], refund: int) -> str | None:
-        """End the subscription now and refund (idempotent keys: a retry repeats nothing)."""
+    def _stripe(self, subscription_id: str, plan: list[tuple[str, int]]) -> list[str]:
+        """Refund each invoice's share (one found from before is not made again), then end the
+        subscription now (unless Stripe has ended it already)."""
+        refs: list[str] = []
         try:
             client = self.subscriptions.client()
-            key = f"mlane-withdrawal-{subscription_id}"
-            client.v1.subscriptions.cancel(subscription_id, params={"prorate": False},
-                                           options={"idempotency_key": f"{key}-cancel"})
-            if refund <= 0 or not invoices:
-                return None
-            payments = client.v1.invoice_payments.list(params={"invoice": invoices[-1],
-                                                              "limit": 1}).data
-            if not payments:
-                raise ConflictError(f"Stripe knows no payment of invoice {invoices[-1]} to "
-                                    "refund.", code="payment_not_found")
-            payment: Any = payments[0].payment
-            target: Any = ({"payment_intent": payment.payment_intent}
-                           if getattr(payment, "payment_intent", None)
-                           else {"charge": payment.charge})
-            params: Any = {**target, "amount": refund,
-                           "metadata": {"mlane_withdrawal": subscription_id}}
-            made = client.v1.refunds.create(
-                params=params,
-                options={"idempotency_key": f"{key}-refund"})
-            return str(made.id)
+            for invoice, amount in plan:
+                payments = client.v1.invoice_payments.list(params={"invoice": invoice,
+                                                                  "limit": 1}).data
+                if not payments:
+                    raise ConflictError(f"Stripe knows no payment of invoice {invoice} to "
+                                        "refund; the withdrawal stays pending.",
+                                        code="payment_not_found")
+                payment: Any = payments[0].payment
+                target: Any = ({"payment_intent": payment.payment_intent}
+                               if getattr(payment, "payment_intent", None)
+                               else {"charge": payment.charge})
+                found: Any = {**target, "limit": 100}
+                made: Any = next((r for r in client.v1.refunds.list(params=found).data
+                                  if _meta(r).get("mlane_withdrawal") == subscription_id
+                                  and _meta(r).get("mlane_invoice") == invoice), None)
+                if made is None:
+                    params: Any = {**target, "amount": amount, "metadata": {
+                        "mlane_withdrawal": subscription_id, "mlane_invoice": invoice}}
+                    made = client.v1.refunds.create(params=params, options={
+                        "idempotency_key": f"mlane-withdrawal-{subscription_id}-{invoice}"})
+                refs.append(str(made.id))
+            if client.v1.subscriptions.retrieve(subscription_id).status != "canceled":
+                client.v1.subscriptions.cancel(subscription_id, params={"prorate": False})
         except stripe.StripeError as exc:
-            raise BillingProviderError(f"Stripe could not end and refund the subscription: "
-                                       f"{exc.user_message or exc}") from exc
+            raise BillingProviderError(f"Stripe could not end and refund the subscription (the "
+                                       f"withdrawal is recorded and resumes on the next "
+                                       f"request): {exc.user_message or exc}") from exc
+        return refs
+
+
+def _meta(obj: Any) -> dict[str, Any]:
+    meta: Any = getattr(obj, "metadata", None) or {}
+    return dict(meta.to_dict() if hasattr(meta, "to_dict") else meta)
 
 
 def _utc(at: datetime) -> datetime:

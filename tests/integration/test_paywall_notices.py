@@ -4,7 +4,7 @@ run` inside each window (NTC-01 ... NTC-04), and the EU withdrawal with its pro-
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -37,10 +37,11 @@ def test_ack_01_a_trial_checkout_is_acknowledged_with_every_required_token(
     assert ack["tokens"]["missing"] == []
     # the first charge: the plan's price when the 30-day trial the plan gives ends
     trial_end = w.stripe.v1.subscriptions.retrieve(sub_id).trial_end
-    assert trial_end is not None
-    first = ack["first_charge_date"][:10]
-    assert first in ack["text"] and ack["first_charge_amount"] == "12.00 USD"
-    assert abs(orjson.loads(orjson.dumps(ack))["trial_days"] - 30) == 0
+    assert trial_end is not None  # Stripe's, from the trial_period_days the checkout set
+    first = datetime.fromisoformat(ack["first_charge_date"])
+    assert abs(first.timestamp() - trial_end) < 60  # DSC-03: the date said is Stripe's
+    assert first.strftime("%Y-%m-%d") in ack["text"]
+    assert ack["first_charge_amount"] == "12.00 USD" and ack["trial_days"] == 30
     assert ack["how_to_cancel"] == "Settings > Subscription > Cancel"
     assert ack["withdrawal_deadline"] is None  # California: no withdrawal right
     # the same Stripe event again: nothing new
@@ -73,6 +74,13 @@ def test_ntc_01_a_30_day_trial_is_reminded_inside_its_window_once(world: World
     assert run_notices(w, now + 21 * DAY) == []  # sent once
     sent = [e for e in w.sent() if e["type"] == "notice.sent"]
     assert [e["data"]["notice_id"] for e in sent] == [notice["notice_id"]]
+    # a trial cancelled before its notice is due is not told it will be charged
+    other, _ = w.subscribe("tom", "trial", "US-CA")
+    status, _ = w.call("POST", f"/v1/subscriptions/{other}/cancel")
+    assert status == 200
+    w.webhook("customer.subscription.updated",
+              w.stripe.v1.subscriptions.retrieve(other).to_dict())
+    assert all(n["subscription"] != other for n in run_notices(w, now + 22 * DAY))
 
 
 def test_ntc_02_and_03_yearly_renewal_and_anniversary_reminders(world: World
@@ -81,19 +89,25 @@ def test_ntc_02_and_03_yearly_renewal_and_anniversary_reminders(world: World
     yearly, _ = w.subscribe("yuri", "annual", "US-CO")
     monthly, _ = w.subscribe("mona", "pro", "US-CA")
     now = utcnow()
-    # the fake Stripe's periods are 30 days: the yearly plan's renewal is its period's end
-    end = w.stripe.v1.subscriptions.retrieve(yearly).current_period_end
-    assert end is not None
     assert run_notices(w, now) == []
-    # a year on, less 20 days: the anniversary reminder of every subscription
+    # 11 months on (a monthly subscription's 12th month): nothing yet
+    assert run_notices(w, now + 330 * DAY) == []
+    # a year on, less 20 days: the yearly plan's renewal, and every subscription's reminder
     at = now + 345 * DAY
     got = {(n["subscription"], n["notice_type"]) for n in run_notices(w, at)}
-    assert (monthly, "annual_reminder") in got and (yearly, "annual_reminder") in got
+    assert got == {(monthly, "annual_reminder"), (yearly, "annual_reminder"),
+                   (yearly, "renewal_upcoming")}
     assert run_notices(w, at + DAY) == []  # once per subscription year
     with w.w.engine.connect() as conn:
-        kinds = conn.execute(select(Notice.notice_type, Notice.occasion).where(
+        kinds = conn.execute(select(Notice.notice_type, Notice.occasion, Notice.on_time).where(
             Notice.subscription_id == monthly)).all()
-    assert [tuple(k) for k in kinds] == [("annual_reminder", "year-1")]
+    anniversary = (now + 365 * DAY).strftime("%Y-%m-%d")
+    assert [tuple(k) for k in kinds] == [("annual_reminder", anniversary, True)]
+    # a cancelled subscription gets none of them (nothing renews)
+    w.call("POST", f"/v1/subscriptions/{monthly}/cancel")
+    w.webhook("customer.subscription.updated",
+              w.stripe.v1.subscriptions.retrieve(monthly).to_dict())
+    assert all(n["subscription"] != monthly for n in run_notices(w, now + 710 * DAY))
 
 
 def test_ntc_02_a_yearly_renewal_is_noticed_30_days_ahead(world: World) -> None:
@@ -207,3 +221,58 @@ def test_cxl_04_withdrawal_on_day_5_of_a_yearly_plan_refunds_the_unused_part(
     assert w.stripe.v1.subscriptions.retrieve(sub_late).status == "active"
     status, _ = w.call("POST", "/v1/withdrawals", {"subscription": 5})
     assert status == 422 or status == 400
+
+
+def test_cxl_04_a_withdrawal_stopped_by_stripe_resumes_and_refunds_each_invoice_once(
+        world: World) -> None:
+    w = world
+    sub_id, _ = w.subscribe("wanda", "annual", "EU-DE", early_start=True)
+    first = w.pay(sub_id, 9600)
+    second = w.pay(sub_id, 1000)  # a second invoice (a proration): no single charge has all
+    w.fail_next("POST /v1/refunds", 3)  # Stripe fails (the library's retries too)
+    status, failed = w.call("POST", "/v1/withdrawals", {"subscription": sub_id})
+    assert status == 502, failed
+    assert w.stripe.v1.subscriptions.retrieve(sub_id).status == "active"  # not ended unpaid
+    assert [e for e in w.sent() if e["type"] == "withdrawal.confirmed"] == []
+    # later (the subscription may have changed meanwhile): the recorded withdrawal resumes
+    w.w.withdrawals.clock = Clock(utcnow() + 3 * DAY)
+    status, done = w.call("POST", "/v1/withdrawals", {"subscription": sub_id})
+    assert status == 201, done
+    assert done["paid"] == 10600 and done["days_used"] == 1  # as computed the first time
+    by_invoice = {r["metadata"]["mlane_invoice"]: r["amount"] for r in w.refunds()
+                  if r["metadata"].get("mlane_withdrawal") == sub_id}
+    assert by_invoice == {second["id"]: 1000, first["id"]: done["refund"] - 1000}
+    assert sum(by_invoice.values()) == done["refund"] == round(10600 * Fraction(364, 365))
+    assert w.stripe.v1.subscriptions.retrieve(sub_id).status == "canceled"
+    status, again = w.call("POST", "/v1/withdrawals", {"subscription": sub_id})
+    assert status == 200 and again["withdrawal_id"] == done["withdrawal_id"]
+    assert len([r for r in w.refunds() if r["metadata"].get("mlane_withdrawal") == sub_id]) == 2
+    assert len([e for e in w.sent() if e["type"] == "withdrawal.confirmed"]) == 1
+
+
+def test_cxl_04_an_early_start_request_for_another_offer_does_not_count(world: World) -> None:
+    w = world
+    from tests.support.consent import publish_offer
+
+    other = publish_offer(w.as_call(), "lite")
+    w.consent("otto", other, "EU-FR", "eu_early_start")  # asked for another offer
+    sub_id, _ = w.subscribe("otto", "annual", "EU-FR")
+    [ack] = acks(w, "otto")
+    assert ack["early_start"] is False
+    w.pay(sub_id, 9600)
+    status, made = w.call("POST", "/v1/withdrawals", {"subscription": sub_id})
+    assert status == 201 and made["refund"] == 9600  # all of it back
+
+
+def test_bad_input_on_the_new_routes_is_a_clear_error(world: World) -> None:
+    w = world
+    for path in ("/v1/compliance/evidence?subscription=%00",
+                 "/v1/subscriptions/a%00b/cancel-screen"):
+        status, body = w.call("GET", path)
+        assert status in (400, 404), (path, body)
+    status, body = w.call("POST", "/v1/withdrawals", {"subscription": "sub_\u0000"})
+    assert status in (400, 404), body
+    status, body = w.call("POST", "/v1/price-changes", {"plan": "trial", "to_version": 2,
+                                                       "effective_at": "2027-01-01T00:00:00"},
+                          key=w.admin)
+    assert status == 422, body  # no time zone

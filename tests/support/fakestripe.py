@@ -22,7 +22,10 @@ _meters: dict[str, dict[str, Any]] = {}
 _subscriptions: dict[str, dict[str, Any]] = {}
 _schedules: dict[str, dict[str, Any]] = {}
 _invoices: dict[str, dict[str, Any]] = {}
-_refunds: dict[str, dict[str, Any]] = {}  # idempotency key -> refund (as Stripe replays)
+_refunds: dict[str, dict[str, Any]] = {}  # id -> refund
+# idempotency key -> (params, answer)
+_replies: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+_failures: dict[str, int] = {}  # "METHOD /path" -> how many more requests fail
 MONTH = 30 * 86400
 
 
@@ -287,15 +290,36 @@ async def update_subscription(request: web.Request) -> web.Response:
 
 
 async def cancel_subscription(request: web.Request) -> web.Response:
-    """DELETE /v1/subscriptions/{id}: ends it now (a second cancel is an error, as Stripe's)."""
+    """DELETE /v1/subscriptions/{id}: ends it now; a second cancel is an error, as Stripe's
+    (a retry with the same idempotency key gets the first answer again)."""
+    key = request.headers.get("Idempotency-Key")
+    if key and key in _replies:
+        return web.json_response(_replies[key][1])
     sub = _subscriptions.get(request.match_info["id"])
     if sub is None:
         return _error(404, f"No such subscription: '{request.match_info['id']}'", "id")
-    if sub["status"] == "canceled" and not request.headers.get("Idempotency-Key"):
+    if sub["status"] == "canceled":
         return _error(400, "This subscription has already been canceled.")
-    sub.update(status="canceled", ended_at=sub.get("ended_at") or int(time.time()),
-               cancel_at_period_end=False)
+    sub.update(status="canceled", ended_at=int(time.time()), cancel_at_period_end=False)
+    if key:
+        _replies[key] = ({}, dict(sub))
     return web.json_response(sub)
+
+
+async def fail_next(request: web.Request) -> web.Response:
+    """Test control: the next `times` requests to `route` ("POST /v1/refunds") get a 500."""
+    data = await request.json()
+    _failures[data["route"]] = int(data["times"])
+    return web.json_response({"ok": True})
+
+
+def _failing(route: str) -> web.Response | None:
+    if _failures.get(route, 0) > 0:
+        _failures[route] -= 1
+        return web.json_response({"error": {"type": "api_error",
+                                            "message": "Stripe had a problem (injected)."}},
+                                 status=500)
+    return None
 
 
 async def pay_invoice(request: web.Request) -> web.Response:
@@ -329,27 +353,50 @@ async def list_invoice_payments(request: web.Request) -> web.Response:
 
 
 async def create_refund(request: web.Request) -> web.Response:
-    """Refunds through localstripe's (a real charge behind a PaymentIntent), replayed for a
-    repeated idempotency key as Stripe does."""
-    from localstripe.resources import Refund, UserError
+    """Refunds through localstripe's (a real charge behind a PaymentIntent), never more than
+    what is left of the charge; a repeated idempotency key replays the first answer, and with
+    other parameters is refused, as Stripe does."""
+    from localstripe.resources import Charge, PaymentIntent, Refund, UserError
 
-    key = request.headers.get("Idempotency-Key")
-    if key and key in _refunds:
-        return web.json_response(_refunds[key])
+    failed = _failing("POST /v1/refunds")
+    if failed is not None:
+        return failed
     data = await _form(request)
+    key = request.headers.get("Idempotency-Key")
+    if key and key in _replies:
+        params, body = _replies[key]
+        if params != data:
+            return _error(400, "Keys for idempotent requests can only be used with the same "
+                          "parameters they were first used with.")
+        return web.json_response(body)
     try:
+        charge_id = data.get("charge") or PaymentIntent._api_retrieve(
+            data.get("payment_intent")).latest_charge.id
+        charge = Charge._api_retrieve(charge_id)
+        done = sum(r["amount"] for r in _refunds.values() if r["charge"] == charge_id)
+        if _int(data.get("amount")) is not None and done + int(data["amount"]) > charge.amount:
+            return _error(400, f"Refund amount ({data['amount']}) is greater than unrefunded "
+                          f"amount on charge ({charge.amount - done})", "amount")
         refund = Refund(charge=data.get("charge"), payment_intent=data.get("payment_intent"),
                         amount=data.get("amount"), metadata=data.get("metadata"))
     except UserError as exc:
         return exc.to_response()  # type: ignore[no-any-return]
     body = refund._export()
+    body["charge"] = charge_id
+    _refunds[body["id"]] = body
     if key:
-        _refunds[key] = body
+        _replies[key] = (data, body)
     return web.json_response(body)
 
 
 async def list_refunds(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": list(_refunds.values())})
+    """GET /v1/refunds (?payment_intent= or ?charge=), newest first."""
+    pi, charge = request.query.get("payment_intent"), request.query.get("charge")
+    data = [r for r in reversed(_refunds.values())
+            if (pi is None or r.get("payment_intent") == pi)
+            and (charge is None or r.get("charge") == charge)]
+    return web.json_response({"object": "list", "data": data, "has_more": False,
+                              "url": "/v1/refunds"})
 
 
 async def create_schedule(request: web.Request) -> web.Response:
@@ -421,7 +468,9 @@ def build() -> web.Application:
     ours.router.add_get("/v1/invoice_payments", list_invoice_payments)
     ours.router.add_post("/v1/refunds", create_refund)
     ours.router.add_post("/_config/invoices/pay", pay_invoice)
+    ours.router.add_get("/v1/refunds", list_refunds)
     ours.router.add_get("/_config/refunds", list_refunds)
+    ours.router.add_post("/_config/fail", fail_next)
     ours.router.add_post("/v1/subscription_schedules", create_schedule)
     ours.router.add_get("/v1/subscription_schedules/{id}", get_schedule)
     ours.router.add_post("/v1/subscription_schedules/{id}", update_schedule)

@@ -209,6 +209,14 @@ class World:
         with urllib.request.urlopen(f"{self.stripe_base}/_config/refunds", timeout=10) as resp:
             return list(orjson.loads(resp.read())["data"])
 
+    def fail_next(self, route: str, times: int) -> None:
+        """The fake Stripe answers the next `times` requests to `route` with a 500."""
+        req = urllib.request.Request(
+            f"{self.stripe_base}/_config/fail", method="POST",
+            data=orjson.dumps({"route": route, "times": times}),
+            headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).close()
+
     def sent(self) -> list[dict[str, Any]]:
         """Deliver what is due; every webhook the receiver got, signature checked."""
         self.w.events.deliver_due()
