@@ -25,6 +25,8 @@ from meterlane.core.events import EventService
 from meterlane.core.keys import KeyService
 from meterlane.core.metrics import Metrics
 from meterlane.core.tenancy import TenancyService
+from meterlane.finance.prices import PriceBook
+from meterlane.finance.service import FinanceService
 from meterlane.gateway.router import Router
 from meterlane.gateway.service import GatewayService
 from meterlane.gateway.upstream import UpstreamClient
@@ -82,6 +84,7 @@ class Wiring:
     withdrawals: WithdrawalService
     cancel_flow: CancelFlow
     evidence: EvidenceService
+    finance: FinanceService
 
     @staticmethod
     def json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None,
@@ -130,6 +133,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     tenancy = TenancyService(engine)
     ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
     metering = MeteringService(engine, ledger, _tokenizers())
+    prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
+    metering.prices = prices
     metrics = Metrics()
     catalog = Catalog.from_config(config)
     if check_schema and catalog.plans:
@@ -140,6 +145,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
         except PlanChangedError as exc:
             raise ConfigError(str(exc)) from exc
     plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
+    metering.plan_of = functools.partial(_plan_id, plans)
     credits = CreditsService(engine, cache_seconds=config.key_cache_seconds)
     accrual = AccrualService(engine, credits, plans, config.models)
     limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
@@ -164,6 +170,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                              redis=redis_client, redis_prefix=config.redis_prefix)
     evidence = EvidenceService(engine, subscriptions, paywall, notices, withdrawals,
                                cancel_flow)
+    finance = FinanceService(engine, config, prices,
+                             lambda end_user_id: _plan_id(plans, end_user_id) or "none")
     limits.thresholds = config.paywall_thresholds
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
@@ -174,7 +182,16 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   credits=credits, accrual=accrual, billing=billing, checkout=checkout,
                   overage=overage, subscriptions=subscriptions, events=events,
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
-                  withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence)
+                  withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
+                  finance=finance)
+
+
+def _plan_id(plans: PlanService, end_user_id: int) -> str | None:
+    """The plan an end user is on now (None: no plans are configured)."""
+    try:
+        return plans.plan_of(end_user_id).plan.id
+    except DomainError:
+        return None
 
 
 def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
@@ -204,6 +221,8 @@ def create_app(config: Config | None = None) -> Flask:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
 
     from meterlane.core.api import bp as keys_bp
+    from meterlane.finance.api import bp as finance_bp
+    from meterlane.finance.api import page_bp as finance_page_bp
     from meterlane.gateway.api import anthropic_bp
     from meterlane.gateway.api import bp as gateway_bp
     from meterlane.metering.api import bp as metering_bp
@@ -217,7 +236,8 @@ def create_app(config: Config | None = None) -> Flask:
     from meterlane.plans.api import bp as plans_bp
 
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
-               paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp, ops_bp):
+               paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp, finance_bp, finance_page_bp,
+               ops_bp):
         app.register_blueprint(bp)
     _register_hooks(app)
     return app

@@ -422,5 +422,14 @@ def _ensure_embedded_schema(config: Config) -> None:
     ensure_schema_current(_engine(config), auto_migrate=config.should_auto_migrate)
 
 
+def _finance_commands() -> None:
+    from meterlane.finance import cli as finance_cli
+
+    for group in (finance_cli.report, finance_cli.finance, finance_cli.prices, finance_cli.demo):
+        main.add_command(group)
+
+
+_finance_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

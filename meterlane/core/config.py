@@ -11,15 +11,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+# ConfigError lives with the cost parsers, which raise it too; it is imported from here.
+from meterlane.core.costs import ConfigError as ConfigError
+from meterlane.core.costs import GpuCost, parse_finance, parse_gpu_cost
+
 LIMIT_STORES = ("auto", "redis", "sql")
 STRIPE_API_VERSION = "2026-10-28.endive"  # the version the pinned stripe library speaks
 
 DEFAULT_DATA_DIR = "var"
-PRICE_FIELDS = ("input", "cached_input", "output", "reasoning")
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; the message says which setting and why."""
+PRICE_FIELDS = ("input", "cached_input", "output", "reasoning", "cache_write", "request_fee")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class ModelPrice:
     output: Decimal
     cached_input: Decimal | None = None
     reasoning: Decimal | None = None
+    cache_write: Decimal | None = None   # USD per 1M tokens written to a prompt cache
+    request_fee: Decimal | None = None   # USD per call
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class UpstreamConfig:
     max_concurrency: int | None = None
     breaker_failures: int = 3
     breaker_cooldown_s: float = 10.0
+    # A local GPU server's cost per hour (fully loaded), allocated to the calls it serves.
+    cost: GpuCost | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Config:
     trusted_proxies: int = 0
     # [paywall]: the percents of a quota at which a threshold event goes to the app.
     paywall_thresholds: tuple[int, ...] = (50, 80, 100)
+    # [finance] usd_per: USD per unit of each revenue currency (exact decimals).
+    finance_usd_per: tuple[tuple[str, Decimal], ...] = (("usd", Decimal(1)),)
     # MLANE_WEBHOOKS_ALLOW_PRIVATE=1: webhooks may go to private and loopback addresses.
     webhooks_allow_private: bool = False
 
@@ -200,7 +206,7 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     if len({a.name for a in aliases}) != len(aliases):
         raise ConfigError("alias names must be unique")
     unknown = sorted(set(raw) - {"upstreams", "models", "aliases", "plans", "credit_packs",
-                                 "limits", "stripe", "paywall"})
+                                 "limits", "stripe", "paywall", "finance"})
     if unknown:  # a typo such as [[model]] must not silently drop the models
         raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
                           "[[models]], [[aliases]], [[plans]], [limits]")
@@ -208,7 +214,7 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
             **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {})),
-            **_paywall(raw.get("paywall", {}))}
+            **_paywall(raw.get("paywall", {})), **parse_finance(raw.get("finance", {}))}
 
 
 def _paywall(table: Any) -> dict[str, Any]:
@@ -299,6 +305,7 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
         connect_timeout_s=float(table.get("connect_timeout", 5)),
         read_timeout_s=float(table.get("timeout", 600)),
         max_concurrency=cap, breaker_failures=failures, breaker_cooldown_s=float(cooldown),
+        cost=parse_gpu_cost(table["cost"], where) if "cost" in table else None,
     )
 
 

@@ -55,6 +55,8 @@ class CallRecord:
     route_alias: str | None = None
     route_reason: str | None = None
     baseline_cost_pico_usd: int | None = None
+    cache_write_tokens: int = 0
+    plan_id: str | None = None
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed

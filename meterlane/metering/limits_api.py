@@ -9,6 +9,7 @@ from flask import Blueprint, Response
 
 from meterlane.core.auth import Principal, Role, require_role, validate_user_id
 from meterlane.core.config import ModelConfig
+from meterlane.core.db import utcnow
 from meterlane.core.errors import (
     ConflictError,
     InvalidRequestError,
@@ -127,7 +128,7 @@ def settle() -> Response:
     meta = _own_lease(principal, lease_id)
     usage = TokenUsage(**args["usage"])
     model = _model(meta["model"])
-    cost = cost_or_none(usage, model.price)
+    cost = cost_or_none(usage, wiring().metering.price_of(model, utcnow()))
     result = wiring().limits.settle_by_id(lease_id, meta.get("tags", []), usage, cost,
                                           credits_per_token=int(meta.get("w", 1)))
     if result.outcome == "expired":
@@ -177,7 +178,7 @@ def track() -> Response:
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
     usage = TokenUsage(**args["usage"])
-    cost = cost_or_none(usage, model.price)
+    cost = cost_or_none(usage, wiring().metering.price_of(model, utcnow()))
     key = args["idempotency_key"]
     written = wiring().metering.record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,

@@ -16,6 +16,7 @@ class UsageEvent(Base):
         UniqueConstraint("app_id", "idempotency_key"),
         Index("ix_usage_events_app_created", "app_id", "created_at"),
         Index("ix_usage_events_app_user_created", "app_id", "end_user_id", "created_at"),
+        Index("ix_usage_events_created", "created_at"),  # finance roll-ups read a day at a time
         Index("ix_usage_events_limits_pending", "id", postgresql_where=text("limits_pending"),
               sqlite_where=text("limits_pending")),
     )
@@ -54,6 +55,9 @@ class UsageEvent(Base):
     route_alias: Mapped[str | None] = mapped_column(String(100))
     route_reason: Mapped[str | None] = mapped_column(String(500))
     baseline_cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    # Finance: tokens written to a prompt cache, and the plan the user was on at the call.
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    plan_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class LimitCounter(Base):

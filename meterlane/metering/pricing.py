@@ -20,6 +20,7 @@ class TokenUsage:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0  # written to a prompt cache (Anthropic): part of input too
 
     @property
     def total_tokens(self) -> int:
@@ -45,16 +46,28 @@ def _rate(price: Decimal) -> int:
 
 
 def cost_pico_usd(usage: TokenUsage, price: ModelPrice) -> int:
-    """Cost in pico-USD. Cached tokens are billed at the cached rate, never twice; reasoning
-    tokens are billed at the reasoning rate when one is set, else as the output they are."""
+    """Cost in pico-USD. Cached reads and cache writes are part of the input and billed at
+    their own rates, never twice; reasoning tokens are billed at the reasoning rate when one
+    is set, else as the output they are; a per-request fee is added once."""
     cached = min(usage.cached_input_tokens, usage.input_tokens)
+    written = min(usage.cache_write_tokens, usage.input_tokens - cached)
     reasoning = min(usage.reasoning_tokens, usage.output_tokens)
     cached_rate = _rate(price.cached_input if price.cached_input is not None else price.input)
+    write_rate = _rate(price.cache_write if price.cache_write is not None else price.input)
     reasoning_rate = _rate(price.reasoning if price.reasoning is not None else price.output)
-    return ((usage.input_tokens - cached) * _rate(price.input)
-            + cached * cached_rate
+    fee = _fee(price.request_fee) if price.request_fee is not None else 0
+    return ((usage.input_tokens - cached - written) * _rate(price.input)
+            + cached * cached_rate + written * write_rate
             + (usage.output_tokens - reasoning) * _rate(price.output)
-            + reasoning * reasoning_rate)
+            + reasoning * reasoning_rate + fee)
+
+
+def _fee(usd: Decimal) -> int:
+    """A per-request fee in pico-USD (USD with at most 12 decimals)."""
+    value = usd * PICO_PER_USD
+    if value != value.to_integral_value():
+        raise ValueError(f"request fee {usd} has more than 12 decimal places")
+    return int(value)
 
 
 def cost_or_none(usage: TokenUsage, price: ModelPrice | None) -> int | None:

@@ -127,6 +127,10 @@ class UsageSchema(Schema):
                                          validate=validate.Range(0, MAX_TOKENS_PER_CALL))
     reasoning_tokens = fields.Integer(load_default=0, strict=True,
                                       validate=validate.Range(0, MAX_TOKENS_PER_CALL))
+    cache_write_tokens = fields.Integer(load_default=0, strict=True,
+                                        validate=validate.Range(0, MAX_TOKENS_PER_CALL),
+                                        metadata={"description": "Of the input, written to a "
+                                                  "prompt cache (priced at cache_write)"})
 
 
 class ReserveRequestSchema(Schema):

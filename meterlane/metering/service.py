@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
-from meterlane.core.config import ModelConfig
+from meterlane.core.config import ModelConfig, ModelPrice
 from meterlane.core.db import utcnow
 from meterlane.metering.ledger import CallRecord, LedgerWriter
 from meterlane.metering.models import UsageEvent
@@ -78,6 +78,14 @@ class MeteringService:
         self.tokenizers = tokenizers
         self.clock = utcnow
         self.usage_store = UsageStore(engine)
+        # The price catalog (finance): the price in force when a call happens. Without one,
+        # the config's price.
+        self.prices: Any = None
+        # The plan an end user is on (for the ledger row of a call the app reports itself).
+        self.plan_of: Callable[[int], str | None] | None = None
+
+    def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
+        return self.prices.price_at(model.name, at) if self.prices is not None else model.price
 
     def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str]:
         """The upstream's usage when reported; else a tokenizer count of what passed through
@@ -103,7 +111,7 @@ class MeteringService:
     def settle(self, outcome: CallOutcome) -> CallRecord:
         """Price the call and append it to the ledger (idempotent on the idempotency key)."""
         usage, source = self.usage_of(outcome)
-        price = outcome.model.price
+        price = self.price_of(outcome.model, outcome.created_at)
         record = CallRecord(
             app_id=outcome.app_id, end_user_id=outcome.end_user_id,
             request_id=outcome.request_id, idempotency_key=outcome.idempotency_key,
@@ -118,6 +126,8 @@ class MeteringService:
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
             route_alias=outcome.route_alias, route_reason=outcome.route_reason,
             baseline_cost_pico_usd=_baseline(usage, outcome.route_allowed),
+            cache_write_tokens=usage.cache_write_tokens,
+            plan_id=outcome.lease.plan.id if outcome.lease is not None else None,
         )
         self.ledger.record(record)
         outcome.record = record
@@ -125,7 +135,7 @@ class MeteringService:
 
     def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,
                       usage: TokenUsage, cost_pico: int | None, request_id: str,
-                      idempotency_key: str, endpoint: str) -> str:
+                      idempotency_key: str, endpoint: str, at: datetime | None = None) -> str:
         """Record a call the app made itself (reported through the metering API); returns the
         ledger's answer: written, duplicate (this key was recorded before) or spooled."""
         record = CallRecord(
@@ -135,8 +145,10 @@ class MeteringService:
             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
             output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
             usage_source="reported", cost_pico_usd=cost_pico,
-            priced=model.price is not None, status="ok", http_status=200, error=None, latency_ms=0,
-            ttft_ms=None, created_at=self.clock())
+            priced=cost_pico is not None, status="ok", http_status=200, error=None, latency_ms=0,
+            ttft_ms=None, created_at=at or self.clock(),
+            cache_write_tokens=usage.cache_write_tokens,
+            plan_id=self.plan_of(end_user_id) if self.plan_of is not None else None)
         return self.ledger.record(record, dedupe=True)
 
     def mark_limits_pending(self, app_id: int, idempotency_key: str) -> None:

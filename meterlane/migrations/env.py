@@ -7,7 +7,9 @@ from sqlalchemy import text
 
 from meterlane.core import models as _core_models  # noqa: F401 - register tables
 from meterlane.core.db import Base
+from meterlane.finance import models as _finance_models  # noqa: F401
 from meterlane.metering import models as _metering_models  # noqa: F401
+from meterlane.paywall import models as _paywall_models  # noqa: F401
 from meterlane.plans import models as _plans_models  # noqa: F401
 
 config = context.config

@@ -160,6 +160,7 @@ class RevenueEvent(Base):
     period_start: Mapped[datetime | None]
     period_end: Mapped[datetime | None]
     occurred_at: Mapped[datetime]
+    plan_id: Mapped[str | None] = mapped_column(String(64))  # what an invoice paid for
 
 
 class AllowanceOffset(Base):

@@ -1,0 +1,1 @@
+"""Finance: the price catalog, GPU cost allocation, roll-ups and margin reports."""

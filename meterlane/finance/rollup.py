@@ -1,0 +1,275 @@
+"""Roll-ups: the ledger summed per (app, end user, plan, model, UTC day), with each local GPU
+hour's cost allocated to the calls served in it, and revenue spread over the days it pays for.
+
+Idempotent: a day is always recomputed whole from the raw events (delete, then insert, in one
+transaction), so a re-run changes nothing. Incremental: the days recomputed are those of the
+events recorded since the last run (by event id, so a late event, replayed from the spool
+with an old time, still lands in its day). Revenue is recomputed whole each run (one row per
+invoice: small). Reports read only roll-ups."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Integer, case, cast, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from meterlane.core.config import Config
+from meterlane.core.db import utcnow
+from meterlane.finance.models import GpuHour, RevenueDaily, RollupState, UsageDaily
+from meterlane.finance.prices import PriceBook
+from meterlane.metering.models import UsageEvent
+from meterlane.metering.pricing import TokenUsage, cost_pico_usd
+from meterlane.plans.models import RevenueEvent
+
+log = logging.getLogger(__name__)
+DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+_E = UsageEvent
+TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+                "reasoning_tokens")
+
+
+def allocate(total: int, weights: list[int]) -> list[int]:
+    """Split an integer total by weights, exactly (largest remainder; ties to the first):
+    the parts always sum to the total. No weight at all: equal parts."""
+    if not weights:
+        return []
+    if sum(weights) <= 0:
+        weights = [1] * len(weights)
+    whole = sum(weights)
+    parts = [total * w // whole for w in weights]
+    left = total - sum(parts)
+    order = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
+    for i in order[:left]:
+        parts[i] += 1
+    return parts
+
+
+def day_start(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+@dataclass
+class RollupRun:
+    days: list[date]
+    events_read_to: int
+    revenue_rows: int
+
+
+class Rollups:
+    def __init__(self, engine: Engine, config: Config, prices: PriceBook,
+                 plan_of: Callable[[int], str], clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.plan_of = plan_of  # the plan of an event recorded without one (older rows)
+        self.clock = clock
+        self.local = {u.name: u.cost for u in config.upstreams if u.cost is not None}
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def refresh(self, progress: Callable[[int, int], None] | None = None) -> RollupRun:
+        """Recompute the days with events recorded since the last run, and the revenue."""
+        with self.engine.connect() as conn:
+            last = conn.execute(select(RollupState.last_id).where(
+                RollupState.name == "usage")).scalar() or 0
+            top = conn.execute(select(func.max(_E.id))).scalar() or 0
+            days = self._days(conn, last, top)
+        for n, d in enumerate(days, 1):
+            self.rollup_day(d)
+            if progress is not None:
+                progress(n, len(days))
+        revenue = self.rollup_revenue()
+        with self.engine.begin() as conn:
+            moved = conn.execute(update(RollupState).where(RollupState.name == "usage")
+                                 .values(last_id=top, updated_at=self.clock())).rowcount
+            if not moved:
+                conn.execute(insert(RollupState).values(name="usage", last_id=top,
+                                                        updated_at=self.clock()))
+        return RollupRun(days, top, revenue)
+
+    def _days(self, conn: Connection, after: int, upto: int) -> list[date]:
+        if upto <= after:
+            return []
+        stamps = conn.execute(select(func.min(_E.created_at), func.max(_E.created_at)).where(
+            _E.id > after, _E.id <= upto)).one()
+        if stamps[0] is None:
+            return []
+        first, last = (_utc(stamps[0]).date(), _utc(stamps[1]).date())
+        if (last - first).days <= 62:
+            # few days: check each (an index range scan) rather than read every new event
+            out = []
+            d = first
+            while d <= last:
+                hit = conn.execute(select(_E.id).where(
+                    _E.id > after, _E.id <= upto, _E.created_at >= day_start(d),
+                    _E.created_at < day_start(d) + DAY).limit(1)).first()
+                if hit is not None:
+                    out.append(d)
+                d += DAY
+            return out
+        rows = conn.execute(select(_E.created_at).where(_E.id > after, _E.id <= upto)).scalars()
+        return sorted({_utc(r).date() for r in rows})
+
+    def rollup_day(self, d: date) -> int:
+        """Recompute one UTC day; returns the rows written."""
+        start, end = day_start(d), day_start(d) + DAY
+        is_local = _E.upstream.in_(list(self.local)) if self.local else None
+        tokens = _E.input_tokens + _E.output_tokens
+        counted = case((tokens > 0, 1), else_=0)
+        cloud = case((_E.priced, _E.cost_pico_usd), else_=0)
+        unpriced = case((_E.priced, 0), else_=(1 if is_local is None else
+                                                case((is_local, 0), else_=1)))
+        cols = [func.sum(getattr(_E, f)) for f in TOKEN_FIELDS]
+        rows: dict[tuple[int, int, str, str], list[int]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(
+                    _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model,
+                    func.sum(counted), *cols, func.coalesce(func.sum(cloud), 0),
+                    func.sum(cast(unpriced, Integer))).where(
+                    _E.created_at >= start, _E.created_at < end).group_by(
+                    _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model)):
+                key = (int(r[0]), int(r[1]), r[2] or self.plan_of(int(r[1])), str(r[3]))
+                values = [int(v or 0) for v in r[4:]]
+                # calls, 5 token sums, cloud cost, local, shadow, unpriced
+                now = values[:7] + [0, 0, values[7]]
+                old = rows.get(key)
+                rows[key] = now if old is None else [a + b for a, b in zip(old, now,
+                                                                          strict=True)]
+            hours = self._local_hours(conn, start, end) if self.local else []
+        gpu_rows = []
+        for hour in hours:
+            gpu_rows.append(hour.row)
+            for key, (local, shadow) in hour.shares.items():
+                rows[key][7] += local
+                rows[key][8] += shadow
+        names = ("calls", *TOKEN_FIELDS, "cloud_cost_pico", "local_cost_pico",
+                 "shadow_cost_pico", "unpriced_calls")
+        with self.engine.begin() as conn:
+            conn.execute(delete(UsageDaily).where(UsageDaily.day == d))
+            conn.execute(delete(GpuHour).where(GpuHour.hour >= start, GpuHour.hour < end))
+            if rows:
+                conn.execute(insert(UsageDaily), [
+                    {"app_id": k[0], "end_user_id": k[1], "plan_id": k[2], "model": k[3],
+                     "day": d, **dict(zip(names, v, strict=True))} for k, v in rows.items()])
+            if gpu_rows:
+                conn.execute(insert(GpuHour), gpu_rows)
+        return len(rows)
+
+    def _local_hours(self, conn: Connection, start: datetime, end: datetime) -> list[_Hour]:
+        """Each hour a local upstream served calls in: its cost split over those calls' groups
+        by tokens, and what the same tokens cost at the shadow model's price."""
+        hour_of = _hour_expr(self.engine.dialect.name)
+        cols = [func.sum(getattr(_E, f)) for f in TOKEN_FIELDS]
+        found: dict[tuple[str, datetime], dict[tuple[int, int, str, str], list[int]]] = \
+            defaultdict(dict)
+        for r in conn.execute(select(
+                _E.upstream, hour_of, _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model,
+                func.count(), *cols).where(
+                _E.created_at >= start, _E.created_at < end,
+                _E.upstream.in_(list(self.local))).group_by(
+                _E.upstream, hour_of, _E.app_id, _E.end_user_id, _E.plan_id,
+                _E.requested_model)):
+            hour = _parse_hour(r[1])
+            key = (int(r[2]), int(r[3]), r[4] or self.plan_of(int(r[3])), str(r[5]))
+            values = [int(v or 0) for v in r[6:]]
+            group = found[(str(r[0]), hour)]
+            old = group.get(key)
+            group[key] = values if old is None else [a + b for a, b in zip(old, values,
+                                                                           strict=True)]
+        out = []
+        for (upstream, hour), groups in sorted(found.items()):
+            cost = self.local[upstream]
+            keys = sorted(groups)
+            weights = [groups[k][1] + groups[k][4] for k in keys]  # input + output tokens
+            parts = allocate(cost.hourly_pico, weights)
+            shadow_price = (self.prices.price_at(cost.shadow_model, hour)
+                            if cost.shadow_model else None)
+            shares = {}
+            for k, part in zip(keys, parts, strict=True):
+                g = groups[k]
+                shadow = 0
+                if shadow_price is not None:
+                    usage = TokenUsage(input_tokens=g[1], cached_input_tokens=g[2],
+                                       cache_write_tokens=g[3], output_tokens=g[4],
+                                       reasoning_tokens=g[5])
+                    fee = shadow_price.request_fee
+                    shadow = cost_pico_usd(usage, replace(shadow_price, request_fee=None))
+                    if fee is not None:
+                        shadow += int(fee * 10**12) * g[0]
+                shares[k] = (part, shadow)
+            out.append(_Hour({"upstream": upstream, "hour": hour, "cost_pico": cost.hourly_pico,
+                              "allocated_pico": sum(parts),
+                              "calls": sum(g[0] for g in groups.values()),
+                              "tokens": sum(weights)}, shares))
+        return out
+
+    # -- revenue ------------------------------------------------------------------------------
+
+    def rollup_revenue(self) -> int:
+        """Spread every revenue event over the days it pays for (whole, each run)."""
+        with self.engine.connect() as conn:
+            events = conn.execute(select(
+                RevenueEvent.app_id, RevenueEvent.end_user_id, RevenueEvent.plan_id,
+                RevenueEvent.currency, RevenueEvent.amount, RevenueEvent.period_start,
+                RevenueEvent.period_end, RevenueEvent.occurred_at)).all()
+        days: dict[tuple[int, int, str, str, date], int] = defaultdict(int)
+        for e in events:
+            plan = e.plan_id or self.plan_of(int(e.end_user_id))
+            for d, amount in spread(int(e.amount), _utc(e.period_start), _utc(e.period_end),
+                                    _utc(e.occurred_at)):
+                days[(int(e.app_id), int(e.end_user_id), plan, e.currency, d)] += amount
+        with self.engine.begin() as conn:
+            conn.execute(delete(RevenueDaily))
+            if days:
+                conn.execute(insert(RevenueDaily), [
+                    {"app_id": k[0], "end_user_id": k[1], "plan_id": k[2], "currency": k[3],
+                     "day": k[4], "amount": v} for k, v in days.items()])
+        return len(days)
+
+
+@dataclass
+class _Hour:
+    row: dict[str, Any]
+    shares: dict[tuple[int, int, str, str], tuple[int, int]]
+
+
+def spread(amount: int, start: datetime | None, end: datetime | None,
+           occurred: datetime) -> Iterable[tuple[date, int]]:
+    """An amount over the UTC days of [start, end) by the time in each (exact: the parts sum
+    to the amount); without a service period (a credit pack, a refund), on the day it
+    happened."""
+    if start is None or end is None or end <= start:
+        return [(occurred.date(), amount)]
+    days, weights = [], []
+    d = start.date()
+    while day_start(d) < end:
+        lo, hi = max(start, day_start(d)), min(end, day_start(d) + DAY)
+        days.append(d)
+        weights.append(int((hi - lo).total_seconds()))
+        d += DAY
+    sign = -1 if amount < 0 else 1
+    return list(zip(days, [sign * p for p in allocate(abs(amount), weights)], strict=True))
+
+
+def _utc(at: datetime | None) -> Any:
+    if at is None:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _hour_expr(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return func.date_trunc("hour", func.timezone("UTC", _E.created_at))
+    return func.strftime("%Y-%m-%d %H:00:00", _E.created_at)
+
+
+def _parse_hour(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
