@@ -158,7 +158,7 @@ class BillingService:
             self._revenue(conn, obj["id"], "invoice_paid", app_id, user,
                           int(obj.get("amount_paid") or 0), obj.get("currency") or "usd", at,
                           _at(span.get("start") or obj.get("period_start")),
-                          _at(span.get("end") or obj.get("period_end")))
+                          _at(span.get("end") or obj.get("period_end")), _invoice_plan(obj))
         elif kind == "invoice.payment_failed":
             app_id, user = self._owner(conn, obj)
             log.warning("invoice %s of end user %s failed; the subscription goes past_due",
@@ -299,7 +299,7 @@ class BillingService:
     @staticmethod
     def _revenue(conn: Connection, source_id: str, kind: str, app_id: int, end_user_id: int,
                  amount: int, currency: str, at: datetime, period_start: datetime | None = None,
-                 period_end: datetime | None = None) -> bool:
+                 period_end: datetime | None = None, plan_id: str | None = None) -> bool:
         exists = conn.execute(select(RevenueEvent.id).where(
             RevenueEvent.source_id == source_id, RevenueEvent.kind == kind)).first()
         if exists is not None:
@@ -307,8 +307,20 @@ class BillingService:
         conn.execute(insert(RevenueEvent).values(
             source_id=source_id, kind=kind, app_id=app_id, end_user_id=end_user_id,
             amount=amount, currency=currency.lower(), period_start=period_start,
-            period_end=period_end, occurred_at=at))
+            period_end=period_end, occurred_at=at, plan_id=plan_id))
         return True
+
+
+def _invoice_plan(invoice: dict[str, Any]) -> str | None:
+    """The plan an invoice pays for: the mlane_plan ("pro@2") our checkout put on its
+    subscription; None for anything else (the finance roll-up then uses the user's plan)."""
+    for meta in ((invoice.get("subscription_details") or {}).get("metadata"),
+                 ((invoice.get("parent") or {}).get("subscription_details") or {})
+                 .get("metadata")):
+        ref = (meta or {}).get("mlane_plan")
+        if isinstance(ref, str) and ref:
+            return ref.partition("@")[0][:64]
+    return None
 
 
 class _NotYetError(Exception):

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from meterlane.core.db import utcnow
 from meterlane.paywall.acknowledge import of_subscription
 from meterlane.paywall.models import Notice
-from meterlane.plans.models import Subscription
+from meterlane.plans.models import RevenueEvent, Subscription
 from tests.support.lifecycle import Clock, World, open_world
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,10 @@ def test_cxl_04_withdrawal_on_day_5_of_a_yearly_plan_refunds_the_unused_part(
         world: World) -> None:
     w = world
     sub_id, _ = w.subscribe("fleur", "annual", "EU-FR", early_start=True)
-    w.pay(sub_id, 9600)
+    paid = w.pay(sub_id, 9600)
+    with w.w.engine.connect() as conn:  # the revenue knows the plan it paid for (finance)
+        assert conn.execute(select(RevenueEvent.plan_id).where(
+            RevenueEvent.source_id == paid["id"])).scalar() == "annual"
     app_id = w.w.auth.authenticate(w.key).app_id
     with w.w.engine.connect() as conn:
         started = of_subscription(conn, app_id, sub_id).started_at
