@@ -56,6 +56,32 @@ class TenancyService:
             self._users[key] = user_id
         return user_id
 
+    def ensure_end_users(self, app_id: int, external_ids: list[str]) -> dict[str, int]:
+        """Many end users at once (a batch of reported usage): one read, one insert of the
+        new ones, one read of those."""
+        out = {e: u for e in external_ids if (u := self._users.get((app_id, e))) is not None}
+        wanted = [e for e in dict.fromkeys(external_ids) if e not in out]
+        if wanted:
+            def read(conn: Connection, names: list[str]) -> dict[str, int]:
+                return {r[0]: r[1] for r in conn.execute(select(
+                    EndUser.external_id, EndUser.id).where(EndUser.app_id == app_id,
+                                                           EndUser.external_id.in_(names)))}
+            with self.engine.begin() as conn:
+                found = read(conn, wanted)
+                new = [e for e in wanted if e not in found]
+                if new:
+                    _insert_ignore(conn, EndUser, [{"app_id": app_id, "external_id": e,
+                                                    "created_at": utcnow()} for e in new],
+                                   ["app_id", "external_id"])
+                if new:
+                    found.update(read(conn, new))
+            with self._lock:
+                if len(self._users) > 100_000:
+                    self._users.clear()
+                self._users.update({(app_id, e): u for e, u in found.items()})
+            out.update(found)
+        return out
+
     def find_end_user(self, app_id: int, external_id: str) -> int | None:
         cached = self._users.get((app_id, external_id))
         if cached is not None:
@@ -66,16 +92,18 @@ class TenancyService:
             ).scalar_one_or_none()
 
 
-def _insert_ignore(conn: Connection, model: type[App] | type[EndUser], values: dict[str, object],
+def _insert_ignore(conn: Connection, model: type[App] | type[EndUser],
+                   values: dict[str, object] | list[dict[str, object]],
                    conflict: list[str]) -> bool:
-    """INSERT .. ON CONFLICT DO NOTHING on either backend; True when a row was inserted."""
+    """INSERT .. ON CONFLICT DO NOTHING (one row, or many in one statement) on either
+    backend; True when a row was inserted."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        pg = postgresql.insert(model).values(**values).on_conflict_do_nothing(
+        pg = postgresql.insert(model).values(values).on_conflict_do_nothing(
             index_elements=conflict)
         return bool(conn.execute(pg).rowcount)
     if dialect == "sqlite":
-        lite = sqlite.insert(model).values(**values).on_conflict_do_nothing(
+        lite = sqlite.insert(model).values(values).on_conflict_do_nothing(
             index_elements=conflict)
         return bool(conn.execute(lite).rowcount)
     raise RuntimeError(f"unsupported database {dialect}")

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from meterlane.core.config import ModelConfig
 from meterlane.metering.limitstore import Check, CheckState
+from meterlane.metering.pricing import output_rate, rate_of
 from meterlane.plans.catalog import LimitSpec, Plan
 from meterlane.plans.windows import from_epoch_ms
 
@@ -93,3 +95,21 @@ def counter_key(limit: LimitSpec) -> str:
     w = limit.window
     zone = w.tz if w.kind == "calendar" and w.unit in ("day", "week", "month") else ""
     return f"{limit.metric}|{w.spec}|{zone}|{limit.model or '*'}"
+
+
+def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
+             out_per_token: int, credits_per_token: int = 1) -> tuple[int | None, int]:
+    """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
+    limit cannot apply (a cost limit on a model without a price)."""
+    if limit.metric == "tokens":
+        return prompt_tokens, out_per_token
+    if limit.metric == "credits":
+        return prompt_tokens * credits_per_token, out_per_token * credits_per_token
+    if limit.metric == "cost_usd":
+        if model is None:
+            return 0, 0
+        price = model.price
+        if price is None:
+            return None, 0
+        return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
+    return 1, 0

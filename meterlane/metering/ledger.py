@@ -109,6 +109,17 @@ class LedgerWriter:
         pending.done.wait()
         return pending.result
 
+    def record_many(self, recs: list[CallRecord], *, dedupe: bool = False) -> list[str]:
+        """Append many records (one group commit carries as many as fit): each its answer,
+        as record() gives it; returns once all are committed or spooled."""
+        pendings = [_Pending(rec.row(), dedupe) for rec in recs]
+        self._ensure_writer()
+        for pending in pendings:
+            self._queue.put(pending)
+        for pending in pendings:
+            pending.done.wait()
+        return [p.result for p in pendings]
+
     def _ensure_writer(self) -> None:
         if self._writer_pid == os.getpid():
             return

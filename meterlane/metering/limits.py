@@ -35,6 +35,7 @@ from meterlane.metering.leases import (
     Lease,
     QuotaLine,
     app_tag,
+    charges,
     counter_key,
     lease_tags,
     user_tag,
@@ -47,7 +48,7 @@ from meterlane.metering.outage import (
     store_down_is_503,
     store_errors,
 )
-from meterlane.metering.pricing import TokenUsage, output_rate, rate_of
+from meterlane.metering.pricing import TokenUsage
 from meterlane.metering.thresholds import (
     LimitEvent,
     LimitHook,
@@ -119,7 +120,7 @@ class LimitsService:
         credits = plan.terms.credits_per_token(model.tier) if model else 1
         out: list[Applied] = []
         for limit in limits:
-            fixed, per_out = _charges(limit, model, prompt_tokens, out_per_token, credits)
+            fixed, per_out = charges(limit, model, prompt_tokens, out_per_token, credits)
             if fixed is None:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
@@ -322,28 +323,43 @@ class LimitsService:
 
     def _crossings_now(self, app_id: int, end_user_id: int, model: ModelConfig | None,
                        actual: Actual, request_id: str = "") -> None:
+        self._crossings_many([(app_id, end_user_id, model, actual, request_id)])
+
+    def _crossings_many(self, items: list[tuple[int, int, ModelConfig | None, Actual, str]]
+                        ) -> None:
         """For usage counted without a reservation's states (the metering API): read the
-        counters after it and emit the thresholds it crossed."""
+        counters after it (one round trip where the store batches) and emit the thresholds
+        it crossed."""
         if self.on_limit_event is None:
             return
         try:
             now = self.clock()
-            assignment = self.plans.plan_of(end_user_id)
-            applied = self._applied(app_id, end_user_id, assignment, model, now)
-            usages = []
-            if model is None:  # a per-model limit of another model saw none of it
-                applied = [a for a in applied if a.limit.model is None]
-            for tag in dict.fromkeys(a.tag for a in applied):
-                group = [a for a in applied if a.tag == tag]
-                states = self.store.peek(tag, [a.check for a in group], now_ms=epoch_ms(now))
-                for a, st in zip(group, states, strict=True):
-                    charge = actual.charge(a.check, a.check.fixed)
-                    usages.append(Usage(a.limit, a.check, st.used - charge, st.used,
-                                        Applied(a.limit, a.tag, a.check, st).resets_at(now)))
-            self._emit(crossed(app_id, end_user_id, assignment.plan, usages, self.thresholds,
-                               now, request_id))
+            peeks: list[tuple[str, list[Check]]] = []
+            seen: list[tuple[Plan, list[tuple[list[Applied], int]]]] = []
+            for app_id, end_user_id, model, _, _ in items:
+                assignment = self.plans.plan_of(end_user_id)
+                applied = self._applied(app_id, end_user_id, assignment, model, now)
+                if model is None:  # a per-model limit of another model saw none of it
+                    applied = [a for a in applied if a.limit.model is None]
+                parts = []
+                for tag in dict.fromkeys(a.tag for a in applied):
+                    group = [a for a in applied if a.tag == tag]
+                    parts.append((group, len(peeks)))
+                    peeks.append((tag, [a.check for a in group]))
+                seen.append((assignment.plan, parts))
+            states = self.store.peek_many(peeks, now_ms=epoch_ms(now))
+            for (app_id, end_user_id, _, actual, request_id), (plan, parts) in zip(
+                    items, seen, strict=True):
+                usages = []
+                for group, at in parts:
+                    for a, st in zip(group, states[at], strict=True):
+                        charge = actual.charge(a.check, a.check.fixed)
+                        usages.append(Usage(a.limit, a.check, st.used - charge, st.used,
+                                            Applied(a.limit, a.tag, a.check, st).resets_at(now)))
+                self._emit(crossed(app_id, end_user_id, plan, usages, self.thresholds, now,
+                                   request_id))
         except Exception:  # noqa: BLE001 - a threshold event is a notice, never a failure
-            log.exception("could not check the thresholds of end user %s", end_user_id)
+            log.exception("could not check the thresholds of %d end users", len(items))
 
     def _emit(self, events: list[LimitEvent]) -> None:
         assert self.on_limit_event is not None
@@ -535,21 +551,48 @@ class LimitsService:
     def track(self, *, app_id: int, end_user_id: int, model: ModelConfig, usage: TokenUsage,
               cost_pico: int | None, event_id: str) -> bool:
         """Count usage the app reports for a call it made itself (once per event id)."""
+        return self.track_many([(app_id, end_user_id, model, usage, cost_pico, event_id)])[0]
+
+    def track_many(self, items: list[tuple[int, int, ModelConfig, TokenUsage, int | None, str]]
+                   ) -> list[bool]:
+        """Count many reported calls (app, end user, model, usage, cost, event id), each once
+        per event id, in one round trip where the store batches; whether each was new. The
+        thresholds are checked once per end user and model, after all of them."""
         now = self.clock()
-        assignment = self.plans.plan_of(end_user_id)
-        applied = self._applied(app_id, end_user_id, assignment, model, now,
-                                prompt_tokens=usage.input_tokens)
-        actual = Actual(usage.total_tokens, cost_pico or 0,
-                        usage.total_tokens * assignment.plan.terms.credits_per_token(model.tier))
-        fresh = True
-        for tag in dict.fromkeys(a.tag for a in applied):
-            group = [a.check for a in applied if a.tag == tag]
-            with store_down_is_503():
-                fresh = self.store.commit(tag, f"ev:{app_id}:{event_id}", group, actual,
-                                          now_ms=epoch_ms(now)) and fresh
-        if fresh and applied:
-            self._background(functools.partial(self._crossings_now, app_id, end_user_id, model,
-                                               actual, event_id))
+        calls: list[tuple[str, str, list[Check], Actual]] = []
+        owners: list[int] = []
+        actuals: dict[int, Actual] = {}  # the items some limit counts
+        for n, (app_id, end_user_id, model, usage, cost, event_id) in enumerate(items):
+            assignment = self.plans.plan_of(end_user_id)
+            applied = self._applied(app_id, end_user_id, assignment, model, now,
+                                    prompt_tokens=usage.input_tokens)
+            actual = Actual(usage.total_tokens, cost or 0, usage.total_tokens
+                            * assignment.plan.terms.credits_per_token(model.tier))
+            for tag in dict.fromkeys(a.tag for a in applied):
+                calls.append((tag, f"ev:{app_id}:{event_id}",
+                              [a.check for a in applied if a.tag == tag], actual))
+                owners.append(n)
+                actuals[n] = actual
+        with store_down_is_503():
+            results = self.store.commit_many(calls, now_ms=epoch_ms(now))
+        fresh = [True] * len(items)
+        for n, ok in zip(owners, results, strict=True):
+            fresh[n] = fresh[n] and ok
+        counted: dict[tuple[int, int, str], tuple[ModelConfig, Actual, str]] = {}
+        for n, actual in actuals.items():
+            app_id, end_user_id, model, _, _, event_id = items[n]
+            if not fresh[n]:
+                continue
+            prior = counted.get((app_id, end_user_id, model.name))
+            if prior is not None:
+                a = prior[1]
+                actual = Actual(a.tokens + actual.tokens, a.cost + actual.cost,
+                                (a.credits or 0) + (actual.credits or 0))
+            counted[(app_id, end_user_id, model.name)] = (model, actual, event_id)
+        if counted:
+            self._background(functools.partial(self._crossings_many, [
+                (app_id, end_user_id, model, actual, event_id)
+                for (app_id, end_user_id, _), (model, actual, event_id) in counted.items()]))
         return fresh
 
 
@@ -557,21 +600,3 @@ def _actual(lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> Ac
     if usage is None:
         return None
     return Actual(usage.total_tokens, cost_pico or 0, usage.total_tokens * lease.credits_per_token)
-
-
-def _charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
-             out_per_token: int, credits_per_token: int = 1) -> tuple[int | None, int]:
-    """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
-    limit cannot apply (a cost limit on a model without a price)."""
-    if limit.metric == "tokens":
-        return prompt_tokens, out_per_token
-    if limit.metric == "credits":
-        return prompt_tokens * credits_per_token, out_per_token * credits_per_token
-    if limit.metric == "cost_usd":
-        if model is None:
-            return 0, 0
-        price = model.price
-        if price is None:
-            return None, 0
-        return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
-    return 1, 0

@@ -12,6 +12,7 @@ from meterlane.core.config import ModelConfig
 from meterlane.core.db import utcnow
 from meterlane.core.errors import (
     ConflictError,
+    DomainError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -29,9 +30,16 @@ from meterlane.metering.schemas import (
     ReleaseRequestSchema,
     ReserveRequestSchema,
     SettleRequestSchema,
+    TrackBatchRequestSchema,
+    TrackBatchResultSchema,
     TrackRequestSchema,
 )
-from meterlane.metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
+from meterlane.metering.service import (
+    ENDPOINT_CHAT,
+    ENDPOINT_COMPLETIONS,
+    ENDPOINT_EMBEDDINGS,
+    DirectCall,
+)
 from meterlane.plans.catalog import ALLOWANCE_ID, LimitSpec
 
 bp = Blueprint("limits", __name__, url_prefix="/v1")
@@ -194,6 +202,54 @@ def track() -> Response:
     return wiring().json(MeterResultSchema().dump({
         "lease_id": None, "idempotency_key": key, "outcome": "tracked" if fresh else "duplicate",
         "cost_usd": format_usd(cost)}), status=201 if fresh else 200)
+
+
+@bp.post("/meter/track/batch")
+@documented(summary="Record up to 1,000 calls the app made itself, in one request "
+            "(idempotent per event)", body=TrackBatchRequestSchema,
+            response=TrackBatchResultSchema, tag="metering")
+def track_batch() -> Response:
+    principal = current_principal()
+    args = TrackBatchRequestSchema().load(json_body())
+    w, now = wiring(), utcnow()
+    keys = [e["idempotency_key"] for e in args["events"]]
+    if len(set(keys)) != len(keys):
+        raise InvalidRequestError("Each event of a batch needs its own idempotency_key.",
+                                  param="events")
+    calls = []
+    if principal.role == Role.APP:  # many users: looked up (or created) together
+        named = [validate_user_id(e["user"]) for e in args["events"] if e.get("user")]
+        w.tenancy.ensure_end_users(app_in_scope(principal), named)
+    for event in args["events"]:
+        app_id, end_user_id, _user = _caller(principal, event.get("user"))
+        model = _model(event["model"])
+        usage = TokenUsage(**event["usage"])
+        calls.append(DirectCall(app_id, end_user_id, model, usage,
+                                cost_or_none(usage, w.metering.price_of(model, now)),
+                                request_id(), event["idempotency_key"]))
+    try:
+        w.plans.prefetch([c.end_user_id for c in calls])
+    except DomainError:  # no plans configured: each call says so as it would alone
+        pass
+    written = w.metering.record_direct_many(calls)
+    # the ledger keeps keys for good: a repeat is never counted twice
+    new = [c for c, outcome in zip(calls, written, strict=True) if outcome != "duplicate"]
+    pending = 0
+    try:
+        w.limits.track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
+                              c.idempotency_key) for c in new])
+    except ServiceUnavailableError:  # recorded; counted into the limits when the store is back
+        for c in new:
+            w.metering.mark_limits_pending(c.app_id, c.idempotency_key)
+        pending = len(new)
+    data = [{"idempotency_key": c.idempotency_key,
+             "outcome": "tracked" if outcome != "duplicate" else "duplicate",
+             "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,
+                                                                         strict=True)]
+    tracked = sum(1 for d in data if d["outcome"] == "tracked")
+    return w.json(TrackBatchResultSchema().dump({
+        "tracked": tracked, "duplicates": len(data) - tracked, "limits_pending": pending,
+        "data": data}), status=201 if tracked else 200)
 
 
 def _quota(app_id: int, end_user_id: int, user: str) -> Response:

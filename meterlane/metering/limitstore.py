@@ -117,6 +117,12 @@ class LimitStore(Protocol):
     def commit(self, tag: str, event_id: str, checks: list[Check], actual: Actual, *,
                now_ms: int) -> bool: ...
 
+    def commit_many(self, items: list[tuple[str, str, list[Check], Actual]], *,
+                    now_ms: int) -> list[bool]: ...
+
+    def peek_many(self, items: list[tuple[str, list[Check]]], *, now_ms: int
+                  ) -> list[tuple[CheckState, ...]]: ...
+
     def overwrite(self, tag: str, values: list[tuple[Check, int]], *, now_ms: int) -> None: ...
 
     def ping(self) -> None: ...
@@ -412,6 +418,15 @@ class SqlLimitStore:
                               "VALUES (:t, :i, 'committed', :x, '{}')"),
                          {"t": tag, "i": event_id, "x": now_ms + DONE_TTL_MS})
         return True
+
+    def peek_many(self, items: list[tuple[str, list[Check]]], *, now_ms: int
+                  ) -> list[tuple[CheckState, ...]]:
+        return [self.peek(tag, checks, now_ms=now_ms) for tag, checks in items]
+
+    def commit_many(self, items: list[tuple[str, str, list[Check], Actual]], *,
+                    now_ms: int) -> list[bool]:
+        return [self.commit(tag, event_id, checks, actual, now_ms=now_ms)
+                for tag, event_id, checks, actual in items]
 
     def overwrite(self, tag: str, values: list[tuple[Check, int]], *, now_ms: int) -> None:
         """Set counters to values rebuilt from the ledger, plus what active leases hold."""

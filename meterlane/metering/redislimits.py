@@ -197,5 +197,25 @@ class RedisLimitStore:
         return bool(self._run("commit", tag, now_ms, event_id, _actual(actual),
                               orjson.dumps([c.wire() for c in checks])))
 
+    def peek_many(self, items: list[tuple[str, list[Check]]], *, now_ms: int
+                  ) -> list[tuple[CheckState, ...]]:
+        """Several peeks in one round trip."""
+        if self._lane is None or not items:
+            return [self.peek(tag, checks, now_ms=now_ms) for tag, checks in items]
+        replies = self._run_many("peek", [
+            (tag, (now_ms, orjson.dumps([c.wire() for c in checks]))) for tag, checks in items])
+        return [_states(orjson.loads(raw)["states"]) for raw in replies]
+
+    def commit_many(self, items: list[tuple[str, str, list[Check], Actual]], *,
+                    now_ms: int) -> list[bool]:
+        """Several commits in one round trip (a pipeline; each script stays atomic)."""
+        if self._lane is None or not items:
+            return [self.commit(tag, event_id, checks, actual, now_ms=now_ms)
+                    for tag, event_id, checks, actual in items]
+        replies = self._run_many("commit", [
+            (tag, (now_ms, event_id, _actual(actual), orjson.dumps([c.wire() for c in checks])))
+            for tag, event_id, checks, actual in items])
+        return [bool(r) for r in replies]
+
     def overwrite(self, tag: str, values: list[tuple[Check, int]], *, now_ms: int) -> None:
         self._run("overwrite", tag, now_ms, orjson.dumps([[c.wire(), v] for c, v in values]))

@@ -207,6 +207,26 @@ class TrackRequestSchema(Schema):
     idempotency_key = fields.String(required=True, validate=validate.Length(min=1, max=255))
 
 
+class TrackBatchRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    events = fields.List(fields.Nested(TrackRequestSchema), required=True,
+                         validate=validate.Length(min=1, max=1000),
+                         metadata={"description": "Up to 1,000 calls, each as /v1/meter/track"})
+
+
+class TrackBatchResultSchema(Schema):
+    object = fields.Constant("meter.batch_result")
+    tracked = fields.Integer()
+    duplicates = fields.Integer()
+    limits_pending = fields.Integer(metadata={
+        "description": "Recorded, but not yet counted into the limits (store unavailable): "
+                       "counted when it is back"})
+    data = fields.List(fields.Dict(), metadata={
+        "description": "Per event, in order: idempotency_key, outcome, cost_usd"})
+
+
 class MeterResultSchema(Schema):
     object = fields.Constant("meter.result")
     lease_id = fields.String(allow_none=True)

@@ -71,6 +71,19 @@ def _baseline(usage: TokenUsage, allowed: tuple[ModelConfig, ...]) -> int | None
     return max(costs) if costs else None
 
 
+@dataclass(frozen=True)
+class DirectCall:
+    """A call the app made itself and reports (POST /v1/meter/track/batch)."""
+
+    app_id: int
+    end_user_id: int
+    model: ModelConfig
+    usage: TokenUsage
+    cost_pico: int | None
+    request_id: str
+    idempotency_key: str
+
+
 class MeteringService:
     def __init__(self, engine: Engine, ledger: LedgerWriter,
                  tokenizers: TokenizerRegistry) -> None:
@@ -150,6 +163,23 @@ class MeteringService:
             cache_write_tokens=usage.cache_write_tokens,
             plan_id=self.plan_of(end_user_id) if self.plan_of is not None else None)
         return self.ledger.record(record, dedupe=True)
+
+    def record_direct_many(self, calls: list[DirectCall]) -> list[str]:
+        """Record many calls the app made itself, in group commits: each call's answer."""
+        now = self.clock()
+        records = [CallRecord(
+            app_id=c.app_id, end_user_id=c.end_user_id, request_id=c.request_id,
+            idempotency_key=c.idempotency_key, endpoint="meter.track",
+            requested_model=c.model.name, upstream=c.model.upstream or None,
+            upstream_model=c.model.upstream_model, stream=False,
+            input_tokens=c.usage.input_tokens, cached_input_tokens=c.usage.cached_input_tokens,
+            output_tokens=c.usage.output_tokens, reasoning_tokens=c.usage.reasoning_tokens,
+            usage_source="reported", cost_pico_usd=c.cost_pico, priced=c.cost_pico is not None,
+            status="ok", http_status=200, error=None, latency_ms=0, ttft_ms=None,
+            created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
+            plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None)
+            for c in calls]
+        return self.ledger.record_many(records, dedupe=True)
 
     def mark_limits_pending(self, app_id: int, idempotency_key: str) -> None:
         """Flag a ledger row whose usage could not be counted into the limits yet."""

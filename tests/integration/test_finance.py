@@ -349,3 +349,33 @@ def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) ->
         assert conn.execute(select(func.count()).select_from(RevenueEvent)).scalar() == \
             result.invoices
 
+
+
+def test_a_batch_of_reported_calls_is_recorded_once_each(fin: tuple[Any, Keys]) -> None:
+    app, keys = fin
+    client, w = app.test_client(), app.extensions["wiring"]
+    events = [{"user": f"u{i % 3}", "model": "small", "idempotency_key": f"batch-{i}",
+               "usage": {"input_tokens": 100 + i, "output_tokens": 10}} for i in range(250)]
+    first = client.post("/v1/meter/track/batch", headers=bearer(keys.app),
+                        json={"events": events})
+    assert first.status_code == 201, first.data
+    body = first.get_json()
+    assert (body["tracked"], body["duplicates"]) == (250, 0)
+    assert Decimal(body["data"][0]["cost_usd"]) == (100 * Decimal("0.15") + 10 * Decimal(
+        "0.60")) / 10**6 + Decimal("0.0001")
+    again = client.post("/v1/meter/track/batch", headers=bearer(keys.app),
+                        json={"events": events[:5] + [{**events[0], "idempotency_key": "new"}]})
+    assert again.status_code == 201
+    assert [d["outcome"] for d in again.get_json()["data"]] == ["duplicate"] * 5 + ["tracked"]
+    with w.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(UsageEvent)).scalar() == 251
+        plans = set(conn.execute(select(UsageEvent.plan_id)).scalars())
+    assert plans == {"free"}  # each row knows the plan its user was on
+    for bad, status in (({"events": []}, 422), ({"events": [events[0]] * 2}, 400),
+                        ({"events": [{**events[0], "usage": {"input_tokens": -1}}]}, 422),
+                        ({"events": events * 5}, 422)):
+        resp = client.post("/v1/meter/track/batch", headers=bearer(keys.app), json=bad)
+        assert resp.status_code == status, resp.data
+    other = client.post("/v1/meter/track/batch", headers=bearer(keys.finance),
+                        json={"events": events[:1]})
+    assert other.status_code == 403
