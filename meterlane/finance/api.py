@@ -79,7 +79,9 @@ def margins_csv(body: dict[str, object]) -> str:
     writer.writeheader()
     rows = body["rows"]
     assert isinstance(rows, list)
-    writer.writerows(rows)
+    # a key is a name someone chose (a model, a user id): never a formula in a spreadsheet
+    writer.writerows({**r, "key": "'" + r["key"] if str(r["key"])[:1] in tuple("=+-@\t\r")
+                      else r["key"]} for r in rows)
     totals = body["totals"]
     assert isinstance(totals, dict)
     writer.writerow({"key": "TOTAL", **totals})
@@ -105,6 +107,10 @@ def least_profitable() -> Response:
 def local() -> Response:
     principal = current_principal()
     require_role(principal, *READERS)
+    if principal.app_id is not None:  # a GPU serves every app: its figures are the operator's
+        raise PermissionDeniedError(
+            "Local GPU figures cover every app: ask with an operator-wide key. An app's own "
+            "local cost, shadow cost and savings are in /v1/finance/summary.")
     args = PeriodQuerySchema().load(query_args())
     at = wiring().finance.fresh()
     body = wiring().finance.reports.local_vs_cloud(args["period"])

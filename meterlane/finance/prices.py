@@ -8,11 +8,12 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -26,11 +27,13 @@ from meterlane.core.db import utcnow
 from meterlane.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from meterlane.finance.models import ModelPriceVersion
 
+log = logging.getLogger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RATES = ("input", "cached_input", "cache_write", "output", "reasoning")
 FIELDS = (*RATES, "request_fee")
 _PER_TOKEN = Decimal(10**6)   # USD per 1M tokens -> pico-USD per token
 _PER_CALL = Decimal(10**12)   # USD -> pico-USD
+MAX_PRICE = Decimal(100_000)  # per 1M tokens or per call: keeps every cost far inside 64 bits
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ def _decimal(value: Any, field: str, places: int) -> Decimal | None:
         raise InvalidRequestError(f"{field} must be a non-negative decimal", param=field)
     if amount.as_tuple().exponent < -places:  # type: ignore[operator]
         raise InvalidRequestError(f"{field} has more than {places} decimal places",
+                                  param=field)
+    if amount > MAX_PRICE:
+        raise InvalidRequestError(f"{field} is more than {MAX_PRICE} USD: not a price",
                                   param=field)
     return amount
 
@@ -121,7 +127,11 @@ class PriceBook:
                     with self.engine.connect() as conn:
                         rows = conn.execute(select(ModelPriceVersion.__table__).order_by(
                             ModelPriceVersion.model, ModelPriceVersion.effective_from)).all()
-                except Exception:  # noqa: BLE001 - no table yet / database down: config only
+                except Exception:  # noqa: BLE001 - the database is down (calls are spooled)
+                    log.warning("could not read the price catalog; keeping the prices read "
+                                "before and trying again on the next call")
+                    if self._loaded_at > -1e9:  # what was read before still holds
+                        return self._versions
                     rows = []
                 for r in rows:
                     when = r.effective_from if r.effective_from.tzinfo else \
@@ -150,20 +160,29 @@ class PriceBook:
 
     # -- changing the catalog -------------------------------------------------------------
 
+    def earliest(self) -> datetime:
+        """The soonest a new price may take effect: every worker has read it by then (they
+        re-read the catalog every refresh_seconds), so each call is priced at the version in
+        force when it happens, whichever worker serves it."""
+        return (self.clock() + timedelta(seconds=self.refresh_seconds)).replace(microsecond=0) \
+            + (timedelta(seconds=1) if self.refresh_seconds else timedelta(0))
+
     def add(self, model: str, effective_from: datetime | None, price: ModelPrice,
             source: str) -> PriceVersion:
-        """A new version from `effective_from` (default now); never one in the past: calls
-        already priced keep their price."""
+        """A new version from `effective_from` (default: as soon as every worker knows it);
+        never one in the past: calls already priced keep their price."""
         if model not in self.models:
             raise NotFoundError(f"No model {model!r} in the config.", param="model")
         now = self.clock()
-        when = effective_from or now
+        when = effective_from or self.earliest()
         if when.tzinfo is None:
             raise InvalidRequestError("effective_from needs a time zone", param="effective_from")
-        if when < now.replace(microsecond=0):
+        if when < now.replace(microsecond=0) + timedelta(seconds=self.refresh_seconds):
             raise InvalidRequestError(
-                "effective_from is in the past: calls already metered keep the price they were "
-                "metered at; give a time from now on.", param="effective_from")
+                f"effective_from is in the past or too soon: calls already metered keep the "
+                f"price they were metered at, and a new price needs {self.refresh_seconds:g} s "
+                f"to reach every worker; give {self.earliest().isoformat()} or later.",
+                param="effective_from")
         assert self.engine is not None
         try:
             with self.engine.begin() as conn:
@@ -188,12 +207,13 @@ class PriceBook:
                 parsed.append((model, when, parse_price(row)))
             except InvalidRequestError as exc:
                 raise InvalidRequestError(f"row {n}: {exc.detail}", param=exc.param) from exc
-        now = self.clock()
+        now, soonest = self.clock(), self.earliest()
         for model, when, _ in parsed:
             if model not in self.models:
                 raise NotFoundError(f"No model {model!r} in the config.", param="model")
-            if (when or now) < now.replace(microsecond=0):
-                raise InvalidRequestError(f"{model}: effective_from is in the past.",
+            if (when or soonest) < soonest - timedelta(seconds=1):
+                raise InvalidRequestError(f"{model}: effective_from is in the past or sooner "
+                                          f"than {soonest.isoformat()}.",
                                           param="effective_from")
         assert self.engine is not None
         out = []
@@ -201,9 +221,9 @@ class PriceBook:
             with self.engine.begin() as conn:
                 for model, when, price in parsed:
                     conn.execute(insert(ModelPriceVersion).values(
-                        model=model, effective_from=when or now, source=source[:200],
+                        model=model, effective_from=when or soonest, source=source[:200],
                         created_at=now, **_to_row(price)))
-                    out.append(PriceVersion(model, when or now, price, source))
+                    out.append(PriceVersion(model, when or soonest, price, source))
         except IntegrityError as exc:
             raise ConflictError("The sheet names a price that exists already (same model and "
                                 "effective_from): nothing was imported.",
@@ -236,11 +256,15 @@ def _sheet_rows(text: str, fmt: str) -> list[dict[str, Any]]:
             raise InvalidRequestError("A JSON sheet is a list of prices, or {\"prices\": [...]}")
         return rows
     if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "model" not in reader.fieldnames:
-            raise InvalidRequestError("A CSV sheet needs a header with model, input, output")
-        unknown = set(reader.fieldnames) - {"model", "effective_from", *FIELDS}
-        if unknown:
-            raise InvalidRequestError(f"Unknown CSV columns {sorted(unknown)}")
-        return [dict(r) for r in reader]
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            if not reader.fieldnames or "model" not in reader.fieldnames:
+                raise InvalidRequestError("A CSV sheet needs a header with model, input, "
+                                          "output")
+            unknown = set(reader.fieldnames) - {"model", "effective_from", *FIELDS}
+            if unknown:
+                raise InvalidRequestError(f"Unknown CSV columns {sorted(unknown)}")
+            return [dict(r) for r in reader]
+        except csv.Error as exc:
+            raise InvalidRequestError(f"The sheet is not valid CSV: {exc}") from exc
     raise InvalidRequestError("format must be json or csv", param="format")

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from meterlane.core.config import Config
@@ -28,6 +28,7 @@ from meterlane.finance.models import GpuHour, RevenueDaily, UsageDaily
 from meterlane.plans.terms import ZERO_DECIMAL
 
 GROUPS = ("plan", "model", "user", "day")
+THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})  # minor unit: 1/1000
 PICO = 10**12
 
 
@@ -58,7 +59,7 @@ def parse_period(text: str | None) -> Period:
             if last < first or (last - first).days > 366:
                 raise ValueError("range")
             return Period(value, first, last + timedelta(days=1))
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     raise InvalidRequestError(
         f"period must be a month (2026-11), a day (2026-11-03) or days "
@@ -94,7 +95,8 @@ class Reports:
         rate = self.rates.get(currency.lower())
         if rate is None:
             return None
-        exponent = 0 if currency.lower() in ZERO_DECIMAL else 2
+        code = currency.lower()
+        exponent = 0 if code in ZERO_DECIMAL else 3 if code in THREE_DECIMAL else 2
         exact = Decimal(amount) * rate * Decimal(10) ** (12 - exponent)
         return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
@@ -104,11 +106,14 @@ class Reports:
         u = UsageDaily
         keys = [key] if key is not None else []
         with self.engine.connect() as conn:
+            # every row counts its cost (a failed call can cost a fee, or its GPU hour);
+            # an active user is one with a metered call (tokens)
+            active = func.count(func.distinct(case((u.calls > 0, u.end_user_id))))
             return list(conn.execute(select(
                 *keys, func.sum(u.calls), func.sum(u.input_tokens + u.output_tokens),
                 func.sum(u.cloud_cost_pico), func.sum(u.local_cost_pico),
-                func.sum(u.shadow_cost_pico), func.count(func.distinct(u.end_user_id)))
-                .where(u.app_id == app_id, u.day >= p.start, u.day < p.end, u.calls > 0)
+                func.sum(u.shadow_cost_pico), active)
+                .where(u.app_id == app_id, u.day >= p.start, u.day < p.end)
                 .group_by(*keys)))
 
     def _revenue(self, app_id: int, p: Period, key: Any = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, case, cast, delete, func, insert, select, update
+from sqlalchemy import Integer, and_, case, cast, delete, func, insert, not_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from meterlane.core.config import Config
@@ -30,6 +30,7 @@ from meterlane.plans.models import RevenueEvent
 log = logging.getLogger(__name__)
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
+OVERLAP = 500_000  # ids re-read each run (a minute at the fastest ingestion measured)
 _E = UsageEvent
 TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
                 "reasoning_tokens")
@@ -79,12 +80,22 @@ class Rollups:
             last = conn.execute(select(RollupState.last_id).where(
                 RollupState.name == "usage")).scalar() or 0
             top = conn.execute(select(func.max(_E.id))).scalar() or 0
-            days = self._days(conn, last, top)
+            # With new events, the last OVERLAP ids are read again: a row whose id was drawn
+            # before the last run's top but committed after it (a concurrent writer) is not
+            # left out of its day.
+            days = self._days(conn, max(0, last - OVERLAP) if top > last else last, top)
+        failed = []
         for n, d in enumerate(days, 1):
-            self.rollup_day(d)
+            try:
+                self.rollup_day(d)
+            except Exception:  # one bad day must not hold back the others
+                log.exception("could not roll up %s; it is tried again on the next run", d)
+                failed.append(d)
             if progress is not None:
                 progress(n, len(days))
         revenue = self.rollup_revenue()
+        if failed:  # the watermark stays: the failed days come round again
+            return RollupRun([d for d in days if d not in failed], last, revenue)
         with self.engine.begin() as conn:
             moved = conn.execute(update(RollupState).where(RollupState.name == "usage")
                                  .values(last_id=top, updated_at=self.clock())).rowcount
@@ -122,7 +133,10 @@ class Rollups:
         is_local = _E.upstream.in_(list(self.local)) if self.local else None
         tokens = _E.input_tokens + _E.output_tokens
         counted = case((tokens > 0, 1), else_=0)
-        cloud = case((_E.priced, _E.cost_pico_usd), else_=0)
+        # a local model's calls cost their share of the GPU hour, even when it has a price
+        # (for cost limits): never its list price as well
+        cloud = case((_E.priced, _E.cost_pico_usd), else_=0) if is_local is None else \
+            case((and_(_E.priced, not_(is_local)), _E.cost_pico_usd), else_=0)
         unpriced = case((_E.priced, 0), else_=(1 if is_local is None else
                                                 case((is_local, 0), else_=1)))
         cols = [func.sum(getattr(_E, f)) for f in TOKEN_FIELDS]
@@ -146,8 +160,10 @@ class Rollups:
         for hour in hours:
             gpu_rows.append(hour.row)
             for key, (local, shadow) in hour.shares.items():
-                rows[key][7] += local
-                rows[key][8] += shadow
+                # (a call committed between the two reads: its usage comes with the next run)
+                row = rows.setdefault(key, [0] * 10)
+                row[7] += local
+                row[8] += shadow
         names = ("calls", *TOKEN_FIELDS, "cloud_cost_pico", "local_cost_pico",
                  "shadow_cost_pico", "unpriced_calls")
         with self.engine.begin() as conn:

@@ -3,14 +3,18 @@ before a report is read (at most every `max_age`; one refresh at a time across p
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
+from meterlane.core.background import background_runner
 from meterlane.core.config import Config
 from meterlane.core.db import utcnow
 from meterlane.finance.models import RollupState
@@ -20,6 +24,7 @@ from meterlane.finance.rollup import RollupRun, Rollups
 
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x6D6C616E  # "mlan": the advisory lock of roll-up refreshes (Postgres)
+ROW_LOCK_SECONDS = 3600
 
 
 class FinanceService:
@@ -33,6 +38,7 @@ class FinanceService:
         self.clock = clock
         self.max_age = max_age
         self._lock = threading.Lock()
+        self._background = background_runner()
 
     def rolled_up_at(self) -> datetime | None:
         with self.engine.connect() as conn:
@@ -47,7 +53,14 @@ class FinanceService:
             return None
         try:
             if self.engine.dialect.name != "postgresql":
-                return self.rollups.refresh(progress)
+                if not self._take_row_lock():
+                    return None  # another process is at it
+                try:
+                    return self.rollups.refresh(progress)
+                finally:
+                    with self.engine.begin() as conn:
+                        conn.execute(update(RollupState).where(RollupState.name == "lock")
+                                     .values(last_id=0))
             with self.engine.connect() as conn:  # held for the whole refresh
                 fn = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
                 got = conn.execute(text(f"SELECT {fn}(:k)"), {"k": LOCK_KEY}).scalar()
@@ -61,16 +74,43 @@ class FinanceService:
         finally:
             self._lock.release()
 
+    def _take_row_lock(self) -> bool:
+        """The refresh lock where there are no advisory locks (SQLite, shared by the serve
+        workers): a row holding an expiry; a crashed holder's lock lapses after an hour."""
+        now = int(time.time())
+        try:
+            with self.engine.begin() as conn:
+                taken = conn.execute(update(RollupState).where(
+                    RollupState.name == "lock", RollupState.last_id < now).values(
+                    last_id=now + ROW_LOCK_SECONDS, updated_at=self.clock())).rowcount
+                if taken:
+                    return True
+                if conn.execute(select(RollupState.name).where(
+                        RollupState.name == "lock")).first() is not None:
+                    return False
+                conn.execute(insert(RollupState).values(
+                    name="lock", last_id=now + ROW_LOCK_SECONDS, updated_at=self.clock()))
+                return True
+        except IntegrityError:  # taken at the same moment by another process
+            return False
+
     def fresh(self) -> str | None:
-        """Refresh when the roll-ups are older than max_age; when they were rolled up."""
+        """When the roll-ups were brought up to date. Never rolled up: now, and the report
+        waits for it; older than max_age: refreshed beside the request (a greenlet under
+        serve), and this report reads the roll-ups as they are."""
         at = self.rolled_up_at()
-        if at is None or self.clock() - _aware(at) > self.max_age:
-            try:
-                self.refresh(wait=at is None)
-            except Exception:  # noqa: BLE001 - a report of slightly older roll-ups still helps
-                log.exception("the finance roll-up failed; reporting the last one")
+        if at is None:
+            self._refresh_quietly(wait=True)
             at = self.rolled_up_at()
+        elif self.clock() - _aware(at) > self.max_age:
+            self._background(functools.partial(self._refresh_quietly, wait=False))
         return _aware(at).isoformat() if at is not None else None
+
+    def _refresh_quietly(self, wait: bool) -> None:
+        try:
+            self.refresh(wait=wait)
+        except Exception:  # noqa: BLE001 - a report of slightly older roll-ups still helps
+            log.exception("the finance roll-up failed; reports show the last one")
 
 
 def _aware(at: datetime) -> datetime:

@@ -155,8 +155,12 @@ class LedgerWriter:
                     pending.done.set()
 
     def _write_batch(self, batch: list[_Pending]) -> None:
+        # One statement of many rows: atomic on Postgres (psycopg's pipeline); SQLite's
+        # executemany commits row by row in autocommit, so there the batch is a transaction:
+        # a duplicate in it leaves nothing half written for the row-by-row pass to misread.
+        engine = self.engine if self.engine.dialect.name == "sqlite" else self._autocommit
         try:
-            with self._autocommit.connect() as conn:
+            with engine.begin() as conn:
                 conn.exec_driver_sql(self._sql, [self._params(p.row) for p in batch])
         except DBAPIError:
             # A duplicate key or an outage: sort it out row by row.

@@ -53,6 +53,7 @@ from meterlane.metering.thresholds import (
     LimitEvent,
     LimitHook,
     Usage,
+    batch_usages,
     counter_period,
     crossed,
     limit_info,
@@ -348,14 +349,11 @@ class LimitsService:
                     peeks.append((tag, [a.check for a in group]))
                 seen.append((assignment.plan, parts))
             states = self.store.peek_many(peeks, now_ms=epoch_ms(now))
-            for (app_id, end_user_id, _, actual, request_id), (plan, parts) in zip(
-                    items, seen, strict=True):
-                usages = []
-                for group, at in parts:
-                    for a, st in zip(group, states[at], strict=True):
-                        charge = actual.charge(a.check, a.check.fixed)
-                        usages.append(Usage(a.limit, a.check, st.used - charge, st.used,
-                                            Applied(a.limit, a.tag, a.check, st).resets_at(now)))
+            found = batch_usages([(i[3], parts) for i, (_, parts) in zip(items, seen,
+                                                                        strict=True)],
+                                 states, now)
+            for (app_id, end_user_id, _, _, request_id), (plan, _), usages in zip(
+                    items, seen, found, strict=True):
                 self._emit(crossed(app_id, end_user_id, plan, usages, self.thresholds, now,
                                    request_id))
         except Exception:  # noqa: BLE001 - a threshold event is a notice, never a failure
@@ -531,6 +529,9 @@ class LimitsService:
 
     # -- the ledger is the truth: catch-up and rebuild (limits_replay.py) --------------------
 
+    def needs_catch_up(self) -> None:  # usage recorded, not counted: count it when back
+        self._catch_up_needed.set()
+
     def _start_catch_up(self) -> None:
         if self._catching_up.locked():
             return
@@ -555,9 +556,8 @@ class LimitsService:
 
     def track_many(self, items: list[tuple[int, int, ModelConfig, TokenUsage, int | None, str]]
                    ) -> list[bool]:
-        """Count many reported calls (app, end user, model, usage, cost, event id), each once
-        per event id, in one round trip where the store batches; whether each was new. The
-        thresholds are checked once per end user and model, after all of them."""
+        """Count reported calls (app, end user, model, usage, cost, event id), each once per
+        event id, in one store round trip; whether each was new. Thresholds checked after."""
         now = self.clock()
         calls: list[tuple[str, str, list[Check], Actual]] = []
         owners: list[int] = []
@@ -578,21 +578,11 @@ class LimitsService:
         fresh = [True] * len(items)
         for n, ok in zip(owners, results, strict=True):
             fresh[n] = fresh[n] and ok
-        counted: dict[tuple[int, int, str], tuple[ModelConfig, Actual, str]] = {}
-        for n, actual in actuals.items():
-            app_id, end_user_id, model, _, _, event_id = items[n]
-            if not fresh[n]:
-                continue
-            prior = counted.get((app_id, end_user_id, model.name))
-            if prior is not None:
-                a = prior[1]
-                actual = Actual(a.tokens + actual.tokens, a.cost + actual.cost,
-                                (a.credits or 0) + (actual.credits or 0))
-            counted[(app_id, end_user_id, model.name)] = (model, actual, event_id)
-        if counted:
-            self._background(functools.partial(self._crossings_many, [
-                (app_id, end_user_id, model, actual, event_id)
-                for (app_id, end_user_id, _), (model, actual, event_id) in counted.items()]))
+        counted: list[tuple[int, int, ModelConfig | None, Actual, str]] = [
+            (items[n][0], items[n][1], items[n][2], actual, items[n][5])
+                   for n, actual in actuals.items() if fresh[n]]  # counted before: no news
+        if counted:  # each counter's thresholds once, against the batch's sum (batch_usages)
+            self._background(functools.partial(self._crossings_many, counted))
         return fresh
 
 

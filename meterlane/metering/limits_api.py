@@ -210,6 +210,7 @@ def track() -> Response:
             response=TrackBatchResultSchema, tag="metering")
 def track_batch() -> Response:
     principal = current_principal()
+    require_role(principal, Role.APP)  # the app's backend; an end user reports one at a time
     args = TrackBatchRequestSchema().load(json_body())
     w, now = wiring(), utcnow()
     keys = [e["idempotency_key"] for e in args["events"]]
@@ -217,9 +218,8 @@ def track_batch() -> Response:
         raise InvalidRequestError("Each event of a batch needs its own idempotency_key.",
                                   param="events")
     calls = []
-    if principal.role == Role.APP:  # many users: looked up (or created) together
-        named = [validate_user_id(e["user"]) for e in args["events"] if e.get("user")]
-        w.tenancy.ensure_end_users(app_in_scope(principal), named)
+    named = [validate_user_id(e["user"]) for e in args["events"] if e.get("user")]
+    w.tenancy.ensure_end_users(app_in_scope(principal), named)  # looked up together
     for event in args["events"]:
         app_id, end_user_id, _user = _caller(principal, event.get("user"))
         model = _model(event["model"])
@@ -238,9 +238,10 @@ def track_batch() -> Response:
     try:
         w.limits.track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
                               c.idempotency_key) for c in new])
-    except ServiceUnavailableError:  # recorded; counted into the limits when the store is back
-        for c in new:
-            w.metering.mark_limits_pending(c.app_id, c.idempotency_key)
+        w.metering.clear_limits_pending(app_in_scope(principal),
+                                        [c.idempotency_key for c in new])
+    except ServiceUnavailableError:  # recorded as pending: counted when the store is back
+        w.limits.needs_catch_up()
         pending = len(new)
     data = [{"idempotency_key": c.idempotency_key,
              "outcome": "tracked" if outcome != "duplicate" else "duplicate",

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from meterlane.metering.leases import Applied
 from meterlane.metering.limits_text import utc_iso, value_of
-from meterlane.metering.limitstore import Check
+from meterlane.metering.limitstore import Actual, Check, CheckState
 from meterlane.plans.catalog import LimitSpec, Plan
 from meterlane.plans.windows import epoch_ms
 
@@ -81,4 +82,32 @@ def crossed(app_id: int, end_user_id: int, plan: Plan, usages: list[Usage],
                 out.append(LimitEvent(app_id, end_user_id, plan, u.limit,
                                       limit_info(u.limit, u.after, amount, u.resets_at),
                                       u.after, amount, counter_period(c, now), pct, request_id))
+    return out
+
+
+def batch_usages(items: list[tuple[Actual, list[tuple[list[Applied], int]]]],
+                 states: list[tuple[CheckState, ...]], now: datetime) -> list[list[Usage]]:
+    """Where each item's counters stood before and after a batch of usage, from the states
+    read after it (`states[i]` for the applied group that names i). A counter several items
+    add to (a user-wide limit over two models, an app-wide one over two users) was before
+    them all by their sum, and is reported once: each threshold it crossed, once."""
+    total: dict[tuple[str, str], int] = {}
+    for actual, parts in items:
+        for group, _ in parts:
+            for a in group:
+                k = (a.tag, a.check.key)
+                total[k] = total.get(k, 0) + actual.charge(a.check, a.check.fixed)
+    done: set[tuple[str, str]] = set()
+    out = []
+    for _, parts in items:
+        usages = []
+        for group, at in parts:
+            for a, st in zip(group, states[at], strict=True):
+                k = (a.tag, a.check.key)
+                if k in done:
+                    continue
+                done.add(k)
+                usages.append(Usage(a.limit, a.check, st.used - total[k], st.used,
+                                    Applied(a.limit, a.tag, a.check, st).resets_at(now)))
+        out.append(usages)
     return out

@@ -296,14 +296,19 @@ class BillingService:
             conn.execute(insert(StripeCustomer).values(customer_id=customer, app_id=app_id,
                                                        end_user_id=end_user_id))
 
-    @staticmethod
-    def _revenue(conn: Connection, source_id: str, kind: str, app_id: int, end_user_id: int,
-                 amount: int, currency: str, at: datetime, period_start: datetime | None = None,
-                 period_end: datetime | None = None, plan_id: str | None = None) -> bool:
+    def _revenue(self, conn: Connection, source_id: str, kind: str, app_id: int,
+                 end_user_id: int, amount: int, currency: str, at: datetime,
+                 period_start: datetime | None = None, period_end: datetime | None = None,
+                 plan_id: str | None = None) -> bool:
         exists = conn.execute(select(RevenueEvent.id).where(
             RevenueEvent.source_id == source_id, RevenueEvent.kind == kind)).first()
         if exists is not None:
             return False
+        if plan_id is None:  # a credit pack, a refund: the plan the user is on as it happens,
+            try:             # kept, so that a later plan change never moves past revenue
+                plan_id = self.plans.plan_of(end_user_id).plan.id
+            except DomainError:
+                plan_id = None
         conn.execute(insert(RevenueEvent).values(
             source_id=source_id, kind=kind, app_id=app_id, end_user_id=end_user_id,
             amount=amount, currency=currency.lower(), period_start=period_start,

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 
 from meterlane.finance.models import GpuHour, RevenueDaily, RollupState, UsageDaily
 from meterlane.metering.models import UsageEvent
+from meterlane.metering.pricing import TokenUsage, cost_pico_usd
 from meterlane.plans.models import RevenueEvent
 from tests.conftest import Keys, bearer, config_from_toml, make_keys
 from tests.support.upstream import FakeUpstream
@@ -77,6 +78,10 @@ upstream_model = "gpt-4o-mini"
 [[plans]]
 id = "free"
 default = true
+[[plans.limits]]
+metric = "tokens"
+window = "day"
+amount = 1000000000
 
 [[plans]]
 id = "pro"
@@ -98,6 +103,30 @@ def fin(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
 
     app = create_app(config_from_toml(finance_toml(upstream.base_url), tmp_path,
                                       database_url=pg_url))
+    try:
+        yield app, make_keys(app)
+    finally:
+        app.extensions["wiring"].engine.dispose()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def fin_any(request: pytest.FixtureRequest, upstream: FakeUpstream,
+            tmp_path: Path) -> Iterator[tuple[Any, Keys]]:
+    """The finance world on Postgres, and on the embedded SQLite default."""
+    from meterlane.app import create_app
+    from meterlane.core.db import make_engine
+    from meterlane.migrations import upgrade
+
+    if request.param == "postgres":
+        request.getfixturevalue("clean_db")
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'finance.db'}"
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+    app = create_app(config_from_toml(finance_toml(upstream.base_url), tmp_path,
+                                      database_url=url))
     try:
         yield app, make_keys(app)
     finally:
@@ -153,6 +182,8 @@ def test_a_price_change_prices_later_calls_and_leaves_earlier_ones(fin: tuple[An
         "model": "nope", "input": "1", "output": "1"}).status_code == 404
     assert client.post("/v1/prices/import?format=csv", data="model,colour\nsmall,red\n",
                        headers=bearer(keys.admin)).status_code == 400
+    assert client.post("/v1/prices", headers=bearer(keys.admin), json={
+        "model": "small", "input": "99999999999999", "output": "1"}).status_code == 400
     refused = client.post("/v1/prices", headers=bearer(keys.finance), json={
         "model": "small", "input": "1", "output": "1"})
     assert refused.status_code == 403 and "finance key" in refused.get_json()["detail"]
@@ -196,8 +227,8 @@ def _random_events(rnd: random.Random, app_id: int, users: list[int], n: int,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 10**6), st.integers(1, 400))
 def test_the_rollup_equals_a_direct_computation_over_the_raw_events(
-        fin: tuple[Any, Keys], rng: int, n: int) -> None:
-    app, _ = fin
+        fin_any: tuple[Any, Keys], rng: int, n: int) -> None:
+    app, _ = fin_any
     w = app.extensions["wiring"]
     with w.engine.begin() as conn:
         for table in (UsageEvent, UsageDaily, GpuHour, RollupState):
@@ -216,8 +247,10 @@ def test_the_rollup_equals_a_direct_computation_over_the_raw_events(
             conn.execute(insert(UsageEvent), rows[half:])
     w.finance.refresh()
     # directly: per (user, plan, model, day); an event without a plan counts on the user's
-    want: dict[tuple[int, str, str, Any], list[int]] = defaultdict(lambda: [0] * 6)
+    want: dict[tuple[int, str, str, Any], list[int]] = defaultdict(lambda: [0] * 9)
     hours: dict[datetime, list[tuple[tuple[int, str, str, Any], int]]] = defaultdict(list)
+    local_cached: dict[Any, int] = defaultdict(int)
+    local_reasoning: dict[Any, int] = defaultdict(int)
     for r in rows:
         key = (r["end_user_id"], r["plan_id"] or "free", r["requested_model"],
                r["created_at"].date())
@@ -227,6 +260,13 @@ def test_the_rollup_equals_a_direct_computation_over_the_raw_events(
         t[2] += r["output_tokens"]
         t[3] += r["cost_pico_usd"] or 0
         t[4] += 0 if r["priced"] or r["upstream"] == "gpu" else 1
+        t[5] += r["cached_input_tokens"]
+        t[6] += r["reasoning_tokens"]
+        if r["upstream"] == "gpu":  # the shadow: local tokens at big's price (no fee: linear)
+            t[7] += r["input_tokens"]
+            t[8] += r["output_tokens"]
+            local_cached[key] += r["cached_input_tokens"]
+            local_reasoning[key] += r["reasoning_tokens"]
         if r["upstream"] == "gpu":
             hours[r["created_at"].replace(minute=0, second=0)].append(
                 (key, r["input_tokens"] + r["output_tokens"]))
@@ -235,10 +275,14 @@ def test_the_rollup_equals_a_direct_computation_over_the_raw_events(
             select(UsageDaily.__table__).where(UsageDaily.app_id == app_id))}
         gpu = {r.hour: r for r in conn.execute(select(GpuHour.__table__))}
     assert set(got) == set(want)
+    big = w.finance.prices.price_at("big", DAY0)
     for key, t in want.items():
         r = got[key]
         assert [r.calls, r.input_tokens, r.output_tokens, r.cloud_cost_pico,
-                r.unpriced_calls] == t[:5], key
+                r.unpriced_calls, r.cached_input_tokens, r.reasoning_tokens] == t[:7], key
+        assert r.shadow_cost_pico == cost_pico_usd(TokenUsage(
+            input_tokens=t[7], cached_input_tokens=local_cached[key], output_tokens=t[8],
+            reasoning_tokens=local_reasoning[key]), big), key
     # every hour the GPU served: its whole cost allocated, split by tokens within a pico
     assert set(gpu) == set(hours)
     local_by_key: dict[Any, Fraction] = defaultdict(Fraction)
@@ -254,8 +298,8 @@ def test_the_rollup_equals_a_direct_computation_over_the_raw_events(
         assert abs(got[key].local_cost_pico - exact) <= spread_over, key
 
 
-def test_a_rerun_changes_nothing(fin: tuple[Any, Keys]) -> None:
-    app, _ = fin
+def test_a_rerun_changes_nothing(fin_any: tuple[Any, Keys]) -> None:
+    app, _ = fin_any
     w = app.extensions["wiring"]
     app_id, _ = w.tenancy.ensure_app("acme")
     users = [w.tenancy.ensure_end_user(app_id, f"u{i}") for i in range(4)]
@@ -329,8 +373,13 @@ def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) ->
     [gpu] = local["upstreams"]
     assert Decimal(gpu["cost_usd"]) == Decimal(gpu["allocated_usd"]) + Decimal(
         gpu["idle_unallocated_usd"])
+    # the GPU serves every app: its figures are for operator-wide keys only
+    assert client.get("/v1/finance/local?period=2026-11",
+                      headers=bearer(keys.finance)).status_code == 403
     # bad input
     for path, status in (("/v1/finance/summary?period=2026-13", 400),
+                         ("/v1/finance/summary?period=9999-12", 400),
+                         ("/v1/finance/summary?period=2026-11-09..2026-11-01", 400),
                          ("/v1/finance/summary?period=november", 400),
                          ("/v1/finance/summary", 422),
                          ("/v1/finance/margins?period=2026-11&group_by=country", 422),
@@ -351,8 +400,8 @@ def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) ->
 
 
 
-def test_a_batch_of_reported_calls_is_recorded_once_each(fin: tuple[Any, Keys]) -> None:
-    app, keys = fin
+def test_a_batch_of_reported_calls_is_recorded_once_each(fin_any: tuple[Any, Keys]) -> None:
+    app, keys = fin_any
     client, w = app.test_client(), app.extensions["wiring"]
     events = [{"user": f"u{i % 3}", "model": "small", "idempotency_key": f"batch-{i}",
                "usage": {"input_tokens": 100 + i, "output_tokens": 10}} for i in range(250)]
@@ -363,12 +412,21 @@ def test_a_batch_of_reported_calls_is_recorded_once_each(fin: tuple[Any, Keys]) 
     assert (body["tracked"], body["duplicates"]) == (250, 0)
     assert Decimal(body["data"][0]["cost_usd"]) == (100 * Decimal("0.15") + 10 * Decimal(
         "0.60")) / 10**6 + Decimal("0.0001")
+    # a retry that mixes new events around one recorded before: each classified right, the
+    # new ones counted into the limits once (on SQLite too, whose batch insert is not atomic)
+    mixed = [{**events[0], "idempotency_key": f"new-{i}"} for i in range(3)]
     again = client.post("/v1/meter/track/batch", headers=bearer(keys.app),
-                        json={"events": events[:5] + [{**events[0], "idempotency_key": "new"}]})
+                        json={"events": mixed[:2] + [events[7]] + mixed[2:]})
     assert again.status_code == 201
-    assert [d["outcome"] for d in again.get_json()["data"]] == ["duplicate"] * 5 + ["tracked"]
+    assert [d["outcome"] for d in again.get_json()["data"]] == [
+        "tracked", "tracked", "duplicate", "tracked"]
+    used = client.get("/v1/users/u0/quota", headers=bearer(keys.app)).get_json()["limits"][0]
+    want = sum(100 + i + 10 for i in range(250) if i % 3 == 0) + 3 * 110
+    assert used["used"] == want
     with w.engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(UsageEvent)).scalar() == 251
+        assert conn.execute(select(func.count()).select_from(UsageEvent)).scalar() == 253
+        assert not conn.execute(select(func.count()).select_from(UsageEvent).where(
+            UsageEvent.limits_pending)).scalar()  # all counted: none left to catch up
         plans = set(conn.execute(select(UsageEvent.plan_id)).scalars())
     assert plans == {"free"}  # each row knows the plan its user was on
     for bad, status in (({"events": []}, 422), ({"events": [events[0]] * 2}, 400),
@@ -379,3 +437,8 @@ def test_a_batch_of_reported_calls_is_recorded_once_each(fin: tuple[Any, Keys]) 
     other = client.post("/v1/meter/track/batch", headers=bearer(keys.finance),
                         json={"events": events[:1]})
     assert other.status_code == 403
+    user_key = client.post("/v1/users/u0/keys", headers=bearer(keys.app), json={})
+    if user_key.status_code == 201:  # an end user's key reports one call at a time
+        resp = client.post("/v1/meter/track/batch", json={"events": events[:1]},
+                           headers=bearer(user_key.get_json()["key"]))
+        assert resp.status_code == 403

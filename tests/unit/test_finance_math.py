@@ -67,3 +67,13 @@ def test_periods_and_amounts_are_read_and_shown_exactly() -> None:
     assert parse_period("2026-11-03..2026-11-09").days == 7
     assert usd(1_405_000_000_000) == "1.405" and usd(0) == "0.00" and usd(-5 * 10**10) == \
         "-0.05"
+
+
+def test_a_csv_key_never_becomes_a_spreadsheet_formula() -> None:
+    from meterlane.finance.api import margins_csv
+
+    body = {"rows": [{"key": "=HYPERLINK(\"http://x\")", "cost_usd": "1.00", "calls": 1,
+                      "tokens": 2}, {"key": "pro", "cost_usd": "2.00", "calls": 1, "tokens": 2}],
+            "totals": {"cost_usd": "3.00", "calls": 2, "tokens": 4}}
+    lines = margins_csv(body).splitlines()
+    assert lines[1].startswith("\"'=HYPERLINK") and lines[2].startswith("pro,")
