@@ -162,6 +162,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     events = EventService(engine, allow_private=config.webhooks_allow_private)
     paywall = PaywallService(engine, events, catalog, config.models)
     limits.on_limit_event = paywall.on_limit_event
+    limits.price_of = metering.price_of
     acknowledger = Acknowledger(engine, events, catalog)
     billing.after_event = acknowledger.on_stripe_event
     notices = NoticeService(engine, events, catalog)

@@ -10,21 +10,24 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from meterlane.core.background import background_runner
 from meterlane.core.config import Config
 from meterlane.core.db import utcnow
+from meterlane.core.errors import ServiceUnavailableError
 from meterlane.finance.models import RollupState
 from meterlane.finance.prices import PriceBook
 from meterlane.finance.reports import Reports
 from meterlane.finance.rollup import RollupRun, Rollups
+from meterlane.metering.models import UsageEvent
 
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x6D6C616E  # "mlan": the advisory lock of roll-up refreshes (Postgres)
 ROW_LOCK_SECONDS = 3600
+FIRST_ROLLUP_INLINE = 1_000_000  # events a first report may wait to have rolled up
 
 
 class FinanceService:
@@ -100,6 +103,14 @@ class FinanceService:
         serve), and this report reads the roll-ups as they are."""
         at = self.rolled_up_at()
         if at is None:
+            with self.engine.connect() as conn:
+                events = conn.execute(select(func.max(UsageEvent.id))).scalar() or 0
+            if events > FIRST_ROLLUP_INLINE:  # minutes of work: not inside a request
+                self._background(functools.partial(self._refresh_quietly, wait=False))
+                raise ServiceUnavailableError(
+                    f"The finance roll-ups are being built for the first time (about "
+                    f"{events:,} usage events): try again in a few minutes, or run "
+                    "`meterlane finance rollup`.", headers={"Retry-After": "60"})
             self._refresh_quietly(wait=True)
             at = self.rolled_up_at()
         elif self.clock() - _aware(at) > self.max_age:

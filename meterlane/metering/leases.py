@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from meterlane.core.config import ModelConfig
+from meterlane.core.config import ModelConfig, ModelPrice
 from meterlane.metering.limitstore import Check, CheckState
 from meterlane.metering.pricing import output_rate, rate_of
 from meterlane.plans.catalog import LimitSpec, Plan
@@ -98,7 +98,8 @@ def counter_key(limit: LimitSpec) -> str:
 
 
 def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
-             out_per_token: int, credits_per_token: int = 1) -> tuple[int | None, int]:
+            out_per_token: int, credits_per_token: int = 1,
+            price: ModelPrice | None = None) -> tuple[int | None, int]:
     """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
     limit cannot apply (a cost limit on a model without a price)."""
     if limit.metric == "tokens":
@@ -108,7 +109,6 @@ def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
     if limit.metric == "cost_usd":
         if model is None:
             return 0, 0
-        price = model.price
         if price is None:
             return None, 0
         return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token

@@ -89,6 +89,8 @@ class LimitsService:
                  extra_allowance: ExtraAllowance | None = None) -> None:
         self.catalog = catalog
         self.models = {m.name: m for m in models}
+        # the price in force (the finance catalog's; the config's without one)
+        self.price_of: Callable[[ModelConfig, datetime], Any] = lambda m, _at: m.price
         self.store = store
         self.plans = plans
         self.engine = engine
@@ -119,9 +121,11 @@ class LimitsService:
         plan = assignment.plan
         limits = plan.limits_for(model.name) if model else plan.limits
         credits = plan.terms.credits_per_token(model.tier) if model else 1
+        price = self.price_of(model, now) if model and any(
+            limit.metric == "cost_usd" for limit in limits) else None
         out: list[Applied] = []
         for limit in limits:
-            fixed, per_out = charges(limit, model, prompt_tokens, out_per_token, credits)
+            fixed, per_out = charges(limit, model, prompt_tokens, out_per_token, credits, price)
             if fixed is None:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)

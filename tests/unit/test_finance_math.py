@@ -77,3 +77,17 @@ def test_a_csv_key_never_becomes_a_spreadsheet_formula() -> None:
             "totals": {"cost_usd": "3.00", "calls": 2, "tokens": 4}}
     lines = margins_csv(body).splitlines()
     assert lines[1].startswith("\"'=HYPERLINK") and lines[2].startswith("pro,")
+
+
+def test_a_cost_limit_charges_at_the_price_it_is_given() -> None:
+    from meterlane.core.config import ModelConfig
+    from meterlane.metering.leases import charges
+    from meterlane.plans.catalog import parse_plans
+
+    [plan] = parse_plans(({"id": "p", "default": True, "limits": [
+        {"metric": "cost_usd", "window": "day", "amount": "5.00"}]},), "",
+        frozenset({"m"}), frozenset({"standard"})).plans
+    unpriced = ModelConfig("m", "up", "m")  # priced only in the finance catalog
+    assert charges(plan.limits[0], unpriced, 1000, 1) == (None, 0)  # no price: not limited
+    assert charges(plan.limits[0], unpriced, 1000, 1, 1, PRICE) == (
+        1000 * 3_000_000, 15_000_000)  # input at $3/1M, each output token at most $15/1M
