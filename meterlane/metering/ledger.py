@@ -65,14 +65,28 @@ class CallRecord:
         return values
 
 
+class _Unwatched:
+    """The done flag of a record no one waits on by itself (all but the last of a
+    record_many: the one writer thread settles records in order, so the last one done means
+    all are)."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_UNWATCHED = _Unwatched()
+
+
 class _Pending:
     """One record waiting for the group commit that carries it."""
 
     __slots__ = ("row", "done", "result", "dedupe")
 
-    def __init__(self, row: dict[str, Any], dedupe: bool = False) -> None:
+    def __init__(self, row: dict[str, Any], dedupe: bool = False, watched: bool = True) -> None:
         self.row = row
-        self.done = threading.Event()
+        self.done: threading.Event | _Unwatched = threading.Event() if watched else _UNWATCHED
         self.result = "spooled"
         self.dedupe = dedupe
 
@@ -106,18 +120,23 @@ class LedgerWriter:
         pending = _Pending(rec.row(), dedupe)
         self._ensure_writer()
         self._queue.put(pending)
+        assert isinstance(pending.done, threading.Event)
         pending.done.wait()
         return pending.result
 
     def record_many(self, recs: list[CallRecord], *, dedupe: bool = False) -> list[str]:
         """Append many records (one group commit carries as many as fit): each its answer,
         as record() gives it; returns once all are committed or spooled."""
-        pendings = [_Pending(rec.row(), dedupe) for rec in recs]
+        if not recs:
+            return []
+        pendings = [_Pending(rec.row(), dedupe, watched=i == len(recs) - 1)
+                    for i, rec in enumerate(recs)]
         self._ensure_writer()
         for pending in pendings:
             self._queue.put(pending)
-        for pending in pendings:
-            pending.done.wait()
+        last = pendings[-1].done
+        assert isinstance(last, threading.Event)
+        last.wait()  # settled in queue order by the one writer: the rest are done too
         return [p.result for p in pendings]
 
     def _ensure_writer(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +43,7 @@ from meterlane.metering.service import (
 )
 from meterlane.plans.catalog import ALLOWANCE_ID, LimitSpec
 
+log = logging.getLogger(__name__)
 bp = Blueprint("limits", __name__, url_prefix="/v1")
 
 
@@ -235,14 +237,17 @@ def track_batch() -> Response:
     # the ledger keeps keys for good: a repeat is never counted twice
     new = [c for c, outcome in zip(calls, written, strict=True) if outcome != "duplicate"]
     pending = 0
-    try:
+    try:  # a row spooled (the database down) is counted here all the same
         w.limits.track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
                               c.idempotency_key) for c in new])
-        w.metering.clear_limits_pending(app_in_scope(principal),
-                                        [c.idempotency_key for c in new])
-    except ServiceUnavailableError:  # recorded as pending: counted when the store is back
+    except ServiceUnavailableError:  # recorded; flagged, counted when the store is back
         w.limits.needs_catch_up()
         pending = len(new)
+        flagged = w.metering.mark_limits_pending_many(app_in_scope(principal),
+                                                      [c.idempotency_key for c in new])
+        if flagged < pending:  # spooled rows too: replayed unflagged, counted by a rebuild
+            log.error("%d reported calls were spooled while the limit store was down: run "
+                      "`meterlane limits rebuild` once both are back", pending - flagged)
     data = [{"idempotency_key": c.idempotency_key,
              "outcome": "tracked" if outcome != "duplicate" else "duplicate",
              "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,

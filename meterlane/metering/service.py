@@ -177,20 +177,18 @@ class MeteringService:
             usage_source="reported", cost_pico_usd=c.cost_pico, priced=c.cost_pico is not None,
             status="ok", http_status=200, error=None, latency_ms=0, ttft_ms=None,
             created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
-            plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None,
-            # written as not yet counted into the limits, and cleared once they are: a row
-            # spooled (the database down) or a limit store down is counted by the catch-up
-            limits_pending=True)
+            plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None)
             for c in calls]
         return self.ledger.record_many(records, dedupe=True)
 
-    def clear_limits_pending(self, app_id: int, keys: list[str]) -> None:
-        """The limits have counted these rows."""
-        if keys:
-            with self.usage_store.engine.begin() as conn:
-                conn.execute(update(UsageEvent).where(
-                    UsageEvent.app_id == app_id, UsageEvent.idempotency_key.in_(keys),
-                    UsageEvent.limits_pending.is_(True)).values(limits_pending=False))
+    def mark_limits_pending_many(self, app_id: int, keys: list[str]) -> int:
+        """Flag rows the limits could not count yet (the catch-up counts them)."""
+        if not keys:
+            return 0
+        with self.usage_store.engine.begin() as conn:
+            return int(conn.execute(update(UsageEvent).where(
+                UsageEvent.app_id == app_id, UsageEvent.idempotency_key.in_(keys))
+                .values(limits_pending=True)).rowcount)
 
     def mark_limits_pending(self, app_id: int, idempotency_key: str) -> None:
         """Flag a ledger row whose usage could not be counted into the limits yet."""
