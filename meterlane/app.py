@@ -133,7 +133,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     tenancy = TenancyService(engine)
     ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
     metering = MeteringService(engine, ledger, _tokenizers())
-    prices = PriceBook(engine, config.models, refresh_seconds=config.key_cache_seconds)
+    # re-read at most once a second (tests run with no key cache: still no read per call)
+    prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
     metering.prices = prices
     metrics = Metrics()
     catalog = Catalog.from_config(config)

@@ -57,6 +57,9 @@ def _refresh(w: Any) -> None:
     run = w.finance.refresh(progress)
     if bar is not None:
         bar.__exit__(None, None, None)
+    if run is None:
+        click.echo("another process is rolling up now: the reports show the roll-ups as they "
+                   "were", err=True)
     if run is not None and run.days:
         click.echo(f"rolled up {len(run.days)} days in {time.monotonic() - started:.1f} s",
                    err=True)

@@ -33,7 +33,10 @@ RATES = ("input", "cached_input", "cache_write", "output", "reasoning")
 FIELDS = (*RATES, "request_fee")
 _PER_TOKEN = Decimal(10**6)   # USD per 1M tokens -> pico-USD per token
 _PER_CALL = Decimal(10**12)   # USD -> pico-USD
-MAX_PRICE = Decimal(100_000)  # per 1M tokens or per call: keeps every cost far inside 64 bits
+# per 1M tokens or per call: a call's cost (at most 10^8 tokens in and out each) stays
+# inside 64 bits of pico-USD
+MAX_PRICE = Decimal(20_000)
+RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class PriceBook:
         self.clock = clock
         self._lock = threading.Lock()
         self._loaded_at = -1e9
+        self._have_catalog = False  # read from the database at least once
         self._versions: dict[str, list[PriceVersion]] = {}
 
     def _load(self) -> dict[str, list[PriceVersion]]:
@@ -122,25 +126,28 @@ class PriceBook:
             versions: dict[str, list[PriceVersion]] = {
                 m.name: [PriceVersion(m.name, EPOCH, m.price, "config")]
                 for m in self.models.values() if m.price is not None}
+            rows: list[Any] = []
             if self.engine is not None:
                 try:
                     with self.engine.connect() as conn:
-                        rows = conn.execute(select(ModelPriceVersion.__table__).order_by(
-                            ModelPriceVersion.model, ModelPriceVersion.effective_from)).all()
+                        rows = list(conn.execute(select(ModelPriceVersion.__table__).order_by(
+                            ModelPriceVersion.model, ModelPriceVersion.effective_from)))
                 except Exception:  # noqa: BLE001 - the database is down (calls are spooled)
                     log.warning("could not read the price catalog; keeping the prices read "
-                                "before and trying again on the next call")
-                    if self._loaded_at > -1e9:  # what was read before still holds
-                        return self._versions
-                    rows = []
-                for r in rows:
-                    when = r.effective_from if r.effective_from.tzinfo else \
-                        r.effective_from.replace(tzinfo=UTC)
-                    versions.setdefault(r.model, []).append(
-                        PriceVersion(r.model, when, _from_row(r), r.source))
+                                "before, trying again in %d s", RETRY_SECONDS)
+                    # not again on every call (each would wait on the database): in a while
+                    self._loaded_at = now - self.refresh_seconds + RETRY_SECONDS
+                    if not self._have_catalog:  # never read yet: the config's for now
+                        self._versions = versions
+                    return self._versions  # else what was read before still holds
+            for r in rows:
+                when = r.effective_from if r.effective_from.tzinfo else \
+                    r.effective_from.replace(tzinfo=UTC)
+                versions.setdefault(r.model, []).append(
+                    PriceVersion(r.model, when, _from_row(r), r.source))
             for items in versions.values():
                 items.sort(key=lambda v: v.effective_from)
-            self._versions, self._loaded_at = versions, now
+            self._versions, self._loaded_at, self._have_catalog = versions, now, True
             return versions
 
     def refresh(self) -> None:

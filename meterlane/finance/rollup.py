@@ -83,7 +83,9 @@ class Rollups:
             # With new events, the last OVERLAP ids are read again: a row whose id was drawn
             # before the last run's top but committed after it (a concurrent writer) is not
             # left out of its day.
-            days = self._days(conn, max(0, last - OVERLAP) if top > last else last, top)
+            # (SQLite gives ids under its write lock: they commit in order, no overlap needed)
+            overlap = OVERLAP if self.engine.dialect.name == "postgresql" and top > last else 0
+            days = self._days(conn, max(0, last - overlap), top)
         failed = []
         for n, d in enumerate(days, 1):
             try:
@@ -94,15 +96,16 @@ class Rollups:
             if progress is not None:
                 progress(n, len(days))
         revenue = self.rollup_revenue()
-        if failed:  # the watermark stays: the failed days come round again
-            return RollupRun([d for d in days if d not in failed], last, revenue)
+        # a failed day keeps the watermark where it was (its events come round again); the
+        # run is still recorded, so that reports know the roll-ups exist
+        mark = last if failed else top
         with self.engine.begin() as conn:
             moved = conn.execute(update(RollupState).where(RollupState.name == "usage")
-                                 .values(last_id=top, updated_at=self.clock())).rowcount
+                                 .values(last_id=mark, updated_at=self.clock())).rowcount
             if not moved:
-                conn.execute(insert(RollupState).values(name="usage", last_id=top,
+                conn.execute(insert(RollupState).values(name="usage", last_id=mark,
                                                         updated_at=self.clock()))
-        return RollupRun(days, top, revenue)
+        return RollupRun([d for d in days if d not in failed], mark, revenue)
 
     def _days(self, conn: Connection, after: int, upto: int) -> list[date]:
         if upto <= after:
@@ -124,8 +127,11 @@ class Rollups:
                     out.append(d)
                 d += DAY
             return out
-        rows = conn.execute(select(_E.created_at).where(_E.id > after, _E.id <= upto)).scalars()
-        return sorted({_utc(r).date() for r in rows})
+        day_of = (func.date(func.timezone("UTC", _E.created_at))
+                  if self.engine.dialect.name == "postgresql" else func.date(_E.created_at))
+        found = conn.execute(select(day_of).where(_E.id > after, _E.id <= upto)
+                             .distinct()).scalars()
+        return sorted(d if isinstance(d, date) else date.fromisoformat(str(d)) for d in found)
 
     def rollup_day(self, d: date) -> int:
         """Recompute one UTC day; returns the rows written."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from meterlane.metering.models import UsageEvent
 
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x6D6C616E  # "mlan": the advisory lock of roll-up refreshes (Postgres)
-ROW_LOCK_SECONDS = 3600
+ROW_LOCK_SECONDS = 900
 FIRST_ROLLUP_INLINE = 1_000_000  # events a first report may wait to have rolled up
 
 
@@ -56,14 +57,16 @@ class FinanceService:
             return None
         try:
             if self.engine.dialect.name != "postgresql":
-                if not self._take_row_lock():
+                token = self._take_row_lock()
+                if token is None:
                     return None  # another process is at it
                 try:
                     return self.rollups.refresh(progress)
                 finally:
-                    with self.engine.begin() as conn:
-                        conn.execute(update(RollupState).where(RollupState.name == "lock")
-                                     .values(last_id=0))
+                    with self.engine.begin() as conn:  # only our own lock
+                        conn.execute(update(RollupState).where(
+                            RollupState.name == "lock", RollupState.last_id == token)
+                            .values(last_id=0))
             with self.engine.connect() as conn:  # held for the whole refresh
                 fn = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
                 got = conn.execute(text(f"SELECT {fn}(:k)"), {"k": LOCK_KEY}).scalar()
@@ -77,25 +80,27 @@ class FinanceService:
         finally:
             self._lock.release()
 
-    def _take_row_lock(self) -> bool:
+    def _take_row_lock(self) -> int | None:
         """The refresh lock where there are no advisory locks (SQLite, shared by the serve
-        workers): a row holding an expiry; a crashed holder's lock lapses after an hour."""
-        now = int(time.time())
+        workers): a row holding the holder's token, its expiry in ms plus a random part (a
+        killed holder's lock lapses); the token, or None when another process holds it."""
+        now_ms = int(time.time() * 1000)
+        token = (now_ms + ROW_LOCK_SECONDS * 1000) * 1000 + secrets.randbelow(1000)
         try:
             with self.engine.begin() as conn:
                 taken = conn.execute(update(RollupState).where(
-                    RollupState.name == "lock", RollupState.last_id < now).values(
-                    last_id=now + ROW_LOCK_SECONDS, updated_at=self.clock())).rowcount
+                    RollupState.name == "lock", RollupState.last_id < now_ms * 1000).values(
+                    last_id=token, updated_at=self.clock())).rowcount
                 if taken:
-                    return True
+                    return token
                 if conn.execute(select(RollupState.name).where(
                         RollupState.name == "lock")).first() is not None:
-                    return False
-                conn.execute(insert(RollupState).values(
-                    name="lock", last_id=now + ROW_LOCK_SECONDS, updated_at=self.clock()))
-                return True
+                    return None
+                conn.execute(insert(RollupState).values(name="lock", last_id=token,
+                                                        updated_at=self.clock()))
+                return token
         except IntegrityError:  # taken at the same moment by another process
-            return False
+            return None
 
     def fresh(self) -> str | None:
         """When the roll-ups were brought up to date. Never rolled up: now, and the report

@@ -87,7 +87,7 @@ class _Pending:
     def __init__(self, row: dict[str, Any], dedupe: bool = False, watched: bool = True) -> None:
         self.row = row
         self.done: threading.Event | _Unwatched = threading.Event() if watched else _UNWATCHED
-        self.result = "spooled"
+        self.result: str | None = None  # written | duplicate | spooled | lost, once settled
         self.dedupe = dedupe
 
 
@@ -122,7 +122,7 @@ class LedgerWriter:
         self._queue.put(pending)
         assert isinstance(pending.done, threading.Event)
         pending.done.wait()
-        return pending.result
+        return pending.result or "lost"
 
     def record_many(self, recs: list[CallRecord], *, dedupe: bool = False) -> list[str]:
         """Append many records (one group commit carries as many as fit): each its answer,
@@ -137,7 +137,7 @@ class LedgerWriter:
         last = pendings[-1].done
         assert isinstance(last, threading.Event)
         last.wait()  # settled in queue order by the one writer: the rest are done too
-        return [p.result for p in pendings]
+        return [p.result or "lost" for p in pendings]
 
     def _ensure_writer(self) -> None:
         if self._writer_pid == os.getpid():
@@ -162,6 +162,8 @@ class LedgerWriter:
             except Exception:  # never let the writer die: a dead writer blocks every call
                 log.exception("ledger writer failed on a batch of %d; spooling it", len(batch))
                 for pending in batch:
+                    if pending.result is not None:
+                        continue  # settled before the failure: written, duplicate or spooled
                     try:
                         self._settle_one(pending)
                     except Exception:
@@ -265,7 +267,11 @@ class LedgerWriter:
             try:
                 for raw in data.splitlines():
                     if raw.strip():
-                        written += self._insert(_decode(raw)) == "written"
+                        row = _decode(raw)
+                        # a call the app reported itself is a duplicate by its key alone,
+                        # as when it was first recorded (dedupe)
+                        written += self._insert(row, dedupe=str(row.get("endpoint") or "")
+                                                .startswith("meter.")) == "written"
             except Exception:
                 claimed.rename(self.spool_dir / f"usage-{os.getpid()}-retry-{path.name}")
                 raise

@@ -579,6 +579,8 @@ class LimitsService:
                 actuals[n] = actual
         with store_down_is_503():
             results = self.store.commit_many(calls, now_ms=epoch_ms(now))
+        if self._catch_up_needed.is_set():  # the store is back: count what it missed
+            self._start_catch_up()
         fresh = [True] * len(items)
         for n, ok in zip(owners, results, strict=True):
             fresh[n] = fresh[n] and ok

@@ -200,6 +200,7 @@ def track() -> Response:
                                   usage=usage, cost_pico=cost, event_id=key)
         except ServiceUnavailableError:
             wiring().metering.mark_limits_pending(app_id, key)
+            wiring().limits.needs_catch_up()
             raise
     return wiring().json(MeterResultSchema().dump({
         "lease_id": None, "idempotency_key": key, "outcome": "tracked" if fresh else "duplicate",
@@ -241,10 +242,10 @@ def track_batch() -> Response:
         w.limits.track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
                               c.idempotency_key) for c in new])
     except ServiceUnavailableError:  # recorded; flagged, counted when the store is back
-        w.limits.needs_catch_up()
         pending = len(new)
         flagged = w.metering.mark_limits_pending_many(app_in_scope(principal),
                                                       [c.idempotency_key for c in new])
+        w.limits.needs_catch_up()  # after the flags: a catch-up then finds them
         if flagged < pending:  # spooled rows too: replayed unflagged, counted by a rebuild
             log.error("%d reported calls were spooled while the limit store was down: run "
                       "`meterlane limits rebuild` once both are back", pending - flagged)

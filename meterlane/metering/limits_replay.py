@@ -29,17 +29,20 @@ def catch_up(service: LimitsService) -> int:
     try:
         service._catch_up_needed.clear()
         done = 0
-        for row in _pending_rows(service):
-            try:
-                count_event(service, row)
-            except LimitStoreUnavailableError:
-                service._catch_up_needed.set()
-                break
-            with service.engine.begin() as conn:
-                conn.execute(update(UsageEvent).where(UsageEvent.id == row.id)
-                             .values(limits_pending=False))
-            done += 1
-        return done
+        while True:  # 10,000 rows a pass, until none is left
+            rows = list(_pending_rows(service))
+            for row in rows:
+                try:
+                    count_event(service, row)
+                except LimitStoreUnavailableError:
+                    service._catch_up_needed.set()
+                    return done
+                with service.engine.begin() as conn:
+                    conn.execute(update(UsageEvent).where(UsageEvent.id == row.id)
+                                 .values(limits_pending=False))
+                done += 1
+            if len(rows) < 10_000:
+                return done
     finally:
         service._catching_up.release()
 

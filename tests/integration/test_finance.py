@@ -103,6 +103,7 @@ def fin(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
 
     app = create_app(config_from_toml(finance_toml(upstream.base_url), tmp_path,
                                       database_url=pg_url))
+    app.extensions["wiring"].finance.prices.refresh_seconds = 0  # one process: no waiting
     try:
         yield app, make_keys(app)
     finally:
@@ -127,6 +128,7 @@ def fin_any(request: pytest.FixtureRequest, upstream: FakeUpstream,
         engine.dispose()
     app = create_app(config_from_toml(finance_toml(upstream.base_url), tmp_path,
                                       database_url=url))
+    app.extensions["wiring"].finance.prices.refresh_seconds = 0  # one process: no waiting
     try:
         yield app, make_keys(app)
     finally:

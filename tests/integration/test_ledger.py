@@ -161,3 +161,24 @@ def test_a_record_spooled_by_an_older_version_is_replayed(clean_db: Engine,
     (spool / "usage-1.jsonl").write_bytes(orjson.dumps(old) + b"\n")
     assert LedgerWriter(clean_db, spool).replay() == 1
     assert [k for k, _, _ in keys_in_ledger(clean_db)] == ["old"]
+
+
+def test_a_reported_call_spooled_then_retried_is_recorded_once(clean_db: Engine,
+                                                               tmp_path: Path) -> None:
+    """A call the app reported itself is the same call by its key alone: spooled during an
+    outage, then reported again (another request id) before the spool was replayed, it is
+    in the ledger once (a proxied call racing on a key keeps both: the test above)."""
+    app_id, user_id = app_and_user(clean_db)
+    down = make_engine(clean_db.url.set(port=9).render_as_string(hide_password=False))
+    spool = tmp_path / "spool"
+    reported = replace(record(app_id, user_id, "job-9"), endpoint="meter.track")
+    assert LedgerWriter(down, spool).record(reported, dedupe=True) == "spooled"
+    healthy = LedgerWriter(clean_db, spool)
+    assert healthy.record(replace(reported, request_id="req_retry"), dedupe=True) == "written"
+    assert healthy.replay() == 0
+    assert [k for k, _, _ in keys_in_ledger(clean_db)] == ["job-9"]
+    # many at once: each answered, in order, after the last is settled
+    batch = [record(app_id, user_id, f"b{i}") for i in range(5)]
+    assert healthy.record_many([batch[0], *batch, record(app_id, user_id, "b9")],
+                               dedupe=True) == ["written", "duplicate", "written", "written",
+                                                "written", "written", "written"]
