@@ -238,5 +238,8 @@ def demo_seed(users: int, days: int, app: str, rng_seed: int) -> None:
                f"over {days} days from {result.first_day:%Y-%m-%d} (models "
                f"{', '.join(result.models)}; local {', '.join(result.local_models) or '-'}), "
                f"{result.invoices} invoices, in {time.monotonic() - started:.1f} s")
+    from datetime import UTC, datetime
+
     click.echo(f"try: meterlane report summary --app {result.app} --period "
-               f"{result.first_day:%Y-%m}")
+               f"{datetime.now(UTC):%Y-%m}  (or --period {result.first_day:%Y-%m-%d}.."
+               f"{datetime.now(UTC):%Y-%m-%d} for all of it)")
