@@ -115,6 +115,7 @@ class PriceBook:
         self._loaded_at = -1e9
         self._have_catalog = False  # read from the database at least once
         self._versions: dict[str, list[PriceVersion]] = {}
+        self._starts: dict[str, list[datetime]] = {}
 
     def _load(self) -> dict[str, list[PriceVersion]]:
         now = time.monotonic()
@@ -141,12 +142,12 @@ class PriceBook:
                         self._versions = versions
                     return self._versions  # else what was read before still holds
             for r in rows:
-                when = r.effective_from if r.effective_from.tzinfo else \
-                    r.effective_from.replace(tzinfo=UTC)
                 versions.setdefault(r.model, []).append(
-                    PriceVersion(r.model, when, _from_row(r), r.source))
+                    PriceVersion(r.model, r.effective_from, _from_row(r), r.source))
             for items in versions.values():
                 items.sort(key=lambda v: v.effective_from)
+            # each model's start times, for the lookup on every metered call
+            self._starts = {m: [v.effective_from for v in items] for m, items in versions.items()}
             self._versions, self._loaded_at, self._have_catalog = versions, now, True
             return versions
 
@@ -158,7 +159,8 @@ class PriceBook:
         items = self._load().get(model)
         if not items:
             return None
-        i = bisect.bisect_right([v.effective_from for v in items], at) - 1
+        starts = self._starts.get(model) or [v.effective_from for v in items]
+        i = bisect.bisect_right(starts, at) - 1
         return items[i].price if i >= 0 else None
 
     def versions(self, model: str | None = None) -> list[PriceVersion]:

@@ -25,10 +25,10 @@ from meterlane.core.db import utcnow
 from meterlane.core.errors import InvalidRequestError
 from meterlane.core.models import EndUser
 from meterlane.finance.models import GpuHour, RevenueDaily, UsageDaily
-from meterlane.plans.terms import ZERO_DECIMAL
+from meterlane.metering.pricing import pico_to_usd
+from meterlane.plans.terms import minor_exponent
 
 GROUPS = ("plan", "model", "user", "day")
-THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})  # minor unit: 1/1000
 PICO = 10**12
 
 
@@ -70,7 +70,7 @@ def usd(pico: int | None) -> str | None:
     """Exact USD: at least cents, more decimals only when there are any."""
     if pico is None:
         return None
-    text = f"{Decimal(pico).scaleb(-12):.12f}".rstrip("0")
+    text = f"{pico_to_usd(pico):.12f}".rstrip("0")
     whole, _, frac = text.partition(".")
     return f"{whole}.{frac.ljust(2, '0')}"
 
@@ -95,8 +95,7 @@ class Reports:
         rate = self.rates.get(currency.lower())
         if rate is None:
             return None
-        code = currency.lower()
-        exponent = 0 if code in ZERO_DECIMAL else 3 if code in THREE_DECIMAL else 2
+        exponent = minor_exponent(currency)
         exact = Decimal(amount) * rate * Decimal(10) ** (12 - exponent)
         return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 

@@ -114,7 +114,7 @@ class Rollups:
             _E.id > after, _E.id <= upto)).one()
         if stamps[0] is None:
             return []
-        first, last = (_utc(stamps[0]).date(), _utc(stamps[1]).date())
+        first, last = stamps[0].date(), stamps[1].date()
         if (last - first).days <= 62:
             # few days: check each (an index range scan) rather than read every new event
             out = []
@@ -243,8 +243,8 @@ class Rollups:
         days: dict[tuple[int, int, str, str, date], int] = defaultdict(int)
         for e in events:
             plan = e.plan_id or self.plan_of(int(e.end_user_id))
-            for d, amount in spread(int(e.amount), _utc(e.period_start), _utc(e.period_end),
-                                    _utc(e.occurred_at)):
+            for d, amount in spread(int(e.amount), e.period_start, e.period_end,
+                                    e.occurred_at):
                 days[(int(e.app_id), int(e.end_user_id), plan, e.currency, d)] += amount
         with self.engine.begin() as conn:
             conn.execute(delete(RevenueDaily))
@@ -277,12 +277,6 @@ def spread(amount: int, start: datetime | None, end: datetime | None,
         d += DAY
     sign = -1 if amount < 0 else 1
     return list(zip(days, [sign * p for p in allocate(abs(amount), weights)], strict=True))
-
-
-def _utc(at: datetime | None) -> Any:
-    if at is None:
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _hour_expr(dialect: str) -> Any:

@@ -9,7 +9,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import Engine
@@ -118,16 +118,12 @@ class FinanceService:
                     "`meterlane finance rollup`.", headers={"Retry-After": "60"})
             self._refresh_quietly(wait=True)
             at = self.rolled_up_at()
-        elif self.clock() - _aware(at) > self.max_age:
+        elif self.clock() - at > self.max_age:
             self._background(functools.partial(self._refresh_quietly, wait=False))
-        return _aware(at).isoformat() if at is not None else None
+        return at.isoformat() if at is not None else None
 
     def _refresh_quietly(self, wait: bool) -> None:
         try:
             self.refresh(wait=wait)
         except Exception:  # noqa: BLE001 - a report of slightly older roll-ups still helps
             log.exception("the finance roll-up failed; reports show the last one")
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

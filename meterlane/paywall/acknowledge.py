@@ -29,11 +29,11 @@ from meterlane.paywall.models import (
     OfferVersion,
     Withdrawal,
 )
+from meterlane.paywall.service import RETENTION, jsonable
 from meterlane.plans.catalog import Catalog, Plan
 from meterlane.plans.models import Subscription
 from meterlane.plans.terms import format_minor
 
-RETENTION = timedelta(days=3 * 366)  # REC-01, as consent records
 # ACK-01: what an acknowledgment must carry; EU/UK add the withdrawal right (CRD 8(7)).
 TOKENS = ("terms", "auto_renews", "price", "how_to_cancel", "cancel_policy_url",
           "first_charge_date", "first_charge_amount", "contract_ref")
@@ -46,10 +46,6 @@ def day(at: datetime | None) -> str:
 
 def email_hash(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode()).hexdigest()
-
-
-def jsonable(view: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in view.items()}
 
 
 class Acknowledger:

@@ -23,9 +23,9 @@ from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundErro
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import App
 from meterlane.paywall import offers
-from meterlane.paywall.acknowledge import RETENTION, email_hash, jsonable, of_subscription
+from meterlane.paywall.acknowledge import email_hash, of_subscription
 from meterlane.paywall.models import Acknowledgment, CancelDeclaration
-from meterlane.paywall.service import PaywallService
+from meterlane.paywall.service import RETENTION, PaywallService, jsonable
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.models import StripeCustomer, Subscription
 from meterlane.plans.subscriptions import SubscriptionService, monthly_price

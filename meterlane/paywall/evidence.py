@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from meterlane.core.models import EndUser, WebhookDelivery
 from meterlane.metering.models import UsageEvent
-from meterlane.paywall.acknowledge import day, jsonable, of_subscription
+from meterlane.paywall.acknowledge import day, of_subscription
 from meterlane.paywall.cancel_flow import CancelFlow
 from meterlane.paywall.models import (
     CancelDeclaration,
@@ -24,7 +24,7 @@ from meterlane.paywall.models import (
     PaywallEvent,
 )
 from meterlane.paywall.notices import NoticeService
-from meterlane.paywall.service import PaywallService, _cancellation_view, _consent_view
+from meterlane.paywall.service import PaywallService, _cancellation_view, _consent_view, jsonable
 from meterlane.paywall.withdrawals import WithdrawalService
 from meterlane.plans.models import RevenueEvent
 from meterlane.plans.subscriptions import SubscriptionService

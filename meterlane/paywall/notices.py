@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -32,8 +32,9 @@ from meterlane.core.db import utcnow
 from meterlane.core.errors import DomainError, InvalidRequestError, NotFoundError
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
-from meterlane.paywall.acknowledge import RETENTION, day, jsonable
+from meterlane.paywall.acknowledge import day
 from meterlane.paywall.models import Acknowledgment, Notice, PriceChange
+from meterlane.paywall.service import RETENTION, jsonable
 from meterlane.plans.catalog import Catalog, Plan
 from meterlane.plans.models import Subscription
 from meterlane.plans.terms import format_minor
@@ -146,7 +147,7 @@ class NoticeService:
         with self.engine.connect() as conn:
             changes = [c for c in conn.execute(select(PriceChange.__table__).where(
                 PriceChange.effective_at > now)).all()
-                if _aware(c.effective_at) - timedelta(days=PRICE.target) <= now]
+                if c.effective_at - timedelta(days=PRICE.target) <= now]
         sent: list[dict[str, Any]] = []
         after, seen = "", 0
         while True:
@@ -170,7 +171,7 @@ class NoticeService:
                 plan = self.catalog.get(sub.plan_id, sub.plan_version)
                 if plan is None or plan.terms.price is None:
                     continue
-                for due in self._due(sub, plan, changes, now, _aware(started.get(sub.id))):
+                for due in self._due(sub, plan, changes, now, started.get(sub.id)):
                     if (sub.id, due.notice_type, due.occasion) not in sent_keys:
                         notice = self._send(sub, plan, due, now)
                         if notice is not None:
@@ -183,12 +184,12 @@ class NoticeService:
         assert price is not None
         due: list[Due] = []
         facts = {"amount": _price(plan), "interval": price.interval}
-        end = _aware(sub.current_period_end)
+        end = sub.current_period_end
         if sub.cancel_at_period_end or end is None:
             return due  # nothing renews or converts: nothing to remind of
-        trial_end = _aware(sub.trial_end)
+        trial_end = sub.trial_end
         if sub.status == "trialing" and trial_end is not None and trial_end > now:
-            start = started or _aware(sub.current_period_start) or _aware(sub.billing_anchor)
+            start = started or sub.current_period_start or sub.billing_anchor
             window = trial_window(max(0, round((trial_end - start) / DAY)))
             if trial_end - timedelta(days=window.target) <= now:
                 due.append(Due("trial_ending", day(trial_end), trial_end, window,
@@ -199,7 +200,7 @@ class NoticeService:
                            {**facts, "renews_at": day(end)}))
         # Anniversaries of the purchase (Stripe moves its anchor when the interval changes),
         # one reminder for each, keyed by its date.
-        origin = started or _aware(sub.billing_anchor)
+        origin = started or sub.billing_anchor
         years = 1
         while add_years(origin, years) <= now:
             years += 1
@@ -210,7 +211,7 @@ class NoticeService:
         for change in changes:
             if (change.plan_id, change.from_version) == (sub.plan_id, sub.plan_version):
                 new = self.catalog.get(change.plan_id, change.to_version)
-                due.append(Due("price_change", change.change_id, _aware(change.effective_at),
+                due.append(Due("price_change", change.change_id, change.effective_at,
                                PRICE, {**facts, "new_amount": _price(new) if new else None,
                                        "effective_at": day(change.effective_at)}))
         return due
@@ -267,13 +268,6 @@ def _price(plan: Plan | None) -> str | None:
     if plan is None or plan.terms.price is None:
         return None
     return format_minor(plan.terms.price.amount, plan.terms.price.currency)
-
-
-def _aware(at: datetime | None) -> Any:
-    """SQLite gives naive datetimes back: they are UTC."""
-    if at is None:
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _text(due: Due, name: str, how: str) -> str:

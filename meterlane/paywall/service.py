@@ -446,7 +446,7 @@ class PaywallService:
                 EndUser.id == end_user_id)).scalar_one()
             conn.execute(insert(CancellationRecord).values(**values))
             self.events.publish_in(conn, app_id, "cancel.confirmed",
-                                   {**_jsonable(view), "user": user}, event_id=event_id)
+                                   {**jsonable(view), "user": user}, event_id=event_id)
         return view
 
 
@@ -473,7 +473,7 @@ def _cancellation_view(values: dict[str, Any], usage_billed: bool = False) -> di
             "confirmation_event_id": values["confirmation_event_id"], "text": text}
 
 
-def _jsonable(view: dict[str, Any]) -> dict[str, Any]:
+def jsonable(view: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in view.items()}
 
 

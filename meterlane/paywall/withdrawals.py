@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -27,8 +27,10 @@ from meterlane.core.db import utcnow
 from meterlane.core.errors import ConflictError
 from meterlane.core.events import EventService, new_event_id
 from meterlane.core.models import EndUser
-from meterlane.paywall.acknowledge import RETENTION, day, jsonable, of_subscription
+from meterlane.paywall.acknowledge import day, of_subscription
 from meterlane.paywall.models import Withdrawal
+from meterlane.paywall.notices import add_years
+from meterlane.paywall.service import RETENTION, jsonable
 from meterlane.plans.catalog import Catalog
 from meterlane.plans.models import RevenueEvent
 from meterlane.plans.stripe_sync import BillingProviderError
@@ -41,10 +43,7 @@ DAY = timedelta(days=1)
 def add_interval(at: datetime, interval: str) -> datetime:
     """One billing term later (a month or a year; the 31st becomes the month's last day)."""
     if interval == "year":
-        try:
-            return at.replace(year=at.year + 1)
-        except ValueError:
-            return at.replace(year=at.year + 1, day=28)
+        return add_years(at, 1)
     year, month = (at.year + 1, 1) if at.month == 12 else (at.year, at.month + 1)
     for d in (at.day, 30, 29, 28):
         try:
@@ -133,7 +132,7 @@ class WithdrawalService:
                     "CXL-04: this subscription has no right of withdrawal (it was not bought "
                     "through a paywall checkout in a jurisdiction that grants one); cancel it "
                     "instead.", code="withdrawal_not_available", rule="CXL-04")
-            deadline = _utc(ack.withdrawal_deadline)
+            deadline = ack.withdrawal_deadline
             if now >= deadline:
                 raise ConflictError(f"CXL-04: the withdrawal period ended on {day(deadline)}; "
                                     "cancel the subscription instead.",
@@ -154,9 +153,9 @@ class WithdrawalService:
         plan = self.catalog.get(sub.plan_id, sub.plan_version)
         interval = plan.terms.price.interval if plan and plan.terms.price else "month"
         # days are counted from the start of the paid term (a free trial is not used days)
-        started = _utc(ack.started_at)
+        started = ack.started_at
         if paid_rows and paid_rows[0].period_start is not None:
-            started = max(started, _utc(paid_rows[0].period_start))
+            started = max(started, paid_rows[0].period_start)
         term_days = max(1, round((add_interval(started, interval) - started) / DAY))
         days_used = min(term_days, max(0, math.ceil((now - started) / DAY)))
         paid = sum(int(r.amount) for r in paid_rows)
@@ -220,14 +219,10 @@ def _meta(obj: Any) -> dict[str, Any]:
     return dict(meta.to_dict() if hasattr(meta, "to_dict") else meta)
 
 
-def _utc(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
 def _view(values: dict[str, Any]) -> dict[str, Any]:
     refund = format_minor(int(values["refund"]), values["currency"])
     text = (f"Your withdrawal was received on "
-            f"{_utc(values['requested_at']).strftime('%Y-%m-%d %H:%M UTC')}. The subscription "
+            f"{values['requested_at'].strftime('%Y-%m-%d %H:%M UTC')}. The subscription "
             f"has ended; {refund} will be refunded"
             + (f" (the unused {values['term_days'] - values['days_used']} of "
                f"{values['term_days']} days, as you asked us to start at once)."

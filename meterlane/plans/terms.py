@@ -239,10 +239,21 @@ ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga"
                           "ugx", "vnd", "vuv", "xaf", "xof", "xpf"})
 
 
+# ... and those whose minor unit is a thousandth.
+THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
+def minor_exponent(currency: str) -> int:
+    """Decimal places of a currency's minor unit: 2, or 0 (JPY...) or 3 (KWD...)."""
+    code = currency.lower()
+    return 0 if code in ZERO_DECIMAL else 3 if code in THREE_DECIMAL else 2
+
+
 def format_minor(amount: int, currency: str) -> str:
     """2000, "usd" -> "20.00 USD"; 500, "jpy" -> "500 JPY". Exact: integer arithmetic."""
-    if currency in ZERO_DECIMAL:
+    places = minor_exponent(currency)
+    if not places:
         return f"{amount:,} {currency.upper()}"
     sign = "-" if amount < 0 else ""
-    major, minor = divmod(abs(amount), 100)
-    return f"{sign}{major:,}.{minor:02d} {currency.upper()}"
+    major, minor = divmod(abs(amount), 10**places)
+    return f"{sign}{major:,}.{minor:0{places}d} {currency.upper()}"

@@ -373,8 +373,11 @@ def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) ->
     assert len(worst) == 3 and margins == sorted(margins)
     local = client.get("/v1/finance/local?period=2026-11", headers=bearer(keys.admin)).get_json()
     [gpu] = local["upstreams"]
-    assert Decimal(gpu["cost_usd"]) == Decimal(gpu["allocated_usd"]) + Decimal(
-        gpu["idle_unallocated_usd"])
+    # what the GPU hours allocated is what this app's users were charged (one app uses it),
+    # and the full cost is every hour since it first served, at its hourly price
+    assert Decimal(gpu["allocated_usd"]) == Decimal(summary["local_cost_usd"]) > 0
+    assert Decimal(gpu["cost_usd"]) == gpu["hours"] * Decimal(HOURLY) / 10**12
+    assert gpu["hours"] >= gpu["hours_serving"] > 0
     # the GPU serves every app: its figures are for operator-wide keys only
     assert client.get("/v1/finance/local?period=2026-11",
                       headers=bearer(keys.finance)).status_code == 403

@@ -7,7 +7,7 @@ to a receiver on loopback; then the evidence bundle read back (NET-02)."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -199,7 +199,6 @@ def test_cxl_06_an_invoice_after_the_cancellation_took_effect_raises_an_alert(
     alerts = [e["data"] for e in w.sent() if e["type"] == "compliance.alert"]
     assert [a["rule_ids"] for a in alerts] == [["CXL-06"]]
     assert alerts[0]["invoice"] == "in_after_cancel"
-    assert datetime.fromtimestamp(later, UTC) > effective
     status, bundle = w.call("GET", f"/v1/compliance/evidence?subscription={sub_id}")
     assert bundle["charged_after_end"] == ["in_after_cancel"]
     assert "in_after_cancel" in bundle["stripe_evidence"]["cancellation_rebuttal"]

@@ -91,3 +91,16 @@ def test_a_cost_limit_charges_at_the_price_it_is_given() -> None:
     assert charges(plan.limits[0], unpriced, 1000, 1) == (None, 0)  # no price: not limited
     assert charges(plan.limits[0], unpriced, 1000, 1, 1, PRICE) == (
         1000 * 3_000_000, 15_000_000)  # input at $3/1M, each output token at most $15/1M
+
+
+def test_minor_units_follow_the_currency() -> None:
+    from meterlane.finance.reports import Reports
+    from meterlane.plans.terms import format_minor
+
+    assert (format_minor(12345, "kwd"), format_minor(500, "jpy"), format_minor(-5, "eur")) == (
+        "12.345 KWD", "500 JPY", "-0.05 EUR")
+    reports = Reports.__new__(Reports)
+    reports.rates = {"kwd": Decimal("3.25"), "jpy": Decimal("0.0067"), "usd": Decimal(1)}
+    assert reports.to_pico(12345, "kwd") == 40_121_250_000_000  # 12.345 x 3.25 USD
+    assert reports.to_pico(500, "JPY") == 3_350_000_000_000     # 500 x 0.0067 USD
+    assert reports.to_pico(1, "eur") is None                    # no rate: not converted
