@@ -184,18 +184,23 @@ def drop_postgres_database(admin_url: str, name: str) -> None:
             sql.Identifier(name)))
 
 
+# The service's code: app.py and its packages (DESIGN.md §1).
+PACKAGES = ("core", "gateway", "metering", "plans", "paywall", "finance", "migrations")
+CODE = ("app.py", *PACKAGES)
+
+
 def git_version() -> str:
-    """HEAD's short hash, with "+dirty" when meterlane/ has uncommitted changes."""
+    """HEAD's short hash, with "+dirty" when the service's code has uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,  # noqa: S607
                               text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "meterlane") else "")
+    return head + ("+dirty" if git("status", "--porcelain", "--", *CODE) else "")
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "meterlane.cli", *args], env=env,  # noqa: S603
+    done = subprocess.run([sys.executable, "-m", "app", *args], env=env,  # noqa: S603
                           capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0:
         raise BenchError(f"meterlane {' '.join(args)} failed:\n{done.stderr}{done.stdout}")
@@ -243,7 +248,7 @@ def start_serve(procs: Processes, env: dict[str, str], *, workers: int, cwd: Pat
     """`meterlane serve` on a free port, once /healthz answers and every worker is up."""
     port = free_port()
     proc = procs.start(name, [
-        sys.executable, "-m", "meterlane.cli", "serve", "--host", "127.0.0.1",
+        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1",
         "--port", str(port), "--workers", str(workers)],
         stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
         env=env, cwd=cwd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)

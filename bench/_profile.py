@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench._procs import ROOT, BenchError, Processes
+from bench._procs import PACKAGES, ROOT, BenchError, Processes
 
 
 def profile_workers(worker_pids: list[int], seconds: int, rate: int, outdir: Path,
@@ -43,7 +43,7 @@ def _short(path: str) -> str:
 
 def _area(path: str) -> str:
     short = _short(path)
-    if short.startswith("meterlane/"):
+    if short.split("/", 1)[0] in PACKAGES:
         return "/".join(short.split("/")[:2]).removesuffix(".py")
     return short.split("/", 1)[0].removesuffix(".py")
 

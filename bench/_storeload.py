@@ -59,9 +59,9 @@ SAMPLE = 5000        # pair latencies each client sends back (evenly spaced)
 
 def bench_plan() -> tuple[Any, Any, Any]:
     """(catalog, assignment, model) of the bench plan, built by meterlane's own parser."""
-    from meterlane.core.config import ModelConfig
-    from meterlane.plans.catalog import parse_plans
-    from meterlane.plans.service import Assignment
+    from core.config import ModelConfig
+    from plans.catalog import parse_plans
+    from plans.service import Assignment
 
     tables = tuple(tomllib.loads(BENCH_PLAN_TOML)["plans"])
     catalog = parse_plans(tables, BENCH_PLAN_TOML, frozenset({MODEL}))
@@ -85,12 +85,12 @@ def make_store(spec: dict[str, Any]) -> Any:
     if spec["store"] in ("redis", "engine"):
         import redis
 
-        from meterlane.metering.redislimits import RedisLimitStore
+        from metering.redislimits import RedisLimitStore
 
         client = redis.Redis.from_url(spec["url"], socket_timeout=5, socket_connect_timeout=5)
         return RedisLimitStore(client, spec["prefix"])
-    from meterlane.core.db import make_engine
-    from meterlane.metering.limitstore import SqlLimitStore
+    from core.db import make_engine
+    from metering.limitstore import SqlLimitStore
 
     return SqlLimitStore(make_engine(spec["url"]))
 
@@ -101,10 +101,10 @@ class PairRunner:
     (check building, lease ids, states), i.e. what a gateway call runs minus the prompt count."""
 
     def __init__(self, store: Any, mode: str) -> None:
-        from meterlane.metering.leases import user_tag
-        from meterlane.metering.limits import LimitsService
-        from meterlane.metering.limitstore import Actual
-        from meterlane.metering.pricing import TokenUsage
+        from metering.leases import user_tag
+        from metering.limits import LimitsService
+        from metering.limitstore import Actual
+        from metering.pricing import TokenUsage
 
         catalog, self.assignment, self.model = bench_plan()
         # No engine: it is used only to record refusals and catch up, which never happen here.
@@ -119,7 +119,7 @@ class PairRunner:
     def checks(self, now: datetime) -> list[Any]:
         second = int(now.timestamp())
         if self._checks[0] != second:  # the minute's counter key changes; rebuild each second
-            applied = self.service._applied(APP_ID, 0, self.assignment, self.model, now,
+            applied = self.service.checks_for(APP_ID, 0, self.assignment, self.model, now,
                                             prompt_tokens=PROMPT_TOKENS)
             self._checks = (second, [a.check for a in applied])
         return self._checks[1]

@@ -60,8 +60,8 @@ def fill(url: str, events: int, users: int, seed: int) -> dict[str, Any]:
     """Users, plans, invoices and `events` usage events in the month, by COPY."""
     import psycopg
 
-    from meterlane.core.config import Config
-    from meterlane.metering.pricing import TokenUsage, cost_pico_usd
+    from core.config import Config
+    from metering.pricing import TokenUsage, cost_pico_usd
 
     env = {**os.environ, "MLANE_CONFIG": str(CONFIG), "MLANE_DATABASE_URL": url}
     config = Config.from_env(env)
@@ -139,9 +139,9 @@ def fill(url: str, events: int, users: int, seed: int) -> dict[str, Any]:
 def time_reports(url: str, runs: int) -> dict[str, Any]:
     from dataclasses import replace
 
-    from meterlane.app import create_app
-    from meterlane.core.auth import Role
-    from meterlane.core.config import Config
+    from app import create_app
+    from core.auth import Role
+    from core.config import Config
 
     env = {**os.environ, "MLANE_CONFIG": str(CONFIG), "MLANE_DATABASE_URL": url}
     config = replace(Config.from_env(env), key_cache_seconds=2.0)
@@ -176,7 +176,7 @@ def time_reports(url: str, runs: int) -> dict[str, Any]:
     with w.engine.connect() as conn:
         from sqlalchemy import func, select
 
-        from meterlane.finance.models import UsageDaily
+        from finance.models import UsageDaily
 
         out["rollup_rows"] = conn.execute(select(func.count()).select_from(UsageDaily)).scalar()
     w.engine.dispose()
@@ -186,8 +186,8 @@ def time_reports(url: str, runs: int) -> dict[str, Any]:
 def ingestion(url: str, seconds: float, threads: int) -> dict[str, Any]:
     """Usage events through the ledger writer (the path every metered call takes), from
     `threads` threads of one process, each waiting for its own row to be committed."""
-    from meterlane.core.db import make_engine
-    from meterlane.metering.ledger import CallRecord, LedgerWriter
+    from core.db import make_engine
+    from metering.ledger import CallRecord, LedgerWriter
 
     engine = make_engine(url)
     writer = LedgerWriter(engine, Path("/tmp"))
@@ -240,11 +240,11 @@ def ingestion_http(url: str, seconds: float, clients: int, batch: int,
         port = sock.getsockname()[1]
     env = {**os.environ, "MLANE_CONFIG": str(CONFIG), "MLANE_DATABASE_URL": url,
            "MLANE_REDIS_URL": redis_url}
-    made = subprocess.run([sys.executable, "-m", "meterlane.cli", "keys", "create", "--role",
+    made = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--role",
                            "app", "--app", "bench"], env=env, check=True, capture_output=True,
                           text=True)
     key = made.stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen([sys.executable, "-m", "meterlane.cli", "serve", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port",
                              str(port), "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -327,7 +327,7 @@ def main() -> int:
     url = recreate(args.postgres_url, args.db)
     try:
         env = {**os.environ, "MLANE_CONFIG": str(CONFIG), "MLANE_DATABASE_URL": url}
-        subprocess.run([sys.executable, "-m", "meterlane.cli", "db", "upgrade"], env=env,
+        subprocess.run([sys.executable, "-m", "app", "db", "upgrade"], env=env,
                        check=True, capture_output=True)
         log(f"filling {args.events:,} events for {args.users:,} users into {args.db}")
         result: dict[str, Any] = {"fill": fill(url, args.events, args.users, args.seed)}

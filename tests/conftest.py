@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from meterlane.core.auth import Role
-from meterlane.core.config import Config, load_toml
-from meterlane.core.db import make_engine
+from core.auth import Role
+from core.config import Config, load_toml
+from core.db import make_engine
 from tests.support.cluster import ClusterUnavailableError, start_cluster
 from tests.support.services import create_database, postgres_url, redis_url
 from tests.support.upstream import FakeUpstream
@@ -22,8 +22,8 @@ from tests.support.upstream import FakeUpstream
 
 def _tables() -> str:
     """Every table of the models (the app imports them all): none is left out of a clean."""
-    import meterlane.app  # noqa: F401
-    from meterlane.core.db import Base
+    import app  # noqa: F401
+    from core.db import Base
 
     return ", ".join(t.name for t in Base.metadata.sorted_tables)
 
@@ -65,7 +65,7 @@ def redis_cluster(service_root: Path) -> Iterator[list[tuple[str, int]]]:
 @pytest.fixture(scope="session")
 def pg_url(pg_server: str) -> str:
     """This worker's own migrated database on the test server."""
-    from meterlane.migrations import upgrade
+    from migrations import upgrade
 
     url = create_database(pg_server, f"mlane_test_{_worker()}")
     engine = make_engine(url)
@@ -163,7 +163,7 @@ def app_config(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: 
 
 @pytest.fixture()
 def app(app_config: Config) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     flask_app = create_app(app_config)
     yield flask_app

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 
-from meterlane.metering.models import UsageEvent
+from metering.models import UsageEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.fake_openai import completion_text

@@ -19,8 +19,8 @@ import pytest
 import stripe
 from sqlalchemy import func, select
 
-from meterlane.core.db import make_engine, utcnow
-from meterlane.plans.models import CreditOverage, RevenueEvent
+from core.db import make_engine, utcnow
+from plans.models import CreditOverage, RevenueEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.consent import consent_for

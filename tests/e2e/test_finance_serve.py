@@ -22,7 +22,7 @@ import orjson
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from meterlane.metering.models import UsageEvent
+from metering.models import UsageEvent
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.integration.test_finance import finance_toml
 from tests.support.services import create_database

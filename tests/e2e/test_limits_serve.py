@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import make_engine
-from meterlane.metering.models import UsageEvent
+from core.db import make_engine
+from metering.models import UsageEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.burst import one_call, run_bursts
@@ -94,7 +94,7 @@ class Served:
 
 
 def _user_id(conn: Any, user: str) -> int:
-    from meterlane.core.models import EndUser
+    from core.models import EndUser
 
     return int(conn.execute(select(EndUser.id).where(EndUser.external_id == user)).scalar_one())
 

@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import make_engine
-from meterlane.metering.models import UsageEvent
+from core.db import make_engine
+from metering.models import UsageEvent
 from tests.conftest import gateway_toml
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meterlane.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "app", *args], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -84,7 +84,7 @@ class Server:
 def start_server(env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (tmp / f"serve-{port}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "meterlane.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port),
                              "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base)

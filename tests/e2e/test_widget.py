@@ -24,8 +24,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, update
 
-from meterlane.core.db import utcnow
-from meterlane.core.models import ApiKey
+from core.db import utcnow
+from core.models import ApiKey
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.services import create_database

@@ -82,7 +82,7 @@ def sub_event(event_id: str, kind: str, status: str, plan_ref: str, created: int
 
 @pytest.fixture()
 def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                               database_url=pg_url)
@@ -97,7 +97,7 @@ def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -
 @pytest.mark.parametrize("change", ["upgrade", "downgrade", "cancel"])
 @pytest.mark.parametrize("delivery", ["in_order", "late_and_replayed"])
 def test_subscription_matrix(app: Any, interval: str, change: str, delivery: str) -> None:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     w = app.extensions["wiring"]
     key = w.keys.create_key(Role.APP, "acme").key

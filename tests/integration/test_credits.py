@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from meterlane.plans.models import CreditGrant, CreditOverage
+from plans.models import CreditGrant, CreditOverage
 from tests.conftest import Keys, bearer, config_from_toml
 from tests.integration.test_limits_gateway import NOW, Clock, ClosingClient, chat, ledger, quota
 from tests.integration.test_plan_terms import tiered_toml
@@ -42,7 +42,7 @@ credit_multipliers = { frontier = 3 }
 @pytest.fixture(params=["sql", "redis"])
 def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream: FakeUpstream,
         tmp_path: Path) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     toml = tiered_toml(upstream.base_url).split("[[plans]]")[0] + PLANS
     config = config_from_toml(toml, tmp_path, database_url=pg_url)

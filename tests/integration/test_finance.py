@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Engine
 
-from meterlane.finance.models import GpuHour, RevenueDaily, RollupState, UsageDaily
-from meterlane.metering.models import UsageEvent
-from meterlane.metering.pricing import TokenUsage, cost_pico_usd
-from meterlane.plans.models import RevenueEvent
+from finance.models import GpuHour, RevenueDaily, RollupState, UsageDaily
+from metering.models import UsageEvent
+from metering.pricing import TokenUsage, cost_pico_usd
+from plans.models import RevenueEvent
 from tests.conftest import Keys, bearer, config_from_toml, make_keys
 from tests.support.upstream import FakeUpstream
 
@@ -99,7 +99,7 @@ usd_per = {{ eur = "1.10" }}
 @pytest.fixture()
 def fin(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
         tmp_path: Path) -> Iterator[tuple[Any, Keys]]:
-    from meterlane.app import create_app
+    from app import create_app
 
     app = create_app(config_from_toml(finance_toml(upstream.base_url), tmp_path,
                                       database_url=pg_url))
@@ -114,9 +114,9 @@ def fin(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
 def fin_any(request: pytest.FixtureRequest, upstream: FakeUpstream,
             tmp_path: Path) -> Iterator[tuple[Any, Keys]]:
     """The finance world on Postgres, and on the embedded SQLite default."""
-    from meterlane.app import create_app
-    from meterlane.core.db import make_engine
-    from meterlane.migrations import upgrade
+    from app import create_app
+    from core.db import make_engine
+    from migrations import upgrade
 
     if request.param == "postgres":
         request.getfixturevalue("clean_db")
@@ -201,7 +201,7 @@ DAY0 = datetime(2026, 10, 30, tzinfo=UTC)
 
 def _random_events(rnd: random.Random, app_id: int, users: list[int], n: int,
                    prices: Any) -> list[dict[str, Any]]:
-    from meterlane.metering.pricing import TokenUsage, cost_or_none
+    from metering.pricing import TokenUsage, cost_or_none
 
     rows = []
     for i in range(n):
@@ -325,7 +325,7 @@ def test_a_rerun_changes_nothing(fin_any: tuple[Any, Keys]) -> None:
 
 
 def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) -> None:
-    from meterlane.finance.seed import seed
+    from finance.seed import seed
 
     app, keys = fin
     client, w = app.test_client(), app.extensions["wiring"]

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.metering.models import UsageEvent
+from metering.models import UsageEvent
 from tests.conftest import Keys, bearer
 from tests.support.upstream import FakeUpstream
 

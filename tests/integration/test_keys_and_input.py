@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.auth import Role
-from meterlane.metering.models import UsageEvent
+from core.auth import Role
+from metering.models import UsageEvent
 from tests.conftest import Keys, bearer
 
 pytestmark = pytest.mark.integration

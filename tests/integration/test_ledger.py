@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import make_engine, utcnow
-from meterlane.core.tenancy import TenancyService
-from meterlane.metering.ledger import CallRecord, LedgerWriter
-from meterlane.metering.models import UsageEvent
+from core.db import make_engine, utcnow
+from core.tenancy import TenancyService
+from metering.ledger import CallRecord, LedgerWriter
+from metering.models import UsageEvent
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_two_calls_racing_on_one_client_key_are_both_kept(clean_db: Engine,
 
 
 def test_readyz_checks_redis_when_configured(app_config: Any, redis_server: str) -> None:
-    from meterlane.app import create_app
+    from app import create_app
 
     ok = create_app(replace(app_config, redis_url=redis_server)).test_client().get("/readyz")
     assert ok.status_code == 200 and ok.get_json()["checks"]["redis"] == "ok"
@@ -98,9 +98,9 @@ def test_readyz_checks_redis_when_configured(app_config: Any, redis_server: str)
 
 def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
                                                 tmp_path: Path) -> None:
-    from meterlane.app import create_app
-    from meterlane.core.auth import Role
-    from meterlane.migrations import upgrade
+    from app import create_app
+    from core.auth import Role
+    from migrations import upgrade
     from tests.conftest import config_from_toml, gateway_toml
     from tests.support.services import create_database, libpq_url
 
@@ -126,8 +126,8 @@ def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
 def test_sqlite_rows_read_back_as_utc_and_fall_in_usage_ranges(tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from meterlane.metering.store import UsageQuery, UsageStore
-    from meterlane.migrations import upgrade
+    from metering.store import UsageQuery, UsageStore
+    from migrations import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
     upgrade(engine)

@@ -14,9 +14,9 @@ import pytest
 import redis
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import make_engine
-from meterlane.metering.limitstore import Actual, Check, SqlLimitStore
-from meterlane.metering.redislimits import RedisLimitStore
+from core.db import make_engine
+from metering.limitstore import Actual, Check, SqlLimitStore
+from metering.redislimits import RedisLimitStore
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         engine: Engine = request.getfixturevalue("clean_db")
         yield SqlLimitStore(engine)
         return
-    from meterlane.migrations import upgrade
+    from migrations import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'limits.db'}")
     upgrade(engine)
@@ -278,9 +278,9 @@ def test_the_service_counts_on_a_cluster_when_told(redis_cluster: list[tuple[str
     """MLANE_REDIS_CLUSTER=1: the app's limits run on the Redis Cluster the URL names."""
     from redis.cluster import RedisCluster
 
-    from meterlane.app import build_wiring
-    from meterlane.core.config import Config
-    from meterlane.migrations import upgrade
+    from app import build_wiring
+    from core.config import Config
+    from migrations import upgrade
 
     host, port = redis_cluster[0]
     db = f"sqlite:///{tmp_path / 'c.db'}"

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.metering.models import LimitRefusal, UsageEvent
+from metering.models import LimitRefusal, UsageEvent
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml
 from tests.support.upstream import FakeUpstream
 
@@ -88,7 +88,7 @@ class Clock:
 @pytest.fixture(params=["sql", "redis"])
 def limited(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
             upstream: FakeUpstream, tmp_path: Path) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                               database_url=pg_url)
@@ -121,7 +121,7 @@ def lclient(limited: Any) -> Any:
 
 @pytest.fixture()
 def lkeys(limited: Any) -> Keys:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     service = limited.extensions["wiring"].keys
     return Keys(app=service.create_key(Role.APP, "acme").key,
@@ -334,7 +334,7 @@ def _redis_down(limited: Any) -> Any:
     """Point the app's limits at a Redis that does not answer."""
     import redis
 
-    from meterlane.metering.redislimits import RedisLimitStore
+    from metering.redislimits import RedisLimitStore
 
     wiring = limited.extensions["wiring"]
     live = wiring.limits.store
@@ -374,7 +374,7 @@ def test_counters_are_rebuilt_from_the_ledger(lclient: Any, lkeys: Keys, limited
     wiring = limited.extensions["wiring"]
     with clean_db.begin() as conn:  # lose every counter (a Redis flush, a wiped table)
         conn.exec_driver_sql("DELETE FROM limit_counters")
-    from meterlane.metering.redislimits import RedisLimitStore
+    from metering.redislimits import RedisLimitStore
 
     store = wiring.limits.store
     if isinstance(store, RedisLimitStore):
@@ -454,7 +454,7 @@ def test_limits_rebuild_command(limited: Any, lclient: Any, lkeys: Keys, pg_url:
                                 tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from meterlane.cli import main
+    from app import main
 
     assert lclient.post(CHAT, json=chat("ivy", max_tokens=12), headers=bearer(lkeys.app)
                         ).status_code == 200

@@ -10,13 +10,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import Base, make_engine
+from core.db import Base, make_engine
 
 pytestmark = pytest.mark.integration
 
 
 def differences(engine: Engine) -> list[object]:
-    import meterlane.app  # noqa: F401 - every model registered on Base.metadata
+    import app  # noqa: F401 - every model registered on Base.metadata
 
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -30,7 +30,7 @@ def test_postgres_schema_matches_the_models(clean_db: Engine) -> None:
 
 
 def test_sqlite_schema_matches_the_models(tmp_path: Path) -> None:
-    from meterlane.migrations import upgrade
+    from migrations import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     upgrade(engine)
@@ -38,3 +38,74 @@ def test_sqlite_schema_matches_the_models(tmp_path: Path) -> None:
         assert differences(engine) == []
     finally:
         engine.dispose()
+
+
+# -- a database made by the layout before the move to the design card's (meterlane/ wrapper) --
+
+OLD_LAYOUT = "bbcda7b5b3464679ad68a811bfea80be5c6f991e"  # the last commit with meterlane/
+
+
+def _old_code(tmp_path: Path) -> Path:
+    """The service's code at OLD_LAYOUT, from this checkout's history."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: the old layout's code cannot be read")
+    shallow = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+    if shallow == "true":
+        pytest.skip("a shallow clone: the old layout's commit is not in its history")
+    out = tmp_path / "old"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", OLD_LAYOUT, "meterlane"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def _old_cli(code: Path, url: str, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLANE_")},
+           "MLANE_DATABASE_URL": url, "MLANE_DATA_DIR": str(code / "var")}
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1));"
+                           " from meterlane.cli import main; main()", str(code), *args],
+                          env=env, capture_output=True, text=True, timeout=120, check=False,
+                          cwd=code)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_a_database_made_by_the_old_layout_upgrades_with_this_code(
+        backend: str, tmp_path: Path, pg_server: str) -> None:
+    from core.auth import AuthService
+    from migrations import current_revision, head_revision, upgrade
+    from tests.support.services import create_database
+
+    code = _old_code(tmp_path)
+    url = (create_database(pg_server, "mlane_old_layout_" + _worker_suffix())
+           if backend == "postgres" else f"sqlite:///{tmp_path / 'old.db'}")
+    _old_cli(code, url, "db", "upgrade")
+    key = _old_cli(code, url, "keys", "create", "--role", "app", "--app", "acme")
+    engine = make_engine(url)
+    try:
+        before = current_revision(engine)
+        assert before is not None
+        upgrade(engine)
+        assert current_revision(engine) == head_revision()
+        assert differences(engine) == []
+        # what the old code wrote is still there, and this code reads it
+        principal = AuthService(engine, cache_seconds=0).authenticate(key)
+        assert principal.app_id is not None
+    finally:
+        engine.dispose()
+
+
+def _worker_suffix() -> str:
+    import os
+
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")

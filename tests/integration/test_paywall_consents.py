@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from meterlane.paywall.models import ConsentRecord
+from paywall.models import ConsentRecord
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.integration.test_paywall_offers import PLANS
 from tests.support.consent import MANIFEST, consent_for, flask_call, publish_offer
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def served(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
            tmp_path: Path) -> Iterator[tuple[Any, Keys]]:
-    from meterlane.app import create_app
+    from app import create_app
 
     app = create_app(config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                                       database_url=pg_url))

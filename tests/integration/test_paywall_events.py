@@ -15,8 +15,8 @@ import orjson
 import pytest
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import utcnow
-from meterlane.core.events import BACKOFF
+from core.db import utcnow
+from core.events import BACKOFF
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.support.receiver import Receiver
 from tests.support.upstream import FakeUpstream
@@ -48,7 +48,7 @@ class Clock:
 @pytest.fixture()
 def paywalled(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
               tmp_path: Path) -> Iterator[tuple[Any, Keys, Clock]]:
-    from meterlane.app import create_app
+    from app import create_app
 
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                               database_url=pg_url, webhooks_allow_private=True)
@@ -238,7 +238,7 @@ def test_the_sdks_verify_accepts_a_real_delivery_and_refuses_a_forgery(
 
 def test_webhooks_to_private_addresses_are_refused_unless_allowed(
         clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> None:
-    from meterlane.app import create_app
+    from app import create_app
 
     app = create_app(config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                                       database_url=pg_url))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from meterlane.paywall.acknowledge import TOKENS
+from paywall.acknowledge import TOKENS
 from tests.support.consent import publish_offer
 from tests.support.lifecycle import World, open_world
 
@@ -221,8 +221,8 @@ def test_germanys_button_records_the_declaration_even_when_the_cancel_fails(
         world: World) -> None:
     from sqlalchemy import select
 
-    from meterlane.paywall.models import CancelDeclaration
-    from meterlane.plans.models import Subscription
+    from paywall.models import CancelDeclaration
+    from plans.models import Subscription
 
     w = world
     sub_id, _ = w.subscribe("uwe", "pro", "EU-DE", email="uwe@example.com")

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from meterlane.core.db import utcnow
-from meterlane.paywall.acknowledge import of_subscription
-from meterlane.paywall.models import Notice
-from meterlane.plans.models import RevenueEvent, Subscription
+from core.db import utcnow
+from paywall.acknowledge import of_subscription
+from paywall.models import Notice
+from plans.models import RevenueEvent, Subscription
 from tests.support.lifecycle import Clock, World, open_world
 
 pytestmark = pytest.mark.integration
@@ -156,8 +156,8 @@ def test_ntc_04_a_price_change_needs_30_days_and_is_noticed_21_days_ahead(
 def test_the_notices_command_sends_what_is_due_once(world: World, tmp_path: Any,
                                                     pg_url: str) -> None:
     w = world
-    from meterlane.cli import main
-    from meterlane.plans.models import Subscription
+    from app import main
+    from plans.models import Subscription
 
     sub_id, _ = w.subscribe("cora", "trial", "US-CA")
     with w.w.engine.begin() as conn:  # the trial ends in 9 days: its notice is due now

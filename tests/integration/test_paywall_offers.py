@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.models import OutboxEvent
+from core.models import OutboxEvent
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.support.upstream import FakeUpstream
 from tests.unit.paywall.test_offer_rules import GOOD
@@ -41,7 +41,7 @@ amount = 200000
 @pytest.fixture()
 def served(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
            tmp_path: Path) -> Iterator[tuple[Any, Keys]]:
-    from meterlane.app import create_app
+    from app import create_app
 
     app = create_app(config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                                       database_url=pg_url))

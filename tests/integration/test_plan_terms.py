@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
-from meterlane.core.config import ConfigError
+from core.config import ConfigError
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.integration.test_limits_gateway import Clock, ClosingClient, chat, ledger, quota
 from tests.support.upstream import FakeUpstream
@@ -60,7 +60,7 @@ def tiered_toml(base_url: str) -> str:
 @pytest.fixture(params=["sql", "redis"])
 def tiered(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
            upstream: FakeUpstream, tmp_path: Path) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     config = config_from_toml(tiered_toml(upstream.base_url), tmp_path, database_url=pg_url)
     if request.param == "redis":
@@ -135,7 +135,7 @@ def test_a_subscriber_keeps_the_version_they_bought(tiered: Any, tkeys: Keys,
                                                     clean_db: Engine) -> None:
     from sqlalchemy import update
 
-    from meterlane.plans.models import EndUserPlan
+    from plans.models import EndUserPlan
 
     client = tiered.test_client()
     assert put_plan(client, tkeys.app, "carol", "pro").status_code == 200
@@ -156,8 +156,7 @@ def test_a_retired_or_unknown_plan_takes_no_new_users(tiered: Any, tkeys: Keys) 
 
 def test_published_versions_are_immutable(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
                                           tmp_path: Path) -> None:
-    from meterlane.app import create_app
-    from meterlane.cli import main
+    from app import create_app, main
 
     toml = tiered_toml(upstream.base_url)
     path = tmp_path / "meterlane.toml"

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.metering.models import UsageEvent
+from metering.models import UsageEvent
 from tests.conftest import Keys, bearer, config_from_toml, make_keys
 from tests.support.upstream import FakeUpstream
 
@@ -110,7 +110,7 @@ class Clock:
 @pytest.fixture()
 def routed(clean_db: Engine, pg_url: str, local: FakeUpstream, cloud: FakeUpstream,
            tmp_path: Path) -> Iterator[tuple[Any, Keys, Clock]]:
-    from meterlane.app import create_app
+    from app import create_app
 
     local.behaviour, cloud.behaviour = {}, {}
     local.clear()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from meterlane.core.db import make_engine
+from core.db import make_engine
 
 
 def test_commits_never_checkpoint_and_a_background_thread_does(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.plans.models import StripeCustomer
+from plans.models import StripeCustomer
 from tests.conftest import bearer, config_from_toml, gateway_toml
 from tests.support.consent import consent_for, flask_call
 from tests.support.upstream import FakeUpstream
@@ -85,7 +85,7 @@ def client_for(fake_stripe: str) -> stripe.StripeClient:
 
 def test_plans_sync_creates_the_catalog_once(env: dict[str, str], fake_stripe: str,
                                              tag: str) -> None:
-    from meterlane.cli import main
+    from app import main
 
     runner = CliRunner()
     first = runner.invoke(main, ["plans", "sync"], env=env)
@@ -109,7 +109,7 @@ def test_plans_sync_creates_the_catalog_once(env: dict[str, str], fake_stripe: s
 
 def test_a_price_that_differs_in_stripe_is_reported_not_overwritten(
         env: dict[str, str], fake_stripe: str, tag: str) -> None:
-    from meterlane.cli import main
+    from app import main
 
     stripe_side = client_for(fake_stripe)
     stripe_side.v1.products.create(params={"id": f"mlane_team-{tag}", "name": "Team"})
@@ -123,7 +123,7 @@ def test_a_price_that_differs_in_stripe_is_reported_not_overwritten(
 
 
 def test_stripe_unreachable_or_unconfigured_is_a_clear_error(env: dict[str, str]) -> None:
-    from meterlane.cli import main
+    from app import main
 
     path = Path(env["MLANE_CONFIG"])
     down = path.read_text().replace("api_base = \"http://127.0.0.1:", "api_base = \"http://"
@@ -139,8 +139,7 @@ def test_stripe_unreachable_or_unconfigured_is_a_clear_error(env: dict[str, str]
 @pytest.fixture()
 def app(env: dict[str, str], tmp_path: Path, pg_url: str, fake_stripe: str,
         upstream: FakeUpstream, tag: str) -> Any:
-    from meterlane.app import create_app
-    from meterlane.cli import main
+    from app import create_app, main
 
     assert CliRunner().invoke(main, ["plans", "sync"], env=env).exit_code == 0
     config = config_from_toml(Path(env["MLANE_CONFIG"]).read_text(), tmp_path,
@@ -158,7 +157,7 @@ def checkout(client: Any, key: str, **body: Any) -> Any:
 
 def test_checkout_for_a_plan_and_for_a_credit_pack(app: Any, tag: str, fake_stripe: str,
                                                    clean_db: Engine) -> None:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
     client = app.test_client()
@@ -193,7 +192,7 @@ def test_checkout_for_a_plan_and_for_a_credit_pack(app: Any, tag: str, fake_stri
 
 
 def test_checkout_refuses_what_cannot_be_bought(app: Any, tag: str) -> None:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
     client = app.test_client()
@@ -210,12 +209,12 @@ def test_checkout_refuses_what_cannot_be_bought(app: Any, tag: str) -> None:
 
 
 def test_checkout_with_stripe_unreachable_is_a_502(app: Any, tag: str) -> None:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     w = app.extensions["wiring"]
     key = w.keys.create_key(Role.APP, "acme").key
     dead = replace(w.config, stripe_api_base="http://127.0.0.1:9")
-    from meterlane.plans.stripe_sync import stripe_client
+    from plans.stripe_sync import stripe_client
 
     client = app.test_client()
     consent = consent_for(flask_call(client, key), "alice", f"pro-{tag}")
@@ -231,9 +230,9 @@ def test_checkout_with_stripe_unreachable_is_a_502(app: Any, tag: str) -> None:
 def test_a_second_plan_checkout_is_refused(app: Any, tag: str, clean_db: Engine) -> None:
     from sqlalchemy import insert
 
-    from meterlane.core.auth import Role
-    from meterlane.core.db import utcnow
-    from meterlane.plans.models import Subscription
+    from core.auth import Role
+    from core.db import utcnow
+    from plans.models import Subscription
 
     w = app.extensions["wiring"]
     key = w.keys.create_key(Role.APP, "acme").key

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
-from meterlane.core.db import utcnow
-from meterlane.plans.models import CreditOverage
+from core.db import utcnow
+from plans.models import CreditOverage
 from tests.conftest import bearer, config_from_toml, gateway_toml
 from tests.support.consent import consent_for, flask_call
 from tests.support.upstream import FakeUpstream
@@ -26,9 +26,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def setup(tmp_path: Path, pg_url: str, clean_db: Engine, fake_stripe: str,
           upstream: FakeUpstream) -> Any:
-    from meterlane.app import create_app
-    from meterlane.cli import main
-    from meterlane.core.auth import Role
+    from app import create_app, main
+    from core.auth import Role
 
     tag = uuid.uuid4().hex[:8]
     toml = gateway_toml(upstream.base_url) + f"""
@@ -72,7 +71,7 @@ def track(client: Any, key: str, tokens: int, ref: str) -> None:
 
 
 def cli(env: dict[str, str], *args: str) -> Any:
-    from meterlane.cli import main
+    from app import main
 
     return CliRunner().invoke(main, list(args), env=env)
 

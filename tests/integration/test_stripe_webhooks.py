@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
-from meterlane.plans.models import CreditGrant, RevenueEvent, Subscription
+from plans.models import CreditGrant, RevenueEvent, Subscription
 from tests.conftest import _tables, bearer, config_from_toml, gateway_toml
 from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
@@ -46,7 +46,7 @@ allowance = 500000
 
 @pytest.fixture()
 def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
-    from meterlane.app import create_app
+    from app import create_app
 
     config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
                               database_url=pg_url)
@@ -58,7 +58,7 @@ def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -
 @pytest.fixture()
 def user(app: Any) -> tuple[str, int, int]:
     """(app key, app id, end user id) of end user "alice" of app "acme"."""
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     w = app.extensions["wiring"]
     key = w.keys.create_key(Role.APP, "acme").key
@@ -203,7 +203,7 @@ def test_bad_deliveries_are_refused_and_change_nothing(app: Any, user: tuple[str
 
 def test_webhooks_are_off_without_a_secret(clean_db: Engine, pg_url: str,
                                            upstream: FakeUpstream, tmp_path: Path) -> None:
-    from meterlane.app import create_app
+    from app import create_app
 
     app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
                                       database_url=pg_url))

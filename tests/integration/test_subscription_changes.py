@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from meterlane.core.models import OutboxEvent
+from core.models import OutboxEvent
 from tests.conftest import bearer, config_from_toml, gateway_toml
 from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
@@ -29,9 +29,8 @@ SECRET = "whsec_changes"
 @pytest.fixture()
 def world(tmp_path: Path, pg_url: str, clean_db: Engine, fake_stripe: str,
           upstream: FakeUpstream) -> Any:
-    from meterlane.app import create_app
-    from meterlane.cli import main
-    from meterlane.core.auth import Role
+    from app import create_app, main
+    from core.auth import Role
 
     tag = uuid.uuid4().hex[:8]
     toml = gateway_toml(upstream.base_url) + f"""

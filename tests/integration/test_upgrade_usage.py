@@ -48,14 +48,14 @@ def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream:
         tmp_path: Path) -> Any:
     import uuid
 
-    from meterlane.app import create_app
+    from app import create_app
 
     # "sqlite": the embedded default (SQLite ledger and SQL limit store), where a write on a
     # second connection inside the webhook's transaction would wait on its own lock
     url = pg_url
     if request.param == "sqlite":
-        from meterlane.core.db import make_engine
-        from meterlane.migrations import upgrade
+        from core.db import make_engine
+        from migrations import upgrade
 
         url = f"sqlite:///{tmp_path / 'm.db'}"
         engine = make_engine(url)
@@ -80,7 +80,7 @@ def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream:
                                                  ("fresh", 2000 + 10_000)])
 def test_an_upgrade_carries_usage_unless_the_plan_says_not(
         app: Any, target: str, remaining: int, clean_db: Engine) -> None:
-    from meterlane.core.auth import Role
+    from core.auth import Role
 
     w = app.extensions["wiring"]
     key = w.keys.create_key(Role.APP, "acme").key
@@ -112,7 +112,7 @@ def test_an_upgrade_carries_usage_unless_the_plan_says_not(
         "usage": {"input_tokens": 1500, "output_tokens": 0}})
     from sqlalchemy import func, select
 
-    from meterlane.plans.models import CreditOverage
+    from plans.models import CreditOverage
 
     client.get("/v1/users/alice/credits", headers=bearer(key))  # accounts the usage
     with w.engine.connect() as conn:

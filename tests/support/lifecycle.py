@@ -238,8 +238,7 @@ class Clock:
 def open_world(clean_db: Engine, pg_url: str, upstream: FakeUpstream, fake_stripe: str,
           tmp_path: Path) -> Iterator[World]:
     """A fixture (each test module names it): the world of one test."""
-    from meterlane.app import create_app
-    from meterlane.cli import main
+    from app import create_app, main
 
     toml = gateway_toml(upstream.base_url) + PLANS + f'\n[stripe]\napi_base = "{fake_stripe}"\n'
     (tmp_path / "meterlane.toml").write_text(toml)

@@ -10,11 +10,11 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterlane.core.config import ModelPrice
-from meterlane.core.costs import GpuCost
-from meterlane.finance.reports import parse_period, usd
-from meterlane.finance.rollup import allocate, spread
-from meterlane.metering.pricing import TokenUsage, cost_pico_usd
+from core.config import ModelPrice
+from core.costs import GpuCost
+from finance.reports import parse_period, usd
+from finance.rollup import allocate, spread
+from metering.pricing import TokenUsage, cost_pico_usd
 
 PRICE = ModelPrice(input=Decimal("3.00"), cached_input=Decimal("0.30"),
                    cache_write=Decimal("3.75"), output=Decimal("15.00"),
@@ -70,7 +70,7 @@ def test_periods_and_amounts_are_read_and_shown_exactly() -> None:
 
 
 def test_a_csv_key_never_becomes_a_spreadsheet_formula() -> None:
-    from meterlane.finance.api import margins_csv
+    from finance.api import margins_csv
 
     body = {"rows": [{"key": "=HYPERLINK(\"http://x\")", "cost_usd": "1.00", "calls": 1,
                       "tokens": 2}, {"key": "pro", "cost_usd": "2.00", "calls": 1, "tokens": 2}],
@@ -80,9 +80,9 @@ def test_a_csv_key_never_becomes_a_spreadsheet_formula() -> None:
 
 
 def test_a_cost_limit_charges_at_the_price_it_is_given() -> None:
-    from meterlane.core.config import ModelConfig
-    from meterlane.metering.leases import charges
-    from meterlane.plans.catalog import parse_plans
+    from core.config import ModelConfig
+    from metering.leases import charges
+    from plans.catalog import parse_plans
 
     [plan] = parse_plans(({"id": "p", "default": True, "limits": [
         {"metric": "cost_usd", "window": "day", "amount": "5.00"}]},), "",
@@ -94,8 +94,8 @@ def test_a_cost_limit_charges_at_the_price_it_is_given() -> None:
 
 
 def test_minor_units_follow_the_currency() -> None:
-    from meterlane.finance.reports import Reports
-    from meterlane.plans.terms import format_minor
+    from finance.reports import Reports
+    from plans.terms import format_minor
 
     assert (format_minor(12345, "kwd"), format_minor(500, "jpy"), format_minor(-5, "eur")) == (
         "12.345 KWD", "500 JPY", "-0.05 EUR")

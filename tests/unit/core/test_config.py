@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from meterlane.core.config import Config, ConfigError
+from core.config import Config, ConfigError
 
 TOML = """
 [[upstreams]]

@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from meterlane.core.errors import InvalidRequestError
-from meterlane.gateway.anthropic import MessagesStream, to_chat
-from meterlane.metering.ledger import CallRecord
+from core.errors import InvalidRequestError
+from gateway.anthropic import MessagesStream, to_chat
+from metering.ledger import CallRecord
 
 
 def _messages(**extra: Any) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from meterlane.gateway.protocol import texts_of_choices, usage_from
-from meterlane.gateway.upstream import error_from_response
+from gateway.protocol import texts_of_choices, usage_from
+from gateway.upstream import error_from_response
 
 
 def test_usage_with_details() -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from meterlane.core.config import AliasConfig, Config, ModelConfig, ModelPrice, UpstreamConfig
-from meterlane.core.errors import PermissionDeniedError
-from meterlane.gateway.router import CODE_SCAN_CHARS, LONG_PROMPT_CHARS, Router, difficulty
-from meterlane.plans.catalog import Plan
-from meterlane.plans.terms import Terms
+from core.config import AliasConfig, Config, ModelConfig, ModelPrice, UpstreamConfig
+from core.errors import PermissionDeniedError
+from gateway.router import CODE_SCAN_CHARS, LONG_PROMPT_CHARS, Router, difficulty
+from plans.catalog import Plan
+from plans.terms import Terms
 
 
 def _model(name: str, level: int, price: str | None, tier: str = "standard",

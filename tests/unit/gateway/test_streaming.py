@@ -2,7 +2,7 @@
 
 import orjson
 
-from meterlane.gateway.streaming import DONE_EVENT, StreamRelay
+from gateway.streaming import DONE_EVENT, StreamRelay
 
 
 def event(doc: object) -> bytes:

@@ -1,1 +1,1 @@
-"""Unit tests for meterlane.metering."""
+"""Unit tests for metering."""

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterlane.metering.limitstore import Check, _Counters, reserve_in
-from meterlane.plans.windows import parse_window, rolling_slots
+from metering.limitstore import Check, _Counters, reserve_in
+from plans.windows import parse_window, rolling_slots
 
 START_MS = 1_800_000_000_000
 

@@ -4,8 +4,8 @@ from decimal import Decimal
 
 import pytest
 
-from meterlane.core.config import ModelPrice
-from meterlane.metering.pricing import TokenUsage, cost_pico_usd, format_usd, pico_to_usd
+from core.config import ModelPrice
+from metering.pricing import TokenUsage, cost_pico_usd, format_usd, pico_to_usd
 
 MINI = ModelPrice(input=Decimal("0.15"), cached_input=Decimal("0.075"), output=Decimal("0.60"))
 

@@ -1,4 +1,4 @@
-"""Unit tests for meterlane.metering.tokens: offline vocabularies, model mapping, counting."""
+"""Unit tests for metering.tokens: offline vocabularies, model mapping, counting."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
-from meterlane.metering import tokens
-from meterlane.metering.tokens import (
+from metering import tokens
+from metering.tokens import (
     IMAGE_PART_TOKENS,
     TiktokenTokenizer,
     TokenizerError,

@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from meterlane.paywall.notices import ANNUAL, PRICE, RENEWAL, add_years, trial_window
-from meterlane.paywall.withdrawals import add_interval, refund_due
+from paywall.notices import ANNUAL, PRICE, RENEWAL, add_years, trial_window
+from paywall.withdrawals import add_interval, refund_due
 
 
 @pytest.mark.parametrize(("paid", "used", "term"), [

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from meterlane.core.config import ModelConfig
-from meterlane.paywall.offers import STRICTEST, build, check, render, resolve
-from meterlane.plans.catalog import parse_plans
+from core.config import ModelConfig
+from paywall.offers import STRICTEST, build, check, render, resolve
+from plans.catalog import parse_plans
 
 PLANS = parse_plans(({
     "id": "pro", "price": {"amount": 2000, "currency": "eur", "interval": "month"},
@@ -157,8 +157,8 @@ def test_cns_03_the_eu_order_button_signals_payment() -> None:
 
 
 def test_app_03_a_credit_pack_is_never_a_subscription() -> None:
-    from meterlane.plans.catalog import Catalog
-    from meterlane.plans.terms import CreditPack, Price
+    from plans.catalog import Catalog
+    from plans.terms import CreditPack, Price
 
     catalog = Catalog(PLANS.plans, (CreditPack("100k", "100k", 100_000,
                                                Price(500, "usd", "month")),))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meterlane.core.config import ConfigError, load_toml
-from meterlane.plans.catalog import Catalog, parse_plans
+from core.config import ConfigError, load_toml
+from plans.catalog import Catalog, parse_plans
 
 MODELS = """
 [[upstreams]]

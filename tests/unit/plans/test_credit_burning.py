@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterlane.plans.credits import GrantBalance, burn, summarise
+from plans.credits import GrantBalance, burn, summarise
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

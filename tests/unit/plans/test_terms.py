@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from meterlane.core.config import ConfigError, load_toml
-from meterlane.plans.catalog import Catalog, parse_plans
-from meterlane.plans.terms import Overage, Price, content_hash, format_minor
+from core.config import ConfigError, load_toml
+from plans.catalog import Catalog, parse_plans
+from plans.terms import Overage, Price, format_minor
+from plans.versions import content_hash
 
 MODELS = """
 [[upstreams]]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterlane.plans.windows import (
+from plans.windows import (
     Period,
     Slots,
     Window,

@@ -1,0 +1,403 @@
+"""Meterlane's composition root: create_app(config) -> Flask builds every part once and mounts
+every blueprint; `main` is the `meterlane` command, each package adding its own commands.
+
+The service's modules are imported inside the functions that build it: `meterlane serve`
+imports this module in gunicorn's master, which must not load the database driver or the HTTP
+clients before each worker's gevent has patched the standard library.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from core.cli import CommandContext
+from core.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from sqlalchemy.engine import Engine
+
+    from core.auth import AuthService
+    from core.events import EventService
+    from core.keys import KeyService
+    from core.metrics import Metrics
+    from core.parts import Parts
+    from core.tenancy import TenancyService
+    from finance.service import FinanceService
+    from gateway.service import GatewayService
+    from metering.accrual import AccrualService
+    from metering.ledger import LedgerWriter
+    from metering.limits import LimitsService
+    from metering.limitstore import LimitStore
+    from metering.service import MeteringService
+    from metering.tokens import TokenizerRegistry
+    from paywall.acknowledge import Acknowledger
+    from paywall.cancel_flow import CancelFlow
+    from paywall.evidence import EvidenceService
+    from paywall.notices import NoticeService
+    from paywall.service import PaywallService
+    from paywall.withdrawals import WithdrawalService
+    from plans.billing import BillingService
+    from plans.checkout import CheckoutService
+    from plans.credits import CreditsService
+    from plans.overage import OverageReporter
+    from plans.service import PlanService
+    from plans.subscriptions import SubscriptionService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Every long-lived part of one app instance; built once in build_wiring."""
+
+    config: Config
+    engine: Engine
+    auth: AuthService
+    keys: KeyService
+    tenancy: TenancyService
+    ledger: LedgerWriter
+    metering: MeteringService
+    limits: LimitsService
+    plans: PlanService
+    gateway: GatewayService
+    metrics: Metrics
+    redis: Any | None
+    credits: CreditsService
+    accrual: AccrualService
+    billing: BillingService
+    checkout: CheckoutService
+    overage: OverageReporter
+    subscriptions: SubscriptionService
+    events: EventService
+    paywall: PaywallService
+    acknowledger: Acknowledger
+    notices: NoticeService
+    withdrawals: WithdrawalService
+    cancel_flow: CancelFlow
+    evidence: EvidenceService
+    finance: FinanceService
+
+    def parts(self) -> Parts:
+        """Each part found by its class (how blueprints and commands reach them)."""
+        from core.parts import Parts, Readiness
+
+        ready = Readiness()
+        ready.add("database", functools.partial(_database_ready, self.engine))
+        if self.redis is not None:
+            ready.add("redis", functools.partial(_redis_ready, self.redis))
+        return Parts([*(getattr(self, f.name) for f in fields(self) if f.name != "redis"),
+                      ready])
+
+
+def _database_ready(engine: Engine) -> None:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _redis_ready(client: Any) -> str | None:
+    return None if client.ping() else "no answer to PING"
+
+
+@functools.cache
+def _tokenizers() -> TokenizerRegistry:
+    from metering.tokens import TokenizerRegistry
+
+    # The vocabularies are immutable and take a second to load: share them across apps.
+    return TokenizerRegistry.load()
+
+
+def _check_cooperative_driver() -> None:
+    """Under gevent, psycopg must have been imported after patching, or every query blocks
+    the whole worker (psycopg picks its wait function at import)."""
+    monkey = sys.modules.get("gevent.monkey")
+    waiting = sys.modules.get("psycopg.waiting")
+    if monkey is None or waiting is None or not monkey.is_module_patched("select"):
+        return
+    if waiting.wait is getattr(waiting, "wait_c", None):
+        raise RuntimeError("psycopg was imported before gevent patched the standard library; "
+                           "its queries would block every request of this worker")
+
+
+def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
+    from core.auth import AuthService
+    from core.db import make_engine
+    from core.events import EventService
+    from core.keys import KeyService
+    from core.metrics import Metrics
+    from core.tenancy import TenancyService
+    from finance.prices import PriceBook
+    from finance.service import FinanceService
+    from gateway.router import Router
+    from gateway.service import GatewayService
+    from gateway.upstream import UpstreamClient
+    from metering.accrual import AccrualService
+    from metering.ledger import LedgerWriter
+    from metering.limits import LimitsService
+    from metering.service import MeteringService
+    from migrations import ensure_schema_current
+    from paywall.acknowledge import Acknowledger
+    from paywall.cancel_flow import CancelFlow
+    from paywall.evidence import EvidenceService
+    from paywall.notices import NoticeService
+    from paywall.service import PaywallService
+    from paywall.withdrawals import WithdrawalService
+    from plans.billing import BillingService
+    from plans.catalog import Catalog
+    from plans.checkout import CheckoutService
+    from plans.credits import CreditsService
+    from plans.overage import OverageReporter
+    from plans.service import PlanService
+    from plans.stripe_sync import stripe_client
+    from plans.subscriptions import SubscriptionService
+
+    engine = make_engine(config.database_url)
+    if check_schema:
+        ensure_schema_current(engine)
+    _check_cooperative_driver()
+    redis_client = _redis(config)
+    auth = AuthService(engine, cache_seconds=config.key_cache_seconds)
+    tenancy = TenancyService(engine)
+    ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
+    metering = MeteringService(engine, ledger, _tokenizers())
+    # re-read at most once a second (tests run with no key cache: still no read per call)
+    prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
+    metering.prices = prices
+    metrics = Metrics()
+    catalog = Catalog.from_config(config)
+    if check_schema and catalog.plans:
+        from plans.versions import PlanChangedError, ensure_unchanged
+
+        try:
+            ensure_unchanged(engine, catalog)
+        except PlanChangedError as exc:
+            raise ConfigError(str(exc)) from exc
+    plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
+    metering.plan_of = functools.partial(_plan_id, plans)
+    credits = CreditsService(engine, cache_seconds=config.key_cache_seconds)
+    accrual = AccrualService(engine, credits, plans, config.models)
+    limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,
+                           config.models, lease_seconds=config.lease_seconds,
+                           extra_allowance=accrual.extra_allowance)
+    billing = BillingService(engine, catalog, plans, credits,
+                             webhook_secret=config.stripe_webhook_secret,
+                             allowance_used=limits.allowance_used)
+    checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config),
+                               collect_terms_consent=config.stripe_collect_terms_consent)
+    overage = OverageReporter(engine, functools.partial(stripe_client, config))
+    subscriptions = SubscriptionService(engine, catalog,
+                                        functools.partial(stripe_client, config))
+    events = EventService(engine, allow_private=config.webhooks_allow_private)
+    paywall = PaywallService(engine, events, catalog, config.models)
+    limits.on_limit_event = paywall.on_limit_event
+    limits.price_of = metering.price_of
+    acknowledger = Acknowledger(engine, events, catalog)
+    billing.after_event = acknowledger.on_stripe_event
+    notices = NoticeService(engine, events, catalog)
+    withdrawals = WithdrawalService(engine, events, catalog, subscriptions)
+    cancel_flow = CancelFlow(engine, events, catalog, subscriptions, paywall,
+                             redis=redis_client, redis_prefix=config.redis_prefix)
+    evidence = EvidenceService(engine, subscriptions, paywall, notices, withdrawals,
+                               cancel_flow)
+    finance = FinanceService(engine, config, prices,
+                             lambda end_user_id: _plan_id(plans, end_user_id) or "none")
+    limits.thresholds = config.paywall_thresholds
+    upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
+    router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
+    gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
+    return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
+                  tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
+                  plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
+                  credits=credits, accrual=accrual, billing=billing, checkout=checkout,
+                  overage=overage, subscriptions=subscriptions, events=events,
+                  paywall=paywall, acknowledger=acknowledger, notices=notices,
+                  withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
+                  finance=finance)
+
+
+def _redis(config: Config) -> Any | None:
+    if not config.redis_url:
+        return None
+    if config.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(config.redis_url, socket_timeout=2,
+                                     socket_connect_timeout=2)
+    import redis
+
+    return redis.Redis.from_url(config.redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _plan_id(plans: PlanService, end_user_id: int) -> str | None:
+    """The plan an end user is on now (None: no plans are configured)."""
+    from core.errors import DomainError
+
+    try:
+        return plans.plan_of(end_user_id).plan.id
+    except DomainError:
+        return None
+
+
+def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> LimitStore:
+    """Redis when configured (several instances share it), else the database."""
+    from metering.limitstore import SqlLimitStore
+
+    store = config.limits_store
+    if store == "redis" and redis_client is None:
+        raise ConfigError("[limits] store = \"redis\" needs MLANE_REDIS_URL")
+    if redis_client is not None and store in ("auto", "redis"):
+        from metering.redislimits import RedisLimitStore
+
+        return RedisLimitStore(redis_client, config.redis_prefix)
+    return SqlLimitStore(engine)
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """The Flask application (`flask --app app run`, gunicorn's `app:create_app()`)."""
+    from flask import Flask
+
+    from core.api import bp as keys_bp
+    from core.ops import bp as ops_bp
+    from core.web import install_hooks
+    from finance.api import bp as finance_bp
+    from finance.api import page_bp as finance_page_bp
+    from gateway.api import anthropic_bp
+    from gateway.api import bp as gateway_bp
+    from metering.api import bp as metering_bp
+    from metering.credits_api import bp as credits_bp
+    from metering.limits_api import bp as limits_bp
+    from paywall.api import bp as paywall_bp
+    from paywall.api import widget_bp
+    from paywall.lifecycle_api import bp as lifecycle_bp
+    from paywall.lifecycle_api import kuendigen_bp
+    from plans.api import bp as plans_bp
+
+    config = config or Config.from_env()
+    if config.should_auto_migrate:  # the embedded default: a first run makes its database
+        _migrate_embedded(config)
+    app = Flask("meterlane", root_path=str(Path(__file__).parent))
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    if config.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app,  # type: ignore[method-assign]
+                                x_for=config.trusted_proxies, x_proto=1)
+    app.extensions["wiring"] = wiring = build_wiring(config)
+    app.extensions["parts"] = wiring.parts()
+    spooled = wiring.ledger.replay()
+    if spooled:
+        log.warning("replayed %d spooled usage records into the ledger", spooled)
+    for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
+               paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp, finance_bp, finance_page_bp,
+               ops_bp):
+        app.register_blueprint(bp)
+    install_hooks(app)
+    return app
+
+
+def serving_app() -> Flask:
+    """create_app() for a gunicorn worker: it also sends the webhooks that are due
+    (deliveries are claimed: never twice)."""
+    app = create_app()
+    app.extensions["wiring"].events.start()
+    return app
+
+
+# -- the `meterlane` command ---------------------------------------------------------------
+
+def _load_config() -> Config:
+    from plans.catalog import Catalog
+
+    try:
+        config = Config.from_env()
+        Catalog.from_config(config)  # a malformed plan stops every command, naming its line
+        return config
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from exc
+
+
+def _build_parts(config: Config) -> Parts:
+    from migrations import SchemaNotMigratedError
+
+    try:
+        return build_wiring(config).parts()
+    except SchemaNotMigratedError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _migrate_embedded(config: Config) -> None:
+    from core.db import make_engine
+    from migrations import ensure_schema_current
+
+    if config.embedded:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.database_url)
+    try:
+        ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
+    finally:
+        engine.dispose()
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Meterlane: token metering, limits and billing in front of every model call."""
+    ctx.obj = CommandContext(load_config=_load_config, build_parts=_build_parts,
+                             migrate_embedded=_migrate_embedded)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int)
+@click.option("--timeout", default=900, show_default=True, type=int,
+              help="Seconds a worker may go silent before it is restarted.")
+def serve(host: str, port: int, workers: int, timeout: int) -> None:
+    """Run the service under gunicorn (gevent workers: many streams open at once)."""
+    config = _load_config()
+    # Check (or, on SQLite, apply) migrations in a child process: the gunicorn master must not
+    # import the database driver, or psycopg picks its blocking wait before gevent patches.
+    check = subprocess.run([sys.executable, "-m", "app", "db", "ensure"],
+                           capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
+    # Each worker writes its metrics here; /metrics merges them. Must be set before any
+    # worker imports prometheus_client.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
+    from core.server import run
+
+    where = "embedded SQLite " + config.database_url[10:] if config.embedded else "database"
+    click.echo(f"meterlane: serving http://{host}:{port} with {workers} workers on {where}",
+               err=True)
+    run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
+
+
+def _add_package_commands() -> None:
+    from core.cli import keys, webhooks
+    from finance.cli import demo, finance, prices, report
+    from metering.cli import billing, credits, ledger, limits
+    from migrations.cli import db
+    from paywall.cli import notices
+    from plans.cli import plans
+
+    for group in (db, keys, ledger, limits, plans, billing, webhooks, notices, credits,
+                  report, finance, prices, demo):
+        main.add_command(group)
+
+
+_add_package_commands()
+
+if __name__ == "__main__":  # pragma: no cover - `python -m app ...`
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""API keys and roles: keys are shown once, stored as a SHA-256 of their secret, cached briefly."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Engine
+
+from core.db import utcnow
+from core.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from core.models import ApiKey, App, EndUser
+
+KEY_PREFIX = "mlk"
+_KEY_RE = re.compile(r"^mlk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+MAX_USER_ID_LEN = 256
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    APP = "app"
+    USER = "user"
+    FINANCE = "finance"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's role, its app (None for operator-wide keys), its end user."""
+
+    key_pk: int
+    role: Role
+    app_id: int | None
+    app_name: str | None
+    end_user_id: int | None = None
+    end_user: str | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key: str
+    key_pk: int
+    role: Role
+    app_name: str | None
+    end_user: str | None
+    expires_at: datetime | None
+
+
+def hash_secret(secret: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is safe; a slow KDF would tax every call.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key_material() -> tuple[str, str, str]:
+    """(full key, key id, secret) for a new key."""
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}_{key_id}_{secret}", key_id, secret
+
+
+def validate_user_id(user: object, where: str = "user") -> str:
+    """The app's own end-user id: a non-empty printable string of at most 256 characters."""
+    if not isinstance(user, str) or not user.strip():
+        raise InvalidRequestError(f"{where} must be a non-empty string naming the end user",
+                                  param=where)
+    if len(user) > MAX_USER_ID_LEN or not user.isprintable():
+        raise InvalidRequestError(
+            f"{where} must be at most {MAX_USER_ID_LEN} printable characters", param=where)
+    return user
+
+
+class KeyStore:
+    """Key rows; reads and writes through the engine (short transactions, no ORM identity map)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def find_active(self, key_id: str) -> tuple[str, Principal] | None:
+        stmt = (
+            select(ApiKey.id, ApiKey.secret_sha256, ApiKey.role, ApiKey.app_id, App.name,
+                   ApiKey.end_user_id, EndUser.external_id, ApiKey.expires_at,
+                   ApiKey.revoked_at)
+            .select_from(ApiKey)
+            .outerjoin(App, App.id == ApiKey.app_id)
+            .outerjoin(EndUser, EndUser.id == ApiKey.end_user_id)
+            .where(ApiKey.key_id == key_id)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).one_or_none()
+        if row is None or row.revoked_at is not None:
+            return None
+        return row.secret_sha256, Principal(
+            key_pk=row.id, role=Role(row.role), app_id=row.app_id, app_name=row.name,
+            end_user_id=row.end_user_id, end_user=row.external_id,
+            expires_at=row.expires_at,
+        )
+
+
+class AuthService:
+    """Turns a bearer key into a Principal; a verified key is cached for a few seconds."""
+
+    def __init__(self, engine: Engine, *, cache_seconds: float = 2.0) -> None:
+        self.store = KeyStore(engine)
+        self.engine = engine
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, raw_key: str | None) -> Principal:
+        if not raw_key:
+            raise AuthenticationError(
+                "Missing API key: send it as 'Authorization: Bearer <key>'.")
+        now = time.monotonic()
+        cached = self._cache.get(raw_key)
+        if cached is not None and cached[0] > now:
+            return self._check_expiry(cached[1])
+        match = _KEY_RE.match(raw_key)
+        if match is None:
+            raise AuthenticationError("Invalid API key.")
+        found = self.store.find_active(match.group(1))
+        if found is None or not hmac.compare_digest(found[0], hash_secret(match.group(2))):
+            raise AuthenticationError("Invalid or revoked API key.")
+        principal = self._check_expiry(found[1])
+        if self.cache_seconds > 0:
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[raw_key] = (now + self.cache_seconds, principal)
+        return principal
+
+    @staticmethod
+    def _check_expiry(principal: Principal) -> Principal:
+        if principal.expires_at is not None and principal.expires_at <= utcnow():
+            raise AuthenticationError("This API key has expired.")
+        return principal
+
+    def issue(self, *, role: Role, app_id: int | None, end_user_id: int | None = None,
+              name: str | None = None, ttl: timedelta | None = None
+              ) -> tuple[str, int, datetime | None]:
+        """Store a new key (only its hash) and return (the key, its row id, its expiry)."""
+        key, key_id, secret = new_key_material()
+        expires_at = utcnow() + ttl if ttl is not None else None
+        with self.engine.begin() as conn:
+            pk = conn.execute(
+                insert(ApiKey).values(
+                    key_id=key_id, secret_sha256=hash_secret(secret), role=role.value,
+                    app_id=app_id, end_user_id=end_user_id, name=name,
+                    created_at=utcnow(), expires_at=expires_at,
+                ).returning(ApiKey.id)
+            ).scalar_one()
+        return key, pk, expires_at
+
+    def revoke(self, key_id: str) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(update(ApiKey).where(ApiKey.key_id == key_id,
+                                                       ApiKey.revoked_at.is_(None))
+                                  .values(revoked_at=utcnow()))
+        with self._lock:
+            self._cache.clear()
+        return bool(result.rowcount)
+
+
+def require_role(principal: Principal, *roles: Role) -> None:
+    if principal.role not in roles:
+        allowed = ", ".join(r.value for r in roles)
+        raise PermissionDeniedError(
+            f"A {principal.role.value} key cannot do this; it needs a key with role: {allowed}.")

@@ -1,0 +1,141 @@
+"""What every package's commands share (the configuration, the app's parts built on demand),
+and the kernel's own commands: `meterlane keys` and `meterlane webhooks`.
+
+app.py's command group puts a CommandContext in click's context; a package's command asks it
+for the parts it uses by their class, importing only those classes (lazily: `meterlane serve`
+must not load the database driver before gevent patches the standard library)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import click
+
+from core.config import Config
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from core.parts import Parts
+
+T = TypeVar("T")
+
+
+@dataclass
+class CommandContext:
+    """The configuration and the app's parts, each built once per command, when first asked."""
+
+    load_config: Callable[[], Config]
+    build_parts: Callable[[Config], Parts]
+    migrate_embedded: Callable[[Config], None]
+    _config: Config | None = field(default=None, init=False)
+    _parts: Parts | None = field(default=None, init=False)
+    _engine: Engine | None = field(default=None, init=False)
+
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = self.load_config()
+        return self._config
+
+    def engine(self) -> Engine:
+        """The database alone, without building the app (its data folder made first)."""
+        if self._engine is None:
+            from core.db import make_engine
+
+            config = self.config()
+            if config.embedded:
+                Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+            self._engine = make_engine(config.database_url)
+        return self._engine
+
+    def ensure_embedded_schema(self) -> None:
+        """On the embedded default, migrate the schema first (as `meterlane serve` does), so a
+        new user's first command works; elsewhere the schema is checked when parts are built."""
+        self.migrate_embedded(self.config())
+
+    def part(self, kind: type[T]) -> T:
+        if self._parts is None:
+            self._parts = self.build_parts(self.config())
+        return self._parts.get(kind)
+
+
+def context() -> CommandContext:
+    found = click.get_current_context().find_object(CommandContext)
+    if found is None:  # a command run outside `meterlane` (a test invoking it alone)
+        raise click.ClickException("run this command through `meterlane`")
+    return found
+
+
+@click.group()
+def keys() -> None:
+    """API keys (shown once, stored hashed)."""
+
+
+@keys.command("create")
+@click.option("--role", required=True, type=click.Choice(["admin", "app", "user", "finance"]))
+@click.option("--app", "app_name", help="The app (tenant); created if new.")
+@click.option("--user", help="The end user (user keys only).")
+@click.option("--name", help="A label for the key.")
+@click.option("--ttl-seconds", type=int, help="Expire the key after this many seconds.")
+def keys_create(role: str, app_name: str | None, user: str | None, name: str | None,
+                ttl_seconds: int | None) -> None:
+    """Create a key and print it as the last line (it is not shown again)."""
+    from datetime import timedelta
+
+    from core.auth import Role
+    from core.errors import DomainError
+    from core.keys import KeyService
+
+    ctx = context()
+    if ctx.config().embedded:
+        ctx.ensure_embedded_schema()
+    try:
+        issued = ctx.part(KeyService).create_key(
+            Role(role), app_name, user=user, name=name,
+            ttl=timedelta(seconds=ttl_seconds) if ttl_seconds else None)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    scope = f"app {issued.app_name}" if issued.app_name else "every app"
+    click.echo(f"created {role} key for {scope}" + (f", user {user}" if user else "")
+               + " (store it now: it is shown only once)", err=True)
+    click.echo(issued.key)
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke a key (the full key, or its id: the hex part after 'mlk_')."""
+    from core.auth import AuthService
+
+    key_id = key.split("_")[1] if key.startswith("mlk_") else key
+    if not context().part(AuthService).revoke(key_id):
+        raise click.ClickException("no active key with that id")
+    click.echo(f"revoked {key_id}")
+
+
+@click.group()
+def webhooks() -> None:
+    """Signed webhooks to the app (each serve worker sends them too)."""
+
+
+@webhooks.command("deliver")
+@click.option("--loop", "forever", is_flag=True, help="Keep sending, once a second.")
+def webhooks_deliver(forever: bool) -> None:
+    """Send the webhook deliveries that are due (retries included)."""
+    import time
+
+    from core.events import EventService
+
+    events = context().part(EventService)
+    total = 0
+    while True:
+        sent = events.deliver_due()
+        total += sent
+        if not sent and not forever:
+            break
+        if not sent:
+            time.sleep(1)
+    click.echo(f"attempted {total} webhook deliveries")

@@ -1,0 +1,73 @@
+"""OpenAPI document of the non-gateway API, built from the routes and their schemas."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
+from marshmallow import Schema
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ATTR = "__openapi__"
+
+
+def documented(*, summary: str, response: type[Schema] | None = None, status: int = 200,
+               query: type[Schema] | None = None, body: type[Schema] | None = None,
+               tag: str = "meterlane", content_type: str = "application/json") -> Callable[[F], F]:
+    """Attach what the OpenAPI document says of a view; the document reads it from the route."""
+
+    def wrap(view: F) -> F:
+        setattr(view, _ATTR, {"summary": summary, "response": response, "status": status,
+                              "query": query, "body": body, "tag": tag,
+                              "content_type": content_type})
+        return view
+
+    return wrap
+
+
+def build_spec(app: Flask, *, title: str = "Meterlane API",
+               version: str = "0.1.0") -> dict[str, Any]:
+    spec = APISpec(title=title, version=version, openapi_version="3.1.0",
+                   plugins=[MarshmallowPlugin()],
+                   info={"description": "Meterlane's own API. The OpenAI-compatible gateway "
+                                        "routes (/v1/chat/completions, ...) follow OpenAI's "
+                                        "API reference, and /v1/messages Anthropic's; they "
+                                        "are not repeated here."})
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    problem = {"description": "Error", "content": {"application/problem+json": {
+        "schema": {"$ref": "#/components/schemas/Problem"}}}}
+    from core.schemas import ProblemSchema
+
+    spec.components.schema("Problem", schema=ProblemSchema)
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        meta = getattr(app.view_functions[rule.endpoint], _ATTR, None)
+        if meta is None:
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            spec.path(path=path, operations={method.lower(): _operation(rule, meta, problem)})
+    return spec.to_dict()
+
+
+def _operation(rule: Any, meta: dict[str, Any], problem: dict[str, Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": meta["summary"], "tags": [meta["tag"]],
+                          "parameters": [{"in": "path", "name": arg, "required": True,
+                                          "schema": {"type": "string"}}
+                                         for arg in sorted(rule.arguments)]}
+    if meta["tag"] != "ops":
+        op["security"] = [{"bearer": []}]
+    if meta["query"] is not None:
+        op["parameters"].append({"in": "query", "schema": meta["query"]})
+    if meta["body"] is not None:
+        op["requestBody"] = {"content": {"application/json": {"schema": meta["body"]}}}
+    ok: dict[str, Any] = {"description": "OK"}
+    if meta["response"] is not None:
+        ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}
+    elif meta["content_type"] != "application/json":
+        ok["content"] = {meta["content_type"]: {"schema": {"type": "string"}}}
+    op["responses"] = {str(meta["status"]): ok, "default": problem}
+    return op

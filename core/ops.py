@@ -1,0 +1,48 @@
+"""Operations routes: liveness, readiness, Prometheus metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+from marshmallow import Schema, fields
+
+from core.errors import ServiceUnavailableError
+from core.metrics import Metrics
+from core.openapi import build_spec, documented
+from core.parts import Readiness
+from core.web import json_response, part
+
+bp = Blueprint("ops", __name__)
+
+
+class StatusSchema(Schema):
+    status = fields.String()
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+@bp.get("/healthz")
+@documented(summary="The process answers", response=StatusSchema, tag="ops")
+def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/readyz")
+@documented(summary="The database (and Redis, when configured) are reachable",
+            response=StatusSchema, tag="ops")
+def readyz() -> Response:
+    checks = part(Readiness).run()
+    if any(v != "ok" for v in checks.values()):
+        raise ServiceUnavailableError("Not ready: " + ", ".join(
+            f"{k} {v}" for k, v in checks.items()), checks=checks)
+    return json_response(StatusSchema().dump({"status": "ok", "checks": checks}))
+
+
+@bp.get("/metrics")
+@documented(summary="Prometheus metrics", tag="ops", content_type="text/plain")
+def metrics() -> Response:
+    return Response(part(Metrics).render(), mimetype="text/plain; version=0.0.4")
+
+
+@bp.get("/openapi.json")
+@documented(summary="This document", tag="ops")
+def openapi() -> Response:
+    return json_response(build_spec(current_app))

@@ -1,0 +1,53 @@
+"""The long-lived parts of one app instance, found by their type.
+
+app.py builds every part once (create_app, or a command's build) and registers it here. An
+edge (a blueprint, a command) asks for the part it needs by its class, so it imports only that
+class: the dependency is visible in its imports, where the layering test can check it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar, cast
+
+T = TypeVar("T")
+
+
+class Parts:
+    """Parts by exact type; one part per type."""
+
+    def __init__(self, values: Iterable[object]) -> None:
+        self._by_type: dict[type, object] = {}
+        for value in values:
+            if value is None:
+                continue
+            kind = type(value)
+            if kind in self._by_type and self._by_type[kind] is not value:
+                raise ValueError(f"two parts of type {kind.__name__}")
+            self._by_type[kind] = value
+
+    def get(self, kind: type[T]) -> T:
+        found = self._by_type.get(kind)
+        if found is None:
+            raise LookupError(f"this app instance has no {kind.__name__}")
+        return cast(T, found)
+
+
+class Readiness:
+    """Named checks /readyz runs: each returns None when fine, else what is wrong."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, Callable[[], str | None]] = {}
+
+    def add(self, name: str, check: Callable[[], str | None]) -> None:
+        self.checks[name] = check
+
+    def run(self) -> dict[str, str]:
+        results: dict[str, str] = {}
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                problem = f"error: {exc.__class__.__name__}"
+            results[name] = problem or "ok"
+        return results

@@ -1,0 +1,171 @@
+"""Finance API: margin reports for finance and admin keys (read only), the price catalog
+(admins change it), and the /finance dashboard page."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from flask import Blueprint, Response, request
+
+from core.auth import Role, require_role
+from core.errors import PermissionDeniedError
+from core.openapi import documented
+from core.web import app_in_scope, current_principal, json_body, json_response, part, query_args
+from finance.prices import parse_price
+from finance.schemas import (
+    ImportQuerySchema,
+    LeastProfitableQuerySchema,
+    LocalSchema,
+    MarginsQuerySchema,
+    MarginsSchema,
+    PeriodQuerySchema,
+    PriceListSchema,
+    PriceRequestSchema,
+    PriceSchema,
+    PricesQuerySchema,
+    SummarySchema,
+)
+from finance.service import FinanceService
+
+bp = Blueprint("finance", __name__, url_prefix="/v1")
+page_bp = Blueprint("finance_page", __name__)
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+READERS = (Role.FINANCE, Role.ADMIN)
+
+
+def _reader() -> int:
+    principal = current_principal()
+    require_role(principal, *READERS)
+    return app_in_scope(principal)
+
+
+@bp.get("/finance/summary")
+@documented(summary="A period's revenue, inference cost (cloud, local), gross margin, active "
+            "users and cost per active user", query=PeriodQuerySchema, response=SummarySchema,
+            tag="finance")
+def summary() -> Response:
+    app_id = _reader()
+    args = PeriodQuerySchema().load(query_args())
+    at = part(FinanceService).fresh()
+    body = part(FinanceService).reports.summary(app_id, args["period"])
+    return json_response(SummarySchema().dump({**body, "from_": body["from"],
+                                               "rolled_up_at": at}))
+
+
+@bp.get("/finance/margins")
+@documented(summary="Revenue, cost and margin grouped by plan, model, user or day (JSON or "
+            "CSV); order=margin puts the least profitable first", query=MarginsQuerySchema,
+            response=MarginsSchema, tag="finance")
+def margins() -> Response:
+    app_id = _reader()
+    args = MarginsQuerySchema().load(query_args())
+    at = part(FinanceService).fresh()
+    body = part(FinanceService).reports.margins(app_id, args["period"], args["group_by"],
+                                            order=args["order"], limit=args.get("limit"))
+    if args["format"] == "csv":
+        return Response(margins_csv(body), mimetype="text/csv", headers={
+            "Content-Disposition": f"attachment; filename=margins-{args['group_by']}-"
+                                   f"{args['period']}.csv"})
+    return json_response(MarginsSchema().dump({**body, "rolled_up_at": at}))
+
+
+def margins_csv(body: dict[str, object]) -> str:
+    out = io.StringIO()
+    columns = ["key", "revenue_usd", "cost_usd", "cloud_cost_usd", "local_cost_usd",
+               "margin_usd", "margin_percent", "active_users", "calls", "tokens"]
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    rows = body["rows"]
+    assert isinstance(rows, list)
+    # a key is a name someone chose (a model, a user id): never a formula in a spreadsheet
+    writer.writerows({**r, "key": "'" + r["key"] if str(r["key"])[:1] in tuple("=+-@\t\r")
+                      else r["key"]} for r in rows)
+    totals = body["totals"]
+    assert isinstance(totals, dict)
+    writer.writerow({"key": "TOTAL", **totals})
+    return out.getvalue()
+
+
+@bp.get("/finance/users/least-profitable")
+@documented(summary="The end users who lose the most money in a period",
+            query=LeastProfitableQuerySchema, response=MarginsSchema, tag="finance")
+def least_profitable() -> Response:
+    app_id = _reader()
+    args = LeastProfitableQuerySchema().load(query_args())
+    at = part(FinanceService).fresh()
+    body = part(FinanceService).reports.margins(app_id, args["period"], "user", order="margin",
+                                            limit=args["limit"])
+    return json_response(MarginsSchema().dump({**body, "rolled_up_at": at}))
+
+
+@bp.get("/finance/local")
+@documented(summary="Local GPUs against cloud prices: each upstream's full cost (idle hours "
+            "too), what its calls were allocated, and their cost at the shadow model's price",
+            query=PeriodQuerySchema, response=LocalSchema, tag="finance")
+def local() -> Response:
+    principal = current_principal()
+    require_role(principal, *READERS)
+    if principal.app_id is not None:  # a GPU serves every app: its figures are the operator's
+        raise PermissionDeniedError(
+            "Local GPU figures cover every app: ask with an operator-wide key. An app's own "
+            "local cost, shadow cost and savings are in /v1/finance/summary.")
+    args = PeriodQuerySchema().load(query_args())
+    at = part(FinanceService).fresh()
+    body = part(FinanceService).reports.local_vs_cloud(args["period"])
+    return json_response(LocalSchema().dump({**body, "rolled_up_at": at}))
+
+
+@bp.get("/prices")
+@documented(summary="The price catalog: every version of each model's price",
+            query=PricesQuerySchema, response=PriceListSchema, tag="finance")
+def list_prices() -> Response:
+    require_role(current_principal(), Role.ADMIN, Role.FINANCE, Role.APP)
+    args = PricesQuerySchema().load(query_args())
+    versions = part(FinanceService).prices.versions(args.get("model"))
+    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions]}))
+
+
+def _admin() -> None:
+    principal = current_principal()
+    if principal.role == Role.FINANCE:
+        raise PermissionDeniedError("A finance key reads reports; it cannot change prices "
+                                    "(use an admin key).")
+    require_role(principal, Role.ADMIN)
+
+
+@bp.post("/prices")
+@documented(summary="A new price version of a model, from effective_from (never in the past)",
+            body=PriceRequestSchema, response=PriceSchema, status=201, tag="finance")
+def add_price() -> Response:
+    _admin()
+    args = PriceRequestSchema().load(json_body())
+    version = part(FinanceService).prices.add(args["model"], args.get("effective_from"),
+                                          parse_price(args), "api")
+    return json_response(PriceSchema().dump(version.as_dict()), status=201)
+
+
+@bp.post("/prices/import")
+@documented(summary="Import a price sheet (JSON or CSV): all its rows or none",
+            query=ImportQuerySchema, response=PriceListSchema, status=201, tag="finance")
+def import_prices() -> Response:
+    _admin()
+    args = ImportQuerySchema().load(query_args())
+    text = request.get_data(as_text=True)
+    versions = part(FinanceService).prices.import_sheet(text, args["format"], "import")
+    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions]}),
+                         status=201)
+
+
+@page_bp.get("/finance")
+@documented(summary="The finance dashboard (give it a finance key: /finance#key=...)",
+            tag="finance", content_type="text/html")
+def dashboard() -> Response:
+    resp = Response(DASHBOARD.read_bytes(), mimetype="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = ("default-src 'none'; script-src 'unsafe-inline';"
+                                               " style-src 'unsafe-inline'; connect-src 'self'")
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    return resp

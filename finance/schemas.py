@@ -1,0 +1,129 @@
+"""Finance API shapes (HTTP edge only)."""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from finance.reports import GROUPS
+
+
+class PeriodQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    period = fields.String(required=True, validate=validate.Length(max=40), metadata={
+        "description": "2026-11 (a month), 2026-11-03 (a day) or 2026-11-03..2026-11-09"})
+    app = fields.String(metadata={"description": "App name (operator-wide keys only)"})
+
+
+class MarginsQuerySchema(PeriodQuerySchema):
+    group_by = fields.String(required=True, validate=validate.OneOf(GROUPS))
+    format = fields.String(load_default="json", validate=validate.OneOf(["json", "csv"]))
+    order = fields.String(load_default="key", validate=validate.OneOf(["key", "margin"]),
+                          metadata={"description": "margin: least profitable first"})
+    limit = fields.Integer(validate=validate.Range(min=1, max=100_000))
+
+
+class LeastProfitableQuerySchema(PeriodQuerySchema):
+    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=1000))
+
+
+class SummarySchema(Schema):
+    period = fields.String()
+    from_ = fields.String(data_key="from")
+    to = fields.String(metadata={"description": "The day after the period's last"})
+    revenue_usd = fields.String(allow_none=True)
+    inference_cost_usd = fields.String(allow_none=True)
+    cloud_cost_usd = fields.String(allow_none=True)
+    local_cost_usd = fields.String(allow_none=True)
+    local_shadow_cost_usd = fields.String(allow_none=True)
+    local_savings_usd = fields.String(allow_none=True)
+    gross_margin_usd = fields.String(allow_none=True)
+    gross_margin_percent = fields.String(allow_none=True)
+    inference_cost_percent_of_revenue = fields.String(allow_none=True)
+    active_users_monthly = fields.Integer()
+    active_users_daily_average = fields.String()
+    cost_per_active_user_usd = fields.String(allow_none=True)
+    revenue_per_active_user_usd = fields.String(allow_none=True)
+    calls = fields.Integer()
+    tokens = fields.Integer()
+    revenue_unconverted = fields.List(fields.Dict())
+    rolled_up_at = fields.String(allow_none=True)
+
+
+class MarginRowSchema(Schema):
+    key = fields.String()
+    revenue_usd = fields.String(allow_none=True)
+    cost_usd = fields.String(allow_none=True)
+    cloud_cost_usd = fields.String(allow_none=True)
+    local_cost_usd = fields.String(allow_none=True)
+    margin_usd = fields.String(allow_none=True)
+    margin_percent = fields.String(allow_none=True)
+    active_users = fields.Integer()
+    calls = fields.Integer()
+    tokens = fields.Integer()
+
+
+class MarginsSchema(Schema):
+    period = fields.String()
+    group_by = fields.String()
+    order = fields.String()
+    rows = fields.List(fields.Nested(MarginRowSchema))
+    totals = fields.Dict()
+    revenue_unconverted = fields.List(fields.Dict())
+    note = fields.String(allow_none=True)
+    rolled_up_at = fields.String(allow_none=True)
+
+
+class LocalSchema(Schema):
+    period = fields.String()
+    upstreams = fields.List(fields.Dict())
+    shadow_cost_usd = fields.String(allow_none=True)
+    local_cost_usd = fields.String(allow_none=True)
+    savings_usd = fields.String(allow_none=True)
+    savings_allocated_usd = fields.String(allow_none=True)
+    rolled_up_at = fields.String(allow_none=True)
+
+
+class PriceRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    effective_from = fields.AwareDateTime(metadata={"description": "Default: now"})
+    input = fields.String(required=True, metadata={"description": "USD per 1M tokens"})
+    output = fields.String(required=True)
+    cached_input = fields.String()
+    cache_write = fields.String()
+    reasoning = fields.String()
+    request_fee = fields.String(metadata={"description": "USD per call"})
+
+
+class PriceSchema(Schema):
+    model = fields.String()
+    effective_from = fields.AwareDateTime()
+    source = fields.String()
+    input = fields.String(allow_none=True)
+    cached_input = fields.String(allow_none=True)
+    cache_write = fields.String(allow_none=True)
+    output = fields.String(allow_none=True)
+    reasoning = fields.String(allow_none=True)
+    request_fee = fields.String(allow_none=True)
+
+
+class PriceListSchema(Schema):
+    data = fields.List(fields.Nested(PriceSchema))
+
+
+class PricesQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    model = fields.String(validate=validate.Length(max=200))
+
+
+class ImportQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    format = fields.String(load_default="json", validate=validate.OneOf(["json", "csv"]))

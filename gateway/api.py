@@ -1,0 +1,126 @@
+"""OpenAI-compatible routes; errors here use OpenAI's envelope, not problem+json."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
+from core.web import current_principal, json_response, part, request_id
+from gateway import anthropic
+from gateway.service import CallContext, GatewayResponse, GatewayService
+from metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
+
+log = logging.getLogger(__name__)
+bp = Blueprint("gateway", __name__, url_prefix="/v1")
+
+
+def _call(endpoint: str) -> Response:
+    principal = current_principal()
+    ctx = CallContext(principal=principal, request_id=request_id(),
+                      user_header=request.headers.get("X-Meterlane-User"),
+                      idempotency_key=request.headers.get("Idempotency-Key"))
+    return _response(part(GatewayService).call(ctx, endpoint, request.get_data()))
+
+
+def _response(result: GatewayResponse) -> Response:
+    response = Response(result.body, status=result.status, headers=result.headers,
+                        direct_passthrough=result.streaming)
+    if result.after is not None:
+        response.call_on_close(result.after)
+    return response
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    return _call(ENDPOINT_CHAT)
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    return _call(ENDPOINT_COMPLETIONS)
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    return _call(ENDPOINT_EMBEDDINGS)
+
+
+@bp.get("/models")
+def models() -> Response:
+    current_principal()
+    return json_response(part(GatewayService).list_models())
+
+
+@bp.errorhandler(DomainError)
+def domain_error(exc: DomainError) -> Response:
+    body = openai_error(exc.detail, type_=exc.openai_type, code=exc.openai_code,
+                        param=exc.param, **exc.extra)
+    return json_response(body, status=exc.status, headers=exc.headers)
+
+
+@bp.errorhandler(OperationalError)
+def database_down(exc: OperationalError) -> Response:
+    log.error("database unavailable in gateway request %s: %s", request_id(), exc)
+    return domain_error(DATABASE_UNAVAILABLE)
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = "request_too_large" if status == 413 else (exc.name or "error").lower().replace(" ", "_")
+    body = openai_error(exc.description or exc.name, type_="invalid_request_error", code=code)
+    return json_response(body, status=status)
+
+
+@bp.errorhandler(Exception)
+def unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error in gateway request %s", request_id())
+    body = openai_error("Internal error in the gateway; the request id identifies it.",
+                        type_="server_error", code="internal_error")
+    return json_response(body, status=500)
+
+
+# Anthropic's Messages API: its own blueprint, so that its errors use Anthropic's envelope.
+anthropic_bp = Blueprint("anthropic", __name__, url_prefix="/v1")
+
+
+@anthropic_bp.post("/messages")
+def messages() -> Response:
+    principal = current_principal()
+    ctx = CallContext(principal=principal, request_id=request_id(),
+                      user_header=request.headers.get("X-Meterlane-User"),
+                      idempotency_key=request.headers.get("Idempotency-Key"))
+    return _response(part(GatewayService).messages(ctx, request.get_data()))
+
+
+def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None,
+                     **extra: Any) -> Response:
+    return json_response(anthropic.error_body(status, message, **extra), status=status,
+                         headers=headers)
+
+
+@anthropic_bp.errorhandler(DomainError)
+def messages_domain_error(exc: DomainError) -> Response:
+    return _anthropic_error(exc.status, exc.detail, exc.headers, **exc.extra)
+
+
+@anthropic_bp.errorhandler(OperationalError)
+def messages_database_down(exc: OperationalError) -> Response:
+    log.error("database unavailable in gateway request %s: %s", request_id(), exc)
+    return messages_domain_error(DATABASE_UNAVAILABLE)
+
+
+@anthropic_bp.errorhandler(HTTPException)
+def messages_http_error(exc: HTTPException) -> Response:
+    return _anthropic_error(exc.code or 500, exc.description or exc.name)
+
+
+@anthropic_bp.errorhandler(Exception)
+def messages_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error in gateway request %s", request_id())
+    return _anthropic_error(500, "Internal error in the gateway; the request id identifies it.")

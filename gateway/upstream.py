@@ -1,0 +1,123 @@
+"""Upstream clients: pooled HTTP to a model server, foreign errors translated at the boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+
+from core.config import UpstreamConfig
+from core.errors import (
+    DomainError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
+
+class UpstreamClient:
+    """One connection pool per upstream; no retries (a retried model call may be paid twice)."""
+
+    def __init__(self, config: UpstreamConfig, *, pool_size: int = 64) -> None:
+        self.config = config
+        self.name = config.name
+        # One pool for the upstream's host (no per-call URL parsing or pool lookup).
+        self._pool = urllib3.connection_from_url(
+            config.base_url, maxsize=pool_size, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=config.connect_timeout_s,
+                                    read=config.read_timeout_s),
+        )
+        self._prefix = urllib3.util.parse_url(config.base_url).path or ""
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if config.api_key:
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+
+    def post(self, path: str, body: bytes, *, stream: bool) -> urllib3.BaseHTTPResponse:
+        """Send the request; returns the response with its body unread when stream=True."""
+        try:
+            return self._pool.urlopen(
+                "POST", self._prefix + path, body=body, headers=self._headers,
+                preload_content=not stream, redirect=False, retries=False,
+            )
+        except HTTPError as exc:
+            raise self.translate(exc) from exc
+
+    def translate(self, exc: Exception) -> UpstreamError:
+        """A transport failure as a domain error that names the upstream."""
+        where = f"upstream '{self.name}' ({self.config.base_url})"
+        # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
+        # retries=False: urllib3 raises the transport error itself, never MaxRetryError.
+        if isinstance(exc, NewConnectionError):
+            return UpstreamUnavailableError(f"Could not connect to {where}: {_reason(exc)}.")
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+            return UpstreamTimeoutError(f"Timed out waiting for {where}.")
+        return UpstreamUnavailableError(f"Connection to {where} failed: {exc.__class__.__name__}.")
+
+    def chunks(self, resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        """The body as it arrives: one item per HTTP chunk (or per socket read)."""
+        try:
+            if getattr(resp, "chunked", False):
+                yield from resp.read_chunked(decode_content=True)
+            else:
+                while True:
+                    data = resp.read1(65536)
+                    if not data:
+                        break
+                    yield data
+        except HTTPError as exc:
+            raise self.translate(exc) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ConnectionRefusedError) or "refused" in str(exc).lower():
+        return "connection refused"
+    return "could not open a connection"
+
+
+def error_from_response(upstream: str, status: int, body: bytes,
+                        headers: Any) -> DomainError:
+    """An upstream's error answer, mapped to the status that fits the gateway's client."""
+    message = _upstream_message(body) or f"HTTP {status}"
+    text = f"Upstream '{upstream}' returned {status}: {message}"
+    if status == 429:
+        retry = headers.get("Retry-After") if headers is not None else None
+        return RateLimitedError(text, headers={"Retry-After": retry} if retry else None)
+    if status == 404:
+        return NotFoundError(text)
+    if status in (400, 409, 413, 422):
+        err = InvalidRequestError(text)
+        err.status = status
+        return err
+    if status in (408, 504):
+        return UpstreamTimeoutError(text)
+    # 401/403 mean the gateway's own upstream credentials are wrong: not the client's fault.
+    return UpstreamError(text)
+
+
+def _upstream_message(body: bytes) -> str | None:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:300].decode("utf-8", "replace").strip()
+        return text or None
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])[:500]
+        if isinstance(err, str):
+            return err[:500]
+        if isinstance(doc.get("detail"), str):
+            return str(doc["detail"])[:500]
+    return None

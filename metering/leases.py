@@ -1,0 +1,115 @@
+"""A reservation's parts: the limits it applies (and where each stands), the lease that holds
+them, and the store tags that name whose counters they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from core.config import ModelConfig, ModelPrice
+from metering.limitstore import Check, CheckState
+from metering.pricing import output_rate, rate_of
+from plans.catalog import LimitSpec, Plan
+from plans.windows import from_epoch_ms
+
+COUNTER_GRACE_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A limit as it applied to one call: the spec, its counter, and where it stands."""
+
+    limit: LimitSpec
+    tag: str
+    check: Check
+    state: CheckState | None = None
+
+    def resets_at(self, now: datetime, need: int = 0) -> datetime | None:
+        """When the counter frees up (its period ends, its oldest slot leaves the span, or the
+        bucket holds `need` more); None for a gauge, which frees when calls end."""
+        c = self.check
+        if c.kind == "counter":
+            return from_epoch_ms(c.expires_ms - COUNTER_GRACE_MS)
+        if c.kind == "rolling":
+            oldest = self.state.oldest_slot if self.state else None
+            return from_epoch_ms((oldest + c.slots) * c.slot_ms) if oldest is not None else None
+        if c.kind == "bucket":
+            tokens = self.state.remaining if self.state else c.amount
+            missing = (need or c.amount) - tokens
+            if missing <= 0:
+                return now
+            return now + timedelta(milliseconds=-(-missing * c.interval_ms // c.refill))
+        return None
+
+
+@dataclass
+class Lease:
+    id: str
+    plan: Plan
+    model: str
+    applied: list[Applied]
+    out: int | None           # output tokens granted; None when no limit bounds them
+    created: datetime
+    fail_open: bool = False
+    credits_per_token: int = 1  # the credit multiplier of the model's tier on the plan
+    done: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    expires: datetime | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        return list(dict.fromkeys(a.tag for a in self.applied))
+
+
+@dataclass(frozen=True)
+class QuotaLine:
+    limit: LimitSpec
+    used: int
+    remaining: int
+    resets_at: datetime | None
+    model: str | None
+
+
+def user_tag(app_id: int, end_user_id: int) -> str:
+    return f"u{app_id}.{end_user_id}"
+
+
+def app_tag(app_id: int) -> str:
+    return f"a{app_id}"
+
+
+def lease_tags(lease_id: str) -> tuple[int, int, str] | None:
+    """(app id, end user id, user tag) named by a lease id, or None if it is not one of ours."""
+    try:
+        prefix, app, user, _rand = lease_id.split("_", 3)
+        if prefix != "ls":
+            return None
+        return int(app), int(user), user_tag(int(app), int(user))
+    except ValueError:
+        return None
+
+
+def counter_key(limit: LimitSpec) -> str:
+    """What a counter counts, independent of plan: metric, window (with its zone) and model."""
+    w = limit.window
+    zone = w.tz if w.kind == "calendar" and w.unit in ("day", "week", "month") else ""
+    return f"{limit.metric}|{w.spec}|{zone}|{limit.model or '*'}"
+
+
+def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
+            out_per_token: int, credits_per_token: int = 1,
+            price: ModelPrice | None = None) -> tuple[int | None, int]:
+    """(fixed charge, charge per output token) of one call on one limit; (None, 0) when the
+    limit cannot apply (a cost limit on a model without a price)."""
+    if limit.metric == "tokens":
+        return prompt_tokens, out_per_token
+    if limit.metric == "credits":
+        return prompt_tokens * credits_per_token, out_per_token * credits_per_token
+    if limit.metric == "cost_usd":
+        if model is None:
+            return 0, 0
+        if price is None:
+            return None, 0
+        return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
+    return 1, 0

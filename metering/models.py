@@ -1,0 +1,110 @@
+"""The usage ledger: one append-only row per model call."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, BigIntPK
+
+
+class UsageEvent(Base):
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("app_id", "idempotency_key"),
+        Index("ix_usage_events_app_created", "app_id", "created_at"),
+        Index("ix_usage_events_app_user_created", "app_id", "end_user_id", "created_at"),
+        Index("ix_usage_events_created", "created_at"),  # finance roll-ups read a day at a time
+        Index("ix_usage_events_limits_pending", "id", postgresql_where=text("limits_pending"),
+              sqlite_where=text("limits_pending")),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    request_id: Mapped[str] = mapped_column(String(40))
+    idempotency_key: Mapped[str] = mapped_column(String(300))
+    endpoint: Mapped[str] = mapped_column(String(32))
+    requested_model: Mapped[str] = mapped_column(String(200))
+    upstream: Mapped[str | None] = mapped_column(String(100))
+    upstream_model: Mapped[str | None] = mapped_column(String(200))
+    stream: Mapped[bool]
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
+    # "reported" by the upstream, "counted" with the tokenizer, "none" when no tokens flowed
+    usage_source: Mapped[str] = mapped_column(String(16))
+    # Integer pico-USD (1 USD = 10**12); NULL when the model has no price (then priced=False).
+    cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    priced: Mapped[bool]
+    status: Mapped[str] = mapped_column(String(32))
+    http_status: Mapped[int]
+    error: Mapped[str | None] = mapped_column(String(500))
+    latency_ms: Mapped[int]
+    ttft_ms: Mapped[int | None]
+    created_at: Mapped[datetime]
+    # True for a call let through while the limit store was down ("fail open"): its usage is
+    # counted into the limits once the store is back.
+    limits_pending: Mapped[bool] = mapped_column(default=False, server_default="0")
+    # A call the router served: the alias asked for, why this model (difficulty, skipped and
+    # failed candidates), and what its tokens would have cost on the alias's most expensive
+    # model the plan allows (NULL when no candidate has a price).
+    route_alias: Mapped[str | None] = mapped_column(String(100))
+    route_reason: Mapped[str | None] = mapped_column(String(500))
+    baseline_cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    # Finance: tokens written to a prompt cache, and the plan the user was on at the call.
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    plan_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class LimitCounter(Base):
+    """A limit counter of the SQL limit store (the Redis store keeps these in Redis)."""
+
+    __tablename__ = "limit_counters"
+
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class LimitLease(Base):
+    """A reservation held against a tag's counters, or the remembered answer of a settle,
+    release or commit (kept an hour so a repeat gets the same answer)."""
+
+    __tablename__ = "limit_leases"
+    __table_args__ = (Index("ix_limit_leases_tag_state_expires", "tag", "state", "expires_ms"),)
+
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[str] = mapped_column(Text)
+
+
+class LimitRefusal(Base):
+    """A call the limits refused: what the paywall acts on."""
+
+    __tablename__ = "limit_refusals"
+    __table_args__ = (Index("ix_limit_refusals_app_user_created", "app_id", "end_user_id",
+                            "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    request_id: Mapped[str] = mapped_column(String(40))
+    plan_id: Mapped[str] = mapped_column(String(64))
+    limit_id: Mapped[str] = mapped_column(String(80))
+    metric: Mapped[str] = mapped_column(String(16))
+    window: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))  # quota_exceeded | rate_limited
+    used: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    resets_at: Mapped[datetime | None]
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]

@@ -1,0 +1,220 @@
+"""Metering use cases: settle a finished call into the ledger, and usage totals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+
+from core.config import ModelConfig, ModelPrice
+from core.db import utcnow
+from metering.ledger import CallRecord, LedgerWriter
+from metering.models import UsageEvent
+from metering.pricing import TokenUsage, cost_or_none
+from metering.store import UsageQuery, UsageStore, UsageTotals
+from metering.tokens import (
+    TokenizerRegistry,
+    count_chat_prompt,
+    count_completion_prompt,
+    count_embedding_input,
+    count_text,
+)
+
+ENDPOINT_CHAT = "chat.completions"
+ENDPOINT_COMPLETIONS = "completions"
+ENDPOINT_EMBEDDINGS = "embeddings"
+
+
+@dataclass
+class CallOutcome:
+    """What the gateway knows once a call has ended, however it ended."""
+
+    app_id: int
+    end_user_id: int
+    request_id: str
+    idempotency_key: str
+    endpoint: str
+    model: ModelConfig
+    stream: bool
+    request: dict[str, Any]
+    created_at: datetime
+    latency_ms: int
+    status: str = "ok"
+    http_status: int = 200
+    error: str | None = None
+    ttft_ms: int | None = None
+    reported: TokenUsage | None = None
+    # True once the upstream accepted the call (a 2xx), so tokens were consumed.
+    accepted: bool = False
+    output_texts: Callable[[], list[str]] = field(default=lambda: [])
+    # Let through while the limit store was down: count it into the limits later.
+    limits_pending: bool = False
+    lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
+    # The API the call came in through when it is not `endpoint` (e.g. Anthropic's messages,
+    # served as a chat call): the ledger records this name.
+    api: str | None = None
+    record: CallRecord | None = None  # the ledger row, once settled
+    # Set when the router served the call: the alias, its decision, and the candidates the
+    # plan allowed (the most expensive of them prices the baseline the savings report uses).
+    route_alias: str | None = None
+    route_reason: str | None = None
+    route_allowed: tuple[ModelConfig, ...] = ()
+
+
+def _baseline(usage: TokenUsage, allowed: tuple[ModelConfig, ...]) -> int | None:
+    """The usage priced at the most expensive allowed candidate (None: none has a price)."""
+    costs = [c for c in (cost_or_none(usage, m.price) for m in allowed) if c is not None]
+    return max(costs) if costs else None
+
+
+@dataclass(frozen=True)
+class DirectCall:
+    """A call the app made itself and reports (POST /v1/meter/track/batch)."""
+
+    app_id: int
+    end_user_id: int
+    model: ModelConfig
+    usage: TokenUsage
+    cost_pico: int | None
+    request_id: str
+    idempotency_key: str
+
+
+class MeteringService:
+    def __init__(self, engine: Engine, ledger: LedgerWriter,
+                 tokenizers: TokenizerRegistry) -> None:
+        self.ledger = ledger
+        self.tokenizers = tokenizers
+        self.clock = utcnow
+        self.usage_store = UsageStore(engine)
+        # The price catalog (finance): the price in force when a call happens. Without one,
+        # the config's price.
+        self.prices: Any = None
+        # The plan an end user is on (for the ledger row of a call the app reports itself).
+        self.plan_of: Callable[[int], str | None] | None = None
+
+    def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
+        return self.prices.price_at(model.name, at) if self.prices is not None else model.price
+
+    def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str]:
+        """The upstream's usage when reported; else a tokenizer count of what passed through
+        (a call the upstream accepted is never recorded as zero tokens)."""
+        if outcome.reported is not None:
+            return outcome.reported, "reported"
+        if not outcome.accepted:
+            return TokenUsage(), "none"
+        prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
+        tok = self.tokenizers.for_model(outcome.model.upstream_model, outcome.model.tokenizer)
+        output = sum(count_text(tok, text) for text in outcome.output_texts())
+        return TokenUsage(input_tokens=prompt, output_tokens=output), "counted"
+
+    def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any]) -> int:
+        """The tokenizer's count of what a call sends (the estimate a reservation holds)."""
+        tok = self.tokenizers.for_model(model.upstream_model, model.tokenizer)
+        if endpoint == ENDPOINT_CHAT:
+            return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
+        if endpoint == ENDPOINT_COMPLETIONS:
+            return count_completion_prompt(tok, body.get("prompt"))
+        return count_embedding_input(tok, body.get("input"))
+
+    def settle(self, outcome: CallOutcome) -> CallRecord:
+        """Price the call and append it to the ledger (idempotent on the idempotency key)."""
+        usage, source = self.usage_of(outcome)
+        price = self.price_of(outcome.model, outcome.created_at)
+        record = CallRecord(
+            app_id=outcome.app_id, end_user_id=outcome.end_user_id,
+            request_id=outcome.request_id, idempotency_key=outcome.idempotency_key,
+            endpoint=outcome.api or outcome.endpoint, requested_model=outcome.model.name,
+            upstream=outcome.model.upstream, upstream_model=outcome.model.upstream_model,
+            stream=outcome.stream, input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens, output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens, usage_source=source,
+            cost_pico_usd=cost_or_none(usage, price),
+            priced=price is not None, status=outcome.status, http_status=outcome.http_status,
+            error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
+            created_at=outcome.created_at, limits_pending=outcome.limits_pending,
+            route_alias=outcome.route_alias, route_reason=outcome.route_reason,
+            baseline_cost_pico_usd=_baseline(usage, outcome.route_allowed),
+            cache_write_tokens=usage.cache_write_tokens,
+            plan_id=outcome.lease.plan.id if outcome.lease is not None else None,
+        )
+        self.ledger.record(record)
+        outcome.record = record
+        return record
+
+    def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,
+                      usage: TokenUsage, cost_pico: int | None, request_id: str,
+                      idempotency_key: str, endpoint: str, at: datetime | None = None) -> str:
+        """Record a call the app made itself (reported through the metering API); returns the
+        ledger's answer: written, duplicate (this key was recorded before) or spooled."""
+        record = CallRecord(
+            app_id=app_id, end_user_id=end_user_id, request_id=request_id,
+            idempotency_key=idempotency_key, endpoint=endpoint, requested_model=model.name,
+            upstream=model.upstream or None, upstream_model=model.upstream_model, stream=False,
+            input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
+            usage_source="reported", cost_pico_usd=cost_pico,
+            priced=cost_pico is not None, status="ok", http_status=200, error=None, latency_ms=0,
+            ttft_ms=None, created_at=at or self.clock(),
+            cache_write_tokens=usage.cache_write_tokens,
+            plan_id=self.plan_of(end_user_id) if self.plan_of is not None else None)
+        return self.ledger.record(record, dedupe=True)
+
+    def record_direct_many(self, calls: list[DirectCall]) -> list[str]:
+        """Record many calls the app made itself, in group commits: each call's answer."""
+        now = self.clock()
+        records = [CallRecord(
+            app_id=c.app_id, end_user_id=c.end_user_id, request_id=c.request_id,
+            idempotency_key=c.idempotency_key, endpoint="meter.track",
+            requested_model=c.model.name, upstream=c.model.upstream or None,
+            upstream_model=c.model.upstream_model, stream=False,
+            input_tokens=c.usage.input_tokens, cached_input_tokens=c.usage.cached_input_tokens,
+            output_tokens=c.usage.output_tokens, reasoning_tokens=c.usage.reasoning_tokens,
+            usage_source="reported", cost_pico_usd=c.cost_pico, priced=c.cost_pico is not None,
+            status="ok", http_status=200, error=None, latency_ms=0, ttft_ms=None,
+            created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
+            plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None)
+            for c in calls]
+        return self.ledger.record_many(records, dedupe=True)
+
+    def mark_limits_pending_many(self, app_id: int, keys: list[str]) -> int:
+        """Flag rows the limits could not count yet (the catch-up counts them)."""
+        if not keys:
+            return 0
+        with self.usage_store.engine.begin() as conn:
+            return int(conn.execute(update(UsageEvent).where(
+                UsageEvent.app_id == app_id, UsageEvent.idempotency_key.in_(keys))
+                .values(limits_pending=True)).rowcount)
+
+    def mark_limits_pending(self, app_id: int, idempotency_key: str) -> None:
+        """Flag a ledger row whose usage could not be counted into the limits yet."""
+        with self.usage_store.engine.begin() as conn:
+            conn.execute(update(UsageEvent).where(
+                UsageEvent.app_id == app_id, UsageEvent.idempotency_key == idempotency_key
+            ).values(limits_pending=True))
+
+    def is_key_used(self, app_id: int, idempotency_key: str) -> bool:
+        return self.ledger.key_used(app_id, idempotency_key)
+
+    def usage_totals(self, query: UsageQuery) -> tuple[UsageTotals, list[UsageTotals]]:
+        return self.usage_store.totals(query)
+
+    def routing_savings(self, query: UsageQuery) -> list[dict[str, Any]]:
+        """Per alias: routed calls, what they cost, what the same tokens would have cost on
+        the most expensive model the plan allowed, and the models that served them."""
+        by_alias: dict[str, dict[str, Any]] = {}
+        for row in self.usage_store.routed(query):
+            entry = by_alias.setdefault(row.alias, {
+                "alias": row.alias, "calls": 0, "cost_pico": 0, "baseline_pico": 0,
+                "unpriced_calls": 0, "served": []})
+            entry["calls"] += row.calls
+            entry["cost_pico"] += row.cost_pico_usd
+            entry["baseline_pico"] += row.baseline_pico_usd
+            entry["unpriced_calls"] += row.unpriced_calls
+            entry["served"].append({"model": row.model, "calls": row.calls,
+                                    "cost_pico": row.cost_pico_usd})
+        return list(by_alias.values())

@@ -1,1 +1,0 @@
-"""Meterlane: token metering, limits and paywall billing for AI apps."""

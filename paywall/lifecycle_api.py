@@ -1,0 +1,255 @@
+"""Buying and after: checkout with the consent it needs (CNS-01), the one-step cancel (CXL-01),
+the cancel screen (CXL-02), EU withdrawal (CXL-04), price changes (NTC-04), the evidence bundle
+(NET-02); and Germany's public cancellation pages (CXL-03), HTML for people not logged in."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint, Response, request
+
+from core.auth import Role, require_role, validate_user_id
+from core.errors import DomainError, NotFoundError
+from core.openapi import documented
+from core.tenancy import TenancyService
+from core.web import app_in_scope, current_principal, json_body, json_response, part, query_args
+from paywall.cancel_flow import CancelFlow
+from paywall.evidence import EvidenceService
+from paywall.notices import NoticeService
+from paywall.schemas import (
+    CancelScreenQuerySchema,
+    CancelScreenSchema,
+    EvidenceQuerySchema,
+    EvidenceSchema,
+    PriceChangeListSchema,
+    PriceChangeRequestSchema,
+    PriceChangeSchema,
+    WithdrawalRequestSchema,
+    WithdrawalSchema,
+)
+from paywall.service import PaywallService
+from paywall.withdrawals import WithdrawalService
+from plans.checkout import CheckoutService
+from plans.schemas import (
+    CancelRequestSchema,
+    CheckoutRequestSchema,
+    CheckoutSessionSchema,
+    SubscriptionChangeSchema,
+)
+from plans.service import PlanService
+
+bp = Blueprint("lifecycle", __name__, url_prefix="/v1")
+kuendigen_bp = Blueprint("kuendigen", __name__)
+
+
+@bp.get("/subscriptions/<sub_id>/cancel-screen")
+@documented(summary="What the cancel screen shows: the cancel button, and a save offer only "
+            "where the user's jurisdiction allows one (CXL-02)", query=CancelScreenQuerySchema,
+            response=CancelScreenSchema, tag="billing")
+def cancel_screen(sub_id: str) -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = CancelScreenQuerySchema().load(query_args())
+    screen = part(CancelFlow).screen(
+        app_in_scope(principal), sub_id, jurisdiction=args.get("jurisdiction"),
+        locale=args.get("locale"), platform=args["platform"],
+        offers_welcome=args["offers"] == "yes")
+    return json_response(CancelScreenSchema().dump(screen))
+
+
+@bp.post("/withdrawals")
+@documented(summary="Withdraw from a subscription within the EU/UK withdrawal period: it ends "
+            "at once and the refund is computed (CXL-04)", body=WithdrawalRequestSchema,
+            response=WithdrawalSchema, status=201, tag="billing")
+def withdraw() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = WithdrawalRequestSchema().load(json_body())
+    view, made = part(WithdrawalService).withdraw(app_in_scope(principal), args["subscription"])
+    return json_response(WithdrawalSchema().dump({**view, "already_withdrawn": not made}),
+                         status=201 if made else 200)
+
+
+@bp.post("/price-changes")
+@documented(summary="Schedule a plan version's subscribers onto a new price (at least 30 days "
+            "ahead: NTC-04)", body=PriceChangeRequestSchema, response=PriceChangeSchema,
+            status=201, tag="plans")
+def schedule_price_change() -> Response:
+    require_role(current_principal(), Role.ADMIN)
+    args = PriceChangeRequestSchema().load(json_body())
+    change = part(NoticeService).schedule_price_change(
+        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"))
+    return json_response(PriceChangeSchema().dump(change), status=201)
+
+
+@bp.get("/price-changes")
+@documented(summary="Scheduled price changes", response=PriceChangeListSchema, tag="plans")
+def list_price_changes() -> Response:
+    require_role(current_principal(), Role.ADMIN)
+    changes = part(NoticeService).price_changes()
+    return json_response(PriceChangeListSchema().dump({"data": changes}))
+
+
+@bp.get("/compliance/evidence")
+@documented(summary="Everything recorded about one subscription, ready for a dispute (NET-02)",
+            query=EvidenceQuerySchema, response=EvidenceSchema, tag="paywall")
+def evidence() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP, Role.ADMIN)
+    args = EvidenceQuerySchema().load(query_args())
+    return json_response(EvidenceSchema().dump(
+        part(EvidenceService).bundle(app_in_scope(principal), args["subscription"])))
+
+
+# -- Germany: the cancellation button (CXL-03), no login ------------------------------------------
+
+@bp.post("/checkout/sessions")
+@documented(summary="Start a Stripe Checkout for an end user: a plan or a credit pack",
+            body=CheckoutRequestSchema, response=CheckoutSessionSchema, status=201,
+            tag="billing")
+def create_checkout() -> Response:
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = CheckoutRequestSchema().load(json_body())
+    app_id = app_in_scope(principal)
+    user = validate_user_id(args["user"])
+    end_user_id = part(TenancyService).ensure_end_user(app_id, user)
+    consent = None
+    plan = part(PlanService).catalog.get(args["plan"]) if args.get("plan") else None
+    if plan is not None and plan.terms.price is not None and not plan.terms.retired \
+            and args.get("credit_pack") is None:
+        part(CheckoutService).ensure_not_subscribed(end_user_id)  # before asking for consent
+        # CNS-01: no subscription checkout without the user's recorded consent to its terms
+        consent = part(PaywallService).claim_consent(app_id, end_user_id, args.get("consent_id"),
+                                                 args["plan"])
+    try:
+        session = part(CheckoutService).create(
+            app_id=app_id, end_user_id=end_user_id, user=user, plan_id=args.get("plan"),
+            pack_id=args.get("credit_pack"), success_url=args["success_url"],
+            cancel_url=args["cancel_url"], consent=consent)
+    except BaseException:
+        if consent is not None:  # the checkout did not start: the consent may be used again
+            part(PaywallService).link_consent(consent["consent_id"], None)
+        raise
+    if consent is not None:
+        part(PaywallService).link_consent(consent["consent_id"], session.id)
+    return json_response(CheckoutSessionSchema().dump(session.__dict__), status=201)
+
+
+@bp.post("/subscriptions/<sub_id>/cancel")
+@documented(summary="Cancel a subscription at the end of its paid period",
+            response=SubscriptionChangeSchema, tag="billing")
+def cancel_subscription(sub_id: str) -> Response:
+    """One step (CXL-01): cancel at the end of the paid period, with a confirmation record
+    and its event at once (CXL-05). Idempotent: a second cancel changes nothing and returns
+    the first confirmation."""
+    principal = current_principal()
+    require_role(principal, Role.APP)
+    args = CancelRequestSchema().load(json_body(allow_empty=True))
+    confirmation, before = part(CancelFlow).cancel(app_in_scope(principal), sub_id,
+                                                       args["channel"], args["steps"])
+    return json_response(SubscriptionChangeSchema().dump({
+        "subscription": sub_id, "action": "cancel_scheduled", "plan": confirmation["plan"],
+        "effective_at": confirmation["effective_at"], "already_cancelled": before,
+        "confirmation": confirmation}))
+
+
+def _page(title: str, body: str, status: int = 200) -> Response:
+    doc = (f"<!doctype html><html lang=\"de\"><head><meta charset=\"utf-8\">"
+           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+           f"<title>{html.escape(title)}</title><style>body{{font:16px/1.5 system-ui,sans-serif;"
+           f"max-width:40rem;margin:2rem auto;padding:0 1rem}}label{{display:block;margin:.8rem "
+           f"0 .2rem}}input,select,textarea{{font:inherit;width:100%;padding:.4rem}}button{{font:"
+           f"inherit;font-weight:bold;padding:.7rem 1.4rem;margin-top:1.2rem}}.error{{color:"
+           f"#a00}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    resp = Response(doc, status=status, mimetype="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; " \
+        "form-action 'self'"
+    return resp
+
+
+def _app_or_404(app: str) -> int | Response:
+    try:
+        return part(CancelFlow).app_named(app)
+    except NotFoundError:
+        return _page("Nicht gefunden", "<p>Diese Seite gibt es nicht.</p>", 404)
+
+
+@kuendigen_bp.get("/kuendigen/<app>")
+@documented(summary="Germany's cancellation button, first step (no login): 'Verträge hier "
+            "kündigen' (CXL-03)", tag="billing", content_type="text/html")
+def kuendigen(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    return _page("Verträge hier kündigen", (
+        "<p>Hier können Sie Ihr Abonnement kündigen, ohne sich anzumelden.</p>"
+        f"<form method=\"get\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
+        "<button type=\"submit\">Verträge hier kündigen</button></form>"))
+
+
+def _form(app: str, values: dict[str, str], error: str | None = None) -> str:
+    v = {k: html.escape(values.get(k) or "") for k in ("name", "email", "contract_ref",
+                                                        "reason")}
+    kind = values.get("kind") or "ordinary"
+    options = "".join(f"<option value=\"{k}\"{' selected' if k == kind else ''}>{label}</option>"
+                      for k, label in (("ordinary", "ordentliche Kündigung"),
+                                       ("extraordinary", "außerordentliche Kündigung")))
+    return ((f"<p class=\"error\" role=\"alert\">{html.escape(error)}</p>" if error else "")
+            + f"<form method=\"post\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
+            f"<label for=\"name\">Name</label><input id=\"name\" name=\"name\" required "
+            f"maxlength=\"200\" autocomplete=\"name\" value=\"{v['name']}\">"
+            f"<label for=\"email\">E-Mail-Adresse (für die Bestätigung)</label><input "
+            f"id=\"email\" name=\"email\" type=\"email\" required autocomplete=\"email\" "
+            f"value=\"{v['email']}\">"
+            f"<label for=\"contract_ref\">Vertragsnummer (aus Ihrer Bestellbestätigung)</label>"
+            f"<input id=\"contract_ref\" name=\"contract_ref\" required maxlength=\"255\" "
+            f"value=\"{v['contract_ref']}\">"
+            f"<label for=\"kind\">Art der Kündigung</label><select id=\"kind\" name=\"kind\">"
+            f"{options}</select>"
+            f"<label for=\"when\">Zeitpunkt</label><input id=\"when\" name=\"when\" readonly "
+            f"value=\"zum nächstmöglichen Zeitpunkt\">"
+            f"<label for=\"reason\">Grund (nur bei außerordentlicher Kündigung)</label>"
+            f"<textarea id=\"reason\" name=\"reason\" maxlength=\"1000\">{v['reason']}</textarea>"
+            f"<button type=\"submit\">jetzt kündigen</button></form>")
+
+
+@kuendigen_bp.get("/kuendigen/<app>/bestaetigen")
+@documented(summary="Germany's cancellation button, confirmation page: identity, contract, "
+            "'jetzt kündigen' (CXL-03)", tag="billing", content_type="text/html")
+def kuendigen_form(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    return _page("Kündigung bestätigen", _form(app, {}))
+
+
+@kuendigen_bp.post("/kuendigen/<app>/bestaetigen")
+@documented(summary="Germany's cancellation button: the declaration, confirmed on receipt "
+            "(CXL-03)", tag="billing", content_type="text/html")
+def kuendigen_submit(app: str) -> Response:
+    found = _app_or_404(app)
+    if isinstance(found, Response):
+        return found
+    values: dict[str, Any] = {k: request.form.get(k, "")[:2000] for k in (
+        "name", "email", "contract_ref", "kind", "reason")}
+    # Past the rate limit a declaration is still received and recorded (the law wants every
+    # one confirmed); it is just not matched to a contract here: the app handles it.
+    throttled = not part(CancelFlow).allowed(app, request.remote_addr or "-")
+    try:
+        done = part(CancelFlow).declare(found, values, throttled=throttled)
+    except DomainError as exc:
+        if exc.status >= 500:
+            raise
+        return _page("Kündigung bestätigen", _form(app, values, exc.detail), 400)
+    stamp = done["received_at"].strftime("%d.%m.%Y, %H:%M:%S Uhr (UTC)")
+    ends = (f"<p>Vertragsende: <strong>{done['ends_at'].strftime('%d.%m.%Y')}</strong></p>"
+            if done["ends_at"] else "")
+    return _page("Kündigung eingegangen", (
+        f"<p>{html.escape(done['text'])}</p><p>Eingang: <time datetime=\""
+        f"{done['received_at'].isoformat()}\">{stamp}</time></p>{ends}"
+        f"<p>Referenz: {html.escape(done['declaration_id'])}. Eine Bestätigung in Textform "
+        f"geht an {html.escape(done['email'])}.</p>"))

@@ -1,0 +1,174 @@
+"""Which plan an end user is on (no row: the app's default plan), and the plan versions that
+were published (immutable from then on)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, BigIntPK
+
+
+class EndUserPlan(Base):
+    __tablename__ = "end_user_plans"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"), index=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    # The version the user bought; None (rows from before versions): the plan's current one.
+    plan_version: Mapped[int | None]
+    # The start of the billing cycle: "cycle" windows run monthly from here.
+    anchored_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class PlanVersion(Base):
+    """A published plan version: its content (what a subscriber buys) may not change."""
+
+    __tablename__ = "plan_versions"
+
+    plan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    content: Mapped[str] = mapped_column(Text)  # JSON, as terms.content_of
+    published_at: Mapped[datetime]
+
+
+class CreditGrant(Base):
+    """Credits given to an end user: a top-up, a promotion, a refund or rolled-over allowance.
+    Append-only: the balance is derived from grants, burns and expiry."""
+
+    __tablename__ = "credit_grants"
+    __table_args__ = (UniqueConstraint("app_id", "external_id"),
+                      Index("ix_credit_grants_user", "end_user_id", "granted_at"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # credits
+    source: Mapped[str] = mapped_column(String(16))  # topup | promotion | refund | rollover
+    priority: Mapped[int]                             # lower burns first
+    granted_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    external_id: Mapped[str] = mapped_column(String(200))  # idempotency key of the grant
+    note: Mapped[str | None] = mapped_column(String(500))
+
+
+class CreditBurn(Base):
+    """Credits of a grant spent by one usage event (past the plan's allowance)."""
+
+    __tablename__ = "credit_burns"
+    __table_args__ = (UniqueConstraint("usage_event_id", "grant_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("credit_grants.id"), index=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    usage_event_id: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    burned_at: Mapped[datetime]  # when the usage happened
+
+
+class CreditOverage(Base):
+    """Credits one usage event used past the allowance and every credit: billed as overage."""
+
+    __tablename__ = "credit_overages"
+
+    usage_event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), index=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int]
+    credits: Mapped[int] = mapped_column(BigInteger)
+    happened_at: Mapped[datetime]
+    reported_at: Mapped[datetime | None]  # sent to Stripe as a meter event
+    # why Stripe refused it (e.g. older than Stripe accepts); not sent again until cleared
+    report_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class CreditCursor(Base):
+    """How far an end user's usage has been accounted against allowance and credits."""
+
+    __tablename__ = "credit_cursors"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    cycle_start: Mapped[datetime | None]  # the billing cycle cycle_used belongs to
+    cycle_used: Mapped[int] = mapped_column(BigInteger)  # credits used in that cycle
+
+
+class StripeEvent(Base):
+    """A Stripe webhook event, stored by its id before it is handled: a replay is found here
+    and not applied twice; an event whose handling failed is handled when Stripe retries."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]          # when Stripe created it (orders subscription states)
+    payload: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime]
+    handled_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(String(500))
+
+
+class StripeCustomer(Base):
+    """The Stripe customer of an end user."""
+
+    __tablename__ = "stripe_customers"
+
+    customer_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), unique=True)
+
+
+class Subscription(Base):
+    """An end user's subscription as Stripe last told it (newest event wins)."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # Stripe's sub_...
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), index=True)
+    plan_id: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int]
+    status: Mapped[str] = mapped_column(String(32))  # trialing | active | past_due | canceled ...
+    billing_anchor: Mapped[datetime]
+    current_period_start: Mapped[datetime | None]
+    current_period_end: Mapped[datetime | None]
+    cancel_at_period_end: Mapped[bool]
+    trial_end: Mapped[datetime | None]
+    last_event_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class RevenueEvent(Base):
+    """Money that moved for an end user: an invoice paid, a credit pack bought, a refund
+    (negative). Keyed by Stripe's object id, so a replayed event records nothing new."""
+
+    __tablename__ = "revenue_events"
+    __table_args__ = (UniqueConstraint("source_id", "kind"),
+                      Index("ix_revenue_events_app_occurred", "app_id", "occurred_at"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(100))  # in_..., cs_..., ch_...
+    kind: Mapped[str] = mapped_column(String(32))  # invoice_paid | credit_purchase | refund
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # minor units; refunds negative
+    currency: Mapped[str] = mapped_column(String(3))
+    period_start: Mapped[datetime | None]
+    period_end: Mapped[datetime | None]
+    occurred_at: Mapped[datetime]
+    plan_id: Mapped[str | None] = mapped_column(String(64))  # what an invoice paid for
+
+
+class AllowanceOffset(Base):
+    """Allowance credits used in a cycle before an upgrade that does not carry usage over:
+    the new plan's allowance starts from here, as if that usage had not happened."""
+
+    __tablename__ = "allowance_offsets"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    cycle_start: Mapped[datetime] = mapped_column(primary_key=True)
+    credits: Mapped[int] = mapped_column(BigInteger)

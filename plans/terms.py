@@ -1,0 +1,231 @@
+"""A plan's commercial terms: price, trial, model tiers, the billing allowance, overage or a
+hard stop, credit multipliers and rollover; and the content hash that makes a published plan
+version immutable.
+
+Money is integer minor units of the plan's currency (2000 = 20.00 USD), never a float."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.config import ConfigError
+
+INTERVALS = ("month", "year")
+MAX_MINOR = 10**12          # a price or cap above 10 billion in major units is a typo
+MAX_CREDITS = 10**15        # as the limits engine's token amounts
+MAX_MULTIPLIER = 10**6
+MAX_TRIAL_DAYS = 730
+TERM_KEYS = {"version", "price", "trial_days", "tiers", "allowance", "overage",
+             "credit_multipliers", "rollover_cap", "upgrade_carries_usage", "retired"}
+
+Fail = Callable[[str, Any, str], ConfigError]
+
+
+@dataclass(frozen=True)
+class Price:
+    amount: int        # minor units per interval
+    currency: str      # ISO 4217, lowercase as Stripe writes it
+    interval: str      # month | year
+
+
+@dataclass(frozen=True)
+class Overage:
+    """Usage past the allowance (and past any credits) billed per million credits, up to a
+    spend cap per billing cycle; past the cap, calls stop as on a plan without overage."""
+
+    price_per_1m: int  # minor units per 1,000,000 credits
+    spend_cap: int     # minor units per billing cycle
+
+    @property
+    def headroom_credits(self) -> int:
+        """Credits the spend cap buys."""
+        return self.spend_cap * 1_000_000 // self.price_per_1m if self.price_per_1m else 0
+
+
+@dataclass(frozen=True)
+class Terms:
+    version: int = 1
+    price: Price | None = None            # None: a free plan
+    trial_days: int = 0
+    tiers: tuple[str, ...] | None = None  # model tiers it may call; None: every tier
+    allowance: int | None = None          # credits per billing cycle (monthly from the anchor)
+    overage: Overage | None = None        # None: a hard stop at the allowance (and credits)
+    credit_multipliers: dict[str, int] = field(default_factory=dict)
+    rollover_cap: int = 0                 # unused allowance carried over as credits, at most
+    upgrade_carries_usage: bool = True    # on an upgrade, usage so far counts on the new plan
+    retired: bool = False                 # sold no more; its subscribers keep it
+
+    def credits_per_token(self, tier: str) -> int:
+        return self.credit_multipliers.get(tier, 1)
+
+    def allows_tier(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
+
+
+def parse_terms(table: dict[str, Any], fail: Fail, tiers_known: frozenset[str] | None) -> Terms:
+    version = table.get("version", 1)
+    if not _is_int(version) or not 1 <= version <= 10**6:
+        raise fail("version", version, "version must be a whole number from 1")
+    price = _price(table.get("price"), fail) if "price" in table else None
+    trial = table.get("trial_days", 0)
+    if not _is_int(trial) or not 0 <= trial <= MAX_TRIAL_DAYS:
+        raise fail("trial_days", trial, f"trial_days must be 0 to {MAX_TRIAL_DAYS}")
+    if trial and price is None:
+        raise fail("trial_days", trial, "a trial needs a price: a free plan has nothing to try")
+    tiers = _tiers(table.get("tiers"), fail, tiers_known) if "tiers" in table else None
+    allowance = table.get("allowance")
+    if allowance is not None and (not _is_int(allowance) or not 1 <= allowance <= MAX_CREDITS):
+        raise fail("allowance", allowance, f"allowance must be a whole number of credits from "
+                   f"1 to {MAX_CREDITS:,}")
+    overage = _overage(table.get("overage"), fail) if "overage" in table else None
+    if overage is not None and (price is None or allowance is None):
+        raise fail("overage", table.get("overage"), "overage needs a price and an allowance "
+                   "to go past")
+    multipliers = _multipliers(table.get("credit_multipliers", {}), fail, tiers_known)
+    rollover = table.get("rollover_cap", 0)
+    if not _is_int(rollover) or not 0 <= rollover <= MAX_CREDITS:
+        raise fail("rollover_cap", rollover, "rollover_cap must be a whole number of credits")
+    if rollover and allowance is None:
+        raise fail("rollover_cap", rollover, "rollover_cap needs an allowance to roll over")
+    flags: dict[str, bool] = {}
+    for key, default in (("upgrade_carries_usage", True), ("retired", False)):
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            raise fail(key, value, f"{key} must be true or false")
+        flags[key] = value
+    return Terms(version=version, price=price, trial_days=trial, tiers=tiers,
+                 allowance=allowance, overage=overage, credit_multipliers=multipliers,
+                 rollover_cap=rollover, **flags)
+
+
+@dataclass(frozen=True)
+class CreditPack:
+    """Credits sold once through Checkout ([[credit_packs]] in the config)."""
+
+    id: str
+    name: str
+    credits: int
+    price: Price  # interval unused: a one-time price
+
+    @property
+    def ref(self) -> str:
+        return f"pack:{self.id}"
+
+
+def parse_pack(table: dict[str, Any], index: int, where: Any) -> CreditPack:
+    pack_id = table.get("id")
+    start = where.table_start("credit_packs", index)
+
+    def fail(key: str, value: Any, message: str) -> ConfigError:
+        return ConfigError(where.at(key, value, f"credit pack {pack_id!r}: {message}",
+                                    max(start - 1, 0)))
+
+    if not isinstance(pack_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pack_id):
+        raise fail("id", pack_id, "id must be 1-64 letters, digits, '_', '-' or '.'")
+    unknown = sorted(set(table) - {"id", "name", "credits", "price"})
+    if unknown:
+        raise fail(unknown[0], table[unknown[0]], f"unknown settings {unknown}")
+    credits: Any = table.get("credits")
+    if not _is_int(credits) or not 1 <= credits <= MAX_CREDITS:
+        raise fail("credits", credits, "credits must be a whole number from 1")
+    if "price" not in table:
+        raise fail("id", pack_id, "a credit pack needs a price")
+    price = _price({"interval": "month", **table["price"]} if isinstance(table["price"], dict)
+                   else table["price"], fail)
+    if price.amount < 1:
+        raise fail("amount", price.amount, "a credit pack's price must be above 0")
+    name = table.get("name", pack_id)
+    if not isinstance(name, str):
+        raise fail("name", name, "name must be a string")
+    return CreditPack(pack_id, name, credits, price)
+
+
+def _price(value: Any, fail: Fail) -> Price:
+    shape = 'price = { amount = 2000, currency = "usd", interval = "month" } (minor units)'
+    if not isinstance(value, dict) or set(value) - {"amount", "currency", "interval"}:
+        raise fail("price", value, f"price must be a table like {shape}")
+    amount: Any = value.get("amount")
+    currency: Any = value.get("currency", "usd")
+    interval: Any = value.get("interval", "month")
+    if not _is_int(amount) or not 0 <= amount <= MAX_MINOR:
+        raise fail("amount", amount, f"price.amount must be whole minor units (cents), e.g. "
+                   f"2000 for 20.00; got {amount!r}")
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
+        raise fail("currency", currency, "price.currency must be an ISO 4217 code like \"usd\"")
+    if interval not in INTERVALS:
+        raise fail("interval", interval, f"price.interval must be one of {', '.join(INTERVALS)}")
+    return Price(amount, currency.lower(), interval)
+
+
+def _overage(value: Any, fail: Fail) -> Overage:
+    shape = "overage = { price_per_1m_tokens = 200, spend_cap = 5000 } (minor units)"
+    if not isinstance(value, dict) or set(value) - {"price_per_1m_tokens", "spend_cap"}:
+        raise fail("overage", value, f"overage must be a table like {shape}")
+    per_1m: Any = value.get("price_per_1m_tokens")
+    cap: Any = value.get("spend_cap")
+    if not _is_int(per_1m) or not 1 <= per_1m <= MAX_MINOR:
+        raise fail("price_per_1m_tokens", per_1m, "overage.price_per_1m_tokens must be whole "
+                   "minor units above 0")
+    if not _is_int(cap) or not 1 <= cap <= MAX_MINOR:
+        raise fail("spend_cap", cap, "overage.spend_cap must be whole minor units above 0: "
+                   "overage without a cap is not offered")
+    return Overage(per_1m, cap)
+
+
+def _tiers(value: Any, fail: Fail, known: frozenset[str] | None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise fail("tiers", value, "tiers must be a non-empty list of model tiers")
+    unknown = sorted(set(value) - known) if known is not None else []
+    if unknown:
+        raise fail("tiers", value, f"no model has tier {unknown[0]!r} (tiers in [[models]]: "
+                   f"{', '.join(sorted(known or ())) or 'none'})")
+    return tuple(dict.fromkeys(value))
+
+
+def _multipliers(value: Any, fail: Fail, known: frozenset[str] | None) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise fail("credit_multipliers", value, "credit_multipliers must be a table like "
+                   "{ standard = 1, frontier = 5 }")
+    out: dict[str, int] = {}
+    for tier, mult in value.items():
+        if known is not None and tier not in known:
+            raise fail("credit_multipliers", value, f"no model has tier {tier!r}")
+        if not _is_int(mult) or not 1 <= mult <= MAX_MULTIPLIER:
+            raise fail(tier, mult, f"credit_multipliers.{tier} must be a whole number of "
+                       "credits per token, from 1")
+        out[tier] = int(mult)
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- immutability ---------------------------------------------------------------------------
+
+# Currencies whose minor unit is the major one (Stripe's zero-decimal currencies).
+ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf",
+                          "ugx", "vnd", "vuv", "xaf", "xof", "xpf"})
+
+
+# ... and those whose minor unit is a thousandth.
+THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
+def minor_exponent(currency: str) -> int:
+    """Decimal places of a currency's minor unit: 2, or 0 (JPY...) or 3 (KWD...)."""
+    code = currency.lower()
+    return 0 if code in ZERO_DECIMAL else 3 if code in THREE_DECIMAL else 2
+
+
+def format_minor(amount: int, currency: str) -> str:
+    """2000, "usd" -> "20.00 USD"; 500, "jpy" -> "500 JPY". Exact: integer arithmetic."""
+    places = minor_exponent(currency)
+    if not places:
+        return f"{amount:,} {currency.upper()}"
+    sign = "-" if amount < 0 else ""
+    major, minor = divmod(abs(amount), 10**places)
+    return f"{sign}{major:,}.{minor:0{places}d} {currency.upper()}"
