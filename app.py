@@ -147,7 +147,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from metering.ledger import LedgerWriter
     from metering.limits import LimitsService
     from metering.service import MeteringService
-    from migrations import ensure_schema_current
+    from migrations.schema import ensure_schema_current
     from paywall.acknowledge import Acknowledger
     from paywall.cancel_flow import CancelFlow
     from paywall.evidence import EvidenceService
@@ -163,9 +163,11 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from plans.stripe_sync import stripe_client
     from plans.subscriptions import SubscriptionService
 
+    if config.embedded:
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     engine = make_engine(config.database_url)
-    if check_schema:
-        ensure_schema_current(engine)
+    if check_schema:  # the embedded default makes (or brings up to date) its own database
+        ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
     _check_cooperative_driver()
     redis_client = _redis(config)
     auth = AuthService(engine, cache_seconds=config.key_cache_seconds)
@@ -285,8 +287,6 @@ def create_app(config: Config | None = None) -> Flask:
     from plans.api import bp as plans_bp
 
     config = config or Config.from_env()
-    if config.should_auto_migrate:  # the embedded default: a first run makes its database
-        _migrate_embedded(config)
     app = Flask("meterlane", root_path=str(Path(__file__).parent))
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     if config.trusted_proxies:
@@ -329,7 +329,7 @@ def _load_config() -> Config:
 
 
 def _build_parts(config: Config) -> Parts:
-    from migrations import SchemaNotMigratedError
+    from migrations.schema import SchemaNotMigratedError
 
     try:
         return build_wiring(config).parts()
@@ -339,7 +339,7 @@ def _build_parts(config: Config) -> Parts:
 
 def _migrate_embedded(config: Config) -> None:
     from core.db import make_engine
-    from migrations import ensure_schema_current
+    from migrations.schema import ensure_schema_current
 
     if config.embedded:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
@@ -369,7 +369,9 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
     config = _load_config()
     # Check (or, on SQLite, apply) migrations in a child process: the gunicorn master must not
     # import the database driver, or psycopg picks its blocking wait before gevent patches.
-    check = subprocess.run([sys.executable, "-m", "app", "db", "ensure"],
+    # (-P: the folder serve runs in is not on the child's path, so an app.py or core/ of the
+    # user's own there is never imported in place of Meterlane's)
+    check = subprocess.run([sys.executable, "-P", "-m", "app", "db", "ensure"],
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise click.ClickException(check.stderr.strip().removeprefix("Error: "))

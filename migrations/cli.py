@@ -16,7 +16,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Migrate the database to the latest schema."""
-    from migrations import current_revision, upgrade
+    from migrations.schema import current_revision, upgrade
 
     engine = context().engine()
     before = current_revision(engine)
@@ -29,7 +29,7 @@ def db_upgrade(revision: str) -> None:
 @db.command("ensure", hidden=True)
 def db_ensure() -> None:
     """Fail unless the schema is current (migrating it first where auto-migrate is on)."""
-    from migrations import SchemaNotMigratedError, ensure_schema_current
+    from migrations.schema import SchemaNotMigratedError, ensure_schema_current
     from plans.catalog import Catalog
     from plans.versions import PlanChangedError, ensure_unchanged
 
@@ -47,7 +47,7 @@ def db_ensure() -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of the database and the one this code needs."""
-    from migrations import current_revision, head_revision
+    from migrations.schema import current_revision, head_revision
 
     engine = context().engine()
     click.echo(f"database: {current_revision(engine) or 'empty'}; code: {head_revision()}")

@@ -65,7 +65,7 @@ def redis_cluster(service_root: Path) -> Iterator[list[tuple[str, int]]]:
 @pytest.fixture(scope="session")
 def pg_url(pg_server: str) -> str:
     """This worker's own migrated database on the test server."""
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     url = create_database(pg_server, f"mlane_test_{_worker()}")
     engine = make_engine(url)

@@ -72,7 +72,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_meterlane_serve_runs_from_an_empty_folder(venv: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("folder", ["empty", "a project of the user's own"])
+def test_meterlane_serve_runs_from_any_folder(venv: Path, tmp_path: Path, folder: str) -> None:
+    if folder != "empty":  # names the installed code also uses must not shadow it
+        (tmp_path / "app.py").write_text("raise SystemExit('the user app.py was imported')\n")
+        for package in ("core", "migrations", "gateway"):
+            (tmp_path / package).mkdir()
+            (tmp_path / package / "__init__.py").write_text("raise SystemExit(3)\n")
     port = _free_port()
     proc = subprocess.Popen([str(venv / "bin" / "meterlane"), "serve", "--port", str(port),
                              "--workers", "1"], cwd=tmp_path, env=_clean_env(),

@@ -116,7 +116,7 @@ def fin_any(request: pytest.FixtureRequest, upstream: FakeUpstream,
     """The finance world on Postgres, and on the embedded SQLite default."""
     from app import create_app
     from core.db import make_engine
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     if request.param == "postgres":
         request.getfixturevalue("clean_db")

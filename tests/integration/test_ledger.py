@@ -100,7 +100,7 @@ def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
                                                 tmp_path: Path) -> None:
     from app import create_app
     from core.auth import Role
-    from migrations import upgrade
+    from migrations.schema import upgrade
     from tests.conftest import config_from_toml, gateway_toml
     from tests.support.services import create_database, libpq_url
 
@@ -127,7 +127,7 @@ def test_sqlite_rows_read_back_as_utc_and_fall_in_usage_ranges(tmp_path: Path) -
     from datetime import timedelta
 
     from metering.store import UsageQuery, UsageStore
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
     upgrade(engine)

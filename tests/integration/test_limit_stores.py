@@ -74,7 +74,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         engine: Engine = request.getfixturevalue("clean_db")
         yield SqlLimitStore(engine)
         return
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'limits.db'}")
     upgrade(engine)
@@ -280,7 +280,7 @@ def test_the_service_counts_on_a_cluster_when_told(redis_cluster: list[tuple[str
 
     from app import build_wiring
     from core.config import Config
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     host, port = redis_cluster[0]
     db = f"sqlite:///{tmp_path / 'c.db'}"

@@ -30,7 +30,7 @@ def test_postgres_schema_matches_the_models(clean_db: Engine) -> None:
 
 
 def test_sqlite_schema_matches_the_models(tmp_path: Path) -> None:
-    from migrations import upgrade
+    from migrations.schema import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     upgrade(engine)
@@ -83,7 +83,7 @@ def _old_cli(code: Path, url: str, *args: str) -> str:
 def test_a_database_made_by_the_old_layout_upgrades_with_this_code(
         backend: str, tmp_path: Path, pg_server: str) -> None:
     from core.auth import AuthService
-    from migrations import current_revision, head_revision, upgrade
+    from migrations.schema import current_revision, head_revision, upgrade
     from tests.support.services import create_database
 
     code = _old_code(tmp_path)

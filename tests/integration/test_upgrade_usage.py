@@ -55,7 +55,7 @@ def app(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str, upstream:
     url = pg_url
     if request.param == "sqlite":
         from core.db import make_engine
-        from migrations import upgrade
+        from migrations.schema import upgrade
 
         url = f"sqlite:///{tmp_path / 'm.db'}"
         engine = make_engine(url)

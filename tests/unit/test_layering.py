@@ -64,7 +64,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
+            targets = [_resolve(alias.name, modules) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -72,14 +72,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             else:
                 source = node.module or ""
             # `from pkg import mod` imports the module pkg.mod; `from mod import name`, mod
-            targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
+            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules
+                       else _resolve(source, modules) for alias in node.names]
         else:
             continue
-        for target in targets:
-            resolved = _resolve(target, modules)
-            if resolved is not None and resolved != module:
-                out.add(resolved)
-                break
+        out.update(t for t in targets if t is not None and t != module)
     return out
 
 
@@ -218,7 +215,7 @@ def test_the_checker_finds_imports_up_the_layers_and_reads_of_other_packages_mod
         "plans/api.py": "def f():\n    from metering.service import x\n",
         "plans/service.py": "from core.models import App\n",
         "paywall/__init__.py": "",
-        "paywall/evidence.py": "from metering import models\nfrom metering.service import y\n",
+        "paywall/evidence.py": "from metering import service, models\n",
     })
     graph = import_graph(tmp_path, ["core", "metering", "plans", "paywall"])
     assert upward_imports(graph) == ["plans.api -> metering.service"]
