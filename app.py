@@ -96,6 +96,10 @@ class Wiring:
         ready.add("database", functools.partial(_database_ready, self.engine))
         if self.redis is not None:
             ready.add("redis", functools.partial(_redis_ready, self.redis))
+        ledger = self.ledger
+        ready.add("ledger_writer", lambda: None if ledger.writer_alive() else "stopped")
+        ready.add_gauge("ledger_quarantined", "Usage records the database refused, kept in "
+                        "quarantine for an operator", ledger.quarantine.count)
         return Parts([*(getattr(self, f.name) for f in fields(self) if f.name != "redis"),
                       ready])
 
@@ -296,7 +300,11 @@ def create_app(config: Config | None = None) -> Flask:
                                 x_for=config.trusted_proxies, x_proto=1)
     app.extensions["wiring"] = wiring = build_wiring(config)
     app.extensions["parts"] = wiring.parts()
-    spooled = wiring.ledger.replay()
+    try:  # never stops the start: what the database refuses goes to the quarantine
+        spooled = wiring.ledger.replay()
+    except Exception:
+        log.exception("replaying the usage spool failed; it is tried again at the next start")
+        spooled = 0
     if spooled:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,

@@ -17,6 +17,9 @@ bp = Blueprint("ops", __name__)
 class StatusSchema(Schema):
     status = fields.String()
     checks = fields.Dict(keys=fields.String(), values=fields.String())
+    gauges = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
+                         metadata={"description": "e.g. ledger_quarantined: usage records "
+                                   "the database refused, kept for an operator"})
 
 
 @bp.get("/healthz")
@@ -26,20 +29,24 @@ def healthz() -> Response:
 
 
 @bp.get("/readyz")
-@documented(summary="The database (and Redis, when configured) are reachable",
+@documented(summary="The database (and Redis, when configured) answer and the ledger "
+            "writer runs; with gauges such as the ledger's quarantine",
             response=StatusSchema, tag="ops")
 def readyz() -> Response:
-    checks = part(Readiness).run()
+    readiness = part(Readiness)
+    checks, gauges = readiness.run(), readiness.gauge_values()
     if any(v != "ok" for v in checks.values()):
         raise ServiceUnavailableError("Not ready: " + ", ".join(
-            f"{k} {v}" for k, v in checks.items()), checks=checks)
-    return json_response(StatusSchema().dump({"status": "ok", "checks": checks}))
+            f"{k} {v}" for k, v in checks.items()), checks=checks, gauges=gauges)
+    return json_response(StatusSchema().dump({"status": "ok", "checks": checks,
+                                              "gauges": gauges}))
 
 
 @bp.get("/metrics")
 @documented(summary="Prometheus metrics", tag="ops", content_type="text/plain")
 def metrics() -> Response:
-    return Response(part(Metrics).render(), mimetype="text/plain; version=0.0.4")
+    body = part(Metrics).render() + part(Readiness).prometheus()
+    return Response(body, mimetype="text/plain; version=0.0.4")
 
 
 @bp.get("/openapi.json")

@@ -34,13 +34,37 @@ class Parts:
 
 
 class Readiness:
-    """Named checks /readyz runs: each returns None when fine, else what is wrong."""
+    """Named checks /readyz runs (each returns None when fine, else what is wrong), and gauges
+    read when asked (/readyz shows them, /metrics exports them; they never fail readiness)."""
 
     def __init__(self) -> None:
         self.checks: dict[str, Callable[[], str | None]] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], int]]] = {}
 
     def add(self, name: str, check: Callable[[], str | None]) -> None:
         self.checks[name] = check
+
+    def add_gauge(self, name: str, help_text: str, read: Callable[[], int]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def gauge_values(self) -> dict[str, int | None]:
+        """Each gauge's value (None when it could not be read)."""
+        values: dict[str, int | None] = {}
+        for name, (_help, read) in self.gauges.items():
+            try:
+                values[name] = int(read())
+            except Exception:  # noqa: BLE001 - a gauge that cannot be read is left out
+                values[name] = None
+        return values
+
+    def prometheus(self) -> bytes:
+        """The gauges in Prometheus' text format."""
+        lines = []
+        for name, value in self.gauge_values().items():
+            if value is not None:
+                lines += [f"# HELP meterlane_{name} {self.gauges[name][0]}",
+                          f"# TYPE meterlane_{name} gauge", f"meterlane_{name} {value}"]
+        return ("\n".join(lines) + "\n").encode() if lines else b""
 
     def run(self) -> dict[str, str]:
         results: dict[str, str] = {}

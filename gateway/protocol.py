@@ -2,35 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from metering.pricing import TokenUsage
 
+MAX_TOKENS_PER_CALL = 10**9  # DESIGN.md §9
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+@dataclass(frozen=True)
+class UsageReading:
+    """What an upstream's `usage` says: the counts when they can be trusted; else why not
+    (the gateway then counts with the tokenizer and the ledger row says why). `total` is a
+    total_tokens reported without its split (the gateway splits it by counting)."""
+
+    usage: TokenUsage | None = None
+    problem: str | None = None
+    total: int | None = None
+
+
+def _count(usage: dict[str, Any], names: tuple[str, ...]) -> tuple[int | None, str | None]:
+    """A token count under one of `names`: (value, None), (None, None) when absent, or
+    (None, why) when it is not a whole number from 0 to 10^9."""
+    for name in names:
+        if name not in usage or usage[name] is None:
+            continue
+        value = usage[name]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 12.0 is twelve
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not 0 <= value <= MAX_TOKENS_PER_CALL:
+            shown = repr(value)
+            return None, f"{name} {shown[:40]} is not a whole number from 0 to 10^9"
+        return value, None
+    return None, None
+
+
+def read_usage(doc: Any) -> UsageReading:
+    """The `usage` object of an OpenAI response or stream chunk, checked: every count a whole
+    number from 0 to 10^9 (an integral float such as 12.0 is taken as the integer)."""
+    if not isinstance(doc, dict) or "usage" not in doc or doc["usage"] is None:
+        return UsageReading()
+    usage = doc["usage"]
+    if not isinstance(usage, dict):
+        return UsageReading(problem="usage is not an object")
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    counts: dict[str, int | None] = {}
+    for key, source, names in (
+            ("input", usage, ("prompt_tokens", "input_tokens")),
+            ("output", usage, ("completion_tokens", "output_tokens")),
+            ("total", usage, ("total_tokens",)),
+            ("cached", prompt_details, ("cached_tokens",)),
+            ("reasoning", completion_details, ("reasoning_tokens",))):
+        if source is not None and not isinstance(source, dict):
+            return UsageReading(problem=f"usage details for {key} tokens are not an object")
+        value, problem = _count(source or {}, names)
+        if problem is not None:
+            return UsageReading(problem=problem)
+        counts[key] = value
+    inp, out, total = counts["input"], counts["output"], counts["total"]
+    if inp is None and out is None:
+        # nothing, or a total alone: what was sent and generated is counted (and split)
+        return UsageReading(total=total) if total else UsageReading()
+    inp, out = inp or 0, out or 0
+    if inp == 0 and out == 0 and not total:
+        return UsageReading()  # an empty usage: counted, as if absent
+    return UsageReading(TokenUsage(
+        input_tokens=inp, output_tokens=out,
+        cached_input_tokens=min(counts["cached"] or 0, inp),
+        reasoning_tokens=min(counts["reasoning"] or 0, out)))
 
 
 def usage_from(doc: Any) -> TokenUsage | None:
-    """TokenUsage from an OpenAI `usage` object, or None when absent or empty."""
-    if not isinstance(doc, dict):
-        return None
-    usage = doc.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt_details = usage.get("prompt_tokens_details")
-    completion_details = usage.get("completion_tokens_details")
-    result = TokenUsage(
-        input_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
-        cached_input_tokens=_int(prompt_details.get("cached_tokens"))
-        if isinstance(prompt_details, dict) else 0,
-        output_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
-        if isinstance(completion_details, dict) else 0,
-    )
-    if result.input_tokens == 0 and result.output_tokens == 0 and not usage.get("total_tokens"):
-        return None
-    return result
+    """TokenUsage from an OpenAI `usage` object, or None when absent, empty or not to be
+    trusted."""
+    return read_usage(doc).usage
 
 
 def texts_of_choices(doc: Any) -> list[str]:
@@ -67,3 +115,52 @@ def _message_texts(message: dict[str, Any], out: list[str]) -> None:
                 for key in ("name", "arguments"):
                     if isinstance(fn.get(key), str):
                         out.append(fn[key])
+
+
+def joined_texts(docs: Iterable[Any]) -> list[str]:
+    """The generated text of a stream's chunks, joined per choice and per part (content,
+    refusal, reasoning, each tool call's name and arguments) before it is counted: a text cut
+    into many small chunks counts as the whole text does, not as its pieces."""
+    parts: dict[tuple[Any, ...], list[str]] = {}
+    for doc in docs:
+        choices = doc.get("choices") if isinstance(doc, dict) else None
+        if not isinstance(choices, list):
+            continue
+        for position, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            index = index if isinstance(index, int) else position
+            if isinstance(choice.get("text"), str):
+                parts.setdefault((index, "text"), []).append(choice["text"])
+            for holder in ("message", "delta"):
+                part = choice.get(holder)
+                if isinstance(part, dict):
+                    _message_parts(index, part, parts)
+    return [_whole("".join(pieces)) for pieces in parts.values()]
+
+
+def _whole(text: str) -> str:
+    """Surrogate halves sent in separate chunks, joined into their character."""
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _message_parts(index: int, message: dict[str, Any],
+                   parts: dict[tuple[Any, ...], list[str]]) -> None:
+    for key in ("content", "refusal", "reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str):
+            parts.setdefault((index, key), []).append(value)
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for position, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict):
+                continue
+            at = call.get("index")
+            at = at if isinstance(at, int) else position
+            for key in ("name", "arguments"):
+                if isinstance(fn.get(key), str):
+                    parts.setdefault((index, "tool", at, key), []).append(fn[key])

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import urllib3
@@ -28,10 +28,10 @@ from core.errors import (
 from core.metrics import Metrics
 from core.tenancy import TenancyService
 from gateway import anthropic
-from gateway.protocol import texts_of_choices, usage_from
+from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
-from gateway.upstream import UpstreamClient, error_from_response
+from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
 from metering.leases import Lease
 from metering.ledger import CallRecord
 from metering.limits import LimitsService
@@ -140,17 +140,22 @@ class GatewayService:
         else:  # every candidate was skipped or failed before answering
             raise self._no_candidate(outcome, route, started)
         outcome.accepted = True
+        if stream and not _is_event_stream(resp):
+            # an answer, but not a stream: read (a little of) it, and fail before the first byte
+            self._malformed(outcome, started, upstream, resp, resp.read(4096), limit_headers)
         if stream:
             return GatewayResponse(200, self._relay(outcome, started, upstream, resp, wire),
                                    {"Content-Type": "text/event-stream; charset=utf-8",
                                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                     **limit_headers},
                                    streaming=True)
-        self.router.leave(upstream.name)  # the body is read: the call holds the upstream no more
-        self.router.succeeded(upstream.name)
         data = resp.data
         doc = _loads(data)
-        outcome.reported = usage_from(doc)
+        if not _is_answer(outcome.endpoint, doc):
+            self._malformed(outcome, started, upstream, resp, data, limit_headers)
+        self.router.leave(upstream.name)  # the body is read: the call holds the upstream no more
+        self.router.succeeded(upstream.name)
+        _take_usage(outcome, read_usage(doc))
         outcome.output_texts = lambda: texts_of_choices(doc)
         after = self._finish(outcome, started)
         assert outcome.record is not None
@@ -184,7 +189,8 @@ class GatewayService:
             err = None
             if status >= 300:
                 try:
-                    err = error_from_response(upstream.name, status, resp.data, resp.headers)
+                    err = error_from_response(upstream.name, status, resp.data, resp.headers,
+                                              outcome.request_id)
                 except urllib3.exceptions.HTTPError as exc:  # the error body did not arrive
                     err = upstream.translate(exc)
                 resp.release_conn()
@@ -215,6 +221,21 @@ class GatewayService:
             err.headers.update(limit_headers)
             raise err
         return resp, limit_headers
+
+    def _malformed(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
+                   resp: urllib3.BaseHTTPResponse, body: bytes,
+                   limit_headers: dict[str, str]) -> NoReturn:
+        """A 2xx that is not the answer asked for: a 502, recorded as an upstream error with
+        the tokens the upstream was sent (counted; nothing came back to count)."""
+        resp.close()
+        self.router.leave(upstream.name)
+        self.router.failed(upstream.name)
+        err = malformed_answer(upstream.name, resp.status, outcome.request_id, body)
+        outcome.usage_problem = "the answer was not a model answer"
+        self._finish(outcome, started, status="upstream_error", http_status=err.status,
+                     error=err.detail)()
+        err.headers.update(limit_headers)
+        raise err
 
     @staticmethod
     def _note_failure(outcome: CallOutcome, route: Route | None, model: ModelConfig,
@@ -340,7 +361,8 @@ class GatewayService:
                 self.router.failed(upstream.name)
             elif status == "ok":
                 self.router.succeeded(upstream.name)
-            outcome.reported, outcome.output_texts = relay.usage, relay.texts
+            _take_usage(outcome, relay.reading)
+            outcome.output_texts = relay.texts
             settled = True
             after = self._finish(outcome, started, status=status, error=error)
 
@@ -356,6 +378,8 @@ class GatewayService:
                 tail = relay.flush()
                 if tail:
                     yield wire.part(tail)
+                if relay.upstream_error is not None:
+                    raise _MidStreamError
                 if relay.done:
                     settle("ok")
                     assert outcome.record is not None
@@ -364,9 +388,19 @@ class GatewayService:
                     error = f"upstream '{upstream.name}' closed the stream before [DONE]"
                     settle("stream_error", error)
                     last = wire.error(502, error, "upstream_error", "upstream_stream_error")
-            except DomainError as exc:
-                settle("stream_error", exc.detail)
-                last = wire.error(exc.status, exc.detail, exc.openai_type, exc.openai_code or "")
+            except (DomainError, _MidStreamError) as exc:
+                if relay.upstream_error is not None:  # its words are the operator's
+                    log.warning("request %s: upstream %s sent an error mid-stream: %s",
+                                outcome.request_id, upstream.name, relay.upstream_error)
+                    error = (f"Upstream '{upstream.name}' failed mid-stream (request "
+                             f"{outcome.request_id}).")
+                    settle("stream_error", error)
+                    last = wire.error(502, error, "upstream_error", "upstream_stream_error")
+                else:
+                    assert isinstance(exc, DomainError)
+                    settle("stream_error", exc.detail)
+                    last = wire.error(exc.status, exc.detail, exc.openai_type,
+                                      exc.openai_code or "")
             # Sent after the ledger write: a client that has seen the end can read its usage.
             yield last
         finally:
@@ -479,6 +513,15 @@ def _nothing() -> None:
     return None
 
 
+def _take_usage(outcome: CallOutcome, reading: UsageReading) -> None:
+    outcome.reported = reading.usage
+    outcome.usage_problem, outcome.reported_total = reading.problem, reading.total
+
+
+class _MidStreamError(Exception):
+    """The upstream sent an error event in the middle of a stream."""
+
+
 class _FallbackError(Exception):
     """This candidate could not take a routed call; the next one is tried."""
 
@@ -570,6 +613,19 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     return body
+
+
+def _is_answer(endpoint: str, doc: Any) -> bool:
+    """Whether a 2xx body is what the endpoint answers: a completion's choices, or
+    embeddings' data."""
+    if not isinstance(doc, dict):
+        return False
+    return isinstance(doc.get("data" if endpoint == ENDPOINT_EMBEDDINGS else "choices"), list)
+
+
+def _is_event_stream(resp: urllib3.BaseHTTPResponse) -> bool:
+    kind = resp.headers.get("Content-Type") if resp.headers is not None else None
+    return kind is None or "event-stream" in kind.lower()
 
 
 def _loads(data: bytes) -> Any:

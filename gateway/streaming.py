@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 
-from gateway.protocol import texts_of_choices, usage_from
+from gateway.protocol import UsageReading, joined_texts, read_usage
 from metering.pricing import TokenUsage
 
 _DONE = b"[DONE]"
@@ -25,7 +26,10 @@ class StreamRelay:
 
     def __init__(self, *, client_wants_usage: bool) -> None:
         self.client_wants_usage = client_wants_usage
-        self.usage: TokenUsage | None = None
+        # What an upstream said in an error event: held back (its words are the operator's);
+        # the gateway ends the stream with an error event of its own.
+        self.upstream_error: str | None = None
+        self.reading = UsageReading()
         self.done = False
         self.events = 0
         self._buffer = b""
@@ -38,15 +42,23 @@ class StreamRelay:
             return b""
         buffer = self._buffer.replace(b"\r\n", b"\n")
         *events, self._buffer = buffer.split(b"\n\n")
-        out = [ev + b"\n\n" for ev in events if self._keep(ev)]
-        return b"".join(out)
+        return b"".join(self._forward(ev) for ev in events)
 
     def flush(self) -> bytes:
         """Whatever remains after the upstream closed (a final event without its blank line)."""
         rest, self._buffer = self._buffer, b""
-        if rest.strip() and self._keep(rest):
-            return rest + b"\n\n"
-        return b""
+        return self._forward(rest) if rest.strip() else b""
+
+    def _forward(self, event: bytes) -> bytes:
+        """What the client gets for one upstream event."""
+        if b'"error"' in event:
+            doc = _loads(_data_of(event) or b"")
+            if isinstance(doc, dict) and "error" in doc and not doc.get("choices"):
+                error = doc["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                self.upstream_error = str(message)[:500]
+                return b""
+        return event + b"\n\n" if self._keep(event) else b""
 
     def _keep(self, event: bytes) -> bool:
         payload = _data_of(event)
@@ -58,21 +70,23 @@ class StreamRelay:
         self.events += 1
         if b'"usage"' in payload:
             doc = _loads(payload)
-            usage = usage_from(doc)
-            if usage is not None:
-                self.usage = usage
+            reading = read_usage(doc)
+            if reading != UsageReading():  # `"usage": null` on every chunk says nothing
+                self.reading = reading
                 choices = doc.get("choices") if isinstance(doc, dict) else None
                 if not choices:
                     return self.client_wants_usage
         self._payloads.append(payload)
         return True
 
+    @property
+    def usage(self) -> TokenUsage | None:
+        return self.reading.usage
+
     def texts(self) -> list[str]:
-        """The generated text of every event seen (parsed lazily: only needed for counting)."""
-        out: list[str] = []
-        for payload in self._payloads:
-            out.extend(texts_of_choices(_loads(payload)))
-        return out
+        """The generated text of the stream, joined per choice (parsed lazily: only needed
+        for counting)."""
+        return joined_texts(_loads(payload) for payload in self._payloads)
 
 
 def _data_of(event: bytes) -> bytes | None:
@@ -86,7 +100,12 @@ def _loads(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None
+        # An emoji cut between two chunks arrives as two lone surrogate escapes, which orjson
+        # refuses: Python's parser keeps them, and the joined text puts them back together.
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return None
 
 
 def sse_error(message: str, *, type_: str, code: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,8 @@ from core.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamClient:
@@ -54,8 +57,10 @@ class UpstreamClient:
             raise self.translate(exc) from exc
 
     def translate(self, exc: Exception) -> UpstreamError:
-        """A transport failure as a domain error that names the upstream."""
-        where = f"upstream '{self.name}' ({self.config.base_url})"
+        """A transport failure as a domain error that names the upstream (not its address:
+        that is the operator's, and goes to the log)."""
+        where = f"upstream '{self.name}'"
+        log.warning("upstream %s (%s): %s", self.name, self.config.base_url, exc)
         # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
         # retries=False: urllib3 raises the transport error itself, never MaxRetryError.
         if isinstance(exc, NewConnectionError):
@@ -86,11 +91,17 @@ def _reason(exc: BaseException) -> str:
     return "could not open a connection"
 
 
-def error_from_response(upstream: str, status: int, body: bytes,
-                        headers: Any) -> DomainError:
-    """An upstream's error answer, mapped to the status that fits the gateway's client."""
-    message = _upstream_message(body) or f"HTTP {status}"
-    text = f"Upstream '{upstream}' returned {status}: {message}"
+def error_from_response(upstream: str, status: int, body: bytes, headers: Any,
+                        request_id: str = "") -> DomainError:
+    """An upstream's error answer, mapped to the status that fits the gateway's client. The
+    client reads a fixed message (the upstream, its status, the request id); what the upstream
+    said goes to the operator's log only: it may hold a key, an address, another tenant's
+    text."""
+    log.warning("request %s: upstream %s answered HTTP %d: %s", request_id, upstream, status,
+                _upstream_message(body) or "(no message)")
+    text = (f"Upstream '{upstream}' returned HTTP {status}"
+            + (f" (request {request_id})" if request_id else "")
+            + f": {_CLIENT_TEXT.get(status, 'the model server failed')}.")
     if status == 429:
         retry = headers.get("Retry-After") if headers is not None else None
         return RateLimitedError(text, headers={"Retry-After": retry} if retry else None)
@@ -104,6 +115,23 @@ def error_from_response(upstream: str, status: int, body: bytes,
         return UpstreamTimeoutError(text)
     # 401/403 mean the gateway's own upstream credentials are wrong: not the client's fault.
     return UpstreamError(text)
+
+
+_CLIENT_TEXT = {
+    400: "it refused the request as invalid", 404: "it does not know the model or route",
+    409: "it refused the request as conflicting", 413: "the request is too large for it",
+    422: "it could not process the request", 429: "it is rate limiting; retry later",
+    401: "the gateway's credentials for it were refused", 408: "it timed out",
+    403: "the gateway's credentials for it were refused", 504: "it timed out",
+}
+
+
+def malformed_answer(upstream: str, status: int, request_id: str, body: bytes) -> UpstreamError:
+    """A 2xx whose body is not the answer asked for (not JSON, or not a completion)."""
+    log.warning("request %s: upstream %s answered HTTP %d with a body that is not an answer: "
+                "%r", request_id, upstream, status, body[:300])
+    return UpstreamError(f"Upstream '{upstream}' returned HTTP {status} with a body that is "
+                         f"not a model answer (request {request_id}).")
 
 
 def _upstream_message(body: bytes) -> str | None:

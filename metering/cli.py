@@ -21,6 +21,56 @@ def ledger_replay() -> None:
     click.echo(f"replayed {written} usage records")
 
 
+@ledger.group("quarantine")
+def quarantine() -> None:
+    """Usage records the database refused (or that broke the ledger's rules), kept with the
+    reason: never retried on their own."""
+
+
+@quarantine.command("list")
+@click.option("--all", "everything", is_flag=True, help="Include records already resolved.")
+def quarantine_list(everything: bool) -> None:
+    """One line per record: id, when, where from, request id, reason."""
+    from metering.ledger import LedgerWriter
+
+    found = 0
+    for entry in context().part(LedgerWriter).quarantine.all_entries(everything):
+        found += 1
+        state = f"  [{entry.resolution}]" if entry.resolution else ""
+        click.echo(f"{entry.id:>8}  {entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.source:<7} "
+                   f"{entry.request_id or '-':<40}  {entry.reason}{state}")
+    click.echo(f"{found} records in quarantine" if found else "the quarantine is empty",
+               err=True)
+
+
+@quarantine.command("export")
+@click.option("--all", "everything", is_flag=True, help="Include records already resolved.")
+def quarantine_export(everything: bool) -> None:
+    """Every record as a JSON line (id, reason, the record itself) on standard output."""
+    import orjson
+
+    from metering.ledger import LedgerWriter
+
+    for entry in context().part(LedgerWriter).quarantine.all_entries(everything):
+        click.echo(orjson.dumps(entry.as_dict()).decode())
+
+
+@quarantine.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+def quarantine_retry(ids: tuple[int, ...]) -> None:
+    """Write the records (all, or those named) into the ledger again, after fixing what
+    refused them; a record refused again stays, with the new reason."""
+    from metering.ledger import LedgerWriter
+
+    writer = context().part(LedgerWriter)
+    done = writer.quarantine.retry(writer.write_or_refuse, list(ids) or None)
+    click.echo(f"written {done['written']}, already in the ledger {done['duplicate']}, "
+               f"refused again {done['refused']}")
+    if done["refused"]:
+        raise click.ClickException("some records were refused again: see "
+                                   "`meterlane ledger quarantine list`")
+
+
 @click.group()
 def limits() -> None:
     """Limit counters (the ledger is the truth; counters can be rebuilt from it)."""

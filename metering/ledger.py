@@ -12,17 +12,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from core.text import control_free, redacted, storable
 from metering.models import UsageEvent
+from metering.quarantine import Quarantine, describe, note
 
 log = logging.getLogger(__name__)
 _TABLE = UsageEvent.__table__
+INT64 = 2**63 - 1
+INT32 = 2**31 - 1
+MAX_TOKENS_PER_CALL = 10**9  # DESIGN.md §9: tokens per call 0..10^9
+# identifiers: refused (the record is quarantined) when they do not fit, never changed
+_IDENTIFIERS = {"request_id": 40, "idempotency_key": 300, "endpoint": 32,
+                "requested_model": 200, "upstream": 100, "upstream_model": 200,
+                "usage_source": 16, "status": 32, "route_alias": 100, "plan_id": 64}
+_REQUIRED = ("request_id", "idempotency_key", "endpoint", "requested_model", "usage_source",
+             "status")
+# free text (an upstream's words among them): made storable and kept
+_FREE_TEXT = {"error": 500, "route_reason": 500, "usage_note": 200}
+_TOKENS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+           "cache_write_tokens")
+_OUTAGES = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -57,12 +80,64 @@ class CallRecord:
     baseline_cost_pico_usd: int | None = None
     cache_write_tokens: int = 0
     plan_id: str | None = None
+    usage_note: str | None = None
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed
-        if values["error"] is not None:
-            values["error"] = values["error"][:500]
-        return values
+        return cleaned(values)
+
+
+def cleaned(row: dict[str, Any]) -> dict[str, Any]:
+    """Free text made storable: control characters out, cut to its column; an error text
+    without anything that looks like a key or an address (it may be an upstream's words)."""
+    for name, cap in _FREE_TEXT.items():
+        value = row.get(name)
+        if isinstance(value, str):
+            row[name] = storable(redacted(value) if name == "error" else value, cap)
+    return row
+
+
+def problem_of(row: dict[str, Any]) -> str | None:
+    """Why the ledger cannot store this record as it is (None: it can). Checked before every
+    write, so a record no database would take never reaches one."""
+    for name in ("app_id", "end_user_id"):
+        value = row.get(name)
+        if not _is_int(value) or not 1 <= value <= INT64:
+            return f"{name} is not a row id: {describe(value)}"
+    for name, cap in _IDENTIFIERS.items():
+        value = row.get(name)
+        if value is None and name not in _REQUIRED:
+            continue
+        if not isinstance(value, str) or not value or len(value) > cap \
+                or not control_free(value, multiline=False):
+            return f"{name} is not 1 to {cap} printable characters: {describe(value)}"
+    for name in _FREE_TEXT:
+        if row.get(name) is not None and not isinstance(row[name], str):
+            return f"{name} is not text: {describe(row[name])}"
+    for name in _TOKENS:
+        value = row.get(name, 0)
+        if not _is_int(value) or not 0 <= value <= MAX_TOKENS_PER_CALL:
+            return f"{name} is not a token count from 0 to 10^9: {describe(value)}"
+    for name in ("cost_pico_usd", "baseline_cost_pico_usd"):
+        value = row.get(name)
+        if value is not None and (not _is_int(value) or not 0 <= value <= INT64):
+            return f"{name} is outside 64-bit pico-USD: {describe(value)}"
+    for name in ("http_status", "latency_ms", "ttft_ms"):
+        value = row.get(name)
+        if (value is not None or name != "ttft_ms") and (
+                not _is_int(value) or not 0 <= value <= INT32):
+            return f"{name} is not a 32-bit count: {describe(value)}"
+    for name in ("stream", "priced", "limits_pending"):
+        if not isinstance(row.get(name, False), bool):
+            return f"{name} is not true or false: {describe(row.get(name))}"
+    at = row.get("created_at")
+    if not isinstance(at, datetime) or at.tzinfo is None or not 1970 <= at.year <= 9998:
+        return f"created_at is not a time from 1970 to 9998 with a zone: {describe(at)}"
+    return None
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Unwatched:
@@ -87,7 +162,8 @@ class _Pending:
     def __init__(self, row: dict[str, Any], dedupe: bool = False, watched: bool = True) -> None:
         self.row = row
         self.done: threading.Event | _Unwatched = threading.Event() if watched else _UNWATCHED
-        self.result: str | None = None  # written | duplicate | spooled | lost, once settled
+        # written | duplicate | spooled | quarantined | lost, once settled
+        self.result: str | None = None
         self.dedupe = dedupe
 
 
@@ -111,6 +187,8 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._writer_pid: int | None = None
+        self._thread: threading.Thread | None = None
+        self.quarantine = Quarantine(engine, spool_dir)
 
     def record(self, rec: CallRecord, *, dedupe: bool = False) -> str:
         """Append one record; returns "written", "duplicate" or "spooled". With `dedupe`, a
@@ -140,14 +218,26 @@ class LedgerWriter:
         return [p.result or "lost" for p in pendings]
 
     def _ensure_writer(self) -> None:
-        if self._writer_pid == os.getpid():
+        thread = self._thread
+        if self._writer_pid == os.getpid() and thread is not None and thread.is_alive():
             return
         with self._lock:
+            thread = self._thread
             if self._writer_pid != os.getpid():  # first use, or first use after a fork
                 self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(self._queue,), daemon=True,
-                                 name="ledger-writer").start()
-                self._writer_pid = os.getpid()
+            elif thread is not None and thread.is_alive():
+                return
+            elif thread is not None:  # it must not die; if it did anyway, another takes over
+                note(logging.CRITICAL, "the ledger writer had stopped; starting it again")
+            self._thread = threading.Thread(target=self._run, args=(self._queue,), daemon=True,
+                                            name="ledger-writer")
+            self._thread.start()
+            self._writer_pid = os.getpid()
+
+    def writer_alive(self) -> bool:
+        """False when this process's writer was started and has stopped (/readyz says so)."""
+        thread = self._thread
+        return thread is None or self._writer_pid != os.getpid() or thread.is_alive()
 
     def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
         while True:
@@ -159,23 +249,33 @@ class LedgerWriter:
                     break
             try:
                 self._write_batch(batch)
-            except Exception:  # never let the writer die: a dead writer blocks every call
-                log.exception("ledger writer failed on a batch of %d; spooling it", len(batch))
-                for pending in batch:
-                    if pending.result is not None:
-                        continue  # settled before the failure: written, duplicate or spooled
-                    try:
-                        self._settle_one(pending)
-                    except Exception:
-                        # Neither the database nor the disk took it: leave it in the log.
-                        log.critical("usage record LOST (no database, no spool): %s",
-                                     orjson.dumps(pending.row).decode())
-                        pending.result = "lost"
+            except Exception as exc:  # never let the writer die: a dead writer blocks calls
+                self._rescue(batch, exc)
             finally:
                 for pending in batch:
                     pending.done.set()
 
+    def _rescue(self, batch: list[_Pending], exc: Exception) -> None:
+        """Settle, one by one, what a failed batch left unsettled. Nothing here may raise."""
+        note(logging.ERROR, "ledger writer failed on a batch of %d (%s); settling it row "
+             "by row", len(batch), describe(exc))
+        for pending in batch:
+            if pending.result is not None:
+                continue  # settled before the failure
+            try:
+                self._settle_one(pending)
+            except Exception:  # noqa: BLE001 - neither database, spool nor quarantine
+                pending.result = "lost"
+                note(logging.CRITICAL, "usage record LOST (no database, spool or "
+                     "quarantine): %s", describe(pending.row))
+
     def _write_batch(self, batch: list[_Pending]) -> None:
+        refused = [p for p in batch if (why := problem_of(p.row)) is not None
+                   and self._quarantine(p, why)]
+        if refused:
+            batch = [p for p in batch if p.result is None]
+            if not batch:
+                return
         # One statement of many rows: atomic on Postgres (psycopg's pipeline); SQLite's
         # executemany commits row by row in autocommit, so there the batch is a transaction:
         # a duplicate in it leaves nothing half written for the row-by-row pass to misread.
@@ -191,14 +291,25 @@ class LedgerWriter:
         for pending in batch:
             pending.result = "written"
 
+    def _quarantine(self, pending: _Pending, reason: str, source: str = "writer") -> bool:
+        self.quarantine.put(pending.row, reason, source)
+        pending.result = "quarantined"
+        return True
+
     def _settle_one(self, pending: _Pending) -> None:
+        why = problem_of(pending.row)
+        if why is not None:
+            self._quarantine(pending, why)
+            return
         try:
             pending.result = self._insert(pending.row, dedupe=pending.dedupe)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, the record must survive
-            log.error("ledger write failed, spooling request %s: %s",
-                      pending.row.get("request_id"), exc)
+        except _OUTAGES as exc:  # the database is away: the spool keeps it until it is back
+            note(logging.ERROR, "ledger write failed, spooling request %s: %s",
+                      describe(pending.row.get("request_id")), describe(exc))
             self._spool(pending.row)
             pending.result = "spooled"
+        except Exception as exc:  # noqa: BLE001 - refused for what it holds: never retried
+            self._quarantine(pending, f"{type(exc).__name__}: {exc}")
 
     def _insert(self, row: dict[str, Any], *, dedupe: bool = False) -> str:
         try:
@@ -213,8 +324,11 @@ class LedgerWriter:
                 return "duplicate"  # the same call again (a spool replay): already counted
             # Another call raced in with the same client key and was forwarded too: it was
             # paid for, so it is kept under a key of its own rather than dropped.
-            return self._insert({**row, "idempotency_key":
-                                 f"{row['idempotency_key']}#{row['request_id']}"})
+            own = {**row, "idempotency_key": f"{row['idempotency_key']}#{row['request_id']}"}
+            why = problem_of(own)
+            if why is not None:
+                raise ValueError(why) from None
+            return self._insert(own)
 
     def _request_holding(self, app_id: int, idempotency_key: str) -> str | None:
         with self.engine.connect() as conn:
@@ -250,12 +364,16 @@ class LedgerWriter:
                 os.close(fd)
 
     def replay(self) -> int:
-        """Insert every spooled record (duplicates are skipped); returns how many were written.
-        A spool file is removed only after all its records are in the database."""
+        """Insert every spooled record; returns how many were written. A duplicate is skipped,
+        a record the database refuses for what it holds goes to the quarantine, and a database
+        still away stops the replay with the rest kept in the spool: this never raises, so a
+        spool can never stop the service from starting."""
         written = 0
         if not self.spool_dir.is_dir():
             return 0
         for path in sorted(self.spool_dir.glob("usage-*")):
+            if path.name.endswith(".replaying"):
+                continue  # another process's, mid-replay
             claimed = self.spool_dir / f"usage-{os.getpid()}-{path.name}.replaying"
             try:
                 path.rename(claimed)
@@ -263,20 +381,51 @@ class LedgerWriter:
                 continue  # another process claimed it
             with claimed.open("rb") as fh:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # wait out a writer mid-append
-                data = fh.read()
-            try:
-                for raw in data.splitlines():
-                    if raw.strip():
-                        row = _decode(raw)
-                        # a call the app reported itself is a duplicate by its key alone,
-                        # as when it was first recorded (dedupe)
-                        written += self._insert(row, dedupe=str(row.get("endpoint") or "")
-                                                .startswith("meter.")) == "written"
-            except Exception:
-                claimed.rename(self.spool_dir / f"usage-{os.getpid()}-retry-{path.name}")
-                raise
+                lines = [raw for raw in fh.read().splitlines() if raw.strip()]
+            for n, raw in enumerate(lines):
+                result = self._replay_line(raw)
+                if result == "away":  # keep this line and the rest for the next replay
+                    kept = self.spool_dir / f"usage-{os.getpid()}-rest-{path.name}"
+                    kept.write_bytes(b"\n".join(lines[n:]) + b"\n")
+                    claimed.unlink()
+                    return written
+                written += result == "written"
             claimed.unlink()
         return written
+
+    def _replay_line(self, raw: bytes) -> str:
+        try:
+            row = cleaned(_decode(raw))
+        except Exception as exc:  # noqa: BLE001 - unreadable: kept as text with the reason
+            self.quarantine.put({"line": raw.decode("utf-8", "replace")},
+                                f"unreadable spool line: {describe(exc)}", "replay")
+            return "quarantined"
+        why = problem_of(row)
+        if why is not None:
+            self.quarantine.put(row, why, "replay")
+            return "quarantined"
+        try:
+            # a call the app reported itself is a duplicate by its key alone, as when it was
+            # first recorded (dedupe)
+            return self._insert(row, dedupe=str(row.get("endpoint") or "").startswith("meter."))
+        except _OUTAGES as exc:
+            note(logging.ERROR, "replaying the spool stopped, the database is away: %s",
+                 describe(exc))
+            return "away"
+        except Exception as exc:  # noqa: BLE001 - refused for what it holds
+            self.quarantine.put(row, f"{type(exc).__name__}: {exc}", "replay")
+            return "quarantined"
+
+    def write_or_refuse(self, row: dict[str, Any]) -> str:
+        """Write one record as the ledger would (its checks, then the insert): "written" or
+        "duplicate"; raises with the reason when it is refused (a quarantine retry)."""
+        row = cleaned({**_SPOOL_DEFAULTS, **row})
+        if isinstance(row.get("created_at"), str):
+            row["created_at"] = datetime.fromisoformat(row["created_at"])
+        why = problem_of(row)
+        if why is not None:
+            raise ValueError(why)
+        return self._insert(row, dedupe=str(row.get("endpoint") or "").startswith("meter."))
 
 
 def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]:

@@ -33,7 +33,7 @@ from core.web import (
 from metering.leases import Applied, QuotaLine
 from metering.limits import LimitsService
 from metering.limits_text import utc_iso, value_of
-from metering.pricing import TokenUsage, cost_or_none, format_usd
+from metering.pricing import MAX_PICO, TokenUsage, cost_or_none, format_usd
 from metering.schemas import (
     LeaseSchema,
     MeterResultSchema,
@@ -150,7 +150,7 @@ def settle() -> Response:
     meta = _own_lease(principal, lease_id)
     usage = TokenUsage(**args["usage"])
     model = _model(meta["model"])
-    cost = cost_or_none(usage, part(MeteringService).price_of(model, utcnow()))
+    cost = _cost(usage, model, utcnow())
     result = part(LimitsService).settle_by_id(lease_id, meta.get("tags", []), usage, cost,
                                           credits_per_token=int(meta.get("w", 1)))
     if result.outcome == "expired":
@@ -200,7 +200,7 @@ def track() -> Response:
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
     usage = TokenUsage(**args["usage"])
-    cost = cost_or_none(usage, part(MeteringService).price_of(model, utcnow()))
+    cost = _cost(usage, model, utcnow())
     key = args["idempotency_key"]
     written = part(MeteringService).record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
@@ -240,7 +240,7 @@ def track_batch() -> Response:
         model = _model(event["model"])
         usage = TokenUsage(**event["usage"])
         calls.append(DirectCall(app_id, end_user_id, model, usage,
-                                cost_or_none(usage, part(MeteringService).price_of(model, now)),
+                                _cost(usage, model, now),
                                 request_id(), event["idempotency_key"]))
     try:
         part(PlanService).prefetch([c.end_user_id for c in calls])
@@ -301,3 +301,14 @@ def my_quota() -> Response:
     require_role(principal, Role.USER)
     assert principal.app_id is not None and principal.end_user_id is not None
     return _quota(principal.app_id, principal.end_user_id, principal.end_user or "")
+
+
+def _cost(usage: TokenUsage, model: ModelConfig, at: datetime) -> int | None:
+    """The call's cost at the price in force; past what the ledger holds, a 400 (never
+    wrapped or cut)."""
+    cost = cost_or_none(usage, part(MeteringService).price_of(model, at))
+    if cost is not None and cost > MAX_PICO:
+        raise InvalidRequestError(
+            f"At {model.name}'s price this usage costs more than the ledger holds for one call "
+            "(2^63 pico-USD); check the token counts.", param="usage")
+    return cost

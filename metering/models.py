@@ -58,6 +58,9 @@ class UsageEvent(Base):
     # Finance: tokens written to a prompt cache, and the plan the user was on at the call.
     cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     plan_id: Mapped[str | None] = mapped_column(String(64))
+    # Why usage was counted instead of taken as reported (an upstream's malformed or
+    # out-of-range usage), or why a call has no cost although its model has a price.
+    usage_note: Mapped[str | None] = mapped_column(String(200))
 
 
 class LimitCounter(Base):
@@ -108,3 +111,22 @@ class LimitRefusal(Base):
     resets_at: Mapped[datetime | None]
     model: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
+
+
+class QuarantinedRecord(Base):
+    """A usage record the database refused (or that broke the ledger's own rules): kept with
+    the reason, never retried on its own, so it can neither block start-up nor stop the
+    writer. `meterlane ledger quarantine list|retry|export` acts on these."""
+
+    __tablename__ = "ledger_quarantine"
+    __table_args__ = (Index("ix_ledger_quarantine_resolved", "resolved_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    created_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(16))  # writer | replay
+    reason: Mapped[str] = mapped_column(String(500))
+    request_id: Mapped[str | None] = mapped_column(String(40))
+    # the record as JSON text (numbers past 64 bits as strings; escapes for odd characters)
+    payload: Mapped[str] = mapped_column(Text)
+    resolved_at: Mapped[datetime | None]
+    resolution: Mapped[str | None] = mapped_column(String(32))  # written | duplicate

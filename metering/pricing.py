@@ -8,6 +8,10 @@ from decimal import Decimal
 from core.config import ModelPrice
 
 PICO_PER_USD = 10**12
+# What the ledger and the reports hold: 64-bit pico-USD (about 9.2 million USD for one
+# call). A cost past it is refused at the edge, or recorded as unpriced with a note: never
+# wrapped, never cut.
+MAX_PICO = 2**63 - 1
 # A price is USD per 1M tokens, so pico-USD per token = price * 10**6 (exact: <= 6 decimals).
 _PICO_PER_TOKEN = 10**6
 

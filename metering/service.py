@@ -14,7 +14,7 @@ from core.config import ModelConfig, ModelPrice
 from core.db import utcnow
 from metering.ledger import CallRecord, LedgerWriter
 from metering.models import UsageEvent
-from metering.pricing import TokenUsage, cost_or_none
+from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
 from metering.store import UsageQuery, UsageStore, UsageTotals
 from metering.tokens import (
     TokenizerRegistry,
@@ -48,6 +48,9 @@ class CallOutcome:
     error: str | None = None
     ttft_ms: int | None = None
     reported: TokenUsage | None = None
+    # The upstream's usage could not be trusted (why), or gave only a total: counted instead.
+    usage_problem: str | None = None
+    reported_total: int | None = None
     # True once the upstream accepted the call (a 2xx), so tokens were consumed.
     accepted: bool = False
     output_texts: Callable[[], list[str]] = field(default=lambda: [])
@@ -67,7 +70,8 @@ class CallOutcome:
 
 def _baseline(usage: TokenUsage, allowed: tuple[ModelConfig, ...]) -> int | None:
     """The usage priced at the most expensive allowed candidate (None: none has a price)."""
-    costs = [c for c in (cost_or_none(usage, m.price) for m in allowed) if c is not None]
+    costs = [c for c in (cost_or_none(usage, m.price) for m in allowed)
+             if c is not None and c <= MAX_PICO]
     return max(costs) if costs else None
 
 
@@ -100,17 +104,25 @@ class MeteringService:
     def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
         return self.prices.price_at(model.name, at) if self.prices is not None else model.price
 
-    def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str]:
-        """The upstream's usage when reported; else a tokenizer count of what passed through
-        (a call the upstream accepted is never recorded as zero tokens)."""
+    def usage_of(self, outcome: CallOutcome) -> tuple[TokenUsage, str, str | None]:
+        """The upstream's usage when reported and sound; else a tokenizer count of what passed
+        through (a call the upstream accepted is never recorded as zero tokens), with a note
+        saying why it was counted."""
         if outcome.reported is not None:
-            return outcome.reported, "reported"
+            return outcome.reported, "reported", None
         if not outcome.accepted:
-            return TokenUsage(), "none"
+            return TokenUsage(), "none", None
         prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
+        total = outcome.reported_total
+        if total is not None:  # a total alone: the prompt's count splits it
+            note = f"upstream reported only total_tokens ({total}): split by counting"
+            return TokenUsage(input_tokens=min(prompt, total),
+                              output_tokens=total - min(prompt, total)), "counted", note
         tok = self.tokenizers.for_model(outcome.model.upstream_model, outcome.model.tokenizer)
         output = sum(count_text(tok, text) for text in outcome.output_texts())
-        return TokenUsage(input_tokens=prompt, output_tokens=output), "counted"
+        why = (f"upstream usage not used ({outcome.usage_problem}): counted"
+               if outcome.usage_problem else None)
+        return TokenUsage(input_tokens=prompt, output_tokens=output), "counted", why
 
     def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any]) -> int:
         """The tokenizer's count of what a call sends (the estimate a reservation holds)."""
@@ -123,8 +135,12 @@ class MeteringService:
 
     def settle(self, outcome: CallOutcome) -> CallRecord:
         """Price the call and append it to the ledger (idempotent on the idempotency key)."""
-        usage, source = self.usage_of(outcome)
+        usage, source, note = self.usage_of(outcome)
         price = self.price_of(outcome.model, outcome.created_at)
+        cost = cost_or_none(usage, price)
+        if cost is not None and cost > MAX_PICO:
+            cost, price = None, None
+            note = "; ".join(filter(None, [note, "cost past 64-bit pico-USD: not priced"]))
         record = CallRecord(
             app_id=outcome.app_id, end_user_id=outcome.end_user_id,
             request_id=outcome.request_id, idempotency_key=outcome.idempotency_key,
@@ -133,8 +149,8 @@ class MeteringService:
             stream=outcome.stream, input_tokens=usage.input_tokens,
             cached_input_tokens=usage.cached_input_tokens, output_tokens=usage.output_tokens,
             reasoning_tokens=usage.reasoning_tokens, usage_source=source,
-            cost_pico_usd=cost_or_none(usage, price),
-            priced=price is not None, status=outcome.status, http_status=outcome.http_status,
+            cost_pico_usd=cost, priced=price is not None, usage_note=note,
+            status=outcome.status, http_status=outcome.http_status,
             error=outcome.error, latency_ms=outcome.latency_ms, ttft_ms=outcome.ttft_ms,
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
             route_alias=outcome.route_alias, route_reason=outcome.route_reason,

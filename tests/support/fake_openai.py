@@ -172,7 +172,9 @@ def json_reply(
 
 def _usage(
     body: dict[str, Any], fake: dict[str, Any], path: str, completion: bool
-) -> dict[str, Any]:
+) -> Any:
+    if "usage_override" in fake:  # a misbehaving upstream: this usage, verbatim
+        return fake["usage_override"]
     p = prompt_tokens(path, body)
     usage: dict[str, Any] = {"prompt_tokens": p}
     if completion:
@@ -248,6 +250,9 @@ def _completion_reply(path: str, body: dict[str, Any], fake: dict[str, Any], clo
     fail = fake.get("fail_after_chunks")
     if fail is not None:
         parts = parts[: len(prefix) + max(0, int(fail))]
+        if isinstance(fake.get("error_event"), str):  # an error event, then the end
+            parts.append(_sse({"error": {"message": fake["error_event"], "type": "server_error",
+                                         "param": None, "code": None}}))
     else:
         parts.append(chunk(None, finish))
         if include_usage:
@@ -312,6 +317,10 @@ def route(method: str, path: str, body: Any, close: bool) -> Reply:
     if status != 200:
         extra = "retry-after: 1\r\n" if status == 429 else ""
         return json_reply(status, error_body(status, fake.get("message")), close, fake, extra)
+    if isinstance(fake.get("body_text"), str):  # a 200 whose body is not what was asked for
+        text = fake["body_text"].encode()
+        ctype = str(fake.get("content_type") or "text/html")
+        return Reply(http_head(200, ctype, len(text), close), [text], close, fake)
     if path == "/v1/embeddings":
         return _embedding_reply(body, fake, close)
     return _completion_reply(path, body, fake, close)

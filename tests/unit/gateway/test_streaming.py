@@ -56,3 +56,63 @@ def test_unterminated_tail_is_flushed() -> None:
     relay = StreamRelay(client_wants_usage=False)
     relay.feed(CONTENT[:-2])
     assert relay.flush() == CONTENT
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, again and again, until it is tired. " * 6,
+    "Grüße aus Köln: Fußgängerübergänge sind schön. Ünïcödé, naïve café, jalapeño. " * 6,
+    "模型调用按用户计量。トークンを数える。토큰을 센다。 😀🚀🎉 emoji 👩‍👩‍👧 too. " * 6,
+]
+
+
+def _stream(texts: list[str], *, surrogate_split: bool = False) -> bytes:
+    """Every choice's text one character per chunk, the choices interleaved; with
+    `surrogate_split`, characters outside the BMP sent as two lone UTF-16 halves."""
+    out = []
+    for pos in range(max(len(t) for t in texts)):
+        for index, text in enumerate(texts):
+            if pos >= len(text):
+                continue
+            ch = text[pos]
+            if surrogate_split and ord(ch) > 0xFFFF:
+                code = ord(ch) - 0x10000
+                for half in (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF)):
+                    out.append(('data: {"choices": [{"index": ' + str(index)
+                                + ', "delta": {"content": "\\u' + f"{half:04x}"
+                                + '"}}]}\n\n').encode())
+                continue
+            out.append(event({"choices": [{"index": index, "delta": {"content": ch}}]}))
+    return b"".join(out) + DONE
+
+
+def _counted(stream: bytes, piece: int) -> tuple[StreamRelay, int]:
+    from metering.tokens import TokenizerRegistry, count_text
+
+    tok = TokenizerRegistry.load().for_model("gpt-4o-mini")
+    relay = StreamRelay(client_wants_usage=False)
+    for at in range(0, len(stream), piece):  # upstream bytes cut anywhere, mid-character too
+        relay.feed(stream[at:at + piece])
+    return relay, sum(count_text(tok, t) for t in relay.texts())
+
+
+def test_a_stream_of_one_character_chunks_counts_as_its_whole_texts() -> None:
+    from metering.tokens import TokenizerRegistry, count_text
+
+    tok = TokenizerRegistry.load().for_model("gpt-4o-mini")
+    whole = sum(count_text(tok, t) for t in TEXTS)
+    for surrogate_split in (False, True):
+        relay, counted = _counted(_stream(TEXTS, surrogate_split=surrogate_split), piece=7)
+        assert relay.done
+        assert sorted(relay.texts()) == sorted(TEXTS)
+        assert abs(counted - whole) <= 0.02 * whole, (counted, whole)
+
+
+def test_sixteen_one_word_chunks_count_as_the_sentence() -> None:
+    from metering.tokens import TokenizerRegistry, count_text
+
+    tok = TokenizerRegistry.load().for_model("gpt-4o-mini")
+    words = ["word "] * 16
+    stream = b"".join(event({"choices": [{"index": 0, "delta": {"content": w}}]})
+                      for w in words) + DONE
+    relay, counted = _counted(stream, piece=len(stream))
+    assert counted == count_text(tok, "".join(words))  # on main: one count per chunk, 32
