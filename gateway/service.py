@@ -52,6 +52,7 @@ MAX_IDEMPOTENCY_KEY = 255
 # What OpenAI generates for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 128
+MAX_OUTPUT_CAP = 10**9  # tokens per call (DESIGN.md §9)
 PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
          "embeddings": "/embeddings"}
 
@@ -248,6 +249,7 @@ class GatewayService:
         """Give back the reservation of a candidate that failed before it answered, before the
         next candidate reserves (so the two never count at once)."""
         lease, outcome.lease = outcome.lease, None
+        _stop_heartbeat(outcome)
         if lease is not None and self.limits is not None:
             try:
                 self.limits.release(lease)
@@ -300,6 +302,7 @@ class GatewayService:
                          error=exc.detail)()
             raise
         outcome.lease = lease
+        outcome.heartbeat = self.limits.keep_alive(lease)  # a long call keeps its reservation
         outcome.limits_pending = lease.fail_open
         if endpoint == ENDPOINT_EMBEDDINGS or lease.out is None:
             return None
@@ -412,6 +415,7 @@ class GatewayService:
                 http_status: int = 200, error: str | None = None) -> Callable[[], None]:
         """Write the call's ledger row; returns the settling of its limits lease, for the
         caller to run once the client has its answer."""
+        _stop_heartbeat(outcome)  # the call is over: its lease is settled from here
         outcome.latency_ms = _ms_since(started)
         outcome.status, outcome.http_status, outcome.error = status, http_status, error
         try:
@@ -494,8 +498,10 @@ class GatewayService:
             return raw  # nothing to change: forward the client's bytes untouched
         out = dict(body)
         out["model"] = model.upstream_model
-        if clip is not None:
-            out[clip[0]] = clip[1]
+        if clip is not None:  # every cap field the client set, and the one clipped, lowered
+            for name in (*CAP_FIELDS, clip[0]):
+                if name in out or name == clip[0]:
+                    out[name] = clip[1]
         if endpoint == ENDPOINT_CHAT and routed:
             # The client named the cap for some model; this one may take only the other field.
             other = "max_tokens" if model.max_tokens_param == "max_completion_tokens" \
@@ -511,6 +517,12 @@ class GatewayService:
 
 def _nothing() -> None:
     return None
+
+
+def _stop_heartbeat(outcome: CallOutcome) -> None:
+    beat, outcome.heartbeat = outcome.heartbeat, None
+    if beat is not None:
+        beat.stop()
 
 
 def _take_usage(outcome: CallOutcome, reading: UsageReading) -> None:
@@ -574,27 +586,38 @@ class MessagesWire(Wire):
         return self.stream.error(status, message)
 
 
+# Every field an upstream may take as the output cap (OpenAI's old and new names, the
+# Responses API's): the largest is what the call may generate, and a clip rewrites them all.
+CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def _requested_output(endpoint: str, body: dict[str, Any],
                       default_field: str) -> tuple[str, int | None]:
-    """The output-token cap the client asked for, and the field that carries it."""
-    names = (("max_completion_tokens", "max_tokens") if endpoint == ENDPOINT_CHAT
-             else ("max_tokens",))
-    for name in names:
+    """The output-token cap the client asked for (the largest of the cap fields it set, as
+    an upstream may honour any of them), and the field that carries it."""
+    found: list[tuple[int, str]] = []
+    for name in CAP_FIELDS:
         value = body.get(name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidRequestError(f"{name} must be a positive integer.", param=name)
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not 1 <= value <= MAX_OUTPUT_CAP:
+            raise InvalidRequestError(f"{name} must be an integer from 1 to {MAX_OUTPUT_CAP}.",
+                                      param=name)
+        found.append((value, name))
+    if found:
+        value, name = max(found)
         return name, value
     return (default_field if endpoint == ENDPOINT_CHAT else "max_tokens"), None
 
 
 def _choices(endpoint: str, body: dict[str, Any]) -> int:
-    """How many completions the call generates (each may use the output cap)."""
+    """How many completions the call generates (each may use the output cap): the largest of
+    `n` and `best_of`, which some upstreams (vLLM) take on chat calls too."""
     if endpoint == ENDPOINT_EMBEDDINGS:
         return 1
     count = 1
-    for name in ("n", "best_of") if endpoint == ENDPOINT_COMPLETIONS else ("n",):
+    for name in ("n", "best_of"):
         value = body.get(name)
         if value is None:
             continue

@@ -3,6 +3,9 @@ them, and the store tags that name whose counters they are."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +16,7 @@ from metering.pricing import output_rate, rate_of
 from plans.catalog import LimitSpec, Plan
 from plans.windows import from_epoch_ms
 
+log = logging.getLogger(__name__)
 COUNTER_GRACE_MS = 60_000
 
 
@@ -113,3 +117,27 @@ def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
             return None, 0
         return prompt_tokens * rate_of(price.input), output_rate(price) * out_per_token
     return 1, 0
+
+
+class Heartbeat:
+    """Renews a running call's lease every `every` seconds until stopped, so that only a dead
+    worker's lease expires (a stream or an agent's call may run longer than lease_seconds).
+    A thread (a greenlet under gevent); a failed renewal is tried again at the next beat."""
+
+    def __init__(self, renew: Callable[[], bool], every: float) -> None:
+        self._renew = renew
+        self._every = every
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="lease-heartbeat").start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                if not self._renew():  # settled, released or expired: nothing to keep
+                    return
+            except Exception:  # noqa: BLE001 - the store is away: try again at the next beat
+                log.warning("renewing a lease failed; trying again in %.0f s", self._every,
+                            exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()

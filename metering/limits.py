@@ -32,6 +32,7 @@ from core.errors import (
 from metering.leases import (
     COUNTER_GRACE_MS,
     Applied,
+    Heartbeat,
     Lease,
     QuotaLine,
     app_tag,
@@ -470,6 +471,29 @@ class LimitsService:
 
     def release(self, lease: Lease) -> str:
         return self.settle(lease, None, None)
+
+    def renew(self, lease: Lease) -> bool:
+        """Push the lease's expiry lease_seconds out from now, on every tag holding it;
+        False once it is no longer active anywhere."""
+        if lease.done or lease.fail_open or not lease.applied:
+            return False
+        now_ms = epoch_ms(self.clock())
+        expires = now_ms + self.lease_seconds * 1000
+        alive = False
+        for tag in lease.tags:
+            with store_errors():
+                alive = self.store.renew(tag, lease.id, now_ms=now_ms, expires_ms=expires) \
+                    or alive
+        if alive:
+            lease.expires = from_epoch_ms(expires)
+        return alive
+
+    def keep_alive(self, lease: Lease) -> Heartbeat | None:
+        """A heartbeat renewing the lease while its call runs (a third of its lifetime
+        apart); the caller stops it when the call ends."""
+        if lease.done or lease.fail_open or not lease.applied:
+            return None
+        return Heartbeat(lambda: self.renew(lease), max(1.0, self.lease_seconds / 3))
 
     def lease_info(self, lease_id: str) -> dict[str, Any] | None:
         """What a lease id names (app, end user, model, tags), if it is ours and still known."""

@@ -112,6 +112,8 @@ class LimitStore(Protocol):
 
     def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None: ...
 
+    def renew(self, tag: str, lease_id: str, *, now_ms: int, expires_ms: int) -> bool: ...
+
     def peek(self, tag: str, checks: list[Check], *, now_ms: int) -> tuple[CheckState, ...]: ...
 
     def commit(self, tag: str, event_id: str, checks: list[Check], actual: Actual, *,
@@ -348,6 +350,16 @@ class SqlLimitStore:
                     {"t": tag, "i": lease_id, "x": expires_ms,
                      "b": json.dumps({"charges": charges, "meta": meta})})
         return result
+
+    def renew(self, tag: str, lease_id: str, *, now_ms: int, expires_ms: int) -> bool:
+        """Push an active lease's expiry out (its call still runs); False when it is no
+        longer active (settled, released, or already expired and swept)."""
+        with self._tx(tag, now_ms) as (conn, counters):
+            self._sweep(conn, tag, counters)
+            moved = conn.execute(text(
+                "UPDATE limit_leases SET expires_ms = :x WHERE tag = :t AND id = :i "
+                "AND state = 'active'"), {"x": expires_ms, "t": tag, "i": lease_id}).rowcount
+        return bool(moved)
 
     def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
                remember_ms: int = DONE_TTL_MS) -> Settlement:

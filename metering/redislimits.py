@@ -116,7 +116,7 @@ class RedisLimitStore:
         # script goes through the client, and each settle on its own.
         self.batches = type(client).__name__ != "RedisCluster"
         self._source = {name: _script(name)
-                        for name in ("reserve", "settle", "peek", "commit", "overwrite")}
+                        for name in ("reserve", "settle", "peek", "commit", "overwrite", "renew")}
         self._scripts = {name: client.register_script(src) for name, src in self._source.items()}
         self._sha = {name: script.sha for name, script in self._scripts.items()}
         self._lane = _Lane(client) if self.batches else None
@@ -160,6 +160,9 @@ class RedisLimitStore:
             return Reservation(True, int(doc["out"]), None, _states(doc["states"]))
         refused = int(doc["refused"])
         return Reservation(False, 0, refused if refused >= 0 else None, _states(doc["states"]))
+
+    def renew(self, tag: str, lease_id: str, *, now_ms: int, expires_ms: int) -> bool:
+        return int(self._run("renew", tag, now_ms, lease_id, expires_ms)) == 1
 
     def settle(self, tag: str, lease_id: str, actual: Actual | None, *, now_ms: int,
                remember_ms: int = DONE_TTL_MS) -> Settlement:

@@ -57,6 +57,7 @@ class CallOutcome:
     # Let through while the limit store was down: count it into the limits later.
     limits_pending: bool = False
     lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
+    heartbeat: Any = None  # renews the lease while the call runs (metering.leases.Heartbeat)
     # The API the call came in through when it is not `endpoint` (e.g. Anthropic's messages,
     # served as a chat call): the ledger records this name.
     api: str | None = None

@@ -501,3 +501,53 @@ def test_the_metering_api_answers_503_while_the_store_is_down(lclient: Any, lkey
                                                        "usage": {"input_tokens": 5}}, headers=h)):
         assert resp.status_code == 503, resp.data
         assert resp.headers["Retry-After"] == "1"
+
+
+def test_every_output_cap_field_is_reserved_and_all_of_them_are_clipped(
+        lclient: Any, lkeys: Keys, upstream: FakeUpstream, clean_db: Engine) -> None:
+    # on main: 1 token reserved, max_tokens 4000 forwarded as it was
+    resp = lclient.post(CHAT, json=chat("uma", max_completion_tokens=1, max_tokens=4000),
+                        headers=bearer(lkeys.app))
+    assert resp.status_code == 200
+    sent = upstream.requests[-1]["body"]
+    assert sent["max_tokens"] == sent["max_completion_tokens"] < 300
+    [row] = ledger(clean_db)
+    assert row.input_tokens + row.output_tokens <= 300
+
+
+def test_best_of_multiplies_what_a_chat_call_reserves(lclient: Any, lkeys: Keys,
+                                                      upstream: FakeUpstream) -> None:
+    h = bearer(lkeys.app)
+    alone = lclient.post(CHAT, json=chat("val", max_tokens=80), headers=h)
+    assert alone.status_code == 200
+    # 300 a day, about 90 used: one choice of 80 fits, three do not, so the cap is lowered
+    resp = lclient.post(CHAT, json=chat("val", max_tokens=80, best_of=3), headers=h)
+    assert resp.status_code == 200
+    assert upstream.requests[-1]["body"]["max_tokens"] < 80
+
+
+def test_a_stream_longer_than_its_lease_keeps_its_reservation(
+        limited: Any, lkeys: Keys, upstream: FakeUpstream) -> None:
+    import time
+
+    wiring = limited.extensions["wiring"]
+    wiring.limits.lease_seconds = 3  # renewed every second while the stream runs
+    start, t0 = NOW, time.monotonic()
+    limited.clock.now = None
+    clock = lambda: start + timedelta(seconds=time.monotonic() - t0)  # noqa: E731 - real time
+    wiring.limits.clock = wiring.gateway.clock = wiring.metering.clock = clock
+    client = limited.test_client()
+    h = bearer(lkeys.app)
+    resp = client.post(CHAT, json=chat("wes", stream=True, max_tokens=120,
+                                       fake={"words": 10, "chunk_delay_ms": 450}),
+                       headers=h, buffered=False)
+    chunks = iter(resp.response)
+    while time.monotonic() - t0 < 3.6:  # past the lease's 3 s, the stream still running
+        next(chunks)
+    assert time.monotonic() - t0 < 4.8, "the stream ended before the lease would have"
+    held = quota(client, lkeys.app, "wes")["tokens-day"]["used"]
+    assert held >= 120  # still reserved: on main the sweep had given it back at 3 s
+    for _ in chunks:
+        pass
+    resp.close()
+    assert quota(client, lkeys.app, "wes")["tokens-day"]["used"] < held  # settled to usage
