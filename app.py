@@ -302,8 +302,11 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["parts"] = wiring.parts()
     try:  # never stops the start: what the database refuses goes to the quarantine
         spooled = wiring.ledger.replay()
-    except Exception:
-        log.exception("replaying the usage spool failed; it is tried again at the next start")
+    except Exception:  # noqa: BLE001 - the spool stays; the next start replays it
+        from core.logs import note
+
+        note(log, logging.ERROR, "replaying the usage spool failed; it is tried again at the "
+             "next start")
         spooled = 0
     if spooled:
         log.warning("replayed %d spooled usage records into the ledger", spooled)

@@ -20,6 +20,9 @@ class UsageReading:
     usage: TokenUsage | None = None
     problem: str | None = None
     total: int | None = None
+    # the usage as taken, adjusted (why); or one side not reported: that side is counted
+    note: str | None = None
+    count_output: bool = False
 
 
 def _count(usage: dict[str, Any], names: tuple[str, ...]) -> tuple[int | None, str | None]:
@@ -66,13 +69,29 @@ def read_usage(doc: Any) -> UsageReading:
     if inp is None and out is None:
         # nothing, or a total alone: what was sent and generated is counted (and split)
         return UsageReading(total=total) if total else UsageReading()
-    inp, out = inp or 0, out or 0
+    if inp is None:  # the output alone: the total gives the input, else it is all counted
+        assert out is not None
+        if total is None or total < out:
+            return UsageReading(problem="usage has completion_tokens but no prompt_tokens")
+        inp = total - out
+    count_output = False
+    if out is None:  # the input alone (as embeddings report it): the total gives the output
+        if total is not None and total >= inp:
+            out = total - inp
+        else:
+            out, count_output = 0, True
     if inp == 0 and out == 0 and not total:
         return UsageReading()  # an empty usage: counted, as if absent
+    notes = []
+    cached, reasoning = counts["cached"] or 0, counts["reasoning"] or 0
+    if cached > inp:
+        notes.append(f"cached_tokens {cached} above prompt_tokens {inp}: capped")
+    if reasoning > out and not count_output:
+        notes.append(f"reasoning_tokens {reasoning} above completion_tokens {out}: capped")
     return UsageReading(TokenUsage(
-        input_tokens=inp, output_tokens=out,
-        cached_input_tokens=min(counts["cached"] or 0, inp),
-        reasoning_tokens=min(counts["reasoning"] or 0, out)))
+        input_tokens=inp, output_tokens=out, cached_input_tokens=min(cached, inp),
+        reasoning_tokens=min(reasoning, out)), note="; ".join(notes) or None,
+        count_output=count_output)
 
 
 def usage_from(doc: Any) -> TokenUsage | None:

@@ -25,6 +25,7 @@ from core.errors import (
     RateLimitedError,
     UpstreamUnavailableError,
 )
+from core.logs import note
 from core.metrics import Metrics
 from core.tenancy import TenancyService
 from gateway import anthropic
@@ -142,8 +143,16 @@ class GatewayService:
             raise self._no_candidate(outcome, route, started)
         outcome.accepted = True
         if stream and not _is_event_stream(resp):
-            # an answer, but not a stream: read (a little of) it, and fail before the first byte
-            self._malformed(outcome, started, upstream, resp, resp.read(4096), limit_headers)
+            # not a stream: fail before the first byte, billing what the body says it served
+            try:
+                data = resp.read(1 << 20)
+            except Exception:  # noqa: BLE001 - nothing readable: the prompt is counted
+                data = b""
+            doc = _loads(data)
+            if _is_answer(outcome.endpoint, doc):  # an upstream that ignored stream: true
+                _take_usage(outcome, read_usage(doc))
+                outcome.output_texts = lambda: texts_of_choices(doc)
+            self._malformed(outcome, started, upstream, resp, data, limit_headers)
         if stream:
             return GatewayResponse(200, self._relay(outcome, started, upstream, resp, wire),
                                    {"Content-Type": "text/event-stream; charset=utf-8",
@@ -232,7 +241,8 @@ class GatewayService:
         self.router.leave(upstream.name)
         self.router.failed(upstream.name)
         err = malformed_answer(upstream.name, resp.status, outcome.request_id, body)
-        outcome.usage_problem = "the answer was not a model answer"
+        if outcome.reported is None:
+            outcome.usage_problem = "the answer was not a model answer"
         self._finish(outcome, started, status="upstream_error", http_status=err.status,
                      error=err.detail)()
         err.headers.update(limit_headers)
@@ -393,8 +403,9 @@ class GatewayService:
                     last = wire.error(502, error, "upstream_error", "upstream_stream_error")
             except (DomainError, _MidStreamError) as exc:
                 if relay.upstream_error is not None:  # its words are the operator's
-                    log.warning("request %s: upstream %s sent an error mid-stream: %s",
-                                outcome.request_id, upstream.name, relay.upstream_error)
+                    note(log, logging.WARNING, "request %s: upstream %s sent an error "
+                         "mid-stream: %s", outcome.request_id, upstream.name,
+                         relay.upstream_error)
                     error = (f"Upstream '{upstream.name}' failed mid-stream (request "
                              f"{outcome.request_id}).")
                     settle("stream_error", error)
@@ -528,6 +539,7 @@ def _stop_heartbeat(outcome: CallOutcome) -> None:
 def _take_usage(outcome: CallOutcome, reading: UsageReading) -> None:
     outcome.reported = reading.usage
     outcome.usage_problem, outcome.reported_total = reading.problem, reading.total
+    outcome.usage_note, outcome.count_output = reading.note, reading.count_output
 
 
 class _MidStreamError(Exception):
@@ -647,8 +659,10 @@ def _is_answer(endpoint: str, doc: Any) -> bool:
 
 
 def _is_event_stream(resp: urllib3.BaseHTTPResponse) -> bool:
-    kind = resp.headers.get("Content-Type") if resp.headers is not None else None
-    return kind is None or "event-stream" in kind.lower()
+    """False for a body that is plainly no event stream (JSON, HTML); an upstream that labels
+    its events otherwise (text/plain, none) is read as one."""
+    kind = (resp.headers.get("Content-Type") if resp.headers is not None else None) or ""
+    return not any(word in kind.lower() for word in ("json", "html"))
 
 
 def _loads(data: bytes) -> Any:

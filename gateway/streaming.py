@@ -53,10 +53,11 @@ class StreamRelay:
         """What the client gets for one upstream event."""
         if b'"error"' in event:
             doc = _loads(_data_of(event) or b"")
-            if isinstance(doc, dict) and "error" in doc and not doc.get("choices"):
+            if isinstance(doc, dict) and doc.get("error") is not None:
                 error = doc["error"]
                 message = error.get("message") if isinstance(error, dict) else error
                 self.upstream_error = str(message)[:500]
+                self._keep(event)  # what it carries besides (text, usage) still counts
                 return b""
         return event + b"\n\n" if self._keep(event) else b""
 

@@ -25,6 +25,7 @@ from core.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from core.logs import note
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class UpstreamClient:
         """A transport failure as a domain error that names the upstream (not its address:
         that is the operator's, and goes to the log)."""
         where = f"upstream '{self.name}'"
-        log.warning("upstream %s (%s): %s", self.name, self.config.base_url, exc)
+        note(log, logging.WARNING, "upstream %s (%s): %s", self.name, self.config.base_url, exc)
         # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
         # retries=False: urllib3 raises the transport error itself, never MaxRetryError.
         if isinstance(exc, NewConnectionError):
@@ -97,8 +98,8 @@ def error_from_response(upstream: str, status: int, body: bytes, headers: Any,
     client reads a fixed message (the upstream, its status, the request id); what the upstream
     said goes to the operator's log only: it may hold a key, an address, another tenant's
     text."""
-    log.warning("request %s: upstream %s answered HTTP %d: %s", request_id, upstream, status,
-                _upstream_message(body) or "(no message)")
+    note(log, logging.WARNING, "request %s: upstream %s answered HTTP %d: %s", request_id,
+         upstream, status, _upstream_message(body) or "(no message)")
     text = (f"Upstream '{upstream}' returned HTTP {status}"
             + (f" (request {request_id})" if request_id else "")
             + f": {_CLIENT_TEXT.get(status, 'the model server failed')}.")
@@ -128,8 +129,8 @@ _CLIENT_TEXT = {
 
 def malformed_answer(upstream: str, status: int, request_id: str, body: bytes) -> UpstreamError:
     """A 2xx whose body is not the answer asked for (not JSON, or not a completion)."""
-    log.warning("request %s: upstream %s answered HTTP %d with a body that is not an answer: "
-                "%r", request_id, upstream, status, body[:300])
+    note(log, logging.WARNING, "request %s: upstream %s answered HTTP %d with a body that is "
+         "not an answer: %r", request_id, upstream, status, body[:300])
     return UpstreamError(f"Upstream '{upstream}' returned HTTP {status} with a body that is "
                          f"not a model answer (request {request_id}).")
 

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,14 +18,7 @@ from typing import Any, TypeGuard
 import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import (
-    DBAPIError,
-    DisconnectionError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from core.text import control_free, redacted, storable
 from metering.models import UsageEvent
@@ -45,7 +39,19 @@ _REQUIRED = ("request_id", "idempotency_key", "endpoint", "requested_model", "us
 _FREE_TEXT = {"error": 500, "route_reason": 500, "usage_note": 200}
 _TOKENS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
            "cache_write_tokens")
-_OUTAGES = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError, OSError)
+
+
+def _is_poison(exc: BaseException) -> bool:
+    """Whether the database refused a record for what it holds (a value it cannot store, a
+    constraint it breaks): retrying it can never succeed, so it is quarantined. Anything else
+    (no connection, a read-only standby after a failover, a missing table or permission) is
+    the database's state, not the record's: the record is spooled until it passes."""
+    if isinstance(exc, (DataError, IntegrityError)):
+        return True
+    if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+        # a value the driver could not send (bound before any round trip)
+        return isinstance(exc.orig, (ValueError, TypeError, OverflowError))
+    return isinstance(exc, (ValueError, TypeError, OverflowError))
 
 
 @dataclass(frozen=True)
@@ -297,19 +303,23 @@ class LedgerWriter:
         return True
 
     def _settle_one(self, pending: _Pending) -> None:
+        """Write one record on its own. (Its group commit, if any, was all or nothing: every
+        value was checked first, so the driver cannot fail part way through binding.)"""
         why = problem_of(pending.row)
         if why is not None:
             self._quarantine(pending, why)
             return
         try:
-            pending.result = self._insert(pending.row, dedupe=pending.dedupe)
-        except _OUTAGES as exc:  # the database is away: the spool keeps it until it is back
+            result = self._insert(pending.row, dedupe=pending.dedupe)
+            pending.result = "duplicate" if result == "mine" else result
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the record must survive
+            if _is_poison(exc):  # refused for what it holds: never retried on its own
+                self._quarantine(pending, f"{type(exc).__name__}: {exc}")
+                return
             note(logging.ERROR, "ledger write failed, spooling request %s: %s",
-                      describe(pending.row.get("request_id")), describe(exc))
+                 describe(pending.row.get("request_id")), describe(exc))
             self._spool(pending.row)
             pending.result = "spooled"
-        except Exception as exc:  # noqa: BLE001 - refused for what it holds: never retried
-            self._quarantine(pending, f"{type(exc).__name__}: {exc}")
 
     def _insert(self, row: dict[str, Any], *, dedupe: bool = False) -> str:
         try:
@@ -320,8 +330,10 @@ class LedgerWriter:
             holder = self._request_holding(row["app_id"], row["idempotency_key"])
             if holder is None:
                 raise
-            if holder == row["request_id"] or dedupe:
-                return "duplicate"  # the same call again (a spool replay): already counted
+            if holder == row["request_id"]:
+                return "mine"  # this record is in already (a spool replay, a partial batch)
+            if dedupe:
+                return "duplicate"  # reported twice by the app: counted once
             # Another call raced in with the same client key and was forwarded too: it was
             # paid for, so it is kept under a key of its own rather than dropped.
             own = {**row, "idempotency_key": f"{row['idempotency_key']}#{row['request_id']}"}
@@ -367,14 +379,18 @@ class LedgerWriter:
         """Insert every spooled record; returns how many were written. A duplicate is skipped,
         a record the database refuses for what it holds goes to the quarantine, and a database
         still away stops the replay with the rest kept in the spool: this never raises, so a
-        spool can never stop the service from starting."""
+        spool can never stop the service from starting. A file claimed by a process that
+        died mid-replay is claimed again."""
         written = 0
         if not self.spool_dir.is_dir():
             return 0
-        for path in sorted(self.spool_dir.glob("usage-*")):
+        for path in sorted(self.spool_dir.iterdir()):
             if path.name.endswith(".replaying"):
-                continue  # another process's, mid-replay
-            claimed = self.spool_dir / f"usage-{os.getpid()}-{path.name}.replaying"
+                if _claimer_alive(path.name):
+                    continue
+            elif not path.name.startswith("usage-"):
+                continue
+            claimed = self.spool_dir / f"replay-{os.getpid()}-{uuid.uuid4().hex}.replaying"
             try:
                 path.rename(claimed)
             except FileNotFoundError:
@@ -385,36 +401,56 @@ class LedgerWriter:
             for n, raw in enumerate(lines):
                 result = self._replay_line(raw)
                 if result == "away":  # keep this line and the rest for the next replay
-                    kept = self.spool_dir / f"usage-{os.getpid()}-rest-{path.name}"
-                    kept.write_bytes(b"\n".join(lines[n:]) + b"\n")
+                    self._respool(lines[n:])
                     claimed.unlink()
                     return written
                 written += result == "written"
             claimed.unlink()
         return written
 
+    def _respool(self, lines: list[bytes]) -> None:
+        """Lines not replayed, back in the spool: written whole and synced under a name no
+        replay reads, then renamed into place (atomic)."""
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = self.spool_dir / f".rest-{token}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\n".join(lines) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.rename(self.spool_dir / f"usage-rest-{token}.jsonl")
+
     def _replay_line(self, raw: bytes) -> str:
+        """written | duplicate | quarantined | away (the database, or the quarantine, could
+        not take it now: it stays in the spool)."""
         try:
             row = cleaned(_decode(raw))
         except Exception as exc:  # noqa: BLE001 - unreadable: kept as text with the reason
-            self.quarantine.put({"line": raw.decode("utf-8", "replace")},
-                                f"unreadable spool line: {describe(exc)}", "replay")
-            return "quarantined"
+            return self._quarantine_line({"line": raw.decode("utf-8", "replace")},
+                                         f"unreadable spool line: {describe(exc)}")
         why = problem_of(row)
         if why is not None:
-            self.quarantine.put(row, why, "replay")
-            return "quarantined"
+            return self._quarantine_line(row, why)
         try:
             # a call the app reported itself is a duplicate by its key alone, as when it was
             # first recorded (dedupe)
-            return self._insert(row, dedupe=str(row.get("endpoint") or "").startswith("meter."))
-        except _OUTAGES as exc:
+            result = self._insert(row, dedupe=str(row.get("endpoint") or "")
+                                  .startswith("meter."))
+            return "duplicate" if result == "mine" else result
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if _is_poison(exc):
+                return self._quarantine_line(row, f"{type(exc).__name__}: {exc}")
             note(logging.ERROR, "replaying the spool stopped, the database is away: %s",
                  describe(exc))
             return "away"
-        except Exception as exc:  # noqa: BLE001 - refused for what it holds
-            self.quarantine.put(row, f"{type(exc).__name__}: {exc}", "replay")
-            return "quarantined"
+
+    def _quarantine_line(self, row: dict[str, Any], reason: str) -> str:
+        try:
+            self.quarantine.put(row, reason, "replay")
+        except Exception:  # noqa: BLE001 - neither table nor file: it stays in the spool
+            return "away"
+        return "quarantined"
 
     def write_or_refuse(self, row: dict[str, Any]) -> str:
         """Write one record as the ledger would (its checks, then the insert): "written" or
@@ -425,7 +461,8 @@ class LedgerWriter:
         why = problem_of(row)
         if why is not None:
             raise ValueError(why)
-        return self._insert(row, dedupe=str(row.get("endpoint") or "").startswith("meter."))
+        result = self._insert(row, dedupe=str(row.get("endpoint") or "").startswith("meter."))
+        return "duplicate" if result == "mine" else result
 
 
 def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]:
@@ -460,6 +497,24 @@ def _decode(raw: bytes) -> dict[str, Any]:
     row: dict[str, Any] = {**_SPOOL_DEFAULTS, **orjson.loads(raw)}
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
+
+
+def _claimer_alive(name: str) -> bool:
+    """Whether the process that claimed a spool file for replay (its pid is in the name:
+    replay-PID-..., or usage-PID-... from earlier versions) still runs."""
+    parts = name.split("-")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -20,6 +20,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from core.db import utcnow
+from core.logs import note as safe_note
 from core.text import storable
 from metering.models import QuarantinedRecord
 
@@ -39,12 +40,8 @@ def describe(value: Any) -> str:
 
 
 def note(level: int, message: str, *args: Any) -> None:
-    """Log a line on the ledger's path, where a failing log handler (a full disk, a broken
-    collector) must not stop a record from being kept."""
-    try:
-        log.log(level, message, *args)
-    except Exception:  # noqa: BLE001, S110 - the record matters more than its log line
-        pass
+    """A log line on the ledger's path (never raises)."""
+    safe_note(log, level, message, *args)
 
 
 def to_json(row: dict[str, Any]) -> str:
@@ -113,8 +110,7 @@ class Quarantine:
                 conn.execute(insert(QuarantinedRecord).values(**values))
         except Exception as exc:  # noqa: BLE001 - the file below keeps it
             note(logging.ERROR, "the quarantine table refused a record (%s); keeping it in a "
-                 "file",
-                      describe(exc))
+                 "file", describe(exc))
             self._append_file({**values, "created_at": now.isoformat()})
 
     def _file(self) -> Path:
@@ -148,8 +144,7 @@ class Quarantine:
                         conn.execute(insert(QuarantinedRecord).values(**values))
             except Exception as exc:  # noqa: BLE001 - left as a file, read next time
                 note(logging.ERROR, "could not move %s into the quarantine table: %s",
-                     path.name,
-                          describe(exc))
+                     path.name, describe(exc))
                 claimed.rename(path)
                 continue
             claimed.unlink()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -51,6 +51,8 @@ class CallOutcome:
     # The upstream's usage could not be trusted (why), or gave only a total: counted instead.
     usage_problem: str | None = None
     reported_total: int | None = None
+    usage_note: str | None = None  # how reported usage was adjusted (capped details)
+    count_output: bool = False  # the upstream reported the input only: count the output
     # True once the upstream accepted the call (a 2xx), so tokens were consumed.
     accepted: bool = False
     output_texts: Callable[[], list[str]] = field(default=lambda: [])
@@ -109,10 +111,20 @@ class MeteringService:
         """The upstream's usage when reported and sound; else a tokenizer count of what passed
         through (a call the upstream accepted is never recorded as zero tokens), with a note
         saying why it was counted."""
-        if outcome.reported is not None:
-            return outcome.reported, "reported", None
+        reported = outcome.reported
+        if reported is not None and (not outcome.count_output
+                                     or outcome.endpoint == ENDPOINT_EMBEDDINGS):
+            note = f"upstream usage adjusted: {outcome.usage_note}" if outcome.usage_note \
+                else None
+            return reported, "reported", note
         if not outcome.accepted:
             return TokenUsage(), "none", None
+        if reported is not None:  # its input as reported, its output counted
+            tok = self.tokenizers.for_model(outcome.model.upstream_model,
+                                            outcome.model.tokenizer)
+            output = sum(count_text(tok, text) for text in outcome.output_texts())
+            return (replace(reported, output_tokens=output, reasoning_tokens=0), "counted",
+                    "upstream reported no completion_tokens: the output was counted")
         prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
         total = outcome.reported_total
         if total is not None:  # a total alone: the prompt's count splits it

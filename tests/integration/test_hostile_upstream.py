@@ -140,3 +140,40 @@ def test_a_refused_connection_names_the_upstream_not_its_address(
     assert resp.status_code == 502 and "'down'" in message and "127.0.0.1:9" not in message
     [row] = ledger(clean_db)
     assert "127.0.0.1" not in row.error
+
+
+def test_an_upstream_that_ignores_stream_true_is_a_502_billed_by_its_usage(
+        client: Any, keys: Keys, clean_db: Engine) -> None:
+    import orjson
+
+    answer = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi " * 400}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 400, "total_tokens": 412}}
+    fake = {"body_text": orjson.dumps(answer).decode(), "content_type": "application/json"}
+    resp = client.post(CHAT, json=chat(user="ian", stream=True, fake=fake),
+                       headers=bearer(keys.app))
+    assert resp.status_code == 502
+    [row] = ledger(clean_db)
+    assert (row.input_tokens, row.output_tokens, row.usage_source) == (12, 400, "reported")
+
+
+def test_events_labelled_text_plain_are_still_a_stream(client: Any, keys: Keys,
+                                                        clean_db: Engine) -> None:
+    body = ('data: {"choices": [{"index": 0, "delta": {"content": " hello"}}]}\n\n'
+            "data: [DONE]\n\n")
+    fake = {"body_text": body, "content_type": "text/plain"}
+    resp = client.post(CHAT, json=chat(user="joy", stream=True, fake=fake),
+                       headers=bearer(keys.app))
+    assert resp.status_code == 200 and b"hello" in resp.get_data()
+    [row] = ledger(clean_db)
+    assert row.status == "ok" and row.output_tokens == 1
+
+
+def test_a_prompt_only_usage_has_its_output_counted(client: Any, keys: Keys,
+                                                    clean_db: Engine) -> None:
+    fake = {"usage_override": {"prompt_tokens": 9}, "words": 5}
+    resp = client.post(CHAT, json=chat(user="kay", fake=fake), headers=bearer(keys.app))
+    assert resp.status_code == 200
+    [row] = ledger(clean_db)
+    assert (row.input_tokens, row.output_tokens, row.usage_source) == (9, 5, "counted")
+    assert "completion_tokens" in row.usage_note

@@ -177,3 +177,50 @@ def test_a_database_that_refuses_the_quarantine_too_keeps_the_record_in_a_file(
     assert writer.quarantine.count() == 1
     [entry] = writer.quarantine.entries()  # read into the table once it takes records again
     assert "output_tokens" in entry.reason and writer.quarantine.file_count() == 0
+
+
+def test_a_read_only_database_is_an_outage_not_poison(clean_db: Engine, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+
+    app_id, user_id = app_and_user(clean_db)
+    standby = create_engine(clean_db.url, connect_args={
+        "options": "-c default_transaction_read_only=on"})
+    spool = tmp_path / "spool"
+    try:  # a failover left us on a read-only standby: the record waits in the spool
+        assert LedgerWriter(standby, spool).record(record(app_id, user_id, "ro")) == "spooled"
+    finally:
+        standby.dispose()
+    assert quarantined(clean_db) == []
+    assert LedgerWriter(clean_db, spool).replay() == 1
+    assert [k for k, _c, _t in keys_in_ledger(clean_db)] == ["ro"]
+
+
+def test_replays_during_an_outage_keep_every_line_and_a_dead_claimers_file_is_replayed(
+        clean_db: Engine, tmp_path: Path) -> None:
+    app_id, user_id = app_and_user(clean_db)
+    spool = tmp_path / "spool"
+    spool_line(spool, record(app_id, user_id, "one"))
+    with (spool / "usage-4242.jsonl").open("ab") as fh:
+        fh.write(orjson.dumps({**record(app_id, user_id, "two").__dict__,
+                               "created_at": record(1, 1, "x").created_at.isoformat()}) + b"\n")
+    # a replay killed half way, by a process that is gone: its claimed file must not be lost
+    (spool / "usage-4242.jsonl").rename(spool / "replay-999999-deadbeef.replaying")
+    down = make_engine(clean_db.url.set(port=9).render_as_string(hide_password=False))
+    for _ in range(20):  # the database stays away: each replay keeps the lines, names stay
+        assert LedgerWriter(down, spool).replay() == 0
+    names = [p.name for p in spool.iterdir()]
+    assert len(names) == 1 and len(names[0]) < 80, names
+    assert LedgerWriter(clean_db, spool).replay() == 2
+    assert sorted(k for k, _c, _t in keys_in_ledger(clean_db)) == ["one", "two"]
+    assert list(spool.iterdir()) == []
+
+
+def test_a_lone_surrogate_in_a_batch_is_quarantined_and_the_others_are_written(
+        clean_db: Engine, tmp_path: Path) -> None:
+    app_id, user_id = app_and_user(clean_db)
+    writer = LedgerWriter(clean_db, tmp_path / "spool")
+    bad = replace(record(app_id, user_id, "s"), idempotency_key="half\ud800")
+    batch = [record(app_id, user_id, "a"), record(app_id, user_id, "b"), bad,
+             record(app_id, user_id, "c")]
+    assert writer.record_many(batch, dedupe=True) == ["written", "written", "quarantined",
+                                                      "written"]

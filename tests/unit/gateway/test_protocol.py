@@ -75,3 +75,27 @@ def test_what_an_upstream_says_in_an_error_never_reaches_the_tenant(body: bytes)
     err = error_from_response("local", 401, body, {}, "req_2")
     assert "sk-proj" not in err.detail and "10.0.0.7" not in err.detail
     assert "html" not in err.detail and len(err.detail) < 200
+
+
+@pytest.mark.parametrize(("usage", "expected", "count_output"), [
+    ({"prompt_tokens": 10, "total_tokens": 60}, (10, 50), False),
+    ({"completion_tokens": 30, "total_tokens": 40}, (10, 30), False),
+    ({"prompt_tokens": 10}, (10, 0), True),  # the output is counted
+])
+def test_a_side_missing_is_derived_from_the_total_or_counted(
+        usage: dict[str, object], expected: tuple[int, int], count_output: bool) -> None:
+    reading = read_usage({"usage": usage})
+    assert reading.usage is not None and reading.count_output is count_output
+    assert (reading.usage.input_tokens, reading.usage.output_tokens) == expected
+
+
+def test_output_alone_without_a_total_is_counted_whole() -> None:
+    reading = read_usage({"usage": {"completion_tokens": 30}})
+    assert reading.usage is None and "prompt_tokens" in (reading.problem or "")
+
+
+def test_cached_above_the_prompt_is_capped_with_a_note() -> None:
+    reading = read_usage({"usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                    "prompt_tokens_details": {"cached_tokens": 50}}})
+    assert reading.usage is not None and reading.usage.cached_input_tokens == 10
+    assert reading.note is not None and "cached_tokens" in reading.note

@@ -116,3 +116,22 @@ def test_sixteen_one_word_chunks_count_as_the_sentence() -> None:
                       for w in words) + DONE
     relay, counted = _counted(stream, piece=len(stream))
     assert counted == count_text(tok, "".join(words))  # on main: one count per chunk, 32
+
+
+def test_an_error_null_on_a_usage_chunk_is_no_error() -> None:
+    relay = StreamRelay(client_wants_usage=False)
+    chunk = event({"choices": [], "error": None, "usage": {
+        "prompt_tokens": 7, "completion_tokens": 777, "total_tokens": 784}})
+    relay.feed(CONTENT + chunk + DONE)
+    assert relay.upstream_error is None and relay.done
+    assert relay.usage is not None and relay.usage.output_tokens == 777
+
+
+def test_an_error_riding_on_a_choice_is_held_back_and_its_text_still_counts() -> None:
+    relay = StreamRelay(client_wants_usage=False)
+    chunk = event({"error": {"message": "key sk-proj-secret12345 revoked at http://10.0.0.5"},
+                   "choices": [{"index": 0, "delta": {"content": " world"},
+                                "finish_reason": "error"}]})
+    out = relay.feed(CONTENT + chunk)
+    assert out == CONTENT and b"sk-proj" not in out
+    assert relay.upstream_error is not None and relay.texts() == ["Hello world"]
