@@ -291,7 +291,7 @@ def create_app(config: Config | None = None) -> Flask:
     from plans.api import bp as plans_bp
 
     config = config or Config.from_env()
-    app = Flask("meterlane", root_path=str(Path(__file__).parent))
+    app = Flask("meterlane", root_path=str(Path(__file__).parent), static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     if config.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix

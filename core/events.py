@@ -23,6 +23,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from core.models import OutboxEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from core.text import control_free
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Meterlane-Signature"
@@ -81,18 +83,40 @@ class _RefusedError(Exception):
     """A webhook URL that must not be called (it points inside the operator's network)."""
 
 
-def private_address(host: str) -> str | None:
-    """The private, loopback or link-local address a host resolves to, if any."""
+def _routable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:10.0.0.1 is 10.0.0.1
+    return (mapped or addr).is_global and not (mapped or addr).is_multicast
+
+
+def resolve_webhook_host(url: str, *, allow_private: bool) -> tuple[str, int, str]:
+    """(host, port, address) of a webhook URL: the address it is called at, resolved once
+    and, unless `allow_private`, globally routable (Python's is_global: no private, loopback,
+    link-local, shared 100.64/10, reserved or documentation address). Raises ValueError
+    saying what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("url must be an http(s) URL with a host")
     try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return None  # unresolvable: the attempt fails on its own
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved \
-                or addr.is_multicast or addr.is_unspecified:
-            return str(addr)
-    return None
+        port = parts.port
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
+    except ValueError:
+        raise ValueError("url has a port that is not a number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("url has a port that is not a number from 1 to 65535")
+    host = parts.hostname
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"the webhook host {host!r} does not resolve") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not allow_private:
+        for addr in addresses:
+            if not _routable(addr):
+                raise ValueError(
+                    f"the webhook host {host!r} resolves to an address that is not public "
+                    f"({addr}); set MLANE_WEBHOOKS_ALLOW_PRIVATE=1 to allow it")
+    return host, port, str(addresses[0])
 
 
 class EventService:
@@ -103,8 +127,7 @@ class EventService:
         # Webhooks to private addresses (loopback, 10/8, 169.254/16, ...) are refused unless
         # the operator allows them (MLANE_WEBHOOKS_ALLOW_PRIVATE=1: development, tests).
         self.allow_private = allow_private
-        self._http = urllib3.PoolManager(num_pools=32, maxsize=4, retries=False,
-                                         timeout=urllib3.Timeout(connect=5, read=timeout_s))
+        self.timeout_s = timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -112,7 +135,8 @@ class EventService:
 
     def set_endpoint(self, app_id: int, url: str, *, rotate: bool = False) -> Endpoint:
         """The app's webhook URL; a new or rotated endpoint gets a new secret (shown once)."""
-        if not url.startswith(("https://", "http://")) or len(url) > 2000:
+        if not url.startswith(("https://", "http://")) or len(url) > 2000 \
+                or not control_free(url, multiline=False):
             raise InvalidRequestError("url must be an http(s) URL of at most 2000 characters.",
                                       param="url")
         blocked = self._blocked(url)
@@ -141,14 +165,44 @@ class EventService:
             return Endpoint(url, secret, row.created_at)
 
     def _blocked(self, url: str) -> str | None:
-        if self.allow_private:
-            return None
-        host = urllib3.util.parse_url(url).host or ""
-        found = private_address(host.strip("[]"))
-        if found is None:
-            return None
-        return (f"the webhook host {host!r} resolves to a private address ({found}); "
-                "set MLANE_WEBHOOKS_ALLOW_PRIVATE=1 to allow it")
+        try:
+            resolve_webhook_host(url, allow_private=self.allow_private)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _post(self, url: str, payload: bytes, headers: dict[str, str]) -> int:
+        """POST to the address the URL's host resolved to when it was checked (never a second
+        lookup that DNS could answer otherwise); TLS still checks the host's certificate."""
+        try:
+            host, port, address = resolve_webhook_host(url, allow_private=self.allow_private)
+        except ValueError as exc:
+            raise _RefusedError(str(exc)) from exc
+        parts = urllib.parse.urlsplit(url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        timeout = urllib3.Timeout(connect=5, read=self.timeout_s)
+        pool: urllib3.HTTPConnectionPool
+        if parts.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                address, port, server_hostname=host, assert_hostname=host,
+                cert_reqs="CERT_REQUIRED", timeout=timeout, retries=False, maxsize=1)
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False,
+                                              maxsize=1)
+        default = 443 if parts.scheme == "https" else 80
+        shown = f"[{host}]" if ":" in host else host
+        try:
+            resp = pool.urlopen("POST", path, body=payload, redirect=False, retries=False,
+                                preload_content=False, headers={
+                                    **headers, "Host": shown if port == default
+                                    else f"{shown}:{port}"})
+            try:
+                resp.read(4096)  # the answer's body does not matter: never read it all
+                return int(resp.status)
+            finally:
+                resp.close()
+        finally:
+            pool.close()
 
     def endpoint(self, app_id: int) -> Endpoint | None:
         with self.engine.connect() as conn:
@@ -218,19 +272,10 @@ class EventService:
         status: int | None = None
         error: str | None = None
         try:
-            blocked = self._blocked(url)
-            if blocked is not None:
-                raise _RefusedError(blocked)
-            resp = self._http.request(
-                "POST", url, body=payload, redirect=False, preload_content=False,
-                headers={"Content-Type": "application/json", EVENT_ID_HEADER: event_id,
-                         SIGNATURE_HEADER: sign(secret, payload, int(time.time())),
-                         "User-Agent": "Meterlane-Webhooks/1"})
-            try:
-                status = resp.status
-                resp.read(4096)  # the answer's body does not matter: never read it all
-            finally:
-                resp.close()
+            status = self._post(url, payload, {
+                "Content-Type": "application/json", EVENT_ID_HEADER: event_id,
+                SIGNATURE_HEADER: sign(secret, payload, int(time.time())),
+                "User-Agent": "Meterlane-Webhooks/1"})
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except _RefusedError as exc:

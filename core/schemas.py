@@ -1,8 +1,14 @@
-"""HTTP schemas of the kernel API (end-user keys)."""
+"""HTTP schemas of the kernel API (end-user keys), and the fields every package's request
+schemas use for times and identifiers."""
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+from datetime import UTC, datetime
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from core.text import control_free
 
 
 class UserKeyRequestSchema(Schema):
@@ -29,3 +35,42 @@ class ProblemSchema(Schema):
     status = fields.Integer()
     detail = fields.String()
     instance = fields.String()
+
+
+# -- what every request schema uses for values that reach the database ----------------------
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def bounded_time(value: datetime, name: str = "time") -> datetime:
+    """A time in UTC between 1970 and 9000 (what Python's arithmetic, both databases and every
+    period computed from it hold); else a ValidationError naming the bound."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValidationError(f"{name} must be between 1970 and 9000.") from exc
+    if not EARLIEST <= utc < LATEST:
+        raise ValidationError(f"{name} must be between 1970 and 9000.")
+    return utc
+
+
+class Timestamp(fields.AwareDateTime):
+    """An ISO 8601 time with its zone, between 1970 and 9000, read as UTC."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        return bounded_time(super()._deserialize(value, attr, data, **kwargs),
+                            attr or "time")
+
+
+def single_line(value: str) -> None:
+    """A marshmallow validator: an identifier (a key, a name) without control characters or
+    line breaks."""
+    if not control_free(value, multiline=False):
+        raise ValidationError("Must not hold control characters or line breaks.")
+
+
+def identifier(max_length: int) -> validate.Validator:
+    return validate.And(validate.Length(min=1, max=max_length), single_line)

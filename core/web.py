@@ -11,13 +11,20 @@ import orjson
 from flask import Flask, Response, current_app, g, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import DataError, OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from core.auth import AuthService, Principal
 from core.config import Config
-from core.errors import DATABASE_UNAVAILABLE, DomainError, InvalidRequestError, problem
+from core.errors import (
+    DATABASE_UNAVAILABLE,
+    DomainError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    problem,
+)
 from core.parts import Parts
 from core.tenancy import TenancyService
+from core.text import control_free
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -62,15 +69,90 @@ def current_principal() -> Principal:
     return cast(Principal, principal)
 
 
+MAX_TEXT = 65_536  # characters in any one string of a request (copy, disclosures included)
+MAX_ARG = 2_000  # characters in a query or path parameter
+INT64 = 2**63 - 1
+
+
 def json_body(*, allow_empty: bool = False) -> Any:
-    """The request's JSON body; malformed JSON is a 400, never a 500."""
-    raw = request.get_data()
+    """The request's JSON body, checked once for what no field may hold: malformed JSON, a
+    control character (tab and line breaks aside), a string past MAX_TEXT, an integer outside
+    64 bits. Each is a 400 naming where it is, never a 500 or a record the database refuses
+    later."""
+    raw = request_bytes()
     if not raw.strip() and allow_empty:
         return {}
     try:
-        return orjson.loads(raw)
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
+    problem = json_problem(doc)
+    if problem is not None:
+        raise InvalidRequestError(f"The request body is refused: {problem}.")
+    return doc
+
+
+def request_bytes() -> bytes:
+    """The request's body, never past the configured limit (MLANE_MAX_BODY_BYTES): a longer
+    one is a 413, a chunked one included (werkzeug would cut it at the limit, and the cut
+    body then read as bad JSON)."""
+    cached = g.get("request_bytes")
+    if cached is not None:
+        return cast(bytes, cached)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if request.content_length is not None or limit is None:
+        try:
+            data = request.get_data()
+        except RequestEntityTooLarge:
+            raise _too_large(limit) from None
+    else:
+        data = request.environ["wsgi.input"].read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(limit)
+    g.request_bytes = data
+    return data
+
+
+def _too_large(limit: int | None) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than {limit} bytes "
+                                "(MLANE_MAX_BODY_BYTES).")
+
+
+def json_problem(doc: Any, path: str = "body") -> str | None:
+    """What in a JSON document no request may hold (None: nothing)."""
+    stack = [(path, doc)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if len(value) > MAX_TEXT:
+                return f"{where} is longer than {MAX_TEXT} characters"
+            if not control_free(value):
+                return f"{where} holds a control character"
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            continue
+        elif isinstance(value, int):
+            if not -INT64 <= value <= INT64:
+                return f"{where} is an integer outside 64 bits"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if len(key) > MAX_TEXT or not control_free(key, multiline=False):
+                    return f"a key of {where} holds a control character or is too long"
+                stack.append((f"{where}.{key[:40]}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def check_request_text() -> None:
+    """Query and path parameters: one line of printable text each, at most MAX_ARG long
+    (run before every request; a bad one is a 400 in the route's own envelope)."""
+    values = list(request.args.items(multi=True))
+    values += [(k, v) for k, v in (request.view_args or {}).items() if isinstance(v, str)]
+    for name, value in values:
+        if len(value) > MAX_ARG or not control_free(value, multiline=False):
+            raise InvalidRequestError(
+                f"The parameter {name[:40]!r} must be one line of printable text of at most "
+                f"{MAX_ARG} characters.", param=name[:40])
 
 
 def query_args() -> dict[str, Any]:
@@ -94,6 +176,7 @@ def install_hooks(app: Flask) -> None:
     @app.before_request
     def assign_request_id() -> None:
         g.request_id = f"req_{uuid.uuid4().hex}"
+        check_request_text()
 
     @app.after_request
     def tag_response(response: Response) -> Response:

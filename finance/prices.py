@@ -18,6 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
+from marshmallow import ValidationError
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from core.config import ModelConfig, ModelPrice
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
+from core.schemas import bounded_time
 from finance.models import ModelPriceVersion
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,10 @@ def _when(value: Any) -> datetime | None:
                                   param="effective_from") from exc
     if when.tzinfo is None:
         raise InvalidRequestError("effective_from needs a time zone", param="effective_from")
-    return when
+    try:
+        return bounded_time(when, "effective_from")
+    except ValidationError as exc:
+        raise InvalidRequestError(str(exc.messages[0]), param="effective_from") from exc
 
 
 def _sheet_rows(text: str, fmt: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from core.schemas import Timestamp
 from finance.reports import GROUPS
 
 
@@ -90,7 +91,7 @@ class PriceRequestSchema(Schema):
         unknown = RAISE
 
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    effective_from = fields.AwareDateTime(metadata={"description": "Default: now"})
+    effective_from = Timestamp(metadata={"description": "Default: now"})
     input = fields.String(required=True, metadata={"description": "USD per 1M tokens"})
     output = fields.String(required=True)
     cached_input = fields.String()
@@ -101,7 +102,7 @@ class PriceRequestSchema(Schema):
 
 class PriceSchema(Schema):
     model = fields.String()
-    effective_from = fields.AwareDateTime()
+    effective_from = Timestamp()
     source = fields.String()
     input = fields.String(allow_none=True)
     cached_input = fields.String(allow_none=True)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
-from core.web import current_principal, json_response, part, request_id
+from core.web import current_principal, json_response, part, request_bytes, request_id
 from gateway import anthropic
 from gateway.service import CallContext, GatewayResponse, GatewayService
 from metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
@@ -24,7 +24,7 @@ def _call(endpoint: str) -> Response:
     ctx = CallContext(principal=principal, request_id=request_id(),
                       user_header=request.headers.get("X-Meterlane-User"),
                       idempotency_key=request.headers.get("Idempotency-Key"))
-    return _response(part(GatewayService).call(ctx, endpoint, request.get_data()))
+    return _response(part(GatewayService).call(ctx, endpoint, request_bytes()))
 
 
 def _response(result: GatewayResponse) -> Response:
@@ -95,7 +95,7 @@ def messages() -> Response:
     ctx = CallContext(principal=principal, request_id=request_id(),
                       user_header=request.headers.get("X-Meterlane-User"),
                       idempotency_key=request.headers.get("Idempotency-Key"))
-    return _response(part(GatewayService).messages(ctx, request.get_data()))
+    return _response(part(GatewayService).messages(ctx, request_bytes()))
 
 
 def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None,

@@ -324,6 +324,8 @@ class GatewayService:
                  body: dict[str, Any]) -> tuple[CallOutcome, Route | None]:
         """Validate the call and name its end user, model (or route) and idempotency key."""
         name = self._model_name(body)
+        _requested_output(endpoint, body, "max_tokens")  # every cap field in range, limits
+        _choices(endpoint, body)                         # or none: a 400 before anything
         model = self.config.model(name)
         if model is None and not self.router.is_alias(name):
             err = NotFoundError(f"The model '{name}' does not exist or is not configured.",

@@ -17,6 +17,7 @@ from typing import Any, TypeGuard
 
 import orjson
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
@@ -222,6 +223,37 @@ class LedgerWriter:
         assert isinstance(last, threading.Event)
         last.wait()  # settled in queue order by the one writer: the rest are done too
         return [p.result or "lost" for p in pendings]
+
+    def record_batch(self, recs: list[CallRecord]) -> list[str]:
+        """Append calls an app reported together, all or nothing, in one transaction of this
+        request's own: each "written", or "duplicate" when its key is in the ledger already;
+        the whole batch "spooled" when the database is away, "quarantined" when it refused
+        the batch for what it holds. Raises ValueError naming the first record the ledger
+        cannot take (nothing is written then)."""
+        rows = [rec.row() for rec in recs]
+        for i, row in enumerate(rows):
+            why = problem_of(row)
+            if why is not None:
+                raise ValueError(f"event {i}: {why}")
+        if not rows:
+            return []
+        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(UsageEvent).on_conflict_do_nothing(
+            index_elements=["app_id", "idempotency_key"]).returning(_TABLE.c.idempotency_key)
+        try:
+            with self.engine.begin() as conn:
+                written = set(conn.execute(stmt, rows).scalars())
+        except Exception as exc:  # noqa: BLE001 - sorted below: nothing was written
+            outcome = "quarantined" if _is_poison(exc) else "spooled"
+            for row in rows:
+                if outcome == "quarantined":
+                    self.quarantine.put(row, f"batch refused: {type(exc).__name__}: {exc}",
+                                        "writer")
+                else:
+                    self._spool(row)
+            return [outcome] * len(rows)
+        return ["written" if row["idempotency_key"] in written else "duplicate"
+                for row in rows]
 
     def _ensure_writer(self) -> None:
         thread = self._thread

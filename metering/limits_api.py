@@ -205,7 +205,7 @@ def track() -> Response:
     written = part(MeteringService).record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
         request_id=request_id(), idempotency_key=key, endpoint="meter.track")
-    fresh = written != "duplicate"
+    fresh = written in ("written", "spooled")  # in the ledger, or on its way there
     if fresh:  # the ledger keeps keys for good: a repeat is never counted twice
         try:
             part(LimitsService).track(app_id=app_id, end_user_id=end_user_id, model=model,
@@ -214,8 +214,9 @@ def track() -> Response:
             part(MeteringService).mark_limits_pending(app_id, key)
             part(LimitsService).needs_catch_up()
             raise
+    outcome = "tracked" if fresh else written  # duplicate, or quarantined (not counted)
     return json_response(MeterResultSchema().dump({
-        "lease_id": None, "idempotency_key": key, "outcome": "tracked" if fresh else "duplicate",
+        "lease_id": None, "idempotency_key": key, "outcome": outcome,
         "cost_usd": format_usd(cost)}), status=201 if fresh else 200)
 
 
@@ -246,9 +247,14 @@ def track_batch() -> Response:
         part(PlanService).prefetch([c.end_user_id for c in calls])
     except DomainError:  # no plans configured: each call says so as it would alone
         pass
-    written = part(MeteringService).record_direct_many(calls)
+    try:
+        written = part(MeteringService).record_direct_many(calls)  # all or nothing
+    except ValueError as exc:
+        raise InvalidRequestError(f"The batch was not recorded: {exc}.",
+                                  param="events") from exc
     # the ledger keeps keys for good: a repeat is never counted twice
-    new = [c for c, outcome in zip(calls, written, strict=True) if outcome != "duplicate"]
+    new = [c for c, outcome in zip(calls, written, strict=True)
+           if outcome in ("written", "spooled")]
     pending = 0
     try:  # a row spooled (the database down) is counted here all the same
         part(LimitsService).track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
@@ -262,13 +268,13 @@ def track_batch() -> Response:
             log.error("%d reported calls were spooled while the limit store was down: run "
                       "`meterlane limits rebuild` once both are back", pending - flagged)
     data = [{"idempotency_key": c.idempotency_key,
-             "outcome": "tracked" if outcome != "duplicate" else "duplicate",
+             "outcome": "tracked" if outcome in ("written", "spooled") else outcome,
              "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,
                                                                          strict=True)]
     tracked = sum(1 for d in data if d["outcome"] == "tracked")
     return json_response(TrackBatchResultSchema().dump({
-        "tracked": tracked, "duplicates": len(data) - tracked, "limits_pending": pending,
-        "data": data}), status=201 if tracked else 200)
+        "tracked": tracked, "duplicates": sum(1 for d in data if d["outcome"] == "duplicate"),
+        "limits_pending": pending, "data": data}), status=201 if tracked else 200)
 
 
 def _quota(app_id: int, end_user_id: int, user: str) -> Response:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
+from core.schemas import Timestamp, bounded_time, identifier
 from plans.credits import DEFAULT_PRIORITY, MAX_GRANT
 
 # A '+' in a query string arrives as a space: "...T10:00:00 02:00" means +02:00.
@@ -25,9 +26,7 @@ class Instant(fields.Field):  # type: ignore[type-arg]
         except ValueError as exc:
             raise ValidationError(
                 f"Not an ISO 8601 date or datetime: {value!r} (e.g. 2026-11-01).") from exc
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        return bounded_time(parsed, attr or "time")
 
 
 class RoutingQuerySchema(Schema):
@@ -70,8 +69,8 @@ class UsageReportSchema(Schema):
     object = fields.Constant("usage.report")
     app = fields.String(allow_none=True)
     user = fields.String(allow_none=True)
-    from_ = fields.AwareDateTime(data_key="from")
-    to = fields.AwareDateTime()
+    from_ = Timestamp(data_key="from")
+    to = Timestamp()
     group_by = fields.String(allow_none=True)
     totals = fields.Nested(UsageTotalsSchema)
     groups = fields.List(fields.Nested(UsageTotalsSchema))
@@ -102,8 +101,8 @@ class RoutingReportSchema(Schema):
     object = fields.Constant("routing.savings")
     app = fields.String(allow_none=True)
     user = fields.String(allow_none=True)
-    from_ = fields.AwareDateTime(data_key="from")
-    to = fields.AwareDateTime()
+    from_ = Timestamp(data_key="from")
+    to = Timestamp()
     aliases = fields.List(fields.Nested(AliasSavingsSchema))
     cost_usd = fields.String()
     baseline_usd = fields.String()
@@ -137,9 +136,9 @@ class ReserveRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    user = fields.String(validate=validate.Length(min=1, max=256), metadata={
+    user = fields.String(validate=identifier(256), metadata={
         "description": "The end user (app keys; a user key acts as its own user)"})
-    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    model = fields.String(required=True, validate=identifier(200))
     input_tokens = fields.Integer(strict=True, validate=validate.Range(0, MAX_TOKENS_PER_CALL),
                                   metadata={"description": "Prompt tokens, if the app counted "
                                             "them; else give messages, prompt or input"})
@@ -186,7 +185,7 @@ class SettleRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    lease_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    lease_id = fields.String(required=True, validate=identifier(200))
     usage = fields.Nested(UsageSchema, required=True)
 
 
@@ -194,17 +193,17 @@ class ReleaseRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    lease_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    lease_id = fields.String(required=True, validate=identifier(200))
 
 
 class TrackRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    user = fields.String(validate=validate.Length(min=1, max=256))
-    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    user = fields.String(validate=identifier(256))
+    model = fields.String(required=True, validate=identifier(200))
     usage = fields.Nested(UsageSchema, required=True)
-    idempotency_key = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    idempotency_key = fields.String(required=True, validate=identifier(255))
 
 
 class TrackBatchRequestSchema(Schema):
@@ -231,7 +230,9 @@ class MeterResultSchema(Schema):
     object = fields.Constant("meter.result")
     lease_id = fields.String(allow_none=True)
     idempotency_key = fields.String(allow_none=True)
-    outcome = fields.String(metadata={"description": "settled, released, tracked, duplicate"})
+    outcome = fields.String(metadata={"description": "settled, released, tracked, duplicate, "
+                                      "or quarantined (the ledger refused the record: kept "
+                                      "for an operator, not counted)"})
     cost_usd = fields.String(allow_none=True)
 
 
@@ -258,7 +259,7 @@ class GrantRequestSchema(Schema):
     priority = fields.Integer(strict=True, load_default=DEFAULT_PRIORITY,
                               validate=validate.Range(min=0, max=10_000),
                               metadata={"description": "Lower burns first"})
-    expires_at = fields.AwareDateTime(allow_none=True, load_default=None)
+    expires_at = Timestamp(allow_none=True, load_default=None)
     note = fields.String(allow_none=True, load_default=None,
                          validate=validate.Length(max=500))
 

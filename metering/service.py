@@ -208,7 +208,7 @@ class MeteringService:
             created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
             plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None)
             for c in calls]
-        return self.ledger.record_many(records, dedupe=True)
+        return self.ledger.record_batch(records)
 
     def mark_limits_pending_many(self, app_id: int, keys: list[str]) -> int:
         """Flag rows the limits could not count yet (the catch-up counts them)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from core.schemas import Timestamp
+
 
 class EventsQuerySchema(Schema):
     class Meta:
@@ -17,7 +19,7 @@ class EventsQuerySchema(Schema):
 
 class PaywallEventSchema(Schema):
     id = fields.String(metadata={"description": "The event id; the webhook carries the same"})
-    created_at = fields.AwareDateTime()
+    created_at = Timestamp()
     user = fields.String()
     trigger = fields.String()
     threshold = fields.Integer(allow_none=True, metadata={"description": "Percent crossed"})
@@ -44,7 +46,7 @@ class WebhookEndpointSchema(Schema):
     url = fields.String()
     secret = fields.String(allow_none=True, metadata={
         "description": "Signs every delivery; shown only when created or rotated"})
-    created_at = fields.AwareDateTime()
+    created_at = Timestamp()
     signature = fields.Constant(
         "Meterlane-Signature: t=<unix>,v1=hex(HMAC-SHA256(secret, '<t>.' + body))")
 
@@ -59,7 +61,7 @@ class DeliveriesQuerySchema(Schema):
 
 class AttemptSchema(Schema):
     attempt = fields.Integer()
-    at = fields.AwareDateTime()
+    at = Timestamp()
     status = fields.Integer(allow_none=True)
     error = fields.String(allow_none=True)
     duration_ms = fields.Integer()
@@ -72,9 +74,9 @@ class DeliverySchema(Schema):
     url = fields.String()
     state = fields.String(metadata={"description": "pending, delivered or failed"})
     attempts = fields.List(fields.Nested(AttemptSchema))
-    next_attempt_at = fields.AwareDateTime(allow_none=True)
-    delivered_at = fields.AwareDateTime(allow_none=True)
-    created_at = fields.AwareDateTime()
+    next_attempt_at = Timestamp(allow_none=True)
+    delivered_at = Timestamp(allow_none=True)
+    created_at = Timestamp()
 
 
 class DeliveryListSchema(Schema):
@@ -201,8 +203,8 @@ class ConsentSchema(Schema):
     render_manifest = fields.Dict()
     ip = fields.String(allow_none=True)
     user_agent = fields.String(allow_none=True)
-    captured_at = fields.AwareDateTime()
-    retain_until = fields.AwareDateTime()
+    captured_at = Timestamp()
+    retain_until = Timestamp()
     checkout_session_id = fields.String(allow_none=True)
 
 
@@ -244,8 +246,8 @@ class WithdrawalRequestSchema(Schema):
 class WithdrawalSchema(Schema):
     withdrawal_id = fields.String()
     subscription = fields.String()
-    requested_at = fields.AwareDateTime()
-    deadline = fields.AwareDateTime()
+    requested_at = Timestamp()
+    deadline = Timestamp()
     early_start = fields.Boolean()
     days_used = fields.Integer()
     term_days = fields.Integer()
@@ -266,7 +268,7 @@ class PriceChangeRequestSchema(Schema):
     plan = fields.String(required=True, validate=validate.Length(min=1, max=64))
     to_version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
     from_version = fields.Integer(strict=True, validate=validate.Range(min=1))
-    effective_at = fields.AwareDateTime(required=True)
+    effective_at = Timestamp(required=True)
 
 
 class PriceChangeSchema(Schema):
@@ -274,9 +276,9 @@ class PriceChangeSchema(Schema):
     plan_id = fields.String()
     from_version = fields.Integer()
     to_version = fields.Integer()
-    effective_at = fields.AwareDateTime()
-    created_at = fields.AwareDateTime()
-    notice_from = fields.AwareDateTime()
+    effective_at = Timestamp()
+    created_at = Timestamp()
+    notice_from = Timestamp()
     old_price = fields.String()
     new_price = fields.String()
 

@@ -7,7 +7,14 @@ from flask import Blueprint, Response, request
 from core.auth import Role, require_role, validate_user_id
 from core.openapi import documented
 from core.tenancy import TenancyService
-from core.web import app_in_scope, current_principal, json_body, json_response, part
+from core.web import (
+    app_in_scope,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+    request_bytes,
+)
 from plans.billing import BillingService
 from plans.schemas import (
     PlanAssignmentRequestSchema,
@@ -43,7 +50,7 @@ def assign_plan(user: str) -> Response:
             tag="billing")
 def stripe_webhook() -> Response:
     """Verify the signature on the raw body, store the event by id, handle it once."""
-    outcome = part(BillingService).receive(request.get_data(),
+    outcome = part(BillingService).receive(request_bytes(),
                                        request.headers.get("Stripe-Signature"))
     return json_response({"received": True, "outcome": outcome})
 

@@ -17,7 +17,7 @@ import orjson
 import stripe
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
@@ -51,14 +51,24 @@ class WebhookRetryError(DomainError):
     status, slug, title = 500, "webhook-not-handled", "Webhook event not handled yet"
 
 
+def _at_or(ts: Any, default: datetime) -> datetime:
+    try:
+        return _at(ts) or default
+    except InvalidRequestError:  # stored as received now; handling it says what is wrong
+        return default
+
+
 def _at(ts: Any) -> datetime | None:
     """A Stripe timestamp (seconds since the epoch) as a UTC datetime."""
     if not ts:
         return None
     try:
-        return datetime.fromtimestamp(int(ts), UTC)
+        seconds = int(ts)
+        if not 0 <= seconds <= 32_503_680_000:  # 1970 to 3000
+            raise ValueError("out of range")
+        return datetime.fromtimestamp(seconds, UTC)
     except (TypeError, ValueError, OverflowError, OSError) as exc:
-        raise InvalidRequestError(f"Bad Stripe timestamp {ts!r}") from exc
+        raise InvalidRequestError(f"Bad Stripe timestamp {str(ts)[:40]}") from exc
 
 
 class BillingService:
@@ -95,13 +105,10 @@ class BillingService:
             return "ignored"
         data = doc.get("data")
         obj = data.get("object") if isinstance(data, dict) else None
-        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-            raise InvalidRequestError(f"Stripe event {event_id} carries no data.object with "
-                                      "an id")
         with self.engine.begin() as conn:
             try:
                 conn.execute(insert(StripeEvent).values(
-                    id=event_id, type=kind, created_at=_at(doc.get("created")) or self.clock(),
+                    id=event_id, type=kind, created_at=_at_or(doc.get("created"), self.clock()),
                     payload=payload.decode(), received_at=self.clock()))
             except IntegrityError:
                 pass  # delivered before: handled then, or to be handled now
@@ -111,6 +118,8 @@ class BillingService:
         if handled is not None:
             return "duplicate"
         try:
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+                raise ValueError("the event carries no data.object with an id")
             # Read before the write transaction opens: the limit store may be this same
             # database (SQLite), whose lock the transaction would hold.
             set_aside = (self._upgrade_usage(obj, _at(doc.get("created")) or self.clock())
@@ -131,8 +140,17 @@ class BillingService:
                 return "duplicate"  # handled at the same moment by another worker
             raise WebhookRetryError(f"Event {event_id} could not be applied ({exc.orig}); "
                                     "Stripe will deliver it again.") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"Stripe event {event_id} is malformed: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError, InvalidRequestError,
+                DataError) as exc:
+            # Signed by Stripe but not something this service can apply (a field missing, an
+            # amount past any real charge): kept with the reason and answered 200, so Stripe
+            # stops retrying an event that can never succeed; the log says so to the operator.
+            reason = getattr(exc, "detail", None) or repr(exc)
+            log.error("Stripe event %s (%s) rejected as malformed: %s", event_id, kind, reason)
+            with self.engine.begin() as conn:
+                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id).values(
+                    handled_at=self.clock(), error=f"rejected: {reason}"[:500]))
+            return "rejected"
         except _NotYetError as exc:
             with self.engine.begin() as conn:
                 conn.execute(update(StripeEvent).where(StripeEvent.id == event_id)
@@ -156,7 +174,7 @@ class BillingService:
             period = (obj.get("lines") or {}).get("data") or [{}]
             span = period[0].get("period") or {}
             self._revenue(conn, obj["id"], "invoice_paid", app_id, user,
-                          int(obj.get("amount_paid") or 0), obj.get("currency") or "usd", at,
+                          _amount(obj, "amount_paid"), _currency(obj), at,
                           _at(span.get("start") or obj.get("period_start")),
                           _at(span.get("end") or obj.get("period_end")), _invoice_plan(obj))
         elif kind == "invoice.payment_failed":
@@ -165,9 +183,9 @@ class BillingService:
                         obj.get("id"), user)
         elif kind == "charge.refunded":
             app_id, user = self._owner(conn, obj)
-            refunded = -int(obj.get("amount_refunded") or 0)
+            refunded = -_amount(obj, "amount_refunded")
             inserted = self._revenue(conn, obj["id"], "refund", app_id, user, refunded,
-                                     obj.get("currency") or "usd", at)
+                                     _currency(obj), at)
             if not inserted:  # a later partial refund: the charge's total refunded so far
                 conn.execute(update(RevenueEvent).where(
                     RevenueEvent.source_id == obj["id"], RevenueEvent.kind == "refund",
@@ -179,7 +197,7 @@ class BillingService:
         if customer:
             self._link(conn, customer, app_id, user)
         meta = obj.get("metadata") or {}
-        credits = int(meta.get("mlane_credits") or 0)
+        credits = _count(meta.get("mlane_credits"), "metadata.mlane_credits")
         if obj.get("mode") == "payment" and credits > 0:
             if obj.get("payment_status") not in ("paid", "no_payment_required"):
                 return  # paid later: granted on checkout.session.async_payment_succeeded
@@ -187,7 +205,7 @@ class BillingService:
                                   source="topup", external_id=obj["id"], granted_at=at,
                                   note="credit pack bought through Stripe Checkout")
             self._revenue(conn, obj["id"], "credit_purchase", app_id, user,
-                          int(obj.get("amount_total") or 0), obj.get("currency") or "usd", at)
+                          _amount(obj, "amount_total"), _currency(obj), at)
 
     def _upgrade_usage(self, obj: dict[str, Any], at: datetime) -> tuple[datetime, int] | None:
         """For an upgrade to a plan that does not carry usage over: (cycle start, allowance
@@ -326,6 +344,32 @@ def _invoice_plan(invoice: dict[str, Any]) -> str | None:
         if isinstance(ref, str) and ref:
             return ref.partition("@")[0][:64]
     return None
+
+
+MAX_MINOR = 10**12  # minor units in one Stripe amount: far past any real charge
+
+
+def _count(value: Any, name: str, high: int = MAX_MINOR) -> int:
+    """A whole number from 0 to `high` (Stripe's amounts are integers of minor units; a
+    string of digits, as metadata holds them, too); else a ValueError naming the field."""
+    if isinstance(value, str) and value.isdigit() and len(value) <= 15:
+        value = int(value)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise ValueError(f"{name} is not a whole number from 0 to {high}: {str(value)[:40]}")
+    return value
+
+
+def _amount(obj: dict[str, Any], name: str) -> int:
+    return _count(obj.get(name), name)
+
+
+def _currency(obj: dict[str, Any]) -> str:
+    value = obj.get("currency") or "usd"
+    if not isinstance(value, str) or len(value) != 3 or not value.isalpha():
+        raise ValueError(f"currency is not a three-letter code: {str(value)[:20]}")
+    return value
 
 
 class _NotYetError(Exception):

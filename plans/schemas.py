@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from core.schemas import Timestamp
+
 
 class PlanAssignmentRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
     plan = fields.String(required=True, validate=validate.Length(min=1, max=64))
-    anchored_at = fields.AwareDateTime(metadata={
+    anchored_at = Timestamp(metadata={
         "description": "Start of the billing cycle, with a zone (default: now)"})
 
 
@@ -18,7 +20,7 @@ class PlanAssignmentSchema(Schema):
     object = fields.Constant("plan.assignment")
     user = fields.String()
     plan = fields.String()
-    anchored_at = fields.AwareDateTime()
+    anchored_at = Timestamp()
 
 
 class CheckoutRequestSchema(Schema):
@@ -57,7 +59,7 @@ class SubscriptionChangeSchema(Schema):
                                      "downgrade_scheduled or cancel_scheduled (at the end of "
                                      "the period)"})
     plan = fields.String()
-    effective_at = fields.AwareDateTime(allow_none=True)
+    effective_at = Timestamp(allow_none=True)
     already_cancelled = fields.Boolean(metadata={
         "description": "A cancel: true when it was cancelled before (nothing changed)"})
     confirmation = fields.Dict(metadata={

@@ -279,3 +279,30 @@ def test_metrics_merge_every_worker(server: Server) -> None:
                 if line.startswith("meterlane_calls_total{"))
     assert calls == server.rows()  # every recorded call, whichever worker served it
 
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/meter/track/batch"])
+def test_a_chunked_body_past_the_limit_is_a_413_not_a_cut_body(server: Server,
+                                                              path: str) -> None:
+    """Sent chunked (no Content-Length), 9 MB of JSON: on main the body was cut at the 8 MB
+    limit and answered 400 as bad JSON."""
+    conn = http.client.HTTPConnection(server.base.split("//")[1], timeout=60)
+    piece = b'{"a": "' + b"x" * (1 << 20) + b'"},'
+    conn.putrequest("POST", path)
+    conn.putheader("Authorization", f"Bearer {server.key}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    try:
+        for chunk in [b'{"events": ['] + [piece] * 9 + [b'{}]}']:
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer and close before it has read it all
+    resp = conn.getresponse()
+    body = orjson.loads(resp.read())
+    assert resp.status == 413, body
+    if path.startswith("/v1/chat"):
+        assert body["error"]["code"] == "request_too_large"
+    else:
+        assert body["status"] == 413

@@ -246,9 +246,55 @@ def test_webhooks_to_private_addresses_are_refused_unless_allowed(
         keys = make_keys(app)
         client = app.test_client()
         for url in ("http://127.0.0.1:8080/h", "http://169.254.169.254/latest",
-                    "http://10.1.2.3/h", "http://[::1]/h", "http://localhost/h"):
+                    "http://10.1.2.3/h", "http://[::1]/h", "http://localhost/h",
+                    "http://100.64.0.7/h", "http://[::ffff:10.0.0.1]/h",
+                    "http://192.0.2.1/h", "http://0.0.0.0/h"):
             resp = client.put("/v1/webhooks", json={"url": url}, headers=bearer(keys.app))
             assert resp.status_code == 400, url
-            assert "private address" in resp.get_json()["detail"]
+            assert "not public" in resp.get_json()["detail"]
+        for url in ("http://example.com:99999/h", "http://example.com:0/h", "http:///h",
+                    "http://exa mple.com/h", "http://exa\x00mple.com/h"):
+            resp = client.put("/v1/webhooks", json={"url": url}, headers=bearer(keys.app))
+            assert resp.status_code == 400, url
     finally:
         app.extensions["wiring"].engine.dispose()
+
+
+def test_a_delivery_connects_to_the_address_it_checked_not_a_second_lookup(
+        clean_db: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name answers a public address when checked and a loopback one a
+    moment later. One lookup per delivery, checked and connected to: the loopback receiver
+    is never reached (on main, urllib3 looked the name up again and called it)."""
+    import socket
+
+    from core.events import EventService
+    from core.tenancy import TenancyService
+
+    real = socket.getaddrinfo
+    answers: list[str] = []
+    fresh = [True]
+
+    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return real(host, port, *args, **kwargs)
+        # a public address for the first lookup of an operation (setting the URL, one
+        # delivery), the loopback receiver's for any later one
+        if fresh:
+            fresh.clear()
+            answers.append("2001:4860:4860::8888")
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (answers[-1], port, 0, 0))]
+        answers.append("127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    with Receiver() as receiver:
+        port = int(receiver.url.split(":")[2].split("/")[0])
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        events = EventService(clean_db, timeout_s=2)
+        app_id, _ = TenancyService(clean_db).ensure_app("acme")
+        events.set_endpoint(app_id, f"http://rebind.test:{port}/hooks/meterlane")
+        with clean_db.begin() as conn:
+            events.publish_in(conn, app_id, "usage.threshold_crossed", {"n": 1})
+        fresh.append(True)
+        assert events.deliver_due() == 1
+        assert receiver.deliveries == []  # whatever became of the public address's attempt
+        assert answers == ["2001:4860:4860::8888"] * 2  # one lookup to set, one to deliver
