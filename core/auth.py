@@ -173,3 +173,13 @@ def require_role(principal: Principal, *roles: Role) -> None:
         allowed = ", ".join(r.value for r in roles)
         raise PermissionDeniedError(
             f"A {principal.role.value} key cannot do this; it needs a key with role: {allowed}.")
+
+
+def require_operator(principal: Principal) -> None:
+    """Global settings (the price catalog, price changes) apply to every tenant: only an
+    operator-wide admin key (bound to no app) may change them."""
+    require_role(principal, Role.ADMIN)
+    if principal.app_id is not None:
+        raise PermissionDeniedError(
+            f"This admin key is bound to app {principal.app_name!r}; only an operator-wide "
+            "admin key (no app) changes what every app shares.")

@@ -12,6 +12,8 @@ from core.db import utcnow
 from core.errors import NotFoundError
 from core.models import App, EndUser
 
+UNSEEN = 0  # no end user row has this id: reads for a user the app has not named yet
+
 
 class TenancyService:
     """Finds or creates apps and end users; end-user ids are cached (they never change)."""
@@ -85,6 +87,13 @@ class TenancyService:
                 self._users.update({(app_id, e): u for e, u in found.items()})
             out.update(found)
         return out
+
+    def seen_end_user(self, app_id: int, external_id: str) -> int:
+        """The end user's id, or UNSEEN for one the app has never named: reads never create
+        users (a GET that did would let anyone fill the table). What is read for UNSEEN is
+        what a new user starts with."""
+        found = self.find_end_user(app_id, external_id)
+        return UNSEEN if found is None else found
 
     def find_end_user(self, app_id: int, external_id: str) -> int | None:
         cached = self._users.get((app_id, external_id))

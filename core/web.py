@@ -20,6 +20,7 @@ from core.errors import (
     DomainError,
     InvalidRequestError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     problem,
 )
 from core.parts import Parts
@@ -65,6 +66,13 @@ def current_principal() -> Principal:
     principal = g.get("principal")
     if principal is None:
         principal = part(AuthService).authenticate(bearer_key())
+        named = request.args.get("app")
+        if principal.app_id is not None and named is not None and named != principal.app_name:
+            # on any route: a key bound to one app naming another is refused, never quietly
+            # answered for its own app
+            raise PermissionDeniedError(
+                f"This key acts only in app {principal.app_name!r}; it cannot name another.",
+                param="app")
         g.principal = principal
     return cast(Principal, principal)
 
@@ -160,8 +168,14 @@ def query_args() -> dict[str, Any]:
 
 
 def app_in_scope(principal: Principal) -> int:
-    """The app a request acts in: the key's own, or `?app=NAME` for an operator-wide key."""
+    """The app a request acts in: the key's own, or `?app=NAME` for an operator-wide key. A
+    key bound to one app that names another is refused, never quietly given its own."""
     if principal.app_id is not None:
+        named = request.args.get("app")
+        if named is not None and named != principal.app_name:
+            raise PermissionDeniedError(
+                f"This key acts only in app {principal.app_name!r}; it cannot name another.",
+                param="app")
         return principal.app_id
     app = request.args.get("app")
     if not app:

@@ -8,7 +8,7 @@ from flask import Blueprint, Response
 
 from core.auth import Role, require_role, validate_user_id
 from core.openapi import documented
-from core.tenancy import TenancyService
+from core.tenancy import UNSEEN, TenancyService
 from core.web import app_in_scope, current_principal, json_body, json_response, part
 from metering.accrual import AccrualService
 from metering.limits_text import utc_iso
@@ -18,12 +18,14 @@ from plans.credits import CreditsService, Summary
 bp = Blueprint("credits", __name__, url_prefix="/v1")
 
 
-def _end_user(user: str) -> tuple[int, int, str]:
+def _end_user(user: str, *, create: bool = False) -> tuple[int, int, str]:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)
     user = validate_user_id(user)
     app_id = app_in_scope(principal)
-    return app_id, part(TenancyService).ensure_end_user(app_id, user), user
+    tenancy = part(TenancyService)
+    found = tenancy.ensure_end_user(app_id, user) if create else tenancy.seen_end_user(app_id, user)
+    return app_id, found, user
 
 
 def _body(user: str, summary: Summary, now: Any) -> dict[str, Any]:
@@ -41,7 +43,8 @@ def _body(user: str, summary: Summary, now: Any) -> dict[str, Any]:
 
 
 def _credits(app_id: int, end_user_id: int, user: str) -> Response:
-    part(AccrualService).accrue(app_id, end_user_id)  # burns up to the last call
+    if end_user_id != UNSEEN:
+        part(AccrualService).accrue(app_id, end_user_id)  # burns up to the last call
     summary = part(CreditsService).summary(end_user_id)
     return json_response(CreditsSchema().dump(_body(user, summary, part(CreditsService).clock())))
 
@@ -68,7 +71,7 @@ def my_credits() -> Response:
             "external_id", body=GrantRequestSchema, response=GrantSchema, status=201,
             tag="credits")
 def grant_credits(user: str) -> Response:
-    app_id, end_user_id, _user = _end_user(user)
+    app_id, end_user_id, _user = _end_user(user, create=True)
     args = GrantRequestSchema().load(json_body())
     grant, created = part(CreditsService).grant(app_id=app_id, end_user_id=end_user_id, **args)
     body = {"id": grant.id, "source": grant.source, "amount": grant.amount,

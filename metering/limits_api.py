@@ -59,15 +59,19 @@ log = logging.getLogger(__name__)
 bp = Blueprint("limits", __name__, url_prefix="/v1")
 
 
-def _caller(principal: Principal, user: str | None) -> tuple[int, int, str]:
-    """(app id, end user id, user) that a metering call acts for."""
+def _reporter(principal: Principal) -> None:
+    """Reporting usage is the app's backend's: an end-user key (the kind handed to a browser)
+    could report any amount, or none, and spend or spare the limits of everyone on its app."""
     if principal.role == Role.USER:
-        assert principal.end_user_id is not None and principal.end_user is not None
-        if user is not None and user != principal.end_user:
-            raise PermissionDeniedError("This end-user key acts only for its own user.")
-        assert principal.app_id is not None
-        return principal.app_id, principal.end_user_id, principal.end_user
+        raise PermissionDeniedError(
+            "An end-user key cannot report usage or hold leases; the app's backend does, with "
+            "its app key (end-user keys read their quota and call models).")
     require_role(principal, Role.APP)
+
+
+def _caller(principal: Principal, user: str | None) -> tuple[int, int, str]:
+    """(app id, end user id, user) that a metering call acts for (app keys only)."""
+    _reporter(principal)
     if user is None:
         raise InvalidRequestError("Name the end user: set 'user'.", param="user")
     assert principal.app_id is not None
@@ -104,6 +108,7 @@ def _applied_states(applied: list[Applied], now: datetime) -> list[dict[str, Any
 def reserve() -> Response:
     """Reserve against every limit of the user's plan; settle or release the lease after."""
     principal = current_principal()
+    _reporter(principal)  # before the body: a key that may not report learns nothing more
     args = ReserveRequestSchema().load(json_body())
     app_id, end_user_id, user = _caller(principal, args.get("user"))
     model = _model(args["model"])
@@ -129,14 +134,12 @@ def reserve() -> Response:
 
 
 def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
+    _reporter(principal)
     meta = part(LimitsService).lease_info(lease_id)
     # Someone else's lease is reported exactly like one that does not exist.
-    if (meta is None or meta.get("app_id") != principal.app_id
-            or (principal.role == Role.USER and meta.get("end_user_id") != principal.end_user_id)):
+    if meta is None or meta.get("app_id") != principal.app_id:
         raise NotFoundError(f"No lease {lease_id!r} for this key (or it ended over an hour "
                             "ago).", param="lease_id")
-    if principal.role not in (Role.APP, Role.USER):
-        raise PermissionDeniedError("Only app and end-user keys settle leases.")
     return meta
 
 
@@ -145,6 +148,7 @@ def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
             body=SettleRequestSchema, response=MeterResultSchema, tag="metering")
 def settle() -> Response:
     principal = current_principal()
+    _reporter(principal)  # before the body: a key that may not report learns nothing more
     args = SettleRequestSchema().load(json_body())
     lease_id = args["lease_id"]
     meta = _own_lease(principal, lease_id)
@@ -179,6 +183,7 @@ def settle() -> Response:
             response=MeterResultSchema, tag="metering")
 def release() -> Response:
     principal = current_principal()
+    _reporter(principal)  # before the body: a key that may not report learns nothing more
     args = ReleaseRequestSchema().load(json_body())
     lease_id = args["lease_id"]
     meta = _own_lease(principal, lease_id)
@@ -196,6 +201,7 @@ def release() -> Response:
             body=TrackRequestSchema, response=MeterResultSchema, status=201, tag="metering")
 def track() -> Response:
     principal = current_principal()
+    _reporter(principal)  # before the body: a key that may not report learns nothing more
     args = TrackRequestSchema().load(json_body())
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
@@ -296,7 +302,7 @@ def user_quota(user: str) -> Response:
     require_role(principal, Role.APP, Role.ADMIN)
     user = validate_user_id(user)
     app_id = app_in_scope(principal)
-    return _quota(app_id, part(TenancyService).ensure_end_user(app_id, user), user)
+    return _quota(app_id, part(TenancyService).seen_end_user(app_id, user), user)
 
 
 @bp.get("/me/quota")

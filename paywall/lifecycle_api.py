@@ -10,11 +10,18 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 
-from core.auth import Role, require_role, validate_user_id
+from core.auth import Role, require_operator, require_role, validate_user_id
 from core.errors import DomainError, NotFoundError
 from core.openapi import documented
 from core.tenancy import TenancyService
-from core.web import app_in_scope, current_principal, json_body, json_response, part, query_args
+from core.web import (
+    app_in_scope,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+    query_args,
+)
 from paywall.cancel_flow import CancelFlow
 from paywall.evidence import EvidenceService
 from paywall.notices import NoticeService
@@ -77,7 +84,7 @@ def withdraw() -> Response:
             "ahead: NTC-04)", body=PriceChangeRequestSchema, response=PriceChangeSchema,
             status=201, tag="plans")
 def schedule_price_change() -> Response:
-    require_role(current_principal(), Role.ADMIN)
+    require_operator(current_principal())  # a plan's price: every app selling it
     args = PriceChangeRequestSchema().load(json_body())
     change = part(NoticeService).schedule_price_change(
         args["plan"], args["to_version"], args["effective_at"], args.get("from_version"))
