@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from core.text import control_free
 
@@ -30,6 +30,11 @@ class UserKeySchema(Schema):
 
 
 class ProblemSchema(Schema):
+    """RFC 9457: these members, and extension members of each problem (errors, limit, ...)."""
+
+    class Meta:
+        unknown = INCLUDE
+
     type = fields.String()
     title = fields.String()
     status = fields.Integer()

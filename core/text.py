@@ -23,6 +23,8 @@ _HOSTPORT = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost(?::\d+
 def control_free(text: str, *, multiline: bool = True) -> bool:
     """True when the text holds no NUL or control character (tab and newlines allowed when
     `multiline`)."""
+    if text.isascii() and text.isprintable():  # the common case, in C
+        return True
     return (_CONTROL if multiline else _CONTROL_ANY).search(text) is None
 
 

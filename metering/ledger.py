@@ -17,7 +17,6 @@ from typing import Any, TypeGuard
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
@@ -237,14 +236,27 @@ class LedgerWriter:
                 raise ValueError(f"event {i}: {why}")
         if not rows:
             return []
-        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(UsageEvent).on_conflict_do_nothing(
-            index_elements=["app_id", "idempotency_key"]).returning(_TABLE.c.idempotency_key)
+        # Every row in one statement, keys already in the ledger skipped: on Postgres a
+        # pipeline that is one implicit transaction (a single round trip), on SQLite a
+        # transaction. Then, only when some were skipped, which were written: those holding
+        # this request's id.
+        engine = self.engine if self.engine.dialect.name == "sqlite" else self._autocommit
         try:
-            with self.engine.begin() as conn:
-                written = set(conn.execute(stmt, rows).scalars())
+            with engine.begin() as conn:
+                inserted = conn.exec_driver_sql(
+                    self._sql + " ON CONFLICT (app_id, idempotency_key) DO NOTHING",
+                    [self._params(row) for row in rows]).rowcount
+            if inserted == len(rows):
+                return ["written"] * len(rows)
+            with self.engine.connect() as conn:
+                mine = {tuple(r) for r in conn.execute(select(
+                    _TABLE.c.app_id, _TABLE.c.idempotency_key, _TABLE.c.request_id).where(
+                    _TABLE.c.idempotency_key.in_({row["idempotency_key"] for row in rows}),
+                    _TABLE.c.request_id.in_({row["request_id"] for row in rows})))}
         except Exception as exc:  # noqa: BLE001 - sorted below: nothing was written
             outcome = "quarantined" if _is_poison(exc) else "spooled"
+            note(logging.ERROR, "a batch of %d usage records was not written (%s): %s",
+                 len(rows), describe(exc), outcome)
             for row in rows:
                 if outcome == "quarantined":
                     self.quarantine.put(row, f"batch refused: {type(exc).__name__}: {exc}",
@@ -252,8 +264,8 @@ class LedgerWriter:
                 else:
                     self._spool(row)
             return [outcome] * len(rows)
-        return ["written" if row["idempotency_key"] in written else "duplicate"
-                for row in rows]
+        return ["written" if (row["app_id"], row["idempotency_key"], row["request_id"]) in mine
+                else "duplicate" for row in rows]
 
     def _ensure_writer(self) -> None:
         thread = self._thread

@@ -240,6 +240,7 @@ def track_batch() -> Response:
         raise InvalidRequestError("Each event of a batch needs its own idempotency_key.",
                                   param="events")
     calls = []
+    metering = part(MeteringService)
     named = [validate_user_id(e["user"]) for e in args["events"] if e.get("user")]
     part(TenancyService).ensure_end_users(app_in_scope(principal), named)  # looked up together
     for event in args["events"]:
@@ -247,7 +248,7 @@ def track_batch() -> Response:
         model = _model(event["model"])
         usage = TokenUsage(**event["usage"])
         calls.append(DirectCall(app_id, end_user_id, model, usage,
-                                _cost(usage, model, now),
+                                _cost(usage, model, now, metering),
                                 request_id(), event["idempotency_key"]))
     try:
         part(PlanService).prefetch([c.end_user_id for c in calls])
@@ -315,10 +316,11 @@ def my_quota() -> Response:
     return _quota(principal.app_id, principal.end_user_id, principal.end_user or "")
 
 
-def _cost(usage: TokenUsage, model: ModelConfig, at: datetime) -> int | None:
+def _cost(usage: TokenUsage, model: ModelConfig, at: datetime,
+          metering: MeteringService | None = None) -> int | None:
     """The call's cost at the price in force; past what the ledger holds, a 400 (never
     wrapped or cut)."""
-    cost = cost_or_none(usage, part(MeteringService).price_of(model, at))
+    cost = cost_or_none(usage, (metering or part(MeteringService)).price_of(model, at))
     if cost is not None and cost > MAX_PICO:
         raise InvalidRequestError(
             f"At {model.name}'s price this usage costs more than the ledger holds for one call "

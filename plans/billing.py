@@ -8,6 +8,7 @@ kept unhandled and answered 500, so that Stripe retries it later."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -99,7 +100,10 @@ class BillingService:
                                                    self.webhook_secret)
         except (ValueError, stripe.SignatureVerificationError) as exc:
             raise InvalidRequestError(f"Bad Stripe webhook: {exc}") from exc
-        doc: dict[str, Any] = orjson.loads(payload)
+        try:
+            doc: dict[str, Any] = orjson.loads(payload)
+        except orjson.JSONDecodeError:  # numbers past 64 bits: Stripe's own parser took them
+            doc = json.loads(payload)
         event_id, kind = event.id, event.type
         if kind not in HANDLED:
             return "ignored"
