@@ -302,11 +302,19 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
         raise ConfigError(f"{where}: breaker_cooldown must be seconds, more than 0, at most 3600")
     return UpstreamConfig(
         name=name, base_url=base_url, api_key=api_key,
-        connect_timeout_s=float(table.get("connect_timeout", 5)),
-        read_timeout_s=float(table.get("timeout", 600)),
+        connect_timeout_s=_seconds(table, "connect_timeout", 5, 600, where),
+        read_timeout_s=_seconds(table, "timeout", 600, 86_400, where),
         max_concurrency=cap, breaker_failures=failures, breaker_cooldown_s=float(cooldown),
         cost=parse_gpu_cost(table["cost"], where) if "cost" in table else None,
     )
+
+
+def _seconds(table: dict[str, Any], key: str, default: float, high: float, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)) \
+            or not 0 < value <= high:
+        raise ConfigError(f"{where}: {key} must be seconds, more than 0, at most {high:,g}")
+    return float(value)
 
 
 def _whole(value: Any, low: int, high: int) -> bool:

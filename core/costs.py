@@ -38,6 +38,12 @@ class GpuCost:
         return int((usd * PICO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+# The most each part of a GPU's cost may be: an hour's cost stays far inside 64-bit pico-USD.
+CEILINGS = {"hardware_per_hour": Decimal(100_000), "hosting_per_hour": Decimal(100_000),
+            "power_watts": Decimal(10_000_000), "kwh_price": Decimal(10),
+            "purchase_price": Decimal(1_000_000_000)}
+
+
 def _decimal(table: dict[str, Any], key: str, where: str) -> Decimal:
     value = table.get(key, 0)
     try:
@@ -45,8 +51,10 @@ def _decimal(table: dict[str, Any], key: str, where: str) -> Decimal:
             and not isinstance(value, bool) else None
     except ArithmeticError:
         amount = None
-    if amount is None or not amount.is_finite() or amount < 0:
-        raise ConfigError(f"{where}: cost.{key} must be a non-negative decimal, got {value!r}")
+    ceiling = CEILINGS.get(key, Decimal(1_000_000_000))
+    if amount is None or not amount.is_finite() or not 0 <= amount <= ceiling:
+        raise ConfigError(f"{where}: cost.{key} must be a decimal from 0 to {ceiling:,}, "
+                          f"got {value!r}")
     return amount
 
 

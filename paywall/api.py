@@ -11,6 +11,7 @@ from core.errors import InvalidRequestError, NotFoundError, PermissionDeniedErro
 from core.events import EventService
 from core.openapi import documented
 from core.tenancy import TenancyService
+from core.text import storable
 from core.web import app_in_scope, current_principal, json_body, json_response, part, query_args
 from paywall.schemas import (
     ConsentRequestSchema,
@@ -181,7 +182,8 @@ def record_consent() -> Response:
         end_user_id = principal.end_user_id
         # what the server saw, not what a client claims
         args["ip"] = request.remote_addr
-        args["user_agent"] = request.headers.get("User-Agent")
+        agent = request.headers.get("User-Agent")  # a header: made storable as evidence text
+        args["user_agent"] = storable(agent, 500) if agent else None
     else:
         if args.get("user") is None:
             raise InvalidRequestError("Name the end user who agreed (user).", param="user")

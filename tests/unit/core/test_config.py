@@ -79,6 +79,17 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
     (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
                   'base_url = "http://127.0.0.1:8000/v1"\nbreaker_cooldown = -1'),
      "breaker_cooldown must be"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\ntimeout = 1e300'), "timeout must be"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\nconnect_timeout = "soon"'),
+     "connect_timeout must be"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\ncost = { hardware_per_hour = "1e30" }'),
+     "hardware_per_hour must be a decimal from 0 to 100,000"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\ncost = { power_watts = "1e12" }'),
+     "power_watts must be"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, snippet: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
