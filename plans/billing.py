@@ -76,8 +76,11 @@ class BillingService:
     def __init__(self, engine: Engine, catalog: Catalog, plans: PlanService,
                  credits: CreditsService, *, webhook_secret: str | None,
                  clock: Callable[[], datetime] = utcnow,
-                 allowance_used: AllowanceUsed | None = None) -> None:
+                 allowance_used: AllowanceUsed | None = None,
+                 client: Callable[[], stripe.StripeClient] | None = None) -> None:
         self.engine = engine
+        # Stripe itself: asked for a subscription's state when two of its events tie
+        self.client = client
         # Credits of the allowance used so far in a cycle (the limits engine's counter):
         # what an upgrade that does not carry usage over sets aside.
         self.allowance_used = allowance_used
@@ -129,13 +132,18 @@ class BillingService:
             set_aside = (self._upgrade_usage(obj, _at(doc.get("created")) or self.clock())
                          if kind.startswith("customer.subscription.") else None)
             with self.engine.begin() as conn:
+                # The claim comes first, in the transaction that applies the event: one
+                # conditional update whose row count says who applies it. A delivery running
+                # at the same moment waits on the row's lock, then finds it handled.
+                claimed = conn.execute(update(StripeEvent).where(
+                    StripeEvent.id == event_id, StripeEvent.handled_at.is_(None))
+                    .values(handled_at=self.clock(), error=None)).rowcount
+                if claimed != 1:
+                    return "duplicate"
                 self._handle(conn, kind, obj, _at(doc.get("created")), set_aside)
                 if self.after_event is not None:
                     self.after_event(conn, kind, obj, _at(doc.get("created")) or self.clock(),
                                      *self._owner(conn, obj))
-                conn.execute(update(StripeEvent).where(StripeEvent.id == event_id,
-                                                       StripeEvent.handled_at.is_(None))
-                             .values(handled_at=self.clock(), error=None))
         except IntegrityError as exc:
             with self.engine.connect() as conn:
                 done = conn.execute(select(StripeEvent.handled_at).where(
@@ -271,6 +279,24 @@ class BillingService:
             # an older event arriving late (Stripe stamps events to the second), or any
             # event after the end: a canceled subscription never comes back
             return
+        if prior is not None and prior.last_event_at == at and not deleted:
+            # Two events stamped in the same second: their delivery order says nothing of
+            # which is newer. Stripe's own copy of the subscription decides.
+            current = self._current(obj["id"])
+            if current is not None:
+                obj = current
+                status = str(obj.get("status") or status)
+                item = ((obj.get("items") or {}).get("data") or [{}])[0]
+                plan = self._plan_of(obj) or plan
+                row.update(plan_id=plan.id, plan_version=plan.version, status=status,
+                           cancel_at_period_end=bool(obj.get("cancel_at_period_end")),
+                           current_period_start=_at(item.get("current_period_start")
+                                                    or obj.get("current_period_start")),
+                           current_period_end=_at(item.get("current_period_end")
+                                                  or obj.get("current_period_end")),
+                           trial_end=_at(obj.get("trial_end")))
+                if status == "canceled":
+                    deleted = True
         if prior is None:
             conn.execute(insert(Subscription).values(id=obj["id"], **row))
         else:
@@ -291,6 +317,24 @@ class BillingService:
             self.plans.unassign_in(conn, user)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _current(self, subscription_id: str) -> dict[str, Any] | None:
+        """The subscription as Stripe has it now (None: Stripe is not configured here; the
+        event is then taken in delivery order, as before). Stripe unreachable: the event is
+        left for Stripe to deliver again."""
+        if self.client is None:
+            return None
+        try:
+            client = self.client()
+        except DomainError:  # no API key: webhooks only
+            return None
+        try:
+            found = client.v1.subscriptions.retrieve(subscription_id)
+        except stripe.StripeError as exc:
+            raise _NotYetError(f"Stripe could not say which of two events of subscription "
+                               f"{subscription_id} stamped in the same second is newer: "
+                               f"{exc}") from exc
+        return found.to_dict()
 
     def _owner(self, conn: Connection, obj: dict[str, Any]) -> tuple[int, int]:
         """(app id, end user id) an object belongs to: our metadata on it (or on its parent

@@ -185,3 +185,36 @@ def test_changes_that_cannot_be_made_are_refused(world: Any) -> None:
     assert bad.status_code == 422
     missing = web.post("/v1/subscriptions/sub_nope/cancel", headers=bearer(key))
     assert missing.status_code == 404
+
+
+def test_two_events_of_one_second_end_in_the_state_stripe_has(world: Any,
+                                                              fake_stripe: str) -> None:
+    """Stripe stamps events to the second: an `active` and a `past_due` event of the same
+    second, delivered in the wrong order, leave the subscription as Stripe has it (on main:
+    the last delivered won, and the user kept a paid plan Stripe says is past due)."""
+    import urllib.request
+
+    from plans.models import Subscription
+
+    app, key, _other, client, sub_id, tag = world
+    deliver_current(app, client, sub_id, "customer.subscription.created")
+    assert plan_of(app, key) == f"basic-{tag}"
+    active = client.v1.subscriptions.retrieve(sub_id).to_dict()
+    req = urllib.request.Request(f"{fake_stripe}/_config/subscriptions/{sub_id}",
+                                 data=orjson.dumps({"status": "past_due"}), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()  # noqa: S310 - the fake on loopback
+    past_due = client.v1.subscriptions.retrieve(sub_id).to_dict()
+    second = next(_created)
+    for obj in (past_due, active):  # the newer state first, the older one last
+        payload = orjson.dumps({"id": f"evt_{uuid.uuid4().hex}", "object": "event",
+                                "type": "customer.subscription.updated", "created": second,
+                                "data": {"object": obj}}, default=str)
+        resp = app.test_client().post("/v1/stripe/webhook", data=payload,
+                                      headers=stripe_headers(payload, SECRET))
+        assert resp.status_code == 200, resp.data
+    with app.extensions["wiring"].engine.connect() as conn:
+        status = conn.execute(select(Subscription.status).where(
+            Subscription.id == sub_id)).scalar_one()
+    assert status == "past_due"
+    assert plan_of(app, key) == f"free-{tag}"  # past due: back on the default plan

@@ -257,6 +257,15 @@ async def get_subscription(request: web.Request) -> web.Response:
     return web.json_response(sub)
 
 
+async def set_subscription_state(request: web.Request) -> web.Response:
+    """Test control: what Stripe itself moves a subscription to (status: past_due, ...)."""
+    sub = _subscriptions.get(request.match_info["id"])
+    if sub is None:
+        return _error(404, f"No such subscription: '{request.match_info['id']}'", "id")
+    sub.update(await request.json())
+    return web.json_response(sub)
+
+
 async def update_subscription(request: web.Request) -> web.Response:
     sub = _subscriptions.get(request.match_info["id"])
     if sub is None:
@@ -471,6 +480,7 @@ def build() -> web.Application:
     ours.router.add_get("/v1/refunds", list_refunds)
     ours.router.add_get("/_config/refunds", list_refunds)
     ours.router.add_post("/_config/fail", fail_next)
+    ours.router.add_post("/_config/subscriptions/{id}", set_subscription_state)
     ours.router.add_post("/v1/subscription_schedules", create_schedule)
     ours.router.add_get("/v1/subscription_schedules/{id}", get_schedule)
     ours.router.add_post("/v1/subscription_schedules/{id}", update_schedule)
