@@ -192,6 +192,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
             raise ConfigError(str(exc)) from exc
     plans = PlanService(engine, catalog, cache_seconds=config.key_cache_seconds)
     metering.plan_of = functools.partial(_plan_id, plans)
+    metering.accounted = catalog.has_allowance
     credits = CreditsService(engine, cache_seconds=config.key_cache_seconds)
     accrual = AccrualService(engine, credits, plans, config.models)
     limits = LimitsService(catalog, limit_store(config, engine, redis_client), plans, engine,

@@ -1,13 +1,14 @@
 """Usage accounted against plan allowances, credits and overage: the ledger's events of an
-end user, in order and each once, fed to the plans package's credit accounting."""
+end user not yet accounted (marked credits_pending), each once, fed to the plans package's
+credit accounting, which clears their marks in the transaction that accounts them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection, Engine
 
 from core.config import ModelConfig
 from metering.models import UsageEvent
@@ -15,7 +16,6 @@ from plans.credits import CreditsService, UsageCredits
 from plans.service import Assignment, PlanService
 
 BATCH = 5000
-ACTIVE_DAYS = 62  # accrue_all looks at end users with usage this recent
 
 
 class AccrualService:
@@ -27,27 +27,35 @@ class AccrualService:
         self.tiers = {m.name: m.tier for m in models}
 
     def accrue(self, app_id: int, end_user_id: int, now: datetime | None = None) -> int:
-        """Account the end user's usage not yet accounted; returns how many events."""
+        """Account the end user's usage not yet accounted (the rows marked credits_pending,
+        whatever order they committed in); returns how many events."""
         assignment = self.plans.plan_of(end_user_id)
         terms = assignment.plan.terms
-        if terms.allowance is None:
-            return 0
         done = 0
         while True:
-            after = self.credits.cursor_of(end_user_id)
             with self.engine.connect() as conn:
                 rows = conn.execute(
                     select(UsageEvent.id, UsageEvent.input_tokens, UsageEvent.output_tokens,
                            UsageEvent.requested_model, UsageEvent.created_at)
-                    .where(UsageEvent.end_user_id == end_user_id, UsageEvent.id > after)
+                    .where(UsageEvent.end_user_id == end_user_id,
+                           UsageEvent.credits_pending.is_(True))
                     .order_by(UsageEvent.id).limit(BATCH)).all()
+            if terms.allowance is None:  # a plan without allowance: nothing to account
+                if not rows:
+                    return done
+                with self.engine.begin() as conn:
+                    _clear(conn, [r.id for r in rows])
+                done += len(rows)
+                continue
             events = [UsageCredits(r.id, (r.input_tokens + r.output_tokens) * terms
                                    .credits_per_token(self.tiers.get(r.requested_model,
                                                                      "standard")),
                                    r.created_at) for r in rows]
-            accounted = self.credits.account(app_id, end_user_id, assignment, events, now)
+            # (with no events too: cycles that ended since are closed, their rollover made)
+            accounted = self.credits.account(app_id, end_user_id, assignment, events, now,
+                                             mark=_clear)
             done += accounted
-            if len(rows) < BATCH or accounted == 0:
+            if accounted == 0 or len(rows) < BATCH:  # done, or another run took them
                 return done
 
     def extra_allowance(self, app_id: int, end_user_id: int, assignment: Assignment,
@@ -58,14 +66,23 @@ class AccrualService:
             end_user_id, assignment, now, refresh=lambda: self.accrue(app_id, end_user_id, now))
 
     def accrue_all(self, now: datetime, progress: Callable[[int], None] | None = None) -> int:
-        """Accrue every end user with recent usage; returns how many events."""
+        """Accrue every end user with usage not yet accounted (however old: it repairs any
+        event left behind); returns how many events."""
         with self.engine.connect() as conn:
             users = conn.execute(
                 select(UsageEvent.app_id, UsageEvent.end_user_id).distinct()
-                .where(UsageEvent.created_at >= now - timedelta(days=ACTIVE_DAYS))).all()
+                .where(UsageEvent.credits_pending.is_(True))).all()
         done = 0
         for i, (app_id, end_user_id) in enumerate(users, start=1):
             done += self.accrue(app_id, end_user_id, now)
             if progress is not None:
                 progress(i)
         return done
+
+
+def _clear(conn: Connection, event_ids: list[int]) -> int:
+    """Mark events accounted, in the caller's transaction; returns how many were still
+    pending (fewer than asked: another run accounted some first)."""
+    return int(conn.execute(update(UsageEvent).where(
+        UsageEvent.id.in_(event_ids), UsageEvent.credits_pending.is_(True))
+        .values(credits_pending=False)).rowcount)

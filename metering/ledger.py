@@ -87,6 +87,7 @@ class CallRecord:
     cache_write_tokens: int = 0
     plan_id: str | None = None
     usage_note: str | None = None
+    credits_pending: bool = False  # to be accounted against the plan's allowance
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed
@@ -133,7 +134,7 @@ def problem_of(row: dict[str, Any]) -> str | None:
         if (value is not None or name != "ttft_ms") and (
                 not _is_int(value) or not 0 <= value <= INT32):
             return f"{name} is not a 32-bit count: {describe(value)}"
-    for name in ("stream", "priced", "limits_pending"):
+    for name in ("stream", "priced", "limits_pending", "credits_pending"):
         if not isinstance(row.get(name, False), bool):
             return f"{name} is not true or false: {describe(row.get(name))}"
     at = row.get("created_at")
@@ -538,7 +539,10 @@ _SPOOL_DEFAULTS: dict[str, Any] = {
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
-    row: dict[str, Any] = {**_SPOOL_DEFAULTS, **orjson.loads(raw)}
+    found = orjson.loads(raw)
+    row: dict[str, Any] = {**_SPOOL_DEFAULTS, **found}
+    if "credits_pending" not in found:  # spooled by a version before the marks: let the
+        row["credits_pending"] = row.get("plan_id") is not None  # accounting decide
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
 

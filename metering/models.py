@@ -19,6 +19,8 @@ class UsageEvent(Base):
         Index("ix_usage_events_created", "created_at"),  # finance roll-ups read a day at a time
         Index("ix_usage_events_limits_pending", "id", postgresql_where=text("limits_pending"),
               sqlite_where=text("limits_pending")),
+        Index("ix_usage_events_credits_pending", "end_user_id", "id",
+              postgresql_where=text("credits_pending"), sqlite_where=text("credits_pending")),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -61,6 +63,11 @@ class UsageEvent(Base):
     # Why usage was counted instead of taken as reported (an upstream's malformed or
     # out-of-range usage), or why a call has no cost although its model has a price.
     usage_note: Mapped[str | None] = mapped_column(String(200))
+    # Not yet accounted against the plan's allowance, credits and overage: set when the call
+    # is recorded on a plan with an allowance, cleared in the transaction that accounts it.
+    # Accounting reads these marks, not an id cursor: a row that commits late (after a
+    # higher id was accounted) is still found.
+    credits_pending: Mapped[bool] = mapped_column(default=False, server_default="0")
 
 
 class LimitCounter(Base):

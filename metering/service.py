@@ -103,6 +103,9 @@ class MeteringService:
         self.prices: Any = None
         # The plan an end user is on (for the ledger row of a call the app reports itself).
         self.plan_of: Callable[[int], str | None] | None = None
+        # Whether a plan's usage is accounted against an allowance (the row is then marked
+        # credits_pending for the accounting).
+        self.accounted: Callable[[str | None], bool] = lambda _plan: False
 
     def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
         return self.prices.price_at(model.name, at) if self.prices is not None else model.price
@@ -149,6 +152,7 @@ class MeteringService:
     def settle(self, outcome: CallOutcome) -> CallRecord:
         """Price the call and append it to the ledger (idempotent on the idempotency key)."""
         usage, source, note = self.usage_of(outcome)
+        plan_id = outcome.lease.plan.id if outcome.lease is not None else None
         price = self.price_of(outcome.model, outcome.created_at)
         cost = cost_or_none(usage, price)
         if cost is not None and cost > MAX_PICO:
@@ -168,8 +172,8 @@ class MeteringService:
             created_at=outcome.created_at, limits_pending=outcome.limits_pending,
             route_alias=outcome.route_alias, route_reason=outcome.route_reason,
             baseline_cost_pico_usd=_baseline(usage, outcome.route_allowed),
-            cache_write_tokens=usage.cache_write_tokens,
-            plan_id=outcome.lease.plan.id if outcome.lease is not None else None,
+            cache_write_tokens=usage.cache_write_tokens, plan_id=plan_id,
+            credits_pending=self.accounted(plan_id),
         )
         self.ledger.record(record)
         outcome.record = record
@@ -180,6 +184,7 @@ class MeteringService:
                       idempotency_key: str, endpoint: str, at: datetime | None = None) -> str:
         """Record a call the app made itself (reported through the metering API); returns the
         ledger's answer: written, duplicate (this key was recorded before) or spooled."""
+        plan_id = self.plan_of(end_user_id) if self.plan_of is not None else None
         record = CallRecord(
             app_id=app_id, end_user_id=end_user_id, request_id=request_id,
             idempotency_key=idempotency_key, endpoint=endpoint, requested_model=model.name,
@@ -189,13 +194,15 @@ class MeteringService:
             usage_source="reported", cost_pico_usd=cost_pico,
             priced=cost_pico is not None, status="ok", http_status=200, error=None, latency_ms=0,
             ttft_ms=None, created_at=at or self.clock(),
-            cache_write_tokens=usage.cache_write_tokens,
-            plan_id=self.plan_of(end_user_id) if self.plan_of is not None else None)
+            cache_write_tokens=usage.cache_write_tokens, plan_id=plan_id,
+            credits_pending=self.accounted(plan_id))
         return self.ledger.record(record, dedupe=True)
 
     def record_direct_many(self, calls: list[DirectCall]) -> list[str]:
         """Record many calls the app made itself, in group commits: each call's answer."""
         now = self.clock()
+        plans = {c.end_user_id: self.plan_of(c.end_user_id) if self.plan_of is not None else None
+                 for c in calls}
         records = [CallRecord(
             app_id=c.app_id, end_user_id=c.end_user_id, request_id=c.request_id,
             idempotency_key=c.idempotency_key, endpoint="meter.track",
@@ -206,7 +213,7 @@ class MeteringService:
             usage_source="reported", cost_pico_usd=c.cost_pico, priced=c.cost_pico is not None,
             status="ok", http_status=200, error=None, latency_ms=0, ttft_ms=None,
             created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
-            plan_id=self.plan_of(c.end_user_id) if self.plan_of is not None else None)
+            plan_id=plans[c.end_user_id], credits_pending=self.accounted(plans[c.end_user_id]))
             for c in calls]
         return self.ledger.record_batch(records)
 

@@ -117,6 +117,12 @@ class Catalog:
                 return plan
         return None
 
+    def has_allowance(self, plan_id: str | None) -> bool:
+        """Whether usage on this plan (any of its versions) is accounted against an allowance
+        (and so against credits and overage)."""
+        return plan_id is not None and any(
+            p.terms.allowance is not None for p in self.plans if p.id == plan_id)
+
     def get(self, plan_id: str, version: int | None = None) -> Plan | None:
         """That version of the plan, or with no version its current one."""
         found = [p for p in self.plans if p.id == plan_id

@@ -278,17 +278,19 @@ class CreditsService:
         return int(last or 0)
 
     def account(self, app_id: int, end_user_id: int, assignment: Assignment,
-                events: list[UsageCredits], now: datetime | None = None) -> int:
-        """Account events (in ledger order, all after the cursor) against the allowance of
-        their cycle, then the credits live when each happened, then overage; close the
-        cycles that ended (rolling unused allowance over). One transaction; a concurrent
-        run that got there first wins and this one changes nothing. Returns events done."""
+                events: list[UsageCredits], now: datetime | None = None, *,
+                mark: Callable[[Connection, list[int]], int] | None = None) -> int:
+        """Account events (each not accounted before) against the allowance of their cycle,
+        then the credits live when each happened, then overage; close the cycles that ended
+        (rolling unused allowance over). One transaction, in which `mark` (the metering
+        package's) marks the events accounted: if another run marked any first, this one
+        changes nothing. Returns events done."""
         terms = assignment.plan.terms
         if terms.allowance is None:
             return 0
         now = now or self.clock()
         try:
-            done = self._account(app_id, end_user_id, assignment, events, now)
+            done = self._account(app_id, end_user_id, assignment, events, now, mark)
         except _RacedError:
             return 0  # another run accounted these first (its rows are committed, these not)
         except IntegrityError:
@@ -301,12 +303,13 @@ class CreditsService:
         return done
 
     def _account(self, app_id: int, end_user_id: int, assignment: Assignment,
-                 events: list[UsageCredits], now: datetime) -> int:
+                 events: list[UsageCredits], now: datetime,
+                 mark: Callable[[Connection, list[int]], int] | None = None) -> int:
         plan, terms = assignment.plan, assignment.plan.terms
         assert terms.allowance is not None
         with self.engine.begin() as conn:
             cursor = conn.execute(select(CreditCursor.__table__).where(
-                CreditCursor.end_user_id == end_user_id)).first()
+                CreditCursor.end_user_id == end_user_id).with_for_update()).first()
             last = cursor.last_event_id if cursor else 0
             cycle_start = cursor.cycle_start if cursor else None
             used = cursor.cycle_used if cursor else 0
@@ -316,12 +319,14 @@ class CreditsService:
                 AllowanceOffset.end_user_id == end_user_id)).all())
             burns: list[dict[str, Any]] = []
             overages: list[dict[str, Any]] = []
+            if mark is not None and mark(conn, [ev.event_id for ev in events]) != len(events):
+                raise _RacedError  # another run accounted some of them: it has them all
             for ev in events:
-                if ev.event_id <= last:
-                    continue
+                if mark is None and ev.event_id <= last:
+                    continue  # (without marks: an id cursor, for callers that feed in order)
                 if ev.at < assignment.anchored_at:
                     # usage from before the user came onto this plan is not charged to it
-                    last = ev.event_id
+                    last = max(last, ev.event_id)
                     continue
                 start = period_of(_CYCLE, ev.at, assignment.anchored_at).start
                 if cycle_start is not None and start > cycle_start:
@@ -344,7 +349,7 @@ class CreditsService:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
                                      "credits": rest, "happened_at": ev.at})
-                last = ev.event_id
+                last = max(last, ev.event_id)
             now_start = period_of(_CYCLE, now, assignment.anchored_at).start
             if cycle_start is not None and now_start > cycle_start:
                 self._close_cycles(conn, app_id, end_user_id, assignment, cycle_start, used,
@@ -361,10 +366,12 @@ class CreditsService:
                 moved = conn.execute(update(CreditCursor).where(
                     CreditCursor.end_user_id == end_user_id,
                     CreditCursor.last_event_id == cursor.last_event_id,
-                    CreditCursor.cycle_start == cursor.cycle_start).values(**values))
+                    CreditCursor.cycle_start == cursor.cycle_start,
+                    CreditCursor.cycle_used == cursor.cycle_used).values(**values))
                 if moved.rowcount != 1:  # another run accounted first: leave it to that one
                     raise _RacedError
-        return len([e for e in events if e.event_id <= last])
+        return len(events) if mark is not None else len([e for e in events
+                                                         if e.event_id <= last])
 
     def _close_cycles(self, conn: Connection, app_id: int, end_user_id: int,
                       assignment: Assignment, start: datetime, used: int, until: datetime,

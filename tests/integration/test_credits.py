@@ -190,3 +190,46 @@ def test_credits_burned_in_a_cycle_are_not_spent_again_in_the_next(app: Any, key
     app.clock.now = NOW + timedelta(days=40)  # a new cycle, nothing accounted yet
     line = quota(client, keys.app, "fay")["allowance"]
     assert line["used"] == 0 and line["limit"] == 100 + 10  # the 10 credits left, not 50
+
+
+def test_a_row_that_commits_after_a_higher_id_was_accounted_is_accounted_too(
+        app: Any, keys: Keys, clean_db: Engine) -> None:
+    """Postgres hands out ids before commit: the ledger writers of two workers commit out of
+    id order. On main the accounting read `id > cursor` and moved the cursor past a row still
+    uncommitted, which was then never accounted (its overage never reached Stripe)."""
+    from sqlalchemy import insert
+
+    from metering.models import UsageEvent
+
+    client, w = app.test_client(), app.extensions["wiring"]
+    anchor = (NOW - timedelta(days=1)).isoformat()
+    assert client.put("/v1/users/dora/plan", json={"plan": "metered", "anchored_at": anchor},
+                      headers=bearer(keys.app)).status_code == 200
+    app_id = w.tenancy.get_app("acme")
+    user_id = w.tenancy.find_end_user(app_id, "dora")
+
+    def row(key: str, tokens: int) -> dict[str, Any]:
+        return {"app_id": app_id, "end_user_id": user_id, "request_id": f"req_{key}",
+                "idempotency_key": key, "endpoint": "meter.track",
+                "requested_model": "gpt-4o-mini", "upstream": None,
+                "upstream_model": "gpt-4o-mini", "stream": False, "input_tokens": tokens,
+                "cached_input_tokens": 0, "output_tokens": 0, "reasoning_tokens": 0,
+                "usage_source": "reported", "cost_pico_usd": None, "priced": False,
+                "status": "ok", "http_status": 200, "latency_ms": 0, "created_at": NOW,
+                "plan_id": "metered", "credits_pending": True}
+
+    slow = clean_db.connect()
+    slow_tx = slow.begin()
+    slow.execute(insert(UsageEvent).values(row("slow", 80)))  # takes the lower id, waits
+    with clean_db.begin() as conn:
+        conn.execute(insert(UsageEvent).values(row("fast", 80)))  # the higher id, committed
+    w.accrual.accrue(app_id, user_id, NOW)
+    slow_tx.commit()
+    slow.close()
+    w.accrual.accrue(app_id, user_id, NOW)
+    with clean_db.connect() as conn:
+        over = conn.execute(select(func.coalesce(func.sum(CreditOverage.credits), 0)).where(
+            CreditOverage.end_user_id == user_id)).scalar_one()
+        left = conn.execute(select(func.count()).select_from(UsageEvent).where(
+            UsageEvent.credits_pending.is_(True))).scalar_one()
+    assert over == 160 - 100 and left == 0  # both rows past the 100 allowance, on main 0
