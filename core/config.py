@@ -371,6 +371,9 @@ def _model(table: dict[str, Any], upstreams: set[str]) -> ModelConfig:
     )
 
 
+MAX_PRICE_USD = Decimal(20_000)  # per 1M tokens, or per call for request_fee
+
+
 def _price(table: Any, where: str) -> ModelPrice:
     if not isinstance(table, dict):
         raise ConfigError(
@@ -386,6 +389,8 @@ def _price(table: Any, where: str) -> ModelPrice:
             amount = None
         if amount is None or not amount.is_finite() or amount < 0:
             raise ConfigError(f"{where}: price.{key} must be a non-negative decimal, got {value!r}")
+        if amount > MAX_PRICE_USD:  # as the price API: a call's cost stays inside 64 bits
+            raise ConfigError(f"{where}: price.{key} is more than {MAX_PRICE_USD:,} USD")
         if amount.as_tuple().exponent < -6:  # type: ignore[operator]
             raise ConfigError(f"{where}: price.{key} has more than 6 decimal places")
         values[key] = amount

@@ -83,9 +83,21 @@ class _RefusedError(Exception):
     """A webhook URL that must not be called (it points inside the operator's network)."""
 
 
+# IPv6 prefixes that carry an IPv4 address a gateway may reach for us: NAT64 (well-known
+# and local-use), 6to4, Teredo, and the old IPv4-compatible ::/96. A webhook never needs
+# them, and the IPv4 inside could be any internal address.
+_TRANSITION = [ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96")]
+
+
 def _routable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:10.0.0.1 is 10.0.0.1
-    return (mapped or addr).is_global and not (mapped or addr).is_multicast
+    if isinstance(addr, ipaddress.IPv6Address):
+        mapped = addr.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+        if mapped is not None:
+            return mapped.is_global and not mapped.is_multicast
+        if any(addr in net for net in _TRANSITION):
+            return False
+    return addr.is_global and not addr.is_multicast
 
 
 def resolve_webhook_host(url: str, *, allow_private: bool) -> tuple[str, int, str]:

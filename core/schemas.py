@@ -6,41 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from core.text import control_free
-
-
-class UserKeyRequestSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    ttl_seconds = fields.Integer(
-        load_default=None, validate=validate.Range(min=60),
-        metadata={"description": "Lifetime of the key; default 1 hour, at most 7 days"})
-    name = fields.String(load_default=None, validate=validate.Length(max=200))
-
-
-class UserKeySchema(Schema):
-    object = fields.Constant("user_key")
-    key = fields.String(metadata={"description": "Shown once; store it client-side"})
-    role = fields.String()
-    user = fields.String()
-    expires_at = fields.AwareDateTime()
-
-
-class ProblemSchema(Schema):
-    """RFC 9457: these members, and extension members of each problem (errors, limit, ...)."""
-
-    class Meta:
-        unknown = INCLUDE
-
-    type = fields.String()
-    title = fields.String()
-    status = fields.Integer()
-    detail = fields.String()
-    instance = fields.String()
-
 
 # -- what every request schema uses for values that reach the database ----------------------
 
@@ -71,11 +39,80 @@ class Timestamp(fields.AwareDateTime):
 
 
 def single_line(value: str) -> None:
-    """A marshmallow validator: an identifier (a key, a name) without control characters or
-    line breaks."""
-    if not control_free(value, multiline=False):
-        raise ValidationError("Must not hold control characters or line breaks.")
+    """A marshmallow validator: an identifier (a key, a name) without control characters,
+    line breaks or invisible marks."""
+    if not is_single_line(value):
+        raise ValidationError("Must be one line of printable text (no control characters, "
+                              "line breaks or invisible marks).")
 
 
 def identifier(max_length: int) -> validate.Validator:
     return validate.And(validate.Length(min=1, max=max_length), single_line)
+
+
+_FORMAT = frozenset("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                    "\u2060\u2066\u2067\u2068\u2069\ufeff")
+
+
+def is_single_line(value: str) -> bool:
+    """One line of printable text: no control characters or line breaks, and no invisible
+    direction or zero-width marks (they make two different identifiers look the same)."""
+    if value.isascii():
+        return value.isprintable()
+    return control_free(value, multiline=False) and not any(ch in _FORMAT for ch in value)
+
+
+class RequestSchema(Schema):
+    """The base of every request schema: unknown fields refused, and each text field one line
+    of printable text unless it says otherwise (metadata multiline=True: notes, copy)."""
+
+    class Meta:
+        unknown = RAISE
+
+    @validates_schema
+    def _single_lines(self, data: dict[str, Any], **_: Any) -> None:
+        bad: dict[str, list[str]] = {}
+        for name, field in self.fields.items():
+            if field.metadata.get("multiline"):
+                continue
+            value = data.get(field.attribute or name)
+            values = value if isinstance(value, list) else [value]
+            if not all(is_single_line(v) for v in values if isinstance(v, str)):
+                bad[field.data_key or name] = [
+                    "Must be one line of printable text (no control characters, line breaks "
+                    "or invisible marks)."]
+        if bad:
+            raise ValidationError(bad)
+
+
+# -- the kernel's own API ------------------------------------------------------------------
+
+class UserKeyRequestSchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    ttl_seconds = fields.Integer(
+        load_default=None, validate=validate.Range(min=60),
+        metadata={"description": "Lifetime of the key; default 1 hour, at most 7 days"})
+    name = fields.String(load_default=None, validate=validate.Length(max=200))
+
+
+class UserKeySchema(Schema):
+    object = fields.Constant("user_key")
+    key = fields.String(metadata={"description": "Shown once; store it client-side"})
+    role = fields.String()
+    user = fields.String()
+    expires_at = fields.AwareDateTime()
+
+
+class ProblemSchema(Schema):
+    """RFC 9457: these members, and extension members of each problem (errors, limit, ...)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String()
+    title = fields.String()
+    status = fields.Integer()
+    detail = fields.String()
+    instance = fields.String()

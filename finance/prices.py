@@ -23,7 +23,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from core.config import ModelConfig, ModelPrice
+from core.config import MAX_PRICE_USD, ModelConfig, ModelPrice
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.schemas import bounded_time
@@ -37,7 +37,7 @@ _PER_TOKEN = Decimal(10**6)   # USD per 1M tokens -> pico-USD per token
 _PER_CALL = Decimal(10**12)   # USD -> pico-USD
 # per 1M tokens or per call: a call's cost (at most 10^8 tokens in and out each) stays
 # inside 64 bits of pico-USD
-MAX_PRICE = Decimal(20_000)
+MAX_PRICE = MAX_PRICE_USD  # the config's own bound
 RETRY_SECONDS = 5.0
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from core.schemas import Timestamp
+from core.schemas import RequestSchema, Timestamp
 from finance.reports import GROUPS
 
 
-class PeriodQuerySchema(Schema):
+class PeriodQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -86,7 +86,7 @@ class LocalSchema(Schema):
     rolled_up_at = fields.String(allow_none=True)
 
 
-class PriceRequestSchema(Schema):
+class PriceRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -116,14 +116,14 @@ class PriceListSchema(Schema):
     data = fields.List(fields.Nested(PriceSchema))
 
 
-class PricesQuerySchema(Schema):
+class PricesQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
     model = fields.String(validate=validate.Length(max=200))
 
 
-class ImportQuerySchema(Schema):
+class ImportQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -326,6 +327,8 @@ class GatewayService:
         name = self._model_name(body)
         _requested_output(endpoint, body, "max_tokens")  # every cap field in range, limits
         _choices(endpoint, body)                         # or none: a 400 before anything
+        if not isinstance(body.get("stream"), bool | None):  # "true", 1: an upstream streams
+            raise InvalidRequestError("stream must be true or false.", param="stream")
         model = self.config.model(name)
         if model is None and not self.router.is_alias(name):
             err = NotFoundError(f"The model '{name}' does not exist or is not configured.",
@@ -602,7 +605,8 @@ class MessagesWire(Wire):
 
 # Every field an upstream may take as the output cap (OpenAI's old and new names, the
 # Responses API's): the largest is what the call may generate, and a clip rewrites them all.
-CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
+              "n_predict", "max_new_tokens")  # the last two: llama.cpp's and TGI's own names
 
 
 def _requested_output(endpoint: str, body: dict[str, Any],
@@ -671,7 +675,10 @@ def _loads(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
+        try:  # a lone surrogate escape, which orjson refuses and Python's parser keeps
+            return json.loads(data)
+        except ValueError:
+            return None
 
 
 def _short(text: str) -> str:

@@ -125,6 +125,11 @@ def problem_of(row: dict[str, Any]) -> str | None:
         value = row.get(name, 0)
         if not _is_int(value) or not 0 <= value <= MAX_TOKENS_PER_CALL:
             return f"{name} is not a token count from 0 to 10^9: {describe(value)}"
+    if row.get("cached_input_tokens", 0) + row.get("cache_write_tokens", 0) \
+            > row.get("input_tokens", 0) \
+            or row.get("reasoning_tokens", 0) > row.get("output_tokens", 0):
+        return "token counts contradict: cached and cache-written above input, or " \
+               "reasoning above output"
     for name in ("cost_pico_usd", "baseline_cost_pico_usd"):
         value = row.get(name)
         if value is not None and (not _is_int(value) or not 0 <= value <= INT64):

@@ -6,9 +6,9 @@ import re
 from datetime import datetime
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from core.schemas import Timestamp, bounded_time, identifier
+from core.schemas import RequestSchema, Timestamp, bounded_time, identifier
 from plans.credits import DEFAULT_PRIORITY, MAX_GRANT
 
 # A '+' in a query string arrives as a space: "...T10:00:00 02:00" means +02:00.
@@ -29,7 +29,7 @@ class Instant(fields.Field):  # type: ignore[type-arg]
         return bounded_time(parsed, attr or "time")
 
 
-class RoutingQuerySchema(Schema):
+class RoutingQuerySchema(RequestSchema):
     """Whose usage and when: an app (operator-wide keys), one end user, a period."""
 
     class Meta:
@@ -114,7 +114,7 @@ class RoutingReportSchema(Schema):
 MAX_TOKENS_PER_CALL = 100_000_000
 
 
-class UsageSchema(Schema):
+class UsageSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -131,8 +131,20 @@ class UsageSchema(Schema):
                                         metadata={"description": "Of the input, written to a "
                                                   "prompt cache (priced at cache_write)"})
 
+    @validates_schema
+    def _parts_within_totals(self, data: dict[str, Any], **_: Any) -> None:
+        """Cached and cache-written tokens are part of the input, reasoning of the output."""
+        inp = data.get("input_tokens", 0)
+        if data.get("cached_input_tokens", 0) + data.get("cache_write_tokens", 0) > inp:
+            raise ValidationError("cached_input_tokens and cache_write_tokens are part of "
+                                  "input_tokens: together at most input_tokens.",
+                                  "cached_input_tokens")
+        if data.get("reasoning_tokens", 0) > data.get("output_tokens", 0):
+            raise ValidationError("reasoning_tokens are part of output_tokens: at most "
+                                  "output_tokens.", "reasoning_tokens")
 
-class ReserveRequestSchema(Schema):
+
+class ReserveRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -181,7 +193,7 @@ class LeaseSchema(Schema):
     limits = fields.List(fields.Nested(LimitStateSchema))
 
 
-class SettleRequestSchema(Schema):
+class SettleRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -189,14 +201,14 @@ class SettleRequestSchema(Schema):
     usage = fields.Nested(UsageSchema, required=True)
 
 
-class ReleaseRequestSchema(Schema):
+class ReleaseRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
     lease_id = fields.String(required=True, validate=identifier(200))
 
 
-class TrackRequestSchema(Schema):
+class TrackRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -206,7 +218,7 @@ class TrackRequestSchema(Schema):
     idempotency_key = fields.String(required=True, validate=identifier(255))
 
 
-class TrackBatchRequestSchema(Schema):
+class TrackBatchRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -245,7 +257,7 @@ class QuotaSchema(Schema):
 
 # -- credits ----------------------------------------------------------------------------
 
-class GrantRequestSchema(Schema):
+class GrantRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -261,7 +273,7 @@ class GrantRequestSchema(Schema):
                               metadata={"description": "Lower burns first"})
     expires_at = Timestamp(allow_none=True, load_default=None)
     note = fields.String(allow_none=True, load_default=None,
-                         validate=validate.Length(max=500))
+                         validate=validate.Length(max=500), metadata={"multiline": True})
 
 
 class GrantSchema(Schema):

@@ -115,6 +115,9 @@ class MeteringService:
         through (a call the upstream accepted is never recorded as zero tokens), with a note
         saying why it was counted."""
         reported = outcome.reported
+        if reported is not None and reported.output_tokens == 0 and not outcome.count_output \
+                and outcome.endpoint != ENDPOINT_EMBEDDINGS and any(outcome.output_texts()):
+            outcome.count_output = True  # no output reported for a call that generated some
         if reported is not None and (not outcome.count_output
                                      or outcome.endpoint == ENDPOINT_EMBEDDINGS):
             note = f"upstream usage adjusted: {outcome.usage_note}" if outcome.usage_note \
@@ -127,7 +130,8 @@ class MeteringService:
                                             outcome.model.tokenizer)
             output = sum(count_text(tok, text) for text in outcome.output_texts())
             return (replace(reported, output_tokens=output, reasoning_tokens=0), "counted",
-                    "upstream reported no completion_tokens: the output was counted")
+                    "upstream reported no output for a call that generated some: the output "
+                    "was counted")
         prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
         total = outcome.reported_total
         if total is not None:  # a total alone: the prompt's count splits it

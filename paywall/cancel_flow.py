@@ -31,7 +31,11 @@ from plans.subscriptions import SubscriptionService, monthly_price, stripe_custo
 
 log = logging.getLogger(__name__)
 DECLARATIONS_PER_WINDOW, WINDOW_SECONDS = 10, 600  # per client address and app (CXL-03)
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# what no field of the form may hold: C0 and C1 controls, lone surrogates, invisible
+# direction and zero-width marks (the free-text reason may break lines)
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f"
+                     "\u202a-\u202e\u2066-\u2069\ufeff]")
+LINE_BREAKS = re.compile("[\t\n\r]")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}")
 KINDS = ("ordinary", "extraordinary")
 
@@ -158,7 +162,8 @@ class CancelFlow:
         ref = (form.get("contract_ref") or "").strip()
         kind = form.get("kind") or "ordinary"
         reason = (form.get("reason") or "").strip() or None
-        if any(CONTROL.search(v) for v in (name, email, ref, reason or "")):
+        if any(CONTROL.search(v) for v in (name, email, ref, reason or "")) \
+                or any(LINE_BREAKS.search(v) for v in (name, email, ref)):
             raise InvalidRequestError("Bitte verwenden Sie keine Steuerzeichen.", param="name")
         if not name or len(name) > 200:
             raise InvalidRequestError("Bitte geben Sie Ihren Namen an.", param="name")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+import ipaddress
 
-from core.schemas import Timestamp
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from core.schemas import RequestSchema, Timestamp
 
 
-class EventsQuerySchema(Schema):
+class EventsQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -34,7 +36,7 @@ class EventListSchema(Schema):
     data = fields.List(fields.Nested(PaywallEventSchema))
 
 
-class WebhookEndpointRequestSchema(Schema):
+class WebhookEndpointRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -51,7 +53,7 @@ class WebhookEndpointSchema(Schema):
         "Meterlane-Signature: t=<unix>,v1=hex(HMAC-SHA256(secret, '<t>.' + body))")
 
 
-class DeliveriesQuerySchema(Schema):
+class DeliveriesQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -84,22 +86,23 @@ class DeliveryListSchema(Schema):
     data = fields.List(fields.Nested(DeliverySchema))
 
 
-class OfferDraftSchema(Schema):
+class OfferDraftSchema(RequestSchema):
     """A draft offer: the copy and policies; prices and entitlements come from the plan."""
 
     class Meta:
         unknown = RAISE
 
     offer = fields.String(required=True, validate=validate.Regexp(
-        r"^[a-z0-9][a-z0-9_.-]{0,63}$", error="1-64 lowercase letters, digits, '_', '.', '-'"))
+        r"^[a-z0-9][a-z0-9_.-]{0,63}\Z", error="1-64 lowercase letters, digits, '_', '.', '-'"))
     kind = fields.String(load_default="subscription",
                          validate=validate.OneOf(["subscription", "credits"]))
     plan = fields.String(validate=validate.Length(min=1, max=64))
     pack = fields.String(validate=validate.Length(min=1, max=64))
     auto_renews = fields.Boolean()
-    min_commitment = fields.String(validate=validate.Length(max=500))
-    cancel_instructions = fields.String(validate=validate.Length(max=1000))
-    cancel_deadline = fields.String(validate=validate.Length(max=500))
+    min_commitment = fields.String(validate=validate.Length(max=500), metadata={"multiline": True})
+    cancel_instructions = fields.String(validate=validate.Length(max=1000),
+                                        metadata={"multiline": True})
+    cancel_deadline = fields.String(validate=validate.Length(max=500), metadata={"multiline": True})
     headline = fields.Dict(keys=fields.String())
     equivalents = fields.List(fields.Dict(keys=fields.String()))
     trial = fields.Dict(keys=fields.String())
@@ -131,7 +134,7 @@ class OfferVersionSchema(Schema):
         "description": "What publishing would refuse, as of now"})
 
 
-class OffersQuerySchema(Schema):
+class OffersQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -151,7 +154,7 @@ class ServedOffersSchema(Schema):
     data = fields.List(fields.Dict())
 
 
-class RenderManifestSchema(Schema):
+class RenderManifestSchema(RequestSchema):
     disclosure_in_viewport = fields.Boolean(required=True, truthy={True}, falsy={False})
     default_state = fields.String(required=True, metadata={
         "description": "How the consent control started: 'unchecked' (CNS-01)"})
@@ -161,7 +164,14 @@ class RenderManifestSchema(Schema):
     app_version = fields.String(validate=validate.Length(max=64))
 
 
-class ConsentRequestSchema(Schema):
+def _ip_address(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValidationError("Not an IPv4 or IPv6 address.") from exc
+
+
+class ConsentRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -181,7 +191,7 @@ class ConsentRequestSchema(Schema):
     platform = fields.String(load_default="web",
                              validate=validate.OneOf(["web", "ios", "android"]))
     render_manifest = fields.Nested(RenderManifestSchema, required=True)
-    ip = fields.String(validate=validate.Length(max=64), metadata={
+    ip = fields.String(validate=_ip_address, metadata={
         "description": "The end user's address, as the app saw it (app keys)"})
     user_agent = fields.String(validate=validate.Length(max=500))
 
@@ -211,7 +221,7 @@ class ConsentSchema(Schema):
 # -- subscription lifecycle: cancel screen, withdrawal, price changes, evidence -------------------
 
 
-class CancelScreenQuerySchema(Schema):
+class CancelScreenQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -236,7 +246,7 @@ class CancelScreenSchema(Schema):
         "description": "At most one, shown with the cancel button (cancel_button_visible)"})
 
 
-class WithdrawalRequestSchema(Schema):
+class WithdrawalRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -261,7 +271,7 @@ class WithdrawalSchema(Schema):
     already_withdrawn = fields.Boolean()
 
 
-class PriceChangeRequestSchema(Schema):
+class PriceChangeRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -287,7 +297,7 @@ class PriceChangeListSchema(Schema):
     data = fields.List(fields.Nested(PriceChangeSchema))
 
 
-class EvidenceQuerySchema(Schema):
+class EvidenceQuerySchema(RequestSchema):
     class Meta:
         unknown = RAISE
 

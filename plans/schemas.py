@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from core.schemas import Timestamp
+from core.schemas import RequestSchema, Timestamp
 
 
-class PlanAssignmentRequestSchema(Schema):
+class PlanAssignmentRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -23,7 +23,7 @@ class PlanAssignmentSchema(Schema):
     anchored_at = Timestamp()
 
 
-class CheckoutRequestSchema(Schema):
+class CheckoutRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -45,7 +45,7 @@ class CheckoutSessionSchema(Schema):
     item = fields.String(metadata={"description": "The plan version or credit pack bought"})
 
 
-class SubscriptionChangeRequestSchema(Schema):
+class SubscriptionChangeRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 
@@ -67,7 +67,7 @@ class SubscriptionChangeSchema(Schema):
                        "no_further_charges, text), also sent to the app as cancel.confirmed"})
 
 
-class CancelRequestSchema(Schema):
+class CancelRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE
 

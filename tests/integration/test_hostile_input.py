@@ -129,3 +129,63 @@ def test_the_gateway_refuses_bad_input_in_openais_envelope(client: Any, keys: Ke
     assert resp.status_code == 400, resp.data
     assert resp.get_json()["error"]["type"] == "invalid_request_error"
     assert ledger(clean_db) == []
+
+
+@pytest.mark.parametrize("body", [
+    track("id\u202e\u2066x"), track(model="gpt-4o-mini\u202e\u200b"),  # invisible marks
+    track(usage={"input_tokens": 10, "cached_input_tokens": 10**8}),  # parts past the whole
+    track(usage={"input_tokens": 10, "cache_write_tokens": 11}),
+    track(usage={"input_tokens": 10, "output_tokens": 10, "reasoning_tokens": 10**8}),
+])
+def test_identifiers_with_invisible_marks_and_contradictory_counts_are_refused(
+        planned: Any, clean_db: Engine, body: dict[str, Any]) -> None:
+    client, keys = planned
+    resp = client.post("/v1/meter/track", json=body, headers=bearer(keys.app))
+    assert resp.status_code == 422, resp.data  # on main: stored as they came
+    assert ledger(clean_db) == []
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/users/ann/credits/grants", {"amount": 10, "external_id": "g\n1\t"}),
+    ("/v1/users/ann/keys", {"name": "k\r\nx"}),
+    ("/v1/paywall/offers", {"offer": "promo\n", "plan": "free"}),
+    ("/v1/paywall/offers", {"offer": "promo", "plan": "free\u200b"}),
+    ("/v1/paywall/consents", {"user": "ann", "type": "tos", "offer": "x", "version": 1,
+                              "content_hash": "0" * 64, "disclosure_sha256": "0" * 64,
+                              "rendered_price": "1", "ip": "1.2.3.4\n\tevil",
+                              "render_manifest": {}}),
+])
+def test_every_identifier_of_every_request_is_one_printable_line(
+        planned: Any, path: str, body: dict[str, Any]) -> None:
+    client, keys = planned
+    resp = client.post(path, json=body, headers=bearer(keys.app))
+    assert resp.status_code == 422, (path, resp.data)
+    assert resp.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("stream", ["true", 1, "yes", {}])
+def test_stream_is_true_or_false_or_a_400(client: Any, keys: Keys, clean_db: Engine,
+                                          stream: Any) -> None:
+    resp = client.post(CHAT, json=chat(user="ann", stream=stream), headers=bearer(keys.app))
+    assert resp.status_code == 400  # on main: sent on; an upstream that streamed was unbilled
+    assert resp.get_json()["error"]["param"] == "stream"
+    assert ledger(clean_db) == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("name", "Erika\x85Muster"), ("contract_ref", "sub_\x9b1"), ("contract_ref", "sub\n1"),
+    ("name", "Eri\u202eka")])
+def test_the_public_cancellation_form_refuses_control_characters(
+        planned: Any, clean_db: Engine, field: str, value: str) -> None:
+    from sqlalchemy import func, select
+
+    from paywall.models import CancelDeclaration
+
+    client, _keys = planned
+    form = {"name": "Erika Muster", "email": "erika@example.com", "contract_ref": "sub_1",
+            "kind": "ordinary", field: value}
+    resp = client.post("/kuendigen/acme/bestaetigen", data=form)
+    assert resp.status_code == 400
+    with clean_db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(CancelDeclaration)).scalar_one() \
+            == 0

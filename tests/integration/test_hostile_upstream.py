@@ -176,4 +176,30 @@ def test_a_prompt_only_usage_has_its_output_counted(client: Any, keys: Keys,
     assert resp.status_code == 200
     [row] = ledger(clean_db)
     assert (row.input_tokens, row.output_tokens, row.usage_source) == (9, 5, "counted")
-    assert "completion_tokens" in row.usage_note
+    assert "no output" in row.usage_note
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_zero_output_reported_for_a_call_that_generated_text_is_counted(
+        client: Any, keys: Keys, clean_db: Engine, stream: bool) -> None:
+    fake = {"usage_override": {"prompt_tokens": 5, "completion_tokens": 0}, "words": 40}
+    body = chat(user="lea", fake=fake, stream=stream)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    resp = client.post(CHAT, json=body, headers=bearer(keys.app))
+    assert resp.status_code == 200 and resp.get_data()  # (a stream settles once read)
+    [row] = ledger(clean_db)
+    assert (row.input_tokens, row.output_tokens) == (5, 40)  # on main: (5, 0) "reported"
+    assert row.usage_source == "counted" and "no output" in row.usage_note
+
+
+def test_an_answer_with_a_lone_surrogate_escape_is_still_an_answer(
+        client: Any, keys: Keys, clean_db: Engine) -> None:
+    body = ('{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": '
+            '{"role": "assistant", "content": "half \\ud83d emoji"}}], "usage": '
+            '{"prompt_tokens": 8, "completion_tokens": 501, "total_tokens": 509}}')
+    fake = {"body_text": body, "content_type": "application/json"}
+    resp = client.post(CHAT, json=chat(user="max", fake=fake), headers=bearer(keys.app))
+    assert resp.status_code == 200  # on main: a 502 that recorded (8, 0)
+    [row] = ledger(clean_db)
+    assert (row.input_tokens, row.output_tokens, row.usage_source) == (8, 501, "reported")

@@ -515,6 +515,16 @@ def test_every_output_cap_field_is_reserved_and_all_of_them_are_clipped(
     assert row.input_tokens + row.output_tokens <= 300
 
 
+def test_llama_cpp_and_tgi_cap_names_are_reserved_and_clipped_too(
+        lclient: Any, lkeys: Keys, upstream: FakeUpstream) -> None:
+    # on main: 4 tokens reserved, n_predict 4000 forwarded (llama.cpp reads it first)
+    resp = lclient.post(CHAT, json=chat("xia", max_tokens=4, n_predict=4000,
+                                        max_new_tokens=4000), headers=bearer(lkeys.app))
+    assert resp.status_code == 200
+    sent = upstream.requests[-1]["body"]
+    assert sent["n_predict"] == sent["max_new_tokens"] == sent["max_tokens"] < 300
+
+
 def test_best_of_multiplies_what_a_chat_call_reserves(lclient: Any, lkeys: Keys,
                                                       upstream: FakeUpstream) -> None:
     h = bearer(lkeys.app)

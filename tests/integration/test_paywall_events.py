@@ -248,6 +248,8 @@ def test_webhooks_to_private_addresses_are_refused_unless_allowed(
         for url in ("http://127.0.0.1:8080/h", "http://169.254.169.254/latest",
                     "http://10.1.2.3/h", "http://[::1]/h", "http://localhost/h",
                     "http://100.64.0.7/h", "http://[::ffff:10.0.0.1]/h",
+                    "http://[64:ff9b::a9fe:a9fe]/h", "http://[2002:a9fe:a9fe::]/h",
+                    "http://[::127.0.0.1]:8080/h", "http://[2001:0:a9fe:a9fe::1]/h",
                     "http://192.0.2.1/h", "http://0.0.0.0/h"):
             resp = client.put("/v1/webhooks", json={"url": url}, headers=bearer(keys.app))
             assert resp.status_code == 400, url

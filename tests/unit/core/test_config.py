@@ -81,6 +81,7 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
      "breaker_cooldown must be"),
     (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
                   'base_url = "http://127.0.0.1:8000/v1"\ntimeout = 1e300'), "timeout must be"),
+    (TOML.replace('output = 0.60', 'output = "1e30"'), "more than 20,000 USD"),
     (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
                   'base_url = "http://127.0.0.1:8000/v1"\nconnect_timeout = "soon"'),
      "connect_timeout must be"),

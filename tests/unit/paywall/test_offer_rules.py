@@ -200,3 +200,16 @@ def test_the_rendered_disclosure_carries_the_material_terms(target: str) -> None
     assert "Settings > Subscription > Cancel" in shown["disclosure"]
     assert "gpt-4o-mini" in shown["disclosure"]
     assert "https://app.example/refunds/v1" in shown["disclosure"]
+
+
+def test_the_savings_rule_reads_a_long_run_of_digits_in_linear_time() -> None:
+    """A headline of 200,000 digits: the rule's pattern backtracked quadratically (minutes of
+    one worker's CPU per request). The bound is generous: linear takes milliseconds."""
+    import time
+
+    from paywall.offers import SAVINGS
+
+    started = time.process_time()
+    assert SAVINGS.search("1" * 200_000) is None
+    assert SAVINGS.search("1" * 200_000 + " % off") is not None
+    assert time.process_time() - started < 2
