@@ -169,7 +169,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
 
     if config.embedded:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database_url, pool_size=config.db_pool_size,
+                         max_overflow=config.db_max_overflow)
     if check_schema:  # the embedded default makes (or brings up to date) its own database
         ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
     _check_cooperative_driver()
@@ -304,6 +305,9 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["parts"] = wiring.parts()
     try:  # never stops the start: what the database refuses goes to the quarantine
         spooled = wiring.ledger.replay()
+        lost = wiring.metering.recover_lost()  # calls of workers that died mid-call
+        if lost:
+            log.warning("recorded %d calls whose worker died before recording them", lost)
     except Exception:  # noqa: BLE001 - the spool stays; the next start replays it
         from core.logs import note
 
@@ -388,6 +392,7 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
+    _size_pools(config, workers)
     # Each worker writes its metrics here; /metrics merges them. Must be set before any
     # worker imports prometheus_client.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
@@ -397,6 +402,45 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
     click.echo(f"meterlane: serving http://{host}:{port} with {workers} workers on {where}",
                err=True)
     run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
+
+
+def _size_pools(config: Config, workers: int) -> None:
+    """Pools that fit the database's max_connections, for the workers to read (a child
+    process asks Postgres: the master must not load its driver); said at start."""
+    if config.embedded or "MLANE_DB_POOL_SIZE" in os.environ:
+        return
+    script = ("import sys; from core.config import Config; "
+              "from core.db import make_engine, pool_budget; "
+              "print(pool_budget(make_engine(Config.from_env().database_url), "
+              "int(sys.argv[1])))")
+    # (the workers, and two more: a CLI command or a worker starting while one stops)
+    found = subprocess.run([sys.executable, "-P", "-c", script, str(workers + 2)],  # noqa: S603
+                           capture_output=True, text=True, check=False)
+    try:
+        limit, size, overflow = eval_tuple(found.stdout)
+    except ValueError:
+        click.echo("meterlane: could not read the database's max_connections; keeping the "
+                   "default pools", err=True)
+        return
+    os.environ["MLANE_DB_POOL_SIZE"], os.environ["MLANE_DB_MAX_OVERFLOW"] = str(size), \
+        str(overflow)
+    if (size, overflow) != (config.db_pool_size, config.db_max_overflow):
+        click.echo(f"meterlane: the database takes {limit} connections; {workers} workers "
+                   f"get {size}+{overflow} each (MLANE_DB_POOL_SIZE / MLANE_DB_MAX_OVERFLOW "
+                   "to choose)", err=True)
+    if size * 3 < 10:
+        click.echo(f"meterlane: warning: {limit} connections are few for {workers} workers: "
+                   "calls may wait for a connection (raise max_connections or run fewer "
+                   "workers)", err=True)
+
+
+def eval_tuple(text: str) -> tuple[int, int, int]:
+    """The (limit, size, overflow) the child printed."""
+    parts = text.strip().strip("()").split(",")
+    if len(parts) != 3:
+        raise ValueError(text)
+    limit, size, overflow = (int(p) for p in parts)
+    return limit, size, overflow
 
 
 def _add_package_commands() -> None:

@@ -88,6 +88,10 @@ class Config:
     models: tuple[ModelConfig, ...] = ()
     aliases: tuple[AliasConfig, ...] = ()
     max_body_bytes: int = 8 * 1024 * 1024
+    # Connections each process may hold (Postgres); serve sets these so that its workers fit
+    # the server's max_connections.
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
     auto_migrate: bool | None = None
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
@@ -165,6 +169,8 @@ class Config:
             redis_cluster=bool(_bool_or_none(env.get("MLANE_REDIS_CLUSTER"))),
             data_dir=data_dir,
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
+            db_pool_size=max(1, _int(env, "MLANE_DB_POOL_SIZE", cls.db_pool_size)),
+            db_max_overflow=max(0, _int(env, "MLANE_DB_MAX_OVERFLOW", cls.db_max_overflow)),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
             webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),

@@ -56,7 +56,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str) -> Engine:
+POOL_SIZE, POOL_OVERFLOW = 10, 20  # per process, on Postgres
+
+
+def make_engine(url: str, *, pool_size: int = POOL_SIZE,
+                max_overflow: int = POOL_OVERFLOW) -> Engine:
     """An engine with the settings each backend needs for concurrent use."""
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=20, max_overflow=20)
@@ -64,7 +68,21 @@ def make_engine(url: str) -> Engine:
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path. A connection that died
     # fails once, is invalidated by the pool, and the caller's error path handles it.
-    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    return create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                         pool_recycle=1800)
+
+
+def pool_budget(engine: Engine, processes: int) -> tuple[int, int, int] | None:
+    """(max_connections, pool size, overflow) that let `processes` workers share a Postgres
+    server, leaving a tenth of its connections (at least 5) to everything else; None on
+    SQLite. The default pool is kept when it fits."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        limit = int(conn.exec_driver_sql("SHOW max_connections").scalar_one())
+    share = max(1, (limit - max(5, limit // 10)) // max(1, processes))
+    size = min(POOL_SIZE, max(1, share // 3))
+    return limit, size, max(0, min(POOL_OVERFLOW, share - size))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -194,8 +194,14 @@ class GatewayService:
         lease: Lease | None = outcome.lease
         limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
         payload = self._upstream_payload(raw, outcome.request, model, stream, clip, endpoint)
+        # before the upstream can serve it: if this worker dies, the call is still recorded
+        _name, cap = _requested_output(endpoint, outcome.request, "max_tokens")
+        self.metering.intents.open(self.metering.intent_of(
+            outcome, outcome.prompt_estimate or len(payload) // 4,
+            lease.out if lease is not None and lease.out is not None else cap))
         try:
-            resp = upstream.post(PATHS[endpoint], payload, stream=stream)
+            resp = upstream.post(PATHS[endpoint], payload, stream=stream,
+                                 request_id=outcome.request_id)
             status = resp.status
             err = None
             if status >= 300:
@@ -261,6 +267,7 @@ class GatewayService:
         next candidate reserves (so the two never count at once)."""
         lease, outcome.lease = outcome.lease, None
         _stop_heartbeat(outcome)
+        self.metering.intents.close(outcome.request_id)  # this attempt is over: no row for it
         if lease is not None and self.limits is not None:
             try:
                 self.limits.release(lease)
@@ -296,7 +303,7 @@ class GatewayService:
         else:  # chat: the plan's default cap; completions: OpenAI's own default
             want = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS else None
             least = 1
-        prompt = self.metering.prompt_tokens(model, endpoint, body)
+        prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body)
         try:
             lease = self.limits.reserve(
                 app_id=outcome.app_id, end_user_id=outcome.end_user_id, model=model,
@@ -436,6 +443,7 @@ class GatewayService:
         outcome.status, outcome.http_status, outcome.error = status, http_status, error
         try:
             record = self.metering.settle(outcome)
+            self.metering.intents.close(outcome.request_id)  # its row is written
         except Exception:
             # The ledger spools on database failure; anything else here is a bug to see.
             log.exception("settling request %s failed", outcome.request_id)

@@ -47,11 +47,15 @@ class UpstreamClient:
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
 
-    def post(self, path: str, body: bytes, *, stream: bool) -> urllib3.BaseHTTPResponse:
-        """Send the request; returns the response with its body unread when stream=True."""
+    def post(self, path: str, body: bytes, *, stream: bool,
+             request_id: str | None = None) -> urllib3.BaseHTTPResponse:
+        """Send the request; returns the response with its body unread when stream=True. The
+        request id goes along (the upstream's logs can name the call the ledger names)."""
+        headers = self._headers if request_id is None else {
+            **self._headers, "X-Meterlane-Request-Id": request_id}
         try:
             return self._pool.urlopen(
-                "POST", self._prefix + path, body=body, headers=self._headers,
+                "POST", self._prefix + path, body=body, headers=headers,
                 preload_content=not stream, redirect=False, retries=False,
             )
         except HTTPError as exc:

@@ -16,9 +16,14 @@ def ledger() -> None:
 def ledger_replay() -> None:
     """Write usage records spooled to disk during a database outage into the ledger."""
     from metering.ledger import LedgerWriter
+    from metering.service import MeteringService
 
-    written = context().part(LedgerWriter).replay()
+    ctx = context()
+    written = ctx.part(LedgerWriter).replay()
     click.echo(f"replayed {written} usage records")
+    lost = ctx.part(MeteringService).recover_lost()
+    if lost:
+        click.echo(f"recorded {lost} calls whose worker died before recording them")
 
 
 @ledger.group("quarantine")

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from core.config import ModelConfig, ModelPrice
 from core.db import utcnow
+from metering.intents import IntentJournal
 from metering.ledger import CallRecord, LedgerWriter
 from metering.models import UsageEvent
 from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
@@ -60,6 +61,7 @@ class CallOutcome:
     limits_pending: bool = False
     lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
     heartbeat: Any = None  # renews the lease while the call runs (metering.leases.Heartbeat)
+    prompt_estimate: int | None = None  # the tokenizer's count of the prompt, when made
     # The API the call came in through when it is not `endpoint` (e.g. Anthropic's messages,
     # served as a chat call): the ledger records this name.
     api: str | None = None
@@ -96,6 +98,7 @@ class MeteringService:
                  tokenizers: TokenizerRegistry) -> None:
         self.ledger = ledger
         self.tokenizers = tokenizers
+        self.intents = IntentJournal(ledger.spool_dir)
         self.clock = utcnow
         self.usage_store = UsageStore(engine)
         # The price catalog (finance): the price in force when a call happens. Without one,
@@ -220,6 +223,55 @@ class MeteringService:
             plan_id=plans[c.end_user_id], credits_pending=self.accounted(plans[c.end_user_id]))
             for c in calls]
         return self.ledger.record_batch(records)
+
+    def intent_of(self, outcome: CallOutcome, prompt_tokens: int,
+                  max_output: int | None) -> dict[str, Any]:
+        """What the intent journal keeps of a call about to be forwarded."""
+        model = outcome.model
+        return {"request_id": outcome.request_id, "app_id": outcome.app_id,
+                "end_user_id": outcome.end_user_id,
+                "idempotency_key": outcome.idempotency_key,
+                "endpoint": outcome.api or outcome.endpoint, "model": model.name,
+                "upstream": model.upstream, "upstream_model": model.upstream_model,
+                "stream": outcome.stream, "prompt_tokens": prompt_tokens,
+                "max_output": max_output, "created_at": outcome.created_at.isoformat(),
+                "plan_id": outcome.lease.plan.id if outcome.lease is not None else None}
+
+    def record_lost(self, intent: dict[str, Any]) -> None:
+        """A call a worker forwarded and died before recording: recorded as worker_lost, with
+        what it may have used (the prompt, and the output it was allowed), unless the ledger
+        has it."""
+        app_id, key = int(intent["app_id"]), str(intent["idempotency_key"])
+        if self.ledger.key_used(app_id, key):
+            return
+        at = datetime.fromisoformat(str(intent["created_at"]))
+        output = intent.get("max_output")
+        usage = TokenUsage(input_tokens=int(intent.get("prompt_tokens") or 0),
+                           output_tokens=int(output or 0))
+        model = ModelConfig(str(intent["model"]), str(intent.get("upstream") or ""),
+                            str(intent.get("upstream_model") or intent["model"]))
+        price = self.price_of(model, at)
+        cost = cost_or_none(usage, price)
+        plan_id = intent.get("plan_id")
+        record = CallRecord(
+            app_id=app_id, end_user_id=int(intent["end_user_id"]),
+            request_id=str(intent["request_id"]), idempotency_key=key,
+            endpoint=str(intent["endpoint"]), requested_model=model.name,
+            upstream=model.upstream or None, upstream_model=model.upstream_model,
+            stream=bool(intent.get("stream")), input_tokens=usage.input_tokens,
+            cached_input_tokens=0, output_tokens=usage.output_tokens, reasoning_tokens=0,
+            usage_source="estimated", cost_pico_usd=cost if cost is None or cost <= MAX_PICO
+            else None, priced=price is not None, status="worker_lost", http_status=0,
+            error="the worker serving the call stopped before recording it", latency_ms=0,
+            ttft_ms=None, created_at=at, limits_pending=True, plan_id=plan_id,
+            usage_note=("estimated: the prompt as counted, and all the output it was allowed"
+                        if output else "estimated: the prompt as counted; output unknown"),
+            credits_pending=self.accounted(plan_id))
+        self.ledger.record(record)
+
+    def recover_lost(self) -> int:
+        """Record the calls of workers that died mid-call (their intent journals)."""
+        return self.intents.recover(self.record_lost)
 
     def mark_limits_pending_many(self, app_id: int, keys: list[str]) -> int:
         """Flag rows the limits could not count yet (the catch-up counts them)."""
