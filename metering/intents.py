@@ -99,7 +99,7 @@ class IntentJournal:
             return
         for path in sorted(self.folder.glob("intent-*.jsonl")):
             owner = path.stem.split("-", 1)[1]
-            if owner.isdigit() and _alive(int(owner)):
+            if owner.isdigit() and process_alive(int(owner)):
                 continue  # (a journal kept for a retry names no process: it is read)
             claimed = path.with_name(f"claimed-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
             try:
@@ -137,7 +137,8 @@ class IntentJournal:
         return done
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (this one does)."""
     if pid == os.getpid():
         return True
     try:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from core.text import control_free, redacted, storable
+from metering.intents import process_alive
 from metering.models import UsageEvent
 from metering.quarantine import Quarantine, describe, note
 
@@ -556,18 +557,7 @@ def _claimer_alive(name: str) -> bool:
     """Whether the process that claimed a spool file for replay (its pid is in the name:
     replay-PID-..., or usage-PID-... from earlier versions) still runs."""
     parts = name.split("-")
-    if len(parts) < 2 or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return len(parts) >= 2 and parts[1].isdigit() and process_alive(int(parts[1]))
 
 
 def _same_file(fd: int, path: Path) -> bool:
