@@ -74,8 +74,9 @@ class Acknowledger:
         if found is not None:
             return dict(orjson.loads(found))
         meta = session.get("metadata") or {}
+        consent_ref = meta.get("mlane_consent")  # (only a string may reach the query)
         consent = conn.execute(select(ConsentRecord.__table__).where(
-            ConsentRecord.consent_id == (meta.get("mlane_consent") or ""),
+            ConsentRecord.consent_id == (consent_ref if isinstance(consent_ref, str) else ""),
             ConsentRecord.app_id == app_id)).first()
         plan = self._plan(meta.get("mlane_plan"), consent.plan_id if consent else None)
         if plan is None or plan.terms.price is None:

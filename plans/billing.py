@@ -152,11 +152,12 @@ class BillingService:
                 return "duplicate"  # handled at the same moment by another worker
             raise WebhookRetryError(f"Event {event_id} could not be applied ({exc.orig}); "
                                     "Stripe will deliver it again.") from exc
-        except (KeyError, TypeError, ValueError, OverflowError, InvalidRequestError,
-                DataError) as exc:
-            # Signed by Stripe but not something this service can apply (a field missing, an
-            # amount past any real charge): kept with the reason and answered 200, so Stripe
-            # stops retrying an event that can never succeed; the log says so to the operator.
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError,
+                InvalidRequestError, DataError) as exc:
+            # Signed by Stripe but not something this service can apply (a field missing or
+            # of another type, an amount past any real charge): kept with the reason and
+            # answered 200, so Stripe stops retrying an event that can never succeed; the log
+            # says so to the operator.
             reason = getattr(exc, "detail", None) or repr(exc)
             log.error("Stripe event %s (%s) rejected as malformed: %s", event_id, kind, reason)
             with self.engine.begin() as conn:
@@ -205,7 +206,7 @@ class BillingService:
 
     def _checkout_completed(self, conn: Connection, obj: dict[str, Any], at: datetime) -> None:
         app_id, user = self._owner(conn, obj)
-        customer = obj.get("customer")
+        customer = _customer(obj)
         if customer:
             self._link(conn, customer, app_id, user)
         meta = obj.get("metadata") or {}
@@ -251,8 +252,9 @@ class BillingService:
     def _subscription(self, conn: Connection, obj: dict[str, Any], at: datetime, *,
                       deleted: bool, set_aside: tuple[datetime, int] | None = None) -> None:
         app_id, user = self._owner(conn, obj)
-        if obj.get("customer"):
-            self._link(conn, obj["customer"], app_id, user)
+        customer = _customer(obj)
+        if customer:
+            self._link(conn, customer, app_id, user)
         items = (obj.get("items") or {}).get("data") or [{}]
         item = items[0]
         lookup = (item.get("price") or {}).get("lookup_key") or ""
@@ -344,7 +346,7 @@ class BillingService:
                 .get("metadata")):
             if meta and meta.get(META_APP) and meta.get(META_USER):
                 return int(meta[META_APP]), int(meta[META_USER])
-        customer = obj.get("customer")
+        customer = _customer(obj)
         if customer:
             found = conn.execute(select(StripeCustomer.app_id, StripeCustomer.end_user_id)
                                  .where(StripeCustomer.customer_id == customer)).first()
@@ -411,6 +413,19 @@ def _count(value: Any, name: str, high: int = MAX_MINOR) -> int:
 
 def _amount(obj: dict[str, Any], name: str) -> int:
     return _count(obj.get(name), name)
+
+
+def _customer(obj: dict[str, Any]) -> str | None:
+    """The Stripe customer id an object names (its id when Stripe expanded the customer);
+    else a ValueError: it must not reach a query as something else."""
+    value = obj.get("customer")
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 100:
+        raise ValueError(f"customer is not a Stripe customer id: {str(value)[:40]}")
+    return value
 
 
 def _currency(obj: dict[str, Any]) -> str:
