@@ -40,17 +40,13 @@ class AccrualService:
                     .where(UsageEvent.end_user_id == end_user_id,
                            UsageEvent.credits_pending.is_(True))
                     .order_by(UsageEvent.id).limit(BATCH)).all()
-            if terms.allowance is None:  # a plan without allowance: nothing to account
-                if not rows:
-                    return done
-                with self.engine.begin() as conn:
-                    _clear(conn, [r.id for r in rows])
-                done += len(rows)
-                continue
+            if not rows and terms.allowance is None:
+                return done  # (no cycles to close on a plan without allowance)
             events = [UsageCredits(r.id, (r.input_tokens + r.output_tokens) * terms
                                    .credits_per_token(self.tiers.get(r.requested_model,
                                                                      "standard")),
-                                   r.created_at) for r in rows]
+                                   r.created_at, r.input_tokens + r.output_tokens)
+                      for r in rows]
             # (with no events too: cycles that ended since are closed, their rollover made)
             accounted = self.credits.account(app_id, end_user_id, assignment, events, now,
                                              mark=_clear)

@@ -104,16 +104,31 @@ def credits() -> None:
 
 
 @credits.command("accrue")
-def credits_accrue() -> None:
-    """Account recent usage of every end user against allowance, credits and overage."""
+@click.option("--repair", "repair_period", metavar="YYYY-MM",
+              help="First mark again the month's calls that `billing reconcile` found never "
+                   "accounted, then account them.")
+def credits_accrue(repair_period: str | None) -> None:
+    """Account the usage of every end user not yet accounted against allowance, credits and
+    overage."""
     from core.db import utcnow
+    from core.errors import DomainError
     from metering.accrual import AccrualService
+    from metering.reconcile import Reconciliation
+    from plans.overage import OverageReporter
 
     def progress(n: int) -> None:
         if n % 1000 == 0:
             click.echo(f"  {n} end users accounted", err=True)
 
-    done = context().part(AccrualService).accrue_all(utcnow(), progress)
+    ctx = context()
+    if repair_period is not None:
+        try:
+            marked = Reconciliation(ctx.part(AccrualService),
+                                    ctx.part(OverageReporter)).repair(repair_period)
+        except DomainError as exc:
+            raise click.ClickException(exc.detail) from exc
+        click.echo(f"{repair_period}: marked {marked} unaccounted usage events again")
+    done = ctx.part(AccrualService).accrue_all(utcnow(), progress)
     click.echo(f"accounted {done} usage events")
 
 
@@ -144,27 +159,43 @@ def billing_report_overage(retry_refused: bool) -> None:
 @billing.command("reconcile")
 @click.option("--period", required=True, help="The month, e.g. 2026-11.")
 def billing_reconcile(period: str) -> None:
-    """Compare, per end user, overage in the ledger, reported, and summed by Stripe."""
+    """Check the month's overage billing against the raw ledger, per end user: every call
+    accounted, each split adding up, and the overage it leaves equal to what was accounted,
+    reported, and summed by Stripe. Lists the end users with overage or a fault."""
     from core.db import utcnow
     from core.errors import DomainError
     from metering.accrual import AccrualService
+    from metering.reconcile import Reconciliation
     from plans.overage import OverageReporter
 
     ctx = context()
     ctx.part(AccrualService).accrue_all(utcnow())
     try:
-        lines = ctx.part(OverageReporter).reconcile(period)
+        lines = Reconciliation(ctx.part(AccrualService),
+                               ctx.part(OverageReporter)).reconcile(period)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
-    click.echo(f"{'end user':>9}  {'customer':<30} {'ledger':>12} {'reported':>12} "
-               f"{'stripe':>12}  state")
-    for line in lines:
-        state = "ok" if line.ok else ("no Stripe customer" if line.customer is None
-                                      else "DIFFERENCE")
+    shown = [ln for ln in lines if not ln.ok or ln.ledger or ln.accounted]
+    click.echo(f"{'end user':>9}  {'customer':<24} {'calls':>8} {'ledger':>10} "
+               f"{'accounted':>10} {'reported':>10} {'stripe':>10}  state")
+    for line in shown:
         stripe_sum = "-" if line.stripe is None else f"{line.stripe:,}"
-        click.echo(f"{line.end_user_id:>9}  {line.customer or '-':<30} {line.ledger:>12,} "
-                   f"{line.reported:>12,} {stripe_sum:>12}  {state}")
-    bad = [line for line in lines if not line.ok]
+        click.echo(f"{line.end_user_id:>9}  {line.customer or '-':<24} {line.events:>8,} "
+                   f"{line.ledger:>10,} {line.accounted:>10,} {line.reported:>10,} "
+                   f"{stripe_sum:>10}  {line.state}")
+        if line.unaccounted_count:
+            click.echo(f"{'':>11}{line.unaccounted_count} calls never accounted, e.g. usage "
+                       f"events {', '.join(map(str, line.unaccounted))}")
+        if line.mismatched_count:
+            click.echo(f"{'':>11}{line.mismatched_count} calls accounted with other tokens "
+                       f"or a split that does not add up, e.g. usage events "
+                       f"{', '.join(map(str, line.mismatched))}")
+    calls = sum(ln.events for ln in lines)
+    bad = [ln for ln in lines if not ln.ok]
+    if any(ln.unaccounted_count for ln in bad):
+        click.echo(f"run `meterlane credits accrue --repair {period}` to account the calls "
+                   "never accounted", err=True)
     if bad:
         raise click.ClickException(f"{len(bad)} of {len(lines)} end users differ for {period}")
-    click.echo(f"{period}: {len(lines)} end users with overage, all reconciled")
+    click.echo(f"{period}: {calls:,} calls of {len(lines)} end users checked against the "
+               f"ledger, {len(shown)} with overage, all reconciled")

@@ -3,8 +3,10 @@ priority -> soonest expiry -> oldest; overage past every credit; rollover of unu
 allowance at the end of a billing cycle. The balance is derived, never stored:
 granted = burned + expired + balance.
 
-Usage is accounted per end user in ledger order (a cursor), each event once: the metering
-package feeds the events (plans never reads the ledger itself)."""
+Usage is accounted per end user, each event once, whatever order its row committed in: the
+metering package feeds the events and marks them accounted in the transaction that accounts
+them (plans never reads the ledger itself). Each accounted event keeps its split (a
+CreditUse): credits = allowance + burned + overage + uncharged."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from plans.models import (
     CreditCursor,
     CreditGrant,
     CreditOverage,
+    CreditUse,
 )
 from plans.service import Assignment
 from plans.windows import parse_window, period_of
@@ -103,6 +106,24 @@ class UsageCredits:
     event_id: int
     credits: int
     at: datetime
+    tokens: int = 0  # input + output, as the ledger had them
+
+
+@dataclass(frozen=True)
+class UseFigures:
+    """How one usage event was accounted (credits None: before the splits were kept)."""
+
+    tokens: int
+    credits: int | None
+    allowance: int
+    burned: int
+    overage: int
+    uncharged: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.credits is None or self.credits == (
+            self.allowance + self.burned + self.overage + self.uncharged)
 
 
 class _RacedError(Exception):
@@ -268,6 +289,28 @@ class CreditsService:
             for key in [k for k in self._cache if k[0] == end_user_id]:
                 self._cache.pop(key, None)
 
+    def uses_of(self, end_user_id: int, start: datetime, end: datetime
+                ) -> dict[int, UseFigures]:
+        """By usage event id: how each event of the end user that happened in [start, end)
+        was accounted, with its burns and overage."""
+        burned = (select(CreditBurn.usage_event_id, func.sum(CreditBurn.amount).label("amount"))
+                  .where(CreditBurn.end_user_id == end_user_id,
+                         CreditBurn.burned_at >= start, CreditBurn.burned_at < end)
+                  .group_by(CreditBurn.usage_event_id).subquery())
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(CreditUse.usage_event_id, CreditUse.tokens, CreditUse.credits,
+                       CreditUse.allowance, CreditUse.uncharged, burned.c.amount,
+                       CreditOverage.credits)
+                .outerjoin(burned, burned.c.usage_event_id == CreditUse.usage_event_id)
+                .outerjoin(CreditOverage,
+                           CreditOverage.usage_event_id == CreditUse.usage_event_id)
+                .where(CreditUse.end_user_id == end_user_id,
+                       CreditUse.happened_at >= start, CreditUse.happened_at < end)).all()
+        return {int(r[0]): UseFigures(int(r[1]), None if r[2] is None else int(r[2]),
+                                      int(r[3] or 0), int(r[5] or 0), int(r[6] or 0),
+                                      int(r[4] or 0)) for r in rows}
+
     # -- accounting usage against allowance, credits and overage ----------------------------
 
     def cursor_of(self, end_user_id: int) -> int:
@@ -278,18 +321,25 @@ class CreditsService:
         return int(last or 0)
 
     def account(self, app_id: int, end_user_id: int, assignment: Assignment,
-                events: list[UsageCredits], now: datetime | None = None, *,
-                mark: Callable[[Connection, list[int]], int] | None = None) -> int:
+                events: list[UsageCredits], now: datetime | None,
+                mark: Callable[[Connection, list[int]], int]) -> int:
         """Account events (each not accounted before) against the allowance of their cycle,
         then the credits live when each happened, then overage; close the cycles that ended
         (rolling unused allowance over). One transaction, in which `mark` (the metering
         package's) marks the events accounted: if another run marked any first, this one
-        changes nothing. Returns events done."""
-        terms = assignment.plan.terms
-        if terms.allowance is None:
-            return 0
+        changes nothing. On a plan without an allowance the events are accounted as
+        uncharged. Returns events done."""
         now = now or self.clock()
         try:
+            if assignment.plan.terms.allowance is None:
+                with self.engine.begin() as conn:
+                    if mark(conn, [ev.event_id for ev in events]) != len(events):
+                        raise _RacedError
+                    if events:
+                        conn.execute(insert(CreditUse), [
+                            _use(end_user_id, ev, allowance=0, uncharged=ev.credits)
+                            for ev in events])
+                return len(events)
             done = self._account(app_id, end_user_id, assignment, events, now, mark)
         except _RacedError:
             return 0  # another run accounted these first (its rows are committed, these not)
@@ -304,7 +354,7 @@ class CreditsService:
 
     def _account(self, app_id: int, end_user_id: int, assignment: Assignment,
                  events: list[UsageCredits], now: datetime,
-                 mark: Callable[[Connection, list[int]], int] | None = None) -> int:
+                 mark: Callable[[Connection, list[int]], int]) -> int:
         plan, terms = assignment.plan, assignment.plan.terms
         assert terms.allowance is not None
         with self.engine.begin() as conn:
@@ -319,13 +369,13 @@ class CreditsService:
                 AllowanceOffset.end_user_id == end_user_id)).all())
             burns: list[dict[str, Any]] = []
             overages: list[dict[str, Any]] = []
-            if mark is not None and mark(conn, [ev.event_id for ev in events]) != len(events):
+            uses: list[dict[str, Any]] = []
+            if mark(conn, [ev.event_id for ev in events]) != len(events):
                 raise _RacedError  # another run accounted some of them: it has them all
             for ev in events:
-                if mark is None and ev.event_id <= last:
-                    continue  # (without marks: an id cursor, for callers that feed in order)
                 if ev.at < assignment.anchored_at:
                     # usage from before the user came onto this plan is not charged to it
+                    uses.append(_use(end_user_id, ev, allowance=0, uncharged=ev.credits))
                     last = max(last, ev.event_id)
                     continue
                 start = period_of(_CYCLE, ev.at, assignment.anchored_at).start
@@ -349,6 +399,8 @@ class CreditsService:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
                                      "credits": rest, "happened_at": ev.at})
+                    rest = 0
+                uses.append(_use(end_user_id, ev, allowance=from_allowance, uncharged=rest))
                 last = max(last, ev.event_id)
             now_start = period_of(_CYCLE, now, assignment.anchored_at).start
             if cycle_start is not None and now_start > cycle_start:
@@ -359,6 +411,8 @@ class CreditsService:
                 conn.execute(insert(CreditBurn), burns)
             if overages:
                 conn.execute(insert(CreditOverage), overages)
+            if uses:
+                conn.execute(insert(CreditUse), uses)
             values = {"last_event_id": last, "cycle_start": cycle_start, "cycle_used": used}
             if cursor is None:
                 conn.execute(insert(CreditCursor).values(end_user_id=end_user_id, **values))
@@ -370,8 +424,7 @@ class CreditsService:
                     CreditCursor.cycle_used == cursor.cycle_used).values(**values))
                 if moved.rowcount != 1:  # another run accounted first: leave it to that one
                     raise _RacedError
-        return len(events) if mark is not None else len([e for e in events
-                                                         if e.event_id <= last])
+        return len(events)
 
     def _close_cycles(self, conn: Connection, app_id: int, end_user_id: int,
                       assignment: Assignment, start: datetime, used: int, until: datetime,
@@ -402,3 +455,9 @@ class CreditsService:
             used = 0
             cycle = following
 
+
+def _use(end_user_id: int, ev: UsageCredits, *, allowance: int, uncharged: int
+         ) -> dict[str, Any]:
+    return {"usage_event_id": ev.event_id, "end_user_id": end_user_id, "tokens": ev.tokens,
+            "credits": ev.credits, "allowance": allowance, "uncharged": uncharged,
+            "happened_at": ev.at}

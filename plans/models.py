@@ -86,6 +86,26 @@ class CreditOverage(Base):
     report_error: Mapped[str | None] = mapped_column(String(500))
 
 
+class CreditUse(Base):
+    """How one usage event was accounted: its credits, of which from the plan's allowance and
+    not charged at all (before the plan began, or past every credit on a plan without
+    overage); the rest are its burns and its overage. credits = allowance + burned + overage
+    + uncharged, checked by `billing reconcile` against the raw ledger. Written in the
+    transaction that clears the event's mark. NULL figures: accounted before these rows
+    were kept (migration 0019)."""
+
+    __tablename__ = "credit_uses"
+    __table_args__ = (Index("ix_credit_uses_user", "end_user_id", "happened_at"),)
+
+    usage_event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    tokens: Mapped[int] = mapped_column(BigInteger)  # input + output, as the ledger had them
+    credits: Mapped[int | None] = mapped_column(BigInteger)
+    allowance: Mapped[int | None] = mapped_column(BigInteger)
+    uncharged: Mapped[int | None] = mapped_column(BigInteger)
+    happened_at: Mapped[datetime]
+
+
 class CreditCursor(Base):
     """How far an end user's usage has been accounted against allowance and credits."""
 

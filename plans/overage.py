@@ -1,10 +1,12 @@
 """Overage to Stripe: each usage event's overage credits become one meter event, keyed by our
-own id (Stripe drops a repeat) and stamped with when the usage happened; and the monthly
-reconciliation of what the ledger says, what was reported, and what Stripe summed."""
+own id and the customer's (Stripe drops a repeat) and stamped with when the usage happened;
+and, per end user and month, what was accounted, reported, and summed by Stripe (for the
+reconciliation)."""
 
 from __future__ import annotations
 
 import calendar
+import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -23,8 +25,13 @@ from plans.stripe_sync import METER_EVENT, BillingProviderError
 log = logging.getLogger(__name__)
 
 
-def meter_identifier(usage_event_id: int) -> str:
-    return f"mlane_ov_{usage_event_id}"
+def meter_identifier(usage_event_id: int, customer: str) -> str:
+    """The meter event's identifier, by which Stripe drops a repeat. Stripe asks for one
+    unique across everything sent to the account: our event id alone repeats in another
+    database on the same account (a second deployment, a rebuilt one), whose overage Stripe
+    would then drop as a repeat; the customer belongs to one database only."""
+    digest = hashlib.sha256(customer.encode()).hexdigest()[:16]
+    return f"mlane_ov_{usage_event_id}_{digest}"
 
 
 def month_of(period: str) -> tuple[datetime, datetime]:
@@ -42,16 +49,12 @@ def month_of(period: str) -> tuple[datetime, datetime]:
 
 
 @dataclass(frozen=True)
-class ReconcileLine:
-    customer: str | None   # None: overage of end users without a Stripe customer
+class OverageLine:
+    customer: str | None   # None: an end user without a Stripe customer
     end_user_id: int
-    ledger: int            # overage credits the ledger accounts in the period
+    accounted: int         # overage credits accounted in the period (credit_overages)
     reported: int          # of which sent to Stripe
     stripe: int | None     # what Stripe's meter summed for the customer (None: not asked)
-
-    @property
-    def ok(self) -> bool:
-        return self.customer is not None and self.ledger == self.reported == self.stripe
 
 
 class OverageReporter:
@@ -83,7 +86,7 @@ class OverageReporter:
             values: dict[str, object] = {"reported_at": self.clock()}
             try:
                 client.v1.billing.meter_events.create(params={
-                    "event_name": METER_EVENT, "identifier": meter_identifier(event_id),
+                    "event_name": METER_EVENT, "identifier": meter_identifier(event_id, customer),
                     "payload": {"stripe_customer_id": customer, "value": str(credits)},
                     "timestamp": int(happened_at.timestamp())})
                 sent += 1
@@ -102,9 +105,10 @@ class OverageReporter:
                     CreditOverage.usage_event_id == event_id).values(**values))
         return sent
 
-    def reconcile(self, period: str, *, ask_stripe: bool = True) -> list[ReconcileLine]:
-        """Per end user: overage credits in the ledger for the month, reported, and summed
-        by Stripe's meter."""
+    def by_user(self, period: str, *, ask_stripe: bool = True) -> list[OverageLine]:
+        """Per end user: overage credits accounted for the month, reported, and summed by
+        Stripe's meter (the metering package's reconciliation sets these against the raw
+        ledger)."""
         start, end = month_of(period)
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -119,12 +123,12 @@ class OverageReporter:
                 .order_by(CreditOverage.end_user_id)).all()
         meter = self._meter() if ask_stripe and rows else None
         lines = []
-        for end_user_id, customer, ledger, reported in rows:
+        for end_user_id, customer, accounted, reported in rows:
             summed = None
             if meter is not None and customer is not None:
                 summed = self._summed(meter, customer, start, end)
-            lines.append(ReconcileLine(customer, int(end_user_id), int(ledger or 0),
-                                       int(reported or 0), summed))
+            lines.append(OverageLine(customer, int(end_user_id), int(accounted or 0),
+                                     int(reported or 0), summed))
         return lines
 
     def _meter(self) -> str | None:

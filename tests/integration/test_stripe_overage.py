@@ -150,3 +150,110 @@ def test_an_overage_stripe_refuses_is_set_aside_and_the_rest_still_go(
     with clean_db.connect() as conn:
         assert conn.execute(select(CreditOverage.report_error).where(
             CreditOverage.usage_event_id == first)).scalar_one()
+
+
+def test_reconcile_checks_the_raw_ledger_and_reports_a_planted_gap(
+        setup: Any, clean_db: Engine) -> None:
+    """The gap the id cursor left (a call committed late, passed over by the accounting):
+    reconcile against the accounted table alone said "all reconciled". It now reads the
+    ledger, names the call, and `credits accrue --repair` accounts it."""
+    from metering.models import UsageEvent
+    from plans.models import CreditUse
+
+    app, key, env, tag = setup
+    client = app.test_client()
+    client.post("/v1/checkout/sessions", headers=bearer(key), json={
+        "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
+        "cancel_url": "https://a.example/no",
+        "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
+    client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
+    track(client, key, 90, "g1")
+    track(client, key, 40, "g2")  # 30 past the allowance
+    period = utcnow().strftime("%Y-%m")
+    cli(env, "billing", "report-overage")
+    first = cli(env, "billing", "reconcile", "--period", period)
+    assert first.exit_code == 0, first.output
+
+    # the skip: a call whose mark is cleared without its accounting
+    track(client, key, 25, "g3")
+    with clean_db.begin() as conn:
+        skipped = conn.execute(select(UsageEvent.id).where(
+            UsageEvent.idempotency_key.like("%g3"))).scalar_one()
+        conn.execute(update(UsageEvent).where(UsageEvent.id == skipped)
+                     .values(credits_pending=False))
+    cli(env, "billing", "report-overage")
+    gap = cli(env, "billing", "reconcile", "--period", period)
+    assert gap.exit_code == 1, gap.output
+    assert "UNACCOUNTED" in gap.output and f"usage events {skipped}" in gap.output, gap.output
+    assert f"credits accrue --repair {period}" in gap.output
+
+    repaired = cli(env, "credits", "accrue", "--repair", period)
+    assert repaired.exit_code == 0 and "marked 1 unaccounted" in repaired.output, repaired.output
+    assert "accounted 1 usage events" in repaired.output
+    assert "reported 1 overage" in cli(env, "billing", "report-overage").output
+    ok = cli(env, "billing", "reconcile", "--period", period)
+    assert ok.exit_code == 0 and "all reconciled" in ok.output, ok.output
+    assert " 55 " in ok.output  # 30 + 25 of overage, every figure agreeing
+    assert "marked 0 unaccounted" in cli(env, "credits", "accrue", "--repair", period).output
+
+    # an accounting that lost its overage row, and one with other tokens than the ledger's
+    with clean_db.begin() as conn:
+        conn.execute(CreditOverage.__table__.delete().where(
+            CreditOverage.usage_event_id == skipped))
+    lost = cli(env, "billing", "reconcile", "--period", period)
+    assert lost.exit_code == 1 and "MISMATCH" in lost.output, lost.output
+    assert f"e.g. usage events {skipped}" in lost.output
+    with clean_db.begin() as conn:
+        conn.execute(CreditOverage.__table__.insert().values(
+            usage_event_id=skipped, end_user_id=conn.execute(select(UsageEvent.end_user_id)
+                                                            .where(UsageEvent.id == skipped))
+            .scalar_one(), plan_id=f"metered-{tag}", plan_version=1, credits=25,
+            happened_at=conn.execute(select(UsageEvent.created_at)
+                                     .where(UsageEvent.id == skipped)).scalar_one(),
+            reported_at=utcnow()))
+    assert cli(env, "billing", "reconcile", "--period", period).exit_code == 0
+    with clean_db.begin() as conn:
+        conn.execute(update(CreditUse).where(CreditUse.usage_event_id == skipped)
+                     .values(tokens=24))
+    assert "MISMATCH" in cli(env, "billing", "reconcile", "--period", period).output
+
+
+def test_overage_of_a_rebuilt_database_on_the_same_stripe_account_is_billed(
+        setup: Any, clean_db: Engine, tmp_path: Path, pg_url: str) -> None:
+    """A second database on one Stripe account (another deployment, or this one rebuilt)
+    numbers its usage events from 1 again. Keyed by our event id alone, Stripe took its
+    overage for repeats of the first one's and dropped it."""
+    from sqlalchemy import text
+
+    from app import create_app
+    from core.auth import Role
+    from tests.conftest import _tables
+
+    app, key, env, tag = setup
+
+    def bill(app: Any, key: str) -> Any:
+        client = app.test_client()
+        client.post("/v1/checkout/sessions", headers=bearer(key), json={
+            "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
+            "cancel_url": "https://a.example/no",
+            "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
+        client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"},
+                   headers=bearer(key))
+        track(client, key, 130, "r1")  # 30 past the allowance
+        assert "reported 1 overage" in cli(env, "billing", "report-overage").output
+        return cli(env, "billing", "reconcile", "--period", utcnow().strftime("%Y-%m"))
+
+    first = bill(app, key)
+    assert first.exit_code == 0 and " 30 " in first.output, first.output
+    with clean_db.begin() as conn:  # the database rebuilt: ids start again from 1
+        conn.execute(text(f"TRUNCATE {_tables()} RESTART IDENTITY CASCADE"))
+    assert cli(env, "plans", "sync").exit_code == 0
+    rebuilt = create_app(replace(config_from_toml(Path(env["MLANE_CONFIG"]).read_text(),
+                                                  tmp_path, database_url=pg_url),
+                                 stripe_api_key="sk_test_meterlane"))
+    try:
+        second = bill(rebuilt, rebuilt.extensions["wiring"].keys.create_key(
+            Role.APP, "acme").key)
+    finally:
+        rebuilt.extensions["wiring"].engine.dispose()
+    assert second.exit_code == 0 and " 30 " in second.output, second.output
