@@ -24,6 +24,23 @@ def flask_call(client: Any, key: str) -> Call:
     return call
 
 
+def http_call(base: str, key: str) -> Call:
+    """The same over HTTP, against a running server at `base` (http://host:port)."""
+    import http.client
+
+    import orjson
+
+    def call(method: str, path: str, body: Any) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(base.split("//")[1], timeout=30)
+        conn.request(method, path, body=None if body is None else orjson.dumps(body),
+                     headers={"Authorization": f"Bearer {key}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, orjson.loads(data) if data else None
+    return call
+
+
 def publish_offer(call: Call, plan: str) -> str:
     """A compliant offer of the plan, published; returns its id."""
     draft = copy.deepcopy(GOOD)
