@@ -170,7 +170,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     if config.embedded:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
     engine = make_engine(config.database_url, pool_size=config.db_pool_size,
-                         max_overflow=config.db_max_overflow)
+                         max_overflow=config.db_max_overflow, pool_timeout=config.db_pool_timeout)
     if check_schema:  # the embedded default makes (or brings up to date) its own database
         ensure_schema_current(engine, auto_migrate=config.should_auto_migrate)
     _check_cooperative_driver()

@@ -92,6 +92,8 @@ class Config:
     # the server's max_connections.
     db_pool_size: int = 10
     db_max_overflow: int = 20
+    # Seconds a request waits for a free connection before it is answered 503 (Retry-After).
+    db_pool_timeout: float = 10.0
     auto_migrate: bool | None = None
     key_cache_seconds: float = 2.0
     user_key_ttl_seconds: int = 3600
@@ -171,6 +173,8 @@ class Config:
             max_body_bytes=_int(env, "MLANE_MAX_BODY_BYTES", cls.max_body_bytes),
             db_pool_size=max(1, _int(env, "MLANE_DB_POOL_SIZE", cls.db_pool_size)),
             db_max_overflow=max(0, _int(env, "MLANE_DB_MAX_OVERFLOW", cls.db_max_overflow)),
+            db_pool_timeout=max(0.01, float(env.get("MLANE_DB_POOL_TIMEOUT",
+                                                    cls.db_pool_timeout))),
             auto_migrate=_bool_or_none(env.get("MLANE_AUTO_MIGRATE")),
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
             webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),

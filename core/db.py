@@ -12,6 +12,8 @@ from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData, event
 from sqlalchemy.engine import Engine, create_engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -52,6 +54,11 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime()}
 
 
+# The database cannot serve now: no connection, or none free in the pool in time (every one
+# busy). Both are answered 503 with Retry-After, never 500.
+DATABASE_DOWN: tuple[type[Exception], ...] = (OperationalError, PoolTimeoutError)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -59,8 +66,8 @@ def utcnow() -> datetime:
 POOL_SIZE, POOL_OVERFLOW = 10, 20  # per process, on Postgres
 
 
-def make_engine(url: str, *, pool_size: int = POOL_SIZE,
-                max_overflow: int = POOL_OVERFLOW) -> Engine:
+def make_engine(url: str, *, pool_size: int = POOL_SIZE, max_overflow: int = POOL_OVERFLOW,
+                pool_timeout: float = 30.0) -> Engine:
     """An engine with the settings each backend needs for concurrent use."""
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=20, max_overflow=20)
@@ -69,7 +76,7 @@ def make_engine(url: str, *, pool_size: int = POOL_SIZE,
     # No pre-ping: it costs a round trip per checkout on the hot path. A connection that died
     # fails once, is invalidated by the pool, and the caller's error path handles it.
     return create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
-                         pool_recycle=1800)
+                         pool_timeout=pool_timeout, pool_recycle=1800)
 
 
 def pool_budget(engine: Engine, processes: int) -> tuple[int, int, int] | None:

@@ -62,6 +62,10 @@ class TenancyService:
             self._users[key] = user_id
         return user_id
 
+    def known_end_user(self, app_id: int, external_id: str) -> int | None:
+        """The end user's id if this process has seen them (no database read)."""
+        return self._users.get((app_id, external_id))
+
     def ensure_end_users(self, app_id: int, external_ids: list[str]) -> dict[str, int]:
         """Many end users at once (a batch of reported usage): one read, one insert of the
         new ones, one read of those."""

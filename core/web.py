@@ -11,6 +11,7 @@ import orjson
 from flask import Flask, Response, current_app, g, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from core.auth import AuthService, Principal
@@ -203,7 +204,8 @@ def install_hooks(app: Flask) -> None:
                         extra=exc.extra, headers=exc.headers)
 
     @app.errorhandler(OperationalError)
-    def database_down(exc: OperationalError) -> Response:
+    @app.errorhandler(PoolTimeoutError)
+    def database_down(exc: Exception) -> Response:
         log.error("database unavailable in request %s: %s", g.get("request_id"), exc)
         return domain_error(DATABASE_UNAVAILABLE)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
@@ -64,7 +65,8 @@ def domain_error(exc: DomainError) -> Response:
 
 
 @bp.errorhandler(OperationalError)
-def database_down(exc: OperationalError) -> Response:
+@bp.errorhandler(PoolTimeoutError)
+def database_down(exc: Exception) -> Response:
     log.error("database unavailable in gateway request %s: %s", request_id(), exc)
     return domain_error(DATABASE_UNAVAILABLE)
 
@@ -110,7 +112,8 @@ def messages_domain_error(exc: DomainError) -> Response:
 
 
 @anthropic_bp.errorhandler(OperationalError)
-def messages_database_down(exc: OperationalError) -> Response:
+@anthropic_bp.errorhandler(PoolTimeoutError)
+def messages_database_down(exc: Exception) -> Response:
     log.error("database unavailable in gateway request %s: %s", request_id(), exc)
     return messages_domain_error(DATABASE_UNAVAILABLE)
 

@@ -15,8 +15,9 @@ import urllib3
 
 from core.auth import Principal, Role, validate_user_id
 from core.config import Config, ModelConfig
-from core.db import utcnow
+from core.db import DATABASE_DOWN, utcnow
 from core.errors import (
+    DATABASE_UNAVAILABLE,
     ConflictError,
     DomainError,
     InvalidRequestError,
@@ -115,7 +116,24 @@ class GatewayService:
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
               wire: Wire) -> GatewayResponse:
         started = time.perf_counter()
-        outcome, route = self._prepare(ctx, endpoint, body)
+        try:
+            outcome, route = self._prepare(ctx, endpoint, body)
+        except DATABASE_DOWN as exc:
+            self._refused_without_database(ctx, endpoint, body, wire, started, exc)
+            raise
+        try:
+            return self._forward(outcome, route, started, endpoint, raw, wire)
+        except DATABASE_DOWN:
+            if outcome.record is None and not outcome.accepted:  # refused before forwarding
+                try:  # (the ledger spools the row while the database is away)
+                    self._finish(outcome, started, status="database_unavailable",
+                                 http_status=503, error=DATABASE_UNAVAILABLE.detail)()
+                except Exception:  # noqa: BLE001 - the answer is a 503 either way
+                    log.exception("recording refused request %s failed", outcome.request_id)
+            raise
+
+    def _forward(self, outcome: CallOutcome, route: Route | None, started: float,
+                 endpoint: str, raw: bytes | None, wire: Wire) -> GatewayResponse:
         outcome.api = wire.api
         stream = outcome.stream
         candidates = route.candidates if route is not None else [outcome.model]
@@ -362,6 +380,51 @@ class GatewayService:
         if route is not None:
             outcome.route_alias, outcome.route_allowed = route.alias, route.allowed
         return outcome, route
+
+    def _refused_without_database(self, ctx: CallContext, endpoint: str, body: dict[str, Any],
+                                  wire: Wire, started: float, exc: Exception) -> None:
+        """The row of a call refused because the database could not serve it (one row per
+        call, refused or not): written by the ledger, which spools it while the database is
+        away. An end user this process has not seen yet has no id to write: the row is
+        spooled with their name, and the replay creates the user as the call would have. A
+        call whose key could not be checked names no app: it has no row (the log has it)."""
+        principal, app_id = ctx.principal, ctx.principal.app_id
+        log.error("database unavailable before request %s was forwarded: %s",
+                  ctx.request_id, exc)
+        if app_id is None:
+            return
+        external: str | None = None
+        end_user_id = principal.end_user_id if principal.role == Role.USER else None
+        if end_user_id is None:
+            named = ctx.user_header if ctx.user_header is not None else body.get("user")
+            try:
+                external = validate_user_id(named)
+            except DomainError:
+                return  # no end user: the call was a 400 had the database answered
+            end_user_id = self.tenancy.known_end_user(app_id, external)
+        name = body.get("model")
+        model = self.config.model(name) if isinstance(name, str) else None
+        at = self.clock()
+        price = self.metering.price_of(model, at) if model is not None else None
+        record = CallRecord(
+            app_id=app_id, end_user_id=end_user_id or 0, request_id=ctx.request_id,
+            idempotency_key=ctx.request_id, endpoint=wire.api or endpoint,
+            requested_model=name if isinstance(name, str) and name else "(none)",
+            upstream=model.upstream if model else None,
+            upstream_model=model.upstream_model if model else None,
+            stream=body.get("stream") is True, input_tokens=0, cached_input_tokens=0,
+            output_tokens=0, reasoning_tokens=0, usage_source="none",
+            cost_pico_usd=0 if price is not None else None, priced=price is not None,
+            status="database_unavailable", http_status=503,
+            error=DATABASE_UNAVAILABLE.detail, latency_ms=_ms_since(started), ttft_ms=None,
+            created_at=at)
+        try:
+            if end_user_id is not None:
+                self.metering.ledger.record(record)
+            else:
+                self.metering.ledger.spool_for_user(record.row(), external or "")
+        except Exception:  # noqa: BLE001 - the answer is a 503 either way
+            log.exception("recording refused request %s failed", ctx.request_id)
 
     def _plan(self, end_user_id: int) -> Plan | None:
         if self.plans is None or not self.plans.catalog.plans:

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
+from core.tenancy import TenancyService
 from core.text import control_free, redacted, storable
 from metering.intents import process_alive
 from metering.models import UsageEvent
@@ -426,6 +427,12 @@ class LedgerWriter:
             finally:
                 os.close(fd)
 
+    def spool_for_user(self, row: dict[str, Any], external_id: str) -> None:
+        """Spool a record whose end user has no id yet (the database was away when the call
+        named them for the first time in this process): the replay creates the user, as the
+        call would have, and writes the record with their id."""
+        self._spool({**row, "end_user_id": None, "end_user": external_id})
+
     def replay(self) -> int:
         """Insert every spooled record; returns how many were written. A duplicate is skipped,
         a record the database refuses for what it holds goes to the quarantine, and a database
@@ -480,6 +487,18 @@ class LedgerWriter:
         except Exception as exc:  # noqa: BLE001 - unreadable: kept as text with the reason
             return self._quarantine_line({"line": raw.decode("utf-8", "replace")},
                                          f"unreadable spool line: {describe(exc)}")
+        if row.get("end_user_id") is None and isinstance(row.get("end_user"), str) \
+                and _is_int(row.get("app_id")):
+            try:  # spooled before its end user had an id (spool_for_user)
+                row["end_user_id"] = TenancyService(self.engine).ensure_end_user(
+                    row["app_id"], row["end_user"])
+            except Exception as exc:  # noqa: BLE001 - sorted as an insert's failure is
+                if _is_poison(exc):
+                    return self._quarantine_line(row, f"{type(exc).__name__}: {exc}")
+                note(logging.ERROR, "replaying the spool stopped, the database is away: %s",
+                     describe(exc))
+                return "away"
+        row.pop("end_user", None)
         why = problem_of(row)
         if why is not None:
             return self._quarantine_line(row, why)

@@ -182,3 +182,110 @@ def test_a_reported_call_spooled_then_retried_is_recorded_once(clean_db: Engine,
     assert healthy.record_many([batch[0], *batch, record(app_id, user_id, "b9")],
                                dedupe=True) == ["written", "duplicate", "written", "written",
                                                 "written", "written", "written"]
+
+
+def _served_app(pg_server: str, upstream: Any, tmp_path: Path, **overrides: Any
+                ) -> tuple[Any, str, str]:
+    """An app on its own database (keys cached for a minute, as a server keeps them), its key
+    and the database's name."""
+    from app import create_app
+    from core.auth import Role
+    from migrations.schema import upgrade
+    from tests.conftest import config_from_toml, gateway_toml
+    from tests.support.services import create_database
+
+    name = f"mlane_away_{tmp_path.name[-12:].replace('-', '_')}"
+    url = create_database(pg_server, name)
+    upgrade(make_engine(url))
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
+                                      database_url=url, key_cache_seconds=60, **overrides))
+    key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+    return app, key, name
+
+
+def _ledger_by_user(app: Any) -> dict[str, list[Any]]:
+    from core.models import EndUser
+
+    with app.extensions["wiring"].engine.connect() as conn:
+        rows = conn.execute(select(EndUser.external_id, UsageEvent.status,
+                                   UsageEvent.http_status, UsageEvent.endpoint,
+                                   UsageEvent.input_tokens + UsageEvent.output_tokens)
+                            .join(EndUser, EndUser.id == UsageEvent.end_user_id)).all()
+    found: dict[str, list[Any]] = {}
+    for user, *rest in rows:
+        found.setdefault(user, []).append(tuple(rest))
+    return found
+
+
+def test_calls_during_an_outage_each_get_their_row_once_it_is_back(
+        pg_server: str, upstream: Any, tmp_path: Path) -> None:
+    """One row per call, refused or not: with connections to the database refused, a call
+    for a user this process knows is served (its row spooled); one for a user it has never
+    seen is refused 503, in each API's envelope, and its row is spooled with the user's name.
+    The replay, once the database is back, writes every one of them (and creates the user)."""
+    from psycopg import sql
+
+    from tests.support.services import libpq_url
+
+    app, key, name = _served_app(pg_server, upstream, tmp_path)
+    seen = len(upstream.requests)
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json={**chat, "user": "known"},
+                       headers=headers).status_code == 200
+    ident = sql.Identifier(name)
+    with psycopg.connect(libpq_url(pg_server), autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(ident))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = %s", (name,))
+        served = client.post("/v1/chat/completions", json={**chat, "user": "known"},
+                             headers=headers)
+        refused = client.post("/v1/chat/completions", json={**chat, "user": "newbie"},
+                              headers=headers)
+        refused_messages = client.post(
+            "/v1/messages", headers={**headers, "X-Meterlane-User": "newbie-2"},
+            json={"model": "gpt-4o-mini", "max_tokens": 5,
+                  "messages": [{"role": "user", "content": "hi"}]})
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(ident))
+    assert served.status_code == 200, served.data
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.get_json()["error"]["type"] == "service_unavailable"
+    assert refused_messages.status_code == 503
+    assert refused_messages.get_json()["type"] == "error"  # Anthropic's envelope
+    assert len(upstream.requests) == seen + 2  # the refused calls never reached it
+    before = _ledger_by_user(app)
+    assert list(before) == ["known"] and len(before["known"]) == 1
+
+    assert app.extensions["wiring"].ledger.replay() == 3
+    after = _ledger_by_user(app)
+    assert after["known"][1][:3] == ("ok", 200, "chat.completions")
+    assert after["newbie"] == [("database_unavailable", 503, "chat.completions", 0)]
+    assert after["newbie-2"] == [("database_unavailable", 503, "messages", 0)]
+    assert app.extensions["wiring"].ledger.replay() == 0
+    app.extensions["wiring"].engine.dispose()
+
+
+def test_a_pool_with_no_free_connection_is_a_503_with_the_calls_row(
+        pg_server: str, upstream: Any, tmp_path: Path) -> None:
+    """Every connection of the pool busy past its timeout: a 503 with Retry-After in both
+    envelopes (it was a 500), and the refused call's row is written once one is free."""
+    app, key, _name = _served_app(pg_server, upstream, tmp_path, db_pool_size=1,
+                                  db_max_overflow=0, db_pool_timeout=0.2)
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+    engine, seen = app.extensions["wiring"].engine, len(upstream.requests)
+    assert client.get("/v1/usage", headers=headers).status_code == 200  # key cached
+    with engine.connect():  # the pool's one connection, held
+        refused = client.post("/v1/chat/completions", headers=headers, json={
+            "model": "gpt-4o-mini", "user": "newbie",
+            "messages": [{"role": "user", "content": "hi"}]})
+        usage = client.get("/v1/usage", headers=headers)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.get_json()["error"]["code"] == "service_unavailable"
+    assert usage.status_code == 503 and usage.mimetype == "application/problem+json"
+    assert len(upstream.requests) == seen
+    assert app.extensions["wiring"].ledger.replay() == 1
+    assert _ledger_by_user(app) == {
+        "newbie": [("database_unavailable", 503, "chat.completions", 0)]}
+    engine.dispose()
