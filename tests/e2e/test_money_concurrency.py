@@ -1,7 +1,8 @@
-"""Money under concurrency, against a real `meterlane serve` of 2 and of 4 workers on Postgres
-and Redis: 300 calls of one end user, 32 at a time (streamed and not, the upstream answering in 50
-to 800 ms, so the workers' ledger writers commit out of id order) while the app polls their
-credits, as the quota widget does. Then, from the raw ledger:
+"""Money under concurrency, against a real `meterlane serve` of 2 and of 4 workers, and two
+instances of 2 sharing one database and Redis: 300 calls of one end user, 32 at a time
+(streamed and not, the upstream answering in 50 to 800 ms, so the workers' ledger writers
+commit out of id order) while the app polls their credits, as the quota widget does. Then,
+from the raw ledger:
 
 - every call the upstream saw has a row, and the ledger's tokens are those it served;
 - no usage is left unaccounted, and what was accounted is the ledger's usage exactly:
@@ -12,7 +13,10 @@ credits, as the quota widget does. Then, from the raw ledger:
   agrees call by call.
 
 On main the accounting read `id > cursor`: with the polling, rows committed after a higher
-id was accounted were skipped for good (3 of 4 runs of this test lost 54 to 195 tokens)."""
+id was accounted were skipped for good (3 of 4 runs of this test lost 54 to 195 tokens).
+
+Stripe's events, each kind delivered 20 times at once over the workers, apply once; two
+subscription events of one second end in the state Stripe has."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +44,30 @@ from tests.e2e.test_serve import MESSAGES, cli, stop
 from tests.support.consent import consent_for, http_call
 from tests.support.fake_openai import completion_tokens, prompt_tokens
 from tests.support.services import create_database
+from tests.support.stripesig import stripe_headers
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 CALLS, PARALLEL, ALLOWANCE, GRANTED = 300, 32, 2000, 3000
+SECRET = "whsec_money"
 
 
-@pytest.fixture(params=[2, 4], ids=["2-workers", "4-workers"])
+@dataclass
+class Served:
+    bases: list[str]  # one per instance; every instance shares the database and Redis
+    key: str
+    env: dict[str, str]
+    upstream: FakeUpstream
+
+    def base(self, n: int) -> str:
+        return self.bases[n % len(self.bases)]
+
+
+@pytest.fixture(params=[[2], [4], [2, 2]],
+                ids=["2-workers", "4-workers", "two-instances-of-2"])
 def served(request: pytest.FixtureRequest, pg_server: str, redis_server: str,
-           fake_stripe: str, tmp_path: Path
-           ) -> Iterator[tuple[str, str, dict[str, str], FakeUpstream]]:
-    workers = request.param
+           fake_stripe: str, tmp_path: Path) -> Iterator[Served]:
+    instances: list[int] = request.param
     with FakeUpstream() as upstream:
         tag = uuid.uuid4().hex[:6]
         worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
@@ -69,15 +87,22 @@ api_base = "{fake_stripe}"
                "MLANE_CONFIG": str(tmp_path / "meterlane.toml"),
                "MLANE_DATA_DIR": str(tmp_path / "var"), "MLANE_KEY_CACHE_SECONDS": "0",
                "MLANE_REDIS_URL": redis_server, "MLANE_REDIS_PREFIX": f"mc-{tag}:",
-               "MLANE_STRIPE_API_KEY": "sk_test_money"}
+               "MLANE_STRIPE_API_KEY": "sk_test_money",
+               "MLANE_STRIPE_WEBHOOK_SECRET": SECRET}
         assert cli(env, "db", "upgrade").returncode == 0
         assert cli(env, "plans", "sync").returncode == 0
         key = cli(env, "keys", "create", "--role", "app", "--app", "acme").stdout.split()[-1]
-        proc, base = _start(env, tmp_path, workers)
+        procs, bases = [], []
         try:
-            yield base, key, env, upstream
+            for i, workers in enumerate(instances):  # each its own spool and journals
+                own = {**env, "MLANE_DATA_DIR": str(tmp_path / f"var-{i}")}
+                proc, base = _start(own, tmp_path, workers)
+                procs.append(proc)
+                bases.append(base)
+            yield Served(bases, key, env, upstream)
         finally:
-            stop(proc)
+            for proc in procs:
+                stop(proc)
 
 
 def _start(env: dict[str, str], tmp: Path, workers: int) -> Any:
@@ -103,9 +128,8 @@ def _get(base: str, key: str, path: str) -> Any:
     return resp.status, orjson.loads(resp.read())
 
 
-def test_credits_and_overage_account_every_call_exactly_under_load(
-        served: tuple[str, str, dict[str, str], FakeUpstream]) -> None:
-    base, key, env, upstream = served
+def test_credits_and_overage_account_every_call_exactly_under_load(served: Served) -> None:
+    base, key, env, upstream = served.bases[0], served.key, served.env, served.upstream
     url = env["MLANE_DATABASE_URL"]
     # whale checks out (a Stripe customer, the overage's destination); stays on the plan
     call = http_call(base, key)
@@ -122,13 +146,14 @@ def test_credits_and_overage_account_every_call_exactly_under_load(
     done = threading.Event()
     polls: list[int] = []
 
-    def poll() -> None:  # the widget: every read accounts what it finds
+    def poll(n: int) -> None:  # the widget: every read accounts what it finds
         while not done.is_set():
-            status, _body = _get(base, key, "/v1/users/whale/credits")
+            status, _body = _get(served.base(n), key, "/v1/users/whale/credits")
             polls.append(status)
 
     def call(n: int) -> None:
-        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=served.base(n) + "/v1", api_key=key, max_retries=0,
+                               timeout=60)
         fake = {"delay_ms": 50 + (n * 97) % 750, "words": 10 + n % 30}
         if n % 2:
             for _ in client.chat.completions.create(
@@ -139,7 +164,7 @@ def test_credits_and_overage_account_every_call_exactly_under_load(
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES,
                                            user="whale", extra_body={"fake": fake})
 
-    pollers = [threading.Thread(target=poll) for _ in range(4)]
+    pollers = [threading.Thread(target=poll, args=(n,)) for n in range(4)]
     for t in pollers:
         t.start()
     try:
@@ -197,3 +222,114 @@ def test_credits_and_overage_account_every_call_exactly_under_load(
     assert rec.returncode == 0 and "all reconciled" in rec.stdout, rec.stdout + rec.stderr
     [line] = [ln.split() for ln in rec.stdout.splitlines() if " ok" in ln and "cus_" in ln]
     assert [int(v.replace(",", "")) for v in line[3:7]] == [expected] * 4  # ledger ..stripe
+
+
+def _deliver(base: str, payload: bytes) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(base.split("//")[1], timeout=60)
+    conn.request("POST", "/v1/stripe/webhook", body=payload,
+                 headers={**stripe_headers(payload, SECRET), "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = orjson.loads(resp.read() or b"{}")
+    return resp.status, str(body.get("outcome", body))
+
+
+def _event(kind: str, obj: dict[str, Any], created: int) -> bytes:
+    return orjson.dumps({"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind,
+                         "created": created, "data": {"object": obj}}, default=str)
+
+
+def _at_once(served: Served, payloads: list[bytes]) -> list[tuple[int, str]]:
+    """Each payload delivered at the same moment, spread over the instances' workers."""
+    start = threading.Barrier(len(payloads))
+
+    def one(n: int) -> tuple[int, str]:
+        start.wait()
+        return _deliver(served.base(n), payloads[n])
+
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        return list(pool.map(one, range(len(payloads))))
+
+
+def test_stripe_events_delivered_twenty_at_once_apply_once_and_ties_follow_stripe(
+        served: Served, fake_stripe: str) -> None:
+    """Every kind of Stripe event the service applies, delivered 20 times at once over the
+    workers (and instances): one delivery applies it, the others answer `duplicate`, and the
+    money it carries lands once. Then two events of one subscription stamped in the same
+    second, delivered at once, newer state and older: the subscription ends as Stripe has it."""
+    import urllib.request
+
+    import stripe
+
+    from plans.models import CreditGrant, RevenueEvent, Subscription
+
+    env = served.env
+    plan = tomllib.loads(Path(env["MLANE_CONFIG"]).read_text())["plans"][0]["id"]
+    client = openai.OpenAI(base_url=served.bases[0] + "/v1", api_key=served.key, max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, user="payer")
+    engine = make_engine(env["MLANE_DATABASE_URL"])
+    try:
+        from core.models import EndUser
+
+        with engine.connect() as db:
+            app_id, user_id = db.execute(select(EndUser.app_id, EndUser.id).where(
+                EndUser.external_id == "payer")).one()
+        owner = {"mlane_app_id": str(app_id), "mlane_end_user_id": str(user_id)}
+        fake = stripe.StripeClient("sk_test_money", base_addresses={"api": fake_stripe})
+        customer = fake.v1.customers.create(params={"email": "payer@example.com"})
+        [price] = fake.v1.prices.list(params={"lookup_keys": [f"{plan}@1"]}).data
+        sub = fake.v1.subscriptions.create(params={
+            "customer": customer.id, "items": [{"price": price.id, "quantity": 1}],
+            "metadata": owner})
+        now = int(utcnow().timestamp()) - 600
+        current = fake.v1.subscriptions.retrieve(sub.id).to_dict()
+        kinds: list[tuple[str, dict[str, Any]]] = [
+            ("checkout.session.completed", {
+                "id": "cs_money", "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "amount_total": 1000, "currency": "usd",
+                "customer": customer.id, "metadata": {**owner, "mlane_credits": "5000"}}),
+            ("invoice.paid", {"id": "in_money", "object": "invoice", "amount_paid": 2000,
+                              "currency": "usd", "customer": customer.id, "metadata": owner}),
+            ("charge.refunded", {"id": "ch_money", "object": "charge", "amount_refunded": 500,
+                                 "currency": "usd", "customer": customer.id,
+                                 "metadata": owner}),
+            ("customer.subscription.created", current),
+            ("customer.subscription.updated", {**current, "cancel_at_period_end": True}),
+        ]
+        for i, (kind, obj) in enumerate(kinds):
+            answers = _at_once(served, [_event(kind, obj, now + i)] * 20)
+            assert all(status == 200 for status, _ in answers), (kind, answers)
+            outcomes = sorted(o for _, o in answers)
+            assert outcomes == ["duplicate"] * 19 + ["handled"], (kind, outcomes)
+
+        # Tie: Stripe now says past_due; its past_due event and a stale `active` one carry
+        # the same second and arrive together, on different workers.
+        req = urllib.request.Request(f"{fake_stripe}/_config/subscriptions/{sub.id}",
+                                     data=orjson.dumps({"status": "past_due"}), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()  # noqa: S310 - the fake on loopback
+        past_due = fake.v1.subscriptions.retrieve(sub.id).to_dict()
+        tie = now + len(kinds)
+        answers = _at_once(served, [
+            _event("customer.subscription.updated", obj, tie) for obj in (past_due, current)])
+        assert [s for s, _ in answers] == [200, 200], answers
+        with engine.connect() as db:
+            status = db.execute(select(Subscription.status).where(
+                Subscription.id == sub.id)).scalar_one()
+        assert status == "past_due"
+
+        deleted = {**past_due, "status": "canceled"}
+        answers = _at_once(served, [_event("customer.subscription.deleted", deleted,
+                                           tie + 1)] * 20)
+        assert sorted(o for _, o in answers) == ["duplicate"] * 19 + ["handled"], answers
+        with engine.connect() as db:
+            status = db.execute(select(Subscription.status).where(
+                Subscription.id == sub.id)).scalar_one()
+            grants = db.execute(select(func.sum(CreditGrant.amount)).where(
+                CreditGrant.end_user_id == user_id)).scalar_one()
+            facts = sorted(db.execute(select(RevenueEvent.kind, RevenueEvent.amount)).all())
+        assert status == "canceled"
+        assert grants == 5000  # the credit pack, once
+        assert [tuple(f) for f in facts] == [  # each payment and the refund, once
+            ("credit_purchase", 1000), ("invoice_paid", 2000), ("refund", -500)]
+    finally:
+        engine.dispose()
