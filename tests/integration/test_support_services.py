@@ -52,3 +52,36 @@ def test_redis_url(tmp_path: Path) -> None:
         client.close()
     finally:
         stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the embedded Postgres as nobody")
+def test_as_root_the_embedded_postgres_runs_from_a_private_folder(tmp_path: Path) -> None:
+    """A clone in a private folder (`mktemp -d`, 0700) holds the virtual environment with the
+    wheel's Postgres; as root the server runs as `nobody`, which cannot enter that folder (on
+    main: 236 errors, none saying why). The installation it runs is one `nobody` can reach."""
+    import shutil
+    import subprocess
+
+    from tests.support.services import _package_dir, _reachable_install, _unprivileged_user
+
+    private = tmp_path / "clone"
+    private.mkdir(mode=0o700)
+    install = private / "pginstall"
+    shutil.copytree(_package_dir("embedded_postgres") / "pginstall", install, symlinks=True)
+    nobody = _unprivileged_user()
+
+    def version(where: Path) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(where / "bin" / "postgres"), "--version"],
+                              capture_output=True, user=nobody.pw_uid, group=nobody.pw_gid,
+                              extra_groups=[], check=False)
+
+    with pytest.raises(PermissionError):  # as the server was started on main
+        version(install)
+    reachable = _reachable_install(install, nobody)
+    assert not reachable.is_relative_to(private)
+    try:
+        assert version(reachable).stdout.startswith(b"postgres (PostgreSQL)")
+        assert _reachable_install(install, nobody) == reachable  # copied once
+        assert _reachable_install(install, None) == install.resolve()  # not root: as it is
+    finally:
+        shutil.rmtree(reachable)

