@@ -368,6 +368,7 @@ def _migrate_embedded(config: Config) -> None:
 
 
 @click.group()
+@click.version_option(package_name="meterlane", prog_name="meterlane")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Meterlane: token metering, limits and billing in front of every model call."""
@@ -397,10 +398,13 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
     # worker imports prometheus_client.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
     from core.server import run
+    from core.startup import summary
+    from plans.catalog import Catalog
 
-    where = "embedded SQLite " + config.database_url[10:] if config.embedded else "database"
-    click.echo(f"meterlane: serving http://{host}:{port} with {workers} workers on {where}",
-               err=True)
+    plans = sorted({p.id for p in Catalog.from_config(config).plans})
+    for line in summary(config, plans, f"http://{host}:{port}", workers,
+                        os.environ.get("MLANE_CONFIG")):
+        click.echo(f"meterlane: {line}", err=True)
     run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
 
 
@@ -444,7 +448,7 @@ def eval_tuple(text: str) -> tuple[int, int, int]:
 
 
 def _add_package_commands() -> None:
-    from core.cli import keys, webhooks
+    from core.cli import init, keys, webhooks
     from finance.cli import demo, finance, prices, report
     from metering.cli import billing, credits, ledger, limits
     from migrations.cli import db
@@ -452,7 +456,7 @@ def _add_package_commands() -> None:
     from plans.cli import plans
 
     for group in (db, keys, ledger, limits, plans, billing, webhooks, notices, credits,
-                  report, finance, prices, demo):
+                  report, finance, prices, demo, init):
         main.add_command(group)
 
 

@@ -139,3 +139,27 @@ def webhooks_deliver(forever: bool) -> None:
         if not sent:
             time.sleep(1)
     click.echo(f"attempted {total} webhook deliveries")
+
+
+EXAMPLES = Path(__file__).parent / "examples"
+EXAMPLE_FILES = ("meterlane.toml", "offer.json", "prices.csv")
+
+
+@click.command("init")
+@click.option("--dir", "where", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("."), show_default=True, help="The folder to write into.")
+@click.option("--force", is_flag=True, help="Replace files that are there already.")
+def init(where: Path, force: bool) -> None:
+    """Write the example configuration (every section, commented), an offer and a price
+    sheet, to start from."""
+    targets = [where / name for name in EXAMPLE_FILES]
+    there = [str(t) for t in targets if t.exists()]
+    if there and not force:
+        raise click.ClickException(f"already there: {', '.join(there)} (--force replaces "
+                                   "them)")
+    where.mkdir(parents=True, exist_ok=True)
+    for name, target in zip(EXAMPLE_FILES, targets, strict=True):
+        target.write_bytes((EXAMPLES / name).read_bytes())
+        click.echo(f"wrote {target}")
+    config = (where / "meterlane.toml").resolve()
+    click.echo(f"next: export MLANE_CONFIG={config} && meterlane serve")

@@ -39,6 +39,7 @@ class UpstreamConfig:
     name: str
     base_url: str
     api_key: str | None = None
+    api_key_env: str | None = None  # the variable the key is read from, when the file names one
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     # The router's view of the upstream: calls in flight (per gateway process) at which it is
@@ -192,6 +193,19 @@ def _proxies(env: Mapping[str, str]) -> int:
     return hops
 
 
+SECTIONS = {"upstreams": "[[upstreams]]", "models": "[[models]]", "aliases": "[[aliases]]",
+            "limits": "[limits]", "plans": "[[plans]]", "credit_packs": "[[credit_packs]]",
+            "stripe": "[stripe]", "paywall": "[paywall]", "finance": "[finance]"}
+
+
+def _unique(kind: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"two {kind} are named {name!r}: names must be unique")
+        seen.add(name)
+
+
 def default_sqlite_url(data_dir: str) -> str:
     return f"sqlite:///{Path(data_dir).absolute() / 'meterlane.db'}"
 
@@ -206,20 +220,16 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     upstreams = tuple(_upstream(u, env) for u in _tables(raw, "upstreams"))
+    _unique("upstreams", [u.name for u in upstreams])
     names = {u.name for u in upstreams}
-    if len(names) != len(upstreams):
-        raise ConfigError("upstream names must be unique")
     models = tuple(_model(m, names) for m in _tables(raw, "models"))
-    if len({m.name for m in models}) != len(models):
-        raise ConfigError("model names must be unique")
+    _unique("models", [m.name for m in models])
     aliases = tuple(_alias(a, {m.name for m in models}) for a in _tables(raw, "aliases"))
-    if len({a.name for a in aliases}) != len(aliases):
-        raise ConfigError("alias names must be unique")
-    unknown = sorted(set(raw) - {"upstreams", "models", "aliases", "plans", "credit_packs",
-                                 "limits", "stripe", "paywall", "finance"})
+    _unique("aliases", [a.name for a in aliases])
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:  # a typo such as [[model]] must not silently drop the models
-        raise ConfigError(f"{path}: unknown settings {unknown}; expected [[upstreams]], "
-                          "[[models]], [[aliases]], [[plans]], [limits]")
+        raise ConfigError(f"{path}: unknown settings {unknown}; expected "
+                          + ", ".join(SECTIONS.values()))
     return {"upstreams": upstreams, "models": models, "aliases": aliases,
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
@@ -299,7 +309,8 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
     api_key = table.get("api_key")
     key_env = table.get("api_key_env")
     if key_env is not None:
-        api_key = env.get(_str(table, "api_key_env", where)) or None
+        key_env = _str(table, "api_key_env", where)
+        api_key = env.get(key_env) or None
     cap = table.get("max_concurrency")
     if cap is not None and not _whole(cap, 1, 100_000):
         raise ConfigError(f"{where}: max_concurrency must be a whole number from 1 to 100000")
@@ -311,7 +322,7 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
             or not 0 < cooldown <= 3600:
         raise ConfigError(f"{where}: breaker_cooldown must be seconds, more than 0, at most 3600")
     return UpstreamConfig(
-        name=name, base_url=base_url, api_key=api_key,
+        name=name, base_url=base_url, api_key=api_key, api_key_env=key_env,
         connect_timeout_s=_seconds(table, "connect_timeout", 5, 600, where),
         read_timeout_s=_seconds(table, "timeout", 600, 86_400, where),
         max_concurrency=cap, breaker_failures=failures, breaker_cooldown_s=float(cooldown),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+
+from flask import Blueprint, Response, current_app, render_template, request
 from marshmallow import Schema, fields
 
 from core.errors import ServiceUnavailableError
@@ -11,7 +14,25 @@ from core.openapi import build_spec, documented
 from core.parts import Readiness
 from core.web import json_response, part
 
-bp = Blueprint("ops", __name__)
+bp = Blueprint("ops", __name__, template_folder="templates")
+
+LINKS = [
+    {"rel": "openapi", "href": "/openapi.json", "title": "API document",
+     "about": "OpenAPI 3.1, every route"},
+    {"rel": "finance", "href": "/finance", "title": "Finance dashboard",
+     "about": "cost per active user and margins (a finance key)"},
+    {"rel": "health", "href": "/healthz", "title": "Health", "about": "the process answers"},
+    {"rel": "ready", "href": "/readyz", "title": "Readiness",
+     "about": "the database and Redis answer"},
+    {"rel": "metrics", "href": "/metrics", "title": "Metrics", "about": "Prometheus"},
+]
+
+
+def version() -> str:
+    try:
+        return installed_version("meterlane")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 class StatusSchema(Schema):
@@ -20,6 +41,19 @@ class StatusSchema(Schema):
     gauges = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
                          metadata={"description": "e.g. ledger_quarantined: usage records "
                                    "the database refused, kept for an operator"})
+
+
+@bp.get("/")
+@documented(summary="What this service is and where to go: a page for a browser, JSON "
+            "otherwise", tag="ops")
+def index() -> Response | str:
+    wants = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    if wants == "text/html" and request.accept_mimetypes["text/html"] \
+            > request.accept_mimetypes["application/json"]:
+        return render_template("index.html", version=version(), links=LINKS,
+                               base=request.host_url.rstrip("/"))
+    return json_response({"service": "meterlane", "version": version(),
+                          "links": {link["rel"]: link["href"] for link in LINKS}})
 
 
 @bp.get("/healthz")

@@ -136,8 +136,10 @@ class Catalog:
         where = _Where(config.config_text)
         packs = tuple(parse_pack(t, i, where) for i, t in enumerate(config.packs_raw))
         ids = [p.id for p in packs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("[[credit_packs]] ids must be unique")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ConfigError(f"two [[credit_packs]] have the id {twice[0]!r}: "
+                              "[[credit_packs]] ids must be unique")
         return replace(catalog, packs=packs)
 
 

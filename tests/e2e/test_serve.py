@@ -256,6 +256,31 @@ def test_embedded_default_runs_on_sqlite_with_no_other_server(
         stop(proc)
 
 
+def test_serve_with_no_config_says_so_and_where_it_answers(tmp_path: Path) -> None:
+    """The first thing a new user sees: serve with nothing set names its database, says that
+    no config means no model to call and what to do, and its front page answers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
+    env.update(MLANE_DATA_DIR=str(tmp_path / "d"))
+    proc, base = start_server(env, tmp_path)
+    try:
+        conn = http.client.HTTPConnection(base.split("//")[1], timeout=10)
+        conn.request("GET", "/", headers={"Accept": "application/json"})
+        front = conn.getresponse()
+        assert front.status == 200 and orjson.loads(front.read())["service"] == "meterlane"
+    finally:
+        stop(proc)
+    [log] = tmp_path.glob("serve-*.log")
+    said = [ln for ln in log.read_text().splitlines() if ln.startswith("meterlane: ")]
+    assert said[:6] == [
+        "meterlane: config    none (MLANE_CONFIG is not set)",
+        f"meterlane: database  embedded SQLite {tmp_path / 'd' / 'meterlane.db'}",
+        "meterlane: limits    the database (set MLANE_REDIS_URL to share fast counters)",
+        "meterlane: models    0: none",
+        "meterlane: plans     0: none",
+        f"meterlane: serving   {base} with 2 workers (API document {base}/openapi.json)"]
+    assert said[6].startswith("meterlane: warning: no config is loaded, so there is no model")
+
+
 def test_cli_revoked_key_is_refused(server: Server) -> None:
     created = cli(server.env, "keys", "create", "--role", "app", "--app", "e2e")
     key = created.stdout.strip().splitlines()[-1]

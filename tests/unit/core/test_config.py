@@ -67,6 +67,11 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
      'upstream = "u"\nprice = { input = "0.00000001", output = "1" }\n', "6 decimal places"),
     ("not toml [", "c.toml"),
     ('[[model]]\nname = "m"\n', "unknown settings \\['model'\\]"),
+    (TOML + TOML[TOML.index("[[models]]"):], "two models are named 'gpt-4o-mini'"),
+    (TOML + '[[upstreams]]\nname = "local-gpu"\nbase_url = "http://x"\n',
+     "two upstreams are named 'local-gpu'"),
+    (TOML + '[[aliases]]\nname = "auto"\nmodels = ["gpt-4o-mini"]\n'
+     '[[aliases]]\nname = "auto"\nmodels = ["gpt-4o-mini"]\n', "two aliases are named 'auto'"),
     (TOML + '[[aliases]]\nname = "auto"\nmodels = ["gpt-4o-mini", "gpt-5"]\n',
      "alias 'auto': 'gpt-5' is not a model"),
     (TOML + '[[aliases]]\nname = "llama"\nmodels = ["gpt-4o-mini"]\n',
