@@ -202,12 +202,7 @@ def prices_import(sheet: Path) -> None:
     click.echo(f"imported {len(done)} prices from {sheet}")
 
 
-@click.group()
-def demo() -> None:
-    """Demo data."""
-
-
-@demo.command("seed")
+@click.command("seed")
 @click.option("--users", default=200, show_default=True, type=int)
 @click.option("--days", default=30, show_default=True, type=int)
 @click.option("--app", default="demo", show_default=True)
