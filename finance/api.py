@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, Response
 
@@ -22,6 +23,7 @@ from core.web import (
     request_bytes,
 )
 from finance.prices import parse_price
+from finance.reports import cents
 from finance.schemas import (
     ImportQuerySchema,
     LeastProfitableQuerySchema,
@@ -79,6 +81,12 @@ def margins() -> Response:
     return json_response(MarginsSchema().dump({**body, "rolled_up_at": at}))
 
 
+def _cents(row: dict[str, Any]) -> dict[str, Any]:
+    """Money to the cent, as a spreadsheet shows it (the JSON report keeps exact values)."""
+    return {k: cents(v) if k.endswith("_usd") and v is not None else v
+            for k, v in row.items()}
+
+
 def margins_csv(body: dict[str, object]) -> str:
     out = io.StringIO()
     columns = ["key", "revenue_usd", "cost_usd", "cloud_cost_usd", "local_cost_usd",
@@ -89,11 +97,11 @@ def margins_csv(body: dict[str, object]) -> str:
     rows = body["rows"]
     assert isinstance(rows, list)
     # a key is a name someone chose (a model, a user id): never a formula in a spreadsheet
-    writer.writerows({**r, "key": "'" + r["key"] if str(r["key"])[:1] in tuple("=+-@\t\r")
-                      else r["key"]} for r in rows)
+    writer.writerows({**_cents(r), "key": "'" + r["key"]
+                      if str(r["key"])[:1] in tuple("=+-@\t\r") else r["key"]} for r in rows)
     totals = body["totals"]
     assert isinstance(totals, dict)
-    writer.writerow({"key": "TOTAL", **totals})
+    writer.writerow({"key": "TOTAL", **_cents(totals)})
     return out.getvalue()
 
 

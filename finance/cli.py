@@ -89,15 +89,21 @@ def report_summary(period: str, app: str | None, fmt: str) -> None:
 
         click.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
         return
-    rows = [(k, "" if v is None else v) for k, v in body.items()
-            if not isinstance(v, list)]
+    from finance.reports import cents
+
+    rows = [(k, "" if v is None else cents(v) if k.endswith("_usd") else v)
+            for k, v in body.items() if not isinstance(v, list)]
     if fmt == "csv":
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows([("field", "value"), *rows])
         click.echo(out.getvalue(), nl=False)
         return
-    for key, value in rows:
-        click.echo(f"{key:<36} {value}")
+    for key, value in body.items():  # money to the cent, right-aligned
+        if isinstance(value, list):
+            continue
+        shown = cents(value, grouped=True) if key.endswith("_usd") else (
+            "-" if value is None else str(value))
+        click.echo(f"{key:<36} {shown:>20}")
     for item in body["revenue_unconverted"]:
         click.echo(f"revenue not converted (no [finance] usd_per rate): {item['amount_minor']} "
                    f"minor units of {item['currency'].upper()}")
@@ -127,12 +133,15 @@ def report_margins(period: str, group_by: str, app: str | None, fmt: str,
     if fmt == "csv":
         click.echo(margins_csv(body), nl=False)
         return
-    click.echo(f"{group_by:<28} {'revenue':>14} {'cost':>14} {'margin':>14} {'margin %':>9} "
-               f"{'users':>6} {'calls':>9}")
+    from finance.reports import cents
+
+    click.echo(f"{group_by:<28} {'revenue USD':>14} {'cost USD':>14} {'margin USD':>14} "
+               f"{'margin %':>9} {'users':>6} {'calls':>9}")
     for row in [*body["rows"], {"key": "TOTAL", **body["totals"], "margin_percent": None,
                                 "active_users": None}]:
-        click.echo(f"{row['key'][:28]:<28} {row['revenue_usd'] or '-':>14} "
-                   f"{row['cost_usd'] or '-':>14} {row['margin_usd'] or '-':>14} "
+        click.echo(f"{str(row['key'])[:28]:<28} {cents(row['revenue_usd'], grouped=True):>14} "
+                   f"{cents(row['cost_usd'], grouped=True):>14} "
+                   f"{cents(row['margin_usd'], grouped=True):>14} "
                    f"{row.get('margin_percent') or '-':>9} "
                    f"{'' if row.get('active_users') is None else row['active_users']:>6} "
                    f"{row['calls']:>9}")
@@ -150,12 +159,16 @@ def report_local(period: str) -> None:
         body = svc.reports.local_vs_cloud(period)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
+    from finance.reports import cents
+
     for up in body["upstreams"]:
-        click.echo(f"{up['upstream']}: {up['hours']} h at {up['hourly_cost_usd']}/h = "
-                   f"{up['cost_usd']}; allocated {up['allocated_usd']}, idle "
-                   f"{up['idle_unallocated_usd']}; {up['calls']} calls, {up['tokens']} tokens")
-    click.echo(f"same tokens at cloud prices: {body['shadow_cost_usd']}; savings "
-               f"{body['savings_usd']}")
+        click.echo(f"{up['upstream']}: {up['hours']} h at {cents(up['hourly_cost_usd'])} USD/h"
+                   f" = {cents(up['cost_usd'], grouped=True)} USD; allocated "
+                   f"{cents(up['allocated_usd'], grouped=True)}, idle "
+                   f"{cents(up['idle_unallocated_usd'], grouped=True)}; {up['calls']:,} calls, "
+                   f"{up['tokens']:,} tokens")
+    click.echo(f"same tokens at cloud prices: {cents(body['shadow_cost_usd'], grouped=True)} "
+               f"USD; savings {cents(body['savings_usd'], grouped=True)} USD")
 
 
 @click.group()

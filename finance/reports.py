@@ -75,6 +75,15 @@ def usd(pico: int | None) -> str | None:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+def cents(value: str | None, *, grouped: bool = False) -> str:
+    """An exact USD amount as text and CSV show it: rounded half up to the cent ("-" for
+    none); `grouped` adds thousands separators (text). JSON keeps the exact value."""
+    if value is None or value == "":
+        return "-"
+    amount = Decimal(value).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    return f"{amount:,}" if grouped else str(amount)
+
+
 def percent(part: int | None, whole: int | None) -> str | None:
     if part is None or not whole:
         return None
@@ -123,8 +132,9 @@ class Reports:
         out: dict[Any, int] = defaultdict(int)
         unconverted: dict[str, int] = defaultdict(int)
         with self.engine.connect() as conn:
+            # revenue is earned day by day: a period that runs past today counts it to today
             for row in conn.execute(select(*keys, r.currency, func.sum(r.amount)).where(
-                    r.app_id == app_id, r.day >= p.start, r.day < p.end).group_by(
+                    r.app_id == app_id, r.day >= p.start, r.day < self._cut(p)).group_by(
                     *keys, r.currency)):
                 k = row[0] if key is not None else None
                 pico = self.to_pico(int(row[-1]), row[-2])
@@ -145,6 +155,8 @@ class Reports:
         margin = revenue - cost
         return {
             "period": p.label, "from": p.start.isoformat(), "to": p.end.isoformat(),
+            "partial": self._cut(p) < p.end, "through": (self._cut(p) - timedelta(days=1))
+            .isoformat(),
             "revenue_usd": usd(revenue), "inference_cost_usd": usd(cost),
             "cloud_cost_usd": usd(cloud), "local_cost_usd": usd(local),
             "local_shadow_cost_usd": usd(shadow), "local_savings_usd": usd(shadow - local),
@@ -160,6 +172,11 @@ class Reports:
             "revenue_unconverted": [{"currency": c, "amount_minor": a}
                                     for c, a in sorted(unconverted.items())],
         }
+
+    def _cut(self, p: Period) -> date:
+        """The day after the last one reported: the period's end, or tomorrow when the period
+        runs past today (it is partial)."""
+        return min(p.end, self.clock().astimezone(UTC).date() + timedelta(days=1))
 
     def _elapsed_days(self, p: Period) -> int:
         today = self.clock().astimezone(UTC).date()

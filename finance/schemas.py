@@ -33,6 +33,11 @@ class SummarySchema(Schema):
     period = fields.String()
     from_ = fields.String(data_key="from")
     to = fields.String(metadata={"description": "The day after the period's last"})
+    is_partial = fields.Boolean(  # (Schema has its own `partial`)
+        attribute="partial", data_key="partial",
+        metadata={"description": "The period runs past today: revenue (earned day by day) "
+                  "and cost are counted to today"})
+    through = fields.String(metadata={"description": "The last day counted"})
     revenue_usd = fields.String(allow_none=True)
     inference_cost_usd = fields.String(allow_none=True)
     cloud_cost_usd = fields.String(allow_none=True)

@@ -435,7 +435,7 @@ class Demo:
             lines.append(f"    {'active users':<22}{summary.get('active_users_monthly', 0):>12,}")
         lines += [
             "",
-            f"  finance dashboard  {self.base}/finance#key={self.finance_key}",
+            f"  finance dashboard  {self.base}/finance#key={self.finance_key}&period={period}",
             f"  demo app (widget)  {app_url}",
             f"  API document       {self.base}/openapi.json",
             f"  the service        {self.base}/   (app key {self.app_key})",

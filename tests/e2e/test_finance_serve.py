@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,16 @@ def test_the_cli_reports_what_the_api_and_the_ledger_say(books: Books) -> None:
     assert margins.returncode == 0, margins.stderr
     rows = list(csv.DictReader(io.StringIO(margins.stdout)))
     assert rows[-1]["key"] == "TOTAL"
-    assert Decimal(rows[-1]["cost_usd"]) == sum(Decimal(r["cost_usd"]) for r in rows[:-1]) \
-        == Decimal(summary["inference_cost_usd"])
+    # money to the cent in CSV (JSON keeps it exact): each figure is the exact one rounded
+    exact = Decimal(summary["inference_cost_usd"])
+    assert Decimal(rows[-1]["cost_usd"]) == exact.quantize(Decimal("0.01"), ROUND_HALF_UP)
+    assert all(re.fullmatch(r"-?\d+\.\d\d", r[c]) for r in rows
+               for c in ("revenue_usd", "cost_usd", "margin_usd") if r[c])
+    assert abs(sum(Decimal(r["cost_usd"]) for r in rows[:-1]) - exact) \
+        <= Decimal("0.005") * (len(rows) - 1)
+    text = cli(b.env, "report", "summary", "--app", "demo", "--period", b.period)
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("inference_cost_usd"))
+    assert len(line) == 57 and line.endswith(f"{exact.quantize(Decimal('0.01'), ROUND_HALF_UP):,}")
     bad = cli(b.env, "report", "summary", "--app", "demo", "--period", "last-month")
     assert bad.returncode != 0 and "period must be" in bad.stderr
 
@@ -121,6 +129,11 @@ def test_the_dashboard_shows_the_apis_figures(books: Books) -> None:
     dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True,
                          timeout=120, check=False).stdout
     assert 'data-loaded="yes"' in dom, dom[-2000:]
+    # the charts scale with their cards (viewBox units, no fixed pixel width: on main they
+    # overflowed at 1400 and 1920 px) and every bar carries its value
+    svgs = re.findall(r"<svg[^>]*>", dom)
+    assert len(svgs) == 4 and all("viewBox" in t and " width=" not in t for t in svgs), svgs
+    assert dom.count("<rect") == len(re.findall(r'<text[^>]* class="value" data-exact', dom))
     assert shot.exists() and shot.stat().st_size > 10_000  # a screenshot of a drawn page
     summary = b.api(f"/v1/finance/summary?period={b.period}")
     shown = dict(re.findall(r'data-field="([a-z_]+)" data-exact="([^"]*)"', dom))

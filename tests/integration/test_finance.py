@@ -8,7 +8,7 @@ import random
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -447,3 +447,40 @@ def test_a_batch_of_reported_calls_is_recorded_once_each(fin_any: tuple[Any, Key
         resp = client.post("/v1/meter/track/batch", json={"events": events[:1]},
                            headers=bearer(user_key.get_json()["key"]))
         assert resp.status_code == 403
+
+
+def test_a_month_in_progress_counts_revenue_to_today_and_says_it_is_partial(
+        fin: tuple[Any, Keys]) -> None:
+    """Invoices are spread over the days they pay for; a month in progress sets the revenue
+    earned to today against the cost to today (on main: the whole month's revenue against a
+    few days of cost, a 96.9 % margin), and says it is partial."""
+    from finance.seed import seed
+
+    app, keys = fin
+    client, w = app.test_client(), app.extensions["wiring"]
+    now = datetime(2026, 11, 20, 15, tzinfo=UTC)
+    seed(w.engine, w.config, w.plans.catalog, w.tenancy, w.finance.prices,
+         users=30, days=40, app="acme", now=now)
+    w.finance.reports.clock = lambda: now
+    nov = client.get("/v1/finance/summary?period=2026-11", headers=bearer(keys.finance)
+                     ).get_json()  # (rolls up first)
+    with w.engine.connect() as conn:
+        def revenue(first: date, end: date) -> Decimal:
+            rows = conn.execute(select(func.sum(RevenueDaily.amount), RevenueDaily.currency)
+                                .where(RevenueDaily.day >= first, RevenueDaily.day < end)
+                                .group_by(RevenueDaily.currency)).all()
+            return sum((Decimal(a) / 100 * (Decimal("1.10") if c == "eur" else 1)
+                        for a, c in rows), Decimal(0))
+        to_today = revenue(date(2026, 11, 1), date(2026, 11, 21))
+        whole = revenue(date(2026, 11, 1), date(2026, 12, 1))
+        october = revenue(date(2026, 10, 1), date(2026, 11, 1))
+    assert whole > to_today > 0  # invoices paid this month run past today
+    assert nov["partial"] is True and nov["through"] == "2026-11-20"
+    assert Decimal(nov["revenue_usd"]) == to_today
+    days = client.get("/v1/finance/margins?period=2026-11&group_by=day",
+                      headers=bearer(keys.finance)).get_json()
+    assert max(r["key"] for r in days["rows"]) <= "2026-11-20"
+    octo = client.get("/v1/finance/summary?period=2026-10", headers=bearer(keys.finance)
+                      ).get_json()
+    assert octo["partial"] is False and octo["through"] == "2026-10-31"
+    assert Decimal(octo["revenue_usd"]) == october

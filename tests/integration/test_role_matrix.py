@@ -31,6 +31,7 @@ ADMINS = frozenset({"operator", "admin"})
 PUBLIC = None  # no key needed (health, the widget's script, Germany's cancel pages, Stripe)
 
 POLICY: dict[tuple[str, str], frozenset[str] | None] = {
+    ("GET", "/"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
