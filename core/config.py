@@ -219,6 +219,12 @@ def load_toml(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"MLANE_CONFIG names {path}, which does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    return settings_from(raw, text, env, str(path))
+
+
+def settings_from(raw: dict[str, Any], text: str, env: Mapping[str, str],
+                  path: str = "the config") -> dict[str, Any]:
+    """The Config fields a parsed TOML file sets (`text` is its source, for line numbers)."""
     upstreams = tuple(_upstream(u, env) for u in _tables(raw, "upstreams"))
     _unique("upstreams", [u.name for u in upstreams])
     names = {u.name for u in upstreams}

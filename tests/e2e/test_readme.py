@@ -1,0 +1,277 @@
+"""The READMEs are tested: every fenced block of README.md, sdk/python/README.md and
+bench/README.md is something a user will paste.
+
+- TOML blocks parse and validate, as a whole file or merged into the example config that
+  `meterlane init` writes (a block names the sections it changes; the rest is the example's);
+- every `meterlane ...` command line parses against the real command group;
+- every curl line runs against a real `meterlane serve` with the example config (its
+  upstreams pointed at the model simulator) and gets an answer from a route that exists, with
+  the key it was given, and no server error;
+- Python blocks compile; README.md's (the openai and anthropic packages) run against it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+import warnings
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from core.config import Config, ConfigError, settings_from
+from tests.e2e.test_serve import cli, start_server, stop
+
+ROOT = Path(__file__).parents[2]
+READMES = ("README.md", "sdk/python/README.md", "bench/README.md")
+EXAMPLE = ROOT / "core" / "examples" / "meterlane.toml"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+
+
+def blocks(lang: str) -> list[tuple[str, str]]:
+    """(where, text) of every fenced block of the language, where = file:line."""
+    found = []
+    for name in READMES:
+        text = (ROOT / name).read_text()
+        for m in FENCE.finditer(text):
+            if m[1] == lang:
+                found.append((f"{name}:{text.count(chr(10), 0, m.start()) + 1}", m[2]))
+    return found
+
+
+# -- TOML ---------------------------------------------------------------------------------
+
+KEYS = {"upstreams": "name", "models": "name", "aliases": "name", "plans": "id",
+        "credit_packs": "id"}
+
+
+def merged(base: dict[str, Any], block: dict[str, Any]) -> dict[str, Any]:
+    """The example with the block's sections: an entry replaces the example's of the same name
+    (or id), a new one is added; a table's settings replace the example's."""
+    out = dict(base)
+    for section, value in block.items():
+        if section in KEYS and isinstance(value, list):
+            key = KEYS[section]
+            names = [t.get(key) for t in value]
+            out[section] = [t for t in base.get(section, []) if t.get(key) not in names] + value
+        elif isinstance(value, dict) and isinstance(base.get(section), dict):
+            out[section] = {**base[section], **value}
+        else:
+            out[section] = value
+    return out
+
+
+def validate(raw: dict[str, Any]) -> None:
+    from plans.catalog import Catalog
+
+    env = {"OPENAI_API_KEY": "sk-readme"}
+    config = Config(**settings_from(raw, "", env))
+    Catalog.from_config(config)
+
+
+@pytest.mark.parametrize(("where", "text"), blocks("toml"), ids=lambda v: str(v)[:40])
+def test_toml_blocks_are_valid_config(where: str, text: str) -> None:
+    block = tomllib.loads(text, parse_float=Decimal)
+    try:
+        validate(block)  # a whole file
+        return
+    except ConfigError:
+        pass
+    example = tomllib.loads(EXAMPLE.read_text(), parse_float=Decimal)
+    try:
+        validate(merged(example, block))
+    except ConfigError as exc:
+        pytest.fail(f"{where}: not a valid config, alone or in the example config: {exc}")
+
+
+def test_the_example_config_is_valid_and_uses_every_section() -> None:
+    from core.config import SECTIONS
+
+    raw = tomllib.loads(EXAMPLE.read_text(), parse_float=Decimal)
+    validate(raw)
+    assert sorted(raw) == sorted(SECTIONS)
+
+
+# -- command lines -------------------------------------------------------------------------
+
+def commands(text: str) -> list[list[str]]:
+    """The commands of a shell block, each as its words: split at newlines, &&, ; and |
+    (never inside quotes: a JSON body may span lines), comments dropped."""
+    # (a comment runs to the end of its line, newline included: each line starts with ;)
+    lexer = shlex.shlex(text.replace("\\\n", " ").replace("\n", "\n; "), posix=True,
+                        punctuation_chars="();<>|&\n")
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, "#"
+    found: list[list[str]] = []
+    words: list[str] = []
+    for token in [*lexer, "\n"]:
+        if token.strip("\n;|&") and token not in ("(", ")"):
+            words.append(token)
+            continue
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            words = words[1:]  # VAR=value command ...
+        if words:
+            found.append(words)
+        words = []
+    return found
+
+
+def command_lines() -> list[tuple[str, list[str]]]:
+    """Every `meterlane ...` command of the shell blocks, as its arguments."""
+    return [(where, words[1:]) for lang in ("sh", "") for where, text in blocks(lang)
+            for words in commands(text) if words[0] == "meterlane"]
+
+
+def parse(args: list[str]) -> None:
+    """Parse a command line as `meterlane` would, down to its last subcommand; raise click's
+    UsageError if any part is wrong."""
+    from app import main
+
+    command: click.Command = main
+    ctx = command.make_context("meterlane", list(args), resilient_parsing=False)
+    while isinstance(command, click.Group):
+        with warnings.catch_warnings():  # (click 8.2 moves protected_args into args)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            rest = [*ctx.protected_args, *ctx.args]
+        if not rest:
+            break
+        _name, sub, more = command.resolve_command(ctx, rest)
+        assert sub is not None
+        command, ctx = sub, sub.make_context(_name or "", more, parent=ctx)
+
+
+LINES = command_lines()
+
+
+@pytest.mark.parametrize(("where", "args"), LINES, ids=[" ".join(a)[:40] for _, a in LINES])
+def test_meterlane_command_lines_parse(where: str, args: list[str]) -> None:
+    try:
+        parse(args)
+    except click.exceptions.Exit:
+        pass  # --help, --version
+    except click.UsageError as exc:
+        pytest.fail(f"{where}: `meterlane {' '.join(args)}` does not parse: {exc}")
+
+
+def test_the_checker_refuses_a_wrong_command_line() -> None:
+    with pytest.raises(click.UsageError):
+        parse(["report", "local", "--period", "2026-11", "--format", "csv"])
+    with pytest.raises(click.UsageError):
+        parse(["keys", "creat", "--role", "app"])
+    parse(["report", "margins", "--period", "2026-11", "--group-by", "plan"])
+
+
+# -- against a real serve ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[str, dict[str, str]]]:
+    """`meterlane serve` with the example config, its upstreams the simulator; the keys the
+    READMEs name, in the environment their blocks read them from."""
+    from gateway.simulator import Simulator
+    from tests.support.services import create_database
+
+    tmp = tmp_path_factory.mktemp("readme")
+    with Simulator() as sim:
+        config = re.sub(r'base_url = "[^"]+"', f'base_url = "{sim.base_url}"',
+                        EXAMPLE.read_text())
+        (tmp / "meterlane.toml").write_text(config)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
+        url = create_database(pg_server, f"mlane_readme_{worker}")
+        env = {**os.environ, "MLANE_DATABASE_URL": url,
+               "MLANE_CONFIG": str(tmp / "meterlane.toml"),
+               "MLANE_DATA_DIR": str(tmp / "var"), "MLANE_KEY_CACHE_SECONDS": "0",
+               "OPENAI_API_KEY": "sk-simulator"}
+        assert cli(env, "db", "upgrade").returncode == 0
+        keys = {}
+        for var, role in (("MLANE_KEY", "app"), ("FINANCE_KEY", "finance")):
+            keys[var] = cli(env, "keys", "create", "--role", role, "--app", "my-app"
+                            ).stdout.split()[-1]
+        keys["ADMIN_KEY"] = cli(env, "keys", "create", "--role", "admin").stdout.split()[-1]
+        proc, base = start_server(env, tmp)
+        try:
+            yield base, {**env, **keys}
+        finally:
+            stop(proc)
+
+
+def curl_commands() -> list[tuple[str, list[str]]]:
+    return [(where, words) for where, text in blocks("sh") for words in commands(text)
+            if words[0] == "curl"]
+
+
+CURLS = curl_commands()
+
+
+@pytest.mark.parametrize(("where", "words"), CURLS, ids=[" ".join(c[1])[8:60] for c in CURLS])
+def test_curl_lines_reach_a_route_that_answers(served: tuple[str, dict[str, str]],
+                                               where: str, words: list[str]) -> None:
+    base, env = served
+    examples = ROOT / "core" / "examples"
+    args = []
+    for word in words:
+        word = word.replace("http://127.0.0.1:8080", base)
+        word = re.sub(r"\$([A-Z_]+)", lambda m: env.get(m[1], m[0]), word)
+        if word.startswith("@") and (examples / word[1:]).exists():
+            word = f"@{examples / word[1:]}"  # the example files `meterlane init` writes
+        args.append(word)
+    done = subprocess.run([*args, "-w", "\n%{http_code}"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    body, _, code = done.stdout.rpartition("\n")
+    status = int(code or 0)
+    # 404 from a route that exists (no such lease, user, ...) is an answer; a route that
+    # does not exist is a claim that is not true
+    missing = status == 404 and "requested URL was not found" in body
+    assert status and status < 500 and status not in (401, 405) and not missing, \
+        f"{where}: `{shlex.join(words)}` answered {status}: {body[:300]}"
+
+
+@pytest.mark.parametrize(("where", "text"), blocks("python"), ids=lambda v: str(v)[:40])
+def test_python_blocks_compile(where: str, text: str) -> None:
+    compile(text, where, "exec")
+
+
+def test_the_readme_python_blocks_run_against_the_service(
+        served: tuple[str, dict[str, str]]) -> None:
+    base, env = served
+    for where, text in blocks("python"):
+        if not where.startswith("README.md"):
+            continue
+        code = text.replace("http://127.0.0.1:8080", base).replace('"mlk_..."',
+                                                                  repr(env["MLANE_KEY"]))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, f"{where}:\n{done.stderr[-2000:]}"
+
+
+SDK_PRELUDE = '''
+from types import SimpleNamespace
+prompt = "Summarise this ticket."
+def my_model(prompt, max_tokens):  # the app's own model call, as the README supposes
+    return SimpleNamespace(input_tokens=1187, output_tokens=min(max_tokens, 312))
+'''
+
+
+def test_the_sdk_readme_runs_in_order_against_the_service(
+        served: tuple[str, dict[str, str]]) -> None:
+    """The SDK README's blocks, one after the other as a reader pastes them (the webhook
+    handler, a pattern for the app's own web framework, only compiles: above)."""
+    base, env = served
+    code = SDK_PRELUDE + "\n".join(
+        text for where, text in blocks("python")
+        if where.startswith("sdk/") and "def hook" not in text)
+    code = code.replace("http://127.0.0.1:8080", base).replace('"mlk_..."',
+                                                              repr(env["MLANE_KEY"]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT / "sdk" / "python")},
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [line.split()[0] for line in done.stdout.splitlines()]
+    assert printed and all(printed), done.stdout  # the quota loop printed each limit's id
