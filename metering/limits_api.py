@@ -6,8 +6,9 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
+from core import i18n
 from core.auth import Principal, Role, require_role, validate_user_id
 from core.config import ModelConfig
 from core.db import utcnow
@@ -85,8 +86,10 @@ def _model(name: str) -> ModelConfig:
 
 
 def _limit_state(limit: LimitSpec, used: int, remaining: int,
-                 resets_at: datetime | None) -> dict[str, Any]:
-    state = {"id": limit.id, "metric": limit.metric, "window": limit.window.spec,
+                 resets_at: datetime | None, locale: str | None = None) -> dict[str, Any]:
+    name = i18n.gettext(locale, "Included credits") if limit.id == ALLOWANCE_ID else \
+        i18n.limit_name(limit.metric, limit.window.spec, limit.model, locale)
+    state = {"id": limit.id, "name": name, "metric": limit.metric, "window": limit.window.spec,
              "scope": limit.scope, "model": limit.model,
              "kind": "rate" if limit.is_rate else "quota", "used": value_of(limit, used),
              "remaining": value_of(limit, max(0, remaining)),
@@ -286,13 +289,14 @@ def track_batch() -> Response:
 
 def _quota(app_id: int, end_user_id: int, user: str) -> Response:
     plan, lines = part(LimitsService).quota(app_id, end_user_id)
+    locale = request.args.get("locale")  # the limits' names in the user's language
     body = {"user": user, "plan": {"id": plan.id, "name": plan.name},
-            "limits": [_line(line) for line in lines]}
+            "limits": [_line(line, locale) for line in lines]}
     return json_response(QuotaSchema().dump(body))
 
 
-def _line(line: QuotaLine) -> dict[str, Any]:
-    return _limit_state(line.limit, line.used, line.remaining, line.resets_at)
+def _line(line: QuotaLine, locale: str | None = None) -> dict[str, Any]:
+    return _limit_state(line.limit, line.used, line.remaining, line.resets_at, locale)
 
 
 @bp.get("/users/<path:user>/quota")

@@ -164,6 +164,8 @@ class ReserveRequestSchema(RequestSchema):
 
 class LimitStateSchema(Schema):
     id = fields.String()
+    name = fields.String(metadata={"description": "A readable name (\"Tokens per day\"), "
+                                   "in the language of ?locale= (en, de, fr)"})
     metric = fields.String()
     window = fields.String()
     scope = fields.String()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request
 
+from core import i18n
 from core.auth import Role, require_role, validate_user_id
 from core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from core.events import EventService
@@ -44,6 +45,25 @@ CORS_PATHS = {"/v1/me/quota": "GET", "/v1/me/credits": "GET", "/v1/paywall/offer
             tag="widget", content_type="application/javascript")
 def widget() -> Response:
     resp = Response(WIDGET.read_bytes(), mimetype="application/javascript")
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    return resp
+
+
+# The widget's own words; a page asks for them in its user's language (no key needed).
+WIDGET_TEXTS = {"used": "{n} used", "left": "{n} left", "resets": "resets {when}",
+                "frees": "frees up as running calls end", "decline": "Not now",
+                "expired": "Your quota session has expired: reload the page to see your quota.",
+                "failed": "The quota could not be loaded ({why})."}
+
+
+@widget_bp.get("/widget/texts")
+@documented(summary="The widget's words in the language of ?locale= (en, de, fr)",
+            tag="widget")
+def widget_texts() -> Response:
+    locale = i18n.pick(request.args.get("locale"))
+    resp = json_response({"locale": locale, "texts": {
+        k: i18n.gettext(locale, v) for k, v in WIDGET_TEXTS.items()}})
     resp.headers["Cache-Control"] = "public, max-age=300"
     resp.headers["Access-Control-Allow-Origin"] = "*"
     return resp

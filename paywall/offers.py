@@ -15,9 +15,10 @@ from typing import Any
 
 import orjson
 
+from core import i18n
 from core.config import ModelConfig
 from plans.catalog import Catalog, Plan
-from plans.terms import CreditPack, format_minor
+from plans.terms import CreditPack, minor_exponent
 
 # -- jurisdictions (GEN-01) ---------------------------------------------------------------------
 
@@ -351,80 +352,77 @@ def _url(value: Any) -> bool:
 
 # -- rendering -------------------------------------------------------------------------------
 
-_INTERVALS = {"en": {"month": "month", "year": "year"},
-              "de": {"month": "Monat", "year": "Jahr"},
-              "fr": {"month": "mois", "year": "an"}}
+POLICY_LABELS = {"terms_url": "Terms", "privacy_url": "Privacy",
+                 "cancel_policy_url": "Cancellation policy", "refund_policy_url": "Refund policy"}
+# material terms an offer may also give per locale, in its copy (else the offer's own)
+LOCALIZED_TERMS = ("cancel_instructions", "cancel_deadline", "min_commitment")
 
 
 def render(content: dict[str, Any], profile: Profile, locale: str | None) -> dict[str, Any]:
-    """The disclosure block and call to action an offer shows in one jurisdiction."""
+    """The disclosure block and call to action an offer shows in one jurisdiction, in the
+    user's language (en, de, fr) with prices as that language writes them."""
     copies = dict(_copies(content))
     want = (locale or profile.locale or "en").split("-")[0].lower()
     loc = want if want in copies else ("en" if "en" in copies else next(iter(copies), "en"))
     copy = copies.get(loc, {})
     billing = content.get("billing") or {}
-    price = format_minor(int(billing.get("amount") or 0), str(billing.get("currency") or "usd"))
-    per = _INTERVALS.get(loc, _INTERVALS["en"]).get(str(billing.get("interval")), "")
-    lines = _disclosure(loc, content, price, per, profile)
+    currency = str(billing.get("currency") or "usd")
+    price = i18n.money(int(billing.get("amount") or 0), currency, minor_exponent(currency), loc)
+    interval = str(billing.get("interval") or "")
+    per = i18n.gettext(loc, interval) if interval in ("month", "year") else ""
+    lines = _disclosure(loc, content, copy, price, per, profile)
     cta = str(copy.get("cta_label") or "")
     if profile.eu_cta and not _plain(cta).startswith(PAYMENT_CTAS.get(loc, PAYMENT_CTAS["en"])):
         cta = {"de": "Zahlungspflichtig bestellen",
                "fr": "Commander avec obligation de paiement"}.get(
             loc, f"Subscribe and pay {price}" + (f" per {per}" if per else ""))
+    refs = content.get("policy_refs") or {}
     return {"locale": loc, "jurisdiction": profile.id, "headline": copy.get("headline"),
             "price": price, "interval": billing.get("interval"),
+            "price_label": i18n.gettext(loc, "{price} per {per}", price=price, per=per)
+            if per else price,
             "disclosure": "\n".join(lines), "cta_label": cta,
             "decline_label": copy.get("decline_label"),
             "tax": "included" if content.get("tax_behavior") == "inclusive" else "excluded",
             "withdrawal_days": profile.withdrawal_days or None,
-            "policy_refs": content.get("policy_refs")}
+            "policy_refs": refs,
+            "policy_links": [{"label": i18n.gettext(loc, POLICY_LABELS.get(k, k)), "url": v}
+                             for k, v in refs.items()]}
 
 
-def _disclosure(loc: str, c: dict[str, Any], price: str, per: str,
+def _disclosure(loc: str, c: dict[str, Any], copy: dict[str, Any], price: str, per: str,
                 profile: Profile) -> list[str]:
+    def _(message: str, **values: Any) -> str:
+        return i18n.gettext(loc, message, **values)
+
     billing = c.get("billing") or {}
     ents = c.get("entitlements") or {}
-    refs = c.get("policy_refs") or {}
+    terms = {k: copy.get(k) or c.get(k) for k in LOCALIZED_TERMS}
     trial_days = billing.get("trial_days") or 0
     renews = billing.get("auto_renews")
-    if loc == "de":
-        lines = [f"{price} pro {per}, verlängert sich automatisch bis zur Kündigung."
-                 if renews else f"{price}, einmalig."]
-        if trial_days:
-            lines.insert(0, f"{trial_days} Tage kostenlos, danach {price} pro {per}.")
-        if renews:
-            lines.append(f"Kündigung: {c.get('cancel_instructions')} "
-                         f"({c.get('cancel_deadline')}). "
-                         f"Mindestlaufzeit: {c.get('min_commitment')}.")
-    elif loc == "fr":
-        lines = [f"{price} par {per}, renouvelé automatiquement jusqu'à résiliation."
-                 if renews else f"{price}, paiement unique."]
-        if trial_days:
-            lines.insert(0, f"{trial_days} jours gratuits, puis {price} par {per}.")
-        if renews:
-            lines.append(f"Résiliation : {c.get('cancel_instructions')} "
-                         f"({c.get('cancel_deadline')}). Engagement : {c.get('min_commitment')}.")
-    else:
-        lines = [f"{price} billed every {per}; renews automatically until you cancel."
-                 if renews else f"{price}, charged once."]
-        if trial_days:
-            lines.insert(0, f"Free for {trial_days} days, then {price} every {per}. "
-                         f"{(c.get('trial') or {}).get('cancel_before_text') or ''}".strip())
-        if renews:
-            lines.append(f"To cancel: {c.get('cancel_instructions')} "
-                         f"({c.get('cancel_deadline')}). Minimum term: {c.get('min_commitment')}.")
+    lines = [_("{price} billed every {per}; renews automatically until you cancel.",
+               price=price, per=per) if renews else _("{price}, charged once.", price=price)]
+    if trial_days:
+        before = (c.get("trial") or {}).get("cancel_before_text") if loc == "en" else None
+        lines.insert(0, " ".join(filter(None, [
+            _("Free for {days} days, then {price} every {per}.", days=trial_days,
+              price=price, per=per), copy.get("cancel_before_text") or before])))
+    if renews:
+        lines.append(_("To cancel: {how} ({deadline}). Minimum term: {term}.",
+                       how=terms["cancel_instructions"], deadline=terms["cancel_deadline"],
+                       term=terms["min_commitment"]))
     if ents.get("allowance_credits"):
-        lines.append(f"Includes {ents['allowance_credits']:,} credits per month.")
+        lines.append(_("Includes {n} credits per month.",
+                       n=i18n.number(ents["allowance_credits"], loc)))
     for lim in ents.get("limits") or []:
         if lim["id"] != "allowance":
-            lines.append(f"Limit {lim['id']}: {lim['amount']:,} {lim['metric']} per "
-                         f"{lim['window']}" + (f" on {lim['model']}" if lim.get("model") else "")
-                         + ".")
+            name = i18n.limit_name(lim["metric"], lim.get("window"), lim.get("model"), loc)
+            lines.append(_("{name}: at most {amount}.", name=name,
+                           amount=i18n.number(lim["amount"], loc)))
     if ents.get("models"):
-        lines.append("Models: " + ", ".join(ents["models"]) + ".")
+        lines.append(_("Models: {models}.", models=", ".join(ents["models"])))
     if ents.get("credits"):
-        lines.append(f"{ents['credits']:,} credits.")
+        lines.append(_("{n} credits.", n=i18n.number(ents["credits"], loc)))
     if profile.withdrawal_days:
-        lines.append(f"Right of withdrawal: {profile.withdrawal_days} days.")
-    lines.append(" · ".join(f"{k.removesuffix('_url')}: {v}" for k, v in refs.items()))
+        lines.append(_("Right of withdrawal: {days} days.", days=profile.withdrawal_days))
     return lines

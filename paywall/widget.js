@@ -46,7 +46,8 @@
       "border-radius:6px;margin-right:10px;cursor:pointer}",
       ".ml-cta{background:#111;color:#fff;text-decoration:none;border:1px solid #111}",
       ".ml-decline{background:#fff;color:#111;border:1px solid #111}",
-      ".ml-error{color:#b91c1c}"
+      ".ml-error{color:#b91c1c}.ml-policies{margin:0 0 10px;font-size:13px}",
+      ".ml-policy{color:#1d4ed8}"
     ].join("");
     document.head.appendChild(style);
   }
@@ -82,10 +83,21 @@
     return typeof value === "number" ? value.toLocaleString(locale || undefined) : String(value);
   }
 
+  // The widget's words in the user's language (served by Meterlane: /widget/texts).
+  var texts = {used: "{n} used", left: "{n} left", resets: "resets {when}",
+               frees: "frees up as running calls end", decline: "Not now",
+               expired: "Your quota session has expired: reload the page to see your quota.",
+               failed: "The quota could not be loaded ({why})."};
+  function say(name, values) {
+    return String(texts[name]).replace(/\{(\w+)\}/g, function (_, k) {
+      return values && values[k] !== undefined ? String(values[k]) : "";
+    });
+  }
+
   function renderLimit(line) {
     var row = el("div", "ml-limit");
     row.setAttribute("data-limit", line.id);
-    row.appendChild(el("div", "ml-limit-name", line.id + (line.model ? " (" + line.model + ")" : "")));
+    row.appendChild(el("div", "ml-limit-name", line.name || line.id));
     var used = typeof line.used === "number" ? line.used : parseFloat(line.used);
     var total = typeof line.limit === "number" ? line.limit : parseFloat(line.limit);
     var bar = el("div", "ml-bar");
@@ -94,9 +106,10 @@
     fill.style.width = pct + "%";
     bar.appendChild(fill);
     row.appendChild(bar);
-    row.appendChild(el("div", "ml-used", number(line.used) + " used"));
-    row.appendChild(el("div", "ml-remaining", number(line.remaining) + " left"));
-    row.appendChild(el("div", "ml-resets", "resets " + when(line.resets_at)));
+    row.appendChild(el("div", "ml-used", say("used", {n: number(line.used)})));
+    row.appendChild(el("div", "ml-remaining", say("left", {n: number(line.remaining)})));
+    row.appendChild(el("div", "ml-resets", line.resets_at ? say("resets", {when: when(line.resets_at)})
+                                                            : say("frees")));
     return row;
   }
 
@@ -104,11 +117,22 @@
     var card = el("div", "ml-offer");
     card.setAttribute("data-offer", offer.offer);
     card.appendChild(el("div", "ml-offer-headline", offer.headline || offer.offer));
-    card.appendChild(el("div", "ml-offer-price", offer.price + (offer.interval ? " / " + offer.interval : "")));
-    // The disclosure sits right beside the button (DSC-02), in full.
+    card.appendChild(el("div", "ml-offer-price", offer.price_label || offer.price));
+    // The disclosure sits right beside the button (DSC-02), in full, with its policies as links.
     var disclosure = el("div", "ml-disclosure", offer.disclosure);
     disclosure.style.whiteSpace = "pre-wrap";
     card.appendChild(disclosure);
+    var links = el("div", "ml-policies");
+    (offer.policy_links || []).forEach(function (link, i) {
+      if (!/^https?:\/\//.test(link.url)) { return; }
+      if (i) { links.appendChild(document.createTextNode(" \u00b7 ")); }
+      var a = el("a", "ml-policy", link.label);
+      a.href = link.url;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      links.appendChild(a);
+    });
+    card.appendChild(links);
     var cta = el("a", "ml-cta", offer.cta_label);
     var url = new URL(checkoutUrl || "/checkout", document.baseURI);
     url.searchParams.set("offer", offer.offer);
@@ -121,7 +145,7 @@
     cta.href = url.toString();
     cta.setAttribute("role", "button");
     card.appendChild(cta);
-    var decline = el("button", "ml-decline", offer.decline_label || "Not now");
+    var decline = el("button", "ml-decline", offer.decline_label || say("decline"));
     decline.type = "button";
     decline.addEventListener("click", function () { box.removeChild(card); });
     card.appendChild(decline);
@@ -152,9 +176,7 @@
 
   function fail(err) {
     target.textContent = "";
-    var msg = err.status === 401
-      ? "Your quota session has expired: reload the page to see your quota."
-      : "The quota could not be loaded (" + err.message + ").";
+    var msg = err.status === 401 ? say("expired") : say("failed", {why: err.message});
     var box = el("div", "ml-error", msg);
     box.setAttribute("data-status", String(err.status || 0));
     target.appendChild(box);
@@ -166,7 +188,13 @@
   }
   var query = "?platform=web" + (jurisdiction ? "&jurisdiction=" + encodeURIComponent(jurisdiction) : "")
     + (locale ? "&locale=" + encodeURIComponent(locale) : "");
-  api("/v1/me/quota").then(function (quota) {
+  var wording = fetch(base + "/widget/texts?locale=" + encodeURIComponent(locale || "en"))
+    .then(function (resp) { return resp.ok ? resp.json() : {}; })
+    .then(function (body) { if (body.texts) { texts = body.texts; } })
+    .catch(function () { /* the English words stay */ });
+  wording.then(function () {
+    return api("/v1/me/quota" + (locale ? "?locale=" + encodeURIComponent(locale) : ""));
+  }).then(function (quota) {
     // Offers are extra: if they cannot be loaded, the quota still shows.
     return api("/v1/paywall/offers" + query)
       .catch(function () { return { data: [] }; })

@@ -152,7 +152,7 @@ def test_a_user_with_quota_sees_each_limit(site: Site) -> None:
     dom = browse(site, site.page("ada", user_key(site, "ada")), "with-quota")
     assert 'data-state="ok"' in dom, dom[-2000:]
     quota = site.api("GET", "/v1/users/ada/quota")["limits"][0]
-    assert texts(dom, "ml-limit-name") == ["tokens-day"]
+    assert texts(dom, "ml-limit-name") == ["Tokens per day"]  # a readable name, not its id
     assert texts(dom, "ml-used") == [f"{quota['used']:,} used"] == ["250 used"]
     assert texts(dom, "ml-remaining") == [f"{quota['remaining']:,} left"]
     assert texts(dom, "ml-resets")[0].startswith("resets ")
@@ -166,7 +166,8 @@ def test_a_user_who_ran_out_sees_the_offer_with_its_disclosure(site: Site) -> No
         "usage": {"input_tokens": 1000, "output_tokens": 0}})
     dom = browse(site, site.page("bo", user_key(site, "bo"), "DE", "de"), "spent")
     assert 'data-state="spent"' in dom, dom[-2000:]
-    assert texts(dom, "ml-remaining") == ["0 left"]
+    assert texts(dom, "ml-remaining") == ["0 übrig"]  # the page is German: so is the widget
+    assert texts(dom, "ml-limit-name") == ["Tokens pro Tag"]
     served = site.api("GET", "/v1/paywall/offers?jurisdiction=DE&locale=de")["data"][0]
     assert 'data-offer="pro-monthly"' in dom
     assert texts(dom, "ml-disclosure") == [served["disclosure"]]  # in full, as served

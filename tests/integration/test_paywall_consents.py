@@ -65,7 +65,7 @@ def test_cns_02_the_record_reconstructs_what_was_shown(served: tuple[Any, Keys])
                         headers=bearer(keys.app)).get_json()
     assert record["disclosure_text"] == offer["disclosure"]  # the snapshot, word for word
     assert record["jurisdiction"] == "EU-DE" and record["locale"] == "de"
-    assert record["rendered_price"] == "20.00 EUR" and record["plan_id"] == "pro"
+    assert record["rendered_price"] == "20,00\xa0€" and record["plan_id"] == "pro"  # German
     assert record["render_manifest"]["default_state"] == "unchecked"
     assert (record["ip"], record["user_agent"]) == ("198.51.100.4", "Mozilla/5.0 (X11)")
     retain = record["retain_until"][:4]

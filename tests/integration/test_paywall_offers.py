@@ -101,7 +101,7 @@ def test_published_offers_are_served_per_jurisdiction_and_versions_never_change(
     assert "renews automatically until you cancel" in pro["disclosure"]
     de = offers("jurisdiction=DE")["data"][0]
     assert de["cta_label"] == "Zahlungspflichtig bestellen" and de["locale"] == "de"
-    assert "Right of withdrawal: 14 days." in de["disclosure"]
+    assert "Widerrufsrecht: 14 Tage." in de["disclosure"] and de["price"] == "20,00\xa0€"
     fr = offers("jurisdiction=FR&locale=fr-FR")["data"][0]
     assert fr["cta_label"].startswith("Commander") and fr["jurisdiction"] == "EU-FR"
     nowhere = offers("")

@@ -37,6 +37,7 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("GET", "/metrics"): PUBLIC,
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/widget.js"): PUBLIC,
+    ("GET", "/widget/texts"): PUBLIC,
     ("GET", "/finance"): PUBLIC,  # the page; its data needs a finance key
     ("GET", "/kuendigen/{app}"): PUBLIC,
     ("GET", "/kuendigen/{app}/bestaetigen"): PUBLIC,

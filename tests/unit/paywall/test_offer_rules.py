@@ -196,10 +196,15 @@ def test_gen_01_an_unknown_location_gets_the_strictest_profile() -> None:
 def test_the_rendered_disclosure_carries_the_material_terms(target: str) -> None:
     profile = STRICTEST if target == "*" else resolve(target)
     shown = render(offer(), profile, profile.locale)
-    assert "20.00 EUR" in shown["disclosure"]
+    price = {"de": "20,00\xa0€", "fr": "20,00\xa0€"}.get(shown["locale"], "20.00 EUR")
+    assert shown["price"] == price and price in shown["disclosure"]  # as the language writes it
     assert "Settings > Subscription > Cancel" in shown["disclosure"]
     assert "gpt-4o-mini" in shown["disclosure"]
-    assert "https://app.example/refunds/v1" in shown["disclosure"]
+    # the policies are links with labels in the user's language, beside the disclosure
+    links = {link["url"]: link["label"] for link in shown["policy_links"]}
+    assert links["https://app.example/refunds/v1"] == {
+        "de": "Erstattungsbedingungen", "fr": "Conditions de remboursement"}.get(
+        shown["locale"], "Refund policy")
 
 
 def test_the_savings_rule_reads_a_long_run_of_digits_in_linear_time() -> None:
