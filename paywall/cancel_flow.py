@@ -11,13 +11,15 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import stripe
+from babel.dates import format_date, format_datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
+from core import i18n
 from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
 from core.events import EventService, new_event_id
@@ -153,7 +155,7 @@ class CancelFlow:
         return int(app_id)
 
     def declare(self, app_id: int, form: dict[str, str], *,
-                throttled: bool = False) -> dict[str, Any]:
+                throttled: bool = False, lang: str = "de") -> dict[str, Any]:
         """A cancellation declared without a login: recorded and confirmed on receipt; when
         the e-mail and contract reference match a subscription of this app, it is cancelled
         (at the end of its period) and its confirmation says when it ends."""
@@ -201,8 +203,10 @@ class CancelFlow:
                 "email": email, "contract_ref": ref, "kind": kind, "reason": reason,
                 "matched": confirmation is not None, "outcome": outcome, "ends_at": ends,
                 "cancellation_id": confirmation["cancellation_id"] if confirmation else None,
+                "locale": i18n.pick(lang),
                 "text": _confirmation_text(received, ends, ref, confirmation is not None
-                                           and bool(confirmation["no_further_charges"]))}
+                                           and bool(confirmation["no_further_charges"]),
+                                           lang)}
         with self.engine.begin() as conn:
             conn.execute(update(CancelDeclaration).where(
                 CancelDeclaration.declaration_id == declaration_id).values(
@@ -245,14 +249,23 @@ class CancelFlow:
 
 
 def _confirmation_text(received: datetime, ends: datetime | None, ref: str,
-                       no_further_charges: bool) -> str:
-    stamp = received.strftime("%d.%m.%Y um %H:%M Uhr (UTC)")
+                       no_further_charges: bool, lang: str = "de") -> str:
+    """The confirmation on receipt, in the language the visitor used (German by default)."""
+    def _(message: str, **values: Any) -> str:
+        return i18n.gettext(lang, message, **values)
+
+    if i18n.pick(lang) == "de":
+        stamp = received.strftime("%d.%m.%Y um %H:%M Uhr (UTC)")
+    else:
+        stamp = format_datetime(received, "medium", tzinfo=UTC, locale=i18n.pick(lang)) + \
+            " (UTC)"
     if ends is None:
-        return (f"Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Wir "
-                "bestätigen Ihnen das Vertragsende per E-Mail.")
-    end = ends.strftime("%d.%m.%Y")
-    after = ("danach erfolgen keine weiteren Abbuchungen." if no_further_charges else
-             "Nutzung über Ihr Kontingent hinaus bis dahin wird zum Periodenende abgerechnet; "
-             "danach erfolgen keine weiteren Abbuchungen.")
-    return (f"Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Der "
-            f"Vertrag endet zum {end}; {after}")
+        return _("Your cancellation of contract {ref} was received on {stamp}. We will "
+                 "confirm the end of the contract by email.", ref=ref, stamp=stamp)
+    end = ends.strftime("%d.%m.%Y") if i18n.pick(lang) == "de" else format_date(
+        ends, "medium", locale=i18n.pick(lang))
+    after = _("no further payments are taken after that.") if no_further_charges else _(
+        "usage beyond your quota until then is billed at the end of the period; no further "
+        "payments are taken after that.")
+    return _("Your cancellation of contract {ref} was received on {stamp}. The contract ends "
+             "on {end}; {after}", ref=ref, stamp=stamp, end=end, after=after)

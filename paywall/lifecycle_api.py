@@ -4,12 +4,14 @@ the cancel screen (CXL-02), EU withdrawal (CXL-04), price changes (NTC-04), the 
 
 from __future__ import annotations
 
-import html
+from datetime import UTC
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, request
+from babel.dates import format_date, format_datetime
+from flask import Blueprint, Response, render_template, request
 
+from core import i18n
 from core.auth import Role, require_operator, require_role, validate_user_id
 from core.errors import DomainError, NotFoundError
 from core.openapi import documented
@@ -48,7 +50,7 @@ from plans.schemas import (
 from plans.service import PlanService
 
 bp = Blueprint("lifecycle", __name__, url_prefix="/v1")
-kuendigen_bp = Blueprint("kuendigen", __name__)
+kuendigen_bp = Blueprint("kuendigen", __name__, template_folder="templates")
 
 
 @bp.get("/subscriptions/<sub_id>/cancel-screen")
@@ -163,14 +165,19 @@ def cancel_subscription(sub_id: str) -> Response:
         "confirmation": confirmation}))
 
 
-def _page(title: str, body: str, status: int = 200) -> Response:
-    doc = (f"<!doctype html><html lang=\"de\"><head><meta charset=\"utf-8\">"
-           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-           f"<title>{html.escape(title)}</title><style>body{{font:16px/1.5 system-ui,sans-serif;"
-           f"max-width:40rem;margin:2rem auto;padding:0 1rem}}label{{display:block;margin:.8rem "
-           f"0 .2rem}}input,select,textarea{{font:inherit;width:100%;padding:.4rem}}button{{font:"
-           f"inherit;font-weight:bold;padding:.7rem 1.4rem;margin-top:1.2rem}}.error{{color:"
-           f"#a00}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+LANGUAGES = (("de", "Deutsch"), ("en", "English"), ("fr", "Français"))
+
+
+def _page(step: str, title: str, status: int = 200, **context: Any) -> Response:
+    """A page of the cancellation button (Germany's §312k BGB: in German unless the visitor
+    picks English or French with ?lang=)."""
+    lang = _lang()
+
+    def _(message: str, **values: Any) -> str:
+        return i18n.gettext(lang, message, **values)
+
+    doc = render_template("kuendigen.html", step=step, title=_(title), lang=lang, _=_,
+                          languages=LANGUAGES, **context)
     resp = Response(doc, status=status, mimetype="text/html")
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; " \
@@ -178,11 +185,20 @@ def _page(title: str, body: str, status: int = 200) -> Response:
     return resp
 
 
+def _lang() -> str:
+    chosen = request.args.get("lang") or "de"
+    return chosen if chosen in ("de", "en", "fr") else "de"
+
+
 def _app_or_404(app: str) -> int | Response:
     try:
         return part(CancelFlow).app_named(app)
     except NotFoundError:
-        return _page("Nicht gefunden", "<p>Diese Seite gibt es nicht.</p>", 404)
+        return _page("missing", "Not found", 404)
+
+
+def _confirm_url(app: str) -> str:
+    return f"/kuendigen/{quote(app, safe='')}/bestaetigen"
 
 
 @kuendigen_bp.get("/kuendigen/<app>")
@@ -192,36 +208,7 @@ def kuendigen(app: str) -> Response:
     found = _app_or_404(app)
     if isinstance(found, Response):
         return found
-    return _page("Verträge hier kündigen", (
-        "<p>Hier können Sie Ihr Abonnement kündigen, ohne sich anzumelden.</p>"
-        f"<form method=\"get\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
-        "<button type=\"submit\">Verträge hier kündigen</button></form>"))
-
-
-def _form(app: str, values: dict[str, str], error: str | None = None) -> str:
-    v = {k: html.escape(values.get(k) or "") for k in ("name", "email", "contract_ref",
-                                                        "reason")}
-    kind = values.get("kind") or "ordinary"
-    options = "".join(f"<option value=\"{k}\"{' selected' if k == kind else ''}>{label}</option>"
-                      for k, label in (("ordinary", "ordentliche Kündigung"),
-                                       ("extraordinary", "außerordentliche Kündigung")))
-    return ((f"<p class=\"error\" role=\"alert\">{html.escape(error)}</p>" if error else "")
-            + f"<form method=\"post\" action=\"/kuendigen/{quote(app, safe='')}/bestaetigen\">"
-            f"<label for=\"name\">Name</label><input id=\"name\" name=\"name\" required "
-            f"maxlength=\"200\" autocomplete=\"name\" value=\"{v['name']}\">"
-            f"<label for=\"email\">E-Mail-Adresse (für die Bestätigung)</label><input "
-            f"id=\"email\" name=\"email\" type=\"email\" required autocomplete=\"email\" "
-            f"value=\"{v['email']}\">"
-            f"<label for=\"contract_ref\">Vertragsnummer (aus Ihrer Bestellbestätigung)</label>"
-            f"<input id=\"contract_ref\" name=\"contract_ref\" required maxlength=\"255\" "
-            f"value=\"{v['contract_ref']}\">"
-            f"<label for=\"kind\">Art der Kündigung</label><select id=\"kind\" name=\"kind\">"
-            f"{options}</select>"
-            f"<label for=\"when\">Zeitpunkt</label><input id=\"when\" name=\"when\" readonly "
-            f"value=\"zum nächstmöglichen Zeitpunkt\">"
-            f"<label for=\"reason\">Grund (nur bei außerordentlicher Kündigung)</label>"
-            f"<textarea id=\"reason\" name=\"reason\" maxlength=\"1000\">{v['reason']}</textarea>"
-            f"<button type=\"submit\">jetzt kündigen</button></form>")
+    return _page("start", "Cancel contracts here", confirm_url=_confirm_url(app))
 
 
 @kuendigen_bp.get("/kuendigen/<app>/bestaetigen")
@@ -231,7 +218,7 @@ def kuendigen_form(app: str) -> Response:
     found = _app_or_404(app)
     if isinstance(found, Response):
         return found
-    return _page("Kündigung bestätigen", _form(app, {}))
+    return _page("form", "Confirm the cancellation", confirm_url=_confirm_url(app), values={})
 
 
 @kuendigen_bp.post("/kuendigen/<app>/bestaetigen")
@@ -246,17 +233,14 @@ def kuendigen_submit(app: str) -> Response:
     # Past the rate limit a declaration is still received and recorded (the law wants every
     # one confirmed); it is just not matched to a contract here: the app handles it.
     throttled = not part(CancelFlow).allowed(app, request.remote_addr or "-")
+    lang = _lang()
     try:
-        done = part(CancelFlow).declare(found, values, throttled=throttled)
+        done = part(CancelFlow).declare(found, values, throttled=throttled, lang=lang)
     except DomainError as exc:
         if exc.status >= 500:
             raise
-        return _page("Kündigung bestätigen", _form(app, values, exc.detail), 400)
-    stamp = done["received_at"].strftime("%d.%m.%Y, %H:%M:%S Uhr (UTC)")
-    ends = (f"<p>Vertragsende: <strong>{done['ends_at'].strftime('%d.%m.%Y')}</strong></p>"
-            if done["ends_at"] else "")
-    return _page("Kündigung eingegangen", (
-        f"<p>{html.escape(done['text'])}</p><p>Eingang: <time datetime=\""
-        f"{done['received_at'].isoformat()}\">{stamp}</time></p>{ends}"
-        f"<p>Referenz: {html.escape(done['declaration_id'])}. Eine Bestätigung in Textform "
-        f"geht an {html.escape(done['email'])}.</p>"))
+        return _page("form", "Confirm the cancellation", 400, confirm_url=_confirm_url(app),
+                     values=values, error=exc.detail)
+    received = format_datetime(done["received_at"], "medium", tzinfo=UTC, locale=lang) + " (UTC)"
+    ends = format_date(done["ends_at"], "medium", locale=lang) if done["ends_at"] else None
+    return _page("done", "Cancellation received", done=done, received=received, ends=ends)

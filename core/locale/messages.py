@@ -69,12 +69,63 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "The quota could not be loaded ({why}).": (
         "Das Kontingent konnte nicht geladen werden ({why}).",
         "Le quota n'a pas pu être chargé ({why})."),
+    # Germany's cancellation button (§312k BGB), German unless the visitor picks a language
+    "Not found": ("Nicht gefunden", "Introuvable"),
+    "This page does not exist.": ("Diese Seite gibt es nicht.", "Cette page n'existe pas."),
+    "Cancel contracts here": ("Verträge hier kündigen", "Résilier les contrats ici"),
+    "Here you can cancel your subscription without logging in.": (
+        "Hier können Sie Ihr Abonnement kündigen, ohne sich anzumelden.",
+        "Ici, vous pouvez résilier votre abonnement sans vous connecter."),
+    "Confirm the cancellation": ("Kündigung bestätigen", "Confirmer la résiliation"),
+    "Name": ("Name", "Nom"),
+    "Email address (for the confirmation)": ("E-Mail-Adresse (für die Bestätigung)",
+                                             "Adresse e-mail (pour la confirmation)"),
+    "Contract number (from your order confirmation)": (
+        "Vertragsnummer (aus Ihrer Bestellbestätigung)",
+        "Numéro de contrat (dans votre confirmation de commande)"),
+    "Kind of cancellation": ("Art der Kündigung", "Type de résiliation"),
+    "ordinary cancellation": ("ordentliche Kündigung", "résiliation ordinaire"),
+    "extraordinary cancellation": ("außerordentliche Kündigung", "résiliation extraordinaire"),
+    "Effective": ("Zeitpunkt", "Date d'effet"),
+    "at the earliest possible date": ("zum nächstmöglichen Zeitpunkt",
+                                      "à la première date possible"),
+    "Reason (extraordinary cancellation only)": (
+        "Grund (nur bei außerordentlicher Kündigung)",
+        "Motif (résiliation extraordinaire uniquement)"),
+    "Cancel now": ("jetzt kündigen", "résilier maintenant"),
+    "Cancellation received": ("Kündigung eingegangen", "Résiliation reçue"),
+    "Received: {when}": ("Eingang: {when}", "Reçue le : {when}"),
+    "Contract ends: {date}": ("Vertragsende: {date}", "Fin du contrat : {date}"),
+    "Reference: {ref}. A confirmation in text form goes to {email}.": (
+        "Referenz: {ref}. Eine Bestätigung in Textform geht an {email}.",
+        "Référence : {ref}. Une confirmation écrite est envoyée à {email}."),
+    "Your cancellation of contract {ref} was received on {stamp}. We will confirm the end "
+    "of the contract by email.": (
+        "Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Wir bestätigen "
+        "Ihnen das Vertragsende per E-Mail.",
+        "Votre résiliation du contrat {ref} a été reçue le {stamp}. Nous vous confirmerons "
+        "la fin du contrat par e-mail."),
+    "Your cancellation of contract {ref} was received on {stamp}. The contract ends on "
+    "{end}; {after}": (
+        "Ihre Kündigung zum Vertrag {ref} ist am {stamp} bei uns eingegangen. Der Vertrag "
+        "endet zum {end}; {after}",
+        "Votre résiliation du contrat {ref} a été reçue le {stamp}. Le contrat prend fin le "
+        "{end} ; {after}"),
+    "no further payments are taken after that.": (
+        "danach erfolgen keine weiteren Abbuchungen.", "aucun prélèvement n'a lieu ensuite."),
+    "usage beyond your quota until then is billed at the end of the period; no further "
+    "payments are taken after that.": (
+        "Nutzung über Ihr Kontingent hinaus bis dahin wird zum Periodenende abgerechnet; "
+        "danach erfolgen keine weiteren Abbuchungen.",
+        "l'utilisation au-delà de votre quota jusqu'à cette date est facturée en fin de "
+        "période ; aucun prélèvement n'a lieu ensuite."),
 }
 
 # Words that are the same in the other language (not English left over), for the test that
 # looks for English in German and French pages.
-SAME_WORD = {"de": {"tokens", "minute", "monat"},
-             "fr": {"minutes", "minute", "quota", "minimum", "page", "conditions", "session"}}
+SAME_WORD = {"de": {"tokens", "minute", "monat", "name", "per"},
+             "fr": {"minutes", "minute", "quota", "minimum", "page", "conditions", "session",
+                    "confirmation", "date"}}
 
 
 def write(root: Path) -> None:

@@ -244,3 +244,32 @@ def test_germanys_button_records_the_declaration_even_when_the_cancel_fails(
         "name": "Uwe", "email": "uwe@example.com", "contract_ref": sub_id,
         "reason": "a\x00b"})
     assert bad.status_code == 400 and "Steuerzeichen" in bad.text
+
+
+@pytest.mark.parametrize("lang", ["de", "en", "fr"])
+def test_the_cancellation_pages_are_in_the_chosen_language(world: World, lang: str) -> None:
+    """Germany's button is German; a visitor may pick English or French. Every word of the
+    pages (the typed values aside) is in that language, from templates that escape what was
+    typed."""
+    import re
+
+    from tests.unit.test_locales import ENGLISH, SAME_WORD
+
+    client = world.app.test_client()
+    pages = [client.get(f"/kuendigen/acme?lang={lang}"),
+             client.get(f"/kuendigen/acme/bestaetigen?lang={lang}"),
+             client.post(f"/kuendigen/acme/bestaetigen?lang={lang}", data={
+                 "name": "Zoë", "email": "zoe@example.com", "contract_ref": "sub_nope"})]
+    assert [p.status_code for p in pages] == [200, 200, 200]
+    assert f'<html lang="{lang}">' in pages[0].text
+    title = {"de": "Kündigung eingegangen", "en": "Cancellation received",
+             "fr": "Résiliation reçue"}[lang]
+    assert f"<h1>{title}</h1>" in pages[2].text
+    if lang == "en":
+        return
+    for page in pages:
+        body = re.sub(r"<[^>]+>", " ", page.text.split("</nav>")[1])  # the words, no markup
+        body = body.replace("zoe@example.com", "").replace("sub_nope", "")
+        words = {w.lower() for w in re.findall(r"[^\W\d_]{3,}", body)}
+        left = words & ENGLISH - SAME_WORD[lang]
+        assert not left, (lang, left, body)
