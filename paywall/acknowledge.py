@@ -15,9 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from babel.dates import format_date
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection, Engine
 
+from core import i18n
 from core.db import utcnow
 from core.events import EventService, new_event_id
 from core.models import EndUser
@@ -32,7 +34,7 @@ from paywall.models import (
 from paywall.service import RETENTION, jsonable
 from plans import subscriptions
 from plans.catalog import Catalog, Plan
-from plans.terms import format_minor
+from plans.terms import format_minor, minor_exponent
 
 # ACK-01: what an acknowledgment must carry; EU/UK add the withdrawal right (CRD 8(7)).
 TOKENS = ("terms", "auto_renews", "price", "how_to_cancel", "cancel_policy_url",
@@ -42,6 +44,14 @@ EU_TOKENS = ("withdrawal_deadline", "early_start")
 
 def day(at: datetime | None) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d") if at else "-"
+
+
+def _date(at: datetime, loc: str) -> str:
+    """A date in the text of a confirmation: ISO in English, as the language writes it
+    otherwise ("6. Dezember 2026")."""
+    if loc == "en":
+        return day(at)
+    return str(format_date(at.astimezone(UTC).date(), "long", locale=loc))
 
 
 def email_hash(email: str) -> str:
@@ -110,31 +120,50 @@ class Acknowledger:
         user = conn.execute(select(EndUser.external_id).where(
             EndUser.id == end_user_id)).scalar_one()
         ack_id, event_id = "ack_" + secrets.token_hex(12), new_event_id()
-        lines = [f"Thank you for subscribing to {plan.name}.",
-                 f"{amount} per {price.interval}; it renews automatically until you cancel.",
-                 f"Your first charge of {amount} is on {day(first_charge)}"
-                 + (f", when your {trial}-day free trial ends." if trial else "."),
-                 f"To cancel: {content.get('cancel_instructions') or 'in your account settings'}"
-                 f" ({content.get('cancel_deadline') or 'before the next billing date'}). "
-                 f"Cancellation policy: {refs.get('cancel_policy_url') or '-'}.",
-                 f"Contract reference: {sub_id or session['id']}."]
+        loc = i18n.pick(consent.locale if consent else "en")  # the language of the offer shown
+        copy = ((content.get("copy") or {}).get(loc) or {}) if isinstance(
+            content.get("copy"), dict) else {}
+        how = copy.get("cancel_instructions") or content.get("cancel_instructions")
+        when = copy.get("cancel_deadline") or content.get("cancel_deadline")
+
+        def _(message: str, **values: Any) -> str:
+            return i18n.gettext(loc, message, **values)
+
+        shown = amount if loc == "en" else i18n.money(price.amount, price.currency,
+                                                      minor_exponent(price.currency), loc)
+        per = _(price.interval)
+        lines = [_("Thank you for subscribing to {plan}.", plan=plan.name),
+                 _("{price} per {per}; it renews automatically until you cancel.",
+                   price=shown, per=per),
+                 _("Your first charge of {price} is on {date}, when your {days}-day free "
+                   "trial ends.", price=shown, date=_date(first_charge, loc), days=trial)
+                 if trial else _("Your first charge of {price} is on {date}.", price=shown,
+                                 date=_date(first_charge, loc)),
+                 _("To cancel: {how} ({deadline}). Cancellation policy: {url}.",
+                   how=how or _("in your account settings"),
+                   deadline=when or _("before the next billing date"),
+                   url=refs.get("cancel_policy_url") or "-"),
+                 _("Contract reference: {ref}.", ref=sub_id or session["id"])]
         if deadline is not None:
-            lines.append(
-                f"You may withdraw within {profile.withdrawal_days} days, until {day(deadline)}"
-                + ("; you asked us to start at once, so a withdrawal refunds the unused part."
-                   if early else "; a withdrawal refunds what you paid in full."))
+            lines.append(_("You may withdraw within {days} days, until {date}; you asked us "
+                           "to start at once, so a withdrawal refunds the unused part.",
+                           days=profile.withdrawal_days, date=_date(deadline, loc))
+                         if early else
+                         _("You may withdraw within {days} days, until {date}; a withdrawal "
+                           "refunds what you paid in full.", days=profile.withdrawal_days,
+                           date=_date(deadline, loc)))
         ack = {"ack_id": ack_id, "user": user, "subscription": sub_id,
                "checkout_session": session["id"], "consent_id": consent.consent_id
                if consent else None, "contract_ref": sub_id or session["id"],
-               "plan": plan.ref, "plan_name": plan.name, "price": amount,
+               "plan": plan.ref, "plan_name": plan.name, "price": shown,
                "amount": price.amount, "currency": price.currency, "interval": price.interval,
                "auto_renews": True, "terms": consent.disclosure_text if consent else None,
-               "how_to_cancel": content.get("cancel_instructions") or "account settings",
+               "how_to_cancel": how or _("account settings"),
                "cancel_policy_url": refs.get("cancel_policy_url"),
                "terms_url": refs.get("terms_url"), "refund_policy_url":
                refs.get("refund_policy_url"), "trial_days": trial,
                "trial_end": first_charge if trial else None,
-               "first_charge_date": first_charge, "first_charge_amount": amount,
+               "first_charge_date": first_charge, "first_charge_amount": shown,
                "jurisdiction": profile.id, "locale": consent.locale if consent else "en",
                "withdrawal_deadline": deadline, "early_start": bool(early) if deadline
                else None, "enrolled_at": at, "text": "\n".join(lines)}

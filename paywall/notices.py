@@ -20,14 +20,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import orjson
+from babel.dates import format_date
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from core import i18n
 from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
 from core.events import EventService, new_event_id
@@ -37,7 +39,7 @@ from paywall.models import Acknowledgment, Notice, PriceChange
 from paywall.service import RETENTION, jsonable
 from plans import subscriptions
 from plans.catalog import Catalog, Plan
-from plans.terms import format_minor
+from plans.terms import format_minor, minor_exponent
 
 DAY = timedelta(days=1)
 PRICE_CHANGE_LEAD = timedelta(days=30)  # NTC-04: scheduled at least this far ahead
@@ -211,6 +213,8 @@ class NoticeService:
                 new = self.catalog.get(change.plan_id, change.to_version)
                 due.append(Due("price_change", change.change_id, change.effective_at,
                                PRICE, {**facts, "new_amount": _price(new) if new else None,
+                                       "new_amount_minor": new.terms.price.amount
+                                       if new and new.terms.price else None,
                                        "effective_at": day(change.effective_at)}))
         return due
 
@@ -223,8 +227,9 @@ class NoticeService:
             with self.engine.begin() as conn:
                 ack = self._ack(conn, sub)
                 jurisdiction = ack.jurisdiction if ack is not None else "STRICTEST"
+                loc = i18n.pick(ack.locale if ack is not None else "en")
                 how = (orjson.loads(ack.content).get("how_to_cancel") if ack is not None
-                       else None) or "account settings"
+                       else None) or i18n.gettext(loc, "account settings")
                 user = conn.execute(select(EndUser.external_id).where(
                     EndUser.id == sub.end_user_id)).scalar_one()
                 view = {"notice_id": notice_id, "notice_type": due.notice_type,
@@ -233,7 +238,7 @@ class NoticeService:
                         "event_at": due.event_at, "jurisdiction": jurisdiction,
                         "window": str(due.window), "on_time": on_time, "sent_at": now,
                         "how_to_cancel": how, **due.facts,
-                        "text": _text(due, plan.name, how)}
+                        "locale": loc, "text": _text(due, plan, how, loc)}
                 view = jsonable(view)
                 conn.execute(insert(Notice).values(
                     notice_id=notice_id, app_id=sub.app_id, end_user_id=sub.end_user_id,
@@ -250,7 +255,8 @@ class NoticeService:
 
     @staticmethod
     def _ack(conn: Connection, sub: Any) -> Any:
-        return conn.execute(select(Acknowledgment.jurisdiction, Acknowledgment.content).where(
+        return conn.execute(select(Acknowledgment.jurisdiction, Acknowledgment.content,
+                                   Acknowledgment.locale).where(
             Acknowledgment.subscription_id == sub.id).order_by(
             Acknowledgment.id.desc()).limit(1)).first()
 
@@ -268,17 +274,39 @@ def _price(plan: Plan | None) -> str | None:
     return format_minor(plan.terms.price.amount, plan.terms.price.currency)
 
 
-def _text(due: Due, name: str, how: str) -> str:
-    f = due.facts
-    cancel = f"To cancel: {how}."
+def _text(due: Due, plan: Plan, how: str, loc: str) -> str:
+    """The notice in the subscriber's language (the one of the offer they took)."""
+    def _(message: str, **values: Any) -> str:
+        return i18n.gettext(loc, message, **values)
+
+    f, name = due.facts, plan.name
+    price = plan.terms.price
+    assert price is not None
+    per = _(f["interval"])
+    amount = f["amount"] if loc == "en" else i18n.money(
+        price.amount, price.currency, minor_exponent(price.currency), loc)
+
+    def on(key: str) -> str:  # facts keep ISO dates; the text writes them as the language does
+        value = f[key]
+        return value if loc == "en" or not value else str(
+            format_date(date.fromisoformat(value), "long", locale=loc))
+
+    cancel = _("To cancel: {how}.", how=how)
     if due.notice_type == "trial_ending":
-        return (f"Your free trial of {name} ends on {f['first_charge_date']}. Unless you cancel "
-                f"before then, you will be charged {f['amount']} per {f['interval']}. {cancel}")
-    if due.notice_type == "renewal_upcoming":
-        return (f"Your {name} subscription renews on {f['renews_at']} for {f['amount']} per "
-                f"{f['interval']}. {cancel}")
-    if due.notice_type == "annual_reminder":
-        return (f"A yearly reminder: you subscribe to {name} at {f['amount']} per "
-                f"{f['interval']}, renewing automatically. {cancel}")
-    return (f"The price of {name} changes from {f['amount']} to {f['new_amount']} per "
-            f"{f['interval']} on {f['effective_at']}. {cancel}")
+        text = _("Your free trial of {name} ends on {date}. Unless you cancel before then, "
+                 "you will be charged {price} per {per}.", name=name,
+                 date=on("first_charge_date"), price=amount, per=per)
+    elif due.notice_type == "renewal_upcoming":
+        text = _("Your {name} subscription renews on {date} for {price} per {per}.",
+                 name=name, date=on("renews_at"), price=amount, per=per)
+    elif due.notice_type == "annual_reminder":
+        text = _("A yearly reminder: you subscribe to {name} at {price} per {per}, renewing "
+                 "automatically.", name=name, price=amount, per=per)
+    else:
+        new = f.get("new_amount_minor")
+        new_price = f["new_amount"] if loc == "en" or new is None else i18n.money(
+            new, price.currency, minor_exponent(price.currency), loc)
+        text = _("The price of {name} changes from {price} to {new_price} per {per} on "
+                 "{date}.", name=name, price=amount, new_price=new_price, per=per,
+                 date=on("effective_at"))
+    return f"{text} {cancel}"

@@ -119,6 +119,61 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "danach erfolgen keine weiteren Abbuchungen.",
         "l'utilisation au-delà de votre quota jusqu'à cette date est facturée en fin de "
         "période ; aucun prélèvement n'a lieu ensuite."),
+    # the acknowledgment of a subscription (ACK-01) and the notices before charges (NTC)
+    "Thank you for subscribing to {plan}.": ("Vielen Dank für Ihr Abonnement von {plan}.",
+                                             "Merci de vous être abonné à {plan}."),
+    "{price} per {per}; it renews automatically until you cancel.": (
+        "{price} pro {per}; es verlängert sich automatisch bis zur Kündigung.",
+        "{price} par {per} ; renouvelé automatiquement jusqu'à résiliation."),
+    "Your first charge of {price} is on {date}.": (
+        "Die erste Abbuchung von {price} erfolgt am {date}.",
+        "Le premier prélèvement de {price} a lieu le {date}."),
+    "Your first charge of {price} is on {date}, when your {days}-day free trial ends.": (
+        "Die erste Abbuchung von {price} erfolgt am {date}, wenn Ihr {days}-tägiger kostenloser "
+        "Testzeitraum endet.",
+        "Le premier prélèvement de {price} a lieu le {date}, à la fin de votre essai gratuit "
+        "de {days} jours."),
+    "To cancel: {how} ({deadline}). Cancellation policy: {url}.": (
+        "Kündigung: {how} ({deadline}). Kündigungsbedingungen: {url}.",
+        "Résiliation : {how} ({deadline}). Conditions de résiliation : {url}."),
+    "in your account settings": ("in Ihren Kontoeinstellungen", "dans les paramètres de "
+                                 "votre compte"),
+    "before the next billing date": ("vor dem nächsten Abrechnungstag",
+                                     "avant la prochaine échéance"),
+    "account settings": ("Kontoeinstellungen", "paramètres du compte"),
+    "Contract reference: {ref}.": ("Vertragsnummer: {ref}.", "Référence du contrat : {ref}."),
+    "You may withdraw within {days} days, until {date}; you asked us to start at once, so a "
+    "withdrawal refunds the unused part.": (
+        "Sie können innerhalb von {days} Tagen widerrufen, bis zum {date}; Sie haben den "
+        "sofortigen Beginn verlangt, daher erstattet ein Widerruf den nicht genutzten Teil.",
+        "Vous pouvez vous rétracter dans un délai de {days} jours, jusqu'au {date} ; vous "
+        "avez demandé à commencer tout de suite, une rétractation rembourse donc la part "
+        "non utilisée."),
+    "You may withdraw within {days} days, until {date}; a withdrawal refunds what you paid "
+    "in full.": (
+        "Sie können innerhalb von {days} Tagen widerrufen, bis zum {date}; ein Widerruf "
+        "erstattet den vollen gezahlten Betrag.",
+        "Vous pouvez vous rétracter dans un délai de {days} jours, jusqu'au {date} ; une "
+        "rétractation rembourse l'intégralité de ce que vous avez payé."),
+    "To cancel: {how}.": ("Kündigung: {how}.", "Résiliation : {how}."),
+    "Your free trial of {name} ends on {date}. Unless you cancel before then, you will be "
+    "charged {price} per {per}.": (
+        "Ihr kostenloser Testzeitraum von {name} endet am {date}. Wenn Sie nicht vorher "
+        "kündigen, werden {price} pro {per} abgebucht.",
+        "Votre essai gratuit de {name} se termine le {date}. Sauf résiliation d'ici là, "
+        "{price} par {per} vous seront prélevés."),
+    "Your {name} subscription renews on {date} for {price} per {per}.": (
+        "Ihr Abonnement {name} verlängert sich am {date} für {price} pro {per}.",
+        "Votre abonnement {name} se renouvelle le {date} pour {price} par {per}."),
+    "A yearly reminder: you subscribe to {name} at {price} per {per}, renewing "
+    "automatically.": (
+        "Jährliche Erinnerung: Sie haben {name} für {price} pro {per} abonniert, mit "
+        "automatischer Verlängerung.",
+        "Rappel annuel : vous êtes abonné à {name} pour {price} par {per}, avec "
+        "renouvellement automatique."),
+    "The price of {name} changes from {price} to {new_price} per {per} on {date}.": (
+        "Der Preis von {name} ändert sich am {date} von {price} auf {new_price} pro {per}.",
+        "Le prix de {name} passe de {price} à {new_price} par {per} le {date}."),
 }
 
 # Words that are the same in the other language (not English left over), for the test that

@@ -47,7 +47,9 @@ def test_the_chain_from_an_exhausted_quota_to_a_confirmed_cancellation(
     assert ack["subscription"] == sub_id and ack["checkout_session"] == session_id
     assert ack["tokens"]["missing"] == [], ack["tokens"]
     assert set(TOKENS) <= set(ack["tokens"]["required"])
-    assert ack["price"] in ack["text"] and "renews automatically" in ack["text"]
+    renews = {"en": "renews automatically", "de": "verlängert sich automatisch",
+              "fr": "renouvelé automatiquement"}[ack["locale"]]  # in the offer's language
+    assert ack["price"] in ack["text"] and renews in ack["text"]
     assert ack["cancel_policy_url"] == "https://app.example/cancel/v1"
     eu = where != "US-CA"  # the EU and an unknown place (the strictest profile) have it
     assert (ack["withdrawal_deadline"] is not None) is eu

@@ -53,7 +53,9 @@ def test_ack_01_a_trial_checkout_is_acknowledged_with_every_required_token(
     sub_eu, _ = w.subscribe("emma", "pro", "EU-FR", early_start=True)
     [eu] = acks(w, "emma")
     assert eu["early_start"] is True and eu["withdrawal_deadline"]
-    assert "refunds the unused part" in eu["text"] and eu["tokens"]["missing"] == []
+    unused = {"en": "refunds the unused part", "fr": "rembourse donc la part non utilisée",
+              "de": "erstattet ein Widerruf den nicht genutzten Teil"}[eu["locale"]]
+    assert unused in eu["text"] and eu["tokens"]["missing"] == []
 
 
 def run_notices(w: World, at: Any) -> list[dict[str, Any]]:
