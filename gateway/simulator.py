@@ -88,7 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": []})
+            self._json(200, {"object": "list", "data": [
+                {"id": SIMULATOR, "object": "model", "created": 0, "owned_by": SIMULATOR}]})
         else:
             self._error(404, f"No route {self.path} on the simulator.")
 

@@ -92,3 +92,23 @@ def test_demo_serves_its_pages_until_ctrl_c(tmp_path: Path) -> None:
         rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, "".join(seen) + rest
     assert "demo: stopped" in rest
+
+
+def test_demo_uses_the_model_server_it_is_given(tmp_path: Path) -> None:
+    """`--upstream URL`: the demo calls that OpenAI-compatible server (here a simulator the
+    test starts, standing in for vLLM or Ollama) for every model, with the model it lists."""
+    from gateway.simulator import SIMULATOR, Simulator
+
+    with Simulator() as server:
+        done = subprocess.run([sys.executable, "-m", "app", "demo", "--once", "--dir",
+                               str(tmp_path / "demo"), "--users", "4", "--upstream",
+                               server.base_url], env=_env(), capture_output=True, text=True,
+                              timeout=300, check=False)
+        served = server.calls
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "model simulator answers" not in done.stdout  # no simulator of its own
+    answered = int(re.search(r"(\d+) calls answered", done.stdout)[1])  # type: ignore[index]
+    assert served == answered > 0
+    config = (tmp_path / "demo" / "meterlane.toml").read_text()
+    assert config.count(f'base_url = "{server.base_url}"') == 2
+    assert f'upstream_model = "{SIMULATOR}"' in config
