@@ -159,6 +159,9 @@ class CancelFlow:
         """A cancellation declared without a login: recorded and confirmed on receipt; when
         the e-mail and contract reference match a subscription of this app, it is cancelled
         (at the end of its period) and its confirmation says when it ends."""
+        def _(message: str) -> str:  # the visitor's language (German by default)
+            return i18n.gettext(lang, message)
+
         name = (form.get("name") or "").strip()
         email = (form.get("email") or "").strip()
         ref = (form.get("contract_ref") or "").strip()
@@ -166,21 +169,20 @@ class CancelFlow:
         reason = (form.get("reason") or "").strip() or None
         if any(CONTROL.search(v) for v in (name, email, ref, reason or "")) \
                 or any(LINE_BREAKS.search(v) for v in (name, email, ref)):
-            raise InvalidRequestError("Bitte verwenden Sie keine Steuerzeichen.", param="name")
+            raise InvalidRequestError(_("Please use no control characters."), param="name")
         if not name or len(name) > 200:
-            raise InvalidRequestError("Bitte geben Sie Ihren Namen an.", param="name")
+            raise InvalidRequestError(_("Please give your name."), param="name")
         if not EMAIL.fullmatch(email):
-            raise InvalidRequestError("Bitte geben Sie eine gültige E-Mail-Adresse an.",
-                                      param="email")
+            raise InvalidRequestError(_("Please give a valid email address."), param="email")
         if not ref or len(ref) > 255:
-            raise InvalidRequestError("Bitte geben Sie Ihre Vertragsnummer an.",
+            raise InvalidRequestError(_("Please give your contract number."),
                                       param="contract_ref")
         if kind not in KINDS:
-            raise InvalidRequestError("Art der Kündigung: ordentlich oder außerordentlich.",
+            raise InvalidRequestError(_("Kind of cancellation: ordinary or extraordinary."),
                                       param="kind")
         if reason is not None and len(reason) > 1000:
-            raise InvalidRequestError("Der Kündigungsgrund ist zu lang (höchstens 1000 "
-                                      "Zeichen).", param="reason")
+            raise InvalidRequestError(_("The reason is too long (1,000 characters at most)."),
+                                      param="reason")
         received = self.clock()
         declaration_id, event_id = "dcl_" + secrets.token_hex(12), new_event_id()
         with self.engine.begin() as conn:  # received: recorded before anything is tried
@@ -192,7 +194,7 @@ class CancelFlow:
         outcome, confirmation = ("throttled", None) if throttled else ("unmatched", None)
         if not throttled and self._matches(app_id, ref, email):
             try:
-                confirmation, _ = self.cancel(app_id, ref, "de_button", 2)
+                confirmation, _first = self.cancel(app_id, ref, "de_button", 2)
                 outcome = "cancelled"
             except DomainError as exc:  # Stripe down, an unpaid subscription: the app decides
                 log.error("declaration %s matched %s but the cancel failed: %s",

@@ -174,6 +174,19 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "The price of {name} changes from {price} to {new_price} per {per} on {date}.": (
         "Der Preis von {name} ändert sich am {date} von {price} auf {new_price} pro {per}.",
         "Le prix de {name} passe de {price} à {new_price} par {per} le {date}."),
+    "Please use no control characters.": ("Bitte verwenden Sie keine Steuerzeichen.",
+                                          "Veuillez n'utiliser aucun caractère de contrôle."),
+    "Please give your name.": ("Bitte geben Sie Ihren Namen an.", "Veuillez indiquer votre nom."),
+    "Please give a valid email address.": ("Bitte geben Sie eine gültige E-Mail-Adresse an.",
+                                           "Veuillez indiquer une adresse e-mail valide."),
+    "Please give your contract number.": ("Bitte geben Sie Ihre Vertragsnummer an.",
+                                          "Veuillez indiquer votre numéro de contrat."),
+    "Kind of cancellation: ordinary or extraordinary.": (
+        "Art der Kündigung: ordentlich oder außerordentlich.",
+        "Type de résiliation : ordinaire ou extraordinaire."),
+    "The reason is too long (1,000 characters at most).": (
+        "Der Kündigungsgrund ist zu lang (höchstens 1000 Zeichen).",
+        "Le motif est trop long (1 000 caractères au maximum)."),
 }
 
 # Words that are the same in the other language (not English left over), for the test that

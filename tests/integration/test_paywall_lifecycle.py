@@ -262,7 +262,11 @@ def test_the_cancellation_pages_are_in_the_chosen_language(world: World, lang: s
              client.get(f"/kuendigen/acme/bestaetigen?lang={lang}"),
              client.post(f"/kuendigen/acme/bestaetigen?lang={lang}", data={
                  "name": "Zoë", "email": "zoe@example.com", "contract_ref": "sub_nope"})]
-    assert [p.status_code for p in pages] == [200, 200, 200]
+    refused = client.post(f"/kuendigen/acme/bestaetigen?lang={lang}", data={
+        "name": "Zoë", "email": "not-an-address", "contract_ref": "sub_nope"})
+    assert refused.status_code == 400
+    pages.append(refused)  # the reason for a refusal is in the page's language too
+    assert [p.status_code for p in pages] == [200, 200, 200, 400]
     assert f'<html lang="{lang}">' in pages[0].text
     title = {"de": "Kündigung eingegangen", "en": "Cancellation received",
              "fr": "Résiliation reçue"}[lang]
@@ -271,7 +275,8 @@ def test_the_cancellation_pages_are_in_the_chosen_language(world: World, lang: s
         return
     for page in pages:
         body = re.sub(r"<[^>]+>", " ", page.text.split("</nav>")[1])  # the words, no markup
-        body = body.replace("zoe@example.com", "").replace("sub_nope", "")
+        body = body.replace("zoe@example.com", "").replace("sub_nope", "").replace(
+            "not-an-address", "")
         words = {w.lower() for w in re.findall(r"[^\W\d_]{3,}", body)}
         left = words & ENGLISH - SAME_WORD[lang]
         assert not left, (lang, left, body)
