@@ -160,7 +160,9 @@ def entitlements(plan: Plan, models: tuple[ModelConfig, ...]) -> dict[str, Any]:
     terms = plan.terms
     out: dict[str, Any] = {
         "limits": [{"id": lim.id, "metric": lim.metric, "amount": lim.amount,
-                    "window": lim.window.spec, "model": lim.model} for lim in plan.limits],
+                    "window": lim.window.spec, "model": lim.model,
+                    **({"names": dict(lim.names)} if lim.names else {})}
+                   for lim in plan.limits],
         "models": sorted(m.name for m in models if terms.allows_tier(m.tier)),
         "allowance_credits": terms.allowance,
         "overage": None if terms.overage is None else {
@@ -416,7 +418,9 @@ def _disclosure(loc: str, c: dict[str, Any], copy: dict[str, Any], price: str, p
                        n=i18n.number(ents["allowance_credits"], loc)))
     for lim in ents.get("limits") or []:
         if lim["id"] != "allowance":
-            name = i18n.limit_name(lim["metric"], lim.get("window"), lim.get("model"), loc)
+            names = lim.get("names") or {}
+            name = i18n.limit_name(lim["metric"], lim.get("window"), lim.get("model"), loc,
+                                   names.get(loc) or names.get("en"))
             lines.append(_("{name}: at most {amount}.", name=name,
                            amount=i18n.number(lim["amount"], loc)))
     if ents.get("models"):

@@ -27,7 +27,7 @@ DEFAULT_MAX_OUTPUT_TOKENS = 4096
 _PLAN_KEYS = {"id", "name", "default", "on_limit", "on_store_failure", "timezone",
               "default_max_output_tokens", "limits", "aliases"} | TERM_KEYS
 ALLOWANCE_ID = "allowance"  # the limit a plan's `allowance` becomes
-_LIMIT_KEYS = {"id", "metric", "window", "amount", "model", "scope", "timezone"}
+_LIMIT_KEYS = {"id", "metric", "window", "amount", "model", "scope", "timezone", "name"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,14 @@ class LimitSpec:
     amount: int
     scope: str = "user"
     model: str | None = None
+    # What end users read for it, per language ("en", "de", ...): the plan's own words; none
+    # given, a readable name is made from the metric and window. Not a term of the plan: a
+    # published version may rename its limits.
+    names: tuple[tuple[str, str], ...] = ()
+
+    def name_in(self, locale: str) -> str | None:
+        found = dict(self.names)
+        return found.get(locale) or found.get("en") or next(iter(found.values()), None)
 
     @property
     def is_rate(self) -> bool:
@@ -302,8 +310,17 @@ def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,
     if not isinstance(limit_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", limit_id):
         raise fail("id", limit_id, f"limit {index + 1}: id must be 1-80 letters, digits, "
                    "'_', '-' or '.'")
+    names = raw.get("name")
+    if isinstance(names, str):
+        names = {"en": names}
+    if names is not None and (not isinstance(names, dict) or not names or not all(
+            isinstance(k, str) and re.fullmatch(r"[a-z]{2}", k) and isinstance(v, str)
+            and 0 < len(v) <= 80 and v.isprintable() for k, v in names.items())):
+        raise fail("name", names, f"limit {index + 1}: name must be text (1-80 characters) "
+                   "or a table of languages, e.g. { en = \"Daily tokens\", de = \"Tokens am "
+                   "Tag\" }")
     return LimitSpec(id=limit_id, metric=metric, window=window, amount=amount, scope=scope,
-                     model=model)
+                     model=model, names=tuple(sorted((names or {}).items())))
 
 
 def _amount(metric: str, value: Any, index: int, fail: Any) -> int:

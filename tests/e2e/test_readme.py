@@ -275,3 +275,18 @@ def test_the_sdk_readme_runs_in_order_against_the_service(
     assert done.returncode == 0, done.stderr[-2000:]
     printed = [line.split()[0] for line in done.stdout.splitlines()]
     assert printed and all(printed), done.stdout  # the quota loop printed each limit's id
+
+
+def test_the_example_configs_limit_names_reach_the_quota_in_each_language(
+        served: tuple[str, dict[str, str]]) -> None:
+    import httpx
+
+    base, env = served
+    names = {}
+    for lang in ("en", "de", "fr", "es"):
+        quota = httpx.get(f"{base}/v1/users/user-42/quota?locale={lang}",
+                          headers={"Authorization": f"Bearer {env['MLANE_KEY']}"}).json()
+        names[lang] = [limit["name"] for limit in quota["limits"]]
+    assert names["de"] == ["Tokens am Tag", "Anfragen pro Minute"]  # the plan's; made up
+    assert names["fr"] == ["Jetons du jour", "Requêtes par minute"]
+    assert names["en"] == names["es"] == ["Daily tokens", "Requests per minute"]

@@ -111,3 +111,32 @@ def test_notices_before_charges_are_in_the_subscribers_language(lang: str) -> No
                      "en")]
     assert english == ["Your annual subscription renews on 2027-01-06 for 96.00 USD per "
                        "year. To cancel: Settings."]
+
+
+def test_a_plan_may_name_its_limits_in_each_language() -> None:
+    """The plan's own words for a limit win over the made-up name; renaming a limit is not a
+    change of the terms (the plan's content hash stays)."""
+    from core.costs import ConfigError
+    from plans.catalog import parse_plans
+    from plans.versions import content_hash
+
+    def plan(name: object = None) -> object:
+        limit = {"metric": "tokens", "window": "day", "amount": 5000}
+        if name is not None:
+            limit["name"] = name
+        [found] = parse_plans(({"id": "free", "default": True, "limits": [limit]},), "",
+                              frozenset({"gpt-4o-mini"}), frozenset({"standard"})).plans
+        return found
+
+    named = plan({"en": "Daily tokens", "de": "Tokens am Tag"})
+    [limit] = named.limits
+    assert limit.name_in("de") == "Tokens am Tag" and limit.name_in("fr") == "Daily tokens"
+    assert i18n.limit_name(limit.metric, "day", None, "de", limit.name_in("de")) == \
+        "Tokens am Tag"
+    assert plan("Daily tokens").limits[0].name_in("de") == "Daily tokens"
+    assert content_hash(named) == content_hash(plan())
+    with pytest.raises(ConfigError, match="name must be text"):
+        plan({"german": "x"})
+    draft = copy.deepcopy(GOOD)
+    shown = render(build(draft, PLANS, MODELS), resolve("EU-DE"), "de")
+    assert "Tokens pro Tag: höchstens 200.000." in shown["disclosure"]
