@@ -202,17 +202,56 @@ def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory
             stop(proc)
 
 
-def curl_commands() -> list[tuple[str, list[str]]]:
-    return [(where, words) for where, text in blocks("sh") for words in commands(text)
-            if words[0] == "curl"]
+def claimed_keys(comment: str) -> set[str]:
+    """The top-level keys of the JSON a comment says a command answers (`# -> {...}`)."""
+    keys, depth = set(), 0
+    for m in re.finditer(r'[{}\[\]]|"(\w+)"\s*:', comment):
+        token = m[0]
+        if token in "{[":
+            depth += 1
+        elif token in "}]":
+            depth -= 1
+        elif depth == 1:
+            keys.add(m[1])
+    return keys
+
+
+def curl_commands() -> list[tuple[str, list[str], set[str]]]:
+    """Every curl command of the shell blocks, with the keys its `# -> {...}` comment (on
+    its lines or the ones after it) says the answer has."""
+    found = []
+    for where, text in blocks("sh"):
+        segments = re.split(r"(?m)^(?=curl )", text)
+        claims = []
+        for segment in segments:
+            if not segment.startswith("curl "):
+                continue
+            arrow = re.search(r"#\s*->\s*(\{.*)", segment, re.S)
+            comment = " ".join(line.split("#", 1)[-1] for line in arrow[1].splitlines()) \
+                if arrow else ""
+            claims.append(claimed_keys(comment))
+        curls = [words for words in commands(text) if words[0] == "curl"]
+        assert len(curls) == len(claims), where
+        found += [(where, words, keys) for words, keys in zip(curls, claims, strict=True)]
+    return found
 
 
 CURLS = curl_commands()
 
 
-@pytest.mark.parametrize(("where", "words"), CURLS, ids=[" ".join(c[1])[8:60] for c in CURLS])
+def test_the_claims_are_read_from_the_comments() -> None:
+    assert claimed_keys('{"balance": ..., "grants": [{"x": 1}], "a": {"b": 2}}') == {
+        "balance", "grants", "a"}
+    claimed = {k for _, words, keys in CURLS for k in keys
+               if any(w.endswith("/users/user-42/credits") for w in words)}
+    assert claimed == {"balance", "granted", "burned", "expired", "grants"}
+
+
+@pytest.mark.parametrize(("where", "words", "keys"), CURLS,
+                         ids=[" ".join(c[1])[8:60] for c in CURLS])
 def test_curl_lines_reach_a_route_that_answers(served: tuple[str, dict[str, str]],
-                                               where: str, words: list[str]) -> None:
+                                               where: str, words: list[str],
+                                               keys: set[str]) -> None:
     base, env = served
     examples = ROOT / "core" / "examples"
     args = []
@@ -231,6 +270,12 @@ def test_curl_lines_reach_a_route_that_answers(served: tuple[str, dict[str, str]
     missing = status == 404 and "requested URL was not found" in body
     assert status and status < 500 and status not in (401, 405) and not missing, \
         f"{where}: `{shlex.join(words)}` answered {status}: {body[:300]}"
+    if keys and status < 300:  # what the README says it answers (a 4xx here is the
+        # example's own input meeting this machine, e.g. a webhook host that does not resolve
+        import json
+
+        answer = json.loads(body)
+        assert keys <= set(answer), f"{where}: the answer lacks {keys - set(answer)}: {body}"
 
 
 @pytest.mark.parametrize(("where", "text"), blocks("python"), ids=lambda v: str(v)[:40])
