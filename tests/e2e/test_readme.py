@@ -171,25 +171,30 @@ def test_the_checker_refuses_a_wrong_command_line() -> None:
 # -- against a real serve ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory
+def served(pg_server: str, fake_stripe: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[str, dict[str, str]]]:
-    """`meterlane serve` with the example config, its upstreams the simulator; the keys the
-    READMEs name, in the environment their blocks read them from."""
+    """`meterlane serve` with the example config, its upstreams the simulator and Stripe the
+    fake one (checkout, subscriptions: the blocks that need Stripe); the keys the READMEs
+    name, in the environment their blocks read them from."""
     from gateway.simulator import Simulator
     from tests.support.services import create_database
 
     tmp = tmp_path_factory.mktemp("readme")
     with Simulator() as sim:
         config = re.sub(r'base_url = "[^"]+"', f'base_url = "{sim.base_url}"',
-                        EXAMPLE.read_text())
+                        EXAMPLE.read_text()).replace(
+            "[stripe]\n", f'[stripe]\napi_base = "{fake_stripe}"\n', 1)
         (tmp / "meterlane.toml").write_text(config)
         worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
         url = create_database(pg_server, f"mlane_readme_{worker}")
         env = {**os.environ, "MLANE_DATABASE_URL": url,
                "MLANE_CONFIG": str(tmp / "meterlane.toml"),
                "MLANE_DATA_DIR": str(tmp / "var"), "MLANE_KEY_CACHE_SECONDS": "0",
-               "OPENAI_API_KEY": "sk-simulator"}
+               "OPENAI_API_KEY": "sk-simulator", "MLANE_STRIPE_API_KEY": "sk_test_readme",
+               "MLANE_STRIPE_WEBHOOK_SECRET": "whsec_readme"}
         assert cli(env, "db", "upgrade").returncode == 0
+        synced = cli(env, "plans", "sync")  # the plans' prices, in (fake) Stripe
+        assert synced.returncode == 0, synced.stderr
         keys = {}
         for var, role in (("MLANE_KEY", "app"), ("FINANCE_KEY", "finance")):
             keys[var] = cli(env, "keys", "create", "--role", role, "--app", "my-app"
@@ -226,7 +231,8 @@ def curl_commands() -> list[tuple[str, list[str], set[str]]]:
         for segment in segments:
             if not segment.startswith("curl "):
                 continue
-            arrow = re.search(r"#\s*->\s*(\{.*)", segment, re.S)
+            # `# -> {...}` or `# or ...; -> {...}`, not a refusal's `# 422 -> {...}`
+            arrow = re.search(r"#(?:(?!\b[45]\d\d\b)[^\n])*?->\s*(\{.*)", segment, re.S)
             comment = " ".join(line.split("#", 1)[-1] for line in arrow[1].splitlines()) \
                 if arrow else ""
             claims.append(claimed_keys(comment))
