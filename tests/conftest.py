@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -197,7 +198,15 @@ def bearer(key: str, **headers: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def fake_stripe() -> Iterator[str]:
-    """The base URL of a fake Stripe API on loopback (tests/support/fakestripe.py)."""
+    """The base URL of a fake Stripe API on loopback (tests/support/fakestripe.py), shared by
+    the session's tests."""
+    with fake_stripe_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fake_stripe_server() -> Iterator[str]:
+    """A fake Stripe of one's own (its objects seen by no other test)."""
     import subprocess
     import sys
 

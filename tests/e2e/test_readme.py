@@ -28,6 +28,7 @@ import click
 import pytest
 
 from core.config import Config, ConfigError, settings_from
+from tests.conftest import fake_stripe_server
 from tests.e2e.test_serve import cli, start_server, stop
 
 ROOT = Path(__file__).parents[2]
@@ -171,7 +172,7 @@ def test_the_checker_refuses_a_wrong_command_line() -> None:
 # -- against a real serve ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(pg_server: str, fake_stripe: str, tmp_path_factory: pytest.TempPathFactory
+def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[str, dict[str, str]]]:
     """`meterlane serve` with the example config, its upstreams the simulator and Stripe the
     fake one (checkout, subscriptions: the blocks that need Stripe); the keys the READMEs
@@ -180,7 +181,8 @@ def served(pg_server: str, fake_stripe: str, tmp_path_factory: pytest.TempPathFa
     from tests.support.services import create_database
 
     tmp = tmp_path_factory.mktemp("readme")
-    with Simulator() as sim:
+    # a Stripe of its own: the README's ids ("pro", "100k") are other tests' too
+    with Simulator() as sim, fake_stripe_server() as fake_stripe:
         config = re.sub(r'base_url = "[^"]+"', f'base_url = "{sim.base_url}"',
                         EXAMPLE.read_text()).replace(
             "[stripe]\n", f'[stripe]\napi_base = "{fake_stripe}"\n', 1)
