@@ -53,11 +53,12 @@ def money(amount_minor: int, currency: str, places: int, locale: str | None) -> 
     """An amount in minor units as the locale writes it: 2000 EUR -> "20,00 €" (de),
     "20,00 €" (fr); English keeps the unambiguous "20.00 USD"."""
     lang = pick(locale)
-    value = Decimal(amount_minor).scaleb(-places)
-    if lang == "en":
+    if lang == "en":  # exact: integer arithmetic
         sign = "-" if amount_minor < 0 else ""
-        body = f"{abs(value):,.{places}f}"
+        major, minor = divmod(abs(amount_minor), 10**places)
+        body = f"{major:,}.{minor:0{places}d}" if places else f"{major:,}"
         return f"{sign}{body} {currency.upper()}"
+    value = Decimal(amount_minor).scaleb(-places)
     return str(format_currency(value, currency.upper(), locale=Locale.parse(lang)))
 
 
@@ -89,8 +90,6 @@ def limit_name(metric: str, window: str | None, model: str | None, locale: str |
         name = what
     if model:
         name = gettext(locale, "{name} on {model}", name=name, model=model)
-    if metric == "allowance" or (metric == "credits" and w == "cycle"):
-        name = gettext(locale, "Included credits")
     return name
 
 

@@ -223,9 +223,6 @@ def minor_exponent(currency: str) -> int:
 
 def format_minor(amount: int, currency: str) -> str:
     """2000, "usd" -> "20.00 USD"; 500, "jpy" -> "500 JPY". Exact: integer arithmetic."""
-    places = minor_exponent(currency)
-    if not places:
-        return f"{amount:,} {currency.upper()}"
-    sign = "-" if amount < 0 else ""
-    major, minor = divmod(abs(amount), 10**places)
-    return f"{sign}{major:,}.{minor:0{places}d} {currency.upper()}"
+    from core.i18n import money
+
+    return money(amount, currency, minor_exponent(currency), "en")

@@ -76,6 +76,16 @@ def cli(env: dict[str, str], *args: str) -> Any:
     return CliRunner().invoke(main, list(args), env=env)
 
 
+def subscribe_alice(client: Any, key: str, tag: str) -> None:
+    """alice checks out the metered plan (a Stripe customer: the overage's destination) and
+    is on it."""
+    client.post("/v1/checkout/sessions", headers=bearer(key), json={
+        "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
+        "cancel_url": "https://a.example/no",
+        "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
+    client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
+
+
 def test_overage_is_reported_once_and_reconciles(setup: Any, clean_db: Engine) -> None:
     app, key, env, tag = setup
     client = app.test_client()
@@ -125,11 +135,7 @@ def test_an_overage_stripe_refuses_is_set_aside_and_the_rest_still_go(
 
     app, key, env, tag = setup
     client = app.test_client()
-    client.post("/v1/checkout/sessions", headers=bearer(key), json={
-        "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
-        "cancel_url": "https://a.example/no",
-        "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
-    client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
+    subscribe_alice(client, key, tag)
     track(client, key, 130, "u1")
     track(client, key, 20, "u2")
     client.get("/v1/users/alice/credits", headers=bearer(key))  # accounts: 30 + 20 overage
@@ -162,11 +168,7 @@ def test_reconcile_checks_the_raw_ledger_and_reports_a_planted_gap(
 
     app, key, env, tag = setup
     client = app.test_client()
-    client.post("/v1/checkout/sessions", headers=bearer(key), json={
-        "user": "alice", "plan": f"metered-{tag}", "success_url": "https://a.example/ok",
-        "cancel_url": "https://a.example/no",
-        "consent_id": consent_for(flask_call(client, key), "alice", f"metered-{tag}")})
-    client.put("/v1/users/alice/plan", json={"plan": f"metered-{tag}"}, headers=bearer(key))
+    subscribe_alice(client, key, tag)
     track(client, key, 90, "g1")
     track(client, key, 40, "g2")  # 30 past the allowance
     period = utcnow().strftime("%Y-%m")
