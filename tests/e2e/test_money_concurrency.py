@@ -91,8 +91,10 @@ api_base = "{fake_stripe}"
                "MLANE_STRIPE_API_KEY": "sk_test_money",
                "MLANE_STRIPE_WEBHOOK_SECRET": SECRET,
                # serve sizes its pools to own the server's 100 connections; here the other
-               # test worker's servers share it, so each worker keeps to 10
-               "MLANE_DB_POOL_SIZE": "4", "MLANE_DB_MAX_OVERFLOW": "6"}
+               # test worker's servers share it. 20 per worker: 20 deliveries of one Stripe
+               # event at once on a worker must not wait on its pool (see the note: a handler
+               # holding the event's row lock while a pool of 10 was exhausted stalled 60 s)
+               "MLANE_DB_POOL_SIZE": "5", "MLANE_DB_MAX_OVERFLOW": "15"}
         assert cli(env, "db", "upgrade").returncode == 0
         assert cli(env, "plans", "sync").returncode == 0
         key = cli(env, "keys", "create", "--role", "app", "--app", "acme").stdout.split()[-1]
