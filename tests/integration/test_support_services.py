@@ -28,17 +28,18 @@ def test_postgres_url_and_create_database(pg_server: str) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     worker = f"mlane_support_{os.getpid()}"
     db_url = create_database(pg_server, worker)
+    named = os.environ.get("MLANE_TEST_DB_PREFIX", "") + worker
     assert db_url.startswith("postgresql+psycopg://") and db_url.split("?")[0].endswith(
-        "/" + worker
+        "/" + named
     )
     with psycopg.connect(libpq_url(db_url)) as conn:
         conn.execute("CREATE TABLE t (x int)")
-        assert conn.execute("SELECT current_database()").fetchone() == (worker,)
+        assert conn.execute("SELECT current_database()").fetchone() == (named,)
     again = create_database(pg_server, worker)  # drops (even with leftovers) and recreates
     with psycopg.connect(libpq_url(again)) as conn:
         assert conn.execute("SELECT to_regclass('t')").fetchone() == (None,)
     with psycopg.connect(libpq_url(pg_server), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{worker}"')
+        admin.execute(f'DROP DATABASE IF EXISTS "{named}"')
 
 
 def test_redis_url(tmp_path: Path) -> None:

@@ -249,7 +249,11 @@ def _with_dbname(url: str, name: str) -> str:
 
 
 def create_database(server_url: str, name: str) -> str:
-    """(Re)create database `name` on the server of `server_url`; return the new database's URL."""
+    """(Re)create database `name` on the server of `server_url`; return the new database's URL.
+
+    $MLANE_TEST_DB_PREFIX, when set, goes before every name: test sessions run side by side
+    on one server (two checkouts, two developers) then never drop each other's databases."""
+    name = os.environ.get("MLANE_TEST_DB_PREFIX", "") + name
     admin_url = server_url
     if urlsplit(server_url).path.lstrip("/") == name:
         admin_url = _with_dbname(server_url, "postgres")
