@@ -374,7 +374,7 @@ class BillingService:
             return False
         if plan_id is None:  # a credit pack, a refund: the plan the user is on as it happens,
             try:             # kept, so that a later plan change never moves past revenue
-                plan_id = self.plans.plan_of(end_user_id).plan.id
+                plan_id = self.plans.plan_of(end_user_id, conn).plan.id
             except DomainError:
                 plan_id = None
         conn.execute(insert(RevenueEvent).values(

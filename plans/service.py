@@ -37,23 +37,32 @@ class PlanService:
         self._cache: dict[int, tuple[float, Assignment]] = {}
         self._lock = threading.Lock()
 
-    def plan_of(self, end_user_id: int) -> Assignment:
+    def plan_of(self, end_user_id: int, conn: Connection | None = None) -> Assignment:
+        """The end user's plan now. Inside a transaction, pass its connection: the read then
+        sees the transaction's own writes, and never waits for a second connection from a
+        pool that the transaction's rivals may hold (a deadlock until the pool times out)."""
         now = time.monotonic()
         hit = self._cache.get(end_user_id)
-        if hit is not None and hit[0] > now:
+        if conn is None and hit is not None and hit[0] > now:
             return hit[1]
-        with self.engine.connect() as conn:
-            row = conn.execute(select(EndUserPlan.plan_id, EndUserPlan.anchored_at,
-                                      EndUserPlan.plan_version).where(
-                EndUserPlan.end_user_id == end_user_id)).first()
-            created = None if row else conn.execute(select(EndUser.created_at).where(
-                EndUser.id == end_user_id)).scalar_one_or_none()
-        assignment = self._resolve(row, created)
+        if conn is not None:
+            return self._resolve(*self._read(conn, end_user_id))
+        with self.engine.connect() as own:
+            assignment = self._resolve(*self._read(own, end_user_id))
         with self._lock:
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[end_user_id] = (now + self.cache_seconds, assignment)
         return assignment
+
+    @staticmethod
+    def _read(conn: Connection, end_user_id: int) -> tuple[Any, datetime | None]:
+        row = conn.execute(select(EndUserPlan.plan_id, EndUserPlan.anchored_at,
+                                  EndUserPlan.plan_version).where(
+            EndUserPlan.end_user_id == end_user_id)).first()
+        created = None if row else conn.execute(select(EndUser.created_at).where(
+            EndUser.id == end_user_id)).scalar_one_or_none()
+        return row, created
 
     def prefetch(self, end_user_ids: list[int]) -> None:
         """Read the plans of many end users in two queries (a batch of reported usage), so

@@ -415,3 +415,57 @@ def test_twenty_concurrent_deliveries_of_one_event_apply_it_once(
         revenue = conn.execute(select(func.count()).select_from(RevenueEvent)).scalar_one()
     assert grants == (1 if kind == "checkout.session.completed" else 0)
     assert revenue == (0 if kind == "customer.subscription.created" else 1)
+
+
+@pytest.mark.parametrize("kind", ["checkout.session.completed", "invoice.paid",
+                                  "charge.refunded", "customer.subscription.created"])
+def test_a_burst_of_one_event_never_waits_on_a_small_pool(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path,
+        kind: str) -> None:
+    """20 deliveries of one event through a pool of 2 connections: handled once, the rest
+    duplicates, none waiting for the pool's timeout. On main a credit pack's or a refund's
+    handler read the user's plan on a second connection inside its claim transaction: the
+    other connection held by a delivery waiting on the claimed row, every delivery got a 503
+    after the pool timeout (one in a CI run stalled past 60 s with 10 connections)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app import create_app
+    from core.auth import Role
+
+    config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
+                              database_url=pg_url)
+    small = create_app(replace(config, stripe_webhook_secret=SECRET, db_pool_size=2,
+                               db_max_overflow=0, db_pool_timeout=3))
+    try:
+        w = small.extensions["wiring"]
+        principal = w.auth.authenticate(w.keys.create_key(Role.APP, "acme").key)
+        owner = meta(principal.app_id, w.tenancy.ensure_end_user(principal.app_id, "alice"))
+        obj: dict[str, Any] = {
+            "checkout.session.completed": {
+                "id": "cs_burst", "object": "checkout.session", "mode": "payment",
+                "payment_status": "paid", "amount_total": 1000, "currency": "usd",
+                "metadata": {**owner, "mlane_credits": "5000"}},
+            "invoice.paid": {"id": "in_burst", "object": "invoice", "amount_paid": 2000,
+                             "currency": "usd", "metadata": owner},
+            "charge.refunded": {"id": "ch_burst", "object": "charge", "amount_refunded": 500,
+                                "currency": "usd", "metadata": owner},
+            "customer.subscription.created": subscription("sub_burst", "active", "pro@1",
+                                                          owner=owner),
+        }[kind]
+        payload = event("evt_burst", kind, obj, int(time.time()))
+        start = threading.Barrier(20)
+
+        def deliver_one(_: int) -> tuple[int, str, float]:
+            start.wait()
+            began = time.monotonic()
+            resp = small.test_client().post(HOOK, data=payload, headers=signed(payload))
+            return (resp.status_code, (resp.get_json() or {}).get("outcome", ""),
+                    time.monotonic() - began)
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(deliver_one, range(20)))
+        assert sorted((s, o) for s, o, _ in answers) == \
+            [(200, "duplicate")] * 19 + [(200, "handled")], answers
+    finally:
+        small.extensions["wiring"].engine.dispose()
