@@ -64,11 +64,14 @@ class Served:
         return self.bases[n % len(self.bases)]
 
 
-@pytest.fixture(params=[[2], [4], [2, 2]],
+@pytest.fixture(scope="module", params=[[2], [4], [2, 2]],
                 ids=["2-workers", "4-workers", "two-instances-of-2"])
 def served(request: pytest.FixtureRequest, pg_server: str, redis_server: str,
-           fake_stripe: str, tmp_path: Path) -> Iterator[Served]:
+           fake_stripe: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The servers of one configuration, shared by its tests (each test reads only its own
+    end users' rows: they run in either order)."""
     instances: list[int] = request.param
+    tmp_path = tmp_path_factory.mktemp("money")
     with FakeUpstream() as upstream:
         tag = uuid.uuid4().hex[:6]
         worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
@@ -137,6 +140,7 @@ def _get(base: str, key: str, path: str) -> Any:
 def test_credits_and_overage_account_every_call_exactly_under_load(served: Served) -> None:
     base, key, env, upstream = served.bases[0], served.key, served.env, served.upstream
     url = env["MLANE_DATABASE_URL"]
+    before = len(upstream.requests)  # the calls of the configuration's other test
     # whale checks out (a Stripe customer, the overage's destination); stays on the plan
     call = http_call(base, key)
     plan = tomllib.loads(Path(env["MLANE_CONFIG"]).read_text())["plans"][0]["id"]
@@ -186,21 +190,29 @@ def test_credits_and_overage_account_every_call_exactly_under_load(served: Serve
 
     engine = make_engine(url)
     try:
+        from core.models import EndUser
+
         with engine.connect() as db:
+            whale = db.execute(select(EndUser.id).where(EndUser.external_id == "whale")
+                               ).scalar_one()
             rows = db.execute(select(UsageEvent.request_id, UsageEvent.input_tokens,
-                                     UsageEvent.output_tokens, UsageEvent.status)).all()
+                                     UsageEvent.output_tokens, UsageEvent.status).where(
+                UsageEvent.end_user_id == whale)).all()
             pending = db.execute(select(func.count()).select_from(UsageEvent).where(
-                UsageEvent.credits_pending.is_(True))).scalar_one()
-            used = db.execute(select(CreditCursor.cycle_used)).scalar_one()
+                UsageEvent.end_user_id == whale, UsageEvent.credits_pending.is_(True))
+            ).scalar_one()
+            used = db.execute(select(CreditCursor.cycle_used).where(
+                CreditCursor.end_user_id == whale)).scalar_one()
             burned = int(db.execute(select(func.coalesce(func.sum(CreditBurn.amount), 0))
-                                    ).scalar_one())
+                                    .where(CreditBurn.end_user_id == whale)).scalar_one())
             overage = int(db.execute(select(func.coalesce(
-                func.sum(CreditOverage.credits), 0))).scalar_one())
+                func.sum(CreditOverage.credits), 0)).where(
+                CreditOverage.end_user_id == whale)).scalar_one())
             overage_events = db.execute(select(func.count()).select_from(CreditOverage)
                                         ).scalar_one()
     finally:
         engine.dispose()
-    served_calls = upstream.requests
+    served_calls = upstream.requests[before:]
     assert len(served_calls) == CALLS == len(rows)
     by_id = {r.request_id: r for r in rows}
     served_tokens = 0
@@ -226,7 +238,8 @@ def test_credits_and_overage_account_every_call_exactly_under_load(served: Serve
     period = utcnow().strftime("%Y-%m")
     rec = cli(env, "billing", "reconcile", "--period", period)
     assert rec.returncode == 0 and "all reconciled" in rec.stdout, rec.stdout + rec.stderr
-    [line] = [ln.split() for ln in rec.stdout.splitlines() if " ok" in ln and "cus_" in ln]
+    [line] = [ln.split() for ln in rec.stdout.splitlines()
+              if ln.split()[:1] == [str(whale)] and ln.endswith(" ok")]
     assert [int(v.replace(",", "")) for v in line[3:7]] == [expected] * 4  # ledger ..stripe
 
 
