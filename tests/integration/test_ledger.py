@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from core.db import make_engine, utcnow
 from core.tenancy import TenancyService
@@ -106,6 +106,7 @@ def test_database_gone_is_503_in_both_envelopes(pg_server: str, upstream: Any,
 
     name = f"mlane_gone_{tmp_path.name[-12:].replace('-', '_')}"
     url = create_database(pg_server, name)
+    name = make_url(url).database or name  # with $MLANE_TEST_DB_PREFIX before it
     upgrade(make_engine(url))
     app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
                                       database_url=url))
@@ -196,6 +197,7 @@ def _served_app(pg_server: str, upstream: Any, tmp_path: Path, **overrides: Any
 
     name = f"mlane_away_{tmp_path.name[-12:].replace('-', '_')}"
     url = create_database(pg_server, name)
+    name = make_url(url).database or name  # with $MLANE_TEST_DB_PREFIX before it
     upgrade(make_engine(url))
     app = create_app(config_from_toml(gateway_toml(upstream.base_url), tmp_path,
                                       database_url=url, key_cache_seconds=60, **overrides))
