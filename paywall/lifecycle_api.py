@@ -18,6 +18,7 @@ from core.openapi import documented
 from core.tenancy import TenancyService
 from core.web import (
     app_in_scope,
+    current_actor,
     current_principal,
     json_body,
     json_response,
@@ -89,7 +90,8 @@ def schedule_price_change() -> Response:
     require_operator(current_principal())  # a plan's price: every app selling it
     args = PriceChangeRequestSchema().load(json_body())
     change = part(NoticeService).schedule_price_change(
-        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"))
+        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"),
+        actor=current_actor())
     return json_response(PriceChangeSchema().dump(change), status=201)
 
 
