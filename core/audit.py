@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from core.auth import KEY_PREFIX, Principal
 from core.db import utcnow
 from core.errors import InvalidRequestError
-from core.models import AuditEvent
+from core.models import AuditEvent, EndUser
 
 CLI_ROLE = "cli"
 MAX_JSON = 16_384  # characters of a before/after document; past it, the row says it was cut
@@ -92,6 +92,16 @@ def record(conn: Connection, actor: Actor | None, action: str, *, target_type: s
         actor_name=actor.name, app_id=app_id, action=action, target_type=target_type,
         target_id=str(target_id)[:300], before=to_json(before), after=to_json(after),
         request_id=actor.request_id))
+
+
+def user_ref(conn: Connection, actor: Actor | None, end_user_id: int) -> str:
+    """The app's own id of an end user, as an audit row names them (no read without an
+    actor: nothing will be recorded)."""
+    if actor is None:
+        return ""
+    found = conn.execute(select(EndUser.external_id).where(EndUser.id == end_user_id)
+                         ).scalar_one_or_none()
+    return found if found is not None else str(end_user_id)
 
 
 def mask(secret: str | None) -> str | None:

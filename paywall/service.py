@@ -436,7 +436,7 @@ class PaywallService:
 
     def confirm_cancellation(self, app_id: int, end_user_id: int, subscription_id: str,
                              plan: str, effective_at: datetime | None, channel: str,
-                             steps: int) -> dict[str, Any]:
+                             steps: int, actor: Actor | None = None) -> dict[str, Any]:
         """Record the cancellation and send its confirmation to the app (a webhook the app
         passes on to the user: received at, ends at, no further charges), in one
         transaction. A second confirmation of one subscription returns the first."""
@@ -456,6 +456,12 @@ class PaywallService:
             user = conn.execute(select(EndUser.external_id).where(
                 EndUser.id == end_user_id)).scalar_one()
             conn.execute(insert(CancellationRecord).values(**values))
+            record(conn, actor, "subscription.cancel", target_type="subscription",
+                   target_id=subscription_id, app_id=app_id,
+                   before={"plan": plan, "cancel_at_period_end": False},
+                   after={"cancel_at_period_end": True, "effective_at": effective_at,
+                          "channel": channel, "user": user,
+                          "cancellation_id": values["cancellation_id"]})
             self.events.publish_in(conn, app_id, "cancel.confirmed",
                                    {**jsonable(view), "user": user}, event_id=event_id)
         return view

@@ -22,7 +22,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from core.audit import Actor, record
+from core.audit import Actor, record, user_ref
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from plans.models import (
@@ -170,7 +170,8 @@ class CreditsService:
                                       .returning(CreditGrant.id)).scalar_one()
                 record(conn, actor, "credit_grant.create", target_type="credit_grant",
                        target_id=new_id, app_id=app_id, after={
-                           k: v for k, v in values.items() if k != "app_id"})
+                           **{k: v for k, v in values.items() if k != "app_id"},
+                           "user": user_ref(conn, actor, end_user_id)})
         except IntegrityError:
             existing = self._grant_by_external_id(app_id, external_id)
             if existing is None:
