@@ -52,6 +52,10 @@ def test_a_scripted_admin_session_leaves_exactly_its_audit_rows(world: World) ->
                                               "output": "0.80",
                                               "effective_from": when.isoformat()}, key=w.admin)
     assert status == 201
+    effective = (utcnow() + timedelta(days=45)).replace(microsecond=0)
+    status, change = w.call("POST", "/v1/price-changes", {
+        "plan": "trial", "to_version": 2, "effective_at": effective.isoformat()}, key=w.admin)
+    assert status == 201, change
     status, _ = w.call("PUT", "/v1/users/bob/plan", {"plan": "pro"}, key=desk)
     assert status == 200
     status, _ = w.call("PUT", "/v1/users/bob/plan", {"plan": "lite"}, key=desk)
@@ -66,6 +70,8 @@ def test_a_scripted_admin_session_leaves_exactly_its_audit_rows(world: World) ->
                                                   "rotate_secret": True}, key=desk)
     assert status == 200 and hook["secret"]
     offer = publish_offer(lambda m, p, b: w.call(m, p, b, key=desk), "lite")
+    status, changed = w.call("POST", f"/v1/subscriptions/{sub_id}/change", {"plan": "lite"})
+    assert status == 200 and changed["action"] == "downgrade_scheduled", changed
     status, _ = w.call("POST", f"/v1/subscriptions/{sub_id}/cancel", {})  # the app key
     assert status == 200
     status, refused = w.call("POST", "/v1/prices", {"model": "gpt-4o-mini", "input": "x",
@@ -80,6 +86,7 @@ def test_a_scripted_admin_session_leaves_exactly_its_audit_rows(world: World) ->
     assert [(r["action"], r["actor"]["key_id"], r["app"]) for r in rows] == [
         ("key.create", operator_id, "acme"),
         ("price.create", operator_id, None),
+        ("price_change.schedule", operator_id, None),
         ("plan_assignment.set", desk_id, "acme"),
         ("plan_assignment.set", desk_id, "acme"),
         ("credit_grant.create", desk_id, "acme"),
@@ -87,6 +94,7 @@ def test_a_scripted_admin_session_leaves_exactly_its_audit_rows(world: World) ->
         ("offer.create", desk_id, "acme"),
         ("offer.create", desk_id, "acme"),
         ("offer.publish", desk_id, "acme"),
+        ("subscription.change", app_key_id, "acme"),
         ("subscription.cancel", app_key_id, "acme"),
         ("key.revoke", operator_id, "acme"),
     ]
@@ -107,6 +115,12 @@ def test_a_scripted_admin_session_leaves_exactly_its_audit_rows(world: World) ->
     assert desk.split("_")[2] not in str(rows)  # nor a key's
     assert by["offer.publish"]["target"]["id"].startswith(f"{offer}@")
     assert by["offer.publish"]["before"] == {"status": "draft"}
+    scheduled = by["price_change.schedule"]
+    assert scheduled["target"]["id"] == change["change_id"]
+    assert (scheduled["before"]["version"], scheduled["after"]["version"]) == (1, 2)
+    assert scheduled["before"]["price"] == change["old_price"]
+    assert by["subscription.change"]["before"] == {"plan": "pro@1"}
+    assert by["subscription.change"]["after"]["plan"] == "lite@1"
     cancel = by["subscription.cancel"]
     assert cancel["target"] == {"type": "subscription", "id": sub_id}
     assert cancel["after"]["cancel_at_period_end"] is True and cancel["actor"]["role"] == "app"
