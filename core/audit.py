@@ -104,13 +104,6 @@ def user_ref(conn: Connection, actor: Actor | None, end_user_id: int) -> str:
     return found if found is not None else str(end_user_id)
 
 
-def mask(secret: str | None) -> str | None:
-    """A secret as the audit shows it: its first characters, then a mark."""
-    if not secret:
-        return secret
-    return f"{secret[:6]}…"
-
-
 @dataclass(frozen=True)
 class AuditQuery:
     app_id: int | None = None  # None: every app and the operator's own changes

@@ -54,6 +54,9 @@ def test_a_key_is_created_listed_rotated_and_revoked_over_http(app: Any, client:
                               .where(ApiKey.key_id == made["id"])).scalar_one()
     assert digest not in str(listed)  # nor its hash
     assert row["last_used_at"] is not None  # it was used above
+    assert _works(client, key) == 200  # used again within the minute: not written again
+    status, relisted = _call(client, "GET", f"/v1/keys/{made['id']}", operator)
+    assert relisted["last_used_at"] == row["last_used_at"]
     assert row["created_at"] == made["created_at"]
 
     # rotate with a 1 s overlap: both keys work, then only the new one
@@ -194,3 +197,17 @@ def test_the_cli_lists_rotates_and_revokes_through_the_same_service(
     assert [r["action"] for r in rows] == ["key.revoke", "key.create", "key.rotate",
                                            "key.create"]
     assert all(r["actor"]["name"] and r["actor"]["key_id"] is None for r in rows)
+
+
+def test_an_app_keys_end_user_keys_are_audited_too(app: Any, client: Any,
+                                                    operator: str) -> None:
+    app_key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+    status, minted = _call(client, "POST", "/v1/users/alice/keys", app_key,
+                           {"ttl_seconds": 600})
+    assert status == 201
+    status, trail = _call(client, "GET", "/v1/audit?action=key.create", operator)
+    [row] = trail["data"]
+    assert (row["actor"]["key_id"], row["actor"]["role"], row["app"]) == (
+        app_key.split("_")[1], "app", "acme")
+    assert row["target"]["id"] == minted["key"].split("_")[1]
+    assert row["after"]["user"] == "alice" and minted["key"] not in str(trail)
