@@ -200,3 +200,24 @@ def test_sqlite_refuses_to_update_or_delete_an_audit_row(tmp_path: Path) -> None
         _refusals(engine)
     finally:
         engine.dispose()
+
+
+def test_a_price_sheet_imported_with_the_cli_is_audited_as_the_cli(
+        app: Any, pg_url: str, tmp_path: Path, clean_db: Engine) -> None:
+    from click.testing import CliRunner
+
+    from app import main
+
+    when = (utcnow() + timedelta(hours=2)).replace(microsecond=0).isoformat()
+    sheet = tmp_path / "prices.csv"
+    sheet.write_text(f"model,input,output,effective_from\ngpt-4o-mini,0.20,0.80,{when}\n")
+    env = {"MLANE_DATABASE_URL": pg_url, "MLANE_CONFIG": str(tmp_path / "meterlane.toml"),
+           "MLANE_DATA_DIR": str(tmp_path / "cli")}
+    done = CliRunner().invoke(main, ["prices", "import", str(sheet)], env=env)
+    assert done.exit_code == 0, done.output
+    with clean_db.connect() as conn:
+        rows = conn.execute(text("SELECT action, actor_role, actor_name, actor_key_id, "
+                                 "before, after FROM audit_events")).all()
+    [(action, role, name, key_id, before, after)] = rows
+    assert (action, role, key_id) == ("price.create", "cli", None) and name
+    assert '"input":"0.15"' in before and '"input":"0.20"' in after
