@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import logging
@@ -125,7 +124,9 @@ class AuthService:
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
-        self._used: dict[int, float] = {}  # key pk -> when this worker last wrote its use
+        self._used: dict[int, float] = {}  # key pk -> when this worker last noted its use
+        self._pending: dict[int, datetime] = {}  # uses noted, not written yet
+        self._flushing = False
         self._run = background_runner()
 
     def authenticate(self, raw_key: str | None) -> Principal:
@@ -152,8 +153,9 @@ class AuthService:
 
     def _note_use(self, principal: Principal, now: float) -> Principal:
         """Record the key's last use: at most once a LAST_USED_EVERY_SECONDS per key in this
-        worker, written beside the request (a greenlet under gunicorn), never in its way. The
-        column is therefore exact to about a minute, per worker."""
+        worker, written beside the request (a greenlet under gunicorn), never in its way; the
+        keys due meanwhile are written together. The column is therefore exact to about a
+        minute."""
         last = self._used.get(principal.key_pk)
         if last is not None and now - last < LAST_USED_EVERY_SECONDS:
             return principal
@@ -161,19 +163,30 @@ class AuthService:
             if len(self._used) > 100_000:
                 self._used.clear()
             self._used[principal.key_pk] = now
-        self._run(functools.partial(self._write_use, principal.key_pk, utcnow()))
+            self._pending[principal.key_pk] = utcnow()
+            if self._flushing:
+                return principal
+            self._flushing = True
+        self._run(self._write_uses)
         return principal
 
-    def _write_use(self, key_pk: int, at: datetime) -> None:
+    def _write_uses(self) -> None:
+        with self._lock:
+            due, self._pending, self._flushing = self._pending, {}, False
+        if not due:
+            return
         try:
             with self.engine.begin() as conn:
-                conn.execute(update(ApiKey).where(
-                    ApiKey.id == key_pk,
-                    or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at),
-                ).values(last_used_at=at))
+                for key_pk, at in sorted(due.items()):  # one order: no deadlock between workers
+                    conn.execute(update(ApiKey).where(
+                        ApiKey.id == key_pk,
+                        or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at),
+                    ).values(last_used_at=at))
         except SQLAlchemyError as exc:  # a key's last use is a hint: never fail a call for it
-            log.warning("could not record the last use of key %d: %s", key_pk, exc)
-            self._used.pop(key_pk, None)
+            log.warning("could not record the last use of %d keys: %s", len(due), exc)
+            with self._lock:
+                for key_pk in due:
+                    self._used.pop(key_pk, None)
 
     def forget_cached(self) -> None:
         """Drop this worker's verified keys (after a revocation or rotation)."""
