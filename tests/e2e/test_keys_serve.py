@@ -84,19 +84,21 @@ def test_rotation_and_revocation_reach_every_worker(served: tuple[str, str]) -> 
     status, rotated = request(base, "POST", f"/v1/keys/{made['id']}/rotate", admin,
                               {"overlap_seconds": 1})
     assert status == 201, rotated
+    rotated_at = time.monotonic()
     new = rotated["key"]
     assert statuses(base, new) == {200}
-    # the old key: refused everywhere once the overlap is over (and every cache lapsed)
-    until(lambda: statuses(base, old, 4) == {401}, "the old key outlived its overlap")
+    # the old key: refused by every worker once the overlap is over and every worker's
+    # cached copy (read before the rotation, without the new expiry) has lapsed
+    bound = max(1, CACHE_SECONDS) + 0.5
+    until(lambda: time.monotonic() - rotated_at > bound, "")  # the documented bound
     assert statuses(base, old) == {401} and statuses(base, new) == {200}
 
     status, revoked = request(base, "DELETE", f"/v1/keys/{rotated['id']}", admin)
     assert status == 200 and revoked["state"] == "revoked"
     revoked_at = time.monotonic()
-    until(lambda: statuses(base, new, 4) == {401}, "a revoked key still works",
-          seconds=CACHE_SECONDS + 10)
-    assert time.monotonic() - revoked_at < CACHE_SECONDS + 10
-    assert statuses(base, new) == {401}
+    # the revoking worker at once; the other within MLANE_KEY_CACHE_SECONDS
+    until(lambda: time.monotonic() - revoked_at > CACHE_SECONDS + 0.5, "")
+    assert statuses(base, new, 20) == {401}
 
     status, trail = request(base, "GET", "/v1/audit?app=acme", admin)
     assert status == 200

@@ -211,3 +211,28 @@ def test_an_app_keys_end_user_keys_are_audited_too(app: Any, client: Any,
         app_key.split("_")[1], "app", "acme")
     assert row["target"]["id"] == minted["key"].split("_")[1]
     assert row["after"]["user"] == "alice" and minted["key"] not in str(trail)
+
+
+def test_the_worker_that_revokes_or_rotates_forgets_its_cached_keys_at_once(
+        app_config: Any) -> None:
+    """With keys cached for a minute, the worker that revokes (or rotates with no overlap)
+    refuses the key on its very next call."""
+    from dataclasses import replace
+
+    from app import create_app
+
+    cached = create_app(replace(app_config, key_cache_seconds=60))
+    try:
+        client = cached.test_client()
+        service = cached.extensions["wiring"].keys
+        operator = service.create_key(Role.ADMIN, None).key
+        revoked, rotated = (service.create_key(Role.APP, "acme").key for _ in range(2))
+        assert _works(client, revoked) == 200 and _works(client, rotated) == 200  # cached
+        assert _call(client, "DELETE", f"/v1/keys/{revoked.split('_')[1]}", operator)[0] == 200
+        assert _works(client, revoked) == 401
+        status, successor = _call(client, "POST", f"/v1/keys/{rotated.split('_')[1]}/rotate",
+                                  operator, {"overlap_seconds": 0})
+        assert status == 201
+        assert _works(client, rotated) == 401 and _works(client, successor["key"]) == 200
+    finally:
+        cached.extensions["wiring"].engine.dispose()
