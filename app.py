@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from flask import Flask
     from sqlalchemy.engine import Engine
 
+    from core.audit import AuditService
     from core.auth import AuthService
     from core.events import EventService
     from core.keys import KeyService
@@ -87,6 +88,7 @@ class Wiring:
     cancel_flow: CancelFlow
     evidence: EvidenceService
     finance: FinanceService
+    audit: AuditService
 
     def parts(self) -> Parts:
         """Each part found by its class (how blueprints and commands reach them)."""
@@ -136,6 +138,7 @@ def _check_cooperative_driver() -> None:
 
 
 def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
+    from core.audit import AuditService
     from core.auth import AuthService
     from core.db import make_engine
     from core.events import EventService
@@ -233,7 +236,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   overage=overage, subscriptions=subscriptions, events=events,
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
-                  finance=finance)
+                  finance=finance, audit=AuditService(engine))
 
 
 def _redis(config: Config) -> Any | None:

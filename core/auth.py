@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from core.background import background_runner
 from core.db import utcnow
 from core.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from core.models import ApiKey, App, EndUser
@@ -22,6 +25,9 @@ from core.models import ApiKey, App, EndUser
 KEY_PREFIX = "mlk"
 _KEY_RE = re.compile(r"^mlk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 MAX_USER_ID_LEN = 256
+# A key's last use is written at most this often per key and worker (never once per call)
+LAST_USED_EVERY_SECONDS = 60.0
+log = logging.getLogger(__name__)
 
 
 class Role(StrEnum):
@@ -42,6 +48,7 @@ class Principal:
     end_user_id: int | None = None
     end_user: str | None = None
     expires_at: datetime | None = None
+    key_id: str = ""  # the public hex id (mlk_<key_id>_...), never the secret
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,9 @@ class KeyStore:
 
     def find_active(self, key_id: str) -> tuple[str, Principal] | None:
         stmt = (
-            select(ApiKey.id, ApiKey.secret_sha256, ApiKey.role, ApiKey.app_id, App.name,
-                   ApiKey.end_user_id, EndUser.external_id, ApiKey.expires_at,
-                   ApiKey.revoked_at)
+            select(ApiKey.id, ApiKey.key_id, ApiKey.secret_sha256, ApiKey.role,
+                   ApiKey.app_id, App.name, ApiKey.end_user_id, EndUser.external_id,
+                   ApiKey.expires_at, ApiKey.revoked_at)
             .select_from(ApiKey)
             .outerjoin(App, App.id == ApiKey.app_id)
             .outerjoin(EndUser, EndUser.id == ApiKey.end_user_id)
@@ -100,12 +107,16 @@ class KeyStore:
         return row.secret_sha256, Principal(
             key_pk=row.id, role=Role(row.role), app_id=row.app_id, app_name=row.name,
             end_user_id=row.end_user_id, end_user=row.external_id,
-            expires_at=row.expires_at,
+            expires_at=row.expires_at, key_id=row.key_id,
         )
 
 
 class AuthService:
-    """Turns a bearer key into a Principal; a verified key is cached for a few seconds."""
+    """Turns a bearer key into a Principal; a verified key is cached for a few seconds.
+
+    A revoked or rotated key is refused at once by the worker that changed it (its cache is
+    cleared) and by every other worker at most `cache_seconds` later (their cached entry
+    lapses; an expiry already known is checked on every call, cached or not)."""
 
     def __init__(self, engine: Engine, *, cache_seconds: float = 2.0) -> None:
         self.store = KeyStore(engine)
@@ -113,6 +124,10 @@ class AuthService:
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
+        self._used: dict[int, float] = {}  # key pk -> when this worker last noted its use
+        self._pending: dict[int, datetime] = {}  # uses noted, not written yet
+        self._flushing = False
+        self._run = background_runner()
 
     def authenticate(self, raw_key: str | None) -> Principal:
         if not raw_key:
@@ -121,7 +136,7 @@ class AuthService:
         now = time.monotonic()
         cached = self._cache.get(raw_key)
         if cached is not None and cached[0] > now:
-            return self._check_expiry(cached[1])
+            return self._note_use(self._check_expiry(cached[1]), now)
         match = _KEY_RE.match(raw_key)
         if match is None:
             raise AuthenticationError("Invalid API key.")
@@ -134,7 +149,49 @@ class AuthService:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
                 self._cache[raw_key] = (now + self.cache_seconds, principal)
+        return self._note_use(principal, now)
+
+    def _note_use(self, principal: Principal, now: float) -> Principal:
+        """Record the key's last use: at most once a LAST_USED_EVERY_SECONDS per key in this
+        worker, written beside the request (a greenlet under gunicorn), never in its way; the
+        keys due meanwhile are written together. The column is therefore exact to about a
+        minute."""
+        last = self._used.get(principal.key_pk)
+        if last is not None and now - last < LAST_USED_EVERY_SECONDS:
+            return principal
+        with self._lock:
+            if len(self._used) > 100_000:
+                self._used.clear()
+            self._used[principal.key_pk] = now
+            self._pending[principal.key_pk] = utcnow()
+            if self._flushing:
+                return principal
+            self._flushing = True
+        self._run(self._write_uses)
         return principal
+
+    def _write_uses(self) -> None:
+        with self._lock:
+            due, self._pending, self._flushing = self._pending, {}, False
+        if not due:
+            return
+        try:
+            with self.engine.begin() as conn:
+                for key_pk, at in sorted(due.items()):  # one order: no deadlock between workers
+                    conn.execute(update(ApiKey).where(
+                        ApiKey.id == key_pk,
+                        or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at),
+                    ).values(last_used_at=at))
+        except SQLAlchemyError as exc:  # a key's last use is a hint: never fail a call for it
+            log.warning("could not record the last use of %d keys: %s", len(due), exc)
+            with self._lock:
+                for key_pk in due:
+                    self._used.pop(key_pk, None)
+
+    def forget_cached(self) -> None:
+        """Drop this worker's verified keys (after a revocation or rotation)."""
+        with self._lock:
+            self._cache.clear()
 
     @staticmethod
     def _check_expiry(principal: Principal) -> Principal:
@@ -146,16 +203,10 @@ class AuthService:
               name: str | None = None, ttl: timedelta | None = None
               ) -> tuple[str, int, datetime | None]:
         """Store a new key (only its hash) and return (the key, its row id, its expiry)."""
-        key, key_id, secret = new_key_material()
         expires_at = utcnow() + ttl if ttl is not None else None
         with self.engine.begin() as conn:
-            pk = conn.execute(
-                insert(ApiKey).values(
-                    key_id=key_id, secret_sha256=hash_secret(secret), role=role.value,
-                    app_id=app_id, end_user_id=end_user_id, name=name,
-                    created_at=utcnow(), expires_at=expires_at,
-                ).returning(ApiKey.id)
-            ).scalar_one()
+            key, pk = issue_in(conn, role=role, app_id=app_id, end_user_id=end_user_id,
+                               name=name, expires_at=expires_at)
         return key, pk, expires_at
 
     def revoke(self, key_id: str) -> bool:
@@ -163,9 +214,24 @@ class AuthService:
             result = conn.execute(update(ApiKey).where(ApiKey.key_id == key_id,
                                                        ApiKey.revoked_at.is_(None))
                                   .values(revoked_at=utcnow()))
-        with self._lock:
-            self._cache.clear()
+        self.forget_cached()
         return bool(result.rowcount)
+
+
+def issue_in(conn: Connection, *, role: Role, app_id: int | None, end_user_id: int | None,
+             name: str | None = None, description: str | None = None,
+             expires_at: datetime | None = None, rotated_from: int | None = None
+             ) -> tuple[str, int]:
+    """Store a new key (only its hash) in the caller's transaction: (the key, its row id)."""
+    key, key_id, secret = new_key_material()
+    pk = conn.execute(
+        insert(ApiKey).values(
+            key_id=key_id, secret_sha256=hash_secret(secret), role=role.value,
+            app_id=app_id, end_user_id=end_user_id, name=name, description=description,
+            created_at=utcnow(), expires_at=expires_at, rotated_from=rotated_from,
+        ).returning(ApiKey.id)
+    ).scalar_one()
+    return key, int(pk)
 
 
 def require_role(principal: Principal, *roles: Role) -> None:

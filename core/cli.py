@@ -1,5 +1,6 @@
 """What every package's commands share (the configuration, the app's parts built on demand),
-and the kernel's own commands: `meterlane keys` and `meterlane webhooks`.
+and the kernel's own commands: `meterlane keys` and `meterlane webhooks`. Changes made here are
+audited with the actor "cli" and the OS user who ran them.
 
 app.py's command group puts a CommandContext in click's context; a package's command asks it
 for the parts it uses by their class, importing only those classes (lazily: `meterlane serve`
@@ -79,12 +80,14 @@ def keys() -> None:
 @click.option("--app", "app_name", help="The app (tenant); created if new.")
 @click.option("--user", help="The end user (user keys only).")
 @click.option("--name", help="A label for the key.")
+@click.option("--description", help="What the key is for (shown when keys are listed).")
 @click.option("--ttl-seconds", type=int, help="Expire the key after this many seconds.")
 def keys_create(role: str, app_name: str | None, user: str | None, name: str | None,
-                ttl_seconds: int | None) -> None:
+                description: str | None, ttl_seconds: int | None) -> None:
     """Create a key and print it as the last line (it is not shown again)."""
     from datetime import timedelta
 
+    from core.audit import Actor
     from core.auth import Role
     from core.errors import DomainError
     from core.keys import KeyService
@@ -94,8 +97,8 @@ def keys_create(role: str, app_name: str | None, user: str | None, name: str | N
         ctx.ensure_embedded_schema()
     try:
         issued = ctx.part(KeyService).create_key(
-            Role(role), app_name, user=user, name=name,
-            ttl=timedelta(seconds=ttl_seconds) if ttl_seconds else None)
+            Role(role), app_name, user=user, name=name, description=description,
+            ttl=timedelta(seconds=ttl_seconds) if ttl_seconds else None, actor=Actor.cli())
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
     scope = f"app {issued.app_name}" if issued.app_name else "every app"
@@ -107,13 +110,74 @@ def keys_create(role: str, app_name: str | None, user: str | None, name: str | N
 @keys.command("revoke")
 @click.argument("key")
 def keys_revoke(key: str) -> None:
-    """Revoke a key (the full key, or its id: the hex part after 'mlk_')."""
-    from core.auth import AuthService
+    """Revoke a key (the full key, its prefix mlk_<id>, or its id: the hex after 'mlk_')."""
+    from core.audit import Actor
+    from core.errors import DomainError
+    from core.keys import KeyService
 
-    key_id = key.split("_")[1] if key.startswith("mlk_") else key
-    if not context().part(AuthService).revoke(key_id):
-        raise click.ClickException("no active key with that id")
-    click.echo(f"revoked {key_id}")
+    try:
+        view = context().part(KeyService).revoke(Actor.cli(), key)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    click.echo(f"revoked {view['id']}")
+
+
+@keys.command("list")
+@click.option("--app", "app_name", help="Only this app's keys.")
+@click.option("--role", type=click.Choice(["admin", "app", "user", "finance"]))
+@click.option("--all", "include_revoked", is_flag=True, help="Revoked keys too.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100))
+def keys_list(app_name: str | None, role: str | None, include_revoked: bool,
+              limit: int) -> None:
+    """The keys, newest first: prefix, role, app, state, created, last used, expiry (never
+    a secret)."""
+    from core.audit import Actor
+    from core.auth import Role
+    from core.errors import DomainError
+    from core.keys import KeyFilter, KeyService
+
+    try:
+        rows, more = context().part(KeyService).list_keys(Actor.cli(), KeyFilter(
+            app=app_name, role=Role(role) if role else None,
+            include_revoked=include_revoked, limit=limit))
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    for row in rows:
+        click.echo("\t".join(_cell(row[f]) for f in (
+            "prefix", "role", "app", "user", "state", "created_at", "last_used_at",
+            "expires_at", "description")))
+    if more:
+        click.echo(f"(more than {limit}: narrow with --app or --role)", err=True)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat(timespec="seconds"))
+    return str(value)
+
+
+@keys.command("rotate")
+@click.argument("key")
+@click.option("--overlap-seconds", default=3600, show_default=True,
+              type=click.IntRange(0, 7 * 24 * 3600),
+              help="How long the old key keeps working (at most 7 days).")
+def keys_rotate(key: str, overlap_seconds: int) -> None:
+    """A successor of the key (same role, app and description), printed as the last line;
+    the old key is refused after the overlap."""
+    from core.audit import Actor
+    from core.errors import DomainError
+    from core.keys import KeyService
+
+    try:
+        issued, old = context().part(KeyService).rotate(Actor.cli(), key,
+                                                        overlap_seconds=overlap_seconds)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    click.echo(f"rotated {old['prefix']}: it is refused from {_cell(old['expires_at'])} "
+               "(store the new key now: it is shown only once)", err=True)
+    click.echo(issued.key)
 
 
 @click.group()

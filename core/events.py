@@ -35,6 +35,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from core.models import OutboxEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -145,8 +146,10 @@ class EventService:
 
     # -- endpoints --------------------------------------------------------------------------
 
-    def set_endpoint(self, app_id: int, url: str, *, rotate: bool = False) -> Endpoint:
-        """The app's webhook URL; a new or rotated endpoint gets a new secret (shown once)."""
+    def set_endpoint(self, app_id: int, url: str, *, rotate: bool = False,
+                     actor: Actor | None = None) -> Endpoint:
+        """The app's webhook URL; a new or rotated endpoint gets a new secret (shown once).
+        The audit row says the secret changed, never what it is."""
         if not url.startswith(("https://", "http://")) or len(url) > 2000 \
                 or not control_free(url, multiline=False):
             raise InvalidRequestError("url must be an http(s) URL of at most 2000 characters.",
@@ -156,11 +159,15 @@ class EventService:
             raise InvalidRequestError(blocked, param="url")
         now = self.clock()
         with self.engine.begin() as conn:
-            row = conn.execute(select(WebhookEndpoint.created_at).where(
+            row = conn.execute(select(WebhookEndpoint.created_at, WebhookEndpoint.url).where(
                 WebhookEndpoint.app_id == app_id).with_for_update()).first()
             secret = None
             if row is None or rotate:
                 secret = "whsec_" + secrets.token_urlsafe(32)
+            record(conn, actor, "webhook.set", target_type="webhook_endpoint",
+                   target_id=app_id, app_id=app_id,
+                   before=None if row is None else {"url": row.url},
+                   after={"url": url, "secret_changed": secret is not None})
             if row is None:
                 try:
                     conn.execute(insert(WebhookEndpoint).values(

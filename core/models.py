@@ -38,9 +38,36 @@ class ApiKey(Base):
     app_id: Mapped[int | None] = mapped_column(ForeignKey("apps.id"), index=True)
     end_user_id: Mapped[int | None] = mapped_column(ForeignKey("end_users.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # written at most once a minute per key and worker, off the request (core.auth)
+    last_used_at: Mapped[datetime | None]
+    rotated_from: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+
+
+class AuditEvent(Base):
+    """One change made with an admin or app key (or the CLI): append-only, refused by a
+    database trigger on UPDATE and DELETE (migration 0021). The actor is a key's public id,
+    never its secret; before and after are small JSON objects of the changed fields."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_app_id_id", "app_id", "id"),
+                      Index("ix_audit_events_action_id", "action", "id"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    at: Mapped[datetime]
+    actor_key_id: Mapped[str | None] = mapped_column(String(32))
+    actor_role: Mapped[str] = mapped_column(String(16))
+    actor_name: Mapped[str | None] = mapped_column(String(100))
+    app_id: Mapped[int | None]
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(300))
+    before: Mapped[str | None] = mapped_column(Text)
+    after: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 # -- the outbox and webhooks (core.events) ------------------------------------------

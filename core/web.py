@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from core.audit import Actor
 from core.auth import AuthService, Principal
 from core.config import Config
 from core.errors import (
@@ -76,6 +77,12 @@ def current_principal() -> Principal:
                 param="app")
         g.principal = principal
     return cast(Principal, principal)
+
+
+def current_actor() -> Actor:
+    """The calling key as the audit trail names it (its public id, never its secret), with
+    this request's id: what a blueprint hands a service that audits its change."""
+    return Actor.of_key(current_principal(), request_id())
 
 
 MAX_TEXT = 65_536  # characters in any one string of a request (copy, disclosures included)

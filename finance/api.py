@@ -15,6 +15,7 @@ from core.errors import InvalidRequestError, PermissionDeniedError
 from core.openapi import documented
 from core.web import (
     app_in_scope,
+    current_actor,
     current_principal,
     json_body,
     json_response,
@@ -159,7 +160,7 @@ def add_price() -> Response:
     _admin()
     args = PriceRequestSchema().load(json_body())
     version = part(FinanceService).prices.add(args["model"], args.get("effective_from"),
-                                          parse_price(args), "api")
+                                          parse_price(args), "api", current_actor())
     return json_response(PriceSchema().dump(version.as_dict()), status=201)
 
 
@@ -173,7 +174,8 @@ def import_prices() -> Response:
         text = request_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequestError("The price sheet is not UTF-8 text.") from exc
-    versions = part(FinanceService).prices.import_sheet(text, args["format"], "import")
+    versions = part(FinanceService).prices.import_sheet(text, args["format"], "import",
+                                                        current_actor())
     return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions]}),
                          status=201)
 

@@ -205,11 +205,13 @@ def prices_list(model: str | None) -> None:
 @click.argument("sheet", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def prices_import(sheet: Path) -> None:
     """Import a price sheet (.json or .csv): all its rows or none."""
+    from core.audit import Actor
+
     svc = _finance()
     fmt = "csv" if sheet.suffix.lower() == ".csv" else "json"
     try:
         done = svc.prices.import_sheet(sheet.read_text(encoding="utf-8"), fmt,
-                                             f"import:{sheet.name}")
+                                       f"import:{sheet.name}", Actor.cli())
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
     click.echo(f"imported {len(done)} prices from {sheet}")

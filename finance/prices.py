@@ -23,6 +23,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import Actor, record
 from core.config import MAX_PRICE_USD, ModelConfig, ModelPrice
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -179,7 +180,7 @@ class PriceBook:
             + (timedelta(seconds=1) if self.refresh_seconds else timedelta(0))
 
     def add(self, model: str, effective_from: datetime | None, price: ModelPrice,
-            source: str) -> PriceVersion:
+            source: str, actor: Actor | None = None) -> PriceVersion:
         """A new version from `effective_from` (default: as soon as every worker knows it);
         never one in the past: calls already priced keep their price."""
         if model not in self.models:
@@ -200,13 +201,26 @@ class PriceBook:
                 conn.execute(insert(ModelPriceVersion).values(
                     model=model, effective_from=when, source=source[:200], created_at=now,
                     **_to_row(price)))
+                self._audit(conn, actor, PriceVersion(model, when, price, source))
         except IntegrityError as exc:
             raise ConflictError(f"{model} already has a price from {when.isoformat()}.",
                                 code="price_exists") from exc
         self.refresh()
         return PriceVersion(model, when, price, source)
 
-    def import_sheet(self, text: str, fmt: str, source: str) -> list[PriceVersion]:
+    def _audit(self, conn: Any, actor: Actor | None, version: PriceVersion) -> None:
+        """before: the price that was to be in force then; after: the new version."""
+        prior = self.price_at(version.model, version.effective_from)
+        before = None if prior is None else PriceVersion(
+            version.model, version.effective_from, prior, "").as_dict()
+        if before is not None:
+            del before["source"], before["effective_from"]
+        record(conn, actor, "price.create", target_type="model_price",
+               target_id=f"{version.model}@{version.effective_from.isoformat()}", app_id=None,
+               before=before, after=version.as_dict())
+
+    def import_sheet(self, text: str, fmt: str, source: str,
+                     actor: Actor | None = None) -> list[PriceVersion]:
         """Import a price sheet: JSON (a list of objects, or {"prices": [...]}) or CSV with a
         header (model, effective_from, input, output, ...). All or nothing."""
         rows = _sheet_rows(text, fmt)
@@ -235,6 +249,7 @@ class PriceBook:
                         model=model, effective_from=when or soonest, source=source[:200],
                         created_at=now, **_to_row(price)))
                     out.append(PriceVersion(model, when or soonest, price, source))
+                    self._audit(conn, actor, out[-1])
         except IntegrityError as exc:
             raise ConflictError("The sheet names a price that exists already (same model and "
                                 "effective_from): nothing was imported.",

@@ -65,10 +65,11 @@ def quarantine_export(everything: bool) -> None:
 def quarantine_retry(ids: tuple[int, ...]) -> None:
     """Write the records (all, or those named) into the ledger again, after fixing what
     refused them; a record refused again stays, with the new reason."""
+    from core.audit import Actor
     from metering.ledger import LedgerWriter
 
     writer = context().part(LedgerWriter)
-    done = writer.quarantine.retry(writer.write_or_refuse, list(ids) or None)
+    done = writer.quarantine.retry(writer.write_or_refuse, list(ids) or None, Actor.cli())
     click.echo(f"written {done['written']}, already in the ledger {done['duplicate']}, "
                f"refused again {done['refused']}")
     if done["refused"]:

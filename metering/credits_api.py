@@ -9,7 +9,14 @@ from flask import Blueprint, Response
 from core.auth import Role, require_role, validate_user_id
 from core.openapi import documented
 from core.tenancy import UNSEEN, TenancyService
-from core.web import app_in_scope, current_principal, json_body, json_response, part
+from core.web import (
+    app_in_scope,
+    current_actor,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+)
 from metering.accrual import AccrualService
 from metering.limits_text import utc_iso
 from metering.schemas import CreditsSchema, GrantRequestSchema, GrantSchema
@@ -73,7 +80,8 @@ def my_credits() -> Response:
 def grant_credits(user: str) -> Response:
     app_id, end_user_id, _user = _end_user(user, create=True)
     args = GrantRequestSchema().load(json_body())
-    grant, created = part(CreditsService).grant(app_id=app_id, end_user_id=end_user_id, **args)
+    grant, created = part(CreditsService).grant(app_id=app_id, end_user_id=end_user_id, **args,
+                                                actor=current_actor())
     body = {"id": grant.id, "source": grant.source, "amount": grant.amount,
             "remaining": grant.amount, "priority": grant.priority,
             "granted_at": utc_iso(grant.granted_at), "expires_at": utc_iso(grant.expires_at),

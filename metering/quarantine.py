@@ -19,6 +19,7 @@ import orjson
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
+from core.audit import Actor, record
 from core.db import utcnow
 from core.logs import note as safe_note
 from core.text import storable
@@ -183,10 +184,11 @@ class Quarantine:
             after = page[-1].id
 
     def retry(self, write: Callable[[dict[str, Any]], str],
-              ids: list[int] | None = None) -> dict[str, int]:
+              ids: list[int] | None = None, actor: Actor | None = None) -> dict[str, int]:
         """Try each record again through `write` (the ledger's own checks and insert): a
         record written (or found already there) leaves the quarantine; one refused again
-        stays, with the new reason. Returns how many ended each way."""
+        stays, with the new reason. Returns how many ended each way. Each retry is audited
+        (the actor: the CLI's)."""
         outcome = {"written": 0, "duplicate": 0, "refused": 0}
         for entry in list(self.all_entries()):
             if ids is not None and entry.id not in ids:
@@ -199,10 +201,23 @@ class Quarantine:
                 reason = result
             with self.engine.begin() as conn:
                 if result in ("written", "duplicate"):
-                    conn.execute(update(_Q).where(_Q.id == entry.id).values(
-                        resolved_at=datetime.now(UTC), resolution=result))
+                    after: dict[str, Any] = {"resolved_at": datetime.now(UTC),
+                                             "resolution": result}
                 else:
-                    conn.execute(update(_Q).where(_Q.id == entry.id).values(
-                        reason=storable(reason, 500)))
+                    after = {"reason": storable(reason, 500)}
+                conn.execute(update(_Q).where(_Q.id == entry.id).values(**after))
+                record(conn, actor, "quarantine.retry", target_type="quarantined_record",
+                       target_id=entry.id, app_id=_app_of(entry.payload),
+                       before={"reason": entry.reason, "resolution": entry.resolution},
+                       after=after)
             outcome[result if result in outcome else "refused"] += 1
         return outcome
+
+
+def _app_of(payload: str) -> int | None:
+    """The app of a quarantined record, when its payload names one as an integer."""
+    try:
+        app_id = orjson.loads(payload).get("app_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return app_id if isinstance(app_id, int) and 0 < app_id <= INT64 else None

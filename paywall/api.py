@@ -13,7 +13,15 @@ from core.events import EventService
 from core.openapi import documented
 from core.tenancy import TenancyService
 from core.text import storable
-from core.web import app_in_scope, current_principal, json_body, json_response, part, query_args
+from core.web import (
+    app_in_scope,
+    current_actor,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+    query_args,
+)
 from paywall.schemas import (
     ConsentRequestSchema,
     ConsentSchema,
@@ -112,7 +120,8 @@ def set_webhook() -> Response:
     require_role(principal, Role.APP, Role.ADMIN)
     args = WebhookEndpointRequestSchema().load(json_body())
     endpoint = part(EventService).set_endpoint(app_in_scope(principal), args["url"],
-                                            rotate=args["rotate_secret"])
+                                               rotate=args["rotate_secret"],
+                                               actor=current_actor())
     return json_response(WebhookEndpointSchema().dump(endpoint))
 
 
@@ -147,7 +156,8 @@ def create_offer() -> Response:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)
     draft = OfferDraftSchema().load(json_body())
-    created = part(PaywallService).create_offer(app_in_scope(principal), draft)
+    created = part(PaywallService).create_offer(app_in_scope(principal), draft,
+                                                actor=current_actor())
     return json_response(OfferVersionSchema().dump(created), status=201)
 
 
@@ -158,7 +168,8 @@ def create_offer() -> Response:
 def publish_offer(offer: str, version: int) -> Response:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)
-    published = part(PaywallService).publish_offer(app_in_scope(principal), offer, version)
+    published = part(PaywallService).publish_offer(app_in_scope(principal), offer, version,
+                                                   actor=current_actor())
     return json_response(OfferVersionSchema().dump(published))
 
 

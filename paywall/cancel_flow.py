@@ -20,6 +20,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from core import i18n
+from core.audit import Actor
 from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
 from core.events import EventService, new_event_id
@@ -60,8 +61,8 @@ class CancelFlow:
 
     # -- CXL-01 / CXL-05 ----------------------------------------------------------------------
 
-    def cancel(self, app_id: int, sub_id: str, channel: str,
-               steps: int) -> tuple[dict[str, Any], bool]:
+    def cancel(self, app_id: int, sub_id: str, channel: str, steps: int,
+               actor: Actor | None = None) -> tuple[dict[str, Any], bool]:
         """Cancel at the end of the paid period and confirm it: (confirmation, whether it was
         cancelled before). While still cancelled, a repeat returns the first confirmation."""
         row = self.subscriptions.state(app_id, sub_id)
@@ -76,7 +77,7 @@ class CancelFlow:
             change = self.subscriptions.cancel(app_id=app_id, subscription_id=sub_id)
             plan, effective = change.plan, change.effective_at
         return self.paywall.confirm_cancellation(app_id, row.end_user_id, sub_id, plan,
-                                                 effective, channel, steps), False
+                                                 effective, channel, steps, actor), False
 
     # -- CXL-02 -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from core.openapi import documented
 from core.tenancy import TenancyService
 from core.web import (
     app_in_scope,
+    current_actor,
     current_principal,
     json_body,
     json_response,
@@ -76,7 +77,8 @@ def withdraw() -> Response:
     principal = current_principal()
     require_role(principal, Role.APP)
     args = WithdrawalRequestSchema().load(json_body())
-    view, made = part(WithdrawalService).withdraw(app_in_scope(principal), args["subscription"])
+    view, made = part(WithdrawalService).withdraw(app_in_scope(principal), args["subscription"],
+                                                  actor=current_actor())
     return json_response(WithdrawalSchema().dump({**view, "already_withdrawn": not made}),
                          status=201 if made else 200)
 
@@ -89,7 +91,8 @@ def schedule_price_change() -> Response:
     require_operator(current_principal())  # a plan's price: every app selling it
     args = PriceChangeRequestSchema().load(json_body())
     change = part(NoticeService).schedule_price_change(
-        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"))
+        args["plan"], args["to_version"], args["effective_at"], args.get("from_version"),
+        actor=current_actor())
     return json_response(PriceChangeSchema().dump(change), status=201)
 
 
@@ -158,7 +161,8 @@ def cancel_subscription(sub_id: str) -> Response:
     require_role(principal, Role.APP)
     args = CancelRequestSchema().load(json_body(allow_empty=True))
     confirmation, before = part(CancelFlow).cancel(app_in_scope(principal), sub_id,
-                                                       args["channel"], args["steps"])
+                                                   args["channel"], args["steps"],
+                                                   current_actor())
     return json_response(SubscriptionChangeSchema().dump({
         "subscription": sub_id, "action": "cancel_scheduled", "plan": confirmation["plan"],
         "effective_at": confirmation["effective_at"], "already_cancelled": before,

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from core import i18n
+from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
 from core.events import EventService, new_event_id
@@ -103,7 +104,8 @@ class NoticeService:
     # -- price changes (NTC-04) ---------------------------------------------------------------
 
     def schedule_price_change(self, plan_id: str, to_version: int, effective_at: datetime,
-                              from_version: int | None = None) -> dict[str, Any]:
+                              from_version: int | None = None,
+                              actor: Actor | None = None) -> dict[str, Any]:
         now = self.clock()
         target = self.catalog.get(plan_id, to_version)
         versions = [p for p in self.catalog.plans if p.id == plan_id]
@@ -130,6 +132,12 @@ class NoticeService:
                   "to_version": to_version, "effective_at": effective_at, "created_at": now}
         with self.engine.begin() as conn:
             conn.execute(insert(PriceChange).values(**values))
+            record(conn, actor, "price_change.schedule", target_type="price_change",
+                   target_id=change_id, app_id=None,
+                   before={"plan": plan_id, "version": source.version,
+                           "price": _price(source)},
+                   after={"plan": plan_id, "version": to_version, "price": _price(target),
+                          "effective_at": effective_at})
         return {**values, "notice_from": effective_at - timedelta(days=PRICE.target),
                 "old_price": _price(source), "new_price": _price(target)}
 

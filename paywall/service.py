@@ -14,6 +14,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import Actor, record
 from core.config import ModelConfig
 from core.db import utcnow
 from core.errors import (
@@ -71,7 +72,8 @@ class PaywallService:
 
     # -- offers ------------------------------------------------------------------------------
 
-    def create_offer(self, app_id: int, draft: dict[str, Any]) -> dict[str, Any]:
+    def create_offer(self, app_id: int, draft: dict[str, Any],
+                     actor: Actor | None = None) -> dict[str, Any]:
         """A new version of an offer (its first, or the next: a version never changes)."""
         offer_id = draft["offer"]
         kind = draft.get("kind", "subscription")
@@ -97,6 +99,10 @@ class PaywallService:
                     app_id=app_id, offer_id=offer_id, version=version, status="draft",
                     content=orjson.dumps(content).decode(), content_hash=digest,
                     created_at=self.clock()))
+                record(conn, actor, "offer.create", target_type="offer",
+                       target_id=f"{offer_id}@{version}", app_id=app_id, after={
+                           "status": "draft", "kind": kind, "content_hash": digest,
+                           "plan": draft.get("plan"), "pack": draft.get("pack")})
         except IntegrityError as exc:  # another request took this version number
             raise ConflictError(f"Another version of offer {offer_id!r} was created at the "
                                 "same time; send it again.") from exc
@@ -104,7 +110,8 @@ class PaywallService:
                 "content_hash": digest, "content": content,
                 "violations": [v.as_dict() for v in offers.check(content)]}
 
-    def publish_offer(self, app_id: int, offer_id: str, version: int) -> dict[str, Any]:
+    def publish_offer(self, app_id: int, offer_id: str, version: int,
+                      actor: Actor | None = None) -> dict[str, Any]:
         """Run every rule for every target; publish, or refuse with the rule ids (422)."""
         with self.engine.begin() as conn:
             row = conn.execute(select(OfferVersion.status, OfferVersion.content,
@@ -127,6 +134,10 @@ class PaywallService:
                     OfferVersion.app_id == app_id, OfferVersion.offer_id == offer_id,
                     OfferVersion.version == version).values(
                     status="published", published_at=self.clock()))
+                record(conn, actor, "offer.publish", target_type="offer",
+                       target_id=f"{offer_id}@{version}", app_id=app_id,
+                       before={"status": row.status},
+                       after={"status": "published", "content_hash": row.content_hash})
         if violations:
             rules = sorted({v.rule for v in violations})
             raise OfferRejectedError(
@@ -425,7 +436,7 @@ class PaywallService:
 
     def confirm_cancellation(self, app_id: int, end_user_id: int, subscription_id: str,
                              plan: str, effective_at: datetime | None, channel: str,
-                             steps: int) -> dict[str, Any]:
+                             steps: int, actor: Actor | None = None) -> dict[str, Any]:
         """Record the cancellation and send its confirmation to the app (a webhook the app
         passes on to the user: received at, ends at, no further charges), in one
         transaction. A second confirmation of one subscription returns the first."""
@@ -445,6 +456,12 @@ class PaywallService:
             user = conn.execute(select(EndUser.external_id).where(
                 EndUser.id == end_user_id)).scalar_one()
             conn.execute(insert(CancellationRecord).values(**values))
+            record(conn, actor, "subscription.cancel", target_type="subscription",
+                   target_id=subscription_id, app_id=app_id,
+                   before={"plan": plan, "cancel_at_period_end": False},
+                   after={"cancel_at_period_end": True, "effective_at": effective_at,
+                          "channel": channel, "user": user,
+                          "cancellation_id": values["cancellation_id"]})
             self.events.publish_in(conn, app_id, "cancel.confirmed",
                                    {**jsonable(view), "user": user}, event_id=event_id)
         return view

@@ -23,6 +23,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import ConflictError
 from core.events import EventService, new_event_id
@@ -83,7 +84,8 @@ class WithdrawalService:
                 Withdrawal.app_id == app_id,
                 Withdrawal.subscription_id == subscription_id)).first()
 
-    def withdraw(self, app_id: int, subscription_id: str) -> tuple[dict[str, Any], bool]:
+    def withdraw(self, app_id: int, subscription_id: str,
+                 actor: Actor | None = None) -> tuple[dict[str, Any], bool]:
         """(the withdrawal, whether it was made now); a second request returns the first.
 
         Recorded first as pending, with the refund fixed; then Stripe (refunds, then the
@@ -116,6 +118,11 @@ class WithdrawalService:
                 Withdrawal.id == row.id, Withdrawal.state == "pending").values(
                 state="done", refund_ref=values["refund_ref"])).rowcount
             if done == 1:  # confirmed once, whoever finished it
+                record(conn, actor, "subscription.withdraw", target_type="subscription",
+                       target_id=subscription_id, app_id=app_id,
+                       before={"withdrawal": "pending"},
+                       after={"withdrawal": "done", "refund_ref": values["refund_ref"],
+                              "user": user})
                 self.events.publish_in(conn, app_id, "withdrawal.confirmed",
                                        {**jsonable(view), "user": user},
                                        event_id=row.event_id)

@@ -9,6 +9,7 @@ from core.openapi import documented
 from core.tenancy import TenancyService
 from core.web import (
     app_in_scope,
+    current_actor,
     current_principal,
     json_body,
     json_response,
@@ -40,7 +41,7 @@ def assign_plan(user: str) -> Response:
     app_id = app_in_scope(principal)
     end_user_id = part(TenancyService).ensure_end_user(app_id, user)
     assignment = part(PlanService).assign(app_id, end_user_id, args["plan"],
-                                          args.get("anchored_at"))
+                                          args.get("anchored_at"), actor=current_actor())
     return json_response(PlanAssignmentSchema().dump(
         {"user": user, "plan": assignment.plan.id, "anchored_at": assignment.anchored_at}))
 
@@ -64,5 +65,6 @@ def change_subscription(sub_id: str) -> Response:
     require_role(principal, Role.APP)
     args = SubscriptionChangeRequestSchema().load(json_body())
     change = part(SubscriptionService).change(app_id=app_in_scope(principal),
-                                           subscription_id=sub_id, plan_id=args["plan"])
+                                              subscription_id=sub_id, plan_id=args["plan"],
+                                              actor=current_actor())
     return json_response(SubscriptionChangeSchema().dump(change.__dict__))

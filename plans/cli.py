@@ -53,13 +53,14 @@ def plans_check() -> None:
 @plans.command("publish")
 def plans_publish() -> None:
     """Record the catalog's new plan versions as published (from then on immutable)."""
+    from core.audit import Actor
     from plans.catalog import Catalog
     from plans.versions import PlanChangedError, publish
 
     ctx = context()
     ctx.ensure_embedded_schema()
     try:
-        fresh = publish(ctx.engine(), Catalog.from_config(ctx.config()))
+        fresh = publish(ctx.engine(), Catalog.from_config(ctx.config()), Actor.cli())
     except PlanChangedError as exc:
         raise click.ClickException(str(exc)) from exc
     for plan in fresh:
@@ -72,6 +73,7 @@ def plans_publish() -> None:
 def plans_sync() -> None:
     """Create or update the Stripe products and prices of the catalog (idempotent: lookup
     keys), publishing its plan versions; says what it changed."""
+    from core.audit import Actor
     from core.errors import DomainError
     from plans.catalog import Catalog
     from plans.stripe_sync import stripe_client, sync
@@ -81,7 +83,7 @@ def plans_sync() -> None:
     catalog = Catalog.from_config(ctx.config())
     ctx.ensure_embedded_schema()
     try:
-        publish(ctx.engine(), catalog)
+        publish(ctx.engine(), catalog, Actor.cli())
         changes = sync(stripe_client(ctx.config()), catalog)
     except (PlanChangedError, DomainError) as exc:
         raise click.ClickException(str(getattr(exc, "detail", exc))) from exc

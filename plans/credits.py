@@ -22,6 +22,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from core.audit import Actor, record, user_ref
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from plans.models import (
@@ -144,7 +145,8 @@ class CreditsService:
     def grant(self, *, app_id: int, end_user_id: int, amount: int, source: str,
               external_id: str, priority: int = DEFAULT_PRIORITY,
               expires_at: datetime | None = None, granted_at: datetime | None = None,
-              note: str | None = None) -> tuple[GrantBalance, bool]:
+              note: str | None = None, actor: Actor | None = None
+              ) -> tuple[GrantBalance, bool]:
         """Add a grant once per (app, external_id); returns it and whether it is new. The
         same id with other terms is a conflict, never a second grant."""
         if not 1 <= amount <= MAX_GRANT:
@@ -166,6 +168,10 @@ class CreditsService:
             with self.engine.begin() as conn:
                 new_id = conn.execute(insert(CreditGrant).values(**values)
                                       .returning(CreditGrant.id)).scalar_one()
+                record(conn, actor, "credit_grant.create", target_type="credit_grant",
+                       target_id=new_id, app_id=app_id, after={
+                           **{k: v for k, v in values.items() if k != "app_id"},
+                           "user": user_ref(conn, actor, end_user_id)})
         except IntegrityError:
             existing = self._grant_by_external_id(app_id, external_id)
             if existing is None:

@@ -13,6 +13,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from core.audit import Actor, record, user_ref
 from core.db import utcnow
 from core.errors import InvalidRequestError, NotFoundError
 from core.models import EndUser
@@ -101,7 +102,8 @@ class PlanService:
         return Assignment(default, created or utcnow(), False)
 
     def assign(self, app_id: int, end_user_id: int, plan_id: str,
-               anchored_at: datetime | None = None, version: int | None = None) -> Assignment:
+               anchored_at: datetime | None = None, version: int | None = None,
+               actor: Actor | None = None) -> Assignment:
         """Put an end user on a plan version (with none, the plan's current version)."""
         plan = self.catalog.get(plan_id, version)
         if plan is None:
@@ -113,7 +115,16 @@ class PlanService:
                                       "but takes no new ones.", param="plan")
         anchor = anchored_at or utcnow()
         with self.engine.begin() as conn:
+            before = conn.execute(select(
+                EndUserPlan.plan_id, EndUserPlan.plan_version, EndUserPlan.anchored_at).where(
+                EndUserPlan.end_user_id == end_user_id)).first()
             self.assign_in(conn, app_id, end_user_id, plan, anchor)
+            record(conn, actor, "plan_assignment.set", target_type="end_user",
+                   target_id=user_ref(conn, actor, end_user_id), app_id=app_id,
+                   before=None if before is None else {
+                       "plan": f"{before.plan_id}@{before.plan_version}",
+                       "anchored_at": before.anchored_at},
+                   after={"plan": plan.ref, "anchored_at": anchor})
         return Assignment(plan, anchor, True)
 
     def assign_in(self, conn: Connection, app_id: int, end_user_id: int, plan: Plan,

@@ -5,6 +5,7 @@ the period. Stripe then sends the subscription's events, which set the end user'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,9 @@ from typing import Any
 import stripe
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from plans.catalog import Catalog, Plan
@@ -22,6 +25,7 @@ from plans.models import StripeCustomer, Subscription
 from plans.stripe_sync import BillingProviderError
 
 LIVE = ("trialing", "active")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,28 @@ class SubscriptionService:
                                 "trialing or active one can change.", code="subscription_ended")
         return row
 
-    def change(self, *, app_id: int, subscription_id: str, plan_id: str) -> SubscriptionChange:
+    def change(self, *, app_id: int, subscription_id: str, plan_id: str,
+               actor: Actor | None = None) -> SubscriptionChange:
+        """An upgrade at once (prorated), a downgrade at the end of the period. The change is
+        Stripe's, so its audit row is written once Stripe has made it (a database failure
+        in between leaves a change without its row, and an error in the log naming it)."""
         row = self._row(app_id, subscription_id)
+        made = self._change(row, app_id, subscription_id, plan_id)
+        try:
+            with self.engine.begin() as conn:
+                record(conn, actor, "subscription.change", target_type="subscription",
+                       target_id=subscription_id, app_id=app_id,
+                       before={"plan": f"{row.plan_id}@{row.plan_version}"},
+                       after={"plan": made.plan, "action": made.action,
+                              "effective_at": made.effective_at})
+        except SQLAlchemyError:
+            log.error("subscription %s was changed at Stripe (%s to %s) but its audit row "
+                      "could not be written", subscription_id, made.action, made.plan)
+            raise
+        return made
+
+    def _change(self, row: Any, app_id: int, subscription_id: str,
+                plan_id: str) -> SubscriptionChange:
         current = self.catalog.get(row.plan_id, row.plan_version)
         target = self.catalog.get(plan_id)
         if target is None:

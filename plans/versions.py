@@ -11,6 +11,7 @@ import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
+from core.audit import Actor, record
 from core.db import utcnow
 from plans.catalog import Catalog, Plan
 from plans.models import PlanVersion
@@ -54,9 +55,10 @@ def ensure_unchanged(engine: Engine, catalog: Catalog) -> None:
             "publish the change as a new version (version = N + 1).")
 
 
-def publish(engine: Engine, catalog: Catalog) -> list[Plan]:
+def publish(engine: Engine, catalog: Catalog, actor: Actor | None = None) -> list[Plan]:
     """Record every unpublished version (idempotent); returns the ones recorded now. Refuses,
-    recording nothing, if a published version was changed."""
+    recording nothing, if a published version was changed. Each version recorded is an audit
+    row of the actor's (the CLI's)."""
     ensure_unchanged(engine, catalog)
     fresh = [s.plan for s in states(engine, catalog) if s.state == "unpublished"]
     if fresh:
@@ -66,6 +68,10 @@ def publish(engine: Engine, catalog: Catalog) -> list[Plan]:
                 {"plan_id": p.id, "version": p.version, "content_hash": content_hash(p),
                  "content": orjson.dumps(content_of(p)).decode(), "published_at": now}
                 for p in fresh])
+            for p in fresh:
+                record(conn, actor, "plan.publish", target_type="plan_version",
+                       target_id=p.ref, app_id=None, after={
+                           "price": content_of(p)["price"], "content_hash": content_hash(p)})
     return fresh
 
 

@@ -159,6 +159,13 @@ def test_a_row_the_database_refuses_is_quarantined_not_spooled_and_can_be_retrie
     assert quarantined(clean_db)[0][2] == "written"
     assert runner.invoke(main, ["ledger", "quarantine", "list"], env=env).output.strip() \
         in ("", "the quarantine is empty")
+    with clean_db.connect() as conn:  # each retry is an audited operator action (issue 17)
+        trail = conn.execute(text("SELECT action, actor_role, app_id, before, after FROM "
+                                  "audit_events ORDER BY id")).all()
+    assert [(a, role, app) for a, role, app, _b, _a in trail] == [
+        ("quarantine.retry", "cli", app_id + 1000)] * 2
+    assert "IntegrityError" in trail[0][3] and "IntegrityError" in trail[0][4]
+    assert orjson.loads(trail[1][4])["resolution"] == "written"
 
 
 def test_a_database_that_refuses_the_quarantine_too_keeps_the_record_in_a_file(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from core.config import ConfigError
@@ -181,6 +182,11 @@ def test_published_versions_are_immutable(clean_db: Engine, pg_url: str, upstrea
     assert "published versions changed: pro@1" in changed.output
     refused = runner.invoke(main, ["plans", "publish"], env=env)
     assert refused.exit_code == 1 and "pro@1" in refused.output
+    with clean_db.connect() as conn:  # each version published is an audited CLI action
+        trail = conn.execute(text("SELECT action, actor_role, target_id FROM audit_events "
+                                  "ORDER BY id")).all()
+    assert [(a, r) for a, r, _t in trail] == [("plan.publish", "cli")] * 5
+    assert trail[-1][2] == "pro@3"
     with pytest.raises(ConfigError, match="pro@1"):
         create_app(config_from_toml(toml.replace("amount = 2000,", "amount = 1900,"), tmp_path,
                                     database_url=pg_url))

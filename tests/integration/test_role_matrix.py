@@ -51,6 +51,12 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("GET", "/v1/models"): ALL,
     # keys
     ("POST", "/v1/users/{user}/keys"): frozenset({"app"}),
+    ("POST", "/v1/keys"): ADMINS,  # an app-bound admin: its own app's keys only
+    ("GET", "/v1/keys"): ADMINS,
+    ("GET", "/v1/keys/{key_id}"): ADMINS,
+    ("DELETE", "/v1/keys/{key_id}"): ADMINS,
+    ("POST", "/v1/keys/{key_id}/rotate"): ADMINS,
+    ("GET", "/v1/audit"): ADMINS,  # an app-bound admin: its own app's rows only
     # usage, quota, credits
     ("GET", "/v1/usage"): ALL,  # a user key: its own usage only
     ("GET", "/v1/usage/routing"): ALL,
@@ -98,7 +104,7 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
 GATEWAY = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
            ("POST", "/v1/embeddings"), ("POST", "/v1/messages"), ("GET", "/v1/models")]
 VALUES = {"user": "alice", "sub_id": "sub_none", "offer": "pro-monthly", "version": "1",
-          "consent_id": "cns_none", "app": "acme"}
+          "consent_id": "cns_none", "app": "acme", "key_id": "0123456789abcdef"}
 PLANS = """
 [[plans]]
 id = "free"
