@@ -477,7 +477,7 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     # Each worker writes its metrics here; /metrics merges them. Must be set before any
     # worker imports prometheus_client.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
-    from core.server import run
+    from core.server import run, worker_beside
     from core.startup import summary
     from plans.catalog import Catalog
 
@@ -485,34 +485,12 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     for line in summary(config, plans, f"http://{host}:{port}", workers,
                         os.environ.get("MLANE_CONFIG")):
         click.echo(f"meterlane: {line}", err=True)
-    if with_worker is None:
-        with_worker = config.embedded
-    job_worker = _start_worker() if with_worker else None
-    click.echo("meterlane: jobs      " + (
-        f"a worker runs them beside the service (pid {job_worker.pid}; --without-worker: "
-        "none)" if job_worker else "run `meterlane worker` for the scheduled jobs "
-        "(or serve --with-worker)"), err=True)
-    try:
+    with worker_beside(config.embedded if with_worker is None else with_worker) as pid:
+        click.echo("meterlane: jobs      " + (
+            f"a worker runs them beside the service (pid {pid}; --without-worker: none)"
+            if pid else "run `meterlane worker` for the scheduled jobs (or serve "
+            "--with-worker)"), err=True)
         run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
-    finally:
-        if job_worker is not None:
-            _stop_worker(job_worker)
-
-
-def _start_worker() -> subprocess.Popen[bytes]:
-    """`meterlane worker` as a child of serve; it stops when serve does (and by itself if
-    serve is killed)."""
-    return subprocess.Popen([sys.executable, "-P", "-m", "app", "worker",  # noqa: S603
-                             "--exit-with", str(os.getpid())])
-
-
-def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()  # the job running ends first
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _size_pools(config: Config, workers: int) -> None:
