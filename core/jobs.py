@@ -179,7 +179,8 @@ class JobBoard:
 
     def prometheus(self) -> bytes:
         """Per job (the job's name is the only label, and the outcome of the run counts):
-        the last success, the last run's duration, how late it is, runs by outcome."""
+        the last success, the last run's duration, the next run, how late it is, runs by
+        outcome."""
         now = self.clock()
         with self.engine.connect() as conn:
             states = {s.name: s for s in conn.execute(select(JobState))}
@@ -187,6 +188,8 @@ class JobBoard:
             "job_last_success_timestamp_seconds": ("gauge", "When the job last ran to the "
                                                    "end without an error (unix time)", []),
             "job_last_duration_seconds": ("gauge", "How long the job's last run took", []),
+            "job_next_run_timestamp_seconds": ("gauge", "When the job runs next (unix "
+                                               "time)", []),
             "job_lag_seconds": ("gauge", "How long past its next run the job is (0: on "
                                 "time)", []),
             "job_runs_total": ("counter", "Runs of the job by outcome (ok, error, lost)", []),
@@ -202,6 +205,8 @@ class JobBoard:
             if state.last_duration_ms is not None:
                 families["job_last_duration_seconds"][2].append(
                     f"{{{label}}} {state.last_duration_ms / 1000:.3f}")
+            families["job_next_run_timestamp_seconds"][2].append(
+                f"{{{label}}} {state.next_run_at.timestamp():.3f}")
             lag = max(0.0, (now - state.next_run_at).total_seconds())
             families["job_lag_seconds"][2].append(f"{{{label}}} {lag:.3f}")
             for outcome in ("ok", "error", "lost"):

@@ -107,6 +107,7 @@ def test_metrics_show_each_jobs_runs_lag_and_last_success(app: Any, client: Any)
     assert 'meterlane_job_last_success_timestamp_seconds{job="credits"}' in body
     assert 'meterlane_job_last_duration_seconds{job="credits"}' in body
     assert 'meterlane_job_lag_seconds{job="credits"} 0.000' in body
+    assert 'meterlane_job_next_run_timestamp_seconds{job="credits"}' in body
 
 
 def test_a_job_locked_by_another_worker_is_left_to_it_then_taken_over(app: Any) -> None:
