@@ -49,6 +49,10 @@ class AdvisoryLock:
     def acquire(self) -> bool:
         conn = self.engine.connect()
         try:
+            # A worker killed with its machine (no FIN to the server) must not hold its job
+            # for the hours the OS takes to notice: the server probes this connection.
+            conn.execute(text("SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; "
+                              "SET tcp_keepalives_count = 4"))
             got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:c, :k)"),
                                     {"c": LOCK_CLASS, "k": self.key}).scalar())
             conn.commit()
