@@ -64,16 +64,19 @@ class JobBoard:
         due = self.next_runs().get(name)
         return due is None or due <= now
 
-    def start(self, job: Job, worker: str) -> tuple[int, JobContext]:
+    def start(self, job: Job, worker: str, *, scheduled: bool = True
+              ) -> tuple[int, JobContext]:
         """Record a run starting (its worker holds the job's lock); a run left `running` by
-        a worker that died is recorded as lost. Returns the run's id."""
+        a worker that died is recorded as lost. `scheduled`: a long-running worker's run
+        (not `worker --once`), after which the job is expected at its next run. Returns the
+        run's id."""
         now = self.clock()
         with self.engine.begin() as conn:
             state = conn.execute(select(JobState).where(JobState.name == job.name)).first()
             if state is None:
                 conn.execute(insert(JobState).values(
                     name=job.name, interval_seconds=job.interval_seconds, next_run_at=now,
-                    runs_ok=0, runs_error=0, runs_lost=0))
+                    runs_ok=0, runs_error=0, runs_lost=0, scheduled=scheduled))
             elif state.running_on is not None:
                 self._lost(conn, job.name, state.running_on, now)
             run_id = conn.execute(insert(JobRun).values(
@@ -81,7 +84,7 @@ class JobBoard:
             ).returning(JobRun.id)).scalar_one()
             conn.execute(update(JobState).where(JobState.name == job.name).values(
                 running_on=worker, last_started_at=now, heartbeat_at=now,
-                interval_seconds=job.interval_seconds))
+                interval_seconds=job.interval_seconds, scheduled=scheduled))
         return run_id, JobContext(None if state is None else state.last_success_at)
 
     @staticmethod
@@ -168,7 +171,8 @@ class JobBoard:
 
     def overdue(self) -> str | None:
         """A readiness check: None, or the jobs that should have run and have not. Only jobs
-        that have run at least once count: an install that runs no worker is not unready."""
+        a long-running worker ran last count: an install that runs no worker (or runs
+        `worker --once` by hand) is not unready for it."""
         now = self.clock()
         with self.engine.connect() as conn:
             states = {s.name: s for s in conn.execute(select(JobState))}
@@ -227,9 +231,9 @@ def _alive(state: Any, now: datetime) -> bool:
 
 
 def _overdue(job: Job, state: Any, now: datetime) -> bool:
-    """Past its next run by more than an interval and a minute, and not running on a live
-    worker (a long run is not late)."""
-    if _alive(state, now):
+    """Past its next run by more than an interval and a minute, not running on a live
+    worker (a long run is not late), and last run by a long-running worker."""
+    if _alive(state, now) or not state.scheduled:
         return False
     late: timedelta = now - state.next_run_at
     return late > timedelta(seconds=job.interval_seconds) + OVERDUE_GRACE

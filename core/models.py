@@ -130,6 +130,9 @@ class JobState(Base):
     runs_lost: Mapped[int] = mapped_column(BigInteger)
     running_on: Mapped[str | None] = mapped_column(String(200))  # worker "host:pid"
     heartbeat_at: Mapped[datetime | None]
+    # the last run came from a long-running worker (not `worker --once`): only then is the
+    # job expected at its next run, and late when it does not come
+    scheduled: Mapped[bool]
 
 
 class JobRun(Base):

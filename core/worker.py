@@ -165,7 +165,7 @@ class Worker:
         try:
             if due_only and not self.board.is_due(job.name, self.board.clock()):
                 return None
-            run_id, context = self.board.start(job, self.name)
+            run_id, context = self.board.start(job, self.name, scheduled=due_only)
             started_at, began = self.board.clock(), time.monotonic()
             self._running = job.name
             try:

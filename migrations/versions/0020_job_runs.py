@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column('runs_lost', sa.BigInteger(), nullable=False),
         sa.Column('running_on', sa.String(length=200), nullable=True),
         sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('scheduled', sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint('name', name=op.f('pk_job_states')),
     )
     op.create_table(
