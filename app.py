@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from core.audit import AuditService
     from core.auth import AuthService
     from core.events import EventService
+    from core.jobs import Job, JobBoard
     from core.keys import KeyService
     from core.metrics import Metrics
     from core.parts import Parts
@@ -89,6 +91,7 @@ class Wiring:
     evidence: EvidenceService
     finance: FinanceService
     audit: AuditService
+    jobs: JobBoard
 
     def parts(self) -> Parts:
         """Each part found by its class (how blueprints and commands reach them)."""
@@ -102,6 +105,8 @@ class Wiring:
         ready.add("ledger_writer", lambda: None if ledger.writer_alive() else "stopped")
         ready.add_gauge("ledger_quarantined", "Usage records the database refused, kept in "
                         "quarantine for an operator", ledger.quarantine.count)
+        ready.add("jobs", self.jobs.overdue)
+        ready.add_exporter(self.jobs.prometheus)
         return Parts([*(getattr(self, f.name) for f in fields(self) if f.name != "redis"),
                       ready])
 
@@ -142,6 +147,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from core.auth import AuthService
     from core.db import make_engine
     from core.events import EventService
+    from core.jobs import JobBoard
     from core.keys import KeyService
     from core.metrics import Metrics
     from core.tenancy import TenancyService
@@ -229,6 +235,9 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
+    jobs = JobBoard(engine, scheduled_jobs(
+        config, events=events, notices=notices, accrual=accrual, overage=overage,
+        finance=finance, limits=limits, ledger=ledger))
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
@@ -236,7 +245,73 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   overage=overage, subscriptions=subscriptions, events=events,
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
-                  finance=finance, audit=AuditService(engine))
+                  finance=finance, audit=AuditService(engine), jobs=jobs)
+
+
+# seconds between runs of each scheduled job (MLANE_JOB_INTERVALS changes them)
+JOB_INTERVALS = {"webhooks": 10, "notices": 900, "overage": 300, "credits": 60,
+                 "rollup": 300, "limits": 30, "quarantine": 300}
+
+
+def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeService,
+                   accrual: AccrualService, overage: OverageReporter, finance: FinanceService,
+                   limits: LimitsService, ledger: LedgerWriter) -> list[Job]:
+    """Every scheduled job of the product (`meterlane worker` runs them), each one call of
+    the service that does the work (the one-off commands call the same)."""
+    from core.db import utcnow
+    from core.jobs import Job, JobContext
+
+    intervals = {**JOB_INTERVALS, **dict(config.job_intervals)}
+    unknown = sorted(set(intervals) - set(JOB_INTERVALS))
+    if unknown:
+        raise ConfigError(f"MLANE_JOB_INTERVALS names no job {unknown}; the jobs are "
+                          + ", ".join(JOB_INTERVALS))
+
+    def webhooks(_: JobContext) -> str:
+        total = 0
+        for _round in range(50):  # 100 a round; the rest at the next run
+            sent = events.deliver_due()
+            total += sent
+            if not sent:
+                break
+        return f"attempted {total} webhook deliveries"
+
+    def overage_report(_: JobContext) -> str:
+        if not config.stripe_api_key:
+            return "Stripe is not configured (MLANE_STRIPE_API_KEY): nothing to report"
+        accrual.accrue_all(utcnow())
+        return f"reported {overage.report()} overage meter events to Stripe"
+
+    def rollup(_: JobContext) -> str:
+        done = finance.refresh(wait=False)
+        return "another process is rolling up" if done is None else "roll-ups up to date"
+
+    def catch_up(_: JobContext) -> str:
+        if not limits.enabled:
+            return "no plan has limits"
+        return f"counted {limits.catch_up()} calls the limit store had missed"
+
+    def quarantine(context: JobContext) -> str:
+        new = ledger.quarantine.count_since(context.last_success_at)
+        if not new:
+            return "nothing new in the ledger's quarantine"
+        message = (f"{new} usage records went to the ledger's quarantine since the last "
+                   "check: see `meterlane ledger quarantine list`")
+        log.error(message)
+        return message
+
+    work: dict[str, tuple[Callable[[JobContext], str], str]] = {
+        "webhooks": (webhooks, "send the signed webhooks that are due (retries included)"),
+        "notices": (lambda _: f"sent {len(notices.run())} notices",
+                    "reminders to subscribers that are due"),
+        "overage": (overage_report, "account recent usage, send its overage to Stripe"),
+        "credits": (lambda _: f"accounted {accrual.accrue_all(utcnow())} usage events",
+                    "account usage against allowances, credits and overage"),
+        "rollup": (rollup, "bring the finance roll-ups up to date"),
+        "limits": (catch_up, "count the calls let through while the limit store was down"),
+        "quarantine": (quarantine, "alert when usage records go to the ledger's quarantine"),
+    }
+    return [Job(name, intervals[name], run, about) for name, (run, about) in work.items()]
 
 
 def _redis(config: Config) -> Any | None:
@@ -281,6 +356,7 @@ def create_app(config: Config | None = None) -> Flask:
     from flask import Flask
 
     from core.api import bp as keys_bp
+    from core.jobs_api import bp as jobs_bp
     from core.ops import bp as ops_bp
     from core.web import install_hooks
     from finance.api import bp as finance_bp
@@ -321,7 +397,7 @@ def create_app(config: Config | None = None) -> Flask:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, credits_bp, plans_bp,
                paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp, finance_bp, finance_page_bp,
-               ops_bp):
+               ops_bp, jobs_bp):
         app.register_blueprint(bp)
     install_hooks(app)
     return app
@@ -385,7 +461,11 @@ def main(ctx: click.Context) -> None:
 @click.option("--workers", default=2, show_default=True, type=int)
 @click.option("--timeout", default=900, show_default=True, type=int,
               help="Seconds a worker may go silent before it is restarted.")
-def serve(host: str, port: int, workers: int, timeout: int) -> None:
+@click.option("--with-worker/--without-worker", "with_worker", default=None,
+              help="Also run `meterlane worker` (the scheduled jobs) beside the service, "
+                   "stopped with it. Default: with, on the embedded SQLite database; without, "
+                   "on MLANE_DATABASE_URL (run `meterlane worker` on its own there).")
+def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | None) -> None:
     """Run the service under gunicorn (gevent workers: many streams open at once)."""
     config = _load_config()
     # Check (or, on SQLite, apply) migrations in a child process: the gunicorn master must not
@@ -400,7 +480,7 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
     # Each worker writes its metrics here; /metrics merges them. Must be set before any
     # worker imports prometheus_client.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
-    from core.server import run
+    from core.server import run, worker_beside
     from core.startup import summary
     from plans.catalog import Catalog
 
@@ -408,7 +488,12 @@ def serve(host: str, port: int, workers: int, timeout: int) -> None:
     for line in summary(config, plans, f"http://{host}:{port}", workers,
                         os.environ.get("MLANE_CONFIG")):
         click.echo(f"meterlane: {line}", err=True)
-    run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
+    with worker_beside(config.embedded if with_worker is None else with_worker) as pid:
+        click.echo("meterlane: jobs      " + (
+            f"a worker runs them beside the service (pid {pid}; --without-worker: none)"
+            if pid else "run `meterlane worker` for the scheduled jobs (or serve "
+            "--with-worker)"), err=True)
+        run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
 
 
 def _size_pools(config: Config, workers: int) -> None:
@@ -451,7 +536,7 @@ def eval_tuple(text: str) -> tuple[int, int, int]:
 
 
 def _add_package_commands() -> None:
-    from core.cli import init, keys, webhooks
+    from core.cli import init, keys, webhooks, worker
     from finance.cli import demo_seed, finance, prices, report
     from metering.cli import billing, credits, ledger, limits
     from migrations.cli import db
@@ -459,7 +544,7 @@ def _add_package_commands() -> None:
     from plans.cli import plans
 
     for group in (db, keys, ledger, limits, plans, billing, webhooks, notices, credits,
-                  report, finance, prices, demo, init):
+                  report, finance, prices, demo, init, worker):
         main.add_command(group)
     demo.add_command(demo_seed)
 

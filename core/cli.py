@@ -227,3 +227,51 @@ def init(where: Path, force: bool) -> None:
         click.echo(f"wrote {target}")
     config = (where / "meterlane.toml").resolve()
     click.echo(f"next: export MLANE_CONFIG={config} && meterlane serve")
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="Run each job once now (unless another worker is "
+              "running it) and stop.")
+@click.option("--jobs", "names", metavar="A,B", help="Only these jobs (default: every job).")
+@click.option("--exit-with", "parent", type=int, hidden=True,
+              help="Stop when this process (the serve that started the worker) is gone.")
+def worker(once: bool, names: str | None, parent: int | None) -> None:
+    """Run every scheduled job when it is due: webhooks, notices, overage to Stripe, credits,
+    finance roll-ups, the limits catch-up, quarantine alerts. Any number of workers may run:
+    each job runs on one at a time, and a stopped worker's jobs pass to the others. One log
+    line per run."""
+    import logging
+    import signal
+
+    from core.jobs import JobBoard
+    from core.worker import Outcome, Worker, lock_factory
+
+    ctx = context()
+    if ctx.config().embedded:
+        ctx.ensure_embedded_schema()
+    board = ctx.part(JobBoard)
+    only = [n.strip() for n in names.split(",") if n.strip()] if names else None
+    unknown = sorted(set(only or ()) - set(board.jobs))
+    if unknown:
+        raise click.BadParameter(f"no job {unknown}; the jobs are {', '.join(board.jobs)}",
+                                 param_hint="--jobs")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+
+    def report(outcome: Outcome) -> None:
+        click.echo(f"{'ok   ' if outcome.ok else 'ERROR'} {outcome.job:<10} "
+                   f"{outcome.seconds:7.2f}s  {outcome.message}", err=not outcome.ok)
+
+    runner = Worker(board, lock_factory(board.engine, ctx.config().data_dir), only=only,
+                    report=report)
+    if once:
+        failed = [o.job for o in runner.tick(due_only=False) if not o.ok]
+        if failed:
+            raise click.ClickException(f"jobs failed: {', '.join(failed)}")
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runner.stopping.set())
+    click.echo(f"worker {runner.name}: jobs {', '.join(j.name for j in runner.jobs)}",
+               err=True)
+    runner.run_forever(parent=parent)
+    click.echo(f"worker {runner.name}: stopped", err=True)

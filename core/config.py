@@ -123,6 +123,9 @@ class Config:
     finance_usd_per: tuple[tuple[str, Decimal], ...] = (("usd", Decimal(1)),)
     # MLANE_WEBHOOKS_ALLOW_PRIVATE=1: webhooks may go to private and loopback addresses.
     webhooks_allow_private: bool = False
+    # MLANE_JOB_INTERVALS="overage=300,notices=900": seconds between runs of scheduled jobs
+    # (`meterlane worker`), for the jobs named; the others keep their defaults.
+    job_intervals: tuple[tuple[str, int], ...] = ()
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -180,10 +183,23 @@ class Config:
             key_cache_seconds=float(env.get("MLANE_KEY_CACHE_SECONDS", cls.key_cache_seconds)),
             webhooks_allow_private=bool(_bool_or_none(env.get("MLANE_WEBHOOKS_ALLOW_PRIVATE"))),
             trusted_proxies=_proxies(env),
+            job_intervals=_job_intervals(env.get("MLANE_JOB_INTERVALS", "")),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             **file_settings,
         )
+
+
+def _job_intervals(value: str) -> tuple[tuple[str, int], ...]:
+    found = []
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        name, _, seconds = item.partition("=")
+        if not re.fullmatch(r"[a-z_]{1,64}", name.strip()) or not seconds.strip().isdigit() \
+                or not 1 <= int(seconds) <= 7 * 86400:
+            raise ConfigError("MLANE_JOB_INTERVALS must be like 'overage=300,notices=900': "
+                              "a job's name and whole seconds from 1 to 604800")
+        found.append((name.strip(), int(seconds)))
+    return tuple(found)
 
 
 def _proxies(env: Mapping[str, str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base, BigIntPK, utcnow
@@ -132,3 +132,47 @@ class WebhookAttempt(Base):
     status: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(String(500))
     duration_ms: Mapped[int]
+
+
+# -- scheduled jobs (core.jobs) ----------------------------------------------------------
+
+
+class JobState(Base):
+    """One scheduled job: when it runs next, how its last run ended, which worker runs it now
+    (running_on, refreshed by heartbeat_at) and how many runs ended each way."""
+
+    __tablename__ = "job_states"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    interval_seconds: Mapped[int]
+    next_run_at: Mapped[datetime]
+    last_started_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_outcome: Mapped[str | None] = mapped_column(String(16))  # ok | error | lost
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_success_at: Mapped[datetime | None]
+    last_duration_ms: Mapped[int | None] = mapped_column(BigInteger)
+    runs_ok: Mapped[int] = mapped_column(BigInteger)
+    runs_error: Mapped[int] = mapped_column(BigInteger)
+    runs_lost: Mapped[int] = mapped_column(BigInteger)
+    running_on: Mapped[str | None] = mapped_column(String(200))  # worker "host:pid"
+    heartbeat_at: Mapped[datetime | None]
+    # the last run came from a long-running worker (not `worker --once`): only then is the
+    # job expected at its next run, and late when it does not come
+    scheduled: Mapped[bool]
+
+
+class JobRun(Base):
+    """One run of a job (the latest few per job are kept): running, ok, error, or lost (its
+    worker stopped mid-run and another took the job over)."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (Index("ix_job_runs_job", "job", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    job: Mapped[str] = mapped_column(String(64))
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str | None] = mapped_column(String(500))

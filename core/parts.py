@@ -7,10 +7,12 @@ class: the dependency is visible in its imports, where the layering test can che
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import TypeVar, cast
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Parts:
@@ -40,12 +42,17 @@ class Readiness:
     def __init__(self) -> None:
         self.checks: dict[str, Callable[[], str | None]] = {}
         self.gauges: dict[str, tuple[str, Callable[[], int]]] = {}
+        self.exporters: list[Callable[[], bytes]] = []
 
     def add(self, name: str, check: Callable[[], str | None]) -> None:
         self.checks[name] = check
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], int]) -> None:
         self.gauges[name] = (help_text, read)
+
+    def add_exporter(self, render: Callable[[], bytes]) -> None:
+        """More metrics for /metrics, in Prometheus' text format (e.g. the scheduled jobs')."""
+        self.exporters.append(render)
 
     def gauge_values(self) -> dict[str, int | None]:
         """Each gauge's value (None when it could not be read)."""
@@ -64,7 +71,13 @@ class Readiness:
             if value is not None:
                 lines += [f"# HELP meterlane_{name} {self.gauges[name][0]}",
                           f"# TYPE meterlane_{name} gauge", f"meterlane_{name} {value}"]
-        return ("\n".join(lines) + "\n").encode() if lines else b""
+        body = ("\n".join(lines) + "\n").encode() if lines else b""
+        for render in self.exporters:
+            try:
+                body += render()
+            except Exception:  # noqa: BLE001 - metrics that cannot be read are left out
+                log.warning("metrics exporter %r failed", render, exc_info=True)
+        return body
 
     def run(self) -> dict[str, str]:
         results: dict[str, str] = {}

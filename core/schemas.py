@@ -116,3 +116,40 @@ class ProblemSchema(Schema):
     status = fields.Integer()
     detail = fields.String()
     instance = fields.String()
+
+
+# -- scheduled jobs (GET /v1/admin/jobs) -----------------------------------------------------
+
+class JobRunSchema(Schema):
+    worker = fields.String(metadata={"description": "host:pid of the worker that ran it"})
+    started_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+    outcome = fields.String(metadata={"description": "running, ok, error, or lost (its worker "
+                                      "stopped mid-run; another took the job over)"})
+    message = fields.String(allow_none=True)
+
+
+class JobSchema(Schema):
+    name = fields.String()
+    about = fields.String()
+    interval_seconds = fields.Integer()
+    next_run_at = fields.DateTime(allow_none=True)
+    last_started_at = fields.DateTime(allow_none=True)
+    last_finished_at = fields.DateTime(allow_none=True)
+    last_outcome = fields.String(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    last_success_at = fields.DateTime(allow_none=True)
+    last_duration_ms = fields.Integer(allow_none=True)
+    running_on = fields.String(allow_none=True, metadata={
+        "description": "the worker running it now (None: none, or one that stopped)"})
+    overdue = fields.Boolean(metadata={"description": "past its next run by more than an "
+                                       "interval and a minute, and not running"})
+    runs_ok = fields.Integer()
+    runs_error = fields.Integer()
+    runs_lost = fields.Integer()
+    runs = fields.List(fields.Nested(JobRunSchema), metadata={"description": "the latest "
+                                                              "runs, newest first"})
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -39,3 +44,25 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int) -> No
         "loglevel": "info",
         "preload_app": False,
     }).run()
+
+
+@contextlib.contextmanager
+def worker_beside(enabled: bool) -> Iterator[int | None]:
+    """`meterlane worker` as a child of serve while the block runs (its pid; None when not
+    enabled): stopped after its run in progress when serve stops, and stopping by itself if
+    serve is killed."""
+    if not enabled:
+        yield None
+        return
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "app", "worker",  # noqa: S603
+                             "--exit-with", str(os.getpid())], env=env)
+    try:
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

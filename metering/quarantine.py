@@ -163,6 +163,15 @@ class Quarantine:
                 _Q.resolved_at.is_(None))).scalar() or 0
         return int(held) + self.file_count()
 
+    def count_since(self, since: datetime | None) -> int:
+        """Records put in quarantine since then (all of them for None), files included."""
+        stmt = select(func.count()).select_from(_Q).where(_Q.resolved_at.is_(None))
+        if since is not None:
+            stmt = stmt.where(_Q.created_at >= since)
+        with self.engine.connect() as conn:
+            held = conn.execute(stmt).scalar() or 0
+        return int(held) + self.file_count()
+
     def entries(self, *, include_resolved: bool = False, after: int = 0,
                 limit: int = 1000) -> list[Entry]:
         self._absorb_files()

@@ -82,6 +82,9 @@ class CreditOverage(Base):
     credits: Mapped[int] = mapped_column(BigInteger)
     happened_at: Mapped[datetime]
     reported_at: Mapped[datetime | None]  # sent to Stripe as a meter event
+    # the first send's start: a send that may have landed and is older than Stripe's
+    # de-duplication window is checked against Stripe's meter before it is sent again
+    report_attempted_at: Mapped[datetime | None]
     # why Stripe refused it (e.g. older than Stripe accepts); not sent again until cleared
     report_error: Mapped[str | None] = mapped_column(String(500))
 

@@ -11,7 +11,8 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import stripe
 from sqlalchemy import func, select, update
@@ -23,6 +24,10 @@ from plans.models import CreditOverage, StripeCustomer
 from plans.stripe_sync import METER_EVENT, BillingProviderError
 
 log = logging.getLogger(__name__)
+# Stripe drops a repeated meter event identifier for 24 hours only. A send first tried longer
+# ago than this (an hour's margin for clocks and the request itself) may be outside that
+# window by the time a repeat lands: Stripe's meter is checked before sending it again.
+SAFE_RESEND = timedelta(hours=23)
 
 
 def meter_identifier(usage_event_id: int, customer: str) -> str:
@@ -65,8 +70,15 @@ class OverageReporter:
         self.clock = clock
 
     def report(self, batch: int = 1000, *, retry_refused: bool = False) -> int:
-        """Send every unreported overage of a Stripe customer; returns how many were sent.
-        With retry_refused, those Stripe refused before are tried again."""
+        """Send every unreported overage of a Stripe customer; returns how many were sent
+        (or found in Stripe already). With retry_refused, those Stripe refused before are
+        tried again.
+
+        Each send is written down before it is tried (report_attempted_at), so a send that
+        may have reached Stripe unmarked (a crash between sending and marking) is known.
+        Sent again while Stripe's de-duplication window still covers the first try, Stripe
+        drops the repeat; past it, Stripe would count it twice, so Stripe's meter is asked
+        first (_settle_uncertain)."""
         if retry_refused:
             with self.engine.begin() as conn:
                 conn.execute(update(CreditOverage).where(
@@ -75,35 +87,120 @@ class OverageReporter:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(CreditOverage.usage_event_id, CreditOverage.credits,
-                       CreditOverage.happened_at, StripeCustomer.customer_id)
+                       CreditOverage.happened_at, StripeCustomer.customer_id,
+                       CreditOverage.report_attempted_at)
                 .join(StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
                 .where(CreditOverage.reported_at.is_(None),
                        CreditOverage.report_error.is_(None))
                 .order_by(CreditOverage.usage_event_id).limit(batch)).all()
         client = self.client()
-        sent = 0
-        for event_id, credits, happened_at, customer in rows:
-            values: dict[str, object] = {"reported_at": self.clock()}
-            try:
-                client.v1.billing.meter_events.create(params={
-                    "event_name": METER_EVENT, "identifier": meter_identifier(event_id, customer),
-                    "payload": {"stripe_customer_id": customer, "value": str(credits)},
-                    "timestamp": int(happened_at.timestamp())})
-                sent += 1
-            except stripe.InvalidRequestError as exc:
-                if "already exists" in str(exc):
-                    sent += 1  # sent before but not marked: Stripe has it
-                else:
-                    # Refused for good (too old, an unknown customer): kept aside, shown by
-                    # reconcile, and the rest still go.
-                    log.error("Stripe refused the overage of usage event %s: %s", event_id, exc)
-                    values = {"report_error": str(exc.user_message or exc)[:500]}
-            except stripe.StripeError as exc:
-                raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
+        horizon = self.clock() - SAFE_RESEND
+        sure: list[Any] = []
+        uncertain: list[Any] = []
+        for r in rows:
+            tried = r.report_attempted_at
+            (sure if tried is None or tried > horizon else uncertain).append(r)
+        sent = sum(self._send(client, r.usage_event_id, r.credits, r.happened_at,
+                              r.customer_id, first=r.report_attempted_at is None)
+                   for r in sure)
+        if uncertain:
+            sent += self._settle_uncertain(client, uncertain)
+        return sent
+
+    def _send(self, client: stripe.StripeClient, event_id: int, credits: int,
+              happened_at: datetime, customer: str, *, first: bool) -> int:
+        """One meter event: its attempt written down, sent, marked; 1 when Stripe has it."""
+        if first:
             with self.engine.begin() as conn:
                 conn.execute(update(CreditOverage).where(
-                    CreditOverage.usage_event_id == event_id).values(**values))
+                    CreditOverage.usage_event_id == event_id).values(
+                    report_attempted_at=self.clock()))
+        values: dict[str, object] = {"reported_at": self.clock()}
+        sent = 0
+        try:
+            client.v1.billing.meter_events.create(params={
+                "event_name": METER_EVENT, "identifier": meter_identifier(event_id, customer),
+                "payload": {"stripe_customer_id": customer, "value": str(credits)},
+                "timestamp": int(happened_at.timestamp())})
+            sent = 1
+        except stripe.InvalidRequestError as exc:
+            if "already exists" in str(exc):
+                sent = 1  # sent before but not marked: Stripe has it
+            else:
+                # Refused for good (too old, an unknown customer): kept aside, shown by
+                # reconcile, and the rest still go.
+                log.error("Stripe refused the overage of usage event %s: %s", event_id, exc)
+                values = {"report_error": str(exc.user_message or exc)[:500]}
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
+        with self.engine.begin() as conn:
+            conn.execute(update(CreditOverage).where(
+                CreditOverage.usage_event_id == event_id).values(**values))
         return sent
+
+    def _settle_uncertain(self, client: stripe.StripeClient, rows: list[Any]) -> int:
+        """Overage tried more than SAFE_RESEND ago and never marked: per customer and minute
+        (Stripe's summaries are by the minute), what Stripe's meter summed beyond what is
+        marked sent tells whether those sends landed: all (marked, not sent again), none
+        (sent now, as a first try) or some (set aside for an operator: never guessed)."""
+        meter = self._meter()
+        if meter is None:
+            log.error("no active Stripe meter %s: %d overage sends that may have landed are "
+                      "left unsent until it is back", METER_EVENT, len(rows))
+            return 0
+        groups: dict[tuple[str, int], list[Any]] = {}
+        for row in rows:
+            minute = int(row.happened_at.timestamp()) // 60 * 60
+            groups.setdefault((row.customer_id, minute), []).append(row)
+        done = 0
+        for (customer, minute), group in groups.items():
+            start = datetime.fromtimestamp(minute, UTC)
+            end = start + timedelta(seconds=60)
+            known = self._marked(customer, start, end)
+            if known is None:
+                continue  # a recent send of that minute is unmarked: settled at a later run
+            landed = self._summed(meter, customer, start, end) - known
+            total = sum(int(r.credits) for r in group)
+            ids = [r.usage_event_id for r in group]
+            if landed == total:
+                with self.engine.begin() as conn:
+                    conn.execute(update(CreditOverage).where(
+                        CreditOverage.usage_event_id.in_(ids)).values(
+                        reported_at=self.clock()))
+                done += len(ids)
+            elif landed == 0:
+                for r in group:
+                    done += self._send(client, r.usage_event_id, r.credits, r.happened_at,
+                                       customer, first=True)
+            else:
+                self._set_aside(ids, landed, total, start)
+        return done
+
+    def _marked(self, customer: str, start: datetime, end: datetime) -> int | None:
+        """Credits of the customer's overage in [start, end) marked sent; None when a send
+        of that minute is unmarked but recent (Stripe still de-duplicates it)."""
+        horizon = self.clock() - SAFE_RESEND
+        where = (StripeCustomer.customer_id == customer, CreditOverage.happened_at >= start,
+                 CreditOverage.happened_at < end)
+        joined = select(func.sum(CreditOverage.credits)).join(
+            StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
+        with self.engine.connect() as conn:
+            recent = conn.execute(joined.where(
+                *where, CreditOverage.reported_at.is_(None),
+                CreditOverage.report_attempted_at > horizon)).scalar()
+            if recent is not None:
+                return None
+            return int(conn.execute(joined.where(
+                *where, CreditOverage.reported_at.is_not(None))).scalar() or 0)
+
+    def _set_aside(self, ids: list[int], landed: int, total: int, start: datetime) -> None:
+        reason = (f"unknown whether Stripe has it: its meter holds {landed} credits of this "
+                  f"customer at {start:%Y-%m-%d %H:%M} UTC beyond those marked sent, of "
+                  f"{total} whose sends may have landed; check, then mark or retry")
+        log.error("overage of usage events %s: %s", ids, reason)
+        with self.engine.begin() as conn:
+            conn.execute(update(CreditOverage).where(
+                CreditOverage.usage_event_id.in_(ids)).values(report_error=reason[:500]))
 
     def by_user(self, period: str, *, ask_stripe: bool = True) -> list[OverageLine]:
         """Per end user: overage credits accounted for the month, reported, and summed by
@@ -145,4 +242,4 @@ class OverageReporter:
                 "end_time": int(end.timestamp())}).data
         except stripe.StripeError as exc:
             raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
-        return int(sum(s.aggregated_value for s in summaries))
+        return int(round(sum(s.aggregated_value for s in summaries)))

@@ -100,6 +100,7 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("GET", "/v1/finance/margins"): ADMINS | {"finance"},
     ("GET", "/v1/finance/users/least-profitable"): ADMINS | {"finance"},
     ("GET", "/v1/finance/local"): frozenset({"operator"}),  # every app's GPU upstreams
+    ("GET", "/v1/admin/jobs"): frozenset({"operator"}),  # the scheduled jobs of every app
 }
 GATEWAY = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
            ("POST", "/v1/embeddings"), ("POST", "/v1/messages"), ("GET", "/v1/models")]

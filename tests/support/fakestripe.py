@@ -8,6 +8,7 @@ Run: python -m tests.support.fakestripe --port 0   (prints "listening on PORT")"
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import socket
 import time
@@ -17,7 +18,11 @@ from aiohttp import web
 
 _prices: dict[str, dict[str, Any]] = {}
 _sessions: dict[str, dict[str, Any]] = {}
-_meter_events: dict[str, dict[str, Any]] = {}
+_meter_events: list[dict[str, Any]] = []  # every one taken (repeats past the window too)
+_DEDUP_SECONDS = 24 * 3600  # Stripe drops a repeated identifier for 24 hours only
+_clock = {"offset": 0.0}  # test control: this fake's time runs ahead of the machine's
+_hang: dict[str, bool] = {}  # test control: the next meter event hangs (taken first or not)
+_hanging = {"now": 0}  # meter event requests hanging now
 _meters: dict[str, dict[str, Any]] = {}
 _subscriptions: dict[str, dict[str, Any]] = {}
 _schedules: dict[str, dict[str, Any]] = {}
@@ -147,22 +152,48 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(session)
 
 
+def _now() -> float:
+    return time.time() + _clock["offset"]
+
+
 async def create_meter_event(request: web.Request) -> web.Response:
     data = await _form(request)
     identifier = data.get("identifier") or _id("mev")
     if not data.get("event_name") or not isinstance(data.get("payload"), dict):
         return _error(400, "Missing required param: event_name or payload.")
-    stamp = _int(data.get("timestamp")) or int(time.time())
-    if stamp < time.time() - 35 * 86400:  # as Stripe: no events older than 35 days
+    stamp = _int(data.get("timestamp")) or int(_now())
+    if stamp < _now() - 35 * 86400:  # as Stripe: no events older than 35 days
         return _error(400, "Timestamp must be within the past 35 calendar days.", "timestamp")
-    if identifier in _meter_events:  # Stripe de-duplicates by identifier
+    if any(e["identifier"] == identifier and e["created"] > _now() - _DEDUP_SECONDS
+           for e in _meter_events):  # Stripe de-duplicates by identifier, for 24 hours
         return _error(400, f"An event with identifier {identifier} already exists.",
                       "identifier")
-    event = {"object": "billing.meter_event", "created": int(time.time()),
+    event = {"object": "billing.meter_event", "created": int(_now()),
              "event_name": data["event_name"], "identifier": identifier, "livemode": False,
              "payload": data["payload"], "timestamp": _int(data.get("timestamp"))}
-    _meter_events[identifier] = event
+    hang = _hang.pop("next", None)
+    if hang is not None:  # the caller is to die before it hears back
+        if hang:
+            _meter_events.append(event)
+        _hanging["now"] += 1
+        await asyncio.sleep(5)  # long enough to be killed in; short enough to shut down
+        _hanging["now"] -= 1
+        return _error(500, "The fake hung this request (test control).")
+    _meter_events.append(event)
     return web.json_response(event)
+
+
+async def hang_next_meter_event(request: web.Request) -> web.Response:
+    """Test control: the next meter event is taken (`taken`: true) or not, and never
+    answered (its sender is killed meanwhile)."""
+    _hang["next"] = bool((await request.json())["taken"])
+    return web.json_response({"ok": True})
+
+
+async def advance_clock(request: web.Request) -> web.Response:
+    """Test control: this fake's clock moves `seconds` ahead (de-duplication windows pass)."""
+    _clock["offset"] += float((await request.json())["seconds"])
+    return web.json_response({"offset": _clock["offset"]})
 
 
 async def create_meter(request: web.Request) -> web.Response:
@@ -200,7 +231,7 @@ async def meter_event_summaries(request: web.Request) -> web.Response:
     if not customer or start is None or end is None:
         return _error(400, "Missing required param: customer, start_time or end_time.")
     total = 0.0
-    for ev in _meter_events.values():
+    for ev in _meter_events:
         if (ev["event_name"] == meter["event_name"]
                 and ev["payload"].get("stripe_customer_id") == customer
                 and start <= (ev["timestamp"] or ev["created"]) < end):
@@ -214,7 +245,7 @@ async def meter_event_summaries(request: web.Request) -> web.Response:
 
 async def list_meter_events(request: web.Request) -> web.Response:
     """Not Stripe's API: what the fake received, for tests to compare (GET /_fake/...)."""
-    return web.json_response({"data": list(_meter_events.values())})
+    return web.json_response({"data": list(_meter_events), "hanging": _hanging["now"]})
 
 
 def _sub_item(price_id: str, quantity: Any = None) -> dict[str, Any]:
@@ -496,6 +527,8 @@ def build() -> web.Application:
     ours.router.add_get("/v1/billing/meters", list_meters)
     ours.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
     ours.router.add_get("/_config/meter_events", list_meter_events)
+    ours.router.add_post("/_config/meter_events/hang", hang_next_meter_event)
+    ours.router.add_post("/_config/clock", advance_clock)
     # then localstripe's own routes: ours, registered first, answer where both exist
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}

@@ -1,0 +1,155 @@
+"""The scheduled jobs' board: GET /v1/admin/jobs (operator admin keys only), /readyz naming
+an overdue job (and never failing an install that runs no worker), /metrics per job, and the
+lock that keeps one job on one worker at a time (advisory lock on Postgres, file lock on
+SQLite)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from core.auth import Role
+from core.db import make_engine, utcnow
+from core.jobs import Job, JobBoard, JobContext
+from core.models import JobState
+from core.worker import AdvisoryLock, FileLock, Worker, lock_factory
+from tests.conftest import Keys, bearer
+
+pytestmark = pytest.mark.integration
+
+
+def board_of(app: Any) -> JobBoard:
+    return app.extensions["wiring"].jobs  # type: ignore[no-any-return]
+
+
+def worker_of(app: Any, name: str = "test:1", **kw: Any) -> Worker:
+    board = board_of(app)
+    return Worker(board, lock_factory(board.engine, app.extensions["wiring"].config.data_dir),
+                  name=name, **kw)
+
+
+def test_admin_jobs_answers_an_operator_admin_key_only(app: Any, client: Any,
+                                                       keys: Keys) -> None:
+    assert client.get("/v1/admin/jobs").status_code == 401
+    for key in (keys.app, keys.finance):
+        refused = client.get("/v1/admin/jobs", headers=bearer(key))
+        assert refused.status_code == 403 and refused.mimetype == "application/problem+json"
+    bound = app.extensions["wiring"].keys.create_key(Role.ADMIN, "acme").key
+    assert client.get("/v1/admin/jobs", headers=bearer(bound)).status_code == 403
+    listed = client.get("/v1/admin/jobs", headers=bearer(keys.admin))
+    assert listed.status_code == 200
+    jobs = {j["name"]: j for j in listed.json["jobs"]}
+    assert set(jobs) == {"webhooks", "notices", "overage", "credits", "rollup", "limits",
+                         "quarantine"}
+    assert jobs["overage"]["interval_seconds"] == 300
+    assert jobs["overage"]["last_started_at"] is None and jobs["overage"]["runs"] == []
+    assert "/v1/admin/jobs" in client.get("/openapi.json").json["paths"]
+
+
+def test_a_workers_runs_are_listed_with_their_outcome(app: Any, client: Any,
+                                                      keys: Keys) -> None:
+    done = worker_of(app).tick()
+    assert {o.job for o in done} == set(board_of(app).jobs) and all(o.ok for o in done)
+    # not due again for minutes (webhooks, every 10 s, could be on a slow machine)
+    assert worker_of(app, "test:2", only=["overage", "notices", "rollup"]).tick() == []
+    jobs = {j["name"]: j for j in client.get("/v1/admin/jobs",
+                                             headers=bearer(keys.admin)).json["jobs"]}
+    overage = jobs["overage"]
+    assert overage["last_outcome"] == "ok" and overage["runs_ok"] == 1
+    assert overage["runs"][0]["worker"] == "test:1"
+    assert "Stripe is not configured" in overage["runs"][0]["message"]
+    assert overage["next_run_at"] > overage["last_started_at"] and not overage["overdue"]
+    assert overage["running_on"] is None
+
+
+def test_a_failing_job_records_its_error_and_runs_again_at_its_next_turn(app: Any) -> None:
+    calls: list[int] = []
+
+    def broken(_: JobContext) -> str:
+        calls.append(1)
+        raise RuntimeError("the upstream said no")
+
+    board = JobBoard(board_of(app).engine, [Job("broken", 1, broken)])
+    runner = Worker(board, lambda name: FileLock(Path(app.extensions["wiring"].config.data_dir),
+                                                 name), name="test:1")
+    [outcome] = runner.tick()
+    assert not outcome.ok and "RuntimeError: the upstream said no" in outcome.message
+    [status] = board.status()
+    assert status["last_outcome"] == "error" and status["runs_error"] == 1
+    assert "the upstream said no" in status["last_error"]
+
+
+def test_readyz_names_an_overdue_job_and_ignores_jobs_never_run(app: Any,
+                                                                client: Any) -> None:
+    assert client.get("/readyz").status_code == 200  # no worker ever ran: ready
+    worker_of(app).tick(due_only=False)  # `meterlane worker --once`, by hand
+    with board_of(app).engine.begin() as conn:  # ... a day ago
+        conn.execute(update(JobState).values(next_run_at=utcnow() - timedelta(days=1)))
+    assert client.get("/readyz").status_code == 200  # no worker runs the jobs: not late
+    worker_of(app).tick()
+    assert client.get("/readyz").json["checks"]["jobs"] == "ok"
+    with board_of(app).engine.begin() as conn:  # the workers stopped an hour ago
+        conn.execute(update(JobState).where(JobState.name == "credits").values(
+            next_run_at=utcnow() - timedelta(hours=1)))
+    late = client.get("/readyz")
+    assert late.status_code == 503
+    assert late.json["checks"]["jobs"].startswith("overdue: credits (due 3")
+    jobs = {j["name"]: j for j in board_of(app).status()}
+    assert jobs["credits"]["overdue"] and not jobs["webhooks"]["overdue"]
+    worker_of(app).tick()  # a worker back: it runs, and the service is ready again
+    assert client.get("/readyz").status_code == 200
+
+
+def test_metrics_show_each_jobs_runs_lag_and_last_success(app: Any, client: Any) -> None:
+    worker_of(app).tick()
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'meterlane_job_runs_total{job="credits",outcome="ok"} 1' in body
+    assert 'meterlane_job_runs_total{job="credits",outcome="error"} 0' in body
+    assert 'meterlane_job_last_success_timestamp_seconds{job="credits"}' in body
+    assert 'meterlane_job_last_duration_seconds{job="credits"}' in body
+    assert 'meterlane_job_lag_seconds{job="credits"} 0.000' in body
+    assert 'meterlane_job_next_run_timestamp_seconds{job="credits"}' in body
+
+
+def test_a_job_locked_by_another_worker_is_left_to_it_then_taken_over(app: Any) -> None:
+    board = board_of(app)
+    job = board.jobs["credits"]
+    board.start(job, "dead:99")  # a worker began a run, and died holding its lock
+    held = AdvisoryLock(board.engine, "credits")
+    assert held.acquire()
+    try:
+        assert "credits" not in {o.job for o in worker_of(app).tick()}
+        [status] = [s for s in board.status() if s["name"] == "credits"]
+        assert status["runs"][0]["outcome"] == "running"
+    finally:
+        held.release()  # (Postgres drops it with the dead worker's connection)
+    assert "credits" in {o.job for o in worker_of(app).tick()}
+    [status] = [s for s in board.status() if s["name"] == "credits"]
+    assert [r["outcome"] for r in status["runs"]] == ["ok", "lost"]
+    assert status["runs_lost"] == 1 and "dead:99 stopped mid-run" in status["runs"][1][
+        "message"]
+
+
+def test_sqlite_file_locks_keep_a_job_on_one_worker(tmp_path: Path) -> None:
+    from migrations.schema import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    upgrade(engine)
+    try:
+        ran: list[str] = []
+        board = JobBoard(engine, [Job("tally", 60, lambda _: ran.append("x") or "ok")])
+        locks = lock_factory(engine, str(tmp_path))
+        assert isinstance(locks("tally"), FileLock)
+        held = locks("tally")
+        assert held.acquire() and not locks("tally").acquire()  # one holder at a time
+        assert Worker(board, locks, name="a:1").tick() == [] and ran == []
+        held.release()
+        assert [o.job for o in Worker(board, locks, name="a:1").tick()] == ["tally"]
+        assert Worker(board, locks, name="b:2").tick() == []  # ran: due in a minute
+        assert ran == ["x"]
+    finally:
+        engine.dispose()
