@@ -123,6 +123,14 @@ class Config:
     finance_usd_per: tuple[tuple[str, Decimal], ...] = (("usd", Decimal(1)),)
     # MLANE_WEBHOOKS_ALLOW_PRIVATE=1: webhooks may go to private and loopback addresses.
     webhooks_allow_private: bool = False
+    # Operations. MLANE_LOG_FORMAT: "text" (read by a person at a terminal) or "json" (one
+    # object a line, for a log collector). MLANE_METRICS_KEY: /metrics asks for it as a
+    # Bearer key. Traces: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set (spans go there
+    # over OTLP/HTTP); `tracing` without an endpoint uses the process's own tracer provider.
+    log_format: str = "text"
+    metrics_key: str | None = None
+    otel_endpoint: str | None = None
+    tracing: bool = False
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -182,8 +190,37 @@ class Config:
             trusted_proxies=_proxies(env),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
+            log_format=log_format(env),
+            metrics_key=env.get("MLANE_METRICS_KEY") or None,
+            otel_endpoint=(endpoint := otel_traces_endpoint(env)),
+            tracing=endpoint is not None,
             **file_settings,
         )
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    value = (env.get("MLANE_LOG_FORMAT") or "text").strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"MLANE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                          f"not {value!r}")
+    return value
+
+
+def otel_traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where spans go (OpenTelemetry's own variables): the traces endpoint as given, else the
+    base endpoint's /v1/traces; None (tracing off) when neither is set, or the SDK is
+    disabled (OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none)."""
+    if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true" \
+            or (env.get("OTEL_TRACES_EXPORTER") or "").strip().lower() == "none":
+        return None
+    traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or "").strip()
+    if traces:
+        return traces
+    base = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
+    return base.rstrip("/") + "/v1/traces" if base else None
 
 
 def _proxies(env: Mapping[str, str]) -> int:

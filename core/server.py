@@ -25,7 +25,10 @@ class MeterlaneServer(BaseApplication):  # type: ignore[misc]
         return getattr(importlib.import_module(module), name)()
 
 
-def run(factory: str, *, host: str, port: int, workers: int, timeout: int) -> None:
+def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
+        log_format: str = "text") -> None:
+    from core.logs import gunicorn_logconfig
+
     MeterlaneServer(factory, {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -37,5 +40,15 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int) -> No
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn's lines and the app's (one per request) in one format, on stderr
+        "logconfig_dict": gunicorn_logconfig(log_format),
+        "child_exit": _child_exit,
         "preload_app": False,
     }).run()
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """A worker is gone: its gauges (calls in flight, its queue) leave /metrics' sums."""
+    from core.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
