@@ -105,26 +105,7 @@ def configure(fmt: str, *, stream: TextIO | None = None, level: int = logging.IN
     handler._meterlane = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-
-
-def gunicorn_logconfig(fmt: str) -> dict[str, Any]:
-    """gunicorn's logconfig_dict: its lines and the app's (the root logger, which every
-    worker inherits) in the one format, on stderr."""
-    cls = f"{__name__}.{'JsonFormatter' if fmt == 'json' else 'TextFormatter'}"
-    handler = {"class": "logging.StreamHandler", "formatter": "meterlane",
-               "stream": "ext://sys.stderr"}
-    return {
-        "version": 1, "disable_existing_loggers": False,
-        "formatters": {"meterlane": {"()": cls}},
-        "handlers": {"console": handler, "error_console": handler},
-        "root": {"level": "INFO", "handlers": ["console"]},
-        "loggers": {
-            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
-                               "propagate": False, "qualname": "gunicorn.error"},
-            "gunicorn.access": {"level": "INFO", "handlers": ["console"],
-                                "propagate": False, "qualname": "gunicorn.access"},
-        },
-    }
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its migration chatter
 
 
 def json_line(logger: str, message: str, level: str = "info", **fields: Any) -> str:

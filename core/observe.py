@@ -16,6 +16,7 @@ from typing import Any, Protocol, cast
 
 from flask import Flask, Response, g, request
 from opentelemetry.trace import Span, StatusCode
+from werkzeug.wsgi import ClosingIterator
 
 from core.logs import event
 from core.tracing import Tracing
@@ -83,7 +84,12 @@ def install(app: Flask, tracing: Tracing) -> None:
                        app=getattr(principal, "app_name", None),
                        started=g.get("request_started", time.perf_counter()),
                        span=g.get("request_span"), detail=detail)
-        response.call_on_close(functools.partial(_close, ended))
+        close = functools.partial(_close, ended)
+        if response.direct_passthrough:  # a stream: werkzeug hands the server its body as
+            # it is, without the response's close callbacks; the line comes at its end
+            response.response = ClosingIterator(response.response, close)
+        else:
+            response.call_on_close(close)
         return response
 
 

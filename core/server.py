@@ -6,6 +6,9 @@ import importlib
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+from core import logs
 
 
 class MeterlaneServer(BaseApplication):  # type: ignore[misc]
@@ -27,8 +30,6 @@ class MeterlaneServer(BaseApplication):  # type: ignore[misc]
 
 def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
         log_format: str = "text") -> None:
-    from core.logs import gunicorn_logconfig
-
     MeterlaneServer(factory, {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -41,10 +42,27 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
         "errorlog": "-",
         "loglevel": "info",
         # gunicorn's lines and the app's (one per request) in one format, on stderr
-        "logconfig_dict": gunicorn_logconfig(log_format),
+        "logger_class": type("FormattedLogger", (FormattedLogger,), {"log_format": log_format}),
         "child_exit": _child_exit,
         "preload_app": False,
     }).run()
+
+
+class FormattedLogger(Logger):  # type: ignore[misc]
+    """gunicorn's own lines in the service's log format, and the app's (the root logger,
+    which the workers inherit) set up in the same; no access log: each request's line is
+    the app's (core/observe.py), which knows the call."""
+
+    log_format = "text"
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(logs.formatter(self.log_format))
+        logs.configure(self.log_format)
+
+    def access(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
