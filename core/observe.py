@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -87,7 +87,7 @@ def install(app: Flask, tracing: Tracing) -> None:
         close = functools.partial(_close, ended)
         if response.direct_passthrough:  # a stream: werkzeug hands the server its body as
             # it is, without the response's close callbacks; the line comes at its end
-            response.response = ClosingIterator(response.response, close)
+            response.response = ClosingIterator(cast(Iterable[bytes], response.response), close)
         else:
             response.call_on_close(close)
         return response
