@@ -160,8 +160,6 @@ class CallTrace:
                 "meterlane.usage.reasoning_tokens": record.reasoning_tokens,
                 "meterlane.usage_source": record.usage_source,
                 "meterlane.outcome": record.status})
-            if record.upstream_model:
-                span.set_attribute("gen_ai.response.model", record.upstream_model)
         if record is None or record.status not in _OK_STATUSES:
             span.set_status(StatusCode.ERROR, error or "the call failed")
             span.set_attribute("error.type", record.status if record else "fallback")
