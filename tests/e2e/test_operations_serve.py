@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -181,13 +182,29 @@ def test_each_call_has_one_json_line_with_what_the_ledger_holds_and_no_secret(
     _check_line(line, row, headers)
     assert isinstance(line["ttft_ms"], int) and line["ttft_ms"] <= line["latency_ms"]
 
-    text = ops.log.read_text()
-    for secret in (PROMPT, "zebrafish", completion_text(6).strip(), ops.key,
-                   "sk-upstream-secret", ops.metrics_key, "Bearer"):
-        assert secret not in text
-    lines = ops.lines()  # every line is JSON: start-up and gunicorn's own too
-    assert any(d.get("event") == "startup" and d["msg"].startswith("serving") for d in lines)
-    assert any(d["logger"] == "gunicorn.error" for d in lines)
+
+
+def test_a_stream_the_client_leaves_gets_its_line_when_the_server_notices(ops: Ops) -> None:
+    conn = http.client.HTTPConnection(ops.base.split("//")[1], timeout=10)
+    conn.request("POST", CHAT, body=orjson.dumps({
+        "model": "gpt-4o-mini", "user": "leaver", "stream": True, "max_tokens": 200,
+        "messages": [{"role": "user", "content": PROMPT}], "fake": {"chunk_delay_ms": 20}}),
+        headers={"Authorization": f"Bearer {ops.key}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    rid = resp.getheader("x-request-id")
+    assert rid is not None
+    received = b""
+    while received.count(b"\n\n") < 5:
+        received += resp.read1(4096)
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    line = ops.line_of(rid)
+    row = ops.row(rid)
+    assert line["outcome"] == row.status == "client_disconnected"
+    assert line["tokens"]["output"] == row.output_tokens and 0 < row.output_tokens < 200
+    assert line["usage_source"] == row.usage_source == "counted"
+    assert line["status"] == 200 and line["ttft_ms"] == row.ttft_ms
 
 
 def test_spans_are_exported_over_otlp_with_genai_attributes(
@@ -291,3 +308,26 @@ def test_metrics_need_the_key_and_add_up_to_the_ledger_after_a_burst(ops: Ops) -
     # bounded labels: no end user is a label value
     assert not any(value.startswith(("burst-", "log-user", "span-user"))
                    for _, labels in found for _, value in labels)
+
+
+def test_every_line_is_json_and_nothing_secret_reaches_the_log(ops: Ops) -> None:
+    """Over every line the server wrote (with xdist, this module's other tests may have run
+    on another server: its own calls come first): prompts with a marker, completions, keys in
+    headers, a refused call."""
+    body = {"model": "gpt-4o-mini", "user": "secretive", "max_tokens": 6,
+            "messages": [{"role": "user", "content": PROMPT}]}
+    # the third is clipped to the rest of the day's 600 tokens; the fourth is refused
+    sent = [ops.call(body), ops.call({**body, "stream": True}),
+            ops.call({**body, "max_tokens": 1000}), ops.call({**body, "max_tokens": 1000})]
+    assert [s for s, _, _ in sent] == [200, 200, 200, 402]
+    for _, headers, _ in sent:
+        ops.line_of(headers["x-request-id"])
+    text = ops.log.read_text()
+    for secret in (PROMPT, "zebrafish", completion_text(6).strip(), ops.key,
+                   "sk-upstream-secret", ops.metrics_key, "Bearer"):
+        assert secret not in text
+    lines = ops.lines()  # every line is JSON: start-up and gunicorn's own too
+    assert any(d.get("event") == "startup" and d["msg"].startswith("serving") for d in lines)
+    assert any(d["logger"] == "gunicorn.error" for d in lines)
+    requests = [d for d in lines if d["logger"] == "meterlane.request"]
+    assert len({d["request_id"] for d in requests}) == len(requests)  # one line each
