@@ -54,6 +54,7 @@ class _Ended:
     route: str | None
     status: int
     app: str | None
+    role: str | None
     started: float
     span: Span | None
     detail: RequestDetail | None
@@ -82,6 +83,7 @@ def install(app: Flask, tracing: Tracing) -> None:
                        route=rule.rule if rule is not None else None,
                        status=response.status_code,
                        app=getattr(principal, "app_name", None),
+                       role=getattr(getattr(principal, "role", None), "value", None),
                        started=g.get("request_started", time.perf_counter()),
                        span=g.get("request_span"), detail=detail)
         close = functools.partial(_close, ended)
@@ -97,7 +99,7 @@ def _close(ended: _Ended) -> None:
     """The response is sent (a stream: to its end, or the client left): the line."""
     fields: dict[str, Any] = {
         "request_id": ended.request_id, "method": ended.method, "route": ended.route,
-        "status": ended.status, "app": ended.app,
+        "status": ended.status, "app": ended.app, "role": ended.role,
         "duration_ms": int((time.perf_counter() - ended.started) * 1000)}
     span = ended.span
     try:

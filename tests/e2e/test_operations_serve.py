@@ -141,7 +141,7 @@ def _check_line(line: dict[str, Any], row: Any, headers: dict[str, str]) -> None
     assert line["request_id"] == row.request_id == headers["x-request-id"] \
         == headers["x-meterlane-request-id"]
     assert (line["method"], line["route"], line["status"]) == ("POST", CHAT, row.http_status)
-    assert line["app"] == "ops"
+    assert line["app"] == "ops" and line["role"] == "app"
     assert line["end_user_id"] == row.end_user_id
     assert line["model"] == row.requested_model == "gpt-4o-mini"
     assert (line["upstream"], line["upstream_model"]) == (row.upstream, row.upstream_model)
