@@ -105,7 +105,8 @@ def configure(fmt: str, *, stream: TextIO | None = None, level: int = logging.IN
     handler._meterlane = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its migration chatter
+    for chatty in ("alembic", "stripe"):  # a line per migration step, per Stripe request
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def json_line(logger: str, message: str, level: str = "info", **fields: Any) -> str:
