@@ -65,9 +65,10 @@ class CallTrace:
         self.limit = {"outcome": "allowed"}
         try:
             yield
-        except DomainError as exc:
-            kind = REFUSALS.get(exc.status)
-            info = exc.extra.get("limit")
+        except Exception as exc:
+            # a refusal (402, 429), or the limits could not answer (the call fails then)
+            kind = REFUSALS.get(exc.status) if isinstance(exc, DomainError) else None
+            info = exc.extra.get("limit") if isinstance(exc, DomainError) else None
             self.limit = {"outcome": "refused", "kind": kind} if kind else \
                 {"outcome": "unavailable"}
             if kind and isinstance(info, dict):
