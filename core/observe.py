@@ -22,6 +22,7 @@ from core.logs import event
 from core.tracing import Tracing
 
 REQUEST_LOG = logging.getLogger("meterlane.request")
+log = logging.getLogger(__name__)
 
 
 class RequestDetail(Protocol):
@@ -105,6 +106,8 @@ def _close(ended: _Ended) -> None:
     try:
         if ended.detail is not None:
             ended.detail.finish(fields, span)
+    except Exception:  # noqa: BLE001 - the response is sent: the line goes out as it is
+        log.exception("request %s: its call's telemetry failed", ended.request_id)
     finally:
         if span is not None:
             span.set_attribute("http.response.status_code", ended.status)
