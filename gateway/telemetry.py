@@ -88,7 +88,7 @@ class CallTrace:
         self.upstream_request_id = None
         if self.tracer is None:
             return None
-        self._end_upstream(None, "failed: the next candidate was tried")
+        self._end_upstream(None, "failed: the next candidate was tried", "fallback")
         operation = OPERATIONS.get(endpoint, endpoint)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation, "gen_ai.provider.name": model.upstream,
@@ -149,7 +149,8 @@ class CallTrace:
             self.metrics.refusals.labels(record.status,
                                          str(self.limit.get("metric") or "unknown")).inc()
 
-    def _end_upstream(self, record: CallRecord | None, error: str | None) -> None:
+    def _end_upstream(self, record: CallRecord | None, error: str | None,
+                      kind: str = "unsettled") -> None:
         span, self._upstream_span = self._upstream_span, None
         if span is None:
             return
@@ -163,7 +164,7 @@ class CallTrace:
                 "meterlane.outcome": record.status})
         if record is None or record.status not in _OK_STATUSES:
             span.set_status(StatusCode.ERROR, error or "the call failed")
-            span.set_attribute("error.type", record.status if record else "fallback")
+            span.set_attribute("error.type", record.status if record else kind)
         span.end()
 
     # -- RequestDetail -------------------------------------------------------------------
