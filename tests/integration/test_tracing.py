@@ -32,6 +32,16 @@ from tests.support.upstream import FakeUpstream, prompt_tokens
 
 pytestmark = pytest.mark.integration
 CHAT = "/v1/chat/completions"
+# an alias whose first candidate (unpriced, so tried first) is on an upstream that is down
+ROUTED = """
+[[models]]
+name = "ghost-free"
+upstream = "down"
+
+[[aliases]]
+name = "auto"
+models = ["ghost-free", "gpt-4o-mini"]
+"""
 PLANS = """
 [[plans]]
 id = "traced"
@@ -82,7 +92,7 @@ def served(clean_db: Engine, pg_url: str, upstream: FakeUpstream,
     from app import create_app
 
     exporter().clear()
-    config = config_from_toml(gateway_toml(upstream.base_url) + PLANS, tmp_path,
+    config = config_from_toml(gateway_toml(upstream.base_url) + ROUTED + PLANS, tmp_path,
                               database_url=pg_url, tracing=True)
     app = create_app(config)
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -187,6 +197,23 @@ def test_a_stream_span_ends_with_its_usage_when_the_stream_ends(
     traceparent = upstream.requests[-1]["headers"]["traceparent"]
     assert traceparent.split("-")[1:3] == [f"{call.context.trace_id:032x}",
                                            f"{call.context.span_id:016x}"]
+
+
+def test_a_routed_call_has_a_span_for_each_candidate_tried(served: Served) -> None:
+    status, headers, _ = served.post({"model": "auto", "user": "traced-4", "max_tokens": 3,
+                                      "messages": [{"role": "user", "content": "route me"}]})
+    assert status == 200
+    _, children = spans_of(headers["x-request-id"])
+    calls = sorted((s for s in children if s.kind == SpanKind.CLIENT),
+                   key=lambda s: s.start_time or 0)
+    assert [s.name for s in calls] == ["chat ghost-free", "chat gpt-4o-mini"]
+    failed, served_by = calls
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.attributes["error.type"] == "fallback"
+    assert served_by.status.status_code == StatusCode.UNSET
+    assert served_by.attributes["gen_ai.usage.output_tokens"] == \
+        served.row(headers["x-request-id"]).output_tokens == 3
+    assert [s.name for s in children].count("meterlane.reserve") == 2  # one per candidate
 
 
 def test_a_refused_call_has_a_failed_reserve_and_no_upstream_span(
