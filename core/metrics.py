@@ -38,8 +38,9 @@ class Metrics:
             ["upstream"], buckets=_BUCKETS, registry=self.registry)
         self.errors = Counter("meterlane_errors", "Errors by kind", ["kind"],
                               registry=self.registry)
-        self.cost = Counter("meterlane_cost_picousd", "Cost of the calls served, in pico-USD "
-                            "(10^-12 USD), by app and model", ["app", "model"],
+        self.cost = Counter("meterlane_cost_picousd", "Cost of the calls served through the "
+                            "gateway, in pico-USD (10^-12 USD), by app and model",
+                            ["app", "model"],
                             registry=self.registry)
         self.ttft = Histogram("meterlane_time_to_first_token_seconds",
                               "Time from a streamed call's arrival to its first token, by model",
