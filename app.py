@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from core.metrics import Metrics
     from core.parts import Parts
     from core.tenancy import TenancyService
+    from core.tracing import Tracing
     from finance.service import FinanceService
     from gateway.service import GatewayService
     from metering.accrual import AccrualService
@@ -75,6 +76,7 @@ class Wiring:
     plans: PlanService
     gateway: GatewayService
     metrics: Metrics
+    tracing: Tracing
     redis: Any | None
     credits: CreditsService
     accrual: AccrualService
@@ -107,6 +109,8 @@ class Wiring:
                         "quarantine for an operator", ledger.quarantine.count)
         ready.add("jobs", self.jobs.overdue)
         ready.add_exporter(self.jobs.prometheus)
+        ready.add_gauge("ledger_spooled", "Usage records spooled to disk while the database "
+                        "was away, waiting for the next replay", ledger.spooled)
         return Parts([*(getattr(self, f.name) for f in fields(self) if f.name != "redis"),
                       ready])
 
@@ -151,6 +155,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from core.keys import KeyService
     from core.metrics import Metrics
     from core.tenancy import TenancyService
+    from core.tracing import Tracing
     from finance.prices import PriceBook
     from finance.service import FinanceService
     from gateway.router import Router
@@ -192,6 +197,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
     metering.prices = prices
     metrics = Metrics()
+    ledger.on_depth = metrics.ledger_queue.set
     catalog = Catalog.from_config(config)
     if check_schema and catalog.plans:
         from plans.versions import PlanChangedError, ensure_unchanged
@@ -233,14 +239,16 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                              lambda end_user_id: _plan_id(plans, end_user_id) or "none")
     limits.thresholds = config.paywall_thresholds
     upstreams = {u.name: UpstreamClient(u) for u in config.upstreams}
-    router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases))
+    router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases),
+                    metrics=metrics)
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
     jobs = JobBoard(engine, scheduled_jobs(
         config, events=events, notices=notices, accrual=accrual, overage=overage,
         finance=finance, limits=limits, ledger=ledger))
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
-                  plans=plans, gateway=gateway, metrics=metrics, redis=redis_client,
+                  plans=plans, gateway=gateway, metrics=metrics,
+                  tracing=Tracing.from_config(config), redis=redis_client,
                   credits=credits, accrual=accrual, billing=billing, checkout=checkout,
                   overage=overage, subscriptions=subscriptions, events=events,
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
@@ -487,13 +495,26 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     plans = sorted({p.id for p in Catalog.from_config(config).plans})
     for line in summary(config, plans, f"http://{host}:{port}", workers,
                         os.environ.get("MLANE_CONFIG")):
-        click.echo(f"meterlane: {line}", err=True)
+        _say(config, line)
     with worker_beside(config.embedded if with_worker is None else with_worker) as pid:
-        click.echo("meterlane: jobs      " + (
+        _say(config, "jobs      " + (
             f"a worker runs them beside the service (pid {pid}; --without-worker: none)"
             if pid else "run `meterlane worker` for the scheduled jobs (or serve "
-            "--with-worker)"), err=True)
-        run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout)
+            "--with-worker)"))
+        run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout,
+            log_format=config.log_format)
+
+
+def _say(config: Config, text: str) -> None:
+    """A start-up line on stderr, in the log format (MLANE_LOG_FORMAT)."""
+    if config.log_format != "json":
+        click.echo(f"meterlane: {text}", err=True)
+        return
+    from core.logs import json_line
+
+    warning = text.startswith("warning: ")
+    click.echo(json_line("meterlane.serve", text.removeprefix("warning: "),
+                         "warning" if warning else "info", event="startup"), err=True)
 
 
 def _size_pools(config: Config, workers: int) -> None:
@@ -511,19 +532,17 @@ def _size_pools(config: Config, workers: int) -> None:
     try:
         limit, size, overflow = eval_tuple(found.stdout)
     except ValueError:
-        click.echo("meterlane: could not read the database's max_connections; keeping the "
-                   "default pools", err=True)
+        _say(config, "could not read the database's max_connections; keeping the default "
+             "pools")
         return
     os.environ["MLANE_DB_POOL_SIZE"], os.environ["MLANE_DB_MAX_OVERFLOW"] = str(size), \
         str(overflow)
     if (size, overflow) != (config.db_pool_size, config.db_max_overflow):
-        click.echo(f"meterlane: the database takes {limit} connections; {workers} workers "
-                   f"get {size}+{overflow} each (MLANE_DB_POOL_SIZE / MLANE_DB_MAX_OVERFLOW "
-                   "to choose)", err=True)
+        _say(config, f"the database takes {limit} connections; {workers} workers get "
+             f"{size}+{overflow} each (MLANE_DB_POOL_SIZE / MLANE_DB_MAX_OVERFLOW to choose)")
     if size * 3 < 10:
-        click.echo(f"meterlane: warning: {limit} connections are few for {workers} workers: "
-                   "calls may wait for a connection (raise max_connections or run fewer "
-                   "workers)", err=True)
+        _say(config, f"warning: {limit} connections are few for {workers} workers: calls "
+             "may wait for a connection (raise max_connections or run fewer workers)")
 
 
 def eval_tuple(text: str) -> tuple[int, int, int]:

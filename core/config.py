@@ -126,6 +126,14 @@ class Config:
     # MLANE_JOB_INTERVALS="overage=300,notices=900": seconds between runs of scheduled jobs
     # (`meterlane worker`), for the jobs named; the others keep their defaults.
     job_intervals: tuple[tuple[str, int], ...] = ()
+    # Operations. MLANE_LOG_FORMAT: "text" (read by a person at a terminal) or "json" (one
+    # object a line, for a log collector). MLANE_METRICS_KEY: /metrics asks for it as a
+    # Bearer key. Traces: on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set (spans go there
+    # over OTLP/HTTP); `tracing` without an endpoint uses the process's own tracer provider.
+    log_format: str = "text"
+    metrics_key: str | None = None
+    otel_endpoint: str | None = None
+    tracing: bool = False
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -186,6 +194,10 @@ class Config:
             job_intervals=_job_intervals(env.get("MLANE_JOB_INTERVALS", "")),
             stripe_api_key=env.get("MLANE_STRIPE_API_KEY") or None,
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
+            log_format=log_format(env),
+            metrics_key=env.get("MLANE_METRICS_KEY") or None,
+            otel_endpoint=(endpoint := otel_traces_endpoint(env)),
+            tracing=endpoint is not None,
             **file_settings,
         )
 
@@ -200,6 +212,29 @@ def _job_intervals(value: str) -> tuple[tuple[str, int], ...]:
                               "a job's name and whole seconds from 1 to 604800")
         found.append((name.strip(), int(seconds)))
     return tuple(found)
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    value = (env.get("MLANE_LOG_FORMAT") or "text").strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"MLANE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                          f"not {value!r}")
+    return value
+
+
+def otel_traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where spans go (OpenTelemetry's own variables): the traces endpoint as given, else the
+    base endpoint's /v1/traces; None (tracing off) when neither is set, or the SDK is
+    disabled (OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none)."""
+    if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true" \
+            or (env.get("OTEL_TRACES_EXPORTER") or "").strip().lower() == "none":
+        return None
+    traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or "").strip()
+    if traces:
+        return traces
+    base = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
+    return base.rstrip("/") + "/v1/traces" if base else None
 
 
 def _proxies(env: Mapping[str, str]) -> int:

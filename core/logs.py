@@ -1,11 +1,20 @@
-"""Log lines on paths where a record or money is at stake: a failing log handler (a full disk,
-a broken collector) must never stop a usage record from being kept or a call from being
-recorded."""
+"""Log lines: one format per process (MLANE_LOG_FORMAT: text for a person, json for a
+collector), set up once; lines with fields (a request's, a job's) in that format; and `note`
+for paths where a record or money is at stake: a failing log handler (a full disk, a broken
+collector) must never stop a usage record from being kept or a call from being recorded."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+
+FIELDS = "fields"  # the LogRecord attribute that carries a line's fields (extra={FIELDS: ...})
+_STANDARD = ("ts", "level", "logger", "msg", "pid")
 
 
 def note(logger: logging.Logger, level: int, message: str, *args: Any) -> None:
@@ -14,3 +23,95 @@ def note(logger: logging.Logger, level: int, message: str, *args: Any) -> None:
         logger.log(level, message, *args)
     except Exception:  # noqa: BLE001, S110 - the record matters more than its log line
         pass
+
+
+def event(logger: logging.Logger, message: str, fields: dict[str, Any],
+          level: int = logging.INFO) -> None:
+    """A line with fields (a request's, a job's), never raising; nothing is built when the
+    level is off."""
+    if not logger.isEnabledFor(level):
+        return
+    try:
+        logger.log(level, message, extra={FIELDS: fields})
+    except Exception:  # noqa: BLE001, S110 - the record matters more than its log line
+        pass
+
+
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, msg, pid, then the line's own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"ts": _timestamp(record.created),
+                               "level": record.levelname.lower(), "logger": record.name,
+                               "msg": record.getMessage(), "pid": record.process}
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                if key not in _STANDARD:
+                    doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`ts LEVEL [pid] logger: msg key=value ...` (nested fields as key.sub=value)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = (f"{_timestamp(record.created)} {record.levelname} [{record.process}] "
+                f"{record.name}: {record.getMessage()}")
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            text += "".join(f" {k}={_text(v)}" for k, v in _flat(fields) if v is not None)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _flat(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+def _text(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return orjson.dumps(text).decode() if (not text or any(c in text for c in ' "=\n')) \
+        else text
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def configure(fmt: str, *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """The process's log lines in one format, on stderr: its root logger gets one handler
+    (a second call replaces it, never stacks)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_meterlane", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    handler._meterlane = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for chatty in ("alembic", "stripe"):  # a line per migration step, per Stripe request
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def json_line(logger: str, message: str, level: str = "info", **fields: Any) -> str:
+    """One JSON line, for what a command prints itself before any logger is set up (serve's
+    start-up summary)."""
+    return orjson.dumps({"ts": _timestamp(datetime.now(UTC).timestamp()), "level": level,
+                         "logger": logger, "msg": message, "pid": os.getpid(), **fields},
+                        default=str).decode()

@@ -1,13 +1,17 @@
-"""Prometheus metrics: calls, tokens, upstream latency, errors by kind (multi-process aware)."""
+"""Prometheus metrics (multi-process aware): calls, tokens, cost, time to first token, limit
+refusals, upstream latency, circuit state and calls in flight, the ledger writer's queue, errors
+by kind. Labels are bounded: apps, models and upstreams are the operator's; never an end user."""
 
 from __future__ import annotations
 
+import hmac
 import os
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -15,6 +19,8 @@ from prometheus_client import (
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 60)
+CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 
 class Metrics:
@@ -32,6 +38,26 @@ class Metrics:
             ["upstream"], buckets=_BUCKETS, registry=self.registry)
         self.errors = Counter("meterlane_errors", "Errors by kind", ["kind"],
                               registry=self.registry)
+        self.cost = Counter("meterlane_cost_picousd", "Cost of the calls served through the "
+                            "gateway, in pico-USD (10^-12 USD), by app and model",
+                            ["app", "model"],
+                            registry=self.registry)
+        self.ttft = Histogram("meterlane_time_to_first_token_seconds",
+                              "Time from a streamed call's arrival to its first token, by model",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.refusals = Counter("meterlane_limit_refusals", "Calls refused by a limit, by kind "
+                                "(quota_exceeded, rate_limited) and the limit's metric",
+                                ["kind", "metric"], registry=self.registry)
+        # Gauges: each worker writes its own; /metrics sums (in flight, queue) or takes the
+        # worst (circuit) over the live workers.
+        self.circuit = Gauge("meterlane_upstream_circuit_state", "An upstream's circuit breaker "
+                             "as the workers last saw it: 0 closed, 1 half-open, 2 open",
+                             ["upstream"], multiprocess_mode="livemax", registry=self.registry)
+        self.in_flight = Gauge("meterlane_upstream_in_flight", "Calls in flight to an upstream",
+                               ["upstream"], multiprocess_mode="livesum", registry=self.registry)
+        self.ledger_queue = Gauge("meterlane_ledger_queue_depth", "Usage records waiting for "
+                                  "the ledger writer", multiprocess_mode="livesum",
+                                  registry=self.registry)
 
     def observe_call(self, record: Any, seconds: float) -> None:
         self.calls.labels(record.endpoint, record.requested_model, record.status).inc()
@@ -43,9 +69,30 @@ class Metrics:
         if record.status != "ok":
             self.errors.labels(record.status).inc()
 
+    def upstream_state(self, upstream: str, circuit: str, in_flight: int) -> None:
+        self.circuit.labels(upstream).set(CIRCUIT_STATES[circuit])
+        self.in_flight.labels(upstream).set(in_flight)
+
     def render(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def scrape_allowed(key: str | None, authorization: str | None) -> bool:
+    """Whether a scrape may read /metrics: always when no key is configured
+    (MLANE_METRICS_KEY), else only with `Authorization: Bearer <that key>` (compared in
+    constant time)."""
+    if not key:
+        return True
+    scheme, _, value = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              key.encode())
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker is gone: its live gauges leave the sums (gunicorn's child_exit hook)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -8,11 +8,11 @@ from importlib.metadata import version as installed_version
 from flask import Blueprint, Response, current_app, render_template, request
 from marshmallow import Schema, fields
 
-from core.errors import ServiceUnavailableError
-from core.metrics import Metrics
+from core.errors import AuthenticationError, ServiceUnavailableError
+from core.metrics import Metrics, scrape_allowed
 from core.openapi import build_spec, documented
 from core.parts import Readiness
-from core.web import json_response, part
+from core.web import config, json_response, part
 
 bp = Blueprint("ops", __name__, template_folder="templates")
 
@@ -77,8 +77,13 @@ def readyz() -> Response:
 
 
 @bp.get("/metrics")
-@documented(summary="Prometheus metrics", tag="ops", content_type="text/plain")
+@documented(summary="Prometheus metrics (a Bearer key when MLANE_METRICS_KEY is set)",
+            tag="ops", content_type="text/plain")
 def metrics() -> Response:
+    if not scrape_allowed(config().metrics_key, request.headers.get("Authorization")):
+        raise AuthenticationError("/metrics takes the key set in MLANE_METRICS_KEY: "
+                                  "Authorization: Bearer <key>.",
+                                  headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     body = part(Metrics).render() + part(Readiness).prometheus()
     return Response(body, mimetype="text/plain; version=0.0.4")
 

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+from core import logs
 
 
 class MeterlaneServer(BaseApplication):  # type: ignore[misc]
@@ -30,7 +33,8 @@ class MeterlaneServer(BaseApplication):  # type: ignore[misc]
         return getattr(importlib.import_module(module), name)()
 
 
-def run(factory: str, *, host: str, port: int, workers: int, timeout: int) -> None:
+def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
+        log_format: str = "text") -> None:
     MeterlaneServer(factory, {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -42,6 +46,9 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int) -> No
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn's lines and the app's (one per request) in one format, on stderr
+        "logger_class": type("FormattedLogger", (FormattedLogger,), {"log_format": log_format}),
+        "child_exit": _child_exit,
         "preload_app": False,
     }).run()
 
@@ -66,3 +73,27 @@ def worker_beside(enabled: bool) -> Iterator[int | None]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class FormattedLogger(Logger):  # type: ignore[misc]
+    """gunicorn's own lines in the service's log format, and the app's (the root logger,
+    which the workers inherit) set up in the same; no access log: each request's line is
+    the app's (core/observe.py), which knows the call."""
+
+    log_format = "text"
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(logs.formatter(self.log_format))
+        logs.configure(self.log_format)
+
+    def access(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """A worker is gone: its gauges (calls in flight, its queue) leave /metrics' sums."""
+    from core.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)

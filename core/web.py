@@ -193,7 +193,12 @@ def app_in_scope(principal: Principal) -> int:
 
 def install_hooks(app: Flask) -> None:
     """The request id on every response, and every error as problem+json (RFC 9457); the
-    gateway's blueprints answer their own errors in their providers' envelopes."""
+    gateway's blueprints answer their own errors in their providers' envelopes. Each request's
+    log line and span (core/observe.py) first."""
+    from core.observe import install
+    from core.tracing import Tracing
+
+    install(app, cast(Parts, app.extensions["parts"]).get(Tracing))
 
     @app.before_request
     def assign_request_id() -> None:
@@ -202,7 +207,12 @@ def install_hooks(app: Flask) -> None:
 
     @app.after_request
     def tag_response(response: Response) -> Response:
-        response.headers["X-Meterlane-Request-Id"] = g.get("request_id", "")
+        # x-request-id as OpenAI's answers carry it (SDKs and proxies read that name);
+        # never taken from the client: it is the ledger's request id, and the default
+        # idempotency key of a call
+        rid = g.get("request_id", "")
+        response.headers["X-Meterlane-Request-Id"] = rid
+        response.headers["x-request-id"] = rid
         return response
 
     @app.errorhandler(DomainError)

@@ -10,22 +10,33 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
+from core import observe
 from core.errors import DATABASE_UNAVAILABLE, DomainError, openai_error
+from core.metrics import Metrics
+from core.tracing import Tracing
 from core.web import current_principal, json_response, part, request_bytes, request_id
 from gateway import anthropic
 from gateway.service import CallContext, GatewayResponse, GatewayService
+from gateway.telemetry import CallTrace
 from metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
 log = logging.getLogger(__name__)
 bp = Blueprint("gateway", __name__, url_prefix="/v1")
 
 
-def _call(endpoint: str) -> Response:
+def _context() -> CallContext:
+    """The call's context: its caller, ids, and telemetry (its log line's fields, its spans)."""
     principal = current_principal()
-    ctx = CallContext(principal=principal, request_id=request_id(),
-                      user_header=request.headers.get("X-Meterlane-User"),
-                      idempotency_key=request.headers.get("Idempotency-Key"))
-    return _response(part(GatewayService).call(ctx, endpoint, request_bytes()))
+    trace = CallTrace(part(Metrics), app=principal.app_name, tracer=part(Tracing).tracer,
+                      parent=observe.request_span())
+    observe.attach(trace)
+    return CallContext(principal=principal, request_id=request_id(),
+                       user_header=request.headers.get("X-Meterlane-User"),
+                       idempotency_key=request.headers.get("Idempotency-Key"), trace=trace)
+
+
+def _call(endpoint: str) -> Response:
+    return _response(part(GatewayService).call(_context(), endpoint, request_bytes()))
 
 
 def _response(result: GatewayResponse) -> Response:
@@ -93,11 +104,7 @@ anthropic_bp = Blueprint("anthropic", __name__, url_prefix="/v1")
 
 @anthropic_bp.post("/messages")
 def messages() -> Response:
-    principal = current_principal()
-    ctx = CallContext(principal=principal, request_id=request_id(),
-                      user_header=request.headers.get("X-Meterlane-User"),
-                      idempotency_key=request.headers.get("Idempotency-Key"))
-    return _response(part(GatewayService).messages(ctx, request_bytes()))
+    return _response(part(GatewayService).messages(_context(), request_bytes()))
 
 
 def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None,

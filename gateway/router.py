@@ -9,7 +9,9 @@ circuit is open, when it is saturated (calls in flight at its cap: local first, 
 overflow), or when it fails before the first byte (connection, timeout, 429, 5xx).
 
 Circuit and in-flight state is per gateway process: each worker learns an upstream's health
-from its own calls, which needs no shared store on the hot path.
+from its own calls, which needs no shared store on the hot path. Each change goes to the
+metrics' gauges (a circuit's state as of its last change: an open circuit shows half-open once
+a call probes it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from core.config import Config, ModelConfig
 from core.errors import PermissionDeniedError
+from core.metrics import Metrics
 from plans.catalog import Plan
 
 # Prompt length (characters; about 4 per token) at which a call is moderate, and hard.
@@ -140,7 +143,8 @@ class _Circuit:
 
 class Router:
     def __init__(self, config: Config, plan_aliases: frozenset[str] = frozenset(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 metrics: Metrics | None = None) -> None:
         self.models = {m.name: m for m in config.models}
         self.aliases = {a.name: a.models for a in config.aliases}
         self.upstreams = {u.name: u for u in config.upstreams}
@@ -148,6 +152,16 @@ class Router:
         self.clock = clock
         self._circuits = {name: _Circuit() for name in self.upstreams}
         self._lock = threading.Lock()
+        self.metrics = metrics
+        for name, circuit in self._circuits.items():
+            self._show(name, circuit, 0.0)
+
+    def _show(self, upstream: str, circuit: _Circuit, now: float) -> None:
+        """The circuit's state and calls in flight, to the gauges (under the lock)."""
+        if self.metrics is not None:
+            self.metrics.upstream_state(upstream, "open" if circuit.open_until > now else
+                                        "half-open" if circuit.open_until else "closed",
+                                        circuit.in_flight)
 
     def is_alias(self, name: str) -> bool:
         """Whether any plan or the config defines this alias."""
@@ -189,6 +203,7 @@ class Router:
         if not routed:
             with self._lock:
                 circuit.in_flight += 1
+                self._show(upstream, circuit, self.clock())
             return None
         config = self.upstreams[upstream]
         now = self.clock()
@@ -203,6 +218,7 @@ class Router:
                     return "circuit half-open, a probe is out"
                 circuit.probe_until = now + config.breaker_cooldown_s
             circuit.in_flight += 1
+            self._show(upstream, circuit, now)
         return None
 
     def retry_after(self) -> int:
@@ -216,6 +232,7 @@ class Router:
         with self._lock:
             circuit = self._circuits[upstream]
             circuit.in_flight = max(0, circuit.in_flight - 1)
+            self._show(upstream, circuit, self.clock())
 
     def succeeded(self, upstream: str) -> None:
         circuit = self._circuits[upstream]
@@ -223,6 +240,7 @@ class Router:
             return
         with self._lock:
             circuit.failures, circuit.open_until, circuit.probe_until = 0, 0.0, 0.0
+            self._show(upstream, circuit, 0.0)
 
     def failed(self, upstream: str) -> None:
         config = self.upstreams[upstream]
@@ -231,8 +249,10 @@ class Router:
             circuit.failures += 1
             half_open = circuit.open_until != 0.0
             if half_open or circuit.failures >= config.breaker_failures:
-                circuit.open_until = self.clock() + config.breaker_cooldown_s
+                now = self.clock()
+                circuit.open_until = now + config.breaker_cooldown_s
                 circuit.probe_until = 0.0
+                self._show(upstream, circuit, now)
 
     def status(self) -> list[dict[str, Any]]:
         """Each upstream's circuit and calls in flight (this process)."""

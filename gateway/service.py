@@ -34,6 +34,7 @@ from gateway import anthropic
 from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
+from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
 from metering.leases import Lease
 from metering.ledger import CallRecord
@@ -77,6 +78,7 @@ class CallContext:
     request_id: str
     user_header: str | None
     idempotency_key: str | None
+    trace: CallTrace | None = None  # the call's spans, log fields and metrics
 
 
 class GatewayService:
@@ -121,6 +123,7 @@ class GatewayService:
         except DATABASE_DOWN as exc:
             self._refused_without_database(ctx, endpoint, body, wire, started, exc)
             raise
+        (ctx.trace or CallTrace(self.metrics)).attach(outcome)
         try:
             return self._forward(outcome, route, started, endpoint, raw, wire)
         except DATABASE_DOWN:
@@ -217,10 +220,12 @@ class GatewayService:
         self.metering.intents.open(self.metering.intent_of(
             outcome, outcome.prompt_estimate or len(payload) // 4,
             lease.out if lease is not None and lease.out is not None else cap))
+        traced = outcome.trace.upstream_call(model, endpoint, outcome.request)
         try:
             resp = upstream.post(PATHS[endpoint], payload, stream=stream,
-                                 request_id=outcome.request_id)
+                                 request_id=outcome.request_id, extra=traced)
             status = resp.status
+            outcome.trace.answered(status, resp.headers)
             err = None
             if status >= 300:
                 try:
@@ -323,10 +328,11 @@ class GatewayService:
             least = 1
         prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body)
         try:
-            lease = self.limits.reserve(
-                app_id=outcome.app_id, end_user_id=outcome.end_user_id, model=model,
-                prompt_tokens=prompt, want_out=want, min_out=least, out_per_token=choices,
-                request_id=outcome.request_id, paywall=final)
+            with outcome.trace.reserving():
+                lease = self.limits.reserve(
+                    app_id=outcome.app_id, end_user_id=outcome.end_user_id, model=model,
+                    prompt_tokens=prompt, want_out=want, min_out=least, out_per_token=choices,
+                    request_id=outcome.request_id, paywall=final)
         except (QuotaExceededError, RateLimitedError) as exc:
             if final:  # else the router tries the next candidate: no row for this one
                 status = "quota_exceeded" if exc.status == 402 else "rate_limited"
@@ -505,7 +511,8 @@ class GatewayService:
         outcome.latency_ms = _ms_since(started)
         outcome.status, outcome.http_status, outcome.error = status, http_status, error
         try:
-            record = self.metering.settle(outcome)
+            with outcome.trace.settling():
+                record = self.metering.settle(outcome)
             self.metering.intents.close(outcome.request_id)  # its row is written
         except Exception:
             # The ledger spools on database failure; anything else here is a bug to see.

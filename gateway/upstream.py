@@ -47,12 +47,15 @@ class UpstreamClient:
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
 
-    def post(self, path: str, body: bytes, *, stream: bool,
-             request_id: str | None = None) -> urllib3.BaseHTTPResponse:
+    def post(self, path: str, body: bytes, *, stream: bool, request_id: str | None = None,
+             extra: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse:
         """Send the request; returns the response with its body unread when stream=True. The
-        request id goes along (the upstream's logs can name the call the ledger names)."""
+        request id goes along (the upstream's logs can name the call the ledger names), and
+        `extra` headers (the trace context)."""
         headers = self._headers if request_id is None else {
             **self._headers, "X-Meterlane-Request-Id": request_id}
+        if extra:
+            headers = {**headers, **extra}
         try:
             return self._pool.urlopen(
                 "POST", self._prefix + path, body=body, headers=headers,

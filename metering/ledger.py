@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -203,6 +204,8 @@ class LedgerWriter:
         self._writer_pid: int | None = None
         self._thread: threading.Thread | None = None
         self.quarantine = Quarantine(engine, spool_dir)
+        # told the records waiting for this process's writer (a metrics gauge)
+        self.on_depth: Callable[[int], None] | None = None
 
     def record(self, rec: CallRecord, *, dedupe: bool = False) -> str:
         """Append one record; returns "written", "duplicate" or "spooled". With `dedupe`, a
@@ -305,6 +308,7 @@ class LedgerWriter:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
+            self._depth(len(batch) + q.qsize())
             try:
                 self._write_batch(batch)
             except Exception as exc:  # never let the writer die: a dead writer blocks calls
@@ -312,6 +316,14 @@ class LedgerWriter:
             finally:
                 for pending in batch:
                     pending.done.set()
+                self._depth(q.qsize())
+
+    def _depth(self, depth: int) -> None:
+        try:
+            if self.on_depth is not None:
+                self.on_depth(depth)
+        except Exception:  # noqa: BLE001, S110 - a gauge must never stop the writer
+            pass
 
     def _rescue(self, batch: list[_Pending], exc: Exception) -> None:
         """Settle, one by one, what a failed batch left unsettled. Nothing here may raise."""
@@ -426,6 +438,10 @@ class LedgerWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def spooled(self) -> int:
+        """Records in the spool waiting for a replay (every process's: one folder)."""
+        return sum(_lines(path) for path in self.spool_dir.glob("usage-*.jsonl"))
 
     def spool_for_user(self, row: dict[str, Any], external_id: str) -> None:
         """Spool a record whose end user has no id yet (the database was away when the call
@@ -570,6 +586,15 @@ def _decode(raw: bytes) -> dict[str, Any]:
         row["credits_pending"] = row.get("plan_id") is not None  # accounting decide
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            chunks = iter(functools.partial(f.read, 1 << 16), b"")
+            return sum(chunk.count(b"\n") for chunk in chunks)
+    except FileNotFoundError:  # replayed and removed meanwhile
+        return 0
 
 
 def _claimer_alive(name: str) -> bool:

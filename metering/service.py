@@ -71,6 +71,7 @@ class CallOutcome:
     route_alias: str | None = None
     route_reason: str | None = None
     route_allowed: tuple[ModelConfig, ...] = ()
+    trace: Any = None  # the gateway's telemetry of the call (gateway.telemetry.CallTrace)
 
 
 def _baseline(usage: TokenUsage, allowed: tuple[ModelConfig, ...]) -> int | None:

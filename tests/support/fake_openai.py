@@ -59,6 +59,7 @@ _ERROR_TYPES = {
 }
 _ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}
 _ids = itertools.count(1)
+_request_ids = itertools.count(1)
 
 
 def completion_words(n: int) -> list[str]:
@@ -139,8 +140,11 @@ def http_head(status: int, ctype: str, length: int | None, close: bool, extra: s
         f"content-length: {length}\r\n" if length is not None else "transfer-encoding: chunked\r\n"
     )
     conn = "connection: close\r\n" if close else ""
+    # the provider's own request id, as OpenAI sends it on every answer
+    rid = f"x-request-id: req_fake{next(_request_ids)}\r\n"
     return (
-        f"HTTP/1.1 {status} {_phrase(status)}\r\ncontent-type: {ctype}\r\n{size}{conn}{extra}\r\n"
+        f"HTTP/1.1 {status} {_phrase(status)}\r\ncontent-type: {ctype}\r\n{size}{conn}{rid}"
+        f"{extra}\r\n"
     ).encode("latin-1")
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from core.config import AliasConfig, Config, ModelConfig, ModelPrice, UpstreamConfig
 from core.errors import PermissionDeniedError
+from core.metrics import Metrics
 from gateway.router import CODE_SCAN_CHARS, LONG_PROMPT_CHARS, Router, difficulty
 from plans.catalog import Plan
 from plans.terms import Terms
@@ -110,6 +111,35 @@ def test_the_circuit_opens_half_opens_with_one_probe_and_closes() -> None:
     router.failed("gpu")
     assert take() is None  # closed again: counting from zero
     assert [s["circuit"] for s in router.status()] == ["closed", "closed"]
+
+
+def test_the_gauges_follow_the_circuit_and_the_calls_in_flight() -> None:
+    now = [100.0]
+    metrics = Metrics()
+    router = Router(CONFIG, clock=lambda: now[0], metrics=metrics)
+
+    def gauges(upstream: str) -> tuple[float | None, float | None]:
+        labels = {"upstream": upstream}
+        return (metrics.registry.get_sample_value("meterlane_upstream_circuit_state", labels),
+                metrics.registry.get_sample_value("meterlane_upstream_in_flight", labels))
+
+    assert gauges("gpu") == gauges("cloud") == (0, 0)  # every upstream from the start
+    assert router.acquire("gpu", routed=True) is None
+    assert router.acquire("gpu", routed=False) is None
+    assert gauges("gpu") == (0, 2)
+    router.failed("gpu")
+    router.failed("gpu")
+    assert gauges("gpu") == (2, 2)  # open
+    router.leave("gpu")
+    router.leave("gpu")
+    assert gauges("gpu") == (2, 0)
+    now[0] += 5
+    assert router.acquire("gpu", routed=True) is None
+    assert gauges("gpu") == (1, 1)  # half-open: a probe is out
+    router.succeeded("gpu")
+    router.leave("gpu")
+    assert gauges("gpu") == (0, 0)
+    assert gauges("cloud") == (0, 0)
 
 
 def test_the_concurrency_cap_is_taken_atomically() -> None:
