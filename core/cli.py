@@ -243,6 +243,7 @@ def worker(once: bool, names: str | None, parent: int | None) -> None:
     import logging
     import signal
 
+    from core import logs
     from core.jobs import JobBoard
     from core.worker import Outcome, Worker, lock_factory
 
@@ -255,12 +256,16 @@ def worker(once: bool, names: str | None, parent: int | None) -> None:
     if unknown:
         raise click.BadParameter(f"no job {unknown}; the jobs are {', '.join(board.jobs)}",
                                  param_hint="--jobs")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logs.configure(ctx.config().log_format)  # the serve's format (MLANE_LOG_FORMAT)
+    log = logging.getLogger("meterlane.worker")
 
     def report(outcome: Outcome) -> None:
-        click.echo(f"{'ok   ' if outcome.ok else 'ERROR'} {outcome.job:<10} "
-                   f"{outcome.seconds:7.2f}s  {outcome.message}", err=not outcome.ok)
+        logs.event(log, f"job {outcome.job} {'ok' if outcome.ok else 'failed'}",
+                   {"event": "job", "job": outcome.job,
+                                          "outcome": "ok" if outcome.ok else "error",
+                                          "duration_ms": round(outcome.seconds * 1000, 1),
+                                          "detail": outcome.message},
+                   logging.INFO if outcome.ok else logging.ERROR)
 
     runner = Worker(board, lock_factory(board.engine, ctx.config().data_dir), only=only,
                     report=report)
@@ -271,7 +276,7 @@ def worker(once: bool, names: str | None, parent: int | None) -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runner.stopping.set())
-    click.echo(f"worker {runner.name}: jobs {', '.join(j.name for j in runner.jobs)}",
-               err=True)
+    logs.event(log, f"worker {runner.name} runs jobs {', '.join(j.name for j in runner.jobs)}",
+               {"event": "startup", "worker": runner.name})
     runner.run_forever(parent=parent)
-    click.echo(f"worker {runner.name}: stopped", err=True)
+    logs.event(log, f"worker {runner.name} stopped", {"event": "stop", "worker": runner.name})

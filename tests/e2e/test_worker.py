@@ -184,3 +184,22 @@ def test_serve_on_the_embedded_default_runs_the_jobs_and_stops_its_worker(
         return False
 
     wait_for(gone, timeout=30, about="the worker stopping with serve")
+
+
+def test_worker_once_writes_one_json_line_per_job(tmp_path: Path) -> None:
+    """MLANE_LOG_FORMAT=json: the worker's lines are the serve's format, one per job run."""
+    import json
+
+    env = {**os.environ, "MLANE_DATA_DIR": str(tmp_path / "data"), "MLANE_LOG_FORMAT": "json"}
+    for name in ("MLANE_DATABASE_URL", "MLANE_CONFIG", "MLANE_REDIS_URL"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "app", "worker", "--once"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    runs = {line["job"]: line for line in lines if line.get("event") == "job"}
+    assert sorted(runs) == sorted(JOBS), lines
+    for job, line in runs.items():
+        assert line["outcome"] == "ok" and line["level"] == "info", line
+        assert line["msg"] == f"job {job} ok" and line["duration_ms"] >= 0
+        assert line["detail"] and line["logger"] == "meterlane.worker"
