@@ -187,7 +187,8 @@ def ingestion(url: str, seconds: float, threads: int) -> dict[str, Any]:
     """Usage events through the ledger writer (the path every metered call takes), from
     `threads` threads of one process, each waiting for its own row to be committed."""
     from core.db import make_engine
-    from metering.ledger import CallRecord, LedgerWriter
+    from metering.ledger import LedgerWriter
+    from metering.records import CallRecord
 
     engine = make_engine(url)
     writer = LedgerWriter(engine, Path("/tmp"))

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from core.errors import InvalidRequestError
-from metering.ledger import CallRecord
+from metering.records import CallRecord
 
 MESSAGES_ENDPOINT = "messages"  # the ledger's name for calls that came in this way
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",

@@ -37,10 +37,10 @@ from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
 from metering.leases import Lease
-from metering.ledger import CallRecord
 from metering.limits import LimitsService
 from metering.limits_text import quota_headers
 from metering.pricing import TokenUsage
+from metering.records import CallRecord
 from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,

@@ -18,7 +18,7 @@ from core.errors import DomainError
 from core.metrics import Metrics
 from core.text import redacted
 from core.tracing import child_context, trace_headers
-from metering.ledger import CallRecord
+from metering.records import CallRecord
 from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,

@@ -13,9 +13,10 @@ from sqlalchemy.engine import Engine
 from core.config import ModelConfig, ModelPrice
 from core.db import utcnow
 from metering.intents import IntentJournal
-from metering.ledger import CallRecord, LedgerWriter
+from metering.ledger import LedgerWriter
 from metering.models import UsageEvent
 from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
+from metering.records import CallRecord
 from metering.store import UsageQuery, UsageStore, UsageTotals
 from metering.tokens import (
     TokenizerRegistry,

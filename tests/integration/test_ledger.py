@@ -13,8 +13,9 @@ from sqlalchemy.engine import Engine, make_url
 
 from core.db import make_engine, utcnow
 from core.tenancy import TenancyService
-from metering.ledger import CallRecord, LedgerWriter
+from metering.ledger import LedgerWriter
 from metering.models import UsageEvent
+from metering.records import CallRecord
 
 pytestmark = pytest.mark.integration
 

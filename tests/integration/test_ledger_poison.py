@@ -18,8 +18,9 @@ from sqlalchemy.engine import Engine
 from core.config import Config
 from core.db import make_engine
 from core.models import App
-from metering.ledger import CallRecord, LedgerWriter
+from metering.ledger import LedgerWriter
 from metering.models import QuarantinedRecord
+from metering.records import CallRecord
 from tests.integration.test_ledger import app_and_user, keys_in_ledger, record
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import pytest
 
 from core.errors import InvalidRequestError
 from gateway.anthropic import MessagesStream, to_chat
-from metering.ledger import CallRecord
+from metering.records import CallRecord
 
 
 def _messages(**extra: Any) -> dict[str, Any]:
