@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import orjson
 import urllib3
 
 from core.auth import Principal, Role, validate_user_id
@@ -33,9 +31,19 @@ from core.tenancy import TenancyService
 from gateway import anthropic
 from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
-from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
+from gateway.wire import (
+    MessagesWire,
+    Wire,
+    choices_of,
+    is_answer,
+    is_event_stream,
+    loads,
+    parse_body,
+    requested_output,
+    upstream_payload,
+)
 from metering.leases import Lease
 from metering.limits import LimitsService
 from metering.limits_text import quota_headers
@@ -55,8 +63,6 @@ log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 255
 # What OpenAI generates for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-MAX_CHOICES = 128
-MAX_OUTPUT_CAP = 10**9  # tokens per call (DESIGN.md §9)
 PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
          "embeddings": "/embeddings"}
 
@@ -103,12 +109,12 @@ class GatewayService:
 
     def call(self, ctx: CallContext, endpoint: str, raw: bytes) -> GatewayResponse:
         """One metered call. Bad input raises before anything is forwarded or written."""
-        body = _parse_body(raw)
+        body = parse_body(raw)
         return self._call(ctx, endpoint, body, raw, Wire(body))
 
     def messages(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
         """Anthropic's Messages API, served as the chat call it translates to."""
-        body = anthropic.to_chat(_parse_body(raw))
+        body = anthropic.to_chat(parse_body(raw))
         if ctx.principal.role == Role.USER or ctx.user_header is not None:
             # metadata.user_id is the client's own opaque id (Claude Code sets one): it names
             # the end user only when neither the key nor the header does.
@@ -164,14 +170,14 @@ class GatewayService:
         else:  # every candidate was skipped or failed before answering
             raise self._no_candidate(outcome, route, started)
         outcome.accepted = True
-        if stream and not _is_event_stream(resp):
+        if stream and not is_event_stream(resp):
             # not a stream: fail before the first byte, billing what the body says it served
             try:
                 data = resp.read(1 << 20)
             except Exception:  # noqa: BLE001 - nothing readable: the prompt is counted
                 data = b""
-            doc = _loads(data)
-            if _is_answer(outcome.endpoint, doc):  # an upstream that ignored stream: true
+            doc = loads(data)
+            if is_answer(outcome.endpoint, doc):  # an upstream that ignored stream: true
                 _take_usage(outcome, read_usage(doc))
                 outcome.output_texts = lambda: texts_of_choices(doc)
             self._malformed(outcome, started, upstream, resp, data, limit_headers)
@@ -182,8 +188,8 @@ class GatewayService:
                                     **limit_headers},
                                    streaming=True)
         data = resp.data
-        doc = _loads(data)
-        if not _is_answer(outcome.endpoint, doc):
+        doc = loads(data)
+        if not is_answer(outcome.endpoint, doc):
             self._malformed(outcome, started, upstream, resp, data, limit_headers)
         self.router.leave(upstream.name)  # the body is read: the call holds the upstream no more
         self.router.succeeded(upstream.name)
@@ -214,9 +220,9 @@ class GatewayService:
             raise
         lease: Lease | None = outcome.lease
         limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
-        payload = self._upstream_payload(raw, outcome.request, model, stream, clip, endpoint)
+        payload = upstream_payload(raw, outcome.request, model, stream, clip, endpoint)
         # before the upstream can serve it: if this worker dies, the call is still recorded
-        _name, cap = _requested_output(endpoint, outcome.request, "max_tokens")
+        _name, cap = requested_output(endpoint, outcome.request, "max_tokens")
         self.metering.intents.open(self.metering.intent_of(
             outcome, outcome.prompt_estimate or len(payload) // 4,
             lease.out if lease is not None and lease.out is not None else cap))
@@ -316,8 +322,8 @@ class GatewayService:
         when the grant is below what the call would otherwise generate."""
         assert self.limits is not None
         body, endpoint, model = outcome.request, outcome.endpoint, outcome.model
-        field_name, requested = _requested_output(endpoint, body, model.max_tokens_param)
-        choices = _choices(endpoint, body)
+        field_name, requested = requested_output(endpoint, body, model.max_tokens_param)
+        choices = choices_of(endpoint, body)
         want: int | None
         if endpoint == ENDPOINT_EMBEDDINGS:
             want, least = 0, 0
@@ -356,8 +362,8 @@ class GatewayService:
                  body: dict[str, Any]) -> tuple[CallOutcome, Route | None]:
         """Validate the call and name its end user, model (or route) and idempotency key."""
         name = self._model_name(body)
-        _requested_output(endpoint, body, "max_tokens")  # every cap field in range, limits
-        _choices(endpoint, body)                         # or none: a 400 before anything
+        requested_output(endpoint, body, "max_tokens")  # every cap field in range, limits
+        choices_of(endpoint, body)                         # or none: a 400 before anything
         if not isinstance(body.get("stream"), bool | None):  # "true", 1: an upstream streams
             raise InvalidRequestError("stream must be true or false.", param="stream")
         model = self.config.model(name)
@@ -581,33 +587,6 @@ class GatewayService:
             raise ConflictError(f"Idempotency-Key {key!r} was already used for a call.")
         return key
 
-    @staticmethod
-    def _upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig,
-                          stream: bool, clip: tuple[str, int] | None = None,
-                          endpoint: str = ENDPOINT_CHAT) -> bytes:
-        # A routed call named an alias; a translated one (raw None) was built by the gateway.
-        routed = body.get("model") != model.name or raw is None
-        if raw is not None and not stream and not routed and clip is None \
-                and model.upstream_model == model.name:
-            return raw  # nothing to change: forward the client's bytes untouched
-        out = dict(body)
-        out["model"] = model.upstream_model
-        if clip is not None:  # every cap field the client set, and the one clipped, lowered
-            for name in (*CAP_FIELDS, clip[0]):
-                if name in out or name == clip[0]:
-                    out[name] = clip[1]
-        if endpoint == ENDPOINT_CHAT and routed:
-            # The client named the cap for some model; this one may take only the other field.
-            other = "max_tokens" if model.max_tokens_param == "max_completion_tokens" \
-                else "max_completion_tokens"
-            if other in out and model.max_tokens_param not in out:
-                out[model.max_tokens_param] = out.pop(other)
-        if stream:
-            options = out.get("stream_options")
-            out["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                     "include_usage": True}
-        return orjson.dumps(out)
-
 
 def _nothing() -> None:
     return None
@@ -631,132 +610,6 @@ class _MidStreamError(Exception):
 
 class _FallbackError(Exception):
     """This candidate could not take a routed call; the next one is tried."""
-
-
-class Wire:
-    """The client's side of a call: OpenAI's wire format, relayed as it is."""
-
-    api: str | None = None  # the ledger's endpoint name when it differs from the call's
-
-    def __init__(self, body: dict[str, Any] | None = None) -> None:
-        options = (body or {}).get("stream_options")
-        self.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-
-    def relay(self) -> StreamRelay:
-        return StreamRelay(client_wants_usage=self.client_wants_usage)
-
-    def response(self, data: bytes, doc: Any, record: CallRecord) -> bytes:
-        return data  # forwarded byte for byte
-
-    def part(self, events: bytes) -> bytes:
-        return events
-
-    def end(self, record: CallRecord) -> bytes:
-        return DONE_EVENT
-
-    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
-        return sse_error(message, type_=type_, code=code)
-
-
-class MessagesWire(Wire):
-    """Anthropic's Messages API: the chat answer translated back, as a Message or its stream."""
-
-    api = anthropic.MESSAGES_ENDPOINT
-
-    def __init__(self, model: str) -> None:
-        super().__init__()
-        self.model = model
-        self.stream = anthropic.MessagesStream(model)
-
-    def response(self, data: bytes, doc: Any, record: CallRecord) -> bytes:
-        return orjson.dumps(anthropic.message_from_chat(doc, self.model, record))
-
-    def part(self, events: bytes) -> bytes:
-        return self.stream.feed(events)
-
-    def end(self, record: CallRecord) -> bytes:
-        return self.stream.end(record)
-
-    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
-        return self.stream.error(status, message)
-
-
-# Every field an upstream may take as the output cap (OpenAI's old and new names, the
-# Responses API's): the largest is what the call may generate, and a clip rewrites them all.
-CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
-              "n_predict", "max_new_tokens")  # the last two: llama.cpp's and TGI's own names
-
-
-def _requested_output(endpoint: str, body: dict[str, Any],
-                      default_field: str) -> tuple[str, int | None]:
-    """The output-token cap the client asked for (the largest of the cap fields it set, as
-    an upstream may honour any of them), and the field that carries it."""
-    found: list[tuple[int, str]] = []
-    for name in CAP_FIELDS:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) \
-                or not 1 <= value <= MAX_OUTPUT_CAP:
-            raise InvalidRequestError(f"{name} must be an integer from 1 to {MAX_OUTPUT_CAP}.",
-                                      param=name)
-        found.append((value, name))
-    if found:
-        value, name = max(found)
-        return name, value
-    return (default_field if endpoint == ENDPOINT_CHAT else "max_tokens"), None
-
-
-def _choices(endpoint: str, body: dict[str, Any]) -> int:
-    """How many completions the call generates (each may use the output cap): the largest of
-    `n` and `best_of`, which some upstreams (vLLM) take on chat calls too."""
-    if endpoint == ENDPOINT_EMBEDDINGS:
-        return 1
-    count = 1
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHOICES:
-            raise InvalidRequestError(f"{name} must be an integer from 1 to {MAX_CHOICES}.",
-                                      param=name)
-        count = max(count, value)
-    return count
-
-
-def _parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    return body
-
-
-def _is_answer(endpoint: str, doc: Any) -> bool:
-    """Whether a 2xx body is what the endpoint answers: a completion's choices, or
-    embeddings' data."""
-    if not isinstance(doc, dict):
-        return False
-    return isinstance(doc.get("data" if endpoint == ENDPOINT_EMBEDDINGS else "choices"), list)
-
-
-def _is_event_stream(resp: urllib3.BaseHTTPResponse) -> bool:
-    """False for a body that is plainly no event stream (JSON, HTML); an upstream that labels
-    its events otherwise (text/plain, none) is read as one."""
-    kind = (resp.headers.get("Content-Type") if resp.headers is not None else None) or ""
-    return not any(word in kind.lower() for word in ("json", "html"))
-
-
-def _loads(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        try:  # a lone surrogate escape, which orjson refuses and Python's parser keeps
-            return json.loads(data)
-        except ValueError:
-            return None
 
 
 def _short(text: str) -> str:

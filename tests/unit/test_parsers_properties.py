@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from core.errors import DomainError
 from gateway import anthropic
 from gateway.protocol import MAX_TOKENS_PER_CALL, joined_texts, read_usage, texts_of_choices
-from gateway.service import _choices, _requested_output
+from gateway.wire import choices_of, requested_output
 from metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80),
@@ -57,8 +57,8 @@ def test_stream_and_answer_texts_are_strings_whatever_the_chunks(docs: list[Any]
        endpoint=st.sampled_from([ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS]))
 def test_output_caps_are_in_range_or_a_400(body: dict[str, Any], endpoint: str) -> None:
     try:
-        _name, cap = _requested_output(endpoint, body, "max_tokens")
-        choices = _choices(endpoint, body)
+        _name, cap = requested_output(endpoint, body, "max_tokens")
+        choices = choices_of(endpoint, body)
     except DomainError as exc:
         assert exc.status == 400
         return
