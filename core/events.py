@@ -39,6 +39,7 @@ from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from core.models import OutboxEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from core.pagination import trimmed
 from core.text import control_free
 
 log = logging.getLogger(__name__)
@@ -323,12 +324,15 @@ class EventService:
                 delivery_id=delivery_id, attempt=attempts, at=now, status=status,
                 error=error, duration_ms=elapsed))
 
-    def deliveries(self, app_id: int, event_id: str | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
-        """The delivery log: each delivery with its attempts, newest first."""
+    def deliveries(self, app_id: int, event_id: str | None = None, limit: int = 100,
+                   starting_after: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The delivery log: each delivery with its attempts, newest first, a page at a time:
+        (the page, whether more follow)."""
         where = [WebhookDelivery.app_id == app_id]
         if event_id is not None:
             where.append(WebhookDelivery.event_id == event_id)
+        if starting_after is not None:
+            where.append(WebhookDelivery.id < starting_after)
         with self.engine.connect() as conn:
             rows = conn.execute(select(
                 WebhookDelivery.id, WebhookDelivery.event_id, OutboxEvent.type,
@@ -337,7 +341,8 @@ class EventService:
                 WebhookDelivery.created_at,
             ).join(OutboxEvent, OutboxEvent.event_id == WebhookDelivery.event_id).join(
                 WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id,
-            ).where(*where).order_by(WebhookDelivery.id.desc()).limit(limit)).all()
+            ).where(*where).order_by(WebhookDelivery.id.desc()).limit(limit + 1)).all()
+            rows, more = trimmed(rows, limit)
             ids = [r.id for r in rows]
             attempts: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
             if ids:
@@ -351,7 +356,7 @@ class EventService:
         return [{"id": r.id, "event_id": r.event_id, "type": r.type, "url": r.url,
                  "state": r.state, "attempts": attempts[r.id],
                  "next_attempt_at": r.next_attempt_at if r.state == "pending" else None,
-                 "delivered_at": r.delivered_at, "created_at": r.created_at} for r in rows]
+                 "delivered_at": r.delivered_at, "created_at": r.created_at} for r in rows], more
 
     # -- the dispatcher thread of a serving worker --------------------------------------------
 

@@ -13,6 +13,7 @@ from flask import Blueprint, Response
 from core.auth import Role, require_operator, require_role
 from core.errors import InvalidRequestError, PermissionDeniedError
 from core.openapi import documented
+from core.pagination import page_of
 from core.web import (
     app_in_scope,
     current_actor,
@@ -74,7 +75,8 @@ def margins() -> Response:
     args = MarginsQuerySchema().load(query_args())
     at = part(FinanceService).fresh()
     body = part(FinanceService).reports.margins(app_id, args["period"], args["group_by"],
-                                            order=args["order"], limit=args.get("limit"))
+                                            order=args["order"], limit=args.get("limit"),
+                                            starting_after=args.get("starting_after"))
     if args["format"] == "csv":
         return Response(margins_csv(body), mimetype="text/csv", headers={
             "Content-Disposition": f"attachment; filename=margins-{args['group_by']}-"
@@ -114,7 +116,8 @@ def least_profitable() -> Response:
     args = LeastProfitableQuerySchema().load(query_args())
     at = part(FinanceService).fresh()
     body = part(FinanceService).reports.margins(app_id, args["period"], "user", order="margin",
-                                            limit=args["limit"])
+                                            limit=args["limit"],
+                                            starting_after=args.get("starting_after"))
     return json_response(MarginsSchema().dump({**body, "rolled_up_at": at}))
 
 
@@ -141,8 +144,10 @@ def local() -> Response:
 def list_prices() -> Response:
     require_role(current_principal(), Role.ADMIN, Role.FINANCE, Role.APP)
     args = PricesQuerySchema().load(query_args())
-    versions = part(FinanceService).prices.versions(args.get("model"))
-    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions]}))
+    versions, more = page_of(part(FinanceService).prices.versions(args.get("model")),
+                             lambda v: v.id, args.get("starting_after"), args["limit"])
+    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions],
+                                                 "has_more": more}))
 
 
 def _admin() -> None:
@@ -176,8 +181,8 @@ def import_prices() -> Response:
         raise InvalidRequestError("The price sheet is not UTF-8 text.") from exc
     versions = part(FinanceService).prices.import_sheet(text, args["format"], "import",
                                                         current_actor())
-    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions]}),
-                         status=201)
+    return json_response(PriceListSchema().dump({"data": [v.as_dict() for v in versions],
+                                                 "has_more": False}), status=201)
 
 
 @page_bp.get("/finance")

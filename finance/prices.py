@@ -49,8 +49,13 @@ class PriceVersion:
     price: ModelPrice
     source: str
 
+    @property
+    def id(self) -> str:
+        """The version's id: its model and the second it takes effect."""
+        return f"{self.model}@{self.effective_from.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "effective_from": self.effective_from,
+        return {"id": self.id, "model": self.model, "effective_from": self.effective_from,
                 "source": self.source, **{f: None if getattr(self.price, f) is None
                                            else str(getattr(self.price, f)) for f in FIELDS}}
 

@@ -24,6 +24,7 @@ from core.config import Config
 from core.db import utcnow
 from core.errors import InvalidRequestError
 from core.models import EndUser
+from core.pagination import page_of
 from finance.models import GpuHour, RevenueDaily, UsageDaily
 from metering.pricing import pico_to_usd
 from plans.terms import minor_exponent
@@ -191,7 +192,8 @@ class Reports:
                 u.day))}
 
     def margins(self, app_id: int, period: str, group_by: str, *, order: str = "key",
-                limit: int | None = None) -> dict[str, Any]:
+                limit: int | None = None, starting_after: str | None = None
+                ) -> dict[str, Any]:
         if group_by not in GROUPS:
             raise InvalidRequestError(f"group_by must be one of {', '.join(GROUPS)}, got "
                                       f"{group_by!r}", param="group_by")
@@ -222,7 +224,8 @@ class Reports:
             rows.sort(key=lambda row: (row["_margin"], row["key"]))
         elif order != "key":
             raise InvalidRequestError("order must be key or margin", param="order")
-        shown = rows[:limit] if limit else rows
+        shown, more = page_of(rows, lambda row: row["key"], starting_after,
+                              limit or len(rows))
         totals = {"revenue_usd": usd(sum(x["_rev"] for x in shown)) if rkey is not None
                   else None,
                   "cost_usd": usd(sum(x["_cost"] for x in shown)),
@@ -233,7 +236,7 @@ class Reports:
                   "tokens": sum(x["tokens"] for x in shown)}
         return {"period": p.label, "group_by": group_by, "order": order,
                 "rows": [{k: v for k, v in x.items() if not k.startswith("_")} for x in shown],
-                "totals": totals,
+                "has_more": more, "totals": totals,
                 "revenue_unconverted": [{"currency": c, "amount_minor": a}
                                         for c, a in sorted(unconverted.items())],
                 "note": "revenue is not attributed to models" if group_by == "model" else None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from core.pagination import has_more_field, limit_field, starting_after_field
 from core.schemas import RequestSchema, Timestamp
 from finance.reports import GROUPS
 
@@ -22,11 +23,15 @@ class MarginsQuerySchema(PeriodQuerySchema):
     format = fields.String(load_default="json", validate=validate.OneOf(["json", "csv"]))
     order = fields.String(load_default="key", validate=validate.OneOf(["key", "margin"]),
                           metadata={"description": "margin: least profitable first"})
-    limit = fields.Integer(validate=validate.Range(min=1, max=100_000))
+    limit = fields.Integer(validate=validate.Range(min=1, max=100_000), metadata={
+        "description": "Rows on this page (default: every row); `has_more` says whether "
+                       "another follows"})
+    starting_after = starting_after_field()
 
 
 class LeastProfitableQuerySchema(PeriodQuerySchema):
-    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=1000))
+    limit = limit_field(default=10, maximum=1000)
+    starting_after = starting_after_field()
 
 
 class SummarySchema(Schema):
@@ -75,7 +80,8 @@ class MarginsSchema(Schema):
     group_by = fields.String()
     order = fields.String()
     rows = fields.List(fields.Nested(MarginRowSchema))
-    totals = fields.Dict()
+    has_more = has_more_field()
+    totals = fields.Dict(metadata={"description": "The sums of this page's rows"})
     revenue_unconverted = fields.List(fields.Dict())
     note = fields.String(allow_none=True)
     rolled_up_at = fields.String(allow_none=True)
@@ -106,6 +112,7 @@ class PriceRequestSchema(RequestSchema):
 
 
 class PriceSchema(Schema):
+    id = fields.String(metadata={"description": "model@YYYYMMDDTHHMMSSZ: a list's cursor"})
     model = fields.String()
     effective_from = Timestamp()
     source = fields.String()
@@ -118,7 +125,9 @@ class PriceSchema(Schema):
 
 
 class PriceListSchema(Schema):
+    object = fields.Constant("list")
     data = fields.List(fields.Nested(PriceSchema))
+    has_more = has_more_field()
 
 
 class PricesQuerySchema(RequestSchema):
@@ -126,6 +135,8 @@ class PricesQuerySchema(RequestSchema):
         unknown = RAISE
 
     model = fields.String(validate=validate.Length(max=200))
+    limit = limit_field()
+    starting_after = starting_after_field()
 
 
 class ImportQuerySchema(RequestSchema):

@@ -106,9 +106,9 @@ def paywall_events() -> Response:
         end_user_id = part(TenancyService).find_end_user(app_id, validate_user_id(user))
         if end_user_id is None:
             raise NotFoundError(f"No end user {user!r} in this app.")
-    events = part(PaywallService).events_of(app_id, end_user_id, args.get("trigger"),
-                                        args["limit"])
-    return json_response(EventListSchema().dump({"data": events}))
+    events, more = part(PaywallService).events_of(app_id, end_user_id, args.get("trigger"),
+                                              args["limit"], args.get("starting_after"))
+    return json_response(EventListSchema().dump({"data": events, "has_more": more}))
 
 
 @bp.put("/webhooks")
@@ -144,8 +144,9 @@ def deliveries() -> Response:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)
     args = DeliveriesQuerySchema().load(query_args())
-    data = part(EventService).deliveries(app_in_scope(principal), args.get("event"))
-    return json_response(DeliveryListSchema().dump({"data": data}))
+    data, more = part(EventService).deliveries(app_in_scope(principal), args.get("event"),
+                                               args["limit"], args.get("starting_after"))
+    return json_response(DeliveryListSchema().dump({"data": data, "has_more": more}))
 
 
 @bp.post("/paywall/offers")

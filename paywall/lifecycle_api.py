@@ -34,6 +34,7 @@ from paywall.schemas import (
     EvidenceQuerySchema,
     EvidenceSchema,
     PriceChangeListSchema,
+    PriceChangeQuerySchema,
     PriceChangeRequestSchema,
     PriceChangeSchema,
     WithdrawalRequestSchema,
@@ -97,11 +98,13 @@ def schedule_price_change() -> Response:
 
 
 @bp.get("/price-changes")
-@documented(summary="Scheduled price changes", response=PriceChangeListSchema, tag="plans")
+@documented(summary="Scheduled price changes, in the order they were made",
+            query=PriceChangeQuerySchema, response=PriceChangeListSchema, tag="plans")
 def list_price_changes() -> Response:
     require_role(current_principal(), Role.ADMIN)
-    changes = part(NoticeService).price_changes()
-    return json_response(PriceChangeListSchema().dump({"data": changes}))
+    args = PriceChangeQuerySchema().load(query_args())
+    changes, more = part(NoticeService).price_changes(args["limit"], args.get("starting_after"))
+    return json_response(PriceChangeListSchema().dump({"data": changes, "has_more": more}))
 
 
 @bp.get("/compliance/evidence")

@@ -35,6 +35,7 @@ from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, NotFoundError
 from core.events import EventService, new_event_id
 from core.models import EndUser
+from core.pagination import trimmed, unknown_cursor
 from paywall.acknowledge import day
 from paywall.models import Acknowledgment, Notice, PriceChange
 from paywall.service import RETENTION, jsonable
@@ -141,11 +142,20 @@ class NoticeService:
         return {**values, "notice_from": effective_at - timedelta(days=PRICE.target),
                 "old_price": _price(source), "new_price": _price(target)}
 
-    def price_changes(self) -> list[dict[str, Any]]:
+    def price_changes(self, limit: int = 100, starting_after: str | None = None
+                      ) -> tuple[list[dict[str, Any]], bool]:
+        """Scheduled price changes in the order they were made, a page at a time."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(PriceChange.__table__).order_by(
-                PriceChange.effective_at)).all()
-        return [dict(r._mapping) for r in rows]
+            query = select(PriceChange.__table__).order_by(PriceChange.id)
+            if starting_after is not None:
+                after = conn.execute(select(PriceChange.id).where(
+                    PriceChange.change_id == starting_after)).scalar()
+                if after is None:
+                    raise unknown_cursor(starting_after)
+                query = query.where(PriceChange.id > after)
+            rows = conn.execute(query.limit(limit + 1)).all()
+        page, more = trimmed(rows, limit)
+        return [dict(r._mapping) for r in page], more
 
     # -- the run ------------------------------------------------------------------------------
 

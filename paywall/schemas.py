@@ -6,6 +6,7 @@ import ipaddress
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
+from core.pagination import has_more_field, limit_field, starting_after_field
 from core.schemas import RequestSchema, Timestamp
 
 
@@ -15,7 +16,8 @@ class EventsQuerySchema(RequestSchema):
 
     user = fields.String(validate=validate.Length(min=1, max=256))
     trigger = fields.String(validate=validate.OneOf(["limit_reached", "threshold_crossed"]))
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=500))
+    limit = limit_field(default=100, maximum=500)
+    starting_after = starting_after_field()
     app = fields.String(metadata={"description": "App name (operator-wide keys only)"})
 
 
@@ -34,6 +36,7 @@ class PaywallEventSchema(Schema):
 class EventListSchema(Schema):
     object = fields.Constant("list")
     data = fields.List(fields.Nested(PaywallEventSchema))
+    has_more = has_more_field()
 
 
 class WebhookEndpointRequestSchema(RequestSchema):
@@ -59,6 +62,8 @@ class DeliveriesQuerySchema(RequestSchema):
 
     event = fields.String(validate=validate.Length(min=1, max=40))
     app = fields.String()
+    limit = limit_field(default=100, maximum=500)
+    starting_after = starting_after_field(integer=True)
 
 
 class AttemptSchema(Schema):
@@ -84,6 +89,7 @@ class DeliverySchema(Schema):
 class DeliveryListSchema(Schema):
     object = fields.Constant("list")
     data = fields.List(fields.Nested(DeliverySchema))
+    has_more = has_more_field()
 
 
 class OfferDraftSchema(RequestSchema):
@@ -293,8 +299,18 @@ class PriceChangeSchema(Schema):
     new_price = fields.String()
 
 
+class PriceChangeQuerySchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    limit = limit_field()
+    starting_after = starting_after_field()
+
+
 class PriceChangeListSchema(Schema):
+    object = fields.Constant("list")
     data = fields.List(fields.Nested(PriceChangeSchema))
+    has_more = has_more_field()
 
 
 class EvidenceQuerySchema(RequestSchema):

@@ -25,6 +25,7 @@ from core.errors import (
 )
 from core.events import EventService, new_event_id
 from core.models import EndUser
+from core.pagination import trimmed, unknown_cursor
 from metering.thresholds import LimitEvent
 from paywall import offers
 from paywall.models import (
@@ -260,18 +261,29 @@ class PaywallService:
         return _block(row[0], row[1], orjson.loads(row[2]).get("offers", []))
 
     def events_of(self, app_id: int, end_user_id: int | None = None,
-                  trigger: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """The app's paywall events, newest first (optionally one user's, one trigger's)."""
+                  trigger: str | None = None, limit: int = 100,
+                  starting_after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The app's paywall events, newest first (optionally one user's, one trigger's), a
+        page at a time: (the page, whether more follow)."""
         where = [PaywallEvent.app_id == app_id]
         if end_user_id is not None:
             where.append(PaywallEvent.end_user_id == end_user_id)
         if trigger is not None:
             where.append(PaywallEvent.trigger == trigger)
+        limit = min(limit, MAX_PAGE)
         with self.engine.connect() as conn:
+            if starting_after is not None:
+                after = conn.execute(select(PaywallEvent.id).where(
+                    PaywallEvent.app_id == app_id,
+                    PaywallEvent.event_id == starting_after)).scalar()
+                if after is None:  # another app's event is no cursor either
+                    raise unknown_cursor(starting_after)
+                where.append(PaywallEvent.id < after)
             rows = conn.execute(select(PaywallEvent.event_id, PaywallEvent.body,
                                        PaywallEvent.created_at).where(*where).order_by(
-                PaywallEvent.id.desc()).limit(min(limit, MAX_PAGE))).all()
-        return [{"id": r[0], "created_at": r[2], **orjson.loads(r[1])} for r in rows]
+                PaywallEvent.id.desc()).limit(limit + 1)).all()
+        page, more = trimmed(rows, limit)
+        return [{"id": r[0], "created_at": r[2], **orjson.loads(r[1])} for r in page], more
 
 
     # -- consent (CNS-01, CNS-02, CNS-04) ------------------------------------------------

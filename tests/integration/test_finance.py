@@ -364,6 +364,20 @@ def test_reports_add_up_and_bad_input_is_a_clear_error(fin: tuple[Any, Keys]) ->
             assert Decimal(totals["revenue_usd"]) == sum(Decimal(r["revenue_usd"])
                                                          for r in rows)
             assert Decimal(totals["margin_usd"]) == sum(Decimal(r["margin_usd"]) for r in rows)
+        # the same rows a page at a time, in the same order (least profitable first too)
+        for order in ("key", "margin"):
+            url = f"/v1/finance/margins?period=2026-11&group_by={group}&order={order}"
+            whole = client.get(url, headers=bearer(keys.finance)).get_json()["rows"]
+            walked, after = [], None
+            while True:
+                page = client.get(url + "&limit=2" + (f"&starting_after={after}" if after
+                                                       else ""),
+                                  headers=bearer(keys.finance)).get_json()
+                walked += [r["key"] for r in page["rows"]]
+                if not page["has_more"]:
+                    break
+                after = page["rows"][-1]["key"]
+            assert walked == [r["key"] for r in whole], (group, order)
     csv_body = client.get("/v1/finance/margins?period=2026-11&group_by=plan&format=csv",
                           headers=bearer(keys.finance))
     assert csv_body.mimetype == "text/csv" and csv_body.text.splitlines()[-1].startswith("TOTAL")
