@@ -50,6 +50,9 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
         "logger_class": type("FormattedLogger", (FormattedLogger,), {"log_format": log_format}),
         "child_exit": _child_exit,
         "preload_app": False,
+        # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): two
+        # services on one machine would take each other's. Meterlane is run by its command.
+        "control_socket_disable": True,
     }).run()
 
 

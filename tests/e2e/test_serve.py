@@ -241,7 +241,8 @@ def test_embedded_default_runs_on_sqlite_with_no_other_server(
         upstream: FakeUpstream, tmp_path: Path) -> None:
     (tmp_path / "meterlane.toml").write_text(gateway_toml(upstream.base_url))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
-    env.update(MLANE_CONFIG=str(tmp_path / "meterlane.toml"), MLANE_DATA_DIR=str(tmp_path / "d"))
+    env.update(MLANE_CONFIG=str(tmp_path / "meterlane.toml"), MLANE_DATA_DIR=str(tmp_path / "d"),
+               HOME=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(tmp_path / "run"))
     created = cli(env, "keys", "create", "--role", "app", "--app", "solo")
     assert created.returncode == 0, created.stderr
     proc, base = start_server(env, tmp_path)
@@ -252,6 +253,8 @@ def test_embedded_default_runs_on_sqlite_with_no_other_server(
         reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, user="u")
         assert reply.choices[0].message.content
         client.close()
+        # no per-user control socket that a second service on the machine would take over
+        assert not list(tmp_path.glob("home/**/*.ctl")) + list(tmp_path.glob("run/**/*.ctl"))
     finally:
         stop(proc)
 
