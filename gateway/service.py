@@ -28,13 +28,15 @@ from core.errors import (
 from core.logs import note
 from core.metrics import Metrics
 from core.tenancy import TenancyService
-from gateway import anthropic
+from gateway import anthropic, responses
 from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
 from gateway.wire import (
     MessagesWire,
+    NativeResponsesWire,
+    ResponsesWire,
     Wire,
     choices_of,
     is_answer,
@@ -53,6 +55,7 @@ from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,
     ENDPOINT_EMBEDDINGS,
+    ENDPOINT_RESPONSES,
     CallOutcome,
     MeteringService,
 )
@@ -64,7 +67,7 @@ MAX_IDEMPOTENCY_KEY = 255
 # What OpenAI generates for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
-         "embeddings": "/embeddings"}
+         "embeddings": "/embeddings", "responses": "/responses"}
 
 
 @dataclass
@@ -120,6 +123,15 @@ class GatewayService:
             # the end user only when neither the key nor the header does.
             body.pop("user", None)
         return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
+
+    def responses(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
+        """OpenAI's Responses API: forwarded as it is to an upstream that speaks it, else
+        served as the chat call it translates to."""
+        body = parse_body(raw)
+        if responses.speaks_responses(self.config, body.get("model")):
+            return self._call(ctx, ENDPOINT_RESPONSES, body, raw, NativeResponsesWire())
+        return self._call(ctx, ENDPOINT_CHAT, responses.to_chat(body), None,
+                          ResponsesWire(body))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
               wire: Wire) -> GatewayResponse:
