@@ -28,22 +28,22 @@ from core.errors import (
 from core.logs import note
 from core.metrics import Metrics
 from core.tenancy import TenancyService
-from gateway import anthropic, responses
+from gateway import anthropic
 from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
 from gateway.wire import (
     MessagesWire,
-    NativeResponsesWire,
-    ResponsesWire,
     Wire,
     choices_of,
     is_answer,
     is_event_stream,
+    least_output,
     loads,
     parse_body,
     requested_output,
+    responses_call,
     upstream_payload,
 )
 from metering.leases import Lease
@@ -55,7 +55,6 @@ from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,
     ENDPOINT_EMBEDDINGS,
-    ENDPOINT_RESPONSES,
     CallOutcome,
     MeteringService,
 )
@@ -125,13 +124,8 @@ class GatewayService:
         return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
 
     def responses(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
-        """OpenAI's Responses API: forwarded as it is to an upstream that speaks it, else
-        served as the chat call it translates to."""
-        body = parse_body(raw)
-        if responses.speaks_responses(self.config, body.get("model")):
-            return self._call(ctx, ENDPOINT_RESPONSES, body, raw, NativeResponsesWire())
-        return self._call(ctx, ENDPOINT_CHAT, responses.to_chat(body), None,
-                          ResponsesWire(body))
+        """OpenAI's Responses API: as it is to an upstream that speaks it, else as a chat call."""
+        return self._call(ctx, *responses_call(self.config, parse_body(raw), raw))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
               wire: Wire) -> GatewayResponse:
@@ -340,10 +334,10 @@ class GatewayService:
         if endpoint == ENDPOINT_EMBEDDINGS:
             want, least = 0, 0
         elif requested is not None:
-            want, least = requested, 1
+            want, least = requested, least_output(endpoint, requested)
         else:  # chat: the plan's default cap; completions: OpenAI's own default
             want = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS else None
-            least = 1
+            least = least_output(endpoint, None)
         prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body)
         try:
             with outcome.trace.reserving():

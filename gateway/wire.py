@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import urllib3
 
-from core.config import ModelConfig
+from core.config import Config, ModelConfig
 from core.errors import InvalidRequestError
 from gateway import anthropic, responses
 from gateway.responses_stream import ResponsesRelay, ResponsesStream, error_event
@@ -112,6 +112,15 @@ class NativeResponsesWire(Wire):
         return error_event(self._relay.sequence, message, code)
 
 
+def responses_call(config: Config, body: dict[str, Any], raw: bytes
+                   ) -> tuple[str, dict[str, Any], bytes | None, Wire]:
+    """A Responses API call as the gateway makes it: (endpoint, body, client bytes, wire):
+    as it is to an upstream that speaks it, else as the chat call it translates to."""
+    if responses.speaks_responses(config, body.get("model")):
+        return ENDPOINT_RESPONSES, body, raw, NativeResponsesWire()
+    return ENDPOINT_CHAT, responses.to_chat(body), None, ResponsesWire(body)
+
+
 # Every field an upstream may take as the output cap (OpenAI's old and new names, the
 # Responses API's): the largest is what the call may generate, and a clip rewrites them all.
 CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
@@ -138,6 +147,18 @@ def requested_output(endpoint: str, body: dict[str, Any],
     if endpoint == ENDPOINT_RESPONSES:
         return "max_output_tokens", None
     return (default_field if endpoint == ENDPOINT_CHAT else "max_tokens"), None
+
+
+# OpenAI refuses a Responses call whose max_output_tokens is below 16: a grant smaller than
+# that is a refusal (402), not a call the upstream answers with a 400.
+RESPONSES_MIN_OUTPUT = 16
+
+
+def least_output(endpoint: str, requested: int | None) -> int:
+    """The smallest output-token grant that lets the call go ahead."""
+    if endpoint != ENDPOINT_RESPONSES:
+        return 1
+    return min(RESPONSES_MIN_OUTPUT, requested or RESPONSES_MIN_OUTPUT)
 
 
 def choices_of(endpoint: str, body: dict[str, Any]) -> int:

@@ -239,6 +239,18 @@ def test_a_native_upstream_gets_the_call_as_it_is(served: Served,
                                                       final.usage.output_tokens)
 
 
+def test_a_native_call_is_limited_and_never_capped_below_what_openai_takes(
+        served: Served) -> None:
+    client = served.client("kim")
+    client.responses.create(model="gpt-native", input="hi", max_output_tokens=280)
+    assert served.rows()[-1].input_tokens + served.rows()[-1].output_tokens == 284
+    count = served.upstream.request_count
+    with pytest.raises(openai.APIStatusError) as spent:  # 16 left, 8 for the prompt: 8 to
+        client.responses.create(model="gpt-native", input="hi")  # generate, under 16
+    assert spent.value.status_code == 402 and served.upstream.request_count == count
+    assert served.rows()[-1].status == "quota_exceeded"
+
+
 def test_a_native_stream_cut_short_is_counted_and_ends_with_an_error(
         served: Served, behaviour: dict[str, Any]) -> None:
     behaviour["fail_after_chunks"] = 3
