@@ -62,11 +62,16 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         messages.append({"role": "system", "content": instructions})
     messages.extend(_chat_messages(body.get("input")))
     chat: dict[str, Any] = {"model": model, "messages": messages}
+    if not isinstance(body.get("stream"), bool | None):
+        raise InvalidRequestError("stream must be true or false.", param="stream")
     if body.get("stream") is True:
         chat["stream"] = True
     cap = body.get("max_output_tokens")
     if cap is not None:
-        chat["max_tokens"] = cap  # checked with every cap field by the gateway
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise InvalidRequestError("max_output_tokens must be a positive integer.",
+                                      param="max_output_tokens")
+        chat["max_tokens"] = cap  # its upper bound is checked with every cap field
     for name in ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key",
                  "service_tier"):
         if body.get(name) is not None:

@@ -89,6 +89,13 @@ def test_function_tools_are_flattened_and_the_choice_mapped() -> None:
     ({"tool_choice": "sometimes"}, "tool_choice", "auto, none, required"),
     ({"reasoning": {"effort": "lots"}}, "reasoning", "effort"),
     ({"model": ""}, "model", "model"),
+    ({"stream": "yes"}, "stream", "true or false"),
+    ({"max_output_tokens": "9"}, "max_output_tokens", "positive integer"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+     "input", "input_file"),
+    ({"input": [{"type": "function_call", "call_id": 3, "name": "f"}]}, "input", "call_id"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input", "call_id"),
+    ({"input": ["hi"]}, "input", "object"),
 ])
 def test_what_a_chat_upstream_cannot_serve_is_a_clear_400(extra: dict[str, Any], param: str,
                                                           words: str) -> None:
