@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
-from tests.support.fake_openai import completion_text
+from tests.support.fake_openai import completion_text, prompt_tokens
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
 
@@ -321,6 +321,25 @@ def test_an_agent_with_a_tool_runs_through_the_gateway(served: Served,
     calls = served.upstream.requests[-2:]
     assert calls[1]["body"]["messages"][-1]["role"] == "tool"
     assert "18 C and sunny in Oslo" in calls[1]["body"]["messages"][-1]["content"]
-    for row, raw in zip(rows, result.raw_responses, strict=True):  # one row per model call
-        assert raw.usage.input_tokens == row.input_tokens
-        assert raw.usage.output_tokens == row.output_tokens == 4
+    for row, raw, call in zip(rows, result.raw_responses, calls, strict=True):
+        # one row per model call, with the usage the upstream reported for it
+        assert row.input_tokens == prompt_tokens(call["path"], call["body"])
+        assert row.output_tokens == 4 and row.usage_source == "reported"
+        assert (raw.usage.input_tokens, raw.usage.output_tokens) == (row.input_tokens,
+                                                                      row.output_tokens)
+
+
+def test_a_translated_stream_cut_short_ends_with_an_error_and_is_counted(
+        served: Served, behaviour: dict[str, Any]) -> None:
+    behaviour["fail_after_chunks"] = 2
+    resp = httpx.post(served.base + "/v1/responses", timeout=30, headers={
+        "Authorization": f"Bearer {served.key}", "X-Meterlane-User": "joe"},
+        json={"model": "gpt-4o-mini", "input": "hi", "stream": True, "max_output_tokens": 9})
+    assert resp.status_code == 200
+    events = [json.loads(line[5:]) for line in resp.text.splitlines()
+              if line.startswith("data:")]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    row = served.rows()[-1]
+    assert row.endpoint == "responses" and row.status == "stream_error"
+    assert row.output_tokens == 2  # counted: two words passed
