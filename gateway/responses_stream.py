@@ -83,6 +83,15 @@ class ResponsesStream:
             out.append(self._event("response.output_text.delta", item_id=self._open["id"],
                                    output_index=self._index, content_index=0, delta=text,
                                    logprobs=[]))
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            out.append(self._open_item(("refusal",), lambda: {
+                "id": responses.new_id("msg"), "type": "message", "role": "assistant",
+                "status": "in_progress", "content": [{"type": "refusal", "refusal": ""}]}))
+            assert self._open is not None
+            self._open["content"][0]["refusal"] += refusal
+            out.append(self._event("response.refusal.delta", item_id=self._open["id"],
+                                   output_index=self._index, content_index=0, delta=refusal))
         for call in delta.get("tool_calls") or []:
             if isinstance(call, dict):
                 out.append(self._tool_delta(call))
@@ -136,8 +145,13 @@ class ResponsesStream:
         at, out = self._index, b""
         if item["type"] == "message":
             part = item["content"][0]
-            out += self._event("response.output_text.done", item_id=item["id"],
-                               output_index=at, content_index=0, text=part["text"], logprobs=[])
+            if part["type"] == "refusal":
+                out += self._event("response.refusal.done", item_id=item["id"],
+                                   output_index=at, content_index=0, refusal=part["refusal"])
+            else:
+                out += self._event("response.output_text.done", item_id=item["id"],
+                                   output_index=at, content_index=0, text=part["text"],
+                                   logprobs=[])
             out += self._event("response.content_part.done", item_id=item["id"],
                                output_index=at, content_index=0, part=_copy(part))
         else:

@@ -167,6 +167,22 @@ def test_a_chat_stream_becomes_the_responses_stream() -> None:
     assert events[0]["response"]["id"] == final.id and events[0]["response"]["output"] == []
 
 
+def test_a_streamed_refusal_is_a_refusal_part() -> None:
+    stream = ResponsesStream({"model": "m", "input": "hi"})
+    data = stream.feed(_chat_events({"index": 0, "delta": {"refusal": "I can"}},
+                                    {"index": 0, "delta": {"refusal": "not."}},
+                                    {"index": 0, "delta": {}, "finish_reason": "stop"}))
+    events = _events(data + stream.end(_record(stream=True)))
+    assert [e["type"] for e in events][2:] == [
+        "response.output_item.added", "response.content_part.added", "response.refusal.delta",
+        "response.refusal.delta", "response.refusal.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    final = Response.model_validate(events[-1]["response"])
+    assert final.output[0].type == "message"
+    assert final.output[0].content[0].type == "refusal"
+    assert final.output[0].content[0].refusal == "I cannot."
+
+
 def test_a_failed_stream_ends_with_an_error_and_response_failed() -> None:
     stream = ResponsesStream({"model": "m", "input": "hi"})
     stream.feed(_chat_events({"index": 0, "delta": {"content": "a"}}))
