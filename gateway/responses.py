@@ -76,6 +76,12 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
                  "service_tier"):
         if body.get(name) is not None:
             chat[name] = body[name]
+    _add_options(body, chat)
+    return chat
+
+
+def _add_options(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    """Tools, the tool choice, the reasoning effort and the output format, as chat's."""
     tools = body.get("tools")
     if tools:
         chat["tools"] = _chat_tools(tools)
@@ -96,7 +102,6 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
             k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
     elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
         chat["response_format"] = {"type": "json_object"}
-    return chat
 
 
 def _chat_messages(value: Any) -> list[dict[str, Any]]:
