@@ -3,15 +3,18 @@ relaying a native Responses stream (no I/O)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response
 
 from core.config import AliasConfig, Config, ModelConfig, UpstreamConfig
-from core.errors import InvalidRequestError
+from core.errors import DomainError, InvalidRequestError
 from gateway.protocol import read_usage, texts_of_choices
 from gateway.responses import response_from_chat, speaks_responses, to_chat
 from gateway.responses_stream import ResponsesRelay, ResponsesStream
@@ -252,3 +255,48 @@ def test_a_model_is_native_when_its_upstreams_speak_responses() -> None:
     assert speaks_responses(config, "a") and speaks_responses(config, "both-native")
     assert not speaks_responses(config, "c") and not speaks_responses(config, "mixed")
     assert not speaks_responses(config, "unknown") and not speaks_responses(config, None)
+
+
+# -- any JSON in: a chat body or a clear 400; any chat chunk: events, never an exception ----
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+                    st.text(max_size=12))
+JSON = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=16)
+KINDS = st.sampled_from(["message", "function_call", "function_call_output", "reasoning",
+                         "input_text", "input_image", "output_text", "refusal", "function"])
+ITEM = st.fixed_dictionaries({}, optional={
+    "type": KINDS, "role": st.sampled_from(["user", "assistant", "system", "tool"]),
+    "content": st.one_of(JSON, st.lists(st.fixed_dictionaries({}, optional={
+        "type": KINDS, "text": JSON, "image_url": JSON, "refusal": JSON}), max_size=3)),
+    "call_id": JSON, "name": JSON, "arguments": JSON, "output": JSON})
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.fixed_dictionaries({"model": JSON}, optional={
+    "input": st.one_of(JSON, st.lists(ITEM, max_size=4)), "instructions": JSON,
+    "tools": st.one_of(JSON, st.lists(st.fixed_dictionaries({"type": KINDS}, optional={
+        "name": JSON, "parameters": JSON}), max_size=2)),
+    "tool_choice": JSON, "reasoning": JSON, "text": JSON, "stream": JSON,
+    "max_output_tokens": JSON, "previous_response_id": JSON}))
+def test_responses_bodies_translate_or_are_a_clear_error(body: dict[str, Any]) -> None:
+    try:
+        chat = to_chat(body)
+    except DomainError as exc:
+        assert 400 <= exc.status < 500
+        return
+    assert isinstance(chat["messages"], list) and isinstance(chat["model"], str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.one_of(JSON, st.fixed_dictionaries({"choices": st.lists(
+    st.fixed_dictionaries({}, optional={"delta": JSON, "finish_reason": JSON}), max_size=2)})),
+    max_size=5))
+def test_any_chat_stream_becomes_events_ending_in_a_response(chunks: list[Any]) -> None:
+    stream = ResponsesStream({"model": "m", "input": "hi"})
+    data = b"".join(stream.feed(b"data: " + json.dumps(c).encode() + b"\n\n") for c in chunks)
+    events = _events(data + stream.end(_record(stream=True)))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    Response.model_validate(events[-1]["response"])
