@@ -249,6 +249,11 @@ def test_a_native_call_is_limited_and_never_capped_below_what_openai_takes(
         client.responses.create(model="gpt-native", input="hi")  # generate, under 16
     assert spent.value.status_code == 402 and served.upstream.request_count == count
     assert served.rows()[-1].status == "quota_exceeded"
+    other = served.client("lee")
+    other.responses.create(model="gpt-native", input="hi", max_output_tokens=270)  # 274 used
+    clipped = other.responses.create(model="gpt-native", input="hi", max_output_tokens=100)
+    assert served.upstream.requests[-1]["body"]["max_output_tokens"] == 300 - 274 - 8
+    assert clipped.usage is not None and clipped.usage.output_tokens == 18
 
 
 def test_a_native_stream_cut_short_is_counted_and_ends_with_an_error(
