@@ -16,8 +16,9 @@ from typing import Any
 from core.config import Config
 from core.errors import InvalidRequestError
 from metering.records import CallRecord
+from metering.service import ENDPOINT_RESPONSES
 
-RESPONSES_ENDPOINT = "responses"  # the ledger's name for calls that came in this way
+RESPONSES_ENDPOINT = ENDPOINT_RESPONSES  # the ledger's name for calls that came in this way
 # Fields a translated call cannot serve: they need state or tools the upstream does not keep.
 _STATEFUL = {
     "previous_response_id": "the upstream does not keep state: send the whole conversation "

@@ -30,7 +30,7 @@ from metering.tokens import (
 ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
 ENDPOINT_EMBEDDINGS = "embeddings"
-ENDPOINT_RESPONSES = "responses"  # OpenAI's Responses API, forwarded to an upstream speaking it
+ENDPOINT_RESPONSES = "responses"  # OpenAI's Responses API (as the ledger names its calls)
 
 
 @dataclass
