@@ -348,3 +348,36 @@ def test_a_translated_stream_cut_short_ends_with_an_error_and_is_counted(
     row = served.rows()[-1]
     assert row.endpoint == "responses" and row.status == "stream_error"
     assert row.output_tokens == 2  # counted: two words passed
+
+
+def test_a_streamed_agent_run_reads_the_translated_event_stream(
+        served: Served, behaviour: dict[str, Any]) -> None:
+    import asyncio
+
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+
+    @function_tool
+    def add(a: int, b: int) -> str:
+        """Add two numbers."""
+        return str(a + b)
+
+    behaviour.update(tool_call_first={"name": "add", "arguments": '{"a": 2, "b": 3}'}, words=3)
+    before = len(served.rows())
+
+    async def run() -> tuple[str, list[str]]:
+        client = openai.AsyncOpenAI(base_url=served.base + "/v1", api_key=served.key,
+                                    max_retries=0, default_headers={"X-Meterlane-User": "max"})
+        agent = Agent(name="adder", tools=[add],
+                      model=OpenAIResponsesModel(model="gpt-4o-mini", openai_client=client))
+        result = Runner.run_streamed(agent, "What is 2 + 3?")
+        kinds = [event.type async for event in result.stream_events()]
+        return str(result.final_output), kinds
+
+    final, kinds = asyncio.run(run())
+    assert final == completion_text(3) and "run_item_stream_event" in kinds
+    rows = served.rows()[before:]
+    assert [(r.endpoint, r.stream, r.status) for r in rows] == [("responses", True, "ok")] * 2
+    assert served.upstream.requests[-1]["body"]["messages"][-1] == {
+        "role": "tool", "tool_call_id": "call_fake1", "content": "5"}
