@@ -25,7 +25,6 @@ _STATEFUL = {
                             "in `input` (only upstreams with api = \"responses\" take it)",
     "conversation": "the upstream does not keep conversations: send them in `input`",
     "prompt": "stored prompts need an upstream with api = \"responses\"",
-    "background": "background responses need an upstream with api = \"responses\"",
 }
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 _EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "none")

@@ -116,6 +116,10 @@ def responses_call(config: Config, body: dict[str, Any], raw: bytes
                    ) -> tuple[str, dict[str, Any], bytes | None, Wire]:
     """A Responses API call as the gateway makes it: (endpoint, body, client bytes, wire):
     as it is to an upstream that speaks it, else as the chat call it translates to."""
+    if body.get("background") not in (None, False):
+        raise InvalidRequestError(
+            "background is not supported: the gateway meters a call from its answer, and a "
+            "background response answers later.", param="background")
     if responses.speaks_responses(config, body.get("model")):
         return ENDPOINT_RESPONSES, body, raw, NativeResponsesWire()
     return ENDPOINT_CHAT, responses.to_chat(body), None, ResponsesWire(body)

@@ -18,6 +18,7 @@ from core.errors import DomainError, InvalidRequestError
 from gateway.protocol import read_usage, texts_of_choices
 from gateway.responses import response_from_chat, speaks_responses, to_chat
 from gateway.responses_stream import ResponsesRelay, ResponsesStream
+from gateway.wire import responses_call
 from metering.records import CallRecord
 
 
@@ -243,6 +244,16 @@ def test_responses_usage_and_texts_are_read() -> None:
     assert reading.usage is not None and reading.usage.cached_input_tokens == 5  # capped
     assert reading.note is not None and "cached_tokens 9 above" in reading.note
     assert reading.usage.reasoning_tokens == 1
+
+
+def test_background_responses_are_refused_on_every_upstream() -> None:
+    config = Config(upstreams=(UpstreamConfig("oa", "http://x", api="responses"),),
+                    models=(ModelConfig("a", "oa", "a"),))
+    assert responses_call(config, {"model": "a", "input": "hi"}, b"{}")[0] == "responses"
+    for model in ("a", "b"):
+        with pytest.raises(InvalidRequestError, match="background") as bad:
+            responses_call(config, {"model": model, "input": "hi", "background": True}, b"{}")
+        assert bad.value.param == "background"
 
 
 def test_a_model_is_native_when_its_upstreams_speak_responses() -> None:
