@@ -34,6 +34,9 @@ class ModelPrice:
     request_fee: Decimal | None = None   # USD per call
 
 
+UPSTREAM_APIS = ("chat", "responses")
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     name: str
@@ -50,6 +53,9 @@ class UpstreamConfig:
     breaker_cooldown_s: float = 10.0
     # A local GPU server's cost per hour (fully loaded), allocated to the calls it serves.
     cost: GpuCost | None = None
+    # The API it speaks for /v1/responses calls: "responses" (OpenAI's Responses API: such
+    # calls are forwarded as they are) or "chat" (they are translated to chat completions).
+    api: str = "chat"
 
 
 @dataclass(frozen=True)
@@ -378,8 +384,11 @@ def _upstream(table: dict[str, Any], env: Mapping[str, str]) -> UpstreamConfig:
     if isinstance(cooldown, bool) or not isinstance(cooldown, (int, Decimal)) \
             or not 0 < cooldown <= 3600:
         raise ConfigError(f"{where}: breaker_cooldown must be seconds, more than 0, at most 3600")
+    api = table.get("api", "chat")
+    if api not in UPSTREAM_APIS:
+        raise ConfigError(f"{where}: api must be \"chat\" or \"responses\", got {api!r}")
     return UpstreamConfig(
-        name=name, base_url=base_url, api_key=api_key, api_key_env=key_env,
+        name=name, base_url=base_url, api_key=api_key, api_key_env=key_env, api=api,
         connect_timeout_s=_seconds(table, "connect_timeout", 5, 600, where),
         read_timeout_s=_seconds(table, "timeout", 600, 86_400, where),
         max_concurrency=cap, breaker_failures=failures, breaker_cooldown_s=float(cooldown),

@@ -62,6 +62,11 @@ def embeddings() -> Response:
     return _call(ENDPOINT_EMBEDDINGS)
 
 
+@bp.post("/responses")
+def responses() -> Response:
+    return _response(part(GatewayService).responses(_context(), request_bytes()))
+
+
 @bp.get("/models")
 def models() -> Response:
     current_principal()

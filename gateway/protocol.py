@@ -50,8 +50,13 @@ def read_usage(doc: Any) -> UsageReading:
     usage = doc["usage"]
     if not isinstance(usage, dict):
         return UsageReading(problem="usage is not an object")
+    # chat completions' names, else the Responses API's
     prompt_details = usage.get("prompt_tokens_details")
+    if prompt_details is None:
+        prompt_details = usage.get("input_tokens_details")
     completion_details = usage.get("completion_tokens_details")
+    if completion_details is None:
+        completion_details = usage.get("output_tokens_details")
     counts: dict[str, int | None] = {}
     for key, source, names in (
             ("input", usage, ("prompt_tokens", "input_tokens")),
@@ -108,6 +113,9 @@ def texts_of_choices(doc: Any) -> list[str]:
         return out
     choices = doc.get("choices")
     if not isinstance(choices, list):
+        output = doc.get("output")  # a Response: its items
+        if isinstance(output, list):
+            _response_texts(output, out)
         return out
     for choice in choices:
         if not isinstance(choice, dict):
@@ -134,6 +142,23 @@ def _message_texts(message: dict[str, Any], out: list[str]) -> None:
                 for key in ("name", "arguments"):
                     if isinstance(fn.get(key), str):
                         out.append(fn[key])
+
+
+def _response_texts(output: list[Any], out: list[str]) -> None:
+    """Generated text of a Response's output items: message parts, function calls, reasoning
+    summaries."""
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        for key in ("name", "arguments"):
+            if isinstance(item.get(key), str):
+                out.append(item[key])
+        for holder in ("content", "summary"):
+            parts = item.get(holder)
+            for part in parts if isinstance(parts, list) else ():
+                if isinstance(part, dict):
+                    out.extend(part[k] for k in ("text", "refusal")
+                               if isinstance(part.get(k), str))
 
 
 def joined_texts(docs: Iterable[Any]) -> list[str]:

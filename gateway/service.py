@@ -39,9 +39,11 @@ from gateway.wire import (
     choices_of,
     is_answer,
     is_event_stream,
+    least_output,
     loads,
     parse_body,
     requested_output,
+    responses_call,
     upstream_payload,
 )
 from metering.leases import Lease
@@ -64,7 +66,7 @@ MAX_IDEMPOTENCY_KEY = 255
 # What OpenAI generates for /v1/completions when max_tokens is not given.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 PATHS = {"chat.completions": "/chat/completions", "completions": "/completions",
-         "embeddings": "/embeddings"}
+         "embeddings": "/embeddings", "responses": "/responses"}
 
 
 @dataclass
@@ -120,6 +122,10 @@ class GatewayService:
             # the end user only when neither the key nor the header does.
             body.pop("user", None)
         return self._call(ctx, ENDPOINT_CHAT, body, None, MessagesWire(body["model"]))
+
+    def responses(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
+        """OpenAI's Responses API: as it is to an upstream that speaks it, else as a chat call."""
+        return self._call(ctx, *responses_call(self.config, parse_body(raw), raw))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
               wire: Wire) -> GatewayResponse:
@@ -328,10 +334,10 @@ class GatewayService:
         if endpoint == ENDPOINT_EMBEDDINGS:
             want, least = 0, 0
         elif requested is not None:
-            want, least = requested, 1
+            want, least = requested, least_output(endpoint, requested)
         else:  # chat: the plan's default cap; completions: OpenAI's own default
             want = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS else None
-            least = 1
+            least = least_output(endpoint, None)
         prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body)
         try:
             with outcome.trace.reserving():

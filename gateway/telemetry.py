@@ -23,11 +23,12 @@ from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,
     ENDPOINT_EMBEDDINGS,
+    ENDPOINT_RESPONSES,
     CallOutcome,
 )
 
 OPERATIONS = {ENDPOINT_CHAT: "chat", ENDPOINT_COMPLETIONS: "text_completion",
-              ENDPOINT_EMBEDDINGS: "embeddings"}
+              ENDPOINT_EMBEDDINGS: "embeddings", ENDPOINT_RESPONSES: "chat"}
 # Where upstreams put their own request id (OpenAI's, then Anthropic's and others'), and the
 # name it reaches the client under (x-request-id is the gateway's own).
 UPSTREAM_ID_HEADERS = ("x-request-id", "request-id")
@@ -93,7 +94,8 @@ class CallTrace:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation, "gen_ai.provider.name": model.upstream,
             "gen_ai.request.model": model.upstream_model, "meterlane.model": model.name}
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        cap = body.get("max_completion_tokens") or body.get("max_tokens") \
+            or body.get("max_output_tokens")
         if isinstance(cap, int) and not isinstance(cap, bool):
             attributes["gen_ai.request.max_tokens"] = cap
         if body.get("stream") is True:

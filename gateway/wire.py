@@ -10,12 +10,13 @@ from typing import Any
 import orjson
 import urllib3
 
-from core.config import ModelConfig
+from core.config import Config, ModelConfig
 from core.errors import InvalidRequestError
-from gateway import anthropic
+from gateway import anthropic, responses
+from gateway.responses_stream import ResponsesRelay, ResponsesStream, error_event
 from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
 from metering.records import CallRecord
-from metering.service import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS
+from metering.service import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_RESPONSES
 
 MAX_CHOICES = 128
 MAX_OUTPUT_CAP = 10**9  # tokens per call (DESIGN.md §9)
@@ -69,6 +70,61 @@ class MessagesWire(Wire):
         return self.stream.error(status, message)
 
 
+class ResponsesWire(Wire):
+    """OpenAI's Responses API served by a chat call: the answer translated back, as a
+    Response or its event stream."""
+
+    api = responses.RESPONSES_ENDPOINT
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        super().__init__()
+        self.request = request
+        self.stream = ResponsesStream(request)
+
+    def response(self, data: bytes, doc: Any, record: CallRecord) -> bytes:
+        return orjson.dumps(responses.response_from_chat(doc, self.request, record))
+
+    def part(self, events: bytes) -> bytes:
+        return self.stream.feed(events)
+
+    def end(self, record: CallRecord) -> bytes:
+        return self.stream.end(record)
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return self.stream.error(status, message, code)
+
+
+class NativeResponsesWire(Wire):
+    """OpenAI's Responses API forwarded to an upstream that speaks it: its answer relayed as
+    it is, the stream's final event held back until the call is in the ledger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._relay = ResponsesRelay()
+
+    def relay(self) -> StreamRelay:
+        return self._relay
+
+    def end(self, record: CallRecord) -> bytes:
+        return self._relay.final
+
+    def error(self, status: int, message: str, type_: str, code: str) -> bytes:
+        return error_event(self._relay.sequence, message, code)
+
+
+def responses_call(config: Config, body: dict[str, Any], raw: bytes
+                   ) -> tuple[str, dict[str, Any], bytes | None, Wire]:
+    """A Responses API call as the gateway makes it: (endpoint, body, client bytes, wire):
+    as it is to an upstream that speaks it, else as the chat call it translates to."""
+    if body.get("background") not in (None, False):
+        raise InvalidRequestError(
+            "background is not supported: the gateway meters a call from its answer, and a "
+            "background response answers later.", param="background")
+    if responses.speaks_responses(config, body.get("model")):
+        return ENDPOINT_RESPONSES, body, raw, NativeResponsesWire()
+    return ENDPOINT_CHAT, responses.to_chat(body), None, ResponsesWire(body)
+
+
 # Every field an upstream may take as the output cap (OpenAI's old and new names, the
 # Responses API's): the largest is what the call may generate, and a clip rewrites them all.
 CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens",
@@ -92,7 +148,21 @@ def requested_output(endpoint: str, body: dict[str, Any],
     if found:
         value, name = max(found)
         return name, value
+    if endpoint == ENDPOINT_RESPONSES:
+        return "max_output_tokens", None
     return (default_field if endpoint == ENDPOINT_CHAT else "max_tokens"), None
+
+
+# OpenAI refuses a Responses call whose max_output_tokens is below 16: a grant smaller than
+# that is a refusal (402), not a call the upstream answers with a 400.
+RESPONSES_MIN_OUTPUT = 16
+
+
+def least_output(endpoint: str, requested: int | None) -> int:
+    """The smallest output-token grant that lets the call go ahead."""
+    if endpoint != ENDPOINT_RESPONSES:
+        return 1
+    return min(RESPONSES_MIN_OUTPUT, requested or RESPONSES_MIN_OUTPUT)
 
 
 def choices_of(endpoint: str, body: dict[str, Any]) -> int:
@@ -127,6 +197,8 @@ def is_answer(endpoint: str, doc: Any) -> bool:
     embeddings' data."""
     if not isinstance(doc, dict):
         return False
+    if endpoint == ENDPOINT_RESPONSES:
+        return isinstance(doc.get("output"), list)
     return isinstance(doc.get("data" if endpoint == ENDPOINT_EMBEDDINGS else "choices"), list)
 
 
@@ -154,7 +226,9 @@ def upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig
     body with the upstream's model name, clipped caps, and usage asked for on streams."""
     # A routed call named an alias; a translated one (raw None) was built by the gateway.
     routed = body.get("model") != model.name or raw is None
-    if raw is not None and not stream and not routed and clip is None \
+    # A Responses stream always ends with its usage (and takes no stream_options for it).
+    ask_usage = stream and endpoint != ENDPOINT_RESPONSES
+    if raw is not None and not ask_usage and not routed and clip is None \
             and model.upstream_model == model.name:
         return raw  # nothing to change: forward the client's bytes untouched
     out = dict(body)
@@ -169,7 +243,7 @@ def upstream_payload(raw: bytes | None, body: dict[str, Any], model: ModelConfig
             else "max_completion_tokens"
         if other in out and model.max_tokens_param not in out:
             out[model.max_tokens_param] = out.pop(other)
-    if stream:
+    if ask_usage:
         options = out.get("stream_options")
         out["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                  "include_usage": True}

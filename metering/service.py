@@ -23,12 +23,14 @@ from metering.tokens import (
     count_chat_prompt,
     count_completion_prompt,
     count_embedding_input,
+    count_responses_prompt,
     count_text,
 )
 
 ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
 ENDPOINT_EMBEDDINGS = "embeddings"
+ENDPOINT_RESPONSES = "responses"  # OpenAI's Responses API (as the ledger names its calls)
 
 
 @dataclass
@@ -156,6 +158,8 @@ class MeteringService:
             return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
         if endpoint == ENDPOINT_COMPLETIONS:
             return count_completion_prompt(tok, body.get("prompt"))
+        if endpoint == ENDPOINT_RESPONSES:
+            return count_responses_prompt(tok, body)
         return count_embedding_input(tok, body.get("input"))
 
     def settle(self, outcome: CallOutcome) -> CallRecord:

@@ -281,6 +281,17 @@ def count_chat_prompt(tok: Tokenizer, messages: list[Any], tools: Any = None) ->
     return total
 
 
+def count_responses_prompt(tok: Tokenizer, body: dict[str, Any]) -> int:
+    """A Responses API request: its instructions and input items counted as chat messages
+    (every string field of an item, parts as chat parts), and its tools."""
+    items = body.get("input")
+    messages: list[Any] = [{"role": "user", "content": items}] if isinstance(items, str) \
+        else list(items) if isinstance(items, list) else []
+    if isinstance(body.get("instructions"), str):
+        messages.insert(0, {"role": "system", "content": body["instructions"]})
+    return count_chat_prompt(tok, messages, body.get("tools"))
+
+
 def count_completion_prompt(tok: Tokenizer, prompt: Any) -> int:
     """A string, list of strings, list of token ids, or list of lists of ids (or strings)."""
     if not isinstance(prompt, list | tuple):

@@ -48,6 +48,7 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/completions"): frozenset({"app", "user"}),
     ("POST", "/v1/embeddings"): frozenset({"app", "user"}),
     ("POST", "/v1/messages"): frozenset({"app", "user"}),
+    ("POST", "/v1/responses"): frozenset({"app", "user"}),
     ("GET", "/v1/models"): ALL,
     # keys
     ("POST", "/v1/users/{user}/keys"): frozenset({"app"}),
@@ -103,7 +104,8 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("GET", "/v1/admin/jobs"): frozenset({"operator"}),  # the scheduled jobs of every app
 }
 GATEWAY = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-           ("POST", "/v1/embeddings"), ("POST", "/v1/messages"), ("GET", "/v1/models")]
+           ("POST", "/v1/embeddings"), ("POST", "/v1/messages"), ("POST", "/v1/responses"),
+           ("GET", "/v1/models")]
 VALUES = {"user": "alice", "sub_id": "sub_none", "offer": "pro-monthly", "version": "1",
           "consent_id": "cns_none", "app": "acme", "key_id": "0123456789abcdef"}
 PLANS = """
@@ -150,7 +152,8 @@ def _url(path: str) -> str:
 def _call(client: Any, method: str, path: str, key: str | None, query: str = "") -> Any:
     headers = {"Content-Type": "application/json", **(bearer(key) if key else {})}
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], ' \
-           b'"user": "alice", "max_tokens": 1}' if path in [p for _m, p in GATEWAY] else b"{}"
+           b'"input": "hi", "user": "alice", "max_tokens": 1}' \
+        if path in [p for _m, p in GATEWAY] else b"{}"
     return client.open(_url(path) + query, method=method, headers=headers,
                        data=None if method == "GET" else body)
 

@@ -205,6 +205,10 @@ def _completion_reply(path: str, body: dict[str, Any], fake: dict[str, Any], clo
         "system_fingerprint": "fp_fake",
     }
     tool = fake.get("tool_call") if chat else None  # {"name", "arguments"}: a tool call too
+    answered = any(isinstance(m, dict) and m.get("role") == "tool"
+                   for m in body.get("messages") or [])
+    if chat and not answered and fake.get("tool_call_first"):  # a call until its result is in
+        tool = fake["tool_call_first"]
     finish = "tool_calls" if tool else "stop"
     if not body.get("stream"):
         if chat:
@@ -296,7 +300,7 @@ def _model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "fake-upstream"}
 
 
-_POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+_POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
 def route(method: str, path: str, body: Any, close: bool) -> Reply:
@@ -327,4 +331,8 @@ def route(method: str, path: str, body: Any, close: bool) -> Reply:
         return Reply(http_head(200, ctype, len(text), close), [text], close, fake)
     if path == "/v1/embeddings":
         return _embedding_reply(body, fake, close)
+    if path == "/v1/responses":
+        from tests.support.fake_responses import responses_reply  # (it builds on this module)
+
+        return responses_reply(body, fake, close)
     return _completion_reply(path, body, fake, close)

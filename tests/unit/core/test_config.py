@@ -49,6 +49,14 @@ def test_from_env_reads_file_and_resolves_api_key_from_env(tmp_path: Path) -> No
     llama = config.model("llama")
     assert llama is not None and llama.upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert llama.price is None
+    assert config.upstream("local-gpu").api == "chat"  # the default
+
+
+def test_an_upstream_may_speak_the_responses_api(tmp_path: Path) -> None:
+    text = TOML.replace('api_key_env = "OPENAI_API_KEY"',
+                        'api_key_env = "OPENAI_API_KEY"\napi = "responses"')
+    config = Config.from_env({"MLANE_CONFIG": write(tmp_path, text)})
+    assert config.upstream("openai").api == "responses"
 
 
 def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
@@ -96,6 +104,9 @@ def test_postgres_is_not_auto_migrated(tmp_path: Path) -> None:
     (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
                   'base_url = "http://127.0.0.1:8000/v1"\ncost = { power_watts = "1e12" }'),
      "power_watts must be"),
+    (TOML.replace('base_url = "http://127.0.0.1:8000/v1"',
+                  'base_url = "http://127.0.0.1:8000/v1"\napi = "assistants"'),
+     "api must be \"chat\" or \"responses\""),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, snippet: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
