@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from core.db import make_engine
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, free_port, start_server, stop
+from tests.e2e.test_serve import cli, start_server, stop
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
 

@@ -98,7 +98,7 @@ def test_a_management_post_is_replayed_not_done_twice(client: Any, keys: Keys,
     assert again.status_code == 201, again.data
     assert again.headers["Idempotent-Replayed"] == "true" and again.data == first.data
     listed = client.get("/v1/prices?model=gpt-4o-mini", headers=bearer(keys.admin)).get_json()
-    assert [p["input"] for p in listed["data"] if p["source"] == "api"] == ["0.20"]
+    assert [p["input"] for p in listed["data"] if p["source"] == "api"] == ["0.2"]
     changed = client.post("/v1/prices", json={**body, "input": "0.30"},
                           headers=keyed(keys.admin, "price-1"))
     assert changed.status_code == 422
@@ -176,3 +176,125 @@ def test_a_malformed_key_is_a_400(client: Any, keys: Keys, clean_db: Engine) -> 
     resp = client.post(CHAT, json=chat("quinn"), headers=keyed(keys.app, "x" * 300))
     assert resp.status_code == 400
     assert "Idempotency-Key" in orjson.loads(resp.data)["error"]["message"]
+
+
+def test_anthropic_messages_are_replayed_and_refused_in_anthropics_envelope(
+        client: Any, keys: Keys, upstream: FakeUpstream, clean_db: Engine) -> None:
+    user = f"ray-{uuid.uuid4().hex[:8]}"
+    headers = {"X-Api-Key": keys.app, "X-Meterlane-User": user, "Idempotency-Key": "m-1"}
+    body = {"model": "gpt-4o-mini", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]}
+    first = client.post("/v1/messages", json=body, headers=headers)
+    assert first.status_code == 200, first.data
+    again = client.post("/v1/messages", json=body, headers=headers)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.data == first.data
+    other_user = client.post("/v1/messages", json=body,
+                             headers={**headers, "X-Meterlane-User": user + "-b"})
+    assert other_user.status_code == 422  # the end user named is part of the request
+    assert other_user.get_json()["type"] == "error"  # Anthropic's envelope
+    assert len(ledger(clean_db)) == 1
+
+
+def test_a_key_held_by_a_request_that_died_lapses(clean_db: Engine) -> None:
+    from datetime import timedelta
+
+    from core.db import utcnow
+    from core.idempotency import (
+        Claim,
+        IdempotencyKeyInUseError,
+        IdempotencyService,
+        Kept,
+    )
+
+    now = utcnow()
+    service = IdempotencyService(clean_db, lapse=timedelta(minutes=15), clock=lambda: now)
+    assert service.begin("app:1", "k", "f", "req_dead") == Claim("app:1", "k", "req_dead")
+    now += timedelta(minutes=14)
+    with pytest.raises(IdempotencyKeyInUseError) as held:
+        service.begin("app:1", "k", "f", "req_retry")
+    assert held.value.headers["Retry-After"] == "1"
+    now += timedelta(minutes=2)  # its request never finished: the retry runs
+    retry = service.begin("app:1", "k", "f", "req_retry")
+    assert retry == Claim("app:1", "k", "req_retry")
+    # the first request, had it lived on, can neither keep its answer nor let go the key now
+    service.finish(Claim("app:1", "k", "req_dead"), status=200, headers={}, body=b"old")
+    service.release(Claim("app:1", "k", "req_dead"))
+    service.finish(retry, status=201, headers={"Content-Type": "application/json",
+                                               "X-Other": "x"}, body=b"{}")
+    assert service.begin("app:1", "k", "f", "req_3") == Kept(
+        status=201, headers={"Content-Type": "application/json"}, body=b"{}",
+        request_id="req_retry")
+
+
+def test_of_many_requests_racing_on_one_key_exactly_one_runs(clean_db: Engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.idempotency import Claim, IdempotencyKeyInUseError, IdempotencyService
+
+    service = IdempotencyService(clean_db)
+
+    def attempt(i: int) -> str:
+        try:
+            found = service.begin("app:1", "race", "f", f"req_{i}")
+        except IdempotencyKeyInUseError:
+            return "in use"
+        return "claimed" if isinstance(found, Claim) else "replayed"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, range(16)))
+    assert outcomes.count("claimed") == 1 and outcomes.count("in use") == 15
+
+
+def test_the_idempotency_job_deletes_expired_records(app: Any, client: Any, keys: Keys,
+                                                     clean_db: Engine) -> None:
+    from core.worker import Worker, lock_factory
+
+    for key in ("a", "b"):
+        resp = client.post("/v1/prices", json={"model": "o3-mini", "input": "1", "output": "2",
+                                              "effective_from": f"2030-01-0{1 + (key == 'b')}"
+                                              "T00:00:00Z"}, headers=keyed(keys.admin, key))
+        assert resp.status_code == 201, resp.data
+    with clean_db.begin() as conn:
+        conn.execute(text("UPDATE idempotency_records SET expires_at = now() - interval '1 "
+                          "second' WHERE key = 'a'"))
+    board = app.extensions["wiring"].jobs
+    worker = Worker(board, lock_factory(board.engine, app.extensions["wiring"].config.data_dir),
+                    name="test:1", only=["idempotency"])
+    [run] = worker.tick()
+    assert run.ok
+    with clean_db.connect() as conn:
+        assert [r.key for r in conn.execute(text("SELECT key FROM idempotency_records"))] == ["b"]
+
+
+def test_write_routes_document_the_idempotency_key(client: Any) -> None:
+    resp = client.get("/openapi.json")
+    doc = resp.get_json()
+    assert resp.status_code == 200, doc
+    ref = {"$ref": "#/components/parameters/IdempotencyKey"}
+    assert ref in doc["paths"]["/v1/prices"]["post"]["parameters"]
+    assert ref not in doc["paths"]["/v1/prices"]["get"]["parameters"]
+    assert doc["components"]["parameters"]["IdempotencyKey"]["in"] == "header"
+
+
+def test_replays_work_on_the_embedded_sqlite_default(upstream: FakeUpstream,
+                                                     tmp_path: Any) -> None:
+    from app import create_app
+    from tests.conftest import config_from_toml, gateway_toml, make_keys
+
+    config = config_from_toml(gateway_toml(upstream.base_url), tmp_path,
+                              database_url=f"sqlite:///{tmp_path / 'embedded.db'}")
+    app = create_app(config)
+    try:
+        keys, client = make_keys(app), app.test_client()
+        user = f"sue-{uuid.uuid4().hex[:8]}"
+        first = client.post(CHAT, json=chat(user), headers=keyed(keys.app, "lite"))
+        assert first.status_code == 200, first.data
+        again = client.post(CHAT, json=chat(user), headers=keyed(keys.app, "lite"))
+        assert again.headers["Idempotent-Replayed"] == "true" and again.data == first.data
+        other = client.post(CHAT, json=chat(user, n=2), headers=keyed(keys.app, "lite"))
+        assert other.status_code == 422
+        assert len(sent_for(upstream, user)) == 1
+        ledger_rows = ledger(app.extensions["wiring"].engine)
+        assert [r.idempotency_key for r in ledger_rows] == ["lite"]
+    finally:
+        app.extensions["wiring"].engine.dispose()
