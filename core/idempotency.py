@@ -180,10 +180,13 @@ class IdempotencyService:
         """Delete the expired records (the `idempotency` job); returns how many."""
         total = 0
         while True:
+            now = self.clock()
             with self.engine.begin() as conn:
                 ids = select(_TABLE.c.id).where(
-                    _TABLE.c.expires_at <= self.clock()).limit(batch).scalar_subquery()
-                gone = conn.execute(delete(_TABLE).where(_TABLE.c.id.in_(ids))).rowcount
+                    _TABLE.c.expires_at <= now).limit(batch).scalar_subquery()
+                # expired still when deleted: a record a retry has just taken over is kept
+                gone = conn.execute(delete(_TABLE).where(
+                    _TABLE.c.id.in_(ids), _TABLE.c.expires_at <= now)).rowcount
             total += gone
             if gone < batch:
                 return total
