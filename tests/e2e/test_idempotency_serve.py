@@ -111,7 +111,7 @@ def test_a_retry_while_the_first_runs_is_409_and_then_gets_the_answer(
         served: Served, upstream: FakeUpstream) -> None:
     user = f"slow-{uuid.uuid4().hex[:8]}"
     key = f"{user}-call"
-    body = chat(user, fake={"delay_ms": 1500})  # the upstream holds the first call
+    body = chat(user, fake={"delay_ms": 2000})  # the upstream holds the first (timeout: 3 s)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(lambda: served.post("/v1/chat/completions", body, key))
         deadline = time.monotonic() + 20

@@ -298,3 +298,41 @@ def test_replays_work_on_the_embedded_sqlite_default(upstream: FakeUpstream,
         assert [r.idempotency_key for r in ledger_rows] == ["lite"]
     finally:
         app.extensions["wiring"].engine.dispose()
+
+
+PLAN = """
+[[plans]]
+id = "free"
+default = true
+[[plans.limits]]
+metric = "tokens"
+window = "day"
+amount = 100000
+"""
+
+
+def test_the_metering_api_replays_and_keeps_its_own_key(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Any) -> None:
+    from app import create_app
+    from tests.conftest import config_from_toml, gateway_toml, make_keys
+
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url) + PLAN, tmp_path,
+                                      database_url=pg_url))
+    try:
+        _metering_api_replays(app.test_client(), make_keys(app), clean_db)
+    finally:
+        app.extensions["wiring"].engine.dispose()
+
+
+def _metering_api_replays(client: Any, keys: Keys, clean_db: Engine) -> None:
+    track = {"user": "tia", "model": "gpt-4o-mini", "idempotency_key": "job-1",
+             "usage": {"input_tokens": 10, "output_tokens": 5}}
+    first = client.post("/v1/meter/track", json=track, headers=keyed(keys.app, "h-1"))
+    assert first.status_code == 201, first.data
+    again = client.post("/v1/meter/track", json=track, headers=keyed(keys.app, "h-1"))
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.data == first.data
+    # the body's own key still counts the event once, whatever the header says
+    other = client.post("/v1/meter/track", json=track, headers=keyed(keys.app, "h-2"))
+    assert other.status_code == 200 and other.get_json()["outcome"] == "duplicate"
+    assert len(ledger(clean_db)) == 1
