@@ -336,3 +336,38 @@ def _metering_api_replays(client: Any, keys: Keys, clean_db: Engine) -> None:
     other = client.post("/v1/meter/track", json=track, headers=keyed(keys.app, "h-2"))
     assert other.status_code == 200 and other.get_json()["outcome"] == "duplicate"
     assert len(ledger(clean_db)) == 1
+
+
+ONE_A_MINUTE = """
+[[plans]]
+id = "free"
+default = true
+[[plans.limits]]
+metric = "requests"
+window = "minute"
+amount = 1
+"""
+
+
+def test_a_call_refused_by_a_limit_is_not_kept_and_its_retry_is_judged_again(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Any) -> None:
+    from app import create_app
+    from tests.conftest import config_from_toml, gateway_toml, make_keys
+
+    app = create_app(config_from_toml(gateway_toml(upstream.base_url) + ONE_A_MINUTE,
+                                      tmp_path, database_url=pg_url))
+    try:
+        client, keys = app.test_client(), make_keys(app)
+        user = f"uma-{uuid.uuid4().hex[:8]}"
+        assert client.post(CHAT, json=chat(user), headers=keyed(keys.app, "a")).status_code \
+            == 200
+        refused = client.post(CHAT, json=chat(user, n=1), headers=keyed(keys.app, "b"))
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        # the retry is the limit's to judge again (once the minute is over it runs), never a
+        # replay of the 429 nor a 409 for a key "already used" by the refusal's ledger row
+        retry = client.post(CHAT, json=chat(user, n=1), headers=keyed(keys.app, "b"))
+        assert retry.status_code == 429, retry.data
+        assert "Idempotent-Replayed" not in retry.headers
+        assert len(sent_for(upstream, user)) == 1
+    finally:
+        app.extensions["wiring"].engine.dispose()
