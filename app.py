@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from core.audit import AuditService
     from core.auth import AuthService
     from core.events import EventService
+    from core.idempotency import IdempotencyService
     from core.jobs import Job, JobBoard
     from core.keys import KeyService
     from core.metrics import Metrics
@@ -94,6 +95,7 @@ class Wiring:
     finance: FinanceService
     audit: AuditService
     jobs: JobBoard
+    idempotency: IdempotencyService
 
     def parts(self) -> Parts:
         """Each part found by its class (how blueprints and commands reach them)."""
@@ -151,6 +153,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from core.auth import AuthService
     from core.db import make_engine
     from core.events import EventService
+    from core.idempotency import IdempotencyService, lapse_for
     from core.jobs import JobBoard
     from core.keys import KeyService
     from core.metrics import Metrics
@@ -242,9 +245,10 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases),
                     metrics=metrics)
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
+    idempotency = IdempotencyService(engine, lapse=lapse_for(config))
     jobs = JobBoard(engine, scheduled_jobs(
         config, events=events, notices=notices, accrual=accrual, overage=overage,
-        finance=finance, limits=limits, ledger=ledger))
+        finance=finance, limits=limits, ledger=ledger, idempotency=idempotency))
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics,
@@ -253,17 +257,19 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   overage=overage, subscriptions=subscriptions, events=events,
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
-                  finance=finance, audit=AuditService(engine), jobs=jobs)
+                  finance=finance, audit=AuditService(engine), jobs=jobs,
+                  idempotency=idempotency)
 
 
 # seconds between runs of each scheduled job (MLANE_JOB_INTERVALS changes them)
 JOB_INTERVALS = {"webhooks": 10, "notices": 900, "overage": 300, "credits": 60,
-                 "rollup": 300, "limits": 30, "quarantine": 300}
+                 "rollup": 300, "limits": 30, "quarantine": 300, "idempotency": 600}
 
 
 def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeService,
                    accrual: AccrualService, overage: OverageReporter, finance: FinanceService,
-                   limits: LimitsService, ledger: LedgerWriter) -> list[Job]:
+                   limits: LimitsService, ledger: LedgerWriter,
+                   idempotency: IdempotencyService) -> list[Job]:
     """Every scheduled job of the product (`meterlane worker` runs them), each one call of
     the service that does the work (the one-off commands call the same)."""
     from core.db import utcnow
@@ -318,6 +324,9 @@ def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeServi
         "rollup": (rollup, "bring the finance roll-ups up to date"),
         "limits": (catch_up, "count the calls let through while the limit store was down"),
         "quarantine": (quarantine, "alert when usage records go to the ledger's quarantine"),
+        "idempotency": (lambda _: f"deleted {idempotency.purge()} expired Idempotency-Key "
+                        "records", "delete the answers kept for Idempotency-Key retries once "
+                        "they expire (24 h)"),
     }
     return [Job(name, intervals[name], run, about) for name, (run, about) in work.items()]
 

@@ -26,6 +26,7 @@ from core.openapi import documented
 from core.schemas import UserKeyRequestSchema, UserKeySchema
 from core.tenancy import TenancyService
 from core.web import (
+    answer_not_kept,
     config,
     current_actor,
     current_principal,
@@ -41,6 +42,7 @@ bp = Blueprint("keys", __name__, url_prefix="/v1")
 @bp.post("/users/<path:user>/keys")
 @documented(summary="Mint a short-lived key that acts only as this end user",
             body=UserKeyRequestSchema, response=UserKeySchema, status=201, tag="keys")
+@answer_not_kept
 def create_user_key(user: str) -> Response:
     """Mint a key that acts only as this end user (for an app's front end or widget)."""
     principal = current_principal()
@@ -65,6 +67,7 @@ def create_user_key(user: str) -> Response:
 @documented(summary="Create a key (shown once): an app-bound admin key makes keys of its own "
             "app only", body=KeyCreateRequestSchema, response=IssuedKeySchema, status=201,
             tag="keys")
+@answer_not_kept
 def create_key() -> Response:
     require_role(current_principal(), Role.ADMIN)
     args = KeyCreateRequestSchema().load(json_body())
@@ -111,6 +114,7 @@ def revoke_key(key_id: str) -> Response:
 @documented(summary="A successor key (shown once); the old key keeps working for "
             "overlap_seconds (at most 7 days), then is refused",
             body=KeyRotateRequestSchema, response=RotatedKeySchema, status=201, tag="keys")
+@answer_not_kept
 def rotate_key(key_id: str) -> Response:
     require_role(current_principal(), Role.ADMIN)
     args = KeyRotateRequestSchema().load(json_body(allow_empty=True))

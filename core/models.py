@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base, BigIntPK, utcnow
@@ -176,3 +184,29 @@ class JobRun(Base):
     finished_at: Mapped[datetime | None]
     outcome: Mapped[str] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(String(500))
+
+
+# -- idempotent retries (core.idempotency) -------------------------------------------------
+
+
+class IdempotencyRecord(Base):
+    """One Idempotency-Key of one caller (its scope: app, role, end user): which request holds
+    it (in_progress, until lapses_at), then the answer a retry gets (done; body None when it
+    was not kept: a stream, a secret, too large). Deleted once expires_at is past."""
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("scope", "key"),
+                      Index("ix_idempotency_records_expires_at", "expires_at"))
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of method, path, query, body
+    request_id: Mapped[str] = mapped_column(String(40))  # the request that holds (held) it
+    state: Mapped[str] = mapped_column(String(16))  # in_progress | done
+    status: Mapped[int | None]
+    headers: Mapped[str | None] = mapped_column(Text)  # JSON object of the headers replayed
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    lapses_at: Mapped[datetime]  # an in_progress record older than this: its request died
+    expires_at: Mapped[datetime]

@@ -13,6 +13,11 @@ from marshmallow import Schema
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ATTR = "__openapi__"
+IDEMPOTENCY_KEY = {
+    "required": False, "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "A retry with the same key and request within 24 h gets the first "
+                   "success again (`Idempotent-Replayed: true`) instead of running twice; "
+                   "409 while the first runs, 422 if the key was used for another request."}
 
 
 def documented(*, summary: str, response: type[Schema] | None = None, status: int = 200,
@@ -43,13 +48,17 @@ def build_spec(app: Flask, *, title: str = "Meterlane API",
     from core.schemas import ProblemSchema
 
     spec.components.schema("Problem", schema=ProblemSchema)
+    spec.components.parameter("IdempotencyKey", "header", IDEMPOTENCY_KEY)
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         meta = getattr(app.view_functions[rule.endpoint], _ATTR, None)
         if meta is None:
             continue
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            spec.path(path=path, operations={method.lower(): _operation(rule, meta, problem)})
+            op = _operation(rule, meta, problem)
+            if method in ("POST", "PUT", "PATCH", "DELETE") and meta["tag"] != "ops":
+                op["parameters"].append("IdempotencyKey")  # a reference to the component
+            spec.path(path=path, operations={method.lower(): op})
     return spec.to_dict()
 
 

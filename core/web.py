@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -25,6 +26,7 @@ from core.errors import (
     PermissionDeniedError,
     problem,
 )
+from core.idempotency import Claim, IdempotencyService, check_key, fingerprint, scope_of
 from core.parts import Parts
 from core.tenancy import TenancyService
 from core.text import control_free
@@ -205,6 +207,8 @@ def install_hooks(app: Flask) -> None:
         g.request_id = f"req_{uuid.uuid4().hex}"
         check_request_text()
 
+    install_idempotency(app)
+
     @app.after_request
     def tag_response(response: Response) -> Response:
         # x-request-id as OpenAI's answers carry it (SDKs and proxies read that name);
@@ -249,6 +253,75 @@ def install_hooks(app: Flask) -> None:
         return _problem(500, "Internal error",
                         "Something went wrong on our side; the request id identifies it.",
                         slug="internal")
+
+
+IDEMPOTENT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_NOT_KEPT = "__idempotency_answer_not_kept__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def answer_not_kept(view: F) -> F:
+    """A view whose answer shows a secret once (a new key, a webhook's secret): it is never
+    kept for an Idempotency-Key replay; a retry with the key is a 409, not the secret again."""
+    setattr(view, _NOT_KEPT, True)
+    return view
+
+
+def install_idempotency(app: Flask) -> None:
+    """Idempotency-Key on every write (core/idempotency.py): a retry of a request that
+    succeeded is answered from what was kept before the route runs (registered after the
+    request id; its after_request runs before the request id and the log line are added, so
+    a replay has its own)."""
+
+    @app.before_request
+    def replay_or_claim() -> Response | None:
+        key = request.headers.get("Idempotency-Key")
+        if key is None or request.method not in IDEMPOTENT_METHODS or request.url_rule is None:
+            return None
+        try:
+            principal = current_principal()
+        except DomainError:
+            return None  # no caller to scope the key by: the route refuses the key itself
+        found = part(IdempotencyService).begin(
+            scope_of(principal), check_key(key), fingerprint((
+                request.method.encode(), request.path.encode(), request.query_string,
+                request.headers.get("X-Meterlane-User", "").encode(), request_bytes())),
+            request_id())
+        if isinstance(found, Claim):
+            g.idempotency_claim = found
+            return None
+        return Response(found.body, status=found.status, headers={
+            **found.headers, "Idempotent-Replayed": "true", "Original-Request": found.request_id})
+
+    @app.after_request
+    def keep_answer(response: Response) -> Response:
+        claim: Claim | None = g.pop("idempotency_claim", None)
+        if claim is None:
+            return response
+        service = part(IdempotencyService)
+        try:
+            if not 200 <= response.status_code < 300:
+                service.release(claim)  # an error is not kept: a retry runs again
+                return response
+            view = current_app.view_functions.get(request.endpoint or "")
+            streamed = response.is_streamed or response.direct_passthrough
+            service.finish(claim, status=response.status_code, headers=dict(response.headers),
+                           body=None if streamed or getattr(view, _NOT_KEPT, False)
+                           else response.get_data())
+        except Exception:  # noqa: BLE001 - the answer goes out; the key lapses (or expires)
+            log.exception("request %s: keeping its answer for Idempotency-Key failed",
+                          g.get("request_id"))
+        return response
+
+    @app.teardown_request
+    def let_go(_exc: BaseException | None) -> None:
+        claim: Claim | None = g.pop("idempotency_claim", None)
+        if claim is not None:  # the response was never made: a retry may run
+            try:
+                part(IdempotencyService).release(claim)
+            except Exception:  # noqa: BLE001 - it lapses by itself
+                log.exception("request %s: letting its Idempotency-Key go failed",
+                              g.get("request_id"))
 
 
 def _string_keys(value: Any) -> Any:

@@ -390,11 +390,11 @@ class GatewayService:
             model = route.candidates[0]
         app_id = ctx.principal.app_id
         assert app_id is not None  # app and user keys always belong to an app
+        stream = body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS
         outcome = CallOutcome(
             app_id=app_id, end_user_id=end_user_id, request_id=ctx.request_id,
-            idempotency_key=self._idempotency_key(ctx, app_id), endpoint=endpoint,
-            model=model, stream=body.get("stream") is True and endpoint != ENDPOINT_EMBEDDINGS,
-            request=body, created_at=self.clock(), latency_ms=0)
+            idempotency_key=self._idempotency_key(ctx, app_id, stream), endpoint=endpoint,
+            model=model, stream=stream, request=body, created_at=self.clock(), latency_ms=0)
         if route is not None:
             outcome.route_alias, outcome.route_allowed = route.alias, route.allowed
         return outcome, route
@@ -582,14 +582,17 @@ class GatewayService:
         user = validate_user_id(named[0])
         return self.tenancy.ensure_end_user(principal.app_id, user)
 
-    def _idempotency_key(self, ctx: CallContext, app_id: int) -> str:
+    def _idempotency_key(self, ctx: CallContext, app_id: int, stream: bool) -> str:
+        """The call's ledger key. A retry of a non-streamed call is answered before it gets
+        here (core/idempotency.py replays the kept answer, or refuses the key while the first
+        runs); a stream's answer is not kept, so its key is checked against the ledger."""
         key = ctx.idempotency_key
         if key is None:
             return ctx.request_id
         if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise InvalidRequestError(
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters.")
-        if self.metering.is_key_used(app_id, key):
+        if stream and self.metering.is_key_used(app_id, key):
             raise ConflictError(f"Idempotency-Key {key!r} was already used for a call.")
         return key
 

@@ -14,6 +14,7 @@ from core.openapi import documented
 from core.tenancy import TenancyService
 from core.text import storable
 from core.web import (
+    answer_not_kept,
     app_in_scope,
     current_actor,
     current_principal,
@@ -115,6 +116,7 @@ def paywall_events() -> Response:
 @documented(summary="Set the app's webhook URL (a new or rotated endpoint returns its secret "
                     "once)", body=WebhookEndpointRequestSchema, response=WebhookEndpointSchema,
             tag="webhooks")
+@answer_not_kept
 def set_webhook() -> Response:
     principal = current_principal()
     require_role(principal, Role.APP, Role.ADMIN)

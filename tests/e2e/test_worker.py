@@ -30,8 +30,10 @@ from tests.e2e.test_serve import cli, free_port, wait_ready
 from tests.support.services import create_database
 
 pytestmark = pytest.mark.e2e
-JOBS = ("webhooks", "notices", "overage", "credits", "rollup", "limits", "quarantine")
-INTERVALS = "webhooks=1,notices=2,overage=2,credits=2,rollup=2,limits=2,quarantine=2"
+JOBS = ("webhooks", "notices", "overage", "credits", "rollup", "limits", "quarantine",
+        "idempotency")
+INTERVALS = ("webhooks=1,notices=2,overage=2,credits=2,rollup=2,limits=2,quarantine=2,"
+             "idempotency=2")
 
 
 def wait_for(what: Callable[[], Any], timeout: float = 60, about: str = "") -> Any:

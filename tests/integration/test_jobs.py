@@ -44,7 +44,7 @@ def test_admin_jobs_answers_an_operator_admin_key_only(app: Any, client: Any,
     assert listed.status_code == 200
     jobs = {j["name"]: j for j in listed.json["jobs"]}
     assert set(jobs) == {"webhooks", "notices", "overage", "credits", "rollup", "limits",
-                         "quarantine"}
+                         "quarantine", "idempotency"}
     assert jobs["overage"]["interval_seconds"] == 300
     assert jobs["overage"]["last_started_at"] is None and jobs["overage"]["runs"] == []
     assert "/v1/admin/jobs" in client.get("/openapi.json").json["paths"]

@@ -27,7 +27,7 @@ def test_an_interval_for_a_job_that_does_not_exist_is_refused() -> None:
 
     none: Any = None
     services = dict(events=none, notices=none, accrual=none, overage=none, finance=none,
-                    limits=none, ledger=none)
+                    limits=none, ledger=none, idempotency=none)
     jobs = scheduled_jobs(Config(job_intervals=(("credits", 5),)), **services)
     assert {j.name: j.interval_seconds for j in jobs} == {**JOB_INTERVALS, "credits": 5}
     with pytest.raises(ConfigError, match="names no job"):
