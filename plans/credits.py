@@ -391,6 +391,9 @@ class CreditsService:
                     used = 0
                 elif cycle_start is not None and start < cycle_start:
                     start = cycle_start  # a late event of a closed cycle counts in the open one
+                # ... and so does its overage: reported at the open cycle's start at the
+                # earliest, never into an invoice already closed (as Stripe does)
+                at = max(ev.at, start)
                 cycle_start = start
                 allowance = terms.allowance + int(offsets.get(start, 0))
                 from_allowance = min(ev.credits, max(0, allowance - used))
@@ -404,7 +407,7 @@ class CreditsService:
                 if rest > 0 and terms.overage is not None:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
-                                     "credits": rest, "happened_at": ev.at})
+                                     "credits": rest, "happened_at": at})
                     rest = 0
                 uses.append(_use(end_user_id, ev, allowance=from_allowance, uncharged=rest))
                 last = max(last, ev.event_id)
