@@ -101,7 +101,7 @@ def _checked(event: Any, now: datetime, max_age: int) -> Parsed | str:
     try:
         return _parse(event, now, max_age)
     except ValidationError as exc:
-        return f"invalid: {json.dumps(exc.messages, sort_keys=True)}"
+        return f"invalid: {json.dumps(exc.normalized_messages(), sort_keys=True)}"
     except DomainError as exc:
         return exc.detail
 
@@ -111,10 +111,10 @@ def _parse(event: Any, now: datetime, max_age: int) -> Parsed:
         raise ValidationError("An event is a JSON object.")
     args = CloudEventSchema().load(event)
     if args["type"] not in KNOWN_TYPES:
-        raise ValidationError(f"Unknown type {args['type']!r}; known types: "
-                              f"{', '.join(KNOWN_TYPES)}.", "type")
+        raise ValidationError({"type": [f"Unknown type {args['type']!r}; known types: "
+                                        f"{', '.join(KNOWN_TYPES)}."]})
     if not args.get("subject"):
-        raise ValidationError("subject names the end user the usage is for.", "subject")
+        raise ValidationError({"subject": ["subject names the end user the usage is for."]})
     assert args["type"] == TOKENS_TYPE
     try:
         data = TokensDataSchema().load(args["data"])
