@@ -101,7 +101,8 @@ def _checked(event: Any, now: datetime, max_age: int) -> Parsed | str:
     try:
         return _parse(event, now, max_age)
     except ValidationError as exc:
-        return f"invalid: {json.dumps(exc.normalized_messages(), sort_keys=True)}"
+        found = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        return f"invalid: {json.dumps(found, sort_keys=True)}"
     except DomainError as exc:
         return exc.detail
 
