@@ -69,12 +69,12 @@ class Parsed:
 def events() -> Response:
     principal = current_principal()
     _ingester(principal)
+    app_id = app_in_scope(principal)
     if request.mimetype not in (ONE, BATCH):
         raise UnsupportedMediaTypeError(
             f"Send CloudEvents in structured mode: Content-Type {ONE} (one event) or {BATCH} "
             f"(a JSON array), not {request.mimetype or 'none'!r}.")
     body = json_body()
-    app_id = app_in_scope(principal)
     now, max_age = utcnow(), config().max_event_age_seconds
     if request.mimetype == ONE:
         if not isinstance(body, dict):

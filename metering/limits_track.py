@@ -4,24 +4,44 @@ in the windows still holding the time the call happened."""
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from core.config import ModelConfig
 from metering.eventtime import counts_now
-from metering.limitstore import Actual, Check
+from metering.leases import Applied
+from metering.limitstore import Actual, Check, LimitStore
 from metering.outage import store_down_is_503
 from metering.pricing import TokenUsage
+from plans.service import Assignment, PlanService
 from plans.windows import epoch_ms
-
-if TYPE_CHECKING:
-    from metering.limits import LimitsService
 
 # app, end user, model, usage, cost (pico-USD), event id
 TrackItem = tuple[int, int, ModelConfig, TokenUsage, int | None, str]
 
 
-def track_many(self: LimitsService, items: list[TrackItem],
+class Tracker(Protocol):
+    """What counting reported calls reads of the limits engine (metering.limits)."""
+
+    store: LimitStore
+    plans: PlanService
+    clock: Callable[[], datetime]
+    catch_up_needed: threading.Event
+    _background: Callable[[Callable[[], Any]], Any]
+
+    def checks_for(self, app_id: int, end_user_id: int, assignment: Assignment,
+                   model: ModelConfig | None, now: datetime, *, prompt_tokens: int = 0,
+                   out_per_token: int = 1, extra: bool = True) -> list[Applied]: ...
+
+    def _start_catch_up(self) -> None: ...
+
+    def _crossings_many(self, items: list[tuple[int, int, ModelConfig | None, Actual, str]]
+                        ) -> None: ...
+
+
+def track_many(self: Tracker, items: list[TrackItem],
                times: list[datetime | None] | None = None) -> list[bool]:
     """Count reported calls (app, end user, model, usage, cost, event id), each once per
     event id, in one store round trip; whether each was new. Thresholds checked after.
