@@ -54,7 +54,7 @@ class Parsed:
     user: str
     model: ModelConfig
     usage: TokenUsage
-    at: datetime
+    at: datetime | None  # None: now
 
     @property
     def key(self) -> str:  # OpenMeter deduplicates by id and source: so does the ledger
@@ -142,7 +142,7 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | str]) -> Respon
             continue
         seen.add(result.key)
         try:
-            cost = _cost(result.usage, result.model, result.at)
+            cost = _cost(result.usage, result.model, result.at or utcnow())
         except DomainError as exc:
             rows.append(_row(event, "rejected", reason=exc.detail))
             continue

@@ -27,11 +27,12 @@ def age_text(seconds: int) -> str:
 
 
 def checked_event_time(at: datetime | None, now: datetime, max_age_seconds: int,
-                       param: str = "timestamp") -> datetime:
-    """The event's time (now when not given), or an EventTimeError naming the bound it
-    breaks: at most `[metering] max_event_age` in the past, 5 minutes in the future."""
+                       param: str = "timestamp") -> datetime | None:
+    """The event's time as given (None: not given, it happens now on the engine's clock), or
+    an EventTimeError naming the bound it breaks: at most `[metering] max_event_age` in the
+    past, 5 minutes in the future."""
     if at is None:
-        return now
+        return None
     if at < now - timedelta(seconds=max_age_seconds):
         raise EventTimeError(
             f"{param} is older than [metering] max_event_age ({age_text(max_age_seconds)}): "

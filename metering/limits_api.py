@@ -211,8 +211,9 @@ def track() -> Response:
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
     usage = TokenUsage(**args["usage"])
-    at = checked_event_time(args.get("timestamp"), utcnow(), config().max_event_age_seconds)
-    cost = _cost(usage, model, at)
+    now = utcnow()
+    at = checked_event_time(args.get("timestamp"), now, config().max_event_age_seconds)
+    cost = _cost(usage, model, at or now)
     key = args["idempotency_key"]
     written = part(MeteringService).record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
@@ -257,7 +258,7 @@ def track_batch() -> Response:
         at = checked_event_time(event.get("timestamp"), now, max_age,
                                 f"events[{n}].timestamp")
         calls.append(DirectCall(app_id, end_user_id, model, usage,
-                                _cost(usage, model, at, metering),
+                                _cost(usage, model, at or now, metering),
                                 request_id(), event["idempotency_key"], at))
     written, pending = record_calls(calls, app_in_scope(principal))
     data = [{"idempotency_key": c.idempotency_key,
