@@ -65,7 +65,7 @@ class Parsed:
 @documented(summary="Ingest CloudEvents 1.0 (application/cloudevents+json, or a JSON array "
             "as application/cloudevents-batch+json): usage onto the same ledger as "
             "/v1/meter/track, each id and source counted once", body=CloudEventSchema,
-            response=EventsResultSchema, status=201, tag="metering", content_type=ONE)
+            response=EventsResultSchema, status=201, tag="metering", body_types=(ONE,))
 def events() -> Response:
     principal = current_principal()
     _ingester(principal)
