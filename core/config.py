@@ -113,6 +113,9 @@ class Config:
     # database) and how long a lease holds its reservation if it is never settled.
     limits_store: str = "auto"
     lease_seconds: int = 600
+    # [metering] max_event_age: how far in the past a reported event's time may lie (Stripe
+    # takes meter events up to 35 days old).
+    max_event_age_seconds: int = 35 * 86400
     # Stripe: secrets from the environment (MLANE_STRIPE_API_KEY, MLANE_STRIPE_WEBHOOK_SECRET),
     # the rest from [stripe]. The API version is pinned: Stripe's objects change shape with it.
     stripe_api_key: str | None = None
@@ -252,7 +255,8 @@ def _proxies(env: Mapping[str, str]) -> int:
 
 SECTIONS = {"upstreams": "[[upstreams]]", "models": "[[models]]", "aliases": "[[aliases]]",
             "limits": "[limits]", "plans": "[[plans]]", "credit_packs": "[[credit_packs]]",
-            "stripe": "[stripe]", "paywall": "[paywall]", "finance": "[finance]"}
+            "stripe": "[stripe]", "paywall": "[paywall]", "finance": "[finance]",
+            "metering": "[metering]"}
 
 
 def _unique(kind: str, names: list[str]) -> None:
@@ -297,7 +301,8 @@ def settings_from(raw: dict[str, Any], text: str, env: Mapping[str, str],
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
             **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {})),
-            **_paywall(raw.get("paywall", {})), **parse_finance(raw.get("finance", {}))}
+            **_paywall(raw.get("paywall", {})), **parse_finance(raw.get("finance", {})),
+            **_metering(raw.get("metering", {}))}
 
 
 def _paywall(table: Any) -> dict[str, Any]:
@@ -332,6 +337,24 @@ def _stripe(table: Any) -> dict[str, Any]:
         raise ConfigError("[stripe]: collect_terms_consent must be true or false")
     return {"stripe_api_version": version, "stripe_api_base": base,
             "stripe_collect_terms_consent": collect}
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _metering(table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError("[metering] must be a table")
+    unknown = sorted(set(table) - {"max_event_age"})
+    if unknown:
+        raise ConfigError(f"[metering]: unknown settings {unknown}; expected max_event_age")
+    age = table.get("max_event_age", "35d")
+    found = re.fullmatch(r"(\d{1,7})([smhd])", age) if isinstance(age, str) else None
+    seconds = int(found[1]) * _AGE_UNITS[found[2]] if found else age
+    if not _whole(seconds, 60, 400 * 86400):
+        raise ConfigError("[metering]: max_event_age must be a duration from 60s to 400d, "
+                          "like \"35d\", \"12h\" or a whole number of seconds")
+    return {"max_event_age_seconds": seconds}
 
 
 def _limits(table: Any) -> dict[str, Any]:

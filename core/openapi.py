@@ -22,13 +22,15 @@ IDEMPOTENCY_KEY = {
 
 def documented(*, summary: str, response: type[Schema] | None = None, status: int = 200,
                query: type[Schema] | None = None, body: type[Schema] | None = None,
-               tag: str = "meterlane", content_type: str = "application/json") -> Callable[[F], F]:
-    """Attach what the OpenAPI document says of a view; the document reads it from the route."""
+               tag: str = "meterlane", content_type: str = "application/json",
+               body_types: tuple[str, ...] = ("application/json",)) -> Callable[[F], F]:
+    """Attach what the OpenAPI document says of a view; the document reads it from the route.
+    `content_type` is the response's, `body_types` the request bodies it takes."""
 
     def wrap(view: F) -> F:
         setattr(view, _ATTR, {"summary": summary, "response": response, "status": status,
                               "query": query, "body": body, "tag": tag,
-                              "content_type": content_type})
+                              "content_type": content_type, "body_types": body_types})
         return view
 
     return wrap
@@ -72,7 +74,8 @@ def _operation(rule: Any, meta: dict[str, Any], problem: dict[str, Any]) -> dict
     if meta["query"] is not None:
         op["parameters"].append({"in": "query", "schema": meta["query"]})
     if meta["body"] is not None:
-        op["requestBody"] = {"content": {"application/json": {"schema": meta["body"]}}}
+        op["requestBody"] = {"content": {t: {"schema": meta["body"]}
+                                         for t in meta["body_types"]}}
     ok: dict[str, Any] = {"description": "OK"}
     if meta["response"] is not None:
         ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}

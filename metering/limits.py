@@ -43,6 +43,7 @@ from metering.leases import (
 )
 from metering.limits_replay import catch_up, rebuild
 from metering.limits_text import quota_headers, shown, unit_of, utc_iso
+from metering.limits_track import TrackItem, track_many
 from metering.limitstore import Actual, Check, LimitStore, Settlement
 from metering.models import LimitRefusal
 from metering.outage import (
@@ -575,42 +576,15 @@ class LimitsService:
         return rebuild(self, progress)
 
     def track(self, *, app_id: int, end_user_id: int, model: ModelConfig, usage: TokenUsage,
-              cost_pico: int | None, event_id: str) -> bool:
+              cost_pico: int | None, event_id: str, at: datetime | None = None) -> bool:
         """Count usage the app reports for a call it made itself (once per event id)."""
-        return self.track_many([(app_id, end_user_id, model, usage, cost_pico, event_id)])[0]
+        return self.track_many([(app_id, end_user_id, model, usage, cost_pico, event_id)],
+                               [at])[0]
 
-    def track_many(self, items: list[tuple[int, int, ModelConfig, TokenUsage, int | None, str]]
+    def track_many(self, items: list[TrackItem], times: list[datetime | None] | None = None
                    ) -> list[bool]:
-        """Count reported calls (app, end user, model, usage, cost, event id), each once per
-        event id, in one store round trip; whether each was new. Thresholds checked after."""
-        now = self.clock()
-        calls: list[tuple[str, str, list[Check], Actual]] = []
-        owners: list[int] = []
-        actuals: dict[int, Actual] = {}  # the items some limit counts
-        for n, (app_id, end_user_id, model, usage, cost, event_id) in enumerate(items):
-            assignment = self.plans.plan_of(end_user_id)
-            applied = self.checks_for(app_id, end_user_id, assignment, model, now,
-                                    prompt_tokens=usage.input_tokens)
-            actual = Actual(usage.total_tokens, cost or 0, usage.total_tokens
-                            * assignment.plan.terms.credits_per_token(model.tier))
-            for tag in dict.fromkeys(a.tag for a in applied):
-                calls.append((tag, f"ev:{app_id}:{event_id}",
-                              [a.check for a in applied if a.tag == tag], actual))
-                owners.append(n)
-                actuals[n] = actual
-        with store_down_is_503():
-            results = self.store.commit_many(calls, now_ms=epoch_ms(now))
-        if self.catch_up_needed.is_set():  # the store is back: count what it missed
-            self._start_catch_up()
-        fresh = [True] * len(items)
-        for n, ok in zip(owners, results, strict=True):
-            fresh[n] = fresh[n] and ok
-        counted: list[tuple[int, int, ModelConfig | None, Actual, str]] = [
-            (items[n][0], items[n][1], items[n][2], actual, items[n][5])
-                   for n, actual in actuals.items() if fresh[n]]  # counted before: no news
-        if counted:  # each counter's thresholds once, against the batch's sum (batch_usages)
-            self._background(functools.partial(self._crossings_many, counted))
-        return fresh
+        """Count reported calls, each once per event id; see limits_track.track_many."""
+        return track_many(self, items, times)
 
 
 def _actual(lease: Lease, usage: TokenUsage | None, cost_pico: int | None) -> Actual | None:

@@ -31,6 +31,7 @@ from core.web import (
     part,
     request_id,
 )
+from metering.eventtime import checked_event_time
 from metering.leases import Applied, QuotaLine
 from metering.limits import LimitsService
 from metering.limits_text import utc_iso, value_of
@@ -210,16 +211,18 @@ def track() -> Response:
     app_id, end_user_id, _user = _caller(principal, args.get("user"))
     model = _model(args["model"])
     usage = TokenUsage(**args["usage"])
-    cost = _cost(usage, model, utcnow())
+    now = utcnow()
+    at = checked_event_time(args.get("timestamp"), now, config().max_event_age_seconds)
+    cost = _cost(usage, model, at or now)
     key = args["idempotency_key"]
     written = part(MeteringService).record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
-        request_id=request_id(), idempotency_key=key, endpoint="meter.track")
+        request_id=request_id(), idempotency_key=key, endpoint="meter.track", at=at)
     fresh = written in ("written", "spooled")  # in the ledger, or on its way there
     if fresh:  # the ledger keeps keys for good: a repeat is never counted twice
         try:
             part(LimitsService).track(app_id=app_id, end_user_id=end_user_id, model=model,
-                                  usage=usage, cost_pico=cost, event_id=key)
+                                  usage=usage, cost_pico=cost, event_id=key, at=at)
         except ServiceUnavailableError:
             part(MeteringService).mark_limits_pending(app_id, key)
             part(LimitsService).needs_catch_up()
@@ -247,13 +250,30 @@ def track_batch() -> Response:
     metering = part(MeteringService)
     named = [validate_user_id(e["user"]) for e in args["events"] if e.get("user")]
     part(TenancyService).ensure_end_users(app_in_scope(principal), named)  # looked up together
-    for event in args["events"]:
+    max_age = config().max_event_age_seconds
+    for n, event in enumerate(args["events"]):
         app_id, end_user_id, _user = _caller(principal, event.get("user"))
         model = _model(event["model"])
         usage = TokenUsage(**event["usage"])
+        at = checked_event_time(event.get("timestamp"), now, max_age,
+                                f"events[{n}].timestamp")
         calls.append(DirectCall(app_id, end_user_id, model, usage,
-                                _cost(usage, model, now, metering),
-                                request_id(), event["idempotency_key"]))
+                                _cost(usage, model, at or now, metering),
+                                request_id(), event["idempotency_key"], at))
+    written, pending = record_calls(calls, app_in_scope(principal))
+    data = [{"idempotency_key": c.idempotency_key,
+             "outcome": "tracked" if outcome in ("written", "spooled") else outcome,
+             "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,
+                                                                         strict=True)]
+    tracked = sum(1 for d in data if d["outcome"] == "tracked")
+    return json_response(TrackBatchResultSchema().dump({
+        "tracked": tracked, "duplicates": sum(1 for d in data if d["outcome"] == "duplicate"),
+        "limits_pending": pending, "data": data}), status=201 if tracked else 200)
+
+
+def record_calls(calls: list[DirectCall], app_id: int) -> tuple[list[str], int]:
+    """Record calls the app reports in the ledger (group commits) and count the new ones into
+    the limits: each call's ledger answer, and how many wait for the limit store."""
     try:
         part(PlanService).prefetch([c.end_user_id for c in calls])
     except DomainError:  # no plans configured: each call says so as it would alone
@@ -269,23 +289,16 @@ def track_batch() -> Response:
     pending = 0
     try:  # a row spooled (the database down) is counted here all the same
         part(LimitsService).track_many([(c.app_id, c.end_user_id, c.model, c.usage, c.cost_pico,
-                              c.idempotency_key) for c in new])
+                              c.idempotency_key) for c in new], [c.at for c in new])
     except ServiceUnavailableError:  # recorded; flagged, counted when the store is back
         pending = len(new)
-        flagged = part(MeteringService).mark_limits_pending_many(app_in_scope(principal),
+        flagged = part(MeteringService).mark_limits_pending_many(app_id,
                                                       [c.idempotency_key for c in new])
         part(LimitsService).needs_catch_up()  # after the flags: a catch-up then finds them
         if flagged < pending:  # spooled rows too: replayed unflagged, counted by a rebuild
             log.error("%d reported calls were spooled while the limit store was down: run "
                       "`meterlane limits rebuild` once both are back", pending - flagged)
-    data = [{"idempotency_key": c.idempotency_key,
-             "outcome": "tracked" if outcome in ("written", "spooled") else outcome,
-             "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,
-                                                                         strict=True)]
-    tracked = sum(1 for d in data if d["outcome"] == "tracked")
-    return json_response(TrackBatchResultSchema().dump({
-        "tracked": tracked, "duplicates": sum(1 for d in data if d["outcome"] == "duplicate"),
-        "limits_pending": pending, "data": data}), status=201 if tracked else 200)
+    return written, pending
 
 
 def _quota(app_id: int, end_user_id: int, user: str) -> Response:

@@ -218,6 +218,10 @@ class TrackRequestSchema(RequestSchema):
     model = fields.String(required=True, validate=identifier(200))
     usage = fields.Nested(UsageSchema, required=True)
     idempotency_key = fields.String(required=True, validate=identifier(255))
+    timestamp = Timestamp(metadata={
+        "description": "When the call happened (RFC 3339 with a zone; default: now): at most "
+                       "[metering] max_event_age (35 days) ago and 5 minutes ahead. The call "
+                       "counts in its own day and billing cycle"})
 
 
 class TrackBatchRequestSchema(RequestSchema):

@@ -95,6 +95,8 @@ class DirectCall:
     cost_pico: int | None
     request_id: str
     idempotency_key: str
+    at: datetime | None = None  # when the call happened, if the app says (else: now)
+    endpoint: str = "meter.track"
 
 
 class MeteringService:
@@ -218,14 +220,14 @@ class MeteringService:
                  for c in calls}
         records = [CallRecord(
             app_id=c.app_id, end_user_id=c.end_user_id, request_id=c.request_id,
-            idempotency_key=c.idempotency_key, endpoint="meter.track",
+            idempotency_key=c.idempotency_key, endpoint=c.endpoint,
             requested_model=c.model.name, upstream=c.model.upstream or None,
             upstream_model=c.model.upstream_model, stream=False,
             input_tokens=c.usage.input_tokens, cached_input_tokens=c.usage.cached_input_tokens,
             output_tokens=c.usage.output_tokens, reasoning_tokens=c.usage.reasoning_tokens,
             usage_source="reported", cost_pico_usd=c.cost_pico, priced=c.cost_pico is not None,
             status="ok", http_status=200, error=None, latency_ms=0, ttft_ms=None,
-            created_at=now, cache_write_tokens=c.usage.cache_write_tokens,
+            created_at=c.at or now, cache_write_tokens=c.usage.cache_write_tokens,
             plan_id=plans[c.end_user_id], credits_pending=self.accounted(plans[c.end_user_id]))
             for c in calls]
         return self.ledger.record_batch(records)

@@ -391,20 +391,24 @@ class CreditsService:
                     used = 0
                 elif cycle_start is not None and start < cycle_start:
                     start = cycle_start  # a late event of a closed cycle counts in the open one
+                # ... as of the open cycle's start at the earliest: the credits live then
+                # burn, and its overage is reported then, never into an invoice already
+                # closed (as Stripe does)
+                at = max(ev.at, start)
                 cycle_start = start
                 allowance = terms.allowance + int(offsets.get(start, 0))
                 from_allowance = min(ev.credits, max(0, allowance - used))
                 used += ev.credits
                 rest = ev.credits - from_allowance
-                for grant_id, amount in burn(grants, rest, ev.at):
+                for grant_id, amount in burn(grants, rest, at):
                     burns.append({"grant_id": grant_id, "end_user_id": end_user_id,
                                   "usage_event_id": ev.event_id, "amount": amount,
-                                  "burned_at": ev.at})
+                                  "burned_at": at})
                     rest -= amount
                 if rest > 0 and terms.overage is not None:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
-                                     "credits": rest, "happened_at": ev.at})
+                                     "credits": rest, "happened_at": at})
                     rest = 0
                 uses.append(_use(end_user_id, ev, allowance=from_allowance, uncharged=rest))
                 last = max(last, ev.event_id)

@@ -233,3 +233,40 @@ def test_a_row_that_commits_after_a_higher_id_was_accounted_is_accounted_too(
         left = conn.execute(select(func.count()).select_from(UsageEvent).where(
             UsageEvent.credits_pending.is_(True))).scalar_one()
     assert over == 160 - 100 and left == 0  # both rows past the 100 allowance, on main 0
+
+
+def test_a_late_event_of_a_closed_cycle_is_accounted_in_the_open_one(
+        app: Any, keys: Keys, clean_db: Engine) -> None:
+    """Usage reported late (its own `timestamp`) for a cycle already closed: it counts against
+    the open cycle's allowance and credits, and its overage is dated at the open cycle's
+    start, never into the invoice of the closed one."""
+    from datetime import UTC, datetime
+
+    from plans.windows import parse_window, period_of
+
+    client = app.test_client()
+    real = datetime.now(UTC)
+    anchor = real - timedelta(days=40)
+    assert client.put("/v1/users/gus/plan", json={"plan": "metered",
+                                                  "anchored_at": anchor.isoformat()},
+                      headers=bearer(keys.app)).status_code == 200
+    cycle = period_of(parse_window("cycle"), real, anchor)  # the open cycle
+    assert cycle.start > real - timedelta(days=15)  # both events below are of the closed one
+
+    def late(tokens: int, days: int, ref: str) -> None:
+        resp = client.post("/v1/meter/track", headers=bearer(keys.app), json={
+            "user": "gus", "model": "gpt-4o-mini", "idempotency_key": ref,
+            "usage": {"input_tokens": tokens},
+            "timestamp": (real - timedelta(days=days)).isoformat()})
+        assert resp.status_code == 201, resp.data
+
+    late(30, 20, "g1")
+    body = credits(client, keys.app, "gus")  # accounts g1, closes its cycle: 70 unused
+    assert [g["amount"] for g in body["grants"] if g["source"] == "rollover"] == [50]
+    late(200, 15, "g2")  # of the closed cycle: the open one's allowance, rollover, overage
+    body = credits(client, keys.app, "gus")
+    assert body["burned"] == 50 and body["balance"] == 0
+    with clean_db.connect() as conn:
+        [(amount, happened)] = conn.execute(select(CreditOverage.credits,
+                                                   CreditOverage.happened_at)).all()
+    assert amount == 200 - 100 - 50 and happened == cycle.start

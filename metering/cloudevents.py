@@ -1,0 +1,172 @@
+"""CloudEvents ingestion: POST /v1/events takes CloudEvents 1.0 in structured JSON mode, one
+event or a batch (as OpenMeter does), onto the same engine and ledger as /v1/meter/track.
+
+`id` and `source` together are the event's idempotency key, `subject` the end user, `time`
+the event time, `type` the meter, `data` its values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, request
+from marshmallow import ValidationError
+
+from core.auth import Principal, Role, require_role, validate_user_id
+from core.config import ModelConfig
+from core.db import utcnow
+from core.errors import DomainError, InvalidRequestError, PermissionDeniedError
+from core.openapi import documented
+from core.tenancy import TenancyService
+from core.web import app_in_scope, config, current_principal, json_body, json_response, part
+from core.web import request_id as current_request_id
+from metering.cloudevents_schemas import (
+    KNOWN_TYPES,
+    TOKENS_TYPE,
+    CloudEventSchema,
+    EventsResultSchema,
+    TokensDataSchema,
+)
+from metering.eventtime import checked_event_time
+from metering.limits_api import _cost, _model, record_calls
+from metering.pricing import TokenUsage, format_usd
+from metering.service import DirectCall
+
+ONE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+MAX_BATCH = 1000
+
+bp = Blueprint("cloudevents", __name__, url_prefix="/v1")
+
+
+class UnsupportedMediaTypeError(DomainError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One event, checked: what the ledger records of it."""
+
+    id: str
+    source: str
+    user: str
+    model: ModelConfig
+    usage: TokenUsage
+    at: datetime | None  # None: now
+
+    @property
+    def key(self) -> str:  # OpenMeter deduplicates by id and source: so does the ledger
+        return f"ce:{self.source}:{self.id}"
+
+
+@bp.post("/events")
+@documented(summary="Ingest CloudEvents 1.0 (application/cloudevents+json, or a JSON array "
+            "as application/cloudevents-batch+json): usage onto the same ledger as "
+            "/v1/meter/track, each id and source counted once", body=CloudEventSchema,
+            response=EventsResultSchema, status=201, tag="metering", body_types=(ONE,))
+def events() -> Response:
+    principal = current_principal()
+    _ingester(principal)
+    app_id = app_in_scope(principal)
+    if request.mimetype not in (ONE, BATCH):
+        raise UnsupportedMediaTypeError(
+            f"Send CloudEvents in structured mode: Content-Type {ONE} (one event) or {BATCH} "
+            f"(a JSON array), not {request.mimetype or 'none'!r}.")
+    body = json_body()
+    now, max_age = utcnow(), config().max_event_age_seconds
+    if request.mimetype == ONE:
+        if not isinstance(body, dict):
+            raise InvalidRequestError(f"A {ONE} body is one JSON object; send arrays as "
+                                      f"{BATCH}.")
+        results: list[Parsed | str] = [_parse(body, now, max_age)]  # errors: a 4xx
+    else:
+        if not isinstance(body, list) or not 1 <= len(body) <= MAX_BATCH:
+            raise InvalidRequestError(f"A {BATCH} body is a JSON array of 1 to {MAX_BATCH} "
+                                      "events.")
+        results = [_checked(event, now, max_age) for event in body]
+    return _ingest(app_id, body if isinstance(body, list) else [body], results)
+
+
+def _ingester(principal: Principal) -> None:
+    if principal.role == Role.USER:
+        raise PermissionDeniedError("An end-user key cannot report usage; the app's backend "
+                                    "does, with its app key.")
+    require_role(principal, Role.APP, Role.ADMIN)  # an admin key names the app: ?app=
+
+
+def _checked(event: Any, now: datetime, max_age: int) -> Parsed | str:
+    """The event, or why it is rejected (a batch answers each event on its own)."""
+    try:
+        return _parse(event, now, max_age)
+    except ValidationError as exc:
+        found = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        return f"invalid: {json.dumps(found, sort_keys=True)}"
+    except DomainError as exc:
+        return exc.detail
+
+
+def _parse(event: Any, now: datetime, max_age: int) -> Parsed:
+    if not isinstance(event, dict):
+        raise ValidationError("An event is a JSON object.")
+    args = CloudEventSchema().load(event)
+    if args["type"] not in KNOWN_TYPES:
+        raise ValidationError({"type": [f"Unknown type {args['type']!r}; known types: "
+                                        f"{', '.join(KNOWN_TYPES)}."]})
+    if not args.get("subject"):
+        raise ValidationError({"subject": ["subject names the end user the usage is for."]})
+    assert args["type"] == TOKENS_TYPE
+    try:
+        data = TokensDataSchema().load(args["data"])
+    except ValidationError as exc:
+        raise ValidationError({"data": exc.messages}) from exc
+    model = data.pop("model")
+    return Parsed(id=args["id"], source=args["source"], user=validate_user_id(args["subject"]),
+                  model=_model(model), usage=TokenUsage(**data),
+                  at=checked_event_time(args.get("time"), now, max_age, "time"))
+
+
+def _ingest(app_id: int, body: list[Any], results: list[Parsed | str]) -> Response:
+    parsed = [p for p in results if isinstance(p, Parsed)]
+    users = part(TenancyService).ensure_end_users(app_id, [p.user for p in parsed])
+    seen: set[str] = set()
+    calls: list[DirectCall] = []
+    rows: list[dict[str, Any]] = []
+    for event, result in zip(body, results, strict=True):
+        if isinstance(result, str):
+            rows.append(_row(event, "rejected", reason=result))
+            continue
+        if result.key in seen:  # earlier in this batch: counted once
+            rows.append(_row(event, "duplicate"))
+            continue
+        seen.add(result.key)
+        try:
+            cost = _cost(result.usage, result.model, result.at or utcnow())
+        except DomainError as exc:
+            rows.append(_row(event, "rejected", reason=exc.detail))
+            continue
+        calls.append(DirectCall(app_id, users[result.user], result.model, result.usage, cost,
+                                current_request_id(), result.key, result.at, "events"))
+        rows.append(_row(event, "tracked", cost=cost))
+    written, pending = record_calls(calls, app_id) if calls else ([], 0)
+    answers = iter(written)
+    for row in rows:
+        if row["outcome"] == "tracked":
+            outcome = next(answers)
+            row["outcome"] = "tracked" if outcome in ("written", "spooled") else outcome
+    counts = {o: sum(1 for r in rows if r["outcome"] == o)
+              for o in ("tracked", "duplicate", "rejected")}
+    body_out = EventsResultSchema().dump({
+        "tracked": counts["tracked"], "duplicates": counts["duplicate"],
+        "rejected": counts["rejected"], "limits_pending": pending, "data": rows})
+    return json_response(body_out, status=201 if counts["tracked"] else 200)
+
+
+def _row(event: Any, outcome: str, *, reason: str | None = None,
+         cost: int | None = None) -> dict[str, Any]:
+    named = event if isinstance(event, dict) else {}
+    ident, source = named.get("id"), named.get("source")
+    return {"id": ident if isinstance(ident, str) else None,
+            "source": source if isinstance(source, str) else None, "outcome": outcome,
+            "reason": reason, "cost_usd": format_usd(cost) if outcome == "tracked" else None}
