@@ -116,6 +116,8 @@ class ProblemSchema(Schema):
     status = fields.Integer()
     detail = fields.String()
     instance = fields.String()
+    param = fields.String(metadata={"description": "The field or parameter at fault, when one "
+                                    "is"})
 
 
 # -- scheduled jobs (GET /v1/admin/jobs) -----------------------------------------------------

@@ -221,8 +221,9 @@ def install_hooks(app: Flask) -> None:
 
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError) -> Response:
+        extra = {**exc.extra, "param": exc.param} if exc.param else exc.extra
         return _problem(exc.status, exc.title, exc.detail, slug=exc.slug,
-                        extra=exc.extra, headers=exc.headers)
+                        extra=extra, headers=exc.headers)
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(PoolTimeoutError)
