@@ -98,6 +98,8 @@ def _limit_state(limit: LimitSpec, used: int, remaining: int,
              "limit": value_of(limit, used + remaining), "resets_at": utc_iso(resets_at)}
     if limit.id == ALLOWANCE_ID:
         state["included"] = limit.amount
+    if limit.meter is not None:
+        state["unit"] = limit.unit
     return state
 
 
