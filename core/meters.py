@@ -105,7 +105,10 @@ def _price(value: Any, fail: Any) -> Decimal:
 
 def parse_value(value: Any) -> int | None:
     """A meter value (an integer, or a decimal string with at most 6 places) in micro-units;
-    None when it is not one."""
+    None when it is not one. A JSON number with decimals is read as written (its shortest
+    repr), never as the binary double nearest it."""
+    if isinstance(value, float):
+        value = repr(value)
     if isinstance(value, bool) or not isinstance(value, (int, str, Decimal)):
         return None
     try:
