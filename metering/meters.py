@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -156,6 +156,15 @@ class MeterService:
             with store_down_is_503():
                 self.limits.store.settle(tag, lease_id, Actual(0) if keep else None,
                                          now_ms=now_ms)
+
+    def period(self, start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+        """[start, end) as given; by default from the start of this month (UTC) to now."""
+        now = self.clock()
+        start = start or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = end or now + timedelta(microseconds=1)
+        if end <= start:
+            raise InvalidRequestError("'to' must be after 'from'.", param="to")
+        return start, end
 
     def totals(self, app_id: int, end_user_id: int, start: datetime,
                end: datetime) -> list[MeterTotal]:

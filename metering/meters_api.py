@@ -3,14 +3,14 @@ end user's totals."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 from flask import Blueprint, Response, request
 from marshmallow import ValidationError
 
 from core.auth import Role, require_role, validate_user_id
-from core.errors import DomainError, InvalidRequestError, PermissionDeniedError, problem
+from core.errors import DomainError, PermissionDeniedError, problem
 from core.meters import format_units
 from core.openapi import documented
 from core.tenancy import TenancyService
@@ -100,12 +100,9 @@ def user_meters(user: str) -> Response:
     app_id = app_in_scope(principal)
     user = validate_user_id(user)
     args = MeterUsageQuerySchema().load(request.args.to_dict())
-    now = datetime.now(UTC)
-    start = args["start"] or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = args["end"] or now
-    if end <= start:
-        raise InvalidRequestError("'to' must be after 'from'.", param="to")
-    totals = part(MeterService).totals(
+    meters = part(MeterService)
+    start, end = meters.period(args["start"], args["end"])
+    totals = meters.totals(
         app_id, part(TenancyService).seen_end_user(app_id, user), start, end)
     return json_response(MeterUsageSchema().dump({
         "user": user, "start": start.isoformat(), "end": end.isoformat(),

@@ -1,0 +1,253 @@
+"""Custom meters ([[meters]]): events recorded once per key, priced exactly, aggregated as each
+meter says, and limited by plans on both limit stores (SQL on Postgres, Redis)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from metering.models import LimitRefusal, MeterEvent
+from tests.conftest import Keys, bearer, config_from_toml, gateway_toml
+from tests.integration.test_limits_gateway import NOW, Clock
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.integration
+EVENTS = "/v1/meter/events"
+
+METERS = """
+[[meters]]
+id = "web_search_calls"
+unit = "searches"
+aggregation = "count"
+price = "0.01"
+
+[[meters]]
+id = "audio_seconds"
+unit = "seconds"
+aggregation = "sum"
+field = "seconds"
+price = "0.000123"
+
+[[meters]]
+id = "peak_gpus"
+unit = "GPUs"
+aggregation = "max"
+field = "gpus"
+
+[[meters]]
+id = "documents"
+unit = "documents"
+aggregation = "unique_count"
+field = "doc_id"
+price = "0.5"
+
+[[plans]]
+id = "free"
+default = true
+[[plans.limits]]
+metric = "meter:web_search_calls"
+window = "day"
+amount = 10
+name = "Web searches a day"
+
+[[plans]]
+id = "audio"
+[[plans.limits]]
+metric = "meter:audio_seconds"
+window = "month"
+amount = "60.5"
+"""
+
+
+@pytest.fixture(params=["sql", "redis"])
+def metered(request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
+            upstream: FakeUpstream, tmp_path: Path) -> Any:
+    from app import create_app
+
+    config = config_from_toml(gateway_toml(upstream.base_url) + METERS, tmp_path,
+                              database_url=pg_url)
+    if request.param == "redis":
+        config = replace(config, redis_url=request.getfixturevalue("redis_server"),
+                         redis_prefix=f"mlm-{uuid.uuid4().hex[:8]}:")
+    app = create_app(config)
+    clock = Clock()
+    wiring = app.extensions["wiring"]
+    wiring.limits.clock = wiring.meters.clock = clock
+    yield app
+    wiring.engine.dispose()
+
+
+@pytest.fixture()
+def mkeys(metered: Any) -> Keys:
+    from tests.conftest import make_keys
+
+    return make_keys(metered)
+
+
+def event(user: str, meter: str, key: str, **extra: Any) -> dict[str, Any]:
+    return {"user": user, "meter": meter, "idempotency_key": key, **extra}
+
+
+def test_events_are_recorded_once_priced_exactly_and_aggregated(metered: Any,
+                                                                 mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    first = client.post(EVENTS, json=event("ann", "audio_seconds", "a1", value="12.5"),
+                        headers=auth)
+    assert first.status_code == 201, first.data
+    body = first.get_json()
+    assert body["value"] == "12.5" and body["outcome"] == "recorded"
+    assert body["cost_usd"] == "0.0015375"  # 12.5 x 0.000123, exact
+    again = client.post(EVENTS, json=event("ann", "audio_seconds", "a1", value="12.5"),
+                        headers=auth)
+    assert again.status_code == 200 and again.get_json()["outcome"] == "duplicate"
+    assert again.get_json()["id"] == body["id"]
+    reused = client.post(EVENTS, json=event("ann", "web_search_calls", "a1"), headers=auth)
+    assert reused.status_code == 409
+    for n, extra in enumerate([{"data": {"seconds": "0.25"}}, {"value": 3}]):
+        resp = client.post(EVENTS, json=event("ann", "audio_seconds", f"a{n + 2}", **extra),
+                           headers=auth)
+        assert resp.status_code == 201, resp.data
+    for n, gpus in enumerate([2, 8, 4]):
+        assert client.post(EVENTS, json=event("ann", "peak_gpus", f"g{n}", data={"gpus": gpus}),
+                           headers=auth).status_code == 201
+    for n, doc in enumerate(["d1", "d2", "d1", "d3", "d2"]):
+        assert client.post(EVENTS, json=event("ann", "documents", f"d{n}",
+                                              data={"doc_id": doc}), headers=auth
+                           ).status_code == 201
+    for n in range(2):
+        assert client.post(EVENTS, json=event("ann", "web_search_calls", f"w{n}"),
+                           headers=auth).status_code == 201
+    totals = client.get("/v1/users/ann/meters?from=2000-01-01T00:00:00Z", headers=auth)
+    assert totals.status_code == 200, totals.data
+    found = {m["meter"]: m for m in totals.get_json()["meters"]}
+    assert found["audio_seconds"]["value"] == "15.75"   # sum
+    assert found["audio_seconds"]["cost_usd"] == "0.00193725"
+    assert found["peak_gpus"]["value"] == "8"           # max
+    assert found["documents"]["value"] == "3"           # unique_count: d1, d2, d3
+    assert found["documents"]["events"] == 5
+    assert found["web_search_calls"]["value"] == "2"    # count
+    assert found["web_search_calls"]["cost_usd"] == "0.02"
+    # another app sees none of it
+    other = client.get("/v1/users/ann/meters?from=2000-01-01T00:00:00Z",
+                       headers=bearer(mkeys.other_app))
+    assert all(m["events"] == 0 for m in other.get_json()["meters"])
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (event("ann", "nope", "k"), "meter"),
+    (event("ann", "audio_seconds", "k"), "data.seconds"),
+    (event("ann", "audio_seconds", "k", value="1.0000001"), "value"),
+    (event("ann", "audio_seconds", "k", value=-1), "value"),
+    (event("ann", "web_search_calls", "k", value=5), "value"),
+    (event("ann", "documents", "k", data={"doc_id": ""}), "data.doc_id"),
+])
+def test_bad_events_are_clear_errors(metered: Any, mkeys: Keys, body: dict[str, Any],
+                                     param: str) -> None:
+    resp = metered.test_client().post(EVENTS, json=body, headers=bearer(mkeys.app))
+    assert resp.status_code == 400, resp.data
+    assert resp.content_type == "application/problem+json"
+    assert param in resp.get_json()["detail"]  # the field at fault is named
+    with metered.extensions["wiring"].engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(MeterEvent)) == 0
+
+
+def test_end_user_keys_cannot_report_meter_events(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    made = client.post("/v1/users/ann/keys", json={}, headers=bearer(mkeys.app))
+    assert made.status_code == 201, made.data
+    resp = client.post(EVENTS, json=event("ann", "web_search_calls", "k"),
+                       headers=bearer(made.get_json()["key"]))
+    assert resp.status_code == 403
+
+
+def test_a_meter_limit_refuses_the_event_that_would_pass_it(metered: Any,
+                                                           mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    for n in range(10):
+        assert client.post(EVENTS, json=event("bea", "web_search_calls", f"s{n}"),
+                           headers=auth).status_code == 201
+    refused = client.post(EVENTS, json=event("bea", "web_search_calls", "s10"), headers=auth)
+    assert refused.status_code == 402, refused.data
+    assert refused.content_type == "application/problem+json"
+    problem = refused.get_json()
+    assert problem["limit"]["id"] == "meter-web_search_calls-day"
+    assert problem["limit"]["used"] == 10 and problem["limit"]["limit"] == 10
+    assert "10 of 10 searches per day" in problem["detail"]
+    # a repeat of a recorded event is still a duplicate, not a refusal
+    assert client.post(EVENTS, json=event("bea", "web_search_calls", "s3"),
+                       headers=auth).status_code == 200
+    quota = client.get("/v1/users/bea/quota", headers=auth).get_json()
+    [line] = [x for x in quota["limits"] if x["metric"] == "meter:web_search_calls"]
+    assert (line["used"], line["remaining"], line["limit"], line["unit"]) == (
+        10, 0, 10, "searches")
+    assert line["name"] == "Web searches a day"
+    engine = metered.extensions["wiring"].engine
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(MeterEvent)) == 10
+        [metric] = conn.execute(select(LimitRefusal.metric)).scalars().all()
+    assert metric == "meter:web_search_calls"
+    # the next day counts from zero (the limits and the meters share the frozen clock)
+    metered.extensions["wiring"].meters.clock.now = NOW + timedelta(days=1)
+    assert client.post(EVENTS, json=event("bea", "web_search_calls", "s11"),
+                       headers=auth).status_code == 201
+
+
+def test_a_decimal_meter_limit_counts_exactly(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    assert client.put("/v1/users/cid/plan", json={"plan": "audio"}, headers=auth
+                      ).status_code == 200
+    for n, seconds in enumerate(["30.25", "30.25"]):  # 60.5 of 60.5
+        assert client.post(EVENTS, json=event("cid", "audio_seconds", f"c{n}", value=seconds),
+                           headers=auth).status_code == 201
+    over = client.post(EVENTS, json=event("cid", "audio_seconds", "c9", value="0.000001"),
+                       headers=auth)
+    assert over.status_code == 402
+    quota = client.get("/v1/users/cid/quota", headers=auth).get_json()
+    [line] = quota["limits"]
+    assert (line["used"], line["remaining"], line["limit"]) == ("60.5", 0, "60.5")
+    assert line["unit"] == "seconds"
+
+
+def test_parallel_events_pass_a_limit_exactly(metered: Any, mkeys: Keys) -> None:
+    """50 events at once against a limit of 10: exactly 10 are recorded."""
+    codes: list[int] = []
+    start = threading.Barrier(50)
+
+    def send(n: int) -> None:
+        client = metered.test_client()
+        start.wait()
+        codes.append(client.post(EVENTS, json=event("dan", "web_search_calls", f"p{n}"),
+                                 headers=bearer(mkeys.app)).status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] * 10 + [402] * 40
+    with metered.extensions["wiring"].engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(MeterEvent)) == 10
+
+
+def test_a_batch_records_each_event_on_its_own(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    events = [event("eve", "web_search_calls", f"b{n}") for n in range(11)]
+    events.append(event("eve", "audio_seconds", "b-bad", value="x"))
+    events.append(event("eve", "web_search_calls", "b0"))
+    resp = client.post(f"{EVENTS}/batch", json={"events": events}, headers=bearer(mkeys.app))
+    assert resp.status_code == 200, resp.data
+    body = resp.get_json()
+    assert body["recorded"] == 10 and body["duplicates"] == 1
+    assert body["data"][10]["status"] == 402 and body["data"][11]["status"] == 400
+    assert body["data"][12]["outcome"] == "duplicate"
