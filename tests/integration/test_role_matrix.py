@@ -71,6 +71,9 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/meter/release"): frozenset({"app"}),
     ("POST", "/v1/meter/track"): frozenset({"app"}),
     ("POST", "/v1/meter/track/batch"): frozenset({"app"}),
+    ("POST", "/v1/meter/events"): frozenset({"app"}),
+    ("POST", "/v1/meter/events/batch"): frozenset({"app"}),
+    ("GET", "/v1/users/{user}/meters"): ADMINS | {"app"},
     # plans and subscriptions
     ("PUT", "/v1/users/{user}/plan"): ADMINS | {"app"},
     ("POST", "/v1/subscriptions/{sub_id}/change"): frozenset({"app"}),
