@@ -44,7 +44,14 @@ class SummarySchema(Schema):
                   "and cost are counted to today"})
     through = fields.String(metadata={"description": "The last day counted"})
     revenue_usd = fields.String(allow_none=True)
-    inference_cost_usd = fields.String(allow_none=True)
+    inference_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Model calls' cost (cloud and local)"})
+    meter_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Custom meters' cost ([[meters]] prices)"})
+    total_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Inference and meters: what the gross margin is net of"})
+    meter_costs = fields.List(fields.Dict(), metadata={
+        "description": "Per meter with events in the period: events and cost"})
     cloud_cost_usd = fields.String(allow_none=True)
     local_cost_usd = fields.String(allow_none=True)
     local_shadow_cost_usd = fields.String(allow_none=True)
@@ -68,6 +75,9 @@ class MarginRowSchema(Schema):
     cost_usd = fields.String(allow_none=True)
     cloud_cost_usd = fields.String(allow_none=True)
     local_cost_usd = fields.String(allow_none=True)
+    meter_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Custom meters' cost (in cost_usd); by model, a meter is a row "
+                       "\"meter:<id>\""})
     margin_usd = fields.String(allow_none=True)
     margin_percent = fields.String(allow_none=True)
     active_users = fields.Integer()

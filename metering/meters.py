@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -91,6 +91,7 @@ class MeterService:
         row = MeterEvent(app_id=app_id, end_user_id=end_user_id, meter_id=meter.id,
                          idempotency_key=idempotency_key, value_micro=micro, unique_key=unique,
                          cost_pico_usd=cost_pico(meter, micro), data=text,
+                         plan_id=self._plan_of(end_user_id),
                          occurred_at=occurred_at or now, received_at=now)
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
@@ -103,6 +104,12 @@ class MeterService:
             return _checked(found, meter.id)
         self._settle(held, keep=True)
         return _outcome(row, duplicate=False)
+
+    def _plan_of(self, end_user_id: int) -> str | None:
+        """The user's plan, for finance's margins by plan (None: no plans configured)."""
+        if not self.limits.catalog.plans:
+            return None
+        return self.limits.plans.plan_of(end_user_id).plan.id
 
     def _find(self, app_id: int, key: str) -> MeterEvent | None:
         with Session(self.engine) as session:
@@ -239,3 +246,30 @@ def _checked(row: MeterEvent, meter_id: str) -> MeterOutcome:
 def _outcome(row: MeterEvent, *, duplicate: bool) -> MeterOutcome:
     return MeterOutcome(row.id, row.meter_id, row.idempotency_key, row.value_micro,
                         row.cost_pico_usd, row.occurred_at, duplicate)
+
+
+METER_GROUPS = {"plan": MeterEvent.plan_id, "user": MeterEvent.end_user_id,
+                "model": MeterEvent.meter_id, "day": func.date(MeterEvent.occurred_at)}
+
+
+def meter_costs(engine: Engine, app_id: int, start: datetime, end: datetime,
+                group_by: str | None = None) -> dict[Any, tuple[int, int]]:
+    """Finance's read of meter events occurred in [start, end): (events, cost in pico-USD)
+    per plan, end user, meter ("model": a meter's key is "meter:<id>") or day (a date), or
+    all together under None."""
+    key = METER_GROUPS[group_by] if group_by else None
+    keys = [key] if key is not None else []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(*keys, func.count(), func.coalesce(func.sum(MeterEvent.cost_pico_usd), 0))
+            .where(MeterEvent.app_id == app_id, MeterEvent.occurred_at >= start,
+                   MeterEvent.occurred_at < end).group_by(*keys)).all()
+    out: dict[Any, tuple[int, int]] = {}
+    for row in rows:
+        found = row[0] if key is not None else None
+        if group_by == "model":
+            found = f"meter:{found}"
+        elif group_by == "day":  # SQLite's date() is text, Postgres's a date
+            found = date.fromisoformat(str(found)[:10])
+        out[found] = (int(row[-2]), int(row[-1]))
+    return out

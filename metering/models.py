@@ -162,6 +162,7 @@ class MeterEvent(Base):
     unique_key: Mapped[str | None] = mapped_column(String(300))
     # Integer pico-USD at the meter's price when received; NULL when the meter has no price.
     cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    plan_id: Mapped[str | None] = mapped_column(String(64))  # the user's plan when received
     data: Mapped[str | None] = mapped_column(Text)  # the event's data as JSON text
     occurred_at: Mapped[datetime]
     received_at: Mapped[datetime]

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column('value_micro', sa.BigInteger(), nullable=False),
         sa.Column('unique_key', sa.String(length=300), nullable=True),
         sa.Column('cost_pico_usd', sa.BigInteger(), nullable=True),
+        sa.Column('plan_id', sa.String(length=64), nullable=True),
         sa.Column('data', sa.Text(), nullable=True),
         sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),

@@ -251,3 +251,35 @@ def test_a_batch_records_each_event_on_its_own(metered: Any, mkeys: Keys) -> Non
     assert body["recorded"] == 10 and body["duplicates"] == 1
     assert body["data"][10]["status"] == 402 and body["data"][11]["status"] == 400
     assert body["data"][12]["outcome"] == "duplicate"
+
+
+def test_finance_reports_meter_costs(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    for n in range(3):  # 3 x 0.01
+        assert client.post(EVENTS, json=event("fay", "web_search_calls", f"f{n}"),
+                           headers=auth).status_code == 201
+    assert client.post(EVENTS, json=event("gus", "audio_seconds", "f9", value="100"),
+                       headers=auth).status_code == 201  # 100 x 0.000123
+    assert client.post(EVENTS, json=event("gus", "web_search_calls", "x", value=1),
+                       headers=bearer(mkeys.other_app)).status_code == 201  # another app's
+    day = NOW.date().isoformat()
+    summary = client.get(f"/v1/finance/summary?period={day}", headers=bearer(mkeys.finance))
+    assert summary.status_code == 200, summary.data
+    body = summary.get_json()
+    assert body["meter_cost_usd"] == "0.0423" and body["total_cost_usd"] == "0.0423"
+    assert body["gross_margin_usd"] == "-0.0423"
+    assert body["meter_costs"] == [
+        {"meter": "audio_seconds", "events": 1, "cost_usd": "0.0123"},
+        {"meter": "web_search_calls", "events": 3, "cost_usd": "0.03"}]
+    margins = client.get(f"/v1/finance/margins?period={day}&group_by=model",
+                         headers=bearer(mkeys.finance)).get_json()
+    rows = {r["key"]: r for r in margins["rows"]}
+    assert rows["meter:web_search_calls"]["cost_usd"] == "0.03"
+    by_plan = client.get(f"/v1/finance/margins?period={day}&group_by=plan",
+                         headers=bearer(mkeys.finance)).get_json()
+    assert {r["key"]: r["meter_cost_usd"] for r in by_plan["rows"]} == {"free": "0.0423"}
+    other_day = (NOW + timedelta(days=2)).date().isoformat()
+    later = client.get(f"/v1/finance/summary?period={other_day}",
+                       headers=bearer(mkeys.finance)).get_json()
+    assert later["meter_cost_usd"] == "0.00" and later["meter_costs"] == []
