@@ -8,6 +8,7 @@ settled for good (a meter's charge is kept, as a request's is)."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,16 +21,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.config import Config
-from core.errors import ConflictError, InvalidRequestError
+from core.errors import ConflictError, InvalidRequestError, ServiceUnavailableError
 from core.meters import METER_SCALE, MeterConfig, cost_pico, parse_value
 from core.tenancy import TenancyService
 from metering.leases import Applied, Lease
 from metering.limits import LimitsService
 from metering.limitstore import Actual
 from metering.models import MeterEvent
-from metering.outage import store_down_is_503
+from metering.outage import LimitStoreUnavailableError, store_errors
 from plans.windows import epoch_ms
 
+log = logging.getLogger(__name__)
 MAX_DATA_BYTES = 4096
 
 
@@ -136,33 +138,48 @@ class MeterService:
         now_ms = epoch_ms(now)
         expires = now_ms + limits.lease_seconds * 1000
         held: list[str] = []
-        for tag in lease.tags:
-            group = [a for a in applied if a.tag == tag]
-            with store_down_is_503():
-                result = limits.store.reserve(
-                    tag, lease_id, [a.check for a in group], now_ms=now_ms, expires_ms=expires,
-                    want_out=0, min_out=0, clip=False, meta=lease.meta)
-            if not result.granted:
-                self._settle((lease_id, held), keep=False)
-                idx = result.refused or 0
-                hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
-                raise limits._refusal(lease, hit, now, app_id, end_user_id, request_id,
-                                      hit.check.fixed)
-            held.append(tag)
+        try:
+            for tag in lease.tags:
+                group = [a for a in applied if a.tag == tag]
+                with store_errors():
+                    result = limits.store.reserve(
+                        tag, lease_id, [a.check for a in group], now_ms=now_ms,
+                        expires_ms=expires, want_out=0, min_out=0, clip=False, meta=lease.meta)
+                if not result.granted:
+                    self._settle((lease_id, held), keep=False)
+                    idx = result.refused or 0
+                    hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
+                    raise limits._refusal(lease, hit, now, app_id, end_user_id, request_id,
+                                          hit.check.fixed)
+                held.append(tag)
+        except LimitStoreUnavailableError as exc:
+            self._settle((lease_id, held), keep=False)
+            if assignment.plan.on_store_failure == "open":  # as a call: let it through
+                log.warning("limit store unavailable: meter event of %s recorded uncounted "
+                            "(plan %s fails open): %s", meter.id, assignment.plan.id, exc)
+                return None
+            raise ServiceUnavailableError(
+                "The limits store is unavailable, and this plan does not allow events it "
+                "cannot count; try again shortly (with the same idempotency_key).",
+                headers={"Retry-After": "1"}) from exc
         return lease_id, held
 
     def _settle(self, held: tuple[str, list[str]] | None, *, keep: bool) -> None:
-        """Keep the charge for good (the event is written), or return it (it is not)."""
+        """Keep the charge for good (the event is written), or return it (it is not). A
+        store that fails here leaves the reservation to expire: never an error, as the
+        event's fate is already decided (a kept charge then returns, in the user's favour)."""
         if held is None:
             return
         lease_id, tags = held
         now_ms = epoch_ms(self.limits.clock())
         for tag in tags:
-            # An error here leaves the reservation to expire: the event is written, and the
-            # counter gives the charge back (in the user's favour) rather than lose the row.
-            with store_down_is_503():
-                self.limits.store.settle(tag, lease_id, Actual(0) if keep else None,
-                                         now_ms=now_ms)
+            try:
+                with store_errors():
+                    self.limits.store.settle(tag, lease_id, Actual(0) if keep else None,
+                                             now_ms=now_ms)
+            except LimitStoreUnavailableError:
+                log.warning("could not settle meter lease %s on %s; it will expire",
+                            lease_id, tag)
 
     def period(self, start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
         """[start, end) as given; by default from the start of this month (UTC) to now."""

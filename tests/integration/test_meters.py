@@ -60,6 +60,7 @@ name = "Web searches a day"
 
 [[plans]]
 id = "audio"
+on_store_failure = "open"
 [[plans.limits]]
 metric = "meter:audio_seconds"
 window = "month"
@@ -283,3 +284,20 @@ def test_finance_reports_meter_costs(metered: Any, mkeys: Keys) -> None:
     later = client.get(f"/v1/finance/summary?period={other_day}",
                        headers=bearer(mkeys.finance)).get_json()
     assert later["meter_cost_usd"] == "0.00" and later["meter_costs"] == []
+
+
+def test_store_down_refuses_unless_the_plan_fails_open(metered: Any, mkeys: Keys) -> None:
+    from tests.integration.test_limits_gateway import _redis_down
+
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    assert client.put("/v1/users/hal/plan", json={"plan": "audio"}, headers=auth
+                      ).status_code == 200
+    _redis_down(metered)  # (the SQL store too: a Redis store that does not answer)
+    closed = client.post(EVENTS, json=event("ivy", "web_search_calls", "z1"), headers=auth)
+    assert closed.status_code == 503 and closed.headers["Retry-After"] == "1"
+    opened = client.post(EVENTS, json=event("hal", "audio_seconds", "z2", value=2),
+                         headers=auth)
+    assert opened.status_code == 201, opened.data
+    with metered.extensions["wiring"].engine.connect() as conn:
+        assert conn.execute(select(MeterEvent.idempotency_key)).scalars().all() == ["z2"]
