@@ -29,10 +29,12 @@ from metering.limits import LimitsService
 from metering.limitstore import Actual
 from metering.models import MeterEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
+from metering.thresholds import LimitEvent, Usage, crossed
 from plans.windows import epoch_ms
 
 log = logging.getLogger(__name__)
 MAX_DATA_BYTES = 4096
+Held = tuple[str, list[str], list[LimitEvent]]  # lease id, its tags, thresholds crossed
 
 
 def now_utc() -> datetime:
@@ -105,6 +107,8 @@ class MeterService:
                 raise
             return _checked(found, meter.id)
         self._settle(held, keep=True)
+        if held is not None and held[2] and self.limits.on_limit_event is not None:
+            self.limits._emit(held[2])  # the paywall's threshold events (50%, 80%, ...)
         return _outcome(row, duplicate=False)
 
     def _plan_of(self, end_user_id: int) -> str | None:
@@ -119,9 +123,10 @@ class MeterService:
                 MeterEvent.app_id == app_id, MeterEvent.idempotency_key == key)).first()
 
     def _reserve(self, app_id: int, end_user_id: int, meter: MeterConfig, micro: int,
-                 request_id: str) -> tuple[str, list[str]] | None:
+                 request_id: str) -> Held | None:
         """Charge the event on every limit of the plan on this meter, all or nothing; the
-        lease id and tags holding the charge, or None when no limit applies."""
+        lease id and tags holding the charge and the quota thresholds it crossed, or None
+        when no limit applies."""
         limits = self.limits
         if not limits.enabled:
             return None
@@ -138,6 +143,7 @@ class MeterService:
         now_ms = epoch_ms(now)
         expires = now_ms + limits.lease_seconds * 1000
         held: list[str] = []
+        states: list[Usage] = []  # where each counter stood before and after the event
         try:
             for tag in lease.tags:
                 group = [a for a in applied if a.tag == tag]
@@ -152,6 +158,9 @@ class MeterService:
                     raise limits._refusal(lease, hit, now, app_id, end_user_id, request_id,
                                           hit.check.fixed)
                 held.append(tag)
+                states.extend(Usage(a.limit, a.check, st.used - a.check.fixed, st.used,
+                                    Applied(a.limit, tag, a.check, st).resets_at(now))
+                              for a, st in zip(group, result.states, strict=True))
         except LimitStoreUnavailableError as exc:
             self._settle((lease_id, held), keep=False)
             if assignment.plan.on_store_failure == "open":  # as a call: let it through
@@ -162,15 +171,16 @@ class MeterService:
                 "The limits store is unavailable, and this plan does not allow events it "
                 "cannot count; try again shortly (with the same idempotency_key).",
                 headers={"Retry-After": "1"}) from exc
-        return lease_id, held
+        return lease_id, held, crossed(app_id, end_user_id, assignment.plan, states,
+                                       limits.thresholds, now, request_id)
 
-    def _settle(self, held: tuple[str, list[str]] | None, *, keep: bool) -> None:
+    def _settle(self, held: Held | tuple[str, list[str]] | None, *, keep: bool) -> None:
         """Keep the charge for good (the event is written), or return it (it is not). A
         store that fails here leaves the reservation to expire: never an error, as the
         event's fate is already decided (a kept charge then returns, in the user's favour)."""
         if held is None:
             return
-        lease_id, tags = held
+        lease_id, tags = held[0], held[1]
         now_ms = epoch_ms(self.limits.clock())
         for tag in tags:
             try:

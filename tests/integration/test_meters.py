@@ -217,7 +217,7 @@ def test_a_decimal_meter_limit_counts_exactly(metered: Any, mkeys: Keys) -> None
     quota = client.get("/v1/users/cid/quota", headers=auth).get_json()
     [line] = quota["limits"]
     assert (line["used"], line["remaining"], line["limit"]) == ("60.5", 0, "60.5")
-    assert line["unit"] == "seconds"
+    assert line["unit"] == "seconds" and line["name"] == "Seconds per month"  # no name given
 
 
 def test_parallel_events_pass_a_limit_exactly(metered: Any, mkeys: Keys) -> None:
@@ -301,3 +301,14 @@ def test_store_down_refuses_unless_the_plan_fails_open(metered: Any, mkeys: Keys
     assert opened.status_code == 201, opened.data
     with metered.extensions["wiring"].engine.connect() as conn:
         assert conn.execute(select(MeterEvent.idempotency_key)).scalars().all() == ["z2"]
+
+
+def test_meter_events_cross_the_paywall_thresholds(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    for n in range(11):  # 5 of 10 is 50%, 8 is 80%, 10 is 100%; the 11th is refused
+        client.post(EVENTS, json=event("jo", "web_search_calls", f"t{n}"), headers=auth)
+    listed = client.get("/v1/paywall/events?user=jo", headers=auth).get_json()["data"]
+    seen = [(e["trigger"], e["threshold"], e["limit"]["used"]) for e in listed]
+    assert seen == [("limit_reached", None, 10), ("threshold_crossed", 100, 10),
+                    ("threshold_crossed", 80, 8), ("threshold_crossed", 50, 5)]
