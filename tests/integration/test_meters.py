@@ -312,3 +312,34 @@ def test_meter_events_cross_the_paywall_thresholds(metered: Any, mkeys: Keys) ->
     seen = [(e["trigger"], e["threshold"], e["limit"]["used"]) for e in listed]
     assert seen == [("limit_reached", None, 10), ("threshold_crossed", 100, 10),
                     ("threshold_crossed", 80, 8), ("threshold_crossed", 50, 5)]
+
+
+def test_meter_counters_are_rebuilt_from_the_meter_events(metered: Any, mkeys: Keys,
+                                                          clean_db: Engine) -> None:
+    from metering.redislimits import RedisLimitStore
+
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    assert client.put("/v1/users/kim/plan", json={"plan": "audio"}, headers=auth
+                      ).status_code == 200
+    for n, seconds in enumerate(["10.5", "20"]):
+        assert client.post(EVENTS, json=event("kim", "audio_seconds", f"r{n}", value=seconds),
+                           headers=auth).status_code == 201
+    for n in range(4):
+        assert client.post(EVENTS, json=event("lou", "web_search_calls", f"q{n}"),
+                           headers=auth).status_code == 201
+
+    def used(user: str) -> Any:
+        [line] = client.get(f"/v1/users/{user}/quota", headers=auth).get_json()["limits"]
+        return line["used"]
+
+    assert (used("kim"), used("lou")) == ("30.5", 4)
+    store = metered.extensions["wiring"].limits.store
+    with clean_db.begin() as conn:  # every counter lost (a wiped table, a Redis flush)
+        conn.exec_driver_sql("DELETE FROM limit_counters")
+    if isinstance(store, RedisLimitStore):
+        for key in store.client.scan_iter(f"{store.prefix}*"):
+            store.client.delete(key)
+    assert (used("kim"), used("lou")) == (0, 0)
+    assert metered.extensions["wiring"].limits.rebuild() == 2
+    assert (used("kim"), used("lou")) == ("30.5", 4)
