@@ -106,6 +106,9 @@ class MeterService:
             if found is None:
                 raise
             return _checked(found, meter.id)
+        except Exception:  # not recorded (the database is away): nor counted
+            self._settle(held, keep=False)
+            raise
         self._settle(held, keep=True)
         if held is not None and held[2] and self.limits.on_limit_event is not None:
             self.limits._emit(held[2])  # the paywall's threshold events (50%, 80%, ...)

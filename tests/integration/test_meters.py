@@ -214,6 +214,8 @@ def test_a_decimal_meter_limit_counts_exactly(metered: Any, mkeys: Keys) -> None
     over = client.post(EVENTS, json=event("cid", "audio_seconds", "c9", value="0.000001"),
                        headers=auth)
     assert over.status_code == 402
+    assert (over.get_json()["limit"]["used"], over.get_json()["limit"]["limit"]) == (
+        "60.5", "60.5")  # in the meter's unit, not its micro-units
     quota = client.get("/v1/users/cid/quota", headers=auth).get_json()
     [line] = quota["limits"]
     assert (line["used"], line["remaining"], line["limit"]) == ("60.5", 0, "60.5")
