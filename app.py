@@ -245,6 +245,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases),
                     metrics=metrics)
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
+    meters = MeterService(engine, config, tenancy, limits)
+    meters.price_at = finance.meter_prices.price_at
     jobs = JobBoard(engine, scheduled_jobs(
         config, events=events, notices=notices, accrual=accrual, overage=overage,
         finance=finance, limits=limits, ledger=ledger))
@@ -257,7 +259,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
                   finance=finance, audit=AuditService(engine), jobs=jobs,
-                  meters=MeterService(engine, config, tenancy, limits))
+                  meters=meters)
 
 
 # seconds between runs of each scheduled job (MLANE_JOB_INTERVALS changes them)

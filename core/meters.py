@@ -103,6 +103,14 @@ def _price(value: Any, fail: Any) -> Decimal:
     return usd
 
 
+def parse_unit_price(value: Any) -> Decimal:
+    """A price per unit in USD (a decimal string, at most 6 places, at most 10,000); raises
+    ValueError saying what is wrong."""
+    def fail(message: str) -> ValueError:
+        return ValueError(message)
+    return _price(value, fail)
+
+
 def parse_value(value: Any) -> int | None:
     """A meter value (an integer, or a decimal string with at most 6 places) in micro-units;
     None when it is not one. A JSON number with decimals is read as written (its shortest

@@ -154,3 +154,38 @@ class ImportQuerySchema(RequestSchema):
         unknown = RAISE
 
     format = fields.String(load_default="json", validate=validate.OneOf(["json", "csv"]))
+
+
+class MeterPriceRequestSchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    meter = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    effective_from = Timestamp(metadata={"description": "Default: as soon as every worker "
+                                         "knows it; never in the past"})
+    price = fields.String(required=True, metadata={"description": "USD per unit, a decimal "
+                                                   "string (at most 6 decimals)"})
+
+
+class MeterPriceSchema(Schema):
+    id = fields.String()
+    object = fields.Constant("meter_price")
+    meter = fields.String()
+    effective_from = Timestamp()
+    price = fields.String(metadata={"description": "USD per unit"})
+    source = fields.String(metadata={"description": "config or api"})
+
+
+class MeterPriceListSchema(Schema):
+    object = fields.Constant("list")
+    data = fields.List(fields.Nested(MeterPriceSchema))
+    has_more = has_more_field()
+
+
+class MeterPricesQuerySchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    meter = fields.String(validate=validate.Length(max=64))
+    limit = limit_field()
+    starting_after = starting_after_field()

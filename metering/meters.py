@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
@@ -70,6 +71,12 @@ class MeterService:
         self.tenancy = tenancy
         self.limits = limits
         self.clock = clock
+        # The price per unit in force (the finance catalog's; the config's without one).
+        self.price_at: Callable[[str, datetime], Decimal | None] = self._config_price
+
+    def _config_price(self, meter_id: str, _at: datetime) -> Decimal | None:
+        found = self.config.meter(meter_id)
+        return found.price_usd if found else None
 
     def record_meter_event(self, app_id: int, user: str, meter_id: str, value: Any,
                            data: dict[str, Any] | None, idempotency_key: str,
@@ -94,7 +101,8 @@ class MeterService:
         held = self._reserve(app_id, end_user_id, meter, micro, request_id or idempotency_key)
         row = MeterEvent(app_id=app_id, end_user_id=end_user_id, meter_id=meter.id,
                          idempotency_key=idempotency_key, value_micro=micro, unique_key=unique,
-                         cost_pico_usd=cost_pico(meter, micro), data=text,
+                         cost_pico_usd=cost_pico(meter, micro, self.price_at(meter.id, now)),
+                         data=text,
                          plan_id=self._plan_of(end_user_id),
                          occurred_at=occurred_at or now, received_at=now)
         try:

@@ -44,6 +44,18 @@ def upgrade() -> None:
     op.create_index('ix_meter_events_app_user_meter_occurred', 'meter_events',
                     ['app_id', 'end_user_id', 'meter_id', 'occurred_at'])
     op.create_index('ix_meter_events_received', 'meter_events', ['received_at'])
+    op.create_table(
+        'meter_price_versions',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('meter_id', sa.String(length=64), nullable=False),
+        sa.Column('effective_from', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('price_pico_per_unit', sa.BigInteger(), nullable=False),
+        sa.Column('source', sa.String(length=200), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_meter_price_versions')),
+        sa.UniqueConstraint('meter_id', 'effective_from',
+                            name=op.f('uq_meter_price_versions_meter_id')),
+    )
     with op.batch_alter_table('limit_refusals') as batch:
         batch.alter_column('metric', type_=sa.String(length=80),
                            existing_type=sa.String(length=16), existing_nullable=False)
@@ -53,6 +65,7 @@ def downgrade() -> None:
     with op.batch_alter_table('limit_refusals') as batch:
         batch.alter_column('metric', type_=sa.String(length=16),
                            existing_type=sa.String(length=80), existing_nullable=False)
+    op.drop_table('meter_price_versions')
     op.drop_index('ix_meter_events_received', table_name='meter_events')
     op.drop_index('ix_meter_events_app_user_meter_occurred', table_name='meter_events')
     op.drop_table('meter_events')

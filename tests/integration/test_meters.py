@@ -345,3 +345,34 @@ def test_meter_counters_are_rebuilt_from_the_meter_events(metered: Any, mkeys: K
     assert (used("kim"), used("lou")) == (0, 0)
     assert metered.extensions["wiring"].limits.rebuild() == 2
     assert (used("kim"), used("lou")) == ("30.5", 4)
+
+
+def test_a_meter_price_version_prices_the_events_from_its_start(metered: Any,
+                                                                mkeys: Keys) -> None:
+    client = metered.test_client()
+    admin = bearer(mkeys.admin)
+    clock = metered.extensions["wiring"].meters.clock
+    metered.extensions["wiring"].finance.meter_prices.clock = clock
+    start = NOW + timedelta(hours=1)
+    made = client.post("/v1/prices/meters", headers=admin, json={
+        "meter": "web_search_calls", "price": "0.015", "effective_from": start.isoformat()})
+    assert made.status_code == 201, made.data
+    assert made.get_json()["price"] == "0.015"
+    for body, param in (({"meter": "nope", "price": "1"}, "meter"),
+                        ({"meter": "web_search_calls", "price": "0.0000001"}, "price"),
+                        ({"meter": "web_search_calls", "price": "1",
+                          "effective_from": (NOW - timedelta(days=1)).isoformat()},
+                         "effective_from")):
+        refused = client.post("/v1/prices/meters", headers=admin, json=body)
+        assert refused.status_code in (400, 404), refused.data
+        assert param in refused.get_json()["detail"] or refused.status_code == 404
+    assert client.post("/v1/prices/meters", headers=bearer(mkeys.finance), json={
+        "meter": "web_search_calls", "price": "1"}).status_code == 403
+    listed = client.get("/v1/prices/meters?meter=web_search_calls", headers=admin).get_json()
+    assert [(v["price"], v["source"]) for v in listed["data"]] == [
+        ("0.01", "config"), ("0.015", "api")]
+    auth = bearer(mkeys.app)
+    before = client.post(EVENTS, json=event("max", "web_search_calls", "v1"), headers=auth)
+    clock.now = start
+    after = client.post(EVENTS, json=event("max", "web_search_calls", "v2"), headers=auth)
+    assert (before.get_json()["cost_usd"], after.get_json()["cost_usd"]) == ("0.01", "0.015")

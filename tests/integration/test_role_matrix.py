@@ -96,6 +96,8 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/prices"): frozenset({"operator"}),
     ("POST", "/v1/prices/import"): frozenset({"operator"}),
     ("GET", "/v1/prices"): ADMINS | {"app", "finance"},
+    ("POST", "/v1/prices/meters"): frozenset({"operator"}),
+    ("GET", "/v1/prices/meters"): ADMINS | {"app", "finance"},
     ("POST", "/v1/price-changes"): frozenset({"operator"}),
     ("GET", "/v1/price-changes"): ADMINS,
     # finance
