@@ -81,11 +81,13 @@ class MeterService:
     def record_meter_event(self, app_id: int, user: str, meter_id: str, value: Any,
                            data: dict[str, Any] | None, idempotency_key: str,
                            occurred_at: datetime | None = None,
-                           request_id: str = "") -> MeterOutcome:
+                           request_id: str = "", *, enforce: bool = True) -> MeterOutcome:
         """Record one event of a meter for an end user (once per idempotency key of the
         app). Raises InvalidRequestError for a value the meter cannot read, ConflictError for
         a key reused with another meter, QuotaExceededError / RateLimitedError when a limit
-        of the user's plan on the meter would be passed (the event is then not recorded)."""
+        of the user's plan on the meter would be passed (the event is then not recorded).
+        `enforce=False` (what already happened, e.g. the web searches of a call the gateway
+        relayed): recorded and counted, never refused; the counters may pass the limit."""
         meter = self.config.meter(meter_id)
         if meter is None:
             known = ", ".join(m.id for m in self.config.meters) or "none are configured"
@@ -98,7 +100,8 @@ class MeterService:
         if earlier is not None:
             return _checked(earlier, meter.id)
         now = self.clock()
-        held = self._reserve(app_id, end_user_id, meter, micro, request_id or idempotency_key)
+        held = self._reserve(app_id, end_user_id, meter, micro,
+                             request_id or idempotency_key) if enforce else None
         row = MeterEvent(app_id=app_id, end_user_id=end_user_id, meter_id=meter.id,
                          idempotency_key=idempotency_key, value_micro=micro, unique_key=unique,
                          cost_pico_usd=cost_pico(meter, micro, self.price_at(meter.id, now)),
@@ -118,9 +121,31 @@ class MeterService:
             self._settle(held, keep=False)
             raise
         self._settle(held, keep=True)
+        if not enforce:
+            self._count(app_id, end_user_id, meter, micro, idempotency_key)
         if held is not None and held[2] and self.limits.on_limit_event is not None:
             self.limits._emit(held[2])  # the paywall's threshold events (50%, 80%, ...)
         return _outcome(row, duplicate=False)
+
+    def _count(self, app_id: int, end_user_id: int, meter: MeterConfig, micro: int,
+               key: str) -> None:
+        """Count a recorded event on the meter's limits without a reservation (once per
+        key); a store that is away leaves it to `meterlane limits rebuild`."""
+        limits = self.limits
+        if not limits.enabled:
+            return
+        now = limits.clock()
+        applied = limits.checks_for(app_id, end_user_id, limits.plans.plan_of(end_user_id),
+                                    None, now, meter=meter.id, meter_charge=micro)
+        for tag in dict.fromkeys(a.tag for a in applied):
+            try:
+                with store_errors():
+                    limits.store.commit(tag, f"mev:{app_id}:{key}",
+                                        [a.check for a in applied if a.tag == tag],
+                                        Actual(0), now_ms=epoch_ms(now))
+            except LimitStoreUnavailableError:
+                log.error("limit store unavailable: meter event %s is recorded, not counted; "
+                          "run `meterlane limits rebuild` once it is back", key)
 
     def _plan_of(self, end_user_id: int) -> str | None:
         """The user's plan, for finance's margins by plan (None: no plans configured)."""

@@ -376,3 +376,25 @@ def test_a_meter_price_version_prices_the_events_from_its_start(metered: Any,
     clock.now = start
     after = client.post(EVENTS, json=event("max", "web_search_calls", "v2"), headers=auth)
     assert (before.get_json()["cost_usd"], after.get_json()["cost_usd"]) == ("0.01", "0.015")
+
+
+def test_what_already_happened_is_recorded_and_counted_never_refused(metered: Any,
+                                                                     mkeys: Keys) -> None:
+    """The gateway's own metering (e.g. the web searches of a relayed call): enforce=False."""
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    for n in range(10):
+        assert client.post(EVENTS, json=event("ned", "web_search_calls", f"n{n}"),
+                           headers=auth).status_code == 201
+    meters = metered.extensions["wiring"].meters
+    app_id = metered.extensions["wiring"].auth.authenticate(mkeys.app).app_id
+    done = meters.record_meter_event(app_id, "ned", "web_search_calls", None, None,
+                                     "resp_1:ws_1", enforce=False)
+    assert not done.duplicate and done.cost_pico_usd == 10**10
+    again = meters.record_meter_event(app_id, "ned", "web_search_calls", None, None,
+                                      "resp_1:ws_1", enforce=False)
+    assert again.duplicate
+    [line] = client.get("/v1/users/ned/quota", headers=auth).get_json()["limits"]
+    assert (line["used"], line["remaining"]) == (11, 0)
+    assert client.post(EVENTS, json=event("ned", "web_search_calls", "n99"),
+                       headers=auth).status_code == 402
