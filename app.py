@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from metering.ledger import LedgerWriter
     from metering.limits import LimitsService
     from metering.limitstore import LimitStore
+    from metering.meters import MeterService
     from metering.service import MeteringService
     from metering.tokens import TokenizerRegistry
     from paywall.acknowledge import Acknowledger
@@ -96,6 +97,7 @@ class Wiring:
     audit: AuditService
     jobs: JobBoard
     idempotency: IdempotencyService
+    meters: MeterService
 
     def parts(self) -> Parts:
         """Each part found by its class (how blueprints and commands reach them)."""
@@ -167,6 +169,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from metering.accrual import AccrualService
     from metering.ledger import LedgerWriter
     from metering.limits import LimitsService
+    from metering.meters import MeterService
     from metering.service import MeteringService
     from migrations.schema import ensure_schema_current
     from paywall.acknowledge import Acknowledger
@@ -246,6 +249,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                     metrics=metrics)
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
     idempotency = IdempotencyService(engine, lapse=lapse_for(config))
+    meters = MeterService(engine, config, tenancy, limits)
+    meters.price_at = finance.meter_prices.price_at
     jobs = JobBoard(engine, scheduled_jobs(
         config, events=events, notices=notices, accrual=accrual, overage=overage,
         finance=finance, limits=limits, ledger=ledger, idempotency=idempotency))
@@ -258,7 +263,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
                   finance=finance, audit=AuditService(engine), jobs=jobs,
-                  idempotency=idempotency)
+                  idempotency=idempotency, meters=meters)
 
 
 # seconds between runs of each scheduled job (MLANE_JOB_INTERVALS changes them)
@@ -384,6 +389,7 @@ def create_app(config: Config | None = None) -> Flask:
     from metering.cloudevents import bp as cloudevents_bp
     from metering.credits_api import bp as credits_bp
     from metering.limits_api import bp as limits_bp
+    from metering.meters_api import bp as meters_bp
     from paywall.api import bp as paywall_bp
     from paywall.api import widget_bp
     from paywall.lifecycle_api import bp as lifecycle_bp
@@ -415,7 +421,7 @@ def create_app(config: Config | None = None) -> Flask:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, cloudevents_bp,
                credits_bp, plans_bp, paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp,
-               finance_bp, finance_page_bp, ops_bp, jobs_bp):
+               finance_bp, finance_page_bp, ops_bp, jobs_bp, meters_bp):
         app.register_blueprint(bp)
     install_hooks(app)
     return app

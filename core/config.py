@@ -14,6 +14,7 @@ from typing import Any
 # ConfigError lives with the cost parsers, which raise it too; it is imported from here.
 from core.costs import ConfigError as ConfigError
 from core.costs import GpuCost, parse_finance, parse_gpu_cost
+from core.meters import MeterConfig, parse_meters
 
 LIMIT_STORES = ("auto", "redis", "sql")
 STRIPE_API_VERSION = "2026-10-28.endive"  # the version the pinned stripe library speaks
@@ -94,6 +95,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     aliases: tuple[AliasConfig, ...] = ()
+    meters: tuple[MeterConfig, ...] = ()  # [[meters]]: what apps meter besides tokens
     max_body_bytes: int = 8 * 1024 * 1024
     # Connections each process may hold (Postgres); serve sets these so that its workers fit
     # the server's max_connections.
@@ -162,6 +164,9 @@ class Config:
             if model.name == name:
                 return model
         return None
+
+    def meter(self, meter_id: str) -> MeterConfig | None:
+        return next((m for m in self.meters if m.id == meter_id), None)
 
     def alias(self, name: str) -> AliasConfig | None:
         for alias in self.aliases:
@@ -256,7 +261,7 @@ def _proxies(env: Mapping[str, str]) -> int:
 SECTIONS = {"upstreams": "[[upstreams]]", "models": "[[models]]", "aliases": "[[aliases]]",
             "limits": "[limits]", "plans": "[[plans]]", "credit_packs": "[[credit_packs]]",
             "stripe": "[stripe]", "paywall": "[paywall]", "finance": "[finance]",
-            "metering": "[metering]"}
+            "metering": "[metering]", "meters": "[[meters]]"}
 
 
 def _unique(kind: str, names: list[str]) -> None:
@@ -298,6 +303,7 @@ def settings_from(raw: dict[str, Any], text: str, env: Mapping[str, str],
         raise ConfigError(f"{path}: unknown settings {unknown}; expected "
                           + ", ".join(SECTIONS.values()))
     return {"upstreams": upstreams, "models": models, "aliases": aliases,
+            "meters": parse_meters(_tables(raw, "meters"), text),
             "plans_raw": tuple(_tables(raw, "plans")), "config_text": text,
             "packs_raw": tuple(_tables(raw, "credit_packs")),
             **_limits(raw.get("limits", {})), **_stripe(raw.get("stripe", {})),

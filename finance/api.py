@@ -12,6 +12,7 @@ from flask import Blueprint, Response
 
 from core.auth import Role, require_operator, require_role
 from core.errors import InvalidRequestError, PermissionDeniedError
+from core.meters import parse_unit_price
 from core.openapi import documented
 from core.pagination import page_of
 from core.web import (
@@ -32,6 +33,10 @@ from finance.schemas import (
     LocalSchema,
     MarginsQuerySchema,
     MarginsSchema,
+    MeterPriceListSchema,
+    MeterPriceRequestSchema,
+    MeterPriceSchema,
+    MeterPricesQuerySchema,
     PeriodQuerySchema,
     PriceListSchema,
     PriceRequestSchema,
@@ -167,6 +172,34 @@ def add_price() -> Response:
     version = part(FinanceService).prices.add(args["model"], args.get("effective_from"),
                                           parse_price(args), "api", current_actor())
     return json_response(PriceSchema().dump(version.as_dict()), status=201)
+
+
+@bp.get("/prices/meters")
+@documented(summary="Every version of each meter's price per unit ([[meters]])",
+            query=MeterPricesQuerySchema, response=MeterPriceListSchema, tag="finance")
+def list_meter_prices() -> Response:
+    require_role(current_principal(), Role.ADMIN, Role.FINANCE, Role.APP)
+    args = MeterPricesQuerySchema().load(query_args())
+    versions, more = page_of(part(FinanceService).meter_prices.versions(args.get("meter")),
+                             lambda v: v.id, args.get("starting_after"), args["limit"])
+    return json_response(MeterPriceListSchema().dump(
+        {"data": [v.as_dict() for v in versions], "has_more": more}))
+
+
+@bp.post("/prices/meters")
+@documented(summary="A new price per unit of a meter, from effective_from (never in the "
+            "past)", body=MeterPriceRequestSchema, response=MeterPriceSchema, status=201,
+            tag="finance")
+def add_meter_price() -> Response:
+    _admin()
+    args = MeterPriceRequestSchema().load(json_body())
+    try:
+        price = parse_unit_price(args["price"])
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="price") from exc
+    version = part(FinanceService).meter_prices.add(
+        args["meter"], args.get("effective_from"), price, current_actor())
+    return json_response(MeterPriceSchema().dump(version.as_dict()), status=201)
 
 
 @bp.post("/prices/import")

@@ -92,3 +92,18 @@ class RollupState(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime]
+
+
+class MeterPriceVersion(Base):
+    """A version of a [[meters]] meter's price per unit, in force from effective_from (the
+    config's price holds before the first)."""
+
+    __tablename__ = "meter_price_versions"
+    __table_args__ = (UniqueConstraint("meter_id", "effective_from"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    meter_id: Mapped[str] = mapped_column(String(64))
+    effective_from: Mapped[datetime]
+    price_pico_per_unit: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]

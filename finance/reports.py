@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -26,6 +26,7 @@ from core.errors import InvalidRequestError
 from core.models import EndUser
 from core.pagination import page_of
 from finance.models import GpuHour, RevenueDaily, UsageDaily
+from metering.meters import meter_costs
 from metering.pricing import pico_to_usd
 from plans.terms import minor_exponent
 
@@ -152,17 +153,22 @@ class Reports:
         revenue_by, unconverted = self._revenue(app_id, p)
         revenue = revenue_by.get(None, 0)
         daily = self._daily_active(app_id, p)
-        cost = cloud + local
+        metered = self._meters(app_id, p, "model")
+        meters = sum(cost for _, cost in metered.values())
+        cost = cloud + local + meters
         margin = revenue - cost
         return {
             "period": p.label, "from": p.start.isoformat(), "to": p.end.isoformat(),
             "partial": self._cut(p) < p.end, "through": (self._cut(p) - timedelta(days=1))
             .isoformat(),
-            "revenue_usd": usd(revenue), "inference_cost_usd": usd(cost),
+            "revenue_usd": usd(revenue), "inference_cost_usd": usd(cloud + local),
+            "meter_cost_usd": usd(meters), "total_cost_usd": usd(cost),
+            "meter_costs": [{"meter": k.removeprefix("meter:"), "events": n,
+                             "cost_usd": usd(c)} for k, (n, c) in sorted(metered.items())],
             "cloud_cost_usd": usd(cloud), "local_cost_usd": usd(local),
             "local_shadow_cost_usd": usd(shadow), "local_savings_usd": usd(shadow - local),
             "gross_margin_usd": usd(margin), "gross_margin_percent": percent(margin, revenue),
-            "inference_cost_percent_of_revenue": percent(cost, revenue),
+            "inference_cost_percent_of_revenue": percent(cloud + local, revenue),
             "active_users_monthly": monthly,
             "active_users_daily_average": str((Decimal(sum(daily.values()))
                                                / max(1, self._elapsed_days(p))).quantize(
@@ -173,6 +179,13 @@ class Reports:
             "revenue_unconverted": [{"currency": c, "amount_minor": a}
                                     for c, a in sorted(unconverted.items())],
         }
+
+    def _meters(self, app_id: int, p: Period, group_by: str | None) -> dict[Any, tuple[int, int]]:
+        """(events, cost) of the custom meters in the period, per group (meter_events: read
+        as they are, not rolled up)."""
+        def at(day: date) -> datetime:
+            return datetime.combine(day, time(0), tzinfo=UTC)
+        return meter_costs(self.engine, app_id, at(p.start), at(p.end), group_by)
 
     def _cut(self, p: Period) -> date:
         """The day after the last one reported: the period's end, or tomorrow when the period
@@ -205,17 +218,20 @@ class Reports:
         usage = {row[0]: row[1:] for row in self._usage(app_id, p, ukey)}
         revenue, unconverted = self._revenue(app_id, p, rkey) if rkey is not None else ({}, {})
         names = self._user_names(app_id) if group_by == "user" else {}
+        metered = self._meters(app_id, p, group_by)
         rows: list[dict[str, Any]] = []
-        for key in sorted(set(usage) | set(revenue), key=str):
+        for key in sorted(set(usage) | set(revenue) | set(metered), key=str):
             calls, tokens, cloud, local, shadow, users = (int(v or 0) for v in usage.get(
                 key, (0, 0, 0, 0, 0, 0)))
-            cost = cloud + local
+            meters = metered.get(key, (0, 0))[1]
+            cost = cloud + local + meters
             rev = revenue.get(key, 0) if rkey is not None else None
             margin = rev - cost if rev is not None else None
             rows.append({
                 "key": names.get(key, str(key)) if group_by == "user" else str(key),
                 "revenue_usd": usd(rev), "cost_usd": usd(cost), "cloud_cost_usd": usd(cloud),
-                "local_cost_usd": usd(local), "margin_usd": usd(margin),
+                "local_cost_usd": usd(local), "meter_cost_usd": usd(meters),
+                "margin_usd": usd(margin),
                 "margin_percent": percent(margin, rev), "active_users": users,
                 "calls": calls, "tokens": tokens,
                 "_margin": margin if margin is not None else -cost, "_rev": rev or 0,

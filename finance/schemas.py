@@ -44,7 +44,14 @@ class SummarySchema(Schema):
                   "and cost are counted to today"})
     through = fields.String(metadata={"description": "The last day counted"})
     revenue_usd = fields.String(allow_none=True)
-    inference_cost_usd = fields.String(allow_none=True)
+    inference_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Model calls' cost (cloud and local)"})
+    meter_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Custom meters' cost ([[meters]] prices)"})
+    total_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Inference and meters: what the gross margin is net of"})
+    meter_costs = fields.List(fields.Dict(), metadata={
+        "description": "Per meter with events in the period: events and cost"})
     cloud_cost_usd = fields.String(allow_none=True)
     local_cost_usd = fields.String(allow_none=True)
     local_shadow_cost_usd = fields.String(allow_none=True)
@@ -68,6 +75,9 @@ class MarginRowSchema(Schema):
     cost_usd = fields.String(allow_none=True)
     cloud_cost_usd = fields.String(allow_none=True)
     local_cost_usd = fields.String(allow_none=True)
+    meter_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "Custom meters' cost (in cost_usd); by model, a meter is a row "
+                       "\"meter:<id>\""})
     margin_usd = fields.String(allow_none=True)
     margin_percent = fields.String(allow_none=True)
     active_users = fields.Integer()
@@ -144,3 +154,38 @@ class ImportQuerySchema(RequestSchema):
         unknown = RAISE
 
     format = fields.String(load_default="json", validate=validate.OneOf(["json", "csv"]))
+
+
+class MeterPriceRequestSchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    meter = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    effective_from = Timestamp(metadata={"description": "Default: as soon as every worker "
+                                         "knows it; never in the past"})
+    price = fields.String(required=True, metadata={"description": "USD per unit, a decimal "
+                                                   "string (at most 6 decimals)"})
+
+
+class MeterPriceSchema(Schema):
+    id = fields.String()
+    object = fields.Constant("meter_price")
+    meter = fields.String()
+    effective_from = Timestamp()
+    price = fields.String(metadata={"description": "USD per unit"})
+    source = fields.String(metadata={"description": "config or api"})
+
+
+class MeterPriceListSchema(Schema):
+    object = fields.Constant("list")
+    data = fields.List(fields.Nested(MeterPriceSchema))
+    has_more = has_more_field()
+
+
+class MeterPricesQuerySchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    meter = fields.String(validate=validate.Length(max=64))
+    limit = limit_field()
+    starting_after = starting_after_field()

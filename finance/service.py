@@ -19,6 +19,7 @@ from core.background import background_runner
 from core.config import Config
 from core.db import utcnow
 from core.errors import ServiceUnavailableError
+from finance.meter_prices import MeterPriceBook
 from finance.models import RollupState
 from finance.prices import PriceBook
 from finance.reports import Reports
@@ -37,6 +38,8 @@ class FinanceService:
                  max_age: timedelta = timedelta(seconds=30)) -> None:
         self.engine = engine
         self.prices = prices
+        self.meter_prices = MeterPriceBook(engine, config.meters,
+                                           refresh_seconds=prices.refresh_seconds, clock=clock)
         self.rollups = Rollups(engine, config, prices, plan_of, clock)
         self.reports = Reports(engine, config, clock)
         self.clock = clock

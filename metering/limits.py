@@ -120,15 +120,22 @@ class LimitsService:
 
     def checks_for(self, app_id: int, end_user_id: int, assignment: Assignment,
                  model: ModelConfig | None, now: datetime, *, prompt_tokens: int = 0,
-                 out_per_token: int = 1, extra: bool = True) -> list[Applied]:
+                 out_per_token: int = 1, extra: bool = True, meter: str | None = None,
+                 meter_charge: int = 0) -> list[Applied]:
+        """The checks of the plan's limits on a call (or on a meter event of `meter`, which
+        charges `meter_charge` micro-units; "*": every limit, as the quota shows them)."""
         plan = assignment.plan
         limits = plan.limits_for(model.name) if model else plan.limits
+        # a meter's limits count its events only; its events count on no other limit
+        limits = tuple(x for x in limits if meter == "*" or (x.meter == meter if meter
+                                                              else x.meter is None))
         credits = plan.terms.credits_per_token(model.tier) if model else 1
         price = self.price_of(model, now) if model and any(
             limit.metric == "cost_usd" for limit in limits) else None
         out: list[Applied] = []
         for limit in limits:
-            fixed, per_out = charges(limit, model, prompt_tokens, out_per_token, credits, price)
+            fixed, per_out = (meter_charge, 0) if limit.meter is not None else charges(
+                limit, model, prompt_tokens, out_per_token, credits, price)
             if fixed is None:
                 continue
             tag = user_tag(app_id, end_user_id) if limit.scope == "user" else app_tag(app_id)
@@ -152,7 +159,7 @@ class LimitsService:
     def _check(self, limit: LimitSpec, assignment: Assignment, now: datetime, fixed: int,
                per_out: int, amount: int | None = None) -> Check:
         w: Window = limit.window
-        code = METRIC_CODE[limit.metric]
+        code = METRIC_CODE.get(limit.metric, "r")  # a meter's charge stays, as a request's
         amount = limit.amount if amount is None else amount
         if w.kind in ("calendar", "cycle"):
             key, expires = self._period_key(limit, assignment, now)
@@ -532,7 +539,7 @@ class LimitsService:
     def quota(self, app_id: int, end_user_id: int) -> tuple[Plan, list[QuotaLine]]:
         now = self.clock()
         assignment = self.plans.plan_of(end_user_id)
-        applied = self.checks_for(app_id, end_user_id, assignment, None, now)
+        applied = self.checks_for(app_id, end_user_id, assignment, None, now, meter="*")
         lines: list[QuotaLine] = []
         for tag in dict.fromkeys(a.tag for a in applied):
             group = [a for a in applied if a.tag == tag]

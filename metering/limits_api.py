@@ -89,7 +89,8 @@ def _model(name: str) -> ModelConfig:
 def _limit_state(limit: LimitSpec, used: int, remaining: int,
                  resets_at: datetime | None, locale: str | None = None) -> dict[str, Any]:
     name = i18n.gettext(locale, "Included credits") if limit.id == ALLOWANCE_ID else \
-        i18n.limit_name(limit.metric, limit.window.spec, limit.model, locale,
+        i18n.limit_name(limit.metric if limit.meter is None else (
+            limit.unit or limit.meter).capitalize(), limit.window.spec, limit.model, locale,
                         limit.name_in(i18n.pick(locale)))
     state = {"id": limit.id, "name": name, "metric": limit.metric, "window": limit.window.spec,
              "scope": limit.scope, "model": limit.model,
@@ -99,6 +100,8 @@ def _limit_state(limit: LimitSpec, used: int, remaining: int,
              "limit": value_of(limit, used + remaining), "resets_at": utc_iso(resets_at)}
     if limit.id == ALLOWANCE_ID:
         state["included"] = limit.amount
+    if limit.meter is not None:
+        state["unit"] = limit.unit
     return state
 
 

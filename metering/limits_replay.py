@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from core.config import ModelConfig
 from metering.leases import Applied, user_tag
 from metering.limitstore import Actual, Check, LimitStore
-from metering.models import UsageEvent
+from metering.models import MeterEvent, UsageEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
 from plans.catalog import Catalog
 from plans.service import Assignment, PlanService
@@ -36,7 +36,8 @@ class LimitsEngine(Protocol):
 
     def checks_for(self, app_id: int, end_user_id: int, assignment: Assignment,
                    model: ModelConfig | None, now: datetime, *, prompt_tokens: int = 0,
-                   out_per_token: int = 1, extra: bool = True) -> list[Applied]: ...
+                   out_per_token: int = 1, extra: bool = True, meter: str | None = None,
+                   meter_charge: int = 0) -> list[Applied]: ...
 
 
 def catch_up(service: LimitsEngine) -> int:
@@ -114,6 +115,8 @@ def rebuild(service: LimitsEngine, progress: Callable[[int], None] | None = None
         users = {(a, u) for a, u in conn.execute(select(cols.app_id, cols.end_user_id)
                                                  .distinct()
                                                  .where(cols.created_at >= horizon))}
+        metered = _meter_rows(conn, horizon)
+        users |= set(metered)
     by_app: dict[int, list[Any]] = {}
     for (app_id, _user), rows in by_user.items():
         by_app.setdefault(app_id, []).extend(rows)
@@ -122,10 +125,16 @@ def rebuild(service: LimitsEngine, progress: Callable[[int], None] | None = None
     for app_id, end_user_id in sorted(users):
         assignment = service.plans.plan_of(end_user_id)
         values: list[tuple[Check, int]] = []
-        for a in service.checks_for(app_id, end_user_id, assignment, None, now):
+        for a in service.checks_for(app_id, end_user_id, assignment, None, now, meter="*"):
+            target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
+            if a.limit.meter is not None:  # from the meter events (counted when received)
+                events = metered.get((app_id, end_user_id), []) if a.limit.scope == "user" \
+                    else [e for (app, _), rows in metered.items() if app == app_id
+                          for e in rows]
+                target.extend(_rebuilt_meter(a, assignment, events, now))
+                continue
             rows = by_user.get((app_id, end_user_id), []) if a.limit.scope == "user" \
                 else by_app.get(app_id, [])
-            target = values if a.limit.scope == "user" else app_values.setdefault(a.tag, [])
             target.extend(_rebuilt(a, assignment, rows, now, service.models))
         with store_errors():
             service.store.overwrite(user_tag(app_id, end_user_id), values,
@@ -178,3 +187,36 @@ def _rebuilt(a: Applied, assignment: Assignment, rows: list[Any], now: datetime,
     if check.kind == "gauge":
         return [(check, 0)]  # only live leases hold a concurrency slot
     return []
+
+
+def _meter_rows(conn: Any, horizon: datetime) -> dict[tuple[int, int], list[Any]]:
+    """Meter events received since `horizon`, per (app, end user)."""
+    m = MeterEvent
+    out: dict[tuple[int, int], list[Any]] = {}
+    for row in conn.execute(select(m.app_id, m.end_user_id, m.meter_id, m.value_micro,
+                                   m.received_at).where(m.received_at >= horizon)):
+        out.setdefault((row.app_id, row.end_user_id), []).append(row)
+    return out
+
+
+def _rebuilt_meter(a: Applied, assignment: Assignment, rows: list[Any],
+                   now: datetime) -> list[tuple[Check, int]]:
+    """The values a meter limit's counter should hold, from meter events (a count meter's
+    events hold one unit each, so every meter's charge is its value)."""
+    limit, check = a.limit, a.check
+    rows = [r for r in rows if r.meter_id == limit.meter]
+    if check.kind == "counter":
+        period = period_of(limit.window, now, assignment.anchored_at
+                           if limit.window.kind == "cycle" else None)
+        return [(check, sum(int(r.value_micro) for r in rows
+                            if period.start <= r.received_at < period.end))]
+    if check.kind == "rolling":
+        low = check.slot - check.slots + 1
+        slots: dict[int, int] = {}
+        for r in rows:
+            slot = epoch_ms(r.received_at) // check.slot_ms
+            if low <= slot <= check.slot:
+                slots[slot] = slots.get(slot, 0) + int(r.value_micro)
+        return [(replace(check, slot=slot), value) for slot, value in sorted(slots.items())] or [
+            (check, 0)]
+    return []  # a bucket refills by itself

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from core.meters import METER_SCALE, format_units
 from metering.pricing import format_usd
 from plans.catalog import LimitSpec
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
 
 
 def unit_of(limit: LimitSpec) -> str:
+    if limit.meter is not None:
+        return f"{limit.unit or limit.meter}" + (
+            f" per {limit.window.spec}" if limit.window.kind != "none" else "")
     return {"tokens": "tokens", "credits": "credits", "requests": "requests", "cost_usd": "USD",
             "concurrent": "concurrent requests"}[limit.metric] + (
         f" per {limit.window.spec}" if limit.window.kind != "none" else "")
@@ -22,6 +26,8 @@ def unit_of(limit: LimitSpec) -> str:
 def value_of(limit: LimitSpec, amount: int) -> int | str:
     if limit.metric == "cost_usd":
         return format_usd(amount) or "0"
+    if limit.meter is not None:  # micro-units: a whole number of units, else its decimals
+        return amount // METER_SCALE if amount % METER_SCALE == 0 else format_units(amount)
     return amount
 
 

@@ -110,7 +110,7 @@ class LimitRefusal(Base):
     request_id: Mapped[str] = mapped_column(String(40))
     plan_id: Mapped[str] = mapped_column(String(64))
     limit_id: Mapped[str] = mapped_column(String(80))
-    metric: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(80))  # "meter:<id>" for a meter's limit
     window: Mapped[str] = mapped_column(String(40))
     kind: Mapped[str] = mapped_column(String(16))  # quota_exceeded | rate_limited
     used: Mapped[int] = mapped_column(BigInteger)
@@ -137,3 +137,32 @@ class QuarantinedRecord(Base):
     payload: Mapped[str] = mapped_column(Text)
     resolved_at: Mapped[datetime | None]
     resolution: Mapped[str | None] = mapped_column(String(32))  # written | duplicate
+
+
+class MeterEvent(Base):
+    """One event of a [[meters]] meter (a web search, an image, audio seconds): append-only,
+    once per idempotency key of its app, priced when it was received."""
+
+    __tablename__ = "meter_events"
+    __table_args__ = (
+        UniqueConstraint("app_id", "idempotency_key"),
+        Index("ix_meter_events_app_user_meter_occurred", "app_id", "end_user_id", "meter_id",
+              "occurred_at"),
+        Index("ix_meter_events_received", "received_at"),  # finance reads a day at a time
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    meter_id: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(300))
+    # The event's value in micro-units of the meter (10**6 per unit): exact on every backend.
+    value_micro: Mapped[int] = mapped_column(BigInteger)
+    # unique_count meters: the value counted once per window
+    unique_key: Mapped[str | None] = mapped_column(String(300))
+    # Integer pico-USD at the meter's price when received; NULL when the meter has no price.
+    cost_pico_usd: Mapped[int | None] = mapped_column(BigInteger)
+    plan_id: Mapped[str | None] = mapped_column(String(64))  # the user's plan when received
+    data: Mapped[str | None] = mapped_column(Text)  # the event's data as JSON text
+    occurred_at: Mapped[datetime]
+    received_at: Mapped[datetime]

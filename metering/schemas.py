@@ -176,6 +176,7 @@ class LimitStateSchema(Schema):
     limit = fields.Raw(metadata={"description": "What is enforced now: for the allowance, "
                                  "the plan's included credits plus the credits and overage "
                                  "that may follow them"})
+    unit = fields.String(metadata={"description": "A meter limit only: the meter's unit"})
     included = fields.Integer(metadata={"description": "The allowance only: credits the plan "
                                         "includes per billing cycle"})
     resets_at = fields.String(allow_none=True, metadata={

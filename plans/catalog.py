@@ -10,11 +10,13 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from core.config import Config, ConfigError, parse_alias_models
+from core.meters import METER_SCALE, MeterConfig, parse_value
 from plans.terms import TERM_KEYS, CreditPack, Terms, parse_pack, parse_terms
 from plans.windows import Window, WindowError, parse_window
 
 # credits: tokens times the credit multiplier of the model's tier (1 unless the plan says)
 METRICS = ("tokens", "credits", "requests", "cost_usd", "concurrent")
+METER_PREFIX = "meter:"  # metric = "meter:<id>": a limit on a [[meters]] meter, in its unit
 SCOPES = ("user", "app")
 ON_LIMIT = ("clip", "reject")
 ON_STORE_FAILURE = ("closed", "open")
@@ -22,6 +24,7 @@ ON_STORE_FAILURE = ("closed", "open")
 # (Redis scripts compute in doubles): 2**53 pico-USD is about 9,007 USD.
 MAX_AMOUNT = {"tokens": 10**15, "credits": 10**15, "requests": 10**12, "concurrent": 10**6}
 MAX_COST_USD = Decimal(9000)
+MAX_METER_AMOUNT = 9 * 10**9 * METER_SCALE  # micro-units: inside 2**53 as well
 PICO_PER_USD = 10**12
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 _PLAN_KEYS = {"id", "name", "default", "on_limit", "on_store_failure", "timezone",
@@ -45,6 +48,7 @@ class LimitSpec:
     # given, a readable name is made from the metric and window. Not a term of the plan: a
     # published version may rename its limits.
     names: tuple[tuple[str, str], ...] = ()
+    unit: str | None = None  # a meter limit: the meter's unit ("searches")
 
     def name_in(self, locale: str) -> str | None:
         found = dict(self.names)
@@ -58,6 +62,12 @@ class LimitSpec:
 
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model
+
+    @property
+    def meter(self) -> str | None:
+        """The meter id of a limit on a meter (its amount is in micro-units), else None."""
+        return self.metric.removeprefix(METER_PREFIX) if self.metric.startswith(
+            METER_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,8 @@ class Catalog:
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
         tiers = frozenset(m.tier for m in config.models)
-        catalog = parse_plans(config.plans_raw, config.config_text, config.model_names, tiers)
+        catalog = parse_plans(config.plans_raw, config.config_text, config.model_names, tiers,
+                              meters=config.meters)
         where = _Where(config.config_text)
         packs = tuple(parse_pack(t, i, where) for i, t in enumerate(config.packs_raw))
         ids = [p.id for p in packs]
@@ -153,9 +164,11 @@ class Catalog:
 
 def parse_plans(tables: tuple[dict[str, Any], ...], text: str = "",
                 models: frozenset[str] | None = None,
-                tiers: frozenset[str] | None = None) -> Catalog:
+                tiers: frozenset[str] | None = None,
+                meters: tuple[MeterConfig, ...] = ()) -> Catalog:
     where = _Where(text)
-    plans = tuple(_plan(table, where, models, tiers, i) for i, table in enumerate(tables))
+    known = {m.id: m for m in meters}
+    plans = tuple(_plan(table, where, models, tiers, i, known) for i, table in enumerate(tables))
     refs = [p.ref for p in plans]
     dupes = sorted({r for r in refs if refs.count(r) > 1})
     if dupes:
@@ -205,7 +218,8 @@ class _Where:
 
 
 def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
-          tiers: frozenset[str] | None = None, index: int = 0) -> Plan:
+          tiers: frozenset[str] | None = None, index: int = 0,
+          meters: dict[str, MeterConfig] | None = None) -> Plan:
     plan_id = table.get("id")
     if not isinstance(plan_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", plan_id):
         raise ConfigError(where.at("id", plan_id, f"[[plans]] id must be 1-64 letters, digits, "
@@ -232,7 +246,8 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
     raw_limits = table.get("limits", [])
     if not isinstance(raw_limits, list) or not all(isinstance(x, dict) for x in raw_limits):
         raise fail("limits", raw_limits, "[[plans.limits]] must be an array of tables")
-    limits = tuple(_limit(raw, i, tz, fail, models) for i, raw in enumerate(raw_limits))
+    limits = tuple(_limit(raw, i, tz, fail, models, meters or {})
+                   for i, raw in enumerate(raw_limits))
     ids = [limit.id for limit in limits]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -269,14 +284,16 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
 
 
 def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,
-           models: frozenset[str] | None) -> LimitSpec:
+           models: frozenset[str] | None, meters: dict[str, MeterConfig]) -> LimitSpec:
     unknown = sorted(set(raw) - _LIMIT_KEYS)
     if unknown:
         raise fail(unknown[0], raw[unknown[0]], f"limit {index + 1}: unknown settings {unknown}")
     metric = raw.get("metric")
-    if metric not in METRICS:
+    if isinstance(metric, str) and metric.startswith(METER_PREFIX):
+        _meter_metric(metric, raw, index, fail, meters)
+    elif metric not in METRICS:
         raise fail("metric", metric, f"limit {index + 1}: metric must be one of "
-                   f"{', '.join(METRICS)}; got {metric!r}")
+                   f"{', '.join(METRICS)} or meter:<id of a [[meters]]>; got {metric!r}")
     spec = raw.get("window", "none" if metric == "concurrent" else None)
     if not isinstance(spec, str):
         raise fail("window", spec, f"limit {index + 1}: window is required, e.g. \"day\", "
@@ -304,7 +321,7 @@ def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,
                               or (models is not None and model not in models)):
         raise fail("model", model, f"limit {index + 1}: model {model!r} is not in [[models]]")
     limit_id = raw.get("id") or "-".join(
-        x for x in (metric, None if window.kind == "none" else
+        x for x in (metric.replace(":", "-"), None if window.kind == "none" else
                     spec.replace(":", "-").replace("/", "per"), model, scope
                     if scope != "user" else None) if x)
     if not isinstance(limit_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", limit_id):
@@ -319,11 +336,36 @@ def _limit(raw: dict[str, Any], index: int, plan_tz: Any, fail: Any,
         raise fail("name", names, f"limit {index + 1}: name must be text (1-80 characters) "
                    "or a table of languages, e.g. { en = \"Daily tokens\", de = \"Tokens am "
                    "Tag\" }")
+    meter = meters.get(metric.removeprefix(METER_PREFIX)) if metric.startswith(
+        METER_PREFIX) else None
     return LimitSpec(id=limit_id, metric=metric, window=window, amount=amount, scope=scope,
-                     model=model, names=tuple(sorted((names or {}).items())))
+                     model=model, names=tuple(sorted((names or {}).items())),
+                     unit=meter.unit if meter else None)
+
+
+def _meter_metric(metric: str, raw: dict[str, Any], index: int, fail: Any,
+                  meters: dict[str, MeterConfig]) -> None:
+    meter = meters.get(metric.removeprefix(METER_PREFIX))
+    if meter is None:
+        raise fail("metric", metric, f"limit {index + 1}: {metric!r} names no meter in "
+                   f"[[meters]] (known: {', '.join(sorted(meters)) or 'none'})")
+    if meter.aggregation not in ("sum", "count"):
+        # a max is no running total, and a unique count needs the window's keys: neither
+        # can be reserved as a counter
+        raise fail("metric", metric, f"limit {index + 1}: meter {meter.id!r} aggregates by "
+                   f"{meter.aggregation}; only sum and count meters can be limited")
+    if "model" in raw:
+        raise fail("model", raw["model"], f"limit {index + 1}: a meter limit applies to no model")
 
 
 def _amount(metric: str, value: Any, index: int, fail: Any) -> int:
+    if metric.startswith(METER_PREFIX):
+        micro = parse_value(value)
+        if micro is None or not 0 < micro <= MAX_METER_AMOUNT:
+            raise fail("amount", value, f"limit {index + 1}: a meter amount is a number of its "
+                       f"units above 0 and at most {MAX_METER_AMOUNT // METER_SCALE:,} (at most "
+                       f"6 decimals, as a string if not whole); got {value!r}")
+        return micro
     if metric == "cost_usd":
         try:
             usd = Decimal(str(value)) if isinstance(value, (str, int, Decimal)) else None

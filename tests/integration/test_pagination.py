@@ -34,6 +34,7 @@ NOT_PAGED = {
     "/v1/paywall/offers": "the published offers of one jurisdiction and platform",
     "/v1/usage": "a report grouped by model or day of a bounded range",
     "/v1/usage/routing": "one row per configured alias",
+    "/v1/users/{user}/meters": "one row per configured meter",
 }
 
 

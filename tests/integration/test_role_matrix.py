@@ -73,6 +73,9 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/meter/track"): frozenset({"app"}),
     ("POST", "/v1/meter/track/batch"): frozenset({"app"}),
     ("POST", "/v1/events"): ADMINS | {"app"},  # CloudEvents; an operator names the app
+    ("POST", "/v1/meter/events"): frozenset({"app"}),
+    ("POST", "/v1/meter/events/batch"): frozenset({"app"}),
+    ("GET", "/v1/users/{user}/meters"): ADMINS | {"app"},
     # plans and subscriptions
     ("PUT", "/v1/users/{user}/plan"): ADMINS | {"app"},
     ("POST", "/v1/subscriptions/{sub_id}/change"): frozenset({"app"}),
@@ -95,6 +98,8 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/prices"): frozenset({"operator"}),
     ("POST", "/v1/prices/import"): frozenset({"operator"}),
     ("GET", "/v1/prices"): ADMINS | {"app", "finance"},
+    ("POST", "/v1/prices/meters"): frozenset({"operator"}),
+    ("GET", "/v1/prices/meters"): ADMINS | {"app", "finance"},
     ("POST", "/v1/price-changes"): frozenset({"operator"}),
     ("GET", "/v1/price-changes"): ADMINS,
     # finance
