@@ -2,7 +2,8 @@
 event or a batch (as OpenMeter does), onto the same engine and ledger as /v1/meter/track.
 
 `id` and `source` together are the event's idempotency key, `subject` the end user, `time`
-the event time, `type` the meter, `data` its values."""
+the event time, `type` the meter (`meterlane.tokens`, or the id of a [[meters]] entry), `data`
+its values."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from metering.cloudevents_schemas import (
 )
 from metering.eventtime import checked_event_time
 from metering.limits_api import _cost, _model, record_calls
+from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.service import DirectCall
 
@@ -61,6 +63,22 @@ class Parsed:
         return f"ce:{self.source}:{self.id}"
 
 
+@dataclass(frozen=True)
+class MeterParsed:
+    """One event of a custom meter: its values are read by the meter ([[meters]] field)."""
+
+    id: str
+    source: str
+    user: str
+    meter: str
+    data: dict[str, Any]
+    at: datetime | None
+
+    @property
+    def key(self) -> str:
+        return f"ce:{self.source}:{self.id}"
+
+
 @bp.post("/events")
 @documented(summary="Ingest CloudEvents 1.0 (application/cloudevents+json, or a JSON array "
             "as application/cloudevents-batch+json): usage onto the same ledger as "
@@ -80,7 +98,7 @@ def events() -> Response:
         if not isinstance(body, dict):
             raise InvalidRequestError(f"A {ONE} body is one JSON object; send arrays as "
                                       f"{BATCH}.")
-        results: list[Parsed | str] = [_parse(body, now, max_age)]  # errors: a 4xx
+        results: list[Parsed | MeterParsed | str] = [_parse(body, now, max_age)]  # a 4xx
     else:
         if not isinstance(body, list) or not 1 <= len(body) <= MAX_BATCH:
             raise InvalidRequestError(f"A {BATCH} body is a JSON array of 1 to {MAX_BATCH} "
@@ -96,7 +114,7 @@ def _ingester(principal: Principal) -> None:
     require_role(principal, Role.APP, Role.ADMIN)  # an admin key names the app: ?app=
 
 
-def _checked(event: Any, now: datetime, max_age: int) -> Parsed | str:
+def _checked(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed | str:
     """The event, or why it is rejected (a batch answers each event on its own)."""
     try:
         return _parse(event, now, max_age)
@@ -107,27 +125,48 @@ def _checked(event: Any, now: datetime, max_age: int) -> Parsed | str:
         return exc.detail
 
 
-def _parse(event: Any, now: datetime, max_age: int) -> Parsed:
+def _parse(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed:
     if not isinstance(event, dict):
         raise ValidationError("An event is a JSON object.")
     args = CloudEventSchema().load(event)
-    if args["type"] not in KNOWN_TYPES:
+    meters = [m.id for m in config().meters]
+    if args["type"] not in (*KNOWN_TYPES, *meters):
         raise ValidationError({"type": [f"Unknown type {args['type']!r}; known types: "
-                                        f"{', '.join(KNOWN_TYPES)}."]})
+                                        f"{', '.join((*KNOWN_TYPES, *meters))}."]})
     if not args.get("subject"):
         raise ValidationError({"subject": ["subject names the end user the usage is for."]})
-    assert args["type"] == TOKENS_TYPE
+    at = checked_event_time(args.get("time"), now, max_age, "time")
+    if args["type"] != TOKENS_TYPE:
+        data = args.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise ValidationError({"data": ["A meter's event data is a JSON object."]})
+        return MeterParsed(id=args["id"], source=args["source"],
+                           user=validate_user_id(args["subject"]), meter=args["type"],
+                           data=data or {}, at=at)
     try:
         data = TokensDataSchema().load(args["data"])
     except ValidationError as exc:
         raise ValidationError({"data": exc.messages}) from exc
     model = data.pop("model")
     return Parsed(id=args["id"], source=args["source"], user=validate_user_id(args["subject"]),
-                  model=_model(model), usage=TokenUsage(**data),
-                  at=checked_event_time(args.get("time"), now, max_age, "time"))
+                  model=_model(model), usage=TokenUsage(**data), at=at)
 
 
-def _ingest(app_id: int, body: list[Any], results: list[Parsed | str]) -> Response:
+def _meter_row(app_id: int, event: Any, result: MeterParsed) -> dict[str, Any]:
+    """A custom meter's event, through the meter's own engine (its limits, its price)."""
+    try:
+        done = part(MeterService).record_meter_event(
+            app_id, result.user, result.meter, None, result.data, result.key, result.at,
+            current_request_id())
+    except DomainError as exc:  # a value the meter cannot read, a limit it would pass
+        return _row(event, "rejected", reason=exc.detail)
+    row = _row(event, "duplicate" if done.duplicate else "tracked", cost=done.cost_pico_usd)
+    row["recorded"] = True  # (not one of the token calls the ledger answers below)
+    return row
+
+
+def _ingest(app_id: int, body: list[Any], results: list[Parsed | MeterParsed | str]
+            ) -> Response:
     parsed = [p for p in results if isinstance(p, Parsed)]
     users = part(TenancyService).ensure_end_users(app_id, [p.user for p in parsed])
     seen: set[str] = set()
@@ -141,6 +180,9 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | str]) -> Respon
             rows.append(_row(event, "duplicate"))
             continue
         seen.add(result.key)
+        if isinstance(result, MeterParsed):
+            rows.append(_meter_row(app_id, event, result))
+            continue
         try:
             cost = _cost(result.usage, result.model, result.at or utcnow())
         except DomainError as exc:
@@ -152,6 +194,8 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | str]) -> Respon
     written, pending = record_calls(calls, app_id) if calls else ([], 0)
     answers = iter(written)
     for row in rows:
+        if row.pop("recorded", False):
+            continue
         if row["outcome"] == "tracked":
             outcome = next(answers)
             row["outcome"] = "tracked" if outcome in ("written", "spooled") else outcome

@@ -29,7 +29,8 @@ class CloudEventSchema(RequestSchema):
         "description": "Unique per source: the same id and source twice count once"})
     source = fields.String(required=True, validate=identifier(160))
     type = fields.String(required=True, validate=identifier(200), metadata={
-        "description": f"The meter: {', '.join(KNOWN_TYPES)}"})
+        "description": f"The meter: {', '.join(KNOWN_TYPES)}, or the id of a [[meters]] "
+                       "entry"})
     subject = fields.String(validate=identifier(256), metadata={
         "description": "The end user (required here)"})
     time = Timestamp(metadata={"description": "When it happened (RFC 3339; default: now), "
@@ -39,7 +40,8 @@ class CloudEventSchema(RequestSchema):
     dataschema = fields.String(validate=validate.Length(max=2000))
     data = fields.Dict(required=True, metadata={
         "description": "meterlane.tokens: {model, input_tokens, output_tokens, "
-                       "cached_input_tokens, reasoning_tokens, cache_write_tokens}"})
+                       "cached_input_tokens, reasoning_tokens, cache_write_tokens}; a custom "
+                       "meter: the object its field is read from"})
 
 
 class EventOutcomeSchema(Schema):

@@ -317,3 +317,51 @@ def test_late_events_and_cloudevents_on_sqlite(sqlite_world: tuple[Any, Keys]) -
                       f"{now:%Y-%m-%d}&group_by=day", headers=bearer(keys.finance)).get_json()
     assert {r["key"]: r["calls"] for r in body["rows"] if r["calls"]} == {
         f"{now - timedelta(days=3):%Y-%m-%d}": 1, f"{now:%Y-%m-%d}": 2}
+
+
+METERED = """
+[[plans.limits]]
+metric = "meter:audio_seconds"
+window = "day"
+amount = 100
+
+[[meters]]
+id = "audio_seconds"
+unit = "seconds"
+aggregation = "sum"
+field = "seconds"
+price = "0.001"
+"""
+
+
+def test_cloudevents_of_a_custom_meter_go_through_its_limits_and_price(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> None:
+    """`type` names a [[meters]] entry: its value read from `data` by the meter's field,
+    counted once per id and source, priced, and refused past the plan's limit on it."""
+    app, keys = _world(pg_url, upstream, tmp_path, METERED)
+    try:
+        client = app.test_client()
+
+        def audio(ident: str, seconds: int) -> dict[str, Any]:
+            return {"specversion": "1.0", "id": ident, "source": "/calls", "subject": "ana",
+                    "type": "audio_seconds", "data": {"seconds": seconds}}
+
+        batch = post(client, keys.app, [audio("a1", 40), audio("a2", 50), audio("a1", 40),
+                                        audio("a3", 20), event("t1")])
+        assert batch.status_code == 201, batch.data
+        body = batch.get_json()
+        assert [d["outcome"] for d in body["data"]] == [
+            "tracked", "tracked", "duplicate", "rejected", "tracked"], body
+        assert "audio_seconds" in body["data"][3]["reason"]  # 90 + 20 passes the 100 a day
+        assert body["data"][0]["cost_usd"] == "0.04"
+        again = post(client, keys.app, audio("a2", 50), ONE)
+        assert again.status_code == 200 and again.get_json()["duplicates"] == 1
+        totals = client.get("/v1/users/ana/meters?from=2000-01-01T00:00:00Z",
+                            headers=bearer(keys.app)).get_json()
+        [found] = [m for m in totals["meters"] if m["meter"] == "audio_seconds"]
+        assert (found["value"], found["events"], found["cost_usd"]) == ("90", 2, "0.09")
+        assert rows(app) == 1  # the token event; the meter's are its own rows
+        unknown = post(client, keys.app, {**audio("a9", 1), "type": "video_seconds"}, ONE)
+        assert unknown.status_code == 422 and "audio_seconds" in unknown.text
+    finally:
+        app.extensions["wiring"].engine.dispose()
