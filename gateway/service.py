@@ -111,11 +111,13 @@ class GatewayService:
 
     def call(self, ctx: CallContext, endpoint: str, raw: bytes) -> GatewayResponse:
         """One metered call. Bad input raises before anything is forwarded or written."""
+        _may_call(ctx.principal)
         body = parse_body(raw)
         return self._call(ctx, endpoint, body, raw, Wire(body))
 
     def messages(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
         """Anthropic's Messages API, served as the chat call it translates to."""
+        _may_call(ctx.principal)
         body = anthropic.to_chat(parse_body(raw))
         if ctx.principal.role == Role.USER or ctx.user_header is not None:
             # metadata.user_id is the client's own opaque id (Claude Code sets one): it names
@@ -125,6 +127,7 @@ class GatewayService:
 
     def responses(self, ctx: CallContext, raw: bytes) -> GatewayResponse:
         """OpenAI's Responses API: as it is to an upstream that speaks it, else as a chat call."""
+        _may_call(ctx.principal)
         return self._call(ctx, *responses_call(self.config, parse_body(raw), raw))
 
     def _call(self, ctx: CallContext, endpoint: str, body: dict[str, Any], raw: bytes | None,
@@ -567,9 +570,8 @@ class GatewayService:
                     raise PermissionDeniedError(
                         "This end-user key acts only for its own user; it cannot name another.")
             return principal.end_user_id
-        if principal.role != Role.APP or principal.app_id is None:
-            raise PermissionDeniedError(
-                f"A {principal.role.value} key cannot make model calls; use an app or user key.")
+        _may_call(principal)
+        assert principal.app_id is not None  # (an app key: _may_call said so)
         if not named:
             raise InvalidRequestError(
                 "Name the end user: set the 'user' field or the X-Meterlane-User header.",
@@ -595,6 +597,16 @@ class GatewayService:
         if stream and self.metering.is_key_used(app_id, key):
             raise ConflictError(f"Idempotency-Key {key!r} was already used for a call.")
         return key
+
+
+def _may_call(principal: Principal) -> None:
+    """Only app and end-user keys call models: any other is a 403 before its body is read (a
+    finance key's malformed body is refused for the key, not the body)."""
+    if principal.role == Role.USER and principal.end_user_id is not None:
+        return
+    if principal.role != Role.APP or principal.app_id is None:
+        raise PermissionDeniedError(
+            f"A {principal.role.value} key cannot make model calls; use an app or user key.")
 
 
 def _nothing() -> None:

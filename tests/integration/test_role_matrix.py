@@ -232,3 +232,19 @@ def test_reads_never_create_end_users(world: Any, clean_db: Engine) -> None:
     assert users() == before  # on main: every name read became an end user
     quota = client.get("/v1/users/nobody-1/quota", headers=bearer(keys["app"])).get_json()
     assert quota["plan"]["id"] == "free" and quota["limits"][0]["used"] == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/messages", "/v1/responses"])
+def test_a_key_that_cannot_call_models_is_refused_before_its_body_is_read(
+        world: Any, path: str) -> None:
+    """On main a finance or admin key's malformed body was a 400: the body was read first."""
+    app, keys = world
+    client = app.test_client()
+    for role in ("admin", "finance"):
+        resp = client.post(path, data=b"{not json", headers={
+            "Authorization": f"Bearer {keys[role]}", "Content-Type": "application/json"})
+        assert resp.status_code == 403, (role, path, resp.data)
+    resp = client.post(path, data=b"{not json", headers={
+        "Authorization": f"Bearer {keys['app']}", "Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.data

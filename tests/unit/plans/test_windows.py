@@ -254,9 +254,12 @@ def test_local_periods_tile_across_dst(zone_now: tuple[str, datetime], unit: str
     days = (p.end.astimezone(zone).date() - first.date()).days
     hours = (p.end - p.start) / HOUR
     if unit == "day":
-        assert p.id == f"d{first:%Y%m%d}" and days == 1 and hours in (23, 23.5, 24, 24.5, 25)
+        # (clocks have moved by up to 2 hours at once: Goose Bay's "double daylight time"
+        # of 1988, Hypothesis found)
+        assert p.id == f"d{first:%Y%m%d}" and days == 1 and abs(hours - 24) <= 2 \
+            and hours * 2 == int(hours * 2)
     elif unit == "week":
-        assert first.weekday() == 0 and days == 7 and abs(hours - 168) <= 1
+        assert first.weekday() == 0 and days == 7 and abs(hours - 168) <= 2
         assert p.id == "w{}W{:02d}".format(*first.isocalendar()[:2])
     else:
         assert first.day == 1 and days == month_days(first.year, first.month)
