@@ -114,10 +114,10 @@ class Route:
     notes: list[str] = field(default_factory=list)
 
     def skipped(self, model: ModelConfig, why: str) -> None:
-        self.notes.append(f"{model.name} skipped: {why}")
+        self.notes.append(f"{model.name} skipped: {_short(why)}")
 
     def failed(self, model: ModelConfig, why: str) -> None:
-        self.notes.append(f"{model.name} failed: {why}")
+        self.notes.append(f"{model.name} failed: {_short(why)}")
 
     def reason(self, served: ModelConfig | None) -> str:
         """Why this model: the difficulty, the first choice and why, and what happened to
@@ -263,3 +263,8 @@ class Router:
                      else "half-open" if c.open_until else "closed",
                      "max_concurrency": self.upstreams[name].max_concurrency}
                     for name, c in self._circuits.items()]
+
+
+def _short(text: str) -> str:
+    """A note's reason, at most 120 characters (an upstream's error may be long)."""
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -29,6 +29,7 @@ from core.logs import note
 from core.metrics import Metrics
 from core.tenancy import TenancyService
 from gateway import anthropic
+from gateway.outage import record_database_refusal
 from gateway.protocol import UsageReading, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.telemetry import CallTrace
@@ -50,7 +51,6 @@ from metering.leases import Lease
 from metering.limits import LimitsService
 from metering.limits_text import quota_headers
 from metering.pricing import TokenUsage
-from metering.records import CallRecord
 from metering.service import (
     ENDPOINT_CHAT,
     ENDPOINT_COMPLETIONS,
@@ -136,7 +136,11 @@ class GatewayService:
         try:
             outcome, route = self._prepare(ctx, endpoint, body)
         except DATABASE_DOWN as exc:
-            self._refused_without_database(ctx, endpoint, body, wire, started, exc)
+            record_database_refusal(
+                self.metering, self.tenancy, self.config, principal=ctx.principal,
+                request_id=ctx.request_id, user_header=ctx.user_header,
+                endpoint=wire.api or endpoint, body=body, started=started, at=self.clock(),
+                exc=exc)
             raise
         (ctx.trace or CallTrace(self.metrics)).attach(outcome)
         try:
@@ -224,7 +228,7 @@ class GatewayService:
                 if self.limits is not None else None
         except (QuotaExceededError, RateLimitedError) as exc:
             if route is not None and fallback:  # another candidate may have room
-                route.skipped(model, _short(exc.detail))
+                route.skipped(model, exc.detail)
                 raise _FallbackError from exc
             raise
         lease: Lease | None = outcome.lease
@@ -252,11 +256,12 @@ class GatewayService:
         except DomainError as exc:
             self.router.failed(upstream.name)
             if route is not None and fallback:  # fall back before the first byte
-                route.failed(model, _short(exc.detail))
+                route.failed(model, exc.detail)
                 self._release(outcome)
                 raise _FallbackError from exc
             self._note_failure(outcome, route, model, exc.detail)
-            self._finish(outcome, started, status=_status_of(exc), http_status=exc.status,
+            failure = "timeout" if exc.status == 504 else "upstream_unavailable"
+            self._finish(outcome, started, status=failure, http_status=exc.status,
                          error=exc.detail)()
             exc.headers.update(limit_headers)
             raise
@@ -297,7 +302,7 @@ class GatewayService:
     def _note_failure(outcome: CallOutcome, route: Route | None, model: ModelConfig,
                       why: str) -> None:
         if route is not None:
-            route.failed(model, _short(why))
+            route.failed(model, why)
             outcome.route_reason = route.reason(model)
 
     def _release(self, outcome: CallOutcome) -> None:
@@ -401,51 +406,6 @@ class GatewayService:
         if route is not None:
             outcome.route_alias, outcome.route_allowed = route.alias, route.allowed
         return outcome, route
-
-    def _refused_without_database(self, ctx: CallContext, endpoint: str, body: dict[str, Any],
-                                  wire: Wire, started: float, exc: Exception) -> None:
-        """The row of a call refused because the database could not serve it (one row per
-        call, refused or not): written by the ledger, which spools it while the database is
-        away. An end user this process has not seen yet has no id to write: the row is
-        spooled with their name, and the replay creates the user as the call would have. A
-        call whose key could not be checked names no app: it has no row (the log has it)."""
-        principal, app_id = ctx.principal, ctx.principal.app_id
-        log.error("database unavailable before request %s was forwarded: %s",
-                  ctx.request_id, exc)
-        if app_id is None:
-            return
-        external: str | None = None
-        end_user_id = principal.end_user_id if principal.role == Role.USER else None
-        if end_user_id is None:
-            named = ctx.user_header if ctx.user_header is not None else body.get("user")
-            try:
-                external = validate_user_id(named)
-            except DomainError:
-                return  # no end user: the call was a 400 had the database answered
-            end_user_id = self.tenancy.known_end_user(app_id, external)
-        name = body.get("model")
-        model = self.config.model(name) if isinstance(name, str) else None
-        at = self.clock()
-        price = self.metering.price_of(model, at) if model is not None else None
-        record = CallRecord(
-            app_id=app_id, end_user_id=end_user_id or 0, request_id=ctx.request_id,
-            idempotency_key=ctx.request_id, endpoint=wire.api or endpoint,
-            requested_model=name if isinstance(name, str) and name else "(none)",
-            upstream=model.upstream if model else None,
-            upstream_model=model.upstream_model if model else None,
-            stream=body.get("stream") is True, input_tokens=0, cached_input_tokens=0,
-            output_tokens=0, reasoning_tokens=0, usage_source="none",
-            cost_pico_usd=0 if price is not None else None, priced=price is not None,
-            status="database_unavailable", http_status=503,
-            error=DATABASE_UNAVAILABLE.detail, latency_ms=_ms_since(started), ttft_ms=None,
-            created_at=at)
-        try:
-            if end_user_id is not None:
-                self.metering.ledger.record(record)
-            else:
-                self.metering.ledger.spool_for_user(record.row(), external or "")
-        except Exception:  # noqa: BLE001 - the answer is a 503 either way
-            log.exception("recording refused request %s failed", ctx.request_id)
 
     def _plan(self, end_user_id: int) -> Plan | None:
         if self.plans is None or not self.plans.catalog.plans:
@@ -631,14 +591,6 @@ class _MidStreamError(Exception):
 
 class _FallbackError(Exception):
     """This candidate could not take a routed call; the next one is tried."""
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _status_of(exc: DomainError) -> str:
-    return "timeout" if exc.status == 504 else "upstream_unavailable"
 
 
 def _ms_since(started: float) -> int:
