@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -141,3 +142,36 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class Unsettled:
+    """The store tags of the leases this process has yet to settle after their answers went
+    out. A call reserving on one of those tags waits for them first: a client that makes its
+    next call as soon as it has the last answer (the same connection, so this process) must
+    find that answer counted at what it cost, not still held at its estimate, which would
+    clip or refuse the next call for usage that never happened. A lease another process is
+    settling is not waited for; its estimate is held for the few milliseconds it takes."""
+
+    def __init__(self) -> None:
+        self._count: Counter[str] = Counter()
+        self._changed = threading.Condition()
+
+    def hold(self, tags: list[str]) -> None:
+        with self._changed:
+            self._count.update(tags)
+
+    def done(self, tags: list[str]) -> None:
+        with self._changed:
+            self._count.subtract(tags)
+            for tag in tags:
+                if self._count[tag] <= 0:
+                    del self._count[tag]
+            self._changed.notify_all()
+
+    def wait(self, tags: list[str], timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until no lease on `tags` is left to settle."""
+        if not self._count:  # the usual case: nothing queued, no lock taken
+            return True
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not any(self._count[t] > 0 for t in tags), timeout)

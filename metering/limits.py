@@ -35,6 +35,7 @@ from metering.leases import (
     Heartbeat,
     Lease,
     QuotaLine,
+    Unsettled,
     app_tag,
     charges,
     counter_key,
@@ -46,11 +47,7 @@ from metering.limits_text import quota_headers, shown, unit_of, utc_iso
 from metering.limits_track import TrackItem, track_many
 from metering.limitstore import Actual, Check, LimitStore, Settlement
 from metering.models import LimitRefusal
-from metering.outage import (
-    LimitStoreUnavailableError,
-    store_down_is_503,
-    store_errors,
-)
+from metering.outage import LimitStoreUnavailableError, store_down_is_503, store_errors
 from metering.pricing import TokenUsage
 from metering.thresholds import (
     LimitEvent,
@@ -63,17 +60,11 @@ from metering.thresholds import (
 )
 from plans.catalog import ALLOWANCE_ID, Catalog, LimitSpec, Plan
 from plans.service import Assignment, PlanService
-from plans.windows import (
-    Window,
-    bucket_params,
-    epoch_ms,
-    from_epoch_ms,
-    period_of,
-    rolling_slots,
-)
+from plans.windows import Window, bucket_params, epoch_ms, from_epoch_ms, period_of, rolling_slots
 
 log = logging.getLogger(__name__)
 SETTLE_BATCH = 64
+SETTLE_WAIT_S = 1.0  # the longest a call waits for its user's last answers to settle
 METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
                "concurrent": "g"}
 
@@ -105,6 +96,7 @@ class LimitsService:
         self._queue: deque[tuple[Lease, Actual | None]] = deque()
         self._draining = False
         self._background = background_runner()
+        self.unsettled = Unsettled()
         self.catch_up_needed = threading.Event()
         self.catching_up = threading.Lock()
         # Set by the paywall: called on a quota refusal and when a call's usage crosses one of
@@ -237,6 +229,7 @@ class LimitsService:
         lease.expires = from_epoch_ms(expires)
         grant = want_out
         reserved: list[str] = []
+        self.unsettled.wait(tags, SETTLE_WAIT_S)  # this user's last answers, counted first
         try:
             for tag in tags:
                 at = [i for i, a in enumerate(applied) if a.tag == tag]
@@ -419,6 +412,7 @@ class LimitsService:
                 crossed = []
             if crossed:
                 self._background(functools.partial(self._emit, crossed))
+        self.unsettled.hold(lease.tags)
         if not self.store.batches:
             # One settle per round trip (a SQL transaction, a cluster): settle each on its own
             # so that a backlog can never hold reservations past their lease time.
@@ -440,6 +434,8 @@ class LimitsService:
                         self._settle_batch(batch)
                     except Exception:  # the leases expire by themselves; the ledger has them
                         log.exception("settling %d limits leases failed", len(batch))
+                    finally:
+                        self.unsettled.done([t for lease, _ in batch for t in lease.tags])
             finally:
                 self._draining = False
             # A lease queued just as the loop ended (another thread) must not wait for the next.
@@ -452,6 +448,8 @@ class LimitsService:
             self._settle_batch([(lease, actual)])
         except Exception:  # the lease expires by itself; the ledger has the call
             log.exception("settling the limits lease %s failed", lease.id)
+        finally:
+            self.unsettled.done(lease.tags)
 
     def _settle_batch(self, batch: list[tuple[Lease, Actual | None]]) -> list[str]:
         now = self.clock()

@@ -3,6 +3,7 @@ with a frozen clock so no test straddles a period boundary."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
@@ -179,6 +180,29 @@ def test_clip_lowers_max_tokens_so_the_quota_is_never_overspent(
     assert min(clipped) < 70  # the last call was clipped to what remained
     recorded = sum(r.input_tokens + r.output_tokens for r in ledger(clean_db))
     assert recorded == total <= 300
+
+
+def test_the_next_call_finds_the_last_answer_settled_at_what_it_cost(
+        lclient: Any, lkeys: Keys, upstream: FakeUpstream, limited: Any) -> None:
+    """Leases settle after the answer has gone out (a greenlet under gunicorn, here a timer
+    that runs the settle 0.2 s late): a call straight after must find the last one counted at
+    its real usage, not clipped by its estimate still being held."""
+    timers: list[threading.Timer] = []
+
+    def late(job: Any) -> None:
+        timers.append(threading.Timer(0.2, job))
+        timers[-1].start()
+
+    limited.extensions["wiring"].limits._background = late
+    ten = {"words": 10}  # each answer is 10 tokens, far under its max_tokens
+    first = lclient.post(CHAT, json=chat(max_tokens=200, fake=ten), headers=bearer(lkeys.app))
+    assert first.status_code == 200 and first.get_json()["usage"]["completion_tokens"] == 10
+    second = lclient.post(CHAT, json=chat(max_tokens=200, fake=ten), headers=bearer(lkeys.app))
+    assert second.status_code == 200, second.data
+    sent = upstream.requests[-1]["body"]["max_tokens"]
+    for timer in timers:  # no settle outlives the test
+        timer.join()
+    assert sent == 200  # with the first still held at its estimate: about 85
 
 
 def test_an_exhausted_quota_is_a_402_naming_the_limit_and_is_recorded(
