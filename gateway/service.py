@@ -485,6 +485,9 @@ class GatewayService:
         _stop_heartbeat(outcome)  # the call is over: its lease is settled from here
         outcome.latency_ms = _ms_since(started)
         outcome.status, outcome.http_status, outcome.error = status, http_status, error
+        if status != "ok" and outcome.idempotency_key != outcome.request_id:
+            # only an answered call holds the client's key: a retry after this one runs
+            outcome.idempotency_key = f"{outcome.idempotency_key}#{outcome.request_id}"
         try:
             with outcome.trace.settling():
                 record = self.metering.settle(outcome)
@@ -546,8 +549,8 @@ class GatewayService:
 
     def _idempotency_key(self, ctx: CallContext, app_id: int, stream: bool) -> str:
         """The call's ledger key. A retry of a non-streamed call is answered before it gets
-        here (core/idempotency.py replays the kept answer, or refuses the key while the first
-        runs); a stream's answer is not kept, so its key is checked against the ledger."""
+        here (core/idempotency.py); a stream's answer is not kept, so its key is checked
+        against the ledger, where only an answered call holds it (_finish)."""
         key = ctx.idempotency_key
         if key is None:
             return ctx.request_id

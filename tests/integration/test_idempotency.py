@@ -123,6 +123,27 @@ def test_an_error_is_not_kept_and_a_retry_runs_again(
     assert len(sent_for(upstream, user)) == 2  # the failed attempt and the one that answered
     rows = ledger(clean_db)
     assert [r.status for r in rows] == ["upstream_error", "ok"]  # each attempt once
+    assert [r.idempotency_key for r in rows] == [f"flaky#{rows[0].request_id}", "flaky"]
+
+
+def test_a_stream_that_failed_or_was_refused_lets_its_key_go(
+        client: Any, keys: Keys, upstream: FakeUpstream, clean_db: Engine) -> None:
+    user = f"quy-{uuid.uuid4().hex[:8]}"
+    body = chat(user, stream=True)
+    upstream.behaviour = {"status": 500}
+    try:
+        failed = client.post(CHAT, json=body, headers=keyed(keys.app, "s-2"))
+    finally:
+        upstream.behaviour = {}
+    assert failed.status_code >= 500, failed.data
+    ok = client.post(CHAT, json=body, headers=keyed(keys.app, "s-2"))
+    assert ok.status_code == 200 and b"[DONE]" in ok.get_data()
+    again = client.post(CHAT, json=body, headers=keyed(keys.app, "s-2"))
+    assert again.status_code == 409, again.data  # answered once: never forwarded again
+    assert len(sent_for(upstream, user)) == 2
+    rows = ledger(clean_db)
+    assert [(r.status, r.idempotency_key) for r in rows] == [
+        ("upstream_error", f"s-2#{rows[0].request_id}"), ("ok", "s-2")]
 
 
 def test_an_expired_answer_is_not_replayed(client: Any, keys: Keys, upstream: FakeUpstream,
