@@ -49,7 +49,7 @@ class Correction:
     model: ModelConfig | None = None   # amend: the model (default: the original's)
     usage: TokenUsage | None = None    # amend: the usage that counts instead
     at: datetime | None = None         # amend: when it happened (default: the original's time)
-    endpoint: str = "meter.track"
+    endpoint: str = "meter.correction"
     user: str | None = None            # when given: must be the original's end user
 
 
@@ -147,6 +147,11 @@ def _original(engine: Engine, c: Correction) -> Original:
         if found is None:  # another app's event reads exactly as one that does not exist
             raise NotFoundError(f"No event {c.corrects!r} was reported by this app.",
                                 param="corrects")
+        if not (found.endpoint.startswith("meter.") or found.endpoint == "events"):
+            raise ConflictError(
+                f"{c.corrects!r} is a call the gateway measured ({found.endpoint}), not usage "
+                "the app reported: only reported events are corrected.",
+                code="not_correctable", param="corrects")
         if found.supersedes_id is not None:
             raise ConflictError(
                 f"{c.corrects!r} is itself a correction ({found.correction}); a correction is "

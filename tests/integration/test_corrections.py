@@ -265,3 +265,17 @@ def test_cloudevents_void_and_amend_name_the_event_by_id_and_source(
     theirs = post(client, keys.other_app, cloud("c11", corrects="c2", correction="void"))
     assert theirs.status_code == 404
     assert used_today(client, keys.app) == 240
+
+
+def test_a_call_the_gateway_measured_is_not_corrected(world: tuple[Any, Keys]) -> None:
+    app, keys = world
+    client = app.test_client()
+    resp = client.post("/v1/chat/completions", headers=bearer(keys.app, **{
+        "X-Meterlane-User": "ana", "Idempotency-Key": "chat-1"}), json={
+        "model": "small", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200, resp.data
+    with app.extensions["wiring"].engine.connect() as conn:
+        key = conn.execute(select(UsageEvent.idempotency_key)).scalar_one()
+    refused = correct(client, keys.app, key, "void", "fix-chat")
+    assert refused.status_code == 409 and refused.get_json()["code"] == "not_correctable"
+    assert usage(client, keys.app)["requests"] == 1
