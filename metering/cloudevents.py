@@ -34,6 +34,7 @@ from metering.corrections import Correction
 from metering.corrections_api import apply_correction
 from metering.eventtime import checked_event_time
 from metering.limits_api import _cost, _model, record_calls
+from metering.meter_corrections import correct_meter_event
 from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.service import DirectCall
@@ -93,6 +94,8 @@ class CorrectionParsed:
     model: ModelConfig | None
     usage: TokenUsage | None
     at: datetime | None
+    meter: str | None = None  # an event of a custom meter: its id, and its data
+    data: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -185,20 +188,25 @@ def _parse(event: Any, now: datetime, max_age: int) -> Parsed_:
 
 
 def _correction(args: dict[str, Any], at: datetime | None) -> CorrectionParsed:
-    if args["type"] != TOKENS_TYPE:
-        raise ValidationError({"corrects": [f"Only {TOKENS_TYPE} events are corrected here."]})
     if "corrects" not in args or "correction" not in args:
         raise ValidationError({"corrects": ["A correction names the event (corrects) and what "
                                             "to do (correction: void or amend)."]})
     model, usage = None, None
+    if args["correction"] == "void" and args.get("data"):
+        raise ValidationError({"data": ["A void takes no data."]})
+    if args["type"] != TOKENS_TYPE:  # a custom meter's event: the meter reads the data
+        data = args.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise ValidationError({"data": ["A meter's event data is a JSON object."]})
+        return CorrectionParsed(args["id"], args["source"], validate_user_id(args["subject"]),
+                                args["corrects"], args["correction"], None, None, at,
+                                meter=args["type"], data=data or {})
     if args["correction"] == "amend":
         try:
             data = TokensDataSchema().load(args.get("data") or {})
         except ValidationError as exc:
             raise ValidationError({"data": exc.messages}) from exc
         model, usage = _model(data.pop("model")), TokenUsage(**data)
-    elif args.get("data"):
-        raise ValidationError({"data": ["A void takes no data."]})
     return CorrectionParsed(args["id"], args["source"], validate_user_id(args["subject"]),
                             args["corrects"], args["correction"], model, usage, at)
 
@@ -207,13 +215,19 @@ def _correction_row(app_id: int, event: Any, result: CorrectionParsed, *,
                     alone: bool) -> dict[str, Any]:
     """A correction; alone (one event, not a batch), its refusal is the answer (404, 409)."""
     try:
-        done = apply_correction(result.correction(app_id))
+        if result.meter is not None:
+            found = correct_meter_event(part(MeterService), result.correction(app_id),
+                                        result.meter, None, result.data)
+            duplicate, cost = found.duplicate, found.cost_pico_usd
+        else:
+            done = apply_correction(result.correction(app_id))
+            duplicate, cost = done.duplicate, done.cost_pico
     except DomainError as exc:
         if alone:
             raise
         return {**_row(event, "rejected", reason=exc.detail), "recorded": True}
-    row = _row(event, "duplicate" if done.duplicate else "corrected")
-    row["cost_usd"] = format_usd(done.cost_pico)
+    row = _row(event, "duplicate" if duplicate else "corrected")
+    row["cost_usd"] = format_usd(cost)
     row["recorded"] = True
     return row
 

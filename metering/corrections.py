@@ -20,7 +20,7 @@ from sqlalchemy.orm import aliased
 from core.config import ModelConfig
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.models import EndUser
-from metering.models import UsageEvent
+from metering.models import MeterEvent, UsageEvent
 from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
 from metering.records import CallRecord, problem_of
 
@@ -35,6 +35,13 @@ def counting() -> ColumnElement[bool]:
     later = aliased(UsageEvent)
     return and_(or_(_E.correction.is_(None), _E.correction != VOID),
                 ~exists().where(later.supersedes_id == _E.id))
+
+
+def meter_counting() -> ColumnElement[bool]:
+    """The meter events that count (as `counting`, for meter_events)."""
+    later = aliased(MeterEvent)
+    return and_(or_(MeterEvent.correction.is_(None), MeterEvent.correction != VOID),
+                ~exists().where(later.supersedes_id == MeterEvent.id))
 
 
 @dataclass(frozen=True)

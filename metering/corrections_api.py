@@ -10,6 +10,7 @@ from flask import Blueprint, Response
 
 from core.db import utcnow
 from core.errors import ServiceUnavailableError
+from core.meters import format_units
 from core.openapi import documented
 from core.web import config, current_principal, json_body, json_response, part, request_id
 from metering.corrections import AMEND, Corrected, Correction, correct
@@ -18,6 +19,8 @@ from metering.limits import LimitsService
 from metering.limits_api import _model, _reporter
 from metering.limits_text import utc_iso
 from metering.limits_track import untrack
+from metering.meter_corrections import MeterCorrected, correct_meter_event
+from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.schemas import CorrectionRequestSchema, CorrectionSchema
 from metering.service import MeteringService
@@ -36,11 +39,16 @@ def corrections() -> Response:
     args = CorrectionRequestSchema().load(json_body())
     assert principal.app_id is not None
     at = checked_event_time(args.get("timestamp"), utcnow(), config().max_event_age_seconds)
-    done = apply_correction(Correction(
-        principal.app_id, args["idempotency_key"], args["corrects"], args["action"],
-        request_id(), model=_model(args["model"]) if args.get("model") else None,
-        usage=_usage(args.get("usage")), at=at, user=args.get("user")))
-    return json_response(CorrectionSchema().dump(shown(done, args["corrects"])),
+    c = Correction(principal.app_id, args["idempotency_key"], args["corrects"], args["action"],
+                   request_id(), model=_model(args["model"]) if args.get("model") else None,
+                   usage=_usage(args.get("usage")), at=at, user=args.get("user"))
+    if "meter" in args:
+        found = correct_meter_event(part(MeterService), c, args["meter"], args.get("value"),
+                                    args.get("data"))
+        return json_response(CorrectionSchema().dump(shown_meter(found, c.corrects)),
+                             status=200 if found.duplicate else 201)
+    done = apply_correction(c)
+    return json_response(CorrectionSchema().dump(shown(done, c.corrects)),
                          status=200 if done.duplicate else 201)
 
 
@@ -54,6 +62,14 @@ def shown(done: Corrected, corrects: str) -> dict[str, Any]:
             "user": done.original.user,
             "timestamp": utc_iso(done.at), "cost_usd": format_usd(done.cost_pico),
             "corrected_cost_usd": format_usd(done.original.cost_pico)}
+
+
+def shown_meter(done: MeterCorrected, corrects: str) -> dict[str, Any]:
+    return {"idempotency_key": done.key, "corrects": corrects, "action": done.action,
+            "outcome": "duplicate" if done.duplicate else "corrected", "user": done.user,
+            "timestamp": utc_iso(done.occurred_at), "cost_usd": format_usd(done.cost_pico_usd),
+            "corrected_cost_usd": format_usd(done.corrected_cost_pico_usd),
+            "meter": done.meter, "value": format_units(done.value_micro)}
 
 
 def apply_correction(c: Correction) -> Corrected:

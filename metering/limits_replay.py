@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from core.config import ModelConfig
-from metering.corrections import counting
+from metering.corrections import counting, meter_counting
 from metering.leases import Applied, user_tag
 from metering.limitstore import Actual, Check, LimitStore
 from metering.models import MeterEvent, UsageEvent
@@ -197,7 +197,8 @@ def _meter_rows(conn: Any, horizon: datetime) -> dict[tuple[int, int], list[Any]
     m = MeterEvent
     out: dict[tuple[int, int], list[Any]] = {}
     for row in conn.execute(select(m.app_id, m.end_user_id, m.meter_id, m.value_micro,
-                                   m.received_at).where(m.received_at >= horizon)):
+                                   m.received_at).where(m.received_at >= horizon,
+                                                        meter_counting())):
         out.setdefault((row.app_id, row.end_user_id), []).append(row)
     return out
 

@@ -156,6 +156,7 @@ class MeterEvent(Base):
         Index("ix_meter_events_app_user_meter_occurred", "app_id", "end_user_id", "meter_id",
               "occurred_at"),
         Index("ix_meter_events_received", "received_at"),  # finance reads a day at a time
+        Index("ix_meter_events_supersedes", "supersedes_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -173,3 +174,6 @@ class MeterEvent(Base):
     data: Mapped[str | None] = mapped_column(Text)  # the event's data as JSON text
     occurred_at: Mapped[datetime]
     received_at: Mapped[datetime]
+    # a correction (metering.meter_corrections): the event it voids or amends, and how
+    supersedes_id: Mapped[int | None] = mapped_column(BigInteger)
+    correction: Mapped[str | None] = mapped_column(String(8))

@@ -242,18 +242,33 @@ class CorrectionRequestSchema(RequestSchema):
                        "usage to another user)"})
     model = fields.String(validate=identifier(200), metadata={
         "description": "amend: the model (default: the event's)"})
-    usage = fields.Nested(UsageSchema, metadata={"description": "amend: required"})
+    usage = fields.Nested(UsageSchema, metadata={
+        "description": "amend of a token event: required"})
+    meter = fields.String(validate=identifier(64), metadata={
+        "description": "The event is a custom meter's (/v1/meter/events): its id"})
+    value = fields.Raw(metadata={"description": "amend of a meter event: its value (as "
+                                 "/v1/meter/events takes it)"})
+    data = fields.Dict(keys=fields.String(), metadata={
+        "description": "amend of a meter event: its data (the meter's field is read here)"})
     timestamp = Timestamp(metadata={
         "description": "amend: when the call happened (default: the event's time), within "
                        "[metering] max_event_age"})
 
     @validates_schema
     def _amend_has_usage(self, data: dict[str, Any], **_: Any) -> None:
-        if data.get("action") == "amend" and "usage" not in data:
+        if "meter" in data:
+            if any(k in data for k in ("usage", "model")):
+                raise ValidationError("A meter event's amendment gives value or data, not "
+                                      "usage or model.", "meter")
+        elif any(k in data for k in ("value", "data")):
+            raise ValidationError("value and data are a meter event's: name the meter.",
+                                  "meter")
+        elif data.get("action") == "amend" and "usage" not in data:
             raise ValidationError("An amendment gives the usage that counts instead.", "usage")
-        if data.get("action") == "void" and any(k in data for k in
-                                                ("usage", "model", "timestamp")):
-            raise ValidationError("A void takes no usage, model or timestamp.", "action")
+        if data.get("action") == "void" and any(k in data for k in (
+                "usage", "model", "timestamp", "value", "data")):
+            raise ValidationError("A void takes no usage, model, value, data or timestamp.",
+                                  "action")
 
 
 class CorrectionSchema(Schema):
@@ -271,6 +286,9 @@ class CorrectionSchema(Schema):
                        "unpriced)"})
     corrected_cost_usd = fields.String(allow_none=True, metadata={
         "description": "The corrected event's cost, which no longer counts"})
+    meter = fields.String(metadata={"description": "A meter event's correction: the meter"})
+    value = fields.String(metadata={"description": "A meter event's correction: the value "
+                                    "that counts now, in the meter's unit"})
 
 
 class TrackBatchRequestSchema(RequestSchema):

@@ -23,6 +23,10 @@ def upgrade() -> None:
     # an event is corrected at most once: the database holds that rule
     op.create_index('ix_usage_events_supersedes', 'usage_events', ['supersedes_id'],
                     unique=True)
+    op.add_column('meter_events', sa.Column('supersedes_id', sa.BigInteger(), nullable=True))
+    op.add_column('meter_events', sa.Column('correction', sa.String(length=8), nullable=True))
+    op.create_index('ix_meter_events_supersedes', 'meter_events', ['supersedes_id'],
+                    unique=True)
     op.add_column('credit_uses', sa.Column('supersedes_id', sa.BigInteger(), nullable=True))
     op.add_column('credit_overages', sa.Column('cancelled_at', sa.DateTime(timezone=True),
                                                nullable=True))
@@ -38,6 +42,10 @@ def downgrade() -> None:
         batch.drop_column('cancel_sent_at')
         batch.drop_column('cancelled_at')
     with op.batch_alter_table('credit_uses') as batch:
+        batch.drop_column('supersedes_id')
+    op.drop_index('ix_meter_events_supersedes', table_name='meter_events')
+    with op.batch_alter_table('meter_events') as batch:
+        batch.drop_column('correction')
         batch.drop_column('supersedes_id')
     op.drop_index('ix_usage_events_supersedes', table_name='usage_events')
     with op.batch_alter_table('usage_events') as batch:
