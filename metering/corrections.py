@@ -69,6 +69,7 @@ class Original:
     end_user_id: int
     user: str
     model: str
+    upstream: str | None
     usage: TokenUsage
     cost_pico: int | None
     at: datetime
@@ -106,6 +107,9 @@ def correct(engine: Engine, metering: Any, c: Correction) -> Corrected:
     usage = TokenUsage() if c.action == VOID else c.usage or TokenUsage()
     at = original.at if c.action == VOID or c.at is None else c.at
     model_name = c.model.name if c.model is not None and c.action == AMEND else original.model
+    # the upstream that served it (a local GPU's hours are shared by the calls it served)
+    upstream = (c.model.upstream or None) if c.model is not None and c.action == AMEND \
+        else original.upstream
     cost: int | None = 0
     priced = True
     if c.action == AMEND:
@@ -122,7 +126,7 @@ def correct(engine: Engine, metering: Any, c: Correction) -> Corrected:
     record = CallRecord(
         app_id=c.app_id, end_user_id=original.end_user_id, request_id=c.request_id,
         idempotency_key=c.key, endpoint=c.endpoint, requested_model=model_name,
-        upstream=None, upstream_model=model_name, stream=False,
+        upstream=upstream, upstream_model=model_name, stream=False,
         input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
         output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
         usage_source="reported", cost_pico_usd=cost, priced=priced, status="ok",
@@ -184,7 +188,7 @@ def _as_original(row: Any) -> Original:
                        output_tokens=row.output_tokens, reasoning_tokens=row.reasoning_tokens,
                        cache_write_tokens=row.cache_write_tokens)
     return Original(int(row.id), row.idempotency_key, int(row.end_user_id), row.user,
-                    row.requested_model,
+                    row.requested_model, row.upstream,
                     usage, row.cost_pico_usd, row.created_at, bool(row.limits_pending))
 
 
