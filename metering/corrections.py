@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, exists, insert, or_, select
 from sqlalchemy.engine import Engine
@@ -23,6 +23,9 @@ from core.models import EndUser
 from metering.models import MeterEvent, UsageEvent
 from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
 from metering.records import CallRecord, problem_of
+
+if TYPE_CHECKING:  # (metering.service reads the ledger through modules that import this)
+    from metering.service import MeteringService
 
 VOID, AMEND = "void", "amend"
 ACTIONS = (VOID, AMEND)
@@ -89,7 +92,7 @@ class Corrected:
     duplicate: bool  # this correction was made before (a replay of its key)
 
 
-def correct(engine: Engine, metering: Any, c: Correction) -> Corrected:
+def correct(engine: Engine, metering: MeteringService, c: Correction) -> Corrected:
     """Write the correction row (once per key), or raise NotFoundError (no such event of this
     app) / ConflictError (corrected already, a correction itself, the key used otherwise)."""
     if c.action not in ACTIONS:
