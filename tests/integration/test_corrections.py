@@ -18,11 +18,12 @@ from sqlalchemy.engine import Engine
 
 from metering.models import UsageEvent
 from tests.conftest import Keys, bearer, config_from_toml, make_keys
-from tests.integration.test_event_time import ONE, track, used_today
+from tests.integration.test_event_time import ONE, sqlite_world, track, used_today
 from tests.integration.test_event_time import toml as limits_toml
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
+__all__ = ["sqlite_world"]  # the embedded default's fixture (test_event_time)
 BATCH = "application/cloudevents-batch+json"
 
 
@@ -279,3 +280,23 @@ def test_a_call_the_gateway_measured_is_not_corrected(world: tuple[Any, Keys]) -
     refused = correct(client, keys.app, key, "void", "fix-chat")
     assert refused.status_code == 409 and refused.get_json()["code"] == "not_correctable"
     assert usage(client, keys.app)["requests"] == 1
+
+
+def test_corrections_work_on_the_embedded_sqlite_default(
+        sqlite_world: tuple[Any, Keys]) -> None:
+    app, keys = sqlite_world
+    client, w = app.test_client(), app.extensions["wiring"]
+    assert track(client, keys.app, tokens=300, idem="e1").status_code == 201
+    assert track(client, keys.app, tokens=200, idem="e2").status_code == 201
+    assert correct(client, keys.app, "e1", "void", "fix-1").status_code == 201
+    assert correct(client, keys.app, "e2", "amend", "fix-2",
+                   usage={"input_tokens": 20}).status_code == 201
+    assert correct(client, keys.app, "e2", "void", "fix-3").status_code == 409
+    assert correct(client, keys.app, "e1", "void", "fix-1").status_code == 200
+    assert used_today(client, keys.app) == 20
+    assert usage(client, keys.app)["input_tokens"] == 20
+    w.finance.refresh()
+    day = f"{datetime.now(UTC):%Y-%m-%d}"
+    body = client.get(f"/v1/finance/margins?period={day}&group_by=day",
+                      headers=bearer(keys.finance)).get_json()
+    assert [r["calls"] for r in body["rows"] if r["calls"]] == [1]
