@@ -93,11 +93,22 @@ def untrack(self: Tracker, item: TrackItem, at: datetime) -> bool:
     back = Actual(-usage.total_tokens, -(cost or 0), -usage.total_tokens
                   * assignment.plan.terms.credits_per_token(model.tier))
     calls = [(tag, f"un:{app_id}:{event_id}",
-              [dataclasses.replace(a.check, fixed=-a.check.fixed)  # the request, given back
-               for a in applied if a.tag == tag], back)
+              [_given_back(a.check, at) for a in applied if a.tag == tag], back)
              for tag in dict.fromkeys(a.tag for a in applied)]
     if not calls:
         return False
     with store_down_is_503():
         results = self.store.commit_many(calls, now_ms=epoch_ms(now))
     return all(results)
+
+
+def _given_back(check: Check, at: datetime) -> Check:
+    """The check a give-back goes through: its request too (fixed), and for a rolling
+    window, from the slot the call was counted in (the one holding its time, for a call
+    reported as it happened), not the current one (a slot without usage takes nothing back)."""
+    check = dataclasses.replace(check, fixed=-check.fixed)
+    if check.kind == "rolling" and check.slot_ms:
+        counted = epoch_ms(at) // check.slot_ms
+        low = check.slot - check.slots + 1
+        check = dataclasses.replace(check, slot=min(check.slot, max(low, counted)))
+    return check

@@ -300,3 +300,45 @@ def test_corrections_work_on_the_embedded_sqlite_default(
     body = client.get(f"/v1/finance/margins?period={day}&group_by=day",
                       headers=bearer(keys.finance)).get_json()
     assert [r["calls"] for r in body["rows"] if r["calls"]] == [1]
+
+
+ROLLING = """
+[[plans.limits]]
+metric = "tokens"
+window = "rolling:1h"
+amount = 5000
+"""
+
+
+@pytest.mark.parametrize("store", ["sql", "redis"])
+def test_a_rolling_window_gives_back_from_the_slot_that_counted_the_event(
+        store: str, request: pytest.FixtureRequest, clean_db: Engine, pg_url: str,
+        upstream: FakeUpstream, tmp_path: Path) -> None:
+    from app import create_app
+    from tests.integration.test_limits_gateway import Clock
+
+    config = config_from_toml(limits_toml(upstream.base_url, ROLLING), tmp_path,
+                              database_url=pg_url)
+    if store == "redis":
+        config = replace(config, redis_url=request.getfixturevalue("redis_server"),
+                         redis_prefix=f"mlr-{uuid.uuid4().hex[:8]}:")
+    app = create_app(config)
+    w = app.extensions["wiring"]
+    clock = Clock()
+    w.limits.clock = w.metering.clock = clock
+    try:
+        keys, client = make_keys(app), app.test_client()
+
+        def rolling() -> int:
+            quota = client.get("/v1/users/ana/quota", headers=bearer(keys.app)).get_json()
+            [line] = [x for x in quota["limits"] if x["window"] == "rolling:1h"]
+            return int(line["used"])
+
+        assert track(client, keys.app, tokens=300, idem="e1").status_code == 201
+        assert track(client, keys.app, tokens=100, idem="e2").status_code == 201
+        assert rolling() == 400
+        clock.now += timedelta(minutes=20)  # later slots of the hour: none holds usage
+        assert correct(client, keys.app, "e1", "void", "fix-1").status_code == 201
+        assert rolling() == 100
+    finally:
+        w.engine.dispose()
