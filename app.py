@@ -387,6 +387,7 @@ def create_app(config: Config | None = None) -> Flask:
     from gateway.api import bp as gateway_bp
     from metering.api import bp as metering_bp
     from metering.cloudevents import bp as cloudevents_bp
+    from metering.corrections_api import bp as corrections_bp
     from metering.credits_api import bp as credits_bp
     from metering.limits_api import bp as limits_bp
     from metering.meters_api import bp as meters_bp
@@ -420,6 +421,7 @@ def create_app(config: Config | None = None) -> Flask:
     if spooled:
         log.warning("replayed %d spooled usage records into the ledger", spooled)
     for bp in (gateway_bp, anthropic_bp, keys_bp, metering_bp, limits_bp, cloudevents_bp,
+               corrections_bp,
                credits_bp, plans_bp, paywall_bp, widget_bp, lifecycle_bp, kuendigen_bp,
                finance_bp, finance_page_bp, ops_bp, jobs_bp, meters_bp):
         app.register_blueprint(bp)

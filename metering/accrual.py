@@ -36,7 +36,8 @@ class AccrualService:
             with self.engine.connect() as conn:
                 rows = conn.execute(
                     select(UsageEvent.id, UsageEvent.input_tokens, UsageEvent.output_tokens,
-                           UsageEvent.requested_model, UsageEvent.created_at)
+                           UsageEvent.requested_model, UsageEvent.created_at,
+                           UsageEvent.supersedes_id)
                     .where(UsageEvent.end_user_id == end_user_id,
                            UsageEvent.credits_pending.is_(True))
                     .order_by(UsageEvent.id).limit(BATCH)).all()
@@ -45,7 +46,8 @@ class AccrualService:
             events = [UsageCredits(r.id, (r.input_tokens + r.output_tokens) * terms
                                    .credits_per_token(self.tiers.get(r.requested_model,
                                                                      "standard")),
-                                   r.created_at, r.input_tokens + r.output_tokens)
+                                   r.created_at, r.input_tokens + r.output_tokens,
+                                   r.supersedes_id)
                       for r in rows]
             # (with no events too: cycles that ended since are closed, their rollover made)
             accounted = self.credits.account(app_id, end_user_id, assignment, events, now,

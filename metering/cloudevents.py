@@ -30,8 +30,11 @@ from metering.cloudevents_schemas import (
     EventsResultSchema,
     TokensDataSchema,
 )
+from metering.corrections import Correction
+from metering.corrections_api import apply_correction
 from metering.eventtime import checked_event_time
 from metering.limits_api import _cost, _model, record_calls
+from metering.meter_corrections import correct_meter_event
 from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.service import DirectCall
@@ -79,6 +82,34 @@ class MeterParsed:
         return f"ce:{self.source}:{self.id}"
 
 
+@dataclass(frozen=True)
+class CorrectionParsed:
+    """An event naming another of its source (extension attributes corrects, correction)."""
+
+    id: str
+    source: str
+    user: str
+    corrects: str
+    action: str
+    model: ModelConfig | None
+    usage: TokenUsage | None
+    at: datetime | None
+    meter: str | None = None  # an event of a custom meter: its id, and its data
+    data: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"ce:{self.source}:{self.id}"
+
+    def correction(self, app_id: int) -> Correction:
+        return Correction(app_id, self.key, f"ce:{self.source}:{self.corrects}", self.action,
+                          current_request_id(), model=self.model, usage=self.usage,
+                          at=self.at, endpoint="events", user=self.user)
+
+
+Parsed_ = Parsed | MeterParsed | CorrectionParsed
+
+
 @bp.post("/events")
 @documented(summary="Ingest CloudEvents 1.0 (application/cloudevents+json, or a JSON array "
             "as application/cloudevents-batch+json): usage onto the same ledger as "
@@ -98,7 +129,7 @@ def events() -> Response:
         if not isinstance(body, dict):
             raise InvalidRequestError(f"A {ONE} body is one JSON object; send arrays as "
                                       f"{BATCH}.")
-        results: list[Parsed | MeterParsed | str] = [_parse(body, now, max_age)]  # a 4xx
+        results: list[Parsed_ | str] = [_parse(body, now, max_age)]  # a 4xx
     else:
         if not isinstance(body, list) or not 1 <= len(body) <= MAX_BATCH:
             raise InvalidRequestError(f"A {BATCH} body is a JSON array of 1 to {MAX_BATCH} "
@@ -114,7 +145,7 @@ def _ingester(principal: Principal) -> None:
     require_role(principal, Role.APP, Role.ADMIN)  # an admin key names the app: ?app=
 
 
-def _checked(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed | str:
+def _checked(event: Any, now: datetime, max_age: int) -> Parsed_ | str:
     """The event, or why it is rejected (a batch answers each event on its own)."""
     try:
         return _parse(event, now, max_age)
@@ -125,7 +156,7 @@ def _checked(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed | 
         return exc.detail
 
 
-def _parse(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed:
+def _parse(event: Any, now: datetime, max_age: int) -> Parsed_:
     if not isinstance(event, dict):
         raise ValidationError("An event is a JSON object.")
     args = CloudEventSchema().load(event)
@@ -136,6 +167,10 @@ def _parse(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed:
     if not args.get("subject"):
         raise ValidationError({"subject": ["subject names the end user the usage is for."]})
     at = checked_event_time(args.get("time"), now, max_age, "time")
+    if "corrects" in args or "correction" in args:
+        return _correction(args, at)
+    if args.get("data") is None:
+        raise ValidationError({"data": ["Missing data for required field."]})
     if args["type"] != TOKENS_TYPE:
         data = args.get("data")
         if data is not None and not isinstance(data, dict):
@@ -152,6 +187,51 @@ def _parse(event: Any, now: datetime, max_age: int) -> Parsed | MeterParsed:
                   model=_model(model), usage=TokenUsage(**data), at=at)
 
 
+def _correction(args: dict[str, Any], at: datetime | None) -> CorrectionParsed:
+    if "corrects" not in args or "correction" not in args:
+        raise ValidationError({"corrects": ["A correction names the event (corrects) and what "
+                                            "to do (correction: void or amend)."]})
+    model, usage = None, None
+    if args["correction"] == "void" and args.get("data"):
+        raise ValidationError({"data": ["A void takes no data."]})
+    if args["type"] != TOKENS_TYPE:  # a custom meter's event: the meter reads the data
+        data = args.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise ValidationError({"data": ["A meter's event data is a JSON object."]})
+        return CorrectionParsed(args["id"], args["source"], validate_user_id(args["subject"]),
+                                args["corrects"], args["correction"], None, None, at,
+                                meter=args["type"], data=data or {})
+    if args["correction"] == "amend":
+        try:
+            data = TokensDataSchema().load(args.get("data") or {})
+        except ValidationError as exc:
+            raise ValidationError({"data": exc.messages}) from exc
+        model, usage = _model(data.pop("model")), TokenUsage(**data)
+    return CorrectionParsed(args["id"], args["source"], validate_user_id(args["subject"]),
+                            args["corrects"], args["correction"], model, usage, at)
+
+
+def _correction_row(app_id: int, event: Any, result: CorrectionParsed, *,
+                    alone: bool) -> dict[str, Any]:
+    """A correction; alone (one event, not a batch), its refusal is the answer (404, 409)."""
+    try:
+        if result.meter is not None:
+            found = correct_meter_event(part(MeterService), result.correction(app_id),
+                                        result.meter, None, result.data)
+            duplicate, cost = found.duplicate, found.cost_pico_usd
+        else:
+            done = apply_correction(result.correction(app_id))
+            duplicate, cost = done.duplicate, done.cost_pico
+    except DomainError as exc:
+        if alone:
+            raise
+        return {**_row(event, "rejected", reason=exc.detail), "recorded": True}
+    row = _row(event, "duplicate" if duplicate else "corrected")
+    row["cost_usd"] = format_usd(cost)
+    row["recorded"] = True
+    return row
+
+
 def _meter_row(app_id: int, event: Any, result: MeterParsed) -> dict[str, Any]:
     """A custom meter's event, through the meter's own engine (its limits, its price)."""
     try:
@@ -165,11 +245,11 @@ def _meter_row(app_id: int, event: Any, result: MeterParsed) -> dict[str, Any]:
     return row
 
 
-def _ingest(app_id: int, body: list[Any], results: list[Parsed | MeterParsed | str]
-            ) -> Response:
+def _ingest(app_id: int, body: list[Any], results: list[Parsed_ | str]) -> Response:
     parsed = [p for p in results if isinstance(p, Parsed)]
     users = part(TenancyService).ensure_end_users(app_id, [p.user for p in parsed])
     seen: set[str] = set()
+    later: list[tuple[int, Any, CorrectionParsed]] = []
     calls: list[DirectCall] = []
     rows: list[dict[str, Any]] = []
     for event, result in zip(body, results, strict=True):
@@ -183,6 +263,10 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | MeterParsed | s
         if isinstance(result, MeterParsed):
             rows.append(_meter_row(app_id, event, result))
             continue
+        if isinstance(result, CorrectionParsed):  # after the batch's events are in
+            later.append((len(rows), event, result))
+            rows.append({"outcome": "deferred", "recorded": True})
+            continue
         try:
             cost = _cost(result.usage, result.model, result.at or utcnow())
         except DomainError as exc:
@@ -192,6 +276,9 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | MeterParsed | s
                                 current_request_id(), result.key, result.at, "events"))
         rows.append(_row(event, "tracked", cost=cost))
     written, pending = record_calls(calls, app_id) if calls else ([], 0)
+    for n, event, correction in later:
+        rows[n] = _correction_row(app_id, event, correction,
+                                  alone=request.mimetype == ONE)
     answers = iter(written)
     for row in rows:
         if row.pop("recorded", False):
@@ -200,11 +287,13 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed | MeterParsed | s
             outcome = next(answers)
             row["outcome"] = "tracked" if outcome in ("written", "spooled") else outcome
     counts = {o: sum(1 for r in rows if r["outcome"] == o)
-              for o in ("tracked", "duplicate", "rejected")}
+              for o in ("tracked", "corrected", "duplicate", "rejected")}
     body_out = EventsResultSchema().dump({
-        "tracked": counts["tracked"], "duplicates": counts["duplicate"],
+        "tracked": counts["tracked"], "corrected": counts["corrected"],
+        "duplicates": counts["duplicate"],
         "rejected": counts["rejected"], "limits_pending": pending, "data": rows})
-    return json_response(body_out, status=201 if counts["tracked"] else 200)
+    return json_response(body_out, status=201 if counts["tracked"] or counts["corrected"]
+                         else 200)
 
 
 def _row(event: Any, outcome: str, *, reason: str | None = None,

@@ -38,7 +38,13 @@ class CloudEventSchema(RequestSchema):
     datacontenttype = fields.String(validate=validate.Equal(
         "application/json", error="datacontenttype must be application/json."))
     dataschema = fields.String(validate=validate.Length(max=2000))
-    data = fields.Dict(required=True, metadata={
+    corrects = fields.String(validate=identifier(128), metadata={
+        "description": "Extension attribute: the id of an event of the same source that this "
+                       "one corrects (meterlane.tokens only)"})
+    correction = fields.String(validate=validate.OneOf(("void", "amend")), metadata={
+        "description": "Extension attribute, with corrects: void (the event stops counting; "
+                       "no data) or amend (this event's data counts instead)"})
+    data = fields.Dict(load_default=None, metadata={
         "description": "meterlane.tokens: {model, input_tokens, output_tokens, "
                        "cached_input_tokens, reasoning_tokens, cache_write_tokens}; a custom "
                        "meter: the object its field is read from"})
@@ -49,7 +55,8 @@ class EventOutcomeSchema(Schema):
     source = fields.String(allow_none=True)
     outcome = fields.String(metadata={"description": "tracked, duplicate (this id and source "
                                       "were counted before, or earlier in the batch), "
-                                      "quarantined, or rejected (see reason)"})
+                                      "corrected (a correction made), quarantined, or "
+                                      "rejected (see reason)"})
     reason = fields.String(allow_none=True)
     cost_usd = fields.String(allow_none=True)
 
@@ -57,6 +64,7 @@ class EventOutcomeSchema(Schema):
 class EventsResultSchema(Schema):
     object = fields.Constant("events.result")
     tracked = fields.Integer()
+    corrected = fields.Integer(metadata={"description": "Corrections made (corrects)"})
     duplicates = fields.Integer()
     rejected = fields.Integer()
     limits_pending = fields.Integer()

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from core.config import ModelConfig
+from metering.corrections import counting, meter_counting
 from metering.leases import Applied, user_tag
 from metering.limitstore import Actual, Check, LimitStore
 from metering.models import MeterEvent, UsageEvent
@@ -51,7 +52,8 @@ def catch_up(service: LimitsEngine) -> int:
             rows = list(_pending_rows(service))
             for row in rows:
                 try:
-                    count_event(service, row)
+                    if row.counts:  # (a row corrected meanwhile no longer counts)
+                        count_event(service, row)
                 except LimitStoreUnavailableError:
                     service.catch_up_needed.set()
                     return done
@@ -67,7 +69,8 @@ def catch_up(service: LimitsEngine) -> int:
 def _pending_rows(service: LimitsEngine) -> Iterator[Any]:
     table = UsageEvent.__table__
     with service.engine.connect() as conn:
-        rows = conn.execute(select(table).where(table.c.limits_pending.is_(True))
+        rows = conn.execute(select(table, counting().label("counts"))
+                            .where(table.c.limits_pending.is_(True))
                             .order_by(table.c.id).limit(10_000)).all()
     yield from rows
 
@@ -109,7 +112,7 @@ def rebuild(service: LimitsEngine, progress: Callable[[int], None] | None = None
         for row in conn.execute(select(
                 cols.app_id, cols.end_user_id, cols.requested_model, cols.created_at,
                 cols.input_tokens, cols.output_tokens, cols.cost_pico_usd,
-                cols.usage_source).where(cols.created_at >= horizon)):
+                cols.usage_source).where(cols.created_at >= horizon, counting())):
             by_user.setdefault((row.app_id, row.end_user_id), []).append(row)
         # Users with live counters but no recent rows are rebuilt to zero too.
         users = {(a, u) for a, u in conn.execute(select(cols.app_id, cols.end_user_id)
@@ -194,7 +197,8 @@ def _meter_rows(conn: Any, horizon: datetime) -> dict[tuple[int, int], list[Any]
     m = MeterEvent
     out: dict[tuple[int, int], list[Any]] = {}
     for row in conn.execute(select(m.app_id, m.end_user_id, m.meter_id, m.value_micro,
-                                   m.received_at).where(m.received_at >= horizon)):
+                                   m.received_at).where(m.received_at >= horizon,
+                                                        meter_counting())):
         out.setdefault((row.app_id, row.end_user_id), []).append(row)
     return out
 

@@ -3,6 +3,7 @@ in the windows still holding the time the call happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable
@@ -77,3 +78,37 @@ def track_many(self: Tracker, items: list[TrackItem],
         self._background(functools.partial(self._crossings_many, counted))
     return fresh
 
+
+
+def untrack(self: Tracker, item: TrackItem, at: datetime) -> bool:
+    """Give back what a reported call counted (a correction voided or amended it), in the
+    limits whose window holding now also holds the call's time `at`: a window already over
+    is not re-opened. Once per event id (the correction's own); whether it was new."""
+    app_id, end_user_id, model, usage, cost, event_id = item
+    now = self.clock()
+    assignment = self.plans.plan_of(end_user_id)
+    applied = [a for a in self.checks_for(app_id, end_user_id, assignment, model, now,
+                                        prompt_tokens=usage.input_tokens)
+               if counts_now(a.limit, assignment.anchored_at, at, now)]
+    back = Actual(-usage.total_tokens, -(cost or 0), -usage.total_tokens
+                  * assignment.plan.terms.credits_per_token(model.tier))
+    calls = [(tag, f"un:{app_id}:{event_id}",
+              [_given_back(a.check, at) for a in applied if a.tag == tag], back)
+             for tag in dict.fromkeys(a.tag for a in applied)]
+    if not calls:
+        return False
+    with store_down_is_503():
+        results = self.store.commit_many(calls, now_ms=epoch_ms(now))
+    return all(results)
+
+
+def _given_back(check: Check, at: datetime) -> Check:
+    """The check a give-back goes through: its request too (fixed), and for a rolling
+    window, from the slot the call was counted in (the one holding its time, for a call
+    reported as it happened), not the current one (a slot without usage takes nothing back)."""
+    check = dataclasses.replace(check, fixed=-check.fixed)
+    if check.kind == "rolling" and check.slot_ms:
+        counted = epoch_ms(at) // check.slot_ms
+        low = check.slot - check.slots + 1
+        check = dataclasses.replace(check, slot=min(check.slot, max(low, counted)))
+    return check

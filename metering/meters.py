@@ -25,6 +25,7 @@ from core.config import Config
 from core.errors import ConflictError, InvalidRequestError, ServiceUnavailableError
 from core.meters import METER_SCALE, MeterConfig, cost_pico, parse_value
 from core.tenancy import TenancyService
+from metering.corrections import meter_counting
 from metering.leases import Applied, Lease
 from metering.limits import LimitsService
 from metering.limitstore import Actual
@@ -247,7 +248,8 @@ class MeterService:
                        func.count(func.distinct(MeterEvent.unique_key)),
                        func.sum(MeterEvent.cost_pico_usd))
                 .where(MeterEvent.app_id == app_id, MeterEvent.end_user_id == end_user_id,
-                       MeterEvent.occurred_at >= start, MeterEvent.occurred_at < end)
+                       MeterEvent.occurred_at >= start, MeterEvent.occurred_at < end,
+                       meter_counting())
                 .group_by(MeterEvent.meter_id)).all()
         found = {r[0]: r for r in rows}
         out = []
@@ -326,7 +328,7 @@ def meter_costs(engine: Engine, app_id: int, start: datetime, end: datetime,
         rows = conn.execute(
             select(*keys, func.count(), func.coalesce(func.sum(MeterEvent.cost_pico_usd), 0))
             .where(MeterEvent.app_id == app_id, MeterEvent.occurred_at >= start,
-                   MeterEvent.occurred_at < end).group_by(*keys)).all()
+                   MeterEvent.occurred_at < end, meter_counting()).group_by(*keys)).all()
     out: dict[Any, tuple[int, int]] = {}
     for row in rows:
         found = row[0] if key is not None else None

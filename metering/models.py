@@ -21,6 +21,7 @@ class UsageEvent(Base):
               sqlite_where=text("limits_pending")),
         Index("ix_usage_events_credits_pending", "end_user_id", "id",
               postgresql_where=text("credits_pending"), sqlite_where=text("credits_pending")),
+        Index("ix_usage_events_supersedes", "supersedes_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -68,6 +69,12 @@ class UsageEvent(Base):
     # Accounting reads these marks, not an id cursor: a row that commits late (after a
     # higher id was accounted) is still found.
     credits_pending: Mapped[bool] = mapped_column(default=False, server_default="0")
+    # A correction (metering.corrections): the row it supersedes, which then stops counting
+    # (the row itself is never changed), and how: "void" (this row counts nothing) or
+    # "amend" (this row counts instead). NULL on every ordinary row. Unique: an event is
+    # corrected at most once.
+    supersedes_id: Mapped[int | None] = mapped_column(BigInteger)
+    correction: Mapped[str | None] = mapped_column(String(8))
 
 
 class LimitCounter(Base):
@@ -149,6 +156,7 @@ class MeterEvent(Base):
         Index("ix_meter_events_app_user_meter_occurred", "app_id", "end_user_id", "meter_id",
               "occurred_at"),
         Index("ix_meter_events_received", "received_at"),  # finance reads a day at a time
+        Index("ix_meter_events_supersedes", "supersedes_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -166,3 +174,6 @@ class MeterEvent(Base):
     data: Mapped[str | None] = mapped_column(Text)  # the event's data as JSON text
     occurred_at: Mapped[datetime]
     received_at: Mapped[datetime]
+    # a correction (metering.meter_corrections): the event it voids or amends, and how
+    supersedes_id: Mapped[int | None] = mapped_column(BigInteger)
+    correction: Mapped[str | None] = mapped_column(String(8))

@@ -11,7 +11,9 @@ from typing import Any
 
 from sqlalchemy import Integer, and_, case, cast, func, insert, not_, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import aliased
 
+from metering.corrections import counting
 from metering.models import UsageEvent
 
 _E = UsageEvent
@@ -35,9 +37,18 @@ def insert_events(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def days_with_events(conn: Connection, after: int, upto: int) -> list[date]:
-    """The UTC days of the events with ids in (after, upto]."""
+    """The UTC days of the events with ids in (after, upto], and of the events those
+    correct (an amendment with a new time changes the day of the event it replaces too)."""
     if upto <= after:
         return []
+    corrected = aliased(UsageEvent)
+    stamps = conn.execute(select(corrected.created_at).join(
+        _E, _E.supersedes_id == corrected.id).where(_E.id > after, _E.id <= upto)).scalars()
+    days = {at.astimezone(UTC).date() for at in stamps}
+    return sorted(days | set(_days_of_new(conn, after, upto)))
+
+
+def _days_of_new(conn: Connection, after: int, upto: int) -> list[date]:
     stamps = conn.execute(select(func.min(_E.created_at), func.max(_E.created_at)).where(
         _E.id > after, _E.id <= upto)).one()
     if stamps[0] is None:
@@ -81,7 +92,7 @@ def daily_groups(conn: Connection, start: datetime, end: datetime,
         _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model,
         func.sum(counted), *cols, func.coalesce(func.sum(cloud), 0),
         func.sum(cast(unpriced, Integer))).where(
-        _E.created_at >= start, _E.created_at < end).group_by(
+        _E.created_at >= start, _E.created_at < end, counting()).group_by(
         _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model))
 
 
@@ -99,7 +110,7 @@ def hourly_groups(conn: Connection, start: datetime, end: datetime,
             _E.upstream, hour_of, _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model,
             func.count(), *cols).where(
             _E.created_at >= start, _E.created_at < end,
-            _E.upstream.in_(list(upstreams))).group_by(
+            _E.upstream.in_(list(upstreams)), counting()).group_by(
             _E.upstream, hour_of, _E.app_id, _E.end_user_id, _E.plan_id, _E.requested_model)):
         yield (r[0], _parse_hour(r[1]), *r[2:])
 
@@ -111,7 +122,7 @@ def usage_since(conn: Connection, app_id: int, end_user_id: int,
         func.count(), func.min(_E.created_at), func.max(_E.created_at),
         func.coalesce(func.sum(_E.input_tokens + _E.output_tokens), 0))
         .where(_E.app_id == app_id, _E.end_user_id == end_user_id,
-               _E.created_at >= since, _E.status == "ok")).one()
+               _E.created_at >= since, _E.status == "ok", counting())).one()
 
 
 def _parse_hour(value: Any) -> datetime:

@@ -59,6 +59,8 @@ class CallRecord:
     plan_id: str | None = None
     usage_note: str | None = None
     credits_pending: bool = False  # to be accounted against the plan's allowance
+    supersedes_id: int | None = None  # a correction: the row it voids or amends
+    correction: str | None = None     # void | amend (metering.corrections)
 
     def row(self) -> dict[str, Any]:
         values = dict(self.__dict__)  # all fields are scalars: no deep copy needed

@@ -225,6 +225,72 @@ class TrackRequestSchema(RequestSchema):
                        "counts in its own day and billing cycle"})
 
 
+class CorrectionRequestSchema(RequestSchema):
+    class Meta:
+        unknown = RAISE
+
+    idempotency_key = fields.String(required=True, validate=identifier(255), metadata={
+        "description": "The correction's own key: the same key again replays it"})
+    corrects = fields.String(required=True, validate=identifier(300), metadata={
+        "description": "The idempotency_key the event to correct was tracked under (a "
+                       "CloudEvent: ce:<source>:<id>)"})
+    action = fields.String(required=True, validate=validate.OneOf(("void", "amend")),
+                           metadata={"description": "void: the event stops counting; amend: "
+                                     "it stops counting and these values count instead"})
+    user = fields.String(validate=identifier(256), metadata={
+        "description": "Optional check: the event's end user (a correction never moves "
+                       "usage to another user)"})
+    model = fields.String(validate=identifier(200), metadata={
+        "description": "amend: the model (default: the event's)"})
+    usage = fields.Nested(UsageSchema, metadata={
+        "description": "amend of a token event: required"})
+    meter = fields.String(validate=identifier(64), metadata={
+        "description": "The event is a custom meter's (/v1/meter/events): its id"})
+    value = fields.Raw(metadata={"description": "amend of a meter event: its value (as "
+                                 "/v1/meter/events takes it)"})
+    data = fields.Dict(keys=fields.String(), metadata={
+        "description": "amend of a meter event: its data (the meter's field is read here)"})
+    timestamp = Timestamp(metadata={
+        "description": "amend: when the call happened (default: the event's time), within "
+                       "[metering] max_event_age"})
+
+    @validates_schema
+    def _amend_has_usage(self, data: dict[str, Any], **_: Any) -> None:
+        if "meter" in data:
+            if any(k in data for k in ("usage", "model")):
+                raise ValidationError("A meter event's amendment gives value or data, not "
+                                      "usage or model.", "meter")
+        elif any(k in data for k in ("value", "data")):
+            raise ValidationError("value and data are a meter event's: name the meter.",
+                                  "meter")
+        elif data.get("action") == "amend" and "usage" not in data:
+            raise ValidationError("An amendment gives the usage that counts instead.", "usage")
+        if data.get("action") == "void" and any(k in data for k in (
+                "usage", "model", "timestamp", "value", "data")):
+            raise ValidationError("A void takes no usage, model, value, data or timestamp.",
+                                  "action")
+
+
+class CorrectionSchema(Schema):
+    object = fields.Constant("meter.correction")
+    idempotency_key = fields.String()
+    corrects = fields.String()
+    action = fields.String()
+    outcome = fields.String(metadata={"description": "corrected, or duplicate (this "
+                                      "correction was made before: nothing changed again)"})
+    user = fields.String()
+    timestamp = fields.String(metadata={"description": "When the usage that counts now "
+                                        "happened"})
+    cost_usd = fields.String(allow_none=True, metadata={
+        "description": "What counts now: the amendment's cost (\"0\" for a void; null: "
+                       "unpriced)"})
+    corrected_cost_usd = fields.String(allow_none=True, metadata={
+        "description": "The corrected event's cost, which no longer counts"})
+    meter = fields.String(metadata={"description": "A meter event's correction: the meter"})
+    value = fields.String(metadata={"description": "A meter event's correction: the value "
+                                    "that counts now, in the meter's unit"})
+
+
 class TrackBatchRequestSchema(RequestSchema):
     class Meta:
         unknown = RAISE

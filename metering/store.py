@@ -10,6 +10,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import ColumnElement
 
+from metering.corrections import counting
 from metering.models import UsageEvent
 
 _T = UsageEvent.__table__.c
@@ -77,7 +78,7 @@ class UsageStore:
             func.coalesce(func.sum(case((_T.usage_source == "counted", 1), else_=0)), 0),
             func.coalesce(func.sum(case((_T.status != "ok", 1), else_=0)), 0),
         ]
-        where = [_T.created_at >= query.start, _T.created_at < query.end]
+        where = [_T.created_at >= query.start, _T.created_at < query.end, counting()]
         if query.app_id is not None:
             where.append(_T.app_id == query.app_id)
         if query.end_user_id is not None:
@@ -97,7 +98,8 @@ class UsageStore:
         """Routed calls per (alias, served model): their cost, and the baseline cost of the
         same tokens on each call's most expensive allowed candidate."""
         where = [_T.created_at >= query.start, _T.created_at < query.end,
-                 _T.route_alias.is_not(None), _T.status == "ok"]  # calls a model served
+                 _T.route_alias.is_not(None), _T.status == "ok",  # calls a model served
+                 counting()]
         if query.app_id is not None:
             where.append(_T.app_id == query.app_id)
         if query.end_user_id is not None:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import aliased
 
 from core.audit import Actor, record, user_ref
 from core.db import utcnow
@@ -33,6 +34,7 @@ from plans.models import (
     CreditOverage,
     CreditUse,
 )
+from plans.reversals import accounted_of, cancel_overage, difference, net_burns
 from plans.service import Assignment
 from plans.windows import parse_window, period_of
 
@@ -108,6 +110,7 @@ class UsageCredits:
     credits: int
     at: datetime
     tokens: int = 0  # input + output, as the ledger had them
+    supersedes: int | None = None  # a correction: the event it voids or amends
 
 
 @dataclass(frozen=True)
@@ -303,19 +306,25 @@ class CreditsService:
                   .where(CreditBurn.end_user_id == end_user_id,
                          CreditBurn.burned_at >= start, CreditBurn.burned_at < end)
                   .group_by(CreditBurn.usage_event_id).subquery())
+        # a correction's overage is its own less the overage it cancelled (of the event it
+        # corrects): its figures are differences (plans.reversals)
+        cancelled = aliased(CreditOverage)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(CreditUse.usage_event_id, CreditUse.tokens, CreditUse.credits,
                        CreditUse.allowance, CreditUse.uncharged, burned.c.amount,
-                       CreditOverage.credits)
+                       CreditOverage.credits, cancelled.credits)
                 .outerjoin(burned, burned.c.usage_event_id == CreditUse.usage_event_id)
                 .outerjoin(CreditOverage,
                            CreditOverage.usage_event_id == CreditUse.usage_event_id)
+                .outerjoin(cancelled, and_(cancelled.usage_event_id == CreditUse.supersedes_id,
+                                           cancelled.cancelled_at.is_not(None)))
                 .where(CreditUse.end_user_id == end_user_id,
                        CreditUse.happened_at >= start, CreditUse.happened_at < end)).all()
         return {int(r[0]): UseFigures(int(r[1]), None if r[2] is None else int(r[2]),
-                                      int(r[3] or 0), int(r[5] or 0), int(r[6] or 0),
-                                      int(r[4] or 0)) for r in rows}
+                                      int(r[3] or 0), int(r[5] or 0),
+                                      int(r[6] or 0) - int(r[7] or 0), int(r[4] or 0))
+                for r in rows}
 
     # -- accounting usage against allowance, credits and overage ----------------------------
 
@@ -341,10 +350,23 @@ class CreditsService:
                 with self.engine.begin() as conn:
                     if mark(conn, [ev.event_id for ev in events]) != len(events):
                         raise _RacedError
+                    pending: dict[str, list[dict[str, Any]]] = {
+                        "uses": [], "burns": [], "overages": []}
+                    for ev in events:
+                        use = _use(end_user_id, ev, allowance=0, uncharged=ev.credits)
+                        old = None if ev.supersedes is None else accounted_of(
+                            conn, ev.supersedes, pending)
+                        if old is not None and ev.supersedes is not None:
+                            # (the user was on a plan with an allowance before)
+                            pending["burns"] += net_burns(ev.event_id, end_user_id, [],
+                                                          old.burns)
+                            cancel_overage(conn, ev.supersedes, pending, now)
+                            use = difference(use, old, ev.supersedes)
+                        pending["uses"].append(use)
+                    if pending["burns"]:
+                        conn.execute(insert(CreditBurn), pending["burns"])
                     if events:
-                        conn.execute(insert(CreditUse), [
-                            _use(end_user_id, ev, allowance=0, uncharged=ev.credits)
-                            for ev in events])
+                        conn.execute(insert(CreditUse), pending["uses"])
                 return len(events)
             done = self._account(app_id, end_user_id, assignment, events, now, mark)
         except _RacedError:
@@ -378,7 +400,22 @@ class CreditsService:
             uses: list[dict[str, Any]] = []
             if mark(conn, [ev.event_id for ev in events]) != len(events):
                 raise _RacedError  # another run accounted some of them: it has them all
+            pending = {"uses": uses, "burns": burns, "overages": overages}
             for ev in events:
+                old = None if ev.supersedes is None else accounted_of(conn, ev.supersedes,
+                                                                      pending)
+                if old is not None and ev.supersedes is not None:
+                    # give back what the corrected event was charged, before charging this
+                    for grant in grants:
+                        grant.burned -= sum(a for g, a, _at in old.burns if g == grant.id)
+                    cancel_overage(conn, ev.supersedes, pending, now)
+                    if cycle_start is not None and cycle_start == period_of(
+                            _CYCLE, old.at, assignment.anchored_at).start:
+                        # the allowance it took, back to the cycle still open (a closed
+                        # cycle is not re-opened: its rollover is made)
+                        limit = terms.allowance + int(offsets.get(cycle_start, 0))
+                        used = max(0, min(used, limit) - old.allowance)
+                first_burn = len(burns)
                 if ev.at < assignment.anchored_at:
                     # usage from before the user came onto this plan is not charged to it
                     uses.append(_use(end_user_id, ev, allowance=0, uncharged=ev.credits))
@@ -408,10 +445,15 @@ class CreditsService:
                 if rest > 0 and terms.overage is not None:
                     overages.append({"usage_event_id": ev.event_id, "end_user_id": end_user_id,
                                      "plan_id": plan.id, "plan_version": plan.version,
-                                     "credits": rest, "happened_at": at})
+                                     "credits": rest, "happened_at": at,
+                                     "cancelled_at": None})
                     rest = 0
                 uses.append(_use(end_user_id, ev, allowance=from_allowance, uncharged=rest))
                 last = max(last, ev.event_id)
+                if old is not None and ev.supersedes is not None:
+                    burns[first_burn:] = net_burns(ev.event_id, end_user_id,
+                                                   burns[first_burn:], old.burns)
+                    uses[-1] = difference(uses[-1], old, ev.supersedes)
             now_start = period_of(_CYCLE, now, assignment.anchored_at).start
             if cycle_start is not None and now_start > cycle_start:
                 self._close_cycles(conn, app_id, end_user_id, assignment, cycle_start, used,
@@ -470,4 +512,4 @@ def _use(end_user_id: int, ev: UsageCredits, *, allowance: int, uncharged: int
          ) -> dict[str, Any]:
     return {"usage_event_id": ev.event_id, "end_user_id": end_user_id, "tokens": ev.tokens,
             "credits": ev.credits, "allowance": allowance, "uncharged": uncharged,
-            "happened_at": ev.at}
+            "happened_at": ev.at, "supersedes_id": None}

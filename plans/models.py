@@ -87,6 +87,11 @@ class CreditOverage(Base):
     report_attempted_at: Mapped[datetime | None]
     # why Stripe refused it (e.g. older than Stripe accepts); not sent again until cleared
     report_error: Mapped[str | None] = mapped_column(String(500))
+    # its usage event was voided or amended: never sent if not sent yet; if it was (or may
+    # have been), a Stripe meter event adjustment cancels it (cancel_sent_at), or why not
+    cancelled_at: Mapped[datetime | None]
+    cancel_sent_at: Mapped[datetime | None]
+    cancel_error: Mapped[str | None] = mapped_column(String(500))
 
 
 class CreditUse(Base):
@@ -107,6 +112,8 @@ class CreditUse(Base):
     allowance: Mapped[int | None] = mapped_column(BigInteger)
     uncharged: Mapped[int | None] = mapped_column(BigInteger)
     happened_at: Mapped[datetime]
+    # a correction's: the event it voids or amends (its figures are then the difference)
+    supersedes_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class CreditCursor(Base):

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 
 from core.db import utcnow
@@ -91,7 +91,8 @@ class OverageReporter:
                        CreditOverage.report_attempted_at)
                 .join(StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
                 .where(CreditOverage.reported_at.is_(None),
-                       CreditOverage.report_error.is_(None))
+                       CreditOverage.report_error.is_(None),
+                       CreditOverage.cancelled_at.is_(None))  # corrected: never sent
                 .order_by(CreditOverage.usage_event_id).limit(batch)).all()
         client = self.client()
         horizon = self.clock() - SAFE_RESEND
@@ -105,7 +106,51 @@ class OverageReporter:
                    for r in sure)
         if uncertain:
             sent += self._settle_uncertain(client, uncertain)
+        self.cancel(client, batch)
         return sent
+
+    def cancel(self, client: stripe.StripeClient, batch: int = 1000) -> int:
+        """Cancel with Stripe the overage of corrected usage that was sent, or may have been
+        (a meter event adjustment of type cancel, by the meter event's identifier); returns
+        how many Stripe took. Stripe cancels an event within 24 hours of receiving it only:
+        one sent longer ago is set aside (cancel_error, shown by reconcile) for an operator
+        to credit on the invoice, never guessed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(CreditOverage.usage_event_id, StripeCustomer.customer_id,
+                       CreditOverage.reported_at, CreditOverage.report_attempted_at)
+                .join(StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
+                .where(CreditOverage.cancelled_at.is_not(None),
+                       CreditOverage.cancel_sent_at.is_(None),
+                       CreditOverage.cancel_error.is_(None),
+                       or_(CreditOverage.reported_at.is_not(None),
+                           CreditOverage.report_attempted_at.is_not(None)))
+                .order_by(CreditOverage.usage_event_id).limit(batch)).all()
+        horizon = self.clock() - SAFE_RESEND
+        done = 0
+        for r in rows:
+            values: dict[str, object] = {"cancel_sent_at": self.clock()}
+            first = r.report_attempted_at or r.reported_at
+            if first is not None and first < horizon:
+                values = {"cancel_error": "sent to Stripe over 23 hours ago: Stripe no longer "
+                          "cancels it; credit the customer on the invoice"}
+            else:
+                try:
+                    client.v1.billing.meter_event_adjustments.create(params={
+                        "event_name": METER_EVENT, "type": "cancel",
+                        "cancel": {"identifier": meter_identifier(r.usage_event_id,
+                                                                  r.customer_id)}})
+                    done += 1
+                except stripe.InvalidRequestError as exc:
+                    log.error("Stripe refused to cancel the overage of usage event %s: %s",
+                              r.usage_event_id, exc)
+                    values = {"cancel_error": str(exc.user_message or exc)[:500]}
+                except stripe.StripeError as exc:
+                    raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
+            with self.engine.begin() as conn:
+                conn.execute(update(CreditOverage).where(
+                    CreditOverage.usage_event_id == r.usage_event_id).values(**values))
+        return done
 
     def _send(self, client: stripe.StripeClient, event_id: int, credits: int,
               happened_at: datetime, customer: str, *, first: bool) -> int:
@@ -190,8 +235,9 @@ class OverageReporter:
                 CreditOverage.report_attempted_at > horizon)).scalar()
             if recent is not None:
                 return None
-            return int(conn.execute(joined.where(
-                *where, CreditOverage.reported_at.is_not(None))).scalar() or 0)
+            return int(conn.execute(joined.where(  # (less those Stripe cancelled since)
+                *where, CreditOverage.reported_at.is_not(None),
+                CreditOverage.cancel_sent_at.is_(None))).scalar() or 0)
 
     def _set_aside(self, ids: list[int], landed: int, total: int, start: datetime) -> None:
         reason = (f"unknown whether Stripe has it: its meter holds {landed} credits of this "
@@ -210,9 +256,12 @@ class OverageReporter:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(CreditOverage.end_user_id, StripeCustomer.customer_id,
-                       func.sum(CreditOverage.credits),
                        func.sum(CreditOverage.credits).filter(
-                           CreditOverage.reported_at.is_not(None)))
+                           CreditOverage.cancelled_at.is_(None)),
+                       # sent and standing: not cancelled, or its cancel not sent yet
+                       func.sum(CreditOverage.credits).filter(
+                           CreditOverage.reported_at.is_not(None),
+                           CreditOverage.cancel_sent_at.is_(None)))
                 .outerjoin(StripeCustomer,
                            StripeCustomer.end_user_id == CreditOverage.end_user_id)
                 .where(CreditOverage.happened_at >= start, CreditOverage.happened_at < end)

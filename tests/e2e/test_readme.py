@@ -107,7 +107,7 @@ def commands(text: str) -> list[list[str]]:
     """The commands of a shell block, each as its words: split at newlines, &&, ; and |
     (never inside quotes: a JSON body may span lines), comments dropped."""
     # (a comment runs to the end of its line, newline included: each line starts with ;)
-    lexer = shlex.shlex(text.replace("\\\n", " ").replace("\n", "\n; "), posix=True,
+    lexer = shlex.shlex(_lines_apart(text.replace("\\\n", " ")), posix=True,
                         punctuation_chars="();<>|&\n")
     lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, "#"
     found: list[list[str]] = []
@@ -122,6 +122,23 @@ def commands(text: str) -> list[list[str]]:
             found.append(words)
         words = []
     return found
+
+
+def _lines_apart(text: str) -> str:
+    """Each line outside quotes starts with `; ` (a command's end); a newline inside quotes
+    (a JSON body spanning lines) is kept as it is, part of its word."""
+    out, quote, comment = [], "", False
+    for ch in text:
+        if ch == "\n":
+            comment = False
+            out.append("\n" if quote else "\n; ")
+            continue
+        if not quote and not comment and ch == "#":
+            comment = True
+        elif not comment and ch in "'\"" and (not quote or quote == ch):
+            quote = "" if quote else ch
+        out.append(ch)
+    return "".join(out)
 
 
 def command_lines() -> list[tuple[str, list[str]]]:

@@ -72,6 +72,7 @@ POLICY: dict[tuple[str, str], frozenset[str] | None] = {
     ("POST", "/v1/meter/release"): frozenset({"app"}),
     ("POST", "/v1/meter/track"): frozenset({"app"}),
     ("POST", "/v1/meter/track/batch"): frozenset({"app"}),
+    ("POST", "/v1/meter/corrections"): frozenset({"app"}),
     ("POST", "/v1/events"): ADMINS | {"app"},  # CloudEvents; an operator names the app
     ("POST", "/v1/meter/events"): frozenset({"app"}),
     ("POST", "/v1/meter/events/batch"): frozenset({"app"}),

@@ -183,6 +183,29 @@ async def create_meter_event(request: web.Request) -> web.Response:
     return web.json_response(event)
 
 
+async def create_meter_event_adjustment(request: web.Request) -> web.Response:
+    """Cancel one meter event by identifier, as Stripe does: only within 24 hours of
+    receiving it; a cancelled event leaves the meter's summaries."""
+    data = await _form(request)
+    identifier = (data.get("cancel") or {}).get("identifier")
+    if data.get("type") != "cancel" or not data.get("event_name") or not identifier:
+        return _error(400, "Missing required param: event_name, type=cancel or "
+                      "cancel[identifier].")
+    found = [e for e in _meter_events if e["identifier"] == identifier
+             and e["event_name"] == data["event_name"] and not e.get("cancelled")]
+    if not found:
+        return _error(400, f"No meter event with identifier {identifier} was found.",
+                      "cancel[identifier]")
+    if found[-1]["created"] < _now() - _DEDUP_SECONDS:
+        return _error(400, "You can only cancel events within 24 hours of Stripe receiving "
+                      "them.", "cancel[identifier]")
+    found[-1]["cancelled"] = True
+    return web.json_response({"id": _id("mtr_event_adj"), "object":
+                              "billing.meter_event_adjustment", "livemode": False,
+                              "status": "pending", "event_name": data["event_name"],
+                              "type": "cancel", "cancel": {"identifier": identifier}})
+
+
 async def hang_next_meter_event(request: web.Request) -> web.Response:
     """Test control: the next meter event is taken (`taken`: true) or not, and never
     answered (its sender is killed meanwhile)."""
@@ -232,7 +255,7 @@ async def meter_event_summaries(request: web.Request) -> web.Response:
         return _error(400, "Missing required param: customer, start_time or end_time.")
     total = 0.0
     for ev in _meter_events:
-        if (ev["event_name"] == meter["event_name"]
+        if (ev["event_name"] == meter["event_name"] and not ev.get("cancelled")
                 and ev["payload"].get("stripe_customer_id") == customer
                 and start <= (ev["timestamp"] or ev["created"]) < end):
             total += float(ev["payload"].get("value") or 0)
@@ -523,6 +546,7 @@ def build() -> web.Application:
     ours.router.add_post("/v1/checkout/sessions", create_session)
     ours.router.add_get("/v1/checkout/sessions/{id}", get_session)
     ours.router.add_post("/v1/billing/meter_events", create_meter_event)
+    ours.router.add_post("/v1/billing/meter_event_adjustments", create_meter_event_adjustment)
     ours.router.add_post("/v1/billing/meters", create_meter)
     ours.router.add_get("/v1/billing/meters", list_meters)
     ours.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
