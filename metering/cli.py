@@ -142,19 +142,23 @@ def billing() -> None:
 @click.option("--retry-refused", is_flag=True,
               help="Send again the overage Stripe refused before (after fixing the cause).")
 def billing_report_overage(retry_refused: bool) -> None:
-    """Account recent usage, then send overage not yet reported to Stripe (meter events)."""
+    """Account recent usage, then send overage not yet reported to Stripe (meter events):
+    of tokens, and of [[meters]] meters past the plans' allowances."""
     from core.db import utcnow
     from core.errors import DomainError
     from metering.accrual import AccrualService
+    from plans.meter_stripe import MeterOverageReporter
     from plans.overage import OverageReporter
 
     ctx = context()
     ctx.part(AccrualService).accrue_all(utcnow())
     try:
         sent = ctx.part(OverageReporter).report(retry_refused=retry_refused)
+        meters = ctx.part(MeterOverageReporter).report(retry_refused=retry_refused)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
     click.echo(f"reported {sent} overage meter events to Stripe")
+    click.echo(f"reported {meters} overage events of [[meters]] to Stripe")
 
 
 @billing.command("reconcile")
