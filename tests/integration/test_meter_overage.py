@@ -6,6 +6,7 @@ overage is billed in the open cycle."""
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from core.db import utcnow
@@ -198,3 +199,88 @@ def test_a_late_events_overage_is_billed_in_the_open_cycle(billed: Any) -> None:
     [sent] = stripe_events(stripe_url)
     assert sent["timestamp"] == int(cycle_start.timestamp())
     assert sent["timestamp"] >= int(cycle_start.astimezone(UTC).timestamp())
+
+
+def test_concurrent_events_split_the_allowance_exactly(billed: Any) -> None:
+    app, key, _env, _stripe, _tag = billed
+    start = threading.Barrier(20)
+    codes: list[int] = []
+
+    def send(n: int) -> None:
+        client = app.test_client()
+        start.wait()
+        codes.append(search(client, key, f"c{n}").status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] * 20
+    with app.extensions["wiring"].engine.connect() as conn:
+        units = conn.execute(select(func.sum(MeterOverage.units_micro))).scalar_one()
+        events = conn.execute(select(func.count()).select_from(MeterOverage)).scalar_one()
+    assert (units, events) == (10 * 10**6, 10)  # neither allowance given twice nor lost
+    shown = allowance_of(app.test_client(), key)
+    assert (shown["used"], shown["overage"]) == ("20", "10")
+
+
+def test_sends_of_unknown_fate_past_stripes_window_are_checked_not_repeated(
+        billed: Any) -> None:
+    app, key, env, stripe_url, _tag = billed
+    client = app.test_client()
+    for n in range(12):
+        assert search(client, key, f"u{n}").status_code == 201
+    assert "reported 2 overage events of [[meters]]" in report(env)
+    engine = app.extensions["wiring"].engine
+    long_ago = utcnow() - timedelta(days=2)
+    # both sends landed but were never marked (a crash), and Stripe de-duplicates them no
+    # longer: Stripe's meter is asked, and they are marked without a second send
+    with engine.begin() as conn:
+        conn.execute(update(MeterOverage).values(reported_at=None,
+                                                 report_attempted_at=long_ago))
+    httpx.post(f"{stripe_url}/_config/clock", json={"seconds": 86400})
+    assert "reported 2 overage events of [[meters]]" in report(env)
+    assert len(stripe_events(stripe_url)) == 2
+    # a third whose first try was cut off before it reached Stripe: Stripe has none of it
+    # beyond what is marked, so it is sent now
+    assert search(client, key, "u12").status_code == 201
+    with engine.begin() as conn:
+        conn.execute(update(MeterOverage).where(MeterOverage.reported_at.is_(None))
+                     .values(report_attempted_at=long_ago))
+    assert "reported 1 overage events of [[meters]]" in report(env)
+    assert len(stripe_events(stripe_url)) == 3
+    assert "reported 0 overage events of [[meters]]" in report(env)
+
+
+def test_an_allowance_without_overage_price_is_a_hard_stop(
+        tmp_path: Path, pg_url: str, clean_db: Engine, upstream: FakeUpstream) -> None:
+    from app import create_app
+    from core.auth import Role
+
+    toml = gateway_toml(upstream.base_url) + """
+[[meters]]
+id = "web_search_calls"
+unit = "searches"
+aggregation = "count"
+
+[[plans]]
+id = "free"
+default = true
+[plans.meters.web_search_calls]
+included = 3
+"""
+    app = create_app(config_from_toml(toml, tmp_path, database_url=pg_url))
+    try:
+        key = app.extensions["wiring"].keys.create_key(Role.APP, "acme").key
+        client = app.test_client()
+        codes = [search(client, key, f"h{n}").status_code for n in range(4)]
+        assert codes == [201, 201, 201, 402]
+        refused = search(client, key, "h9").get_json()
+        assert refused["limit"]["id"] == "allowance-web_search_calls", refused
+        shown = allowance_of(client, key)
+        assert (shown["used"], shown["overage"], shown["overage_price"]) == ("3", "0", None)
+        with app.extensions["wiring"].engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(MeterOverage)).scalar() == 0
+    finally:
+        app.extensions["wiring"].engine.dispose()
