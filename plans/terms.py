@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from core.config import ConfigError
-from core.meters import METER_SCALE, MeterConfig, parse_value
+from core.meters import METER_SCALE, MeterConfig, parse_unit_price, parse_value
 
 INTERVALS = ("month", "year")
 MAX_MINOR = 10**12          # a price or cap above 10 billion in major units is a typo
@@ -174,16 +174,17 @@ def _meter_allowances(value: Any, fail: Fail, known: dict[str, MeterConfig],
 
 
 def _minor_price(value: Any, meter_id: str, fail: Fail) -> Decimal:
+    """Minor units per unit: read as a meter's price per unit is (exact, at most 6 decimals,
+    at most 10,000), and above 0."""
     try:
-        minor = Decimal(value) if isinstance(value, (str, int)) and not isinstance(
-            value, bool) else None
-    except InvalidOperation:
-        minor = None
-    if (minor is None or not minor.is_finite() or not 0 < minor <= MAX_MINOR
-            or minor != minor.quantize(Decimal("0.000001"))):
+        minor = parse_unit_price(value)
+    except ValueError:
+        minor = Decimal(0)
+    if not minor > 0:
         raise fail("overage_price", value, f"meters.{meter_id}.overage_price must be minor "
-                   "units of the plan's currency per unit, above 0, as a decimal string with "
-                   f"at most 6 decimals (\"1\" = 1 cent, \"0.5\" = half a cent); got {value!r}")
+                   "units of the plan's currency per unit, above 0 and at most 10,000, as a "
+                   f"decimal string with at most 6 decimals (\"1\" = 1 cent, \"0.5\" = half a "
+                   f"cent); got {value!r}")
     return minor
 
 

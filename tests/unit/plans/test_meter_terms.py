@@ -92,7 +92,7 @@ PRICED = '[[plans]]\nid = "p"\nprice = { amount = 100 }\n'
     ('[plans.meters.peak_gpus]\nincluded = 1\n', "only sum and count meters"),
     ('[plans.meters.web_search_calls]\nincluded = -1\n', "included must be a number"),
     ('[plans.meters.web_search_calls]\nincluded = "ten"\n', "included must be a number"),
-    ('[plans.meters.web_search_calls]\nincluded = 1\noverage_price = 0.01\n',
+    ('[plans.meters.web_search_calls]\nincluded = 1\noverage_price = true\n',
      "overage_price must be minor units"),
     ('[plans.meters.web_search_calls]\nincluded = 1\noverage_price = "0"\n',
      "overage_price must be minor units"),
