@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 from core.db import utcnow
 from core.meters import METER_SCALE, format_units
 from plans.models import MeterOverage, StripeCustomer
-from plans.overage import SAFE_RESEND
+from plans.overage import SAFE_RESEND, month_of
 from plans.stripe_sync import BillingProviderError, event_name
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,20 @@ def meter_identifier(meter_event_id: int, customer: str) -> str:
     event ids and usage event ids are counted apart and meet)."""
     digest = hashlib.sha256(customer.encode()).hexdigest()[:16]
     return f"mlane_mv_{meter_event_id}_{digest}"
+
+
+@dataclass(frozen=True)
+class MeterOverageLine:
+    end_user_id: int
+    customer: str | None   # None: an end user without a Stripe customer
+    meter: str
+    accounted: int         # micro-units of overage in the month (meter_overages)
+    reported: int          # of which marked sent to Stripe
+    stripe: int | None     # what Stripe's meter summed for the customer (None: not asked)
+
+    @property
+    def ok(self) -> bool:
+        return self.customer is None or self.accounted == self.reported == self.stripe
 
 
 class MeterOverageReporter:
@@ -164,8 +179,25 @@ class MeterOverageReporter:
             raise BillingProviderError(f"Stripe is unreachable: {exc}") from exc
         return sum(round(Decimal(str(s.aggregated_value)) * METER_SCALE) for s in summaries)
 
-    def summed_by_user(self, customer: str, meter_id: str, start: datetime,
-                       end: datetime) -> int | None:
-        """What Stripe's meter of a meter summed for a customer (None: no such meter)."""
-        meter = self._meters().get(event_name(meter_id))
-        return None if meter is None else self._summed(meter, customer, start, end)
+    def by_user(self, period: str) -> list[MeterOverageLine]:
+        """Per end user and meter: overage accounted for the month, reported, and summed by
+        Stripe's meter of it (`billing reconcile` sets them side by side)."""
+        start, end = month_of(period)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_O.end_user_id, StripeCustomer.customer_id, _O.meter_id,
+                       func.sum(_O.units_micro),
+                       func.sum(_O.units_micro).filter(_O.reported_at.is_not(None)))
+                .outerjoin(StripeCustomer, StripeCustomer.end_user_id == _O.end_user_id)
+                .where(_O.happened_at >= start, _O.happened_at < end)
+                .group_by(_O.end_user_id, StripeCustomer.customer_id, _O.meter_id)
+                .order_by(_O.end_user_id, _O.meter_id)).all()
+        meters = self._meters() if rows else {}
+        lines = []
+        for end_user_id, customer, meter_id, accounted, reported in rows:
+            meter = meters.get(event_name(meter_id))
+            summed = self._summed(meter, customer, start, end) \
+                if customer is not None and meter is not None else None
+            lines.append(MeterOverageLine(int(end_user_id), customer, meter_id,
+                                          int(accounted or 0), int(reported or 0), summed))
+        return lines

@@ -103,10 +103,14 @@ def stripe_events(stripe_url: str) -> list[dict[str, Any]]:
             if e["event_name"] == STRIPE_METER]
 
 
-def report(env: dict[str, str]) -> str:
+def cli(env: dict[str, str], *args: str) -> Any:
     from app import main
 
-    result = CliRunner().invoke(main, ["billing", "report-overage"], env=env)
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def report(env: dict[str, str]) -> str:
+    result = cli(env, "billing", "report-overage")
     assert result.exit_code == 0, result.output
     return str(result.output)
 
@@ -145,6 +149,18 @@ def test_overage_between_allowance_and_limit_reaches_stripe_once(billed: Any) ->
         conn.execute(update(MeterOverage).values(reported_at=None))
     assert "reported 10 overage events of [[meters]]" in report(env)
     assert len(stripe_events(stripe_url)) == 10
+    ok = cli(env, "billing", "reconcile", "--period", utcnow().strftime("%Y-%m"))
+    assert ok.exit_code == 0, ok.output
+    assert f"{customer:<24} web_search_calls             10         10         10  ok" \
+        in ok.output
+
+    # overage accounted and not yet sent: the reconciliation says so, and fails
+    assert search(client, key, "s-more").status_code == 402  # (the limit: nothing new)
+    with engine.begin() as conn:
+        conn.execute(update(MeterOverage).where(MeterOverage.meter_event_id == rows[0]
+                                                .meter_event_id).values(reported_at=None))
+    behind = cli(env, "billing", "reconcile", "--period", utcnow().strftime("%Y-%m"))
+    assert behind.exit_code == 1 and "10          9         10  DIFFERENCE" in behind.output
 
 
 def test_finance_counts_meter_overage_as_revenue(billed: Any) -> None:
