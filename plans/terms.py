@@ -24,6 +24,7 @@ TERM_KEYS = {"version", "price", "trial_days", "tiers", "allowance", "overage",
              "credit_multipliers", "rollover_cap", "upgrade_carries_usage", "retired",
              "meters"}
 MAX_METER_INCLUDED = 9 * 10**9 * METER_SCALE  # micro-units, as a meter limit's amount
+MAX_METERED_PRICES = 8  # + the plan's price and its token overage: Stripe's 10 lookup keys
 
 Fail = Callable[[str, Any, str], ConfigError]
 
@@ -170,6 +171,9 @@ def _meter_allowances(value: Any, fail: Fail, known: dict[str, MeterConfig],
             raise fail("included", 0, f"meters.{meter_id}: included = 0 without an "
                        "overage_price allows none of it; set a limit with amount instead")
         out.append(MeterAllowance(meter_id, included, overage))
+    if sum(1 for m in out if m.overage_price is not None) > MAX_METERED_PRICES:
+        raise fail("meters", value, f"at most {MAX_METERED_PRICES} meters of a plan may have "
+                   "an overage_price (Stripe finds at most 10 prices of a subscription at once)")
     return tuple(out)
 
 

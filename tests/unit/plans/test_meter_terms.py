@@ -110,6 +110,15 @@ def test_bad_meter_allowances_are_refused_clearly(tmp_path: Path, text: str,
     assert expected in str(caught.value)
 
 
+def test_at_most_eight_meters_of_a_plan_have_an_overage_price(tmp_path: Path) -> None:
+    meters = "".join(f'[[meters]]\nid = "m{n}"\nunit = "calls"\naggregation = "count"\n'
+                     for n in range(9))
+    allowances = "".join(f'[plans.meters.m{n}]\nincluded = 1\noverage_price = "1"\n'
+                         for n in range(9))
+    with pytest.raises(ConfigError, match="at most 8 meters of a plan"):
+        catalog(tmp_path, meters + PRICED + allowances)
+
+
 def test_meter_overage_needs_a_priced_plan_and_names_its_line(tmp_path: Path) -> None:
     plans = ('[[plans]]\nid = "p"\n[plans.meters.web_search_calls]\nincluded = 1\n'
              'overage_price = "2"\n')
