@@ -15,8 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 
 from plans.models import MeterCycleUse, MeterOverage
 from plans.service import Assignment
@@ -51,14 +51,11 @@ def account_in(conn: Connection, assignment: Assignment, event: MeterEventIn) ->
     key = (_U.end_user_id == event.end_user_id, _U.meter_id == event.meter,
            _U.cycle_start == start)
     used = conn.execute(select(_U.used_micro).where(*key).with_for_update()).scalar()
-    if used is None:
-        try:
-            with conn.begin_nested():
-                conn.execute(insert(_U).values(end_user_id=event.end_user_id,
-                                               meter_id=event.meter, cycle_start=start,
-                                               used_micro=0))
-        except IntegrityError:
-            pass  # another event of this cycle made it first: locked below
+    if used is None:  # the cycle's first event (or one of the first, at once: one row wins)
+        upsert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)
+        conn.execute(upsert(_U).values(end_user_id=event.end_user_id, meter_id=event.meter,
+                                       cycle_start=start, used_micro=0)
+                     .on_conflict_do_nothing())
         used = conn.execute(select(_U.used_micro).where(*key).with_for_update()).scalar_one()
     conn.execute(update(_U).where(*key).values(used_micro=used + event.units_micro))
     over = event.units_micro - min(event.units_micro, max(0, allowance.included - used))

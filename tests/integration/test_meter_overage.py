@@ -300,3 +300,25 @@ included = 3
             assert conn.execute(select(func.count()).select_from(MeterOverage)).scalar() == 0
     finally:
         app.extensions["wiring"].engine.dispose()
+
+
+def test_the_allowance_splits_on_the_embedded_sqlite_database_too(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    from app import create_app
+    from core.auth import Role
+
+    toml = gateway_toml(upstream.base_url) + plans_toml("lite", "http://127.0.0.1:9")
+    config = config_from_toml(toml, tmp_path, database_url=f"sqlite:///{tmp_path / 'm.db'}")
+    app = create_app(config)
+    wiring = app.extensions["wiring"]
+    try:
+        key = wiring.keys.create_key(Role.APP, "acme").key
+        client = app.test_client()
+        assert client.put("/v1/users/alice/plan", json={"plan": "metered-lite"},
+                          headers=bearer(key)).status_code == 200
+        codes = [search(client, key, f"q{n}").status_code for n in range(21)]
+        assert codes == [201] * 20 + [402]
+        shown = allowance_of(client, key)
+        assert (shown["used"], shown["overage"], shown["overage_amount"]) == ("20", "10", "20")
+    finally:
+        wiring.engine.dispose()
