@@ -152,8 +152,8 @@ class MeterService:
     def _account(self, session: Session, row: MeterEvent) -> None:
         """Count the event against the plan's allowance of its meter (its overage, if any,
         written) in the transaction that records it: once, and never one without the other."""
-        if not self.limits.catalog.plans:
-            return
+        if not any(p.terms.meter(row.meter_id) for p in self.limits.catalog.plans):
+            return  # no plan includes an allowance of this meter
         session.flush()  # (the event's id keys its overage)
         conn = session.connection()
         account_in(conn, self.limits.plans.plan_of(row.end_user_id, conn), MeterEventIn(

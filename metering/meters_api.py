@@ -93,7 +93,8 @@ def record_batch() -> Response:
 
 @bp.get("/users/<path:user>/meters")
 @documented(summary="An end user's total of each meter over a period (default: this month, "
-            "UTC), aggregated as each meter says", query=MeterUsageQuerySchema,
+            "UTC), aggregated as each meter says; and the plan's allowance of it in the open "
+            "billing cycle: included, used, overage", query=MeterUsageQuerySchema,
             response=MeterUsageSchema, tag="quota")
 def user_meters(user: str) -> Response:
     principal = current_principal()
