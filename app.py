@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from plans.billing import BillingService
     from plans.checkout import CheckoutService
     from plans.credits import CreditsService
+    from plans.meter_stripe import MeterOverageReporter
     from plans.overage import OverageReporter
     from plans.service import PlanService
     from plans.subscriptions import SubscriptionService
@@ -98,6 +99,7 @@ class Wiring:
     jobs: JobBoard
     idempotency: IdempotencyService
     meters: MeterService
+    meter_overage: MeterOverageReporter
 
     def parts(self) -> Parts:
         """Each part found by its class (how blueprints and commands reach them)."""
@@ -182,6 +184,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from plans.catalog import Catalog
     from plans.checkout import CheckoutService
     from plans.credits import CreditsService
+    from plans.meter_stripe import MeterOverageReporter
     from plans.overage import OverageReporter
     from plans.service import PlanService
     from plans.stripe_sync import stripe_client
@@ -227,6 +230,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     checkout = CheckoutService(engine, catalog, functools.partial(stripe_client, config),
                                collect_terms_consent=config.stripe_collect_terms_consent)
     overage = OverageReporter(engine, functools.partial(stripe_client, config))
+    meter_overage = MeterOverageReporter(engine, functools.partial(stripe_client, config))
     subscriptions = SubscriptionService(engine, catalog,
                                         functools.partial(stripe_client, config))
     events = EventService(engine, allow_private=config.webhooks_allow_private)
@@ -252,8 +256,9 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     meters = MeterService(engine, config, tenancy, limits)
     meters.price_at = finance.meter_prices.price_at
     jobs = JobBoard(engine, scheduled_jobs(
-        config, events=events, notices=notices, accrual=accrual, overage=overage,
-        finance=finance, limits=limits, ledger=ledger, idempotency=idempotency))
+        config, events=events, notices=notices, accrual=accrual,
+        overage=(overage, meter_overage), finance=finance, limits=limits, ledger=ledger,
+        idempotency=idempotency))
     return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics,
@@ -263,7 +268,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
                   paywall=paywall, acknowledger=acknowledger, notices=notices,
                   withdrawals=withdrawals, cancel_flow=cancel_flow, evidence=evidence,
                   finance=finance, audit=AuditService(engine), jobs=jobs,
-                  idempotency=idempotency, meters=meters)
+                  idempotency=idempotency, meters=meters, meter_overage=meter_overage)
 
 
 # seconds between runs of each scheduled job (MLANE_JOB_INTERVALS changes them)
@@ -272,7 +277,9 @@ JOB_INTERVALS = {"webhooks": 10, "notices": 900, "overage": 300, "credits": 60,
 
 
 def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeService,
-                   accrual: AccrualService, overage: OverageReporter, finance: FinanceService,
+                   accrual: AccrualService,
+                   overage: tuple[OverageReporter, MeterOverageReporter],
+                   finance: FinanceService,
                    limits: LimitsService, ledger: LedgerWriter,
                    idempotency: IdempotencyService) -> list[Job]:
     """Every scheduled job of the product (`meterlane worker` runs them), each one call of
@@ -299,7 +306,8 @@ def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeServi
         if not config.stripe_api_key:
             return "Stripe is not configured (MLANE_STRIPE_API_KEY): nothing to report"
         accrual.accrue_all(utcnow())
-        return f"reported {overage.report()} overage meter events to Stripe"
+        tokens, meters = overage[0].report(), overage[1].report()
+        return f"reported {tokens} overage meter events to Stripe (and {meters} of [[meters]])"
 
     def rollup(_: JobContext) -> str:
         done = finance.refresh(wait=False)

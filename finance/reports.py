@@ -28,6 +28,7 @@ from core.pagination import page_of
 from finance.models import GpuHour, RevenueDaily, UsageDaily
 from metering.meters import meter_costs
 from metering.pricing import pico_to_usd
+from plans.meter_overage import meter_revenue
 from plans.terms import minor_exponent
 
 GROUPS = ("plan", "model", "user", "day")
@@ -101,8 +102,9 @@ class Reports:
         self.local = {u.name: u.cost for u in config.upstreams if u.cost is not None}
         self.clock = clock
 
-    def to_pico(self, amount: int, currency: str) -> int | None:
-        """Minor units of a currency in pico-USD (None: no rate configured)."""
+    def to_pico(self, amount: int | Decimal, currency: str) -> int | None:
+        """Minor units of a currency (exact: a Decimal for a meter's overage) in pico-USD
+        (None: no rate configured)."""
         rate = self.rates.get(currency.lower())
         if rate is None:
             return None
@@ -151,7 +153,9 @@ class Reports:
         [total] = self._usage(app_id, p) or [(0, 0, 0, 0, 0, 0)]
         calls, tokens, cloud, local, shadow, monthly = (int(v or 0) for v in total)
         revenue_by, unconverted = self._revenue(app_id, p)
-        revenue = revenue_by.get(None, 0)
+        metered_revenue = self._meter_revenue(app_id, p, "model", unconverted)
+        meter_revenue = sum(metered_revenue.values())
+        revenue = revenue_by.get(None, 0) + meter_revenue
         daily = self._daily_active(app_id, p)
         metered = self._meters(app_id, p, "model")
         meters = sum(cost for _, cost in metered.values())
@@ -161,7 +165,10 @@ class Reports:
             "period": p.label, "from": p.start.isoformat(), "to": p.end.isoformat(),
             "partial": self._cut(p) < p.end, "through": (self._cut(p) - timedelta(days=1))
             .isoformat(),
-            "revenue_usd": usd(revenue), "inference_cost_usd": usd(cloud + local),
+            "revenue_usd": usd(revenue), "meter_revenue_usd": usd(meter_revenue),
+            "meter_revenues": [{"meter": k.removeprefix("meter:"), "revenue_usd": usd(v)}
+                               for k, v in sorted(metered_revenue.items())],
+            "inference_cost_usd": usd(cloud + local),
             "meter_cost_usd": usd(meters), "total_cost_usd": usd(cost),
             "meter_costs": [{"meter": k.removeprefix("meter:"), "events": n,
                              "cost_usd": usd(c)} for k, (n, c) in sorted(metered.items())],
@@ -186,6 +193,24 @@ class Reports:
         def at(day: date) -> datetime:
             return datetime.combine(day, time(0), tzinfo=UTC)
         return meter_costs(self.engine, app_id, at(p.start), at(p.end), group_by)
+
+    def _meter_revenue(self, app_id: int, p: Period, group_by: str | None,
+                       unconverted: dict[str, int]) -> dict[Any, int]:
+        """Overage billed for [[meters]] meters in the period, in pico-USD per group (by when
+        it counts: a late event's in the cycle it was billed in); what cannot be converted is
+        added to `unconverted` (whole minor units, rounded half up)."""
+        def at(day: date) -> datetime:
+            return datetime.combine(day, time(0), tzinfo=UTC)
+        out: dict[Any, int] = defaultdict(int)
+        for line in meter_revenue(self.engine, app_id, at(p.start), at(self._cut(p)),
+                                  group_by):
+            pico = self.to_pico(line.minor, line.currency)
+            if pico is None:
+                unconverted[line.currency] = unconverted.get(line.currency, 0) + int(
+                    line.minor.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            else:
+                out[line.key] += pico
+        return out
 
     def _cut(self, p: Period) -> date:
         """The day after the last one reported: the period's end, or tomorrow when the period
@@ -217,20 +242,23 @@ class Reports:
         rkey = {"plan": r.plan_id, "model": None, "user": r.end_user_id, "day": r.day}[group_by]
         usage = {row[0]: row[1:] for row in self._usage(app_id, p, ukey)}
         revenue, unconverted = self._revenue(app_id, p, rkey) if rkey is not None else ({}, {})
+        billed = self._meter_revenue(app_id, p, group_by, unconverted) \
+            if rkey is not None else {}
         names = self._user_names(app_id) if group_by == "user" else {}
         metered = self._meters(app_id, p, group_by)
         rows: list[dict[str, Any]] = []
-        for key in sorted(set(usage) | set(revenue) | set(metered), key=str):
+        for key in sorted(set(usage) | set(revenue) | set(metered) | set(billed), key=str):
             calls, tokens, cloud, local, shadow, users = (int(v or 0) for v in usage.get(
                 key, (0, 0, 0, 0, 0, 0)))
             meters = metered.get(key, (0, 0))[1]
             cost = cloud + local + meters
-            rev = revenue.get(key, 0) if rkey is not None else None
+            rev = revenue.get(key, 0) + billed.get(key, 0) if rkey is not None else None
             margin = rev - cost if rev is not None else None
             rows.append({
                 "key": names.get(key, str(key)) if group_by == "user" else str(key),
                 "revenue_usd": usd(rev), "cost_usd": usd(cost), "cloud_cost_usd": usd(cloud),
                 "local_cost_usd": usd(local), "meter_cost_usd": usd(meters),
+                "meter_revenue_usd": usd(billed.get(key, 0)) if rkey is not None else None,
                 "margin_usd": usd(margin),
                 "margin_percent": percent(margin, rev), "active_users": users,
                 "calls": calls, "tokens": tokens,

@@ -43,7 +43,14 @@ class SummarySchema(Schema):
         metadata={"description": "The period runs past today: revenue (earned day by day) "
                   "and cost are counted to today"})
     through = fields.String(metadata={"description": "The last day counted"})
-    revenue_usd = fields.String(allow_none=True)
+    revenue_usd = fields.String(allow_none=True, metadata={
+        "description": "Invoices paid (spread over the days they pay for) and meter overage "
+                       "billed"})
+    meter_revenue_usd = fields.String(allow_none=True, metadata={
+        "description": "Of revenue_usd: overage billed for [[meters]] meters past the "
+                       "plans' allowances, at each plan version's price"})
+    meter_revenues = fields.List(fields.Dict(), metadata={
+        "description": "Per meter with overage in the period: revenue_usd"})
     inference_cost_usd = fields.String(allow_none=True, metadata={
         "description": "Model calls' cost (cloud and local)"})
     meter_cost_usd = fields.String(allow_none=True, metadata={
@@ -78,6 +85,8 @@ class MarginRowSchema(Schema):
     meter_cost_usd = fields.String(allow_none=True, metadata={
         "description": "Custom meters' cost (in cost_usd); by model, a meter is a row "
                        "\"meter:<id>\""})
+    meter_revenue_usd = fields.String(allow_none=True, metadata={
+        "description": "Meter overage billed (in revenue_usd); null by model"})
     margin_usd = fields.String(allow_none=True)
     margin_percent = fields.String(allow_none=True)
     active_users = fields.Integer()

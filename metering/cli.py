@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from core.cli import context
+from core.cli import CommandContext, context
 
 
 @click.group()
@@ -142,19 +142,23 @@ def billing() -> None:
 @click.option("--retry-refused", is_flag=True,
               help="Send again the overage Stripe refused before (after fixing the cause).")
 def billing_report_overage(retry_refused: bool) -> None:
-    """Account recent usage, then send overage not yet reported to Stripe (meter events)."""
+    """Account recent usage, then send overage not yet reported to Stripe (meter events):
+    of tokens, and of [[meters]] meters past the plans' allowances."""
     from core.db import utcnow
     from core.errors import DomainError
     from metering.accrual import AccrualService
+    from plans.meter_stripe import MeterOverageReporter
     from plans.overage import OverageReporter
 
     ctx = context()
     ctx.part(AccrualService).accrue_all(utcnow())
     try:
         sent = ctx.part(OverageReporter).report(retry_refused=retry_refused)
+        meters = ctx.part(MeterOverageReporter).report(retry_refused=retry_refused)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
     click.echo(f"reported {sent} overage meter events to Stripe")
+    click.echo(f"reported {meters} overage events of [[meters]] to Stripe")
 
 
 @billing.command("reconcile")
@@ -191,6 +195,7 @@ def billing_reconcile(period: str) -> None:
             click.echo(f"{'':>11}{line.mismatched_count} calls accounted with other tokens "
                        f"or a split that does not add up, e.g. usage events "
                        f"{', '.join(map(str, line.mismatched))}")
+    bad_meters = _reconcile_meters(ctx, period)
     calls = sum(ln.events for ln in lines)
     bad = [ln for ln in lines if not ln.ok]
     if any(ln.unaccounted_count for ln in bad):
@@ -198,5 +203,30 @@ def billing_reconcile(period: str) -> None:
                    "never accounted", err=True)
     if bad:
         raise click.ClickException(f"{len(bad)} of {len(lines)} end users differ for {period}")
+    if bad_meters:
+        raise click.ClickException(f"the overage of {bad_meters} meters of end users differs "
+                                   f"for {period}")
     click.echo(f"{period}: {calls:,} calls of {len(lines)} end users checked against the "
                f"ledger, {len(shown)} with overage, all reconciled")
+
+
+def _reconcile_meters(ctx: CommandContext, period: str) -> int:
+    """The month's overage of [[meters]] meters per end user: accounted, reported, summed by
+    Stripe; returns how many differ."""
+    from core.errors import DomainError
+    from core.meters import format_units
+    from plans.meter_stripe import MeterOverageReporter
+
+    try:
+        lines = ctx.part(MeterOverageReporter).by_user(period)
+    except DomainError as exc:
+        raise click.ClickException(exc.detail) from exc
+    if lines:
+        click.echo(f"{'end user':>9}  {'customer':<24} {'meter':<20} {'accounted':>10} "
+                   f"{'reported':>10} {'stripe':>10}  state")
+    for ln in lines:
+        stripe_sum = "-" if ln.stripe is None else format_units(ln.stripe)
+        click.echo(f"{ln.end_user_id:>9}  {ln.customer or '-':<24} {ln.meter[:20]:<20} "
+                   f"{format_units(ln.accounted):>10} {format_units(ln.reported):>10} "
+                   f"{stripe_sum:>10}  {'ok' if ln.ok else 'DIFFERENCE'}")
+    return sum(1 for ln in lines if not ln.ok)

@@ -59,6 +59,23 @@ class MeterEventBatchResultSchema(Schema):
         "description": "Per event, in order: the event, or its error as problem details"})
 
 
+class MeterAllowanceSchema(Schema):
+    included = fields.String(metadata={"description": "Included per billing cycle, in the "
+                                       "meter's unit"})
+    used = fields.String(metadata={"description": "Counted in the open cycle (when received)"})
+    remaining = fields.String(metadata={"description": "Of the allowance, left this cycle"})
+    overage = fields.String(metadata={"description": "Past the allowance this cycle: billed "
+                                      "as overage (0 on a plan with a hard stop)"})
+    overage_price = fields.String(allow_none=True, metadata={
+        "description": "Minor units of the plan's currency per unit past the allowance "
+                       "(null: the allowance is a hard stop)"})
+    overage_amount = fields.String(metadata={"description": "What this cycle's overage costs, "
+                                             "exact minor units of currency"})
+    currency = fields.String(allow_none=True)
+    cycle_start = fields.String()
+    cycle_end = fields.String()
+
+
 class MeterTotalSchema(Schema):
     meter = fields.String()
     unit = fields.String()
@@ -66,6 +83,9 @@ class MeterTotalSchema(Schema):
     value = fields.String(metadata={"description": "The aggregate in the meter's unit"})
     events = fields.Integer()
     cost_usd = fields.String()
+    allowance = fields.Nested(MeterAllowanceSchema, allow_none=True, metadata={
+        "description": "What the user's plan includes of the meter in the open billing cycle "
+                       "(null: none)"})
 
 
 class MeterUsageSchema(Schema):

@@ -32,6 +32,7 @@ from metering.limitstore import Actual
 from metering.models import MeterEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
 from metering.thresholds import LimitEvent, Usage, crossed
+from plans.meter_overage import MeterCycle, MeterEventIn, account_in, cycles_of
 from plans.windows import epoch_ms
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class MeterService:
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 session.add(row)
+                self._account(session, row)
         except IntegrityError:  # the same key, recorded at this moment by another request
             self._settle(held, keep=False)
             found = self._find(app_id, idempotency_key)
@@ -147,6 +149,17 @@ class MeterService:
             except LimitStoreUnavailableError:
                 log.error("limit store unavailable: meter event %s is recorded, not counted; "
                           "run `meterlane limits rebuild` once it is back", key)
+
+    def _account(self, session: Session, row: MeterEvent) -> None:
+        """Count the event against the plan's allowance of its meter (its overage, if any,
+        written) in the transaction that records it: once, and never one without the other."""
+        if not any(p.terms.meter(row.meter_id) for p in self.limits.catalog.plans):
+            return  # no plan includes an allowance of this meter
+        session.flush()  # (the event's id keys its overage)
+        conn = session.connection()
+        account_in(conn, self.limits.plans.plan_of(row.end_user_id, conn), MeterEventIn(
+            row.id, row.app_id, row.end_user_id, row.meter_id, row.value_micro,
+            row.occurred_at, row.received_at))
 
     def _plan_of(self, end_user_id: int) -> str | None:
         """The user's plan, for finance's margins by plan (None: no plans configured)."""
@@ -260,6 +273,15 @@ class MeterService:
                      "unique_count": distinct * METER_SCALE}[meter.aggregation]
             out.append(MeterTotal(meter, int(value), int(events), int(cost or 0)))
         return out
+
+
+    def cycles(self, end_user_id: int) -> list[MeterCycle]:
+        """The allowance, use and overage of each meter the user's plan includes, in the
+        open billing cycle."""
+        if not self.limits.catalog.plans:
+            return []
+        return cycles_of(self.engine, end_user_id, self.limits.plans.plan_of(end_user_id),
+                         self.clock())
 
 
 def _reading(meter: MeterConfig, value: Any,

@@ -25,6 +25,7 @@ from metering.meter_schemas import (
 )
 from metering.meters import MeterOutcome, MeterService
 from metering.pricing import format_usd
+from plans.meter_overage import MeterCycle
 
 bp = Blueprint("meters", __name__, url_prefix="/v1")
 
@@ -92,7 +93,8 @@ def record_batch() -> Response:
 
 @bp.get("/users/<path:user>/meters")
 @documented(summary="An end user's total of each meter over a period (default: this month, "
-            "UTC), aggregated as each meter says", query=MeterUsageQuerySchema,
+            "UTC), aggregated as each meter says; and the plan's allowance of it in the open "
+            "billing cycle: included, used, overage", query=MeterUsageQuerySchema,
             response=MeterUsageSchema, tag="quota")
 def user_meters(user: str) -> Response:
     principal = current_principal()
@@ -102,11 +104,21 @@ def user_meters(user: str) -> Response:
     args = MeterUsageQuerySchema().load(request.args.to_dict())
     meters = part(MeterService)
     start, end = meters.period(args["start"], args["end"])
-    totals = meters.totals(
-        app_id, part(TenancyService).seen_end_user(app_id, user), start, end)
+    end_user_id = part(TenancyService).seen_end_user(app_id, user)
+    totals = meters.totals(app_id, end_user_id, start, end)
+    cycles = {c.meter: _allowance(c) for c in meters.cycles(end_user_id)}
     return json_response(MeterUsageSchema().dump({
         "user": user, "start": start.isoformat(), "end": end.isoformat(),
         "meters": [{"meter": t.meter.id, "unit": t.meter.unit,
                     "aggregation": t.meter.aggregation, "value": format_units(t.value_micro),
-                    "events": t.events, "cost_usd": format_usd(t.cost_pico_usd)}
-                   for t in totals]}))
+                    "events": t.events, "cost_usd": format_usd(t.cost_pico_usd),
+                    "allowance": cycles.get(t.meter.id)} for t in totals]}))
+
+
+def _allowance(c: MeterCycle) -> dict[str, Any]:
+    return {"included": format_units(c.included), "used": format_units(c.used),
+            "remaining": format_units(max(0, c.included - c.used)),
+            "overage": format_units(c.overage),
+            "overage_price": None if c.overage_price is None else str(c.overage_price),
+            "overage_amount": f"{c.overage_minor.normalize():f}", "currency": c.currency,
+            "cycle_start": c.cycle_start.isoformat(), "cycle_end": c.cycle_end.isoformat()}

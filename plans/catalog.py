@@ -255,7 +255,17 @@ def _plan(table: dict[str, Any], where: _Where, models: frozenset[str] | None,
     name = table.get("name", plan_id)
     if not isinstance(name, str):
         raise fail("name", name, "name must be a string")
-    terms = parse_terms(table, fail, tiers)
+    terms = parse_terms(table, fail, tiers, meters or {})
+    for allowance in terms.meters:
+        if allowance.overage_price is None:  # no overage: the allowance is a hard stop
+            if f"{ALLOWANCE_ID}-{allowance.meter}" in ids:
+                raise fail("id", f"{ALLOWANCE_ID}-{allowance.meter}", "that limit id is the "
+                           f"plan's allowance of meter {allowance.meter!r}: name it otherwise")
+            meter = (meters or {})[allowance.meter]
+            limits += (LimitSpec(id=f"{ALLOWANCE_ID}-{allowance.meter}",
+                                 metric=f"{METER_PREFIX}{allowance.meter}",
+                                 window=parse_window("cycle", tz), amount=allowance.included,
+                                 unit=meter.unit),)
     if terms.allowance is not None:
         if ALLOWANCE_ID in ids:
             raise fail("id", ALLOWANCE_ID, f"limit id {ALLOWANCE_ID!r} is the plan's "

@@ -77,7 +77,7 @@ class CheckoutService:
             ref, mode = plan.ref, "subscription"
             meta["mlane_plan"] = ref
             # overage is billed by a metered price on the same subscription
-            extra_prices = [f"{ref}:overage"] if plan.terms.overage else []
+            extra_prices = plan.terms.metered_price_keys(ref)
             subscription: dict[str, Any] = {"metadata": dict(meta)}
             if plan.terms.trial_days:
                 subscription["trial_period_days"] = plan.terms.trial_days

@@ -202,3 +202,40 @@ class AllowanceOffset(Base):
     end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
     cycle_start: Mapped[datetime] = mapped_column(primary_key=True)
     credits: Mapped[int] = mapped_column(BigInteger)
+
+
+class MeterOverage(Base):
+    """What one meter event used of a [[meters]] meter past the plan's allowance of it: billed
+    as overage (a Stripe meter event per meter, keyed by the meter event's id)."""
+
+    __tablename__ = "meter_overages"
+    __table_args__ = (Index("ix_meter_overages_user_happened", "end_user_id", "happened_at"),)
+
+    meter_event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    app_id: Mapped[int] = mapped_column(ForeignKey("apps.id"))
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"))
+    meter_id: Mapped[str] = mapped_column(String(64))
+    plan_id: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int]
+    units_micro: Mapped[int] = mapped_column(BigInteger)  # of the meter, past the allowance
+    # the plan version's price then: minor units of `currency` per unit of the meter
+    price_minor: Mapped[str] = mapped_column(String(40))
+    currency: Mapped[str] = mapped_column(String(3))
+    # when it counts: in the billing cycle it was counted in (a late event's: the cycle's
+    # start), never in an invoice already closed
+    happened_at: Mapped[datetime]
+    reported_at: Mapped[datetime | None]
+    report_attempted_at: Mapped[datetime | None]  # as CreditOverage's
+    report_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class MeterCycleUse(Base):
+    """How much of a meter an end user used in a billing cycle (against the plan's allowance
+    of it); the meter's events are counted here in the transaction that records them."""
+
+    __tablename__ = "meter_cycle_uses"
+
+    end_user_id: Mapped[int] = mapped_column(ForeignKey("end_users.id"), primary_key=True)
+    meter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cycle_start: Mapped[datetime] = mapped_column(primary_key=True)
+    used_micro: Mapped[int] = mapped_column(BigInteger)

@@ -14,7 +14,7 @@ import stripe
 from core.config import Config
 from core.errors import DomainError
 from plans.catalog import Catalog, Plan
-from plans.terms import CreditPack
+from plans.terms import CreditPack, MeterAllowance, meter_price_key
 
 PRODUCT_PREFIX = "mlane_"
 METER_EVENT = "mlane_overage_credits"
@@ -71,6 +71,7 @@ def sync(client: stripe.StripeClient, catalog: Catalog) -> list[SyncChange]:
                                if plan.terms.overage and meter)
         for pack in catalog.packs:
             changes.extend(_pack(client, pack))
+        changes.extend(_sync_meters(client, catalog))
     except stripe.StripeError as exc:
         raise BillingProviderError(f"The Stripe sync failed: {exc.user_message or exc}") \
             from exc
@@ -188,3 +189,57 @@ def _overage_price(client: stripe.StripeClient, plan: Plan, meter: str) -> SyncC
         "nickname": f"{plan.name} v{plan.version} overage",
         "metadata": {"mlane_plan": plan.id, "mlane_version": str(plan.version)}})
     return SyncChange("price", overage_key(plan), "created", created.id)
+
+
+def event_name(meter_id: str) -> str:
+    """The Stripe meter a [[meters]] meter's overage is reported to."""
+    return f"mlane_meter_{meter_id}"
+
+
+def _sync_meters(client: stripe.StripeClient, catalog: Catalog) -> list[SyncChange]:
+    """The Stripe meter of each meter some plan bills overage of, and each plan version's
+    metered price of it (the plan's product exists: stripe_sync made it first)."""
+    billed = [(plan, m) for plan in catalog.plans if plan.terms.price
+              for m in plan.terms.meters if m.overage_price is not None]
+    if not billed:
+        return []
+    active = {m.event_name: m.id for m in client.v1.billing.meters.list(
+        params={"status": "active", "limit": 100}).data}
+    changes: list[SyncChange] = []
+    for meter_id in dict.fromkeys(m.meter for _, m in billed):
+        name = event_name(meter_id)
+        if name in active:
+            changes.append(SyncChange("meter", name, "unchanged", active[name]))
+            continue
+        active[name] = client.v1.billing.meters.create(params={
+            "display_name": f"Meterlane overage: {meter_id}", "event_name": name,
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+            "value_settings": {"event_payload_key": "value"}}).id
+        changes.append(SyncChange("meter", name, "created", active[name]))
+    changes.extend(_meter_price(client, plan, m, active[event_name(m.meter)]) for plan, m in billed)
+    return changes
+
+
+def _meter_price(client: stripe.StripeClient, plan: Plan, allowance: MeterAllowance,
+           meter: str) -> SyncChange:
+    """A metered price per unit of the meter, exact in decimal minor units."""
+    key = meter_price_key(plan.ref, allowance.meter)
+    price = plan.terms.price
+    assert price is not None and allowance.overage_price is not None
+    found = client.v1.prices.list(params={"lookup_keys": [key], "limit": 1}).data
+    if found:
+        existing = Decimal(found[0].unit_amount_decimal or "0")
+        if existing != allowance.overage_price:
+            return SyncChange("price", key, "conflict", f"Stripe has {existing} per unit; the "
+                              f"catalog says {allowance.overage_price}: publish the change as "
+                              "a new version")
+        return SyncChange("price", key, "unchanged", found[0].id)
+    created = client.v1.prices.create(params={
+        "product": product_id(plan.id), "currency": price.currency,
+        "unit_amount_decimal": allowance.overage_price, "lookup_key": key,
+        "recurring": {"interval": price.interval, "usage_type": "metered", "meter": meter},
+        "nickname": f"{plan.name} v{plan.version} {allowance.meter} overage",
+        "metadata": {"mlane_plan": plan.id, "mlane_version": str(plan.version),
+                     "mlane_meter": allowance.meter}})
+    return SyncChange("price", key, "created", created.id)

@@ -183,7 +183,7 @@ class SubscriptionService:
                 schedule if isinstance(schedule, str) else schedule.id)
 
     def _prices(self, client: stripe.StripeClient, plan: Plan) -> list[str]:
-        keys = [plan.ref] + ([f"{plan.ref}:overage"] if plan.terms.overage else [])
+        keys = [plan.ref, *plan.terms.metered_price_keys(plan.ref)]
         found = {p.lookup_key: p.id for p in client.v1.prices.list(
             params={"lookup_keys": keys, "limit": 10}).data if p.active}
         missing = [k for k in keys if k not in found]

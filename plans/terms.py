@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from core.config import ConfigError
+from core.meters import METER_SCALE, MeterConfig, parse_unit_price, parse_value
 
 INTERVALS = ("month", "year")
 MAX_MINOR = 10**12          # a price or cap above 10 billion in major units is a typo
@@ -19,7 +21,10 @@ MAX_CREDITS = 10**15        # as the limits engine's token amounts
 MAX_MULTIPLIER = 10**6
 MAX_TRIAL_DAYS = 730
 TERM_KEYS = {"version", "price", "trial_days", "tiers", "allowance", "overage",
-             "credit_multipliers", "rollover_cap", "upgrade_carries_usage", "retired"}
+             "credit_multipliers", "rollover_cap", "upgrade_carries_usage", "retired",
+             "meters"}
+MAX_METER_INCLUDED = 9 * 10**9 * METER_SCALE  # micro-units, as a meter limit's amount
+MAX_METERED_PRICES = 8  # + the plan's price and its token overage: Stripe's 10 lookup keys
 
 Fail = Callable[[str, Any, str], ConfigError]
 
@@ -46,6 +51,22 @@ class Overage:
 
 
 @dataclass(frozen=True)
+class MeterAllowance:
+    """What a plan includes of a [[meters]] meter per billing cycle, and what it charges past
+    that: `overage_price` minor units of the plan's currency per unit of the meter, or None
+    (a hard stop at the allowance)."""
+
+    meter: str
+    included: int                     # micro-units of the meter per billing cycle
+    overage_price: Decimal | None     # minor units per unit (exact; "0.5" = half a cent)
+
+    def charge(self, units_micro: int) -> Decimal:
+        """Minor units for `units_micro` of overage, exact (never rounded here)."""
+        assert self.overage_price is not None
+        return self.overage_price * units_micro / METER_SCALE
+
+
+@dataclass(frozen=True)
 class Terms:
     version: int = 1
     price: Price | None = None            # None: a free plan
@@ -57,6 +78,16 @@ class Terms:
     rollover_cap: int = 0                 # unused allowance carried over as credits, at most
     upgrade_carries_usage: bool = True    # on an upgrade, usage so far counts on the new plan
     retired: bool = False                 # sold no more; its subscribers keep it
+    meters: tuple[MeterAllowance, ...] = ()  # allowances of [[meters]] meters per cycle
+
+    def meter(self, meter_id: str) -> MeterAllowance | None:
+        return next((m for m in self.meters if m.meter == meter_id), None)
+
+    def metered_price_keys(self, ref: str) -> list[str]:
+        """Lookup keys of the metered Stripe prices a subscription to this version carries:
+        token overage, then each meter's overage."""
+        return ([f"{ref}:overage"] if self.overage else []) + [
+            meter_price_key(ref, m.meter) for m in self.meters if m.overage_price is not None]
 
     def credits_per_token(self, tier: str) -> int:
         return self.credit_multipliers.get(tier, 1)
@@ -65,7 +96,13 @@ class Terms:
         return self.tiers is None or tier in self.tiers
 
 
-def parse_terms(table: dict[str, Any], fail: Fail, tiers_known: frozenset[str] | None) -> Terms:
+def meter_price_key(ref: str, meter_id: str) -> str:
+    """The lookup key of a plan version's metered price of a meter's overage: "pro@2:meter:x"."""
+    return f"{ref}:meter:{meter_id}"
+
+
+def parse_terms(table: dict[str, Any], fail: Fail, tiers_known: frozenset[str] | None,
+                meters_known: dict[str, MeterConfig] | None = None) -> Terms:
     version = table.get("version", 1)
     if not _is_int(version) or not 1 <= version <= 10**6:
         raise fail("version", version, "version must be a whole number from 1")
@@ -96,9 +133,63 @@ def parse_terms(table: dict[str, Any], fail: Fail, tiers_known: frozenset[str] |
         if not isinstance(value, bool):
             raise fail(key, value, f"{key} must be true or false")
         flags[key] = value
+    meters = _meter_allowances(table.get("meters", {}), fail, meters_known or {}, price)
     return Terms(version=version, price=price, trial_days=trial, tiers=tiers,
                  allowance=allowance, overage=overage, credit_multipliers=multipliers,
-                 rollover_cap=rollover, **flags)
+                 rollover_cap=rollover, meters=meters, **flags)
+
+
+def _meter_allowances(value: Any, fail: Fail, known: dict[str, MeterConfig],
+                      price: Price | None) -> tuple[MeterAllowance, ...]:
+    """[plans.meters.<id>] tables: included = <units>, overage_price = "<minor units>"."""
+    shape = '[plans.meters.web_search_calls] with included = 100, overage_price = "1"'
+    if not isinstance(value, dict):
+        raise fail("meters", value, f"meters must be tables like {shape}")
+    out = []
+    for meter_id, entry in value.items():
+        meter = known.get(meter_id)
+        if meter is None:
+            raise fail("meters", meter_id, f"meters.{meter_id}: no such meter in [[meters]] "
+                       f"(known: {', '.join(sorted(known)) or 'none'})")
+        if meter.aggregation not in ("sum", "count"):
+            raise fail("meters", meter_id, f"meters.{meter_id}: meter {meter_id!r} aggregates "
+                       f"by {meter.aggregation}; only sum and count meters have an allowance")
+        if not isinstance(entry, dict) or set(entry) - {"included", "overage_price"}:
+            raise fail(meter_id, entry, f"meters.{meter_id} must be a table like {shape}")
+        included = parse_value(entry.get("included"))
+        if included is None or not 0 <= included <= MAX_METER_INCLUDED:
+            raise fail("included", entry.get("included"), f"meters.{meter_id}.included must "
+                       f"be a number of {meter.unit} from 0 to "
+                       f"{MAX_METER_INCLUDED // METER_SCALE:,} (at most 6 decimals, as a "
+                       "string if not whole)")
+        overage = _minor_price(entry["overage_price"], meter_id, fail) \
+            if "overage_price" in entry else None
+        if overage is not None and price is None:
+            raise fail("overage_price", entry["overage_price"], f"meters.{meter_id}: overage "
+                       "needs a price (the plan's currency and its Stripe subscription)")
+        if overage is None and included == 0:
+            raise fail("included", 0, f"meters.{meter_id}: included = 0 without an "
+                       "overage_price allows none of it; set a limit with amount instead")
+        out.append(MeterAllowance(meter_id, included, overage))
+    if sum(1 for m in out if m.overage_price is not None) > MAX_METERED_PRICES:
+        raise fail("meters", value, f"at most {MAX_METERED_PRICES} meters of a plan may have "
+                   "an overage_price (Stripe finds at most 10 prices of a subscription at once)")
+    return tuple(out)
+
+
+def _minor_price(value: Any, meter_id: str, fail: Fail) -> Decimal:
+    """Minor units per unit: read as a meter's price per unit is (exact, at most 6 decimals,
+    at most 10,000), and above 0."""
+    try:
+        minor = parse_unit_price(value)
+    except ValueError:
+        minor = Decimal(0)
+    if not minor > 0:
+        raise fail("overage_price", value, f"meters.{meter_id}.overage_price must be minor "
+                   "units of the plan's currency per unit, above 0 and at most 10,000, as a "
+                   f"decimal string with at most 6 decimals (\"1\" = 1 cent, \"0.5\" = half a "
+                   f"cent); got {value!r}")
+    return minor
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ def content_of(plan: Plan) -> dict[str, Any]:
         "limits": [{"id": x.id, "metric": x.metric, "window": x.window.spec,
                     "timezone": x.window.tz, "amount": x.amount, "scope": x.scope,
                     "model": x.model} for x in plan.limits],
+        # (only when set: the hashes of versions published before meters stay as they were)
+        **({"meters": [{"meter": m.meter, "included": m.included,
+                        "overage_price": str(m.overage_price) if m.overage_price else None}
+                       for m in t.meters]} if t.meters else {}),
     }
 
 
