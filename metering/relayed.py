@@ -37,24 +37,31 @@ class RelayedEvents:
         """Record each item's event for the call's end user; returns how many were new. Never
         raises: an event the database cannot take now is spooled, anything else is logged
         and counted."""
-        new = 0
+        new, away = 0, None
         for meter_id, item_id in dict.fromkeys(items):
             if self.meters.config.meter(meter_id) is None:
                 continue
             row = {"app_id": call.app_id, "end_user_id": call.end_user_id, "meter": meter_id,
                    "key": f"{call.request_id}:{item_id}", "request_id": call.request_id,
                    "occurred_at": call.created_at.isoformat()}
+            if away is not None:  # the database failed this call's last event: the rest
+                self._spool(row, away)  # are not tried one by one
+                continue
             try:
                 new += self._write(row) == "written"
             except DomainError as exc:  # can never be recorded (a key reused by another meter)
                 self._failed("meter_event_refused", row, exc)
             except Exception as exc:  # noqa: BLE001 - the database is away: kept on disk
-                self._failed("meter_event_spooled", row, exc)
-                try:
-                    self.spool.append(row)
-                except Exception:  # noqa: BLE001 - neither database nor disk took it
-                    self._failed("meter_event_lost", row, exc)
+                away = exc
+                self._spool(row, exc)
         return new
+
+    def _spool(self, row: dict[str, Any], exc: Exception) -> None:
+        self._failed("meter_event_spooled", row, exc)
+        try:
+            self.spool.append(row)
+        except Exception:  # noqa: BLE001 - neither database nor disk took it
+            self._failed("meter_event_lost", row, exc)
 
     def _write(self, row: dict[str, Any]) -> str:
         outcome = self.meters.record_for_user(
