@@ -117,6 +117,10 @@ class Wiring:
         ready.add_exporter(self.jobs.prometheus)
         ready.add_gauge("ledger_spooled", "Usage records spooled to disk while the database "
                         "was away, waiting for the next replay", ledger.spooled)
+        relayed = self.metering.relayed
+        if relayed is not None:
+            ready.add_gauge("meter_events_spooled", "Meter events of relayed calls (web "
+                            "searches) spooled while the database was away", relayed.spooled)
         return Parts([*(getattr(self, f.name) for f in fields(self) if f.name != "redis"),
                       ready])
 
@@ -172,7 +176,9 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     from metering.ledger import LedgerWriter
     from metering.limits import LimitsService
     from metering.meters import MeterService
+    from metering.relayed import RelayedEvents
     from metering.service import MeteringService
+    from metering.spool import Spool
     from migrations.schema import ensure_schema_current
     from paywall.acknowledge import Acknowledger
     from paywall.cancel_flow import CancelFlow
@@ -255,6 +261,9 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     idempotency = IdempotencyService(engine, lapse=lapse_for(config))
     meters = MeterService(engine, config, tenancy, limits)
     meters.price_at = finance.meter_prices.price_at
+    # what a relayed call did upstream that a meter counts (web searches), spooled apart
+    metering.relayed = RelayedEvents(meters, Spool(ledger.spool_dir / "meters", "meters"),
+                                     lambda kind: metrics.errors.labels(kind=kind).inc())
     jobs = JobBoard(engine, scheduled_jobs(
         config, events=events, notices=notices, accrual=accrual,
         overage=(overage, meter_overage), finance=finance, limits=limits, ledger=ledger,
@@ -417,6 +426,8 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["parts"] = wiring.parts()
     try:  # never stops the start: what the database refuses goes to the quarantine
         spooled = wiring.ledger.replay()
+        if wiring.metering.relayed is not None:  # the meter events of relayed calls
+            spooled += wiring.metering.relayed.replay()
         lost = wiring.metering.recover_lost()  # calls of workers that died mid-call
         if lost:
             log.warning("recorded %d calls whose worker died before recording them", lost)

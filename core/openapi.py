@@ -23,14 +23,22 @@ IDEMPOTENCY_KEY = {
 def documented(*, summary: str, response: type[Schema] | None = None, status: int = 200,
                query: type[Schema] | None = None, body: type[Schema] | None = None,
                tag: str = "meterlane", content_type: str = "application/json",
-               body_types: tuple[str, ...] = ("application/json",)) -> Callable[[F], F]:
+               body_types: tuple[str, ...] = ("application/json",),
+               bodies: dict[str, Any] | None = None, statuses: dict[int, str] | None = None,
+               errors: dict[int, str] | None = None) -> Callable[[F], F]:
     """Attach what the OpenAPI document says of a view; the document reads it from the route.
-    `content_type` is the response's, `body_types` the request bodies it takes."""
+    `content_type` is the response's, `body_types` the request bodies it takes (each with
+    `body`), or `bodies` each content type's own schema (a Schema class, or a schema object
+    whose items may be one). `statuses` says what a success status means (more than
+    `status`: each answered with `response`), `errors` the problem statuses worth naming
+    (the rest are `default`)."""
 
     def wrap(view: F) -> F:
         setattr(view, _ATTR, {"summary": summary, "response": response, "status": status,
                               "query": query, "body": body, "tag": tag,
-                              "content_type": content_type, "body_types": body_types})
+                              "content_type": content_type, "body_types": body_types,
+                              "bodies": bodies, "statuses": statuses or {},
+                              "errors": errors or {}})
         return view
 
     return wrap
@@ -73,13 +81,21 @@ def _operation(rule: Any, meta: dict[str, Any], problem: dict[str, Any]) -> dict
         op["security"] = [{"bearer": []}]
     if meta["query"] is not None:
         op["parameters"].append({"in": "query", "schema": meta["query"]})
-    if meta["body"] is not None:
+    if meta["bodies"] is not None:
+        op["requestBody"] = {"required": True, "content": {
+            t: {"schema": schema} for t, schema in meta["bodies"].items()}}
+    elif meta["body"] is not None:
         op["requestBody"] = {"content": {t: {"schema": meta["body"]}
                                          for t in meta["body_types"]}}
-    ok: dict[str, Any] = {"description": "OK"}
+    ok: dict[str, Any] = {"description": meta["statuses"].get(meta["status"], "OK")}
     if meta["response"] is not None:
         ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}
     elif meta["content_type"] != "application/json":
         ok["content"] = {meta["content_type"]: {"schema": {"type": "string"}}}
-    op["responses"] = {str(meta["status"]): ok, "default": problem}
+    op["responses"] = {str(meta["status"]): ok}
+    for status, why in meta["statuses"].items():
+        op["responses"][str(status)] = {**ok, "description": why}
+    for status, why in meta["errors"].items():
+        op["responses"][str(status)] = {**problem, "description": why}
+    op["responses"]["default"] = problem
     return op

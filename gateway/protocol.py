@@ -129,6 +129,29 @@ def texts_of_choices(doc: Any) -> list[str]:
     return out
 
 
+# Output items of a Response that a [[meters]] entry counts: the item type, and the meter.
+TOOL_METERS = {"web_search_call": "web_search_calls"}
+
+
+def metered_item(item: Any, index: Any) -> tuple[str, str] | None:
+    """(meter id, item id) for one output item a meter counts, else None. An item whose id is
+    missing or not a short printable string is named by its place in the output."""
+    if not isinstance(item, dict) or item.get("type") not in TOOL_METERS:
+        return None
+    item_id = item.get("id")
+    if not (isinstance(item_id, str) and 0 < len(item_id) <= 200 and item_id.isprintable()):
+        item_id = f"output-{index}"
+    return TOOL_METERS[item["type"]], item_id
+
+
+def metered_items(doc: Any) -> list[tuple[str, str]]:
+    """The metered items of a Response's output (nothing for any other answer)."""
+    output = doc.get("output") if isinstance(doc, dict) else None
+    if not isinstance(output, list):
+        return []
+    return [found for i, item in enumerate(output) if (found := metered_item(item, i))]
+
+
 def _message_texts(message: dict[str, Any], out: list[str]) -> None:
     for key in ("content", "refusal", "reasoning_content", "reasoning"):
         value = message.get(key)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway import responses
-from gateway.protocol import UsageReading, read_usage
+from gateway.protocol import UsageReading, metered_item, metered_items, read_usage
 from gateway.streaming import StreamRelay
 from metering.records import CallRecord
 
@@ -188,6 +188,8 @@ class ResponsesRelay(StreamRelay):
         self.final = b""
         self.sequence = 0  # the next sequence number (for the gateway's own error event)
         self._texts: dict[tuple[Any, ...], list[str]] = {}
+        # Metered items (web searches) seen done, or in the final response: each once.
+        self._items: dict[tuple[str, str], None] = {}
 
     def _forward(self, event: bytes) -> bytes:
         payload = next((line[5:].strip() for line in event.split(b"\n")
@@ -204,6 +206,10 @@ class ResponsesRelay(StreamRelay):
         if kind in _DELTAS and isinstance(doc.get("delta"), str):
             key = (doc.get("output_index"), doc.get("content_index"), kind)
             self._texts.setdefault(key, []).append(doc["delta"])
+        if kind == "response.output_item.done":
+            found = metered_item(doc.get("item"), doc.get("output_index"))
+            if found is not None:
+                self._items[found] = None
         if kind in ("error", "response.failed"):
             response = responses.as_dict(doc.get("response"))
             self._take_usage(response)
@@ -219,12 +225,16 @@ class ResponsesRelay(StreamRelay):
         return event + b"\n\n"
 
     def _take_usage(self, response: Any) -> None:
+        self._items.update(dict.fromkeys(metered_items(response)))
         reading = read_usage(response)
         if reading != UsageReading():
             self.reading = reading
 
     def texts(self) -> list[str]:
         return ["".join(parts) for parts in self._texts.values()]
+
+    def metered_items(self) -> list[tuple[str, str]]:
+        return list(self._items)
 
 
 def _copy(item: dict[str, Any]) -> dict[str, Any]:

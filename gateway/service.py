@@ -30,7 +30,7 @@ from core.metrics import Metrics
 from core.tenancy import TenancyService
 from gateway import anthropic
 from gateway.outage import record_database_refusal
-from gateway.protocol import UsageReading, read_usage, texts_of_choices
+from gateway.protocol import UsageReading, metered_items, read_usage, texts_of_choices
 from gateway.router import Route, Router
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
@@ -208,6 +208,7 @@ class GatewayService:
         self.router.succeeded(upstream.name)
         _take_usage(outcome, read_usage(doc))
         outcome.output_texts = lambda: texts_of_choices(doc)
+        outcome.metered_items = lambda: metered_items(doc)
         after = self._finish(outcome, started)
         assert outcome.record is not None
         return GatewayResponse(200, wire.response(data, doc, outcome.record),
@@ -431,7 +432,7 @@ class GatewayService:
             elif status == "ok":
                 self.router.succeeded(upstream.name)
             _take_usage(outcome, relay.reading)
-            outcome.output_texts = relay.texts
+            outcome.output_texts, outcome.metered_items = relay.texts, relay.metered_items
             settled = True
             after = self._finish(outcome, started, status=status, error=error)
 

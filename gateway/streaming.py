@@ -84,6 +84,11 @@ class StreamRelay:
     def usage(self) -> TokenUsage | None:
         return self.reading.usage
 
+    def metered_items(self) -> list[tuple[str, str]]:
+        """(meter id, item id) of what the stream shows the upstream did that a meter counts
+        (a chat stream shows none)."""
+        return []
+
     def texts(self) -> list[str]:
         """The generated text of the stream, joined per choice (parsed lazily: only needed
         for counting)."""

@@ -21,6 +21,9 @@ def ledger_replay() -> None:
     ctx = context()
     written = ctx.part(LedgerWriter).replay()
     click.echo(f"replayed {written} usage records")
+    relayed = ctx.part(MeteringService).relayed
+    if relayed is not None and relayed.spooled():
+        click.echo(f"replayed {relayed.replay()} meter events of relayed calls")
     lost = ctx.part(MeteringService).recover_lost()
     if lost:
         click.echo(f"recorded {lost} calls whose worker died before recording them")

@@ -113,8 +113,20 @@ Parsed_ = Parsed | MeterParsed | CorrectionParsed
 @bp.post("/events")
 @documented(summary="Ingest CloudEvents 1.0 (application/cloudevents+json, or a JSON array "
             "as application/cloudevents-batch+json): usage onto the same ledger as "
-            "/v1/meter/track, each id and source counted once", body=CloudEventSchema,
-            response=EventsResultSchema, status=201, tag="metering", body_types=(ONE,))
+            "/v1/meter/track, each id and source counted once",
+            bodies={ONE: CloudEventSchema, BATCH: {
+                "type": "array", "items": CloudEventSchema, "minItems": 1,
+                "maxItems": MAX_BATCH, "description": "A batch: each event is answered on "
+                "its own (one rejected does not refuse the others)"}},
+            response=EventsResultSchema, status=201, tag="metering",
+            statuses={201: "At least one event was tracked (each event's outcome in data)",
+                      200: "None was tracked: each was a duplicate or rejected (see data)"},
+            errors={400: "Not one event object (cloudevents+json), or not an array of 1 to "
+                         f"{MAX_BATCH} (cloudevents-batch+json)",
+                    403: "The key may not report usage for this app",
+                    415: "Not application/cloudevents+json nor "
+                         "application/cloudevents-batch+json",
+                    422: "The one event of a cloudevents+json body is invalid"})
 def events() -> Response:
     principal = current_principal()
     _ingester(principal)

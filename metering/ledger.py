@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import functools
 import logging
 import os
 import queue
 import threading
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,14 +18,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from core.tenancy import TenancyService
-from metering.intents import process_alive
 from metering.models import UsageEvent
 from metering.quarantine import Quarantine, describe, note
 from metering.records import CallRecord, cleaned, is_int, problem_of
+from metering.spool import Spool
 
 log = logging.getLogger(__name__)
 _TABLE = UsageEvent.__table__
-def _is_poison(exc: BaseException) -> bool:
+def is_poison(exc: BaseException) -> bool:
     """Whether the database refused a record for what it holds (a value it cannot store, a
     constraint it breaks): retrying it can never succeed, so it is quarantined. Anything else
     (no connection, a read-only standby after a failover, a missing table or permission) is
@@ -84,6 +81,7 @@ class LedgerWriter:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sql, self._params = _driver_insert(engine.dialect.name)
         self.spool_dir = spool_dir
+        self.spool = Spool(spool_dir, "usage")
         self.batch_max = batch_max
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
@@ -151,7 +149,7 @@ class LedgerWriter:
                     _TABLE.c.idempotency_key.in_({row["idempotency_key"] for row in rows}),
                     _TABLE.c.request_id.in_({row["request_id"] for row in rows})))}
         except Exception as exc:  # noqa: BLE001 - sorted below: nothing was written
-            outcome = "quarantined" if _is_poison(exc) else "spooled"
+            outcome = "quarantined" if is_poison(exc) else "spooled"
             note(logging.ERROR, "a batch of %d usage records was not written (%s): %s",
                  len(rows), describe(exc), outcome)
             for row in rows:
@@ -263,7 +261,7 @@ class LedgerWriter:
             result = self._insert(pending.row, dedupe=pending.dedupe)
             pending.result = "duplicate" if result == "mine" else result
         except Exception as exc:  # noqa: BLE001 - whatever failed, the record must survive
-            if _is_poison(exc):  # refused for what it holds: never retried on its own
+            if is_poison(exc):  # refused for what it holds: never retried on its own
                 self._quarantine(pending, f"{type(exc).__name__}: {exc}")
                 return
             note(logging.ERROR, "ledger write failed, spooling request %s: %s",
@@ -304,30 +302,12 @@ class LedgerWriter:
 
     # -- spool ---------------------------------------------------------------------------
 
-    def _spool_path(self) -> Path:
-        return self.spool_dir / f"usage-{os.getpid()}.jsonl"
-
     def _spool(self, row: dict[str, Any]) -> None:
-        line = orjson.dumps(row) + b"\n"
-        with self._lock:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            path = self._spool_path()
-            while True:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                # A replayer may have claimed (renamed) the file between open and lock.
-                if _same_file(fd, path):
-                    break
-                os.close(fd)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self.spool.append(row)
 
     def spooled(self) -> int:
         """Records in the spool waiting for a replay (every process's: one folder)."""
-        return sum(_lines(path) for path in self.spool_dir.glob("usage-*.jsonl"))
+        return self.spool.count()
 
     def spool_for_user(self, row: dict[str, Any], external_id: str) -> None:
         """Spool a record whose end user has no id yet (the database was away when the call
@@ -341,45 +321,7 @@ class LedgerWriter:
         still away stops the replay with the rest kept in the spool: this never raises, so a
         spool can never stop the service from starting. A file claimed by a process that
         died mid-replay is claimed again."""
-        written = 0
-        if not self.spool_dir.is_dir():
-            return 0
-        for path in sorted(self.spool_dir.iterdir()):
-            if path.name.endswith(".replaying"):
-                if _claimer_alive(path.name):
-                    continue
-            elif not path.name.startswith("usage-"):
-                continue
-            claimed = self.spool_dir / f"replay-{os.getpid()}-{uuid.uuid4().hex}.replaying"
-            try:
-                path.rename(claimed)
-            except FileNotFoundError:
-                continue  # another process claimed it
-            with claimed.open("rb") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # wait out a writer mid-append
-                lines = [raw for raw in fh.read().splitlines() if raw.strip()]
-            for n, raw in enumerate(lines):
-                result = self._replay_line(raw)
-                if result == "away":  # keep this line and the rest for the next replay
-                    self._respool(lines[n:])
-                    claimed.unlink()
-                    return written
-                written += result == "written"
-            claimed.unlink()
-        return written
-
-    def _respool(self, lines: list[bytes]) -> None:
-        """Lines not replayed, back in the spool: written whole and synced under a name no
-        replay reads, then renamed into place (atomic)."""
-        token = f"{os.getpid()}-{uuid.uuid4().hex}"
-        tmp = self.spool_dir / f".rest-{token}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"\n".join(lines) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.rename(self.spool_dir / f"usage-rest-{token}.jsonl")
+        return self.spool.drain(self._replay_line)
 
     def _replay_line(self, raw: bytes) -> str:
         """written | duplicate | quarantined | away (the database, or the quarantine, could
@@ -395,7 +337,7 @@ class LedgerWriter:
                 row["end_user_id"] = TenancyService(self.engine).ensure_end_user(
                     row["app_id"], row["end_user"])
             except Exception as exc:  # noqa: BLE001 - sorted as an insert's failure is
-                if _is_poison(exc):
+                if is_poison(exc):
                     return self._quarantine_line(row, f"{type(exc).__name__}: {exc}")
                 note(logging.ERROR, "replaying the spool stopped, the database is away: %s",
                      describe(exc))
@@ -411,7 +353,7 @@ class LedgerWriter:
                                   .startswith("meter."))
             return "duplicate" if result == "mine" else result
         except Exception as exc:  # noqa: BLE001 - sorted below
-            if _is_poison(exc):
+            if is_poison(exc):
                 return self._quarantine_line(row, f"{type(exc).__name__}: {exc}")
             note(logging.ERROR, "replaying the spool stopped, the database is away: %s",
                  describe(exc))
@@ -472,26 +414,3 @@ def _decode(raw: bytes) -> dict[str, Any]:
         row["credits_pending"] = row.get("plan_id") is not None  # accounting decide
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
-
-
-def _lines(path: Path) -> int:
-    try:
-        with path.open("rb") as f:
-            chunks = iter(functools.partial(f.read, 1 << 16), b"")
-            return sum(chunk.count(b"\n") for chunk in chunks)
-    except FileNotFoundError:  # replayed and removed meanwhile
-        return 0
-
-
-def _claimer_alive(name: str) -> bool:
-    """Whether the process that claimed a spool file for replay (its pid is in the name:
-    replay-PID-..., or usage-PID-... from earlier versions) still runs."""
-    parts = name.split("-")
-    return len(parts) >= 2 and parts[1].isdigit() and process_alive(int(parts[1]))
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False

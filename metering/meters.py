@@ -98,6 +98,27 @@ class MeterService:
         micro, unique = _reading(meter, value, data)
         text = _data_text(data)
         end_user_id = self.tenancy.ensure_end_user(app_id, user)
+        return self._record(app_id, end_user_id, meter, micro, unique, text, idempotency_key,
+                            occurred_at, request_id, enforce=enforce)
+
+    def record_for_user(self, app_id: int, end_user_id: int, meter_id: str,
+                        idempotency_key: str, occurred_at: datetime,
+                        request_id: str = "") -> MeterOutcome:
+        """One event of a meter counting 1 for an end user known by id, that already happened
+        (enforce=False): what the gateway records of a call it relayed."""
+        meter = self.config.meter(meter_id)
+        if meter is None:
+            raise InvalidRequestError(f"No meter {meter_id!r} in [[meters]].", param="meter")
+        micro, unique = _reading(meter, 1, None)
+        if meter.aggregation == "unique_count":
+            unique = idempotency_key[:300]  # each event its own value: each counts once
+        return self._record(app_id, end_user_id, meter, micro, unique, None, idempotency_key,
+                            occurred_at, request_id, enforce=False)
+
+    def _record(self, app_id: int, end_user_id: int, meter: MeterConfig, micro: int,
+                unique: str | None, text: str | None, idempotency_key: str,
+                occurred_at: datetime | None, request_id: str, *,
+                enforce: bool) -> MeterOutcome:
         earlier = self._find(app_id, idempotency_key)
         if earlier is not None:
             return _checked(earlier, meter.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -26,6 +26,9 @@ from metering.tokens import (
     count_responses_prompt,
     count_text,
 )
+
+if TYPE_CHECKING:
+    from metering.relayed import RelayedEvents
 
 ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
@@ -60,6 +63,9 @@ class CallOutcome:
     # True once the upstream accepted the call (a 2xx), so tokens were consumed.
     accepted: bool = False
     output_texts: Callable[[], list[str]] = field(default=lambda: [])
+    # (meter id, item id) of what the answer shows the upstream did that a [[meters]] entry
+    # may count: the web searches a Responses upstream ran (recorded after the ledger row).
+    metered_items: Callable[[], list[tuple[str, str]]] = field(default=lambda: [])
     # Let through while the limit store was down: count it into the limits later.
     limits_pending: bool = False
     lease: Any = None  # the limits lease held for the call (metering.limits.Lease)
@@ -115,6 +121,8 @@ class MeteringService:
         # Whether a plan's usage is accounted against an allowance (the row is then marked
         # credits_pending for the accounting).
         self.accounted: Callable[[str | None], bool] = lambda _plan: False
+        # Records the meter events a relayed call caused upstream (none: not recorded).
+        self.relayed: RelayedEvents | None = None
 
     def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
         return self.prices.price_at(model.name, at) if self.prices is not None else model.price
@@ -192,6 +200,8 @@ class MeteringService:
         )
         self.ledger.record(record)
         outcome.record = record
+        if self.relayed is not None and outcome.accepted:
+            self.relayed.record(record, outcome.metered_items())  # never raises
         return record
 
     def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,

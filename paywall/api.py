@@ -61,6 +61,8 @@ def widget() -> Response:
 
 # The widget's own words; a page asks for them in its user's language (no key needed).
 WIDGET_TEXTS = {"used": "{n} used", "left": "{n} left", "resets": "resets {when}",
+                # a meter's limit: its amounts are in the meter's own unit
+                "used_of": "{n} of {limit} {unit} used", "left_unit": "{n} {unit} left",
                 "frees": "frees up as running calls end", "decline": "Not now",
                 "expired": "Your quota session has expired: reload the page to see your quota.",
                 "failed": "The quota could not be loaded ({why})."}

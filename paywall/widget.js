@@ -85,6 +85,7 @@
 
   // The widget's words in the user's language (served by Meterlane: /widget/texts).
   var texts = {used: "{n} used", left: "{n} left", resets: "resets {when}",
+               used_of: "{n} of {limit} {unit} used", left_unit: "{n} {unit} left",
                frees: "frees up as running calls end", decline: "Not now",
                expired: "Your quota session has expired: reload the page to see your quota.",
                failed: "The quota could not be loaded ({why})."};
@@ -106,8 +107,15 @@
     fill.style.width = pct + "%";
     bar.appendChild(fill);
     row.appendChild(bar);
-    row.appendChild(el("div", "ml-used", say("used", {n: number(line.used)})));
-    row.appendChild(el("div", "ml-remaining", say("left", {n: number(line.remaining)})));
+    if (line.unit) {  // a meter's limit: "3 of 10 searches used", "7 searches left"
+      row.appendChild(el("div", "ml-used", say("used_of", {
+        n: number(line.used), limit: number(line.limit), unit: line.unit})));
+      row.appendChild(el("div", "ml-remaining", say("left_unit", {
+        n: number(line.remaining), unit: line.unit})));
+    } else {
+      row.appendChild(el("div", "ml-used", say("used", {n: number(line.used)})));
+      row.appendChild(el("div", "ml-remaining", say("left", {n: number(line.remaining)})));
+    }
     row.appendChild(el("div", "ml-resets", line.resets_at ? say("resets", {when: when(line.resets_at)})
                                                             : say("frees")));
     return row;

@@ -59,6 +59,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # the quota widget
     "{n} used": ("{n} verbraucht", "{n} utilisés"),
     "{n} left": ("{n} übrig", "{n} restants"),
+    "{n} of {limit} {unit} used": ("{n} von {limit} {unit} verbraucht",
+                                   "{n} sur {limit} {unit} utilisés"),
+    "{n} {unit} left": ("{n} {unit} übrig", "{n} {unit} restants"),
     "resets {when}": ("wird zurückgesetzt: {when}", "réinitialisation : {when}"),
     "frees up as running calls end": ("wird frei, sobald laufende Aufrufe enden",
                                       "se libère à la fin des appels en cours"),

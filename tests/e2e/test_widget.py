@@ -82,13 +82,12 @@ class Site:
         return f"{self.app}/{name}.html"
 
 
-@pytest.fixture(scope="module")
-def site(pg_server: str, upstream: FakeUpstream,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("widget")
+def serve_site(pg_server: str, upstream: FakeUpstream, tmp: Path, toml: str,
+               name: str) -> Iterator[Site]:
+    """A real `meterlane serve` with this config, and the app's own pages on another origin."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
-    url = create_database(pg_server, f"mlane_e2e_widget_{worker}")
-    (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + PLANS)
+    url = create_database(pg_server, f"mlane_e2e_{name}_{worker}")
+    (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + toml)
     env = {**os.environ, "MLANE_DATABASE_URL": url, "MLANE_CONFIG": str(tmp / "meterlane.toml"),
            "MLANE_DATA_DIR": str(tmp / "var"), "MLANE_KEY_CACHE_SECONDS": "0"}
     assert cli(env, "db", "upgrade").returncode == 0
@@ -102,8 +101,19 @@ def site(pg_server: str, upstream: FakeUpstream,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     engine = create_engine(url)
     try:
-        site = Site(base, f"http://127.0.0.1:{server.server_address[1]}",
-                    created.stdout.strip().splitlines()[-1], pages, engine)
+        yield Site(base, f"http://127.0.0.1:{server.server_address[1]}",
+                   created.stdout.strip().splitlines()[-1], pages, engine)
+    finally:
+        server.shutdown()
+        stop(proc)
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def site(pg_server: str, upstream: FakeUpstream,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    for site in serve_site(pg_server, upstream, tmp_path_factory.mktemp("widget"), PLANS,
+                           "widget"):
         # A published offer, whose headline tries to inject markup into the page
         draft = {**GOOD, "copy": {**GOOD["copy"], "de": {
             **GOOD["copy"]["de"], "headline": '<img src=x onerror="document.title=1">Pro'}}}
@@ -111,10 +121,6 @@ def site(pg_server: str, upstream: FakeUpstream,
         site.api("POST", f"/v1/paywall/offers/{GOOD['offer']}/versions/{made['version']}"
                  "/publish")
         yield site
-    finally:
-        server.shutdown()
-        stop(proc)
-        engine.dispose()
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -304,6 +304,41 @@ def test_cloudevents_content_type_and_keys(world: tuple[Any, Keys]) -> None:
     assert "/v1/events" in spec["paths"]
 
 
+def test_the_openapi_document_describes_both_cloudevents_bodies_and_the_answers(
+        world: tuple[Any, Keys]) -> None:
+    app, keys = world
+    client = app.test_client()
+    spec = client.get("/openapi.json").get_json()
+    op = spec["paths"]["/v1/events"]["post"]
+    bodies = op["requestBody"]["content"]
+    assert sorted(bodies) == sorted([ONE, BATCH]) and op["requestBody"]["required"] is True
+    one = bodies[ONE]["schema"]
+    assert one == {"$ref": "#/components/schemas/CloudEvent"}
+    assert bodies[BATCH]["schema"]["type"] == "array"
+    assert bodies[BATCH]["schema"]["items"] == one
+    assert (bodies[BATCH]["schema"]["minItems"], bodies[BATCH]["schema"]["maxItems"]) \
+        == (1, 1000)
+    event_schema = spec["components"]["schemas"]["CloudEvent"]
+    assert {"specversion", "id", "source", "type", "data"} <= set(event_schema["required"])
+    answers = op["responses"]
+    for status in ("200", "201"):
+        assert answers[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/EventsResult"}
+    # each status the route answers with is one the document names, with its media type
+    sent = [(event("d1"), ONE), ([event("d2"), event("d2")], BATCH), (event("d1"), ONE),
+            ([event("d3")], ONE), ({**event("d4"), "specversion": "0.3"}, ONE),
+            (event("d5"), "application/json"), ([], BATCH)]
+    seen = set()
+    for body, content_type in sent:
+        reply = post(client, keys.app, body, content_type)
+        described = answers[str(reply.status_code)]["content"]
+        assert reply.mimetype in described, (reply.status_code, reply.mimetype)
+        seen.add(reply.status_code)
+    assert seen == {201, 200, 400, 415, 422}
+    assert post(client, keys.finance, [event("d6")]).status_code == 403
+    assert "403" in answers
+
+
 def test_late_events_and_cloudevents_on_sqlite(sqlite_world: tuple[Any, Keys]) -> None:
     app, keys = sqlite_world
     client, now = app.test_client(), datetime.now(UTC)

@@ -1,5 +1,9 @@
 """The fake upstream's OpenAI Responses API (POST /v1/responses): a Response, or its event
-stream ending with response.completed and its usage (pure functions, no I/O)."""
+stream ending with response.completed and its usage (pure functions, no I/O).
+
+`fake.web_searches = N` puts N web_search_call items (the built-in web search tool, each with
+its own id) before the message, as OpenAI's output does; a stream adds each with its
+output_item.added, web_search_call progress events and output_item.done."""
 
 from __future__ import annotations
 
@@ -49,10 +53,13 @@ def responses_reply(body: dict[str, Any], fake: dict[str, Any], close: bool) -> 
     message = {"id": f"msg_fake{serial}", "type": "message", "role": "assistant",
                "status": "completed", "content": [{"type": "output_text", "annotations": [],
                                                     "text": "".join(words)}]}
+    searches = [{"id": f"ws_fake{serial}_{n}", "type": "web_search_call", "status": "completed",
+                 "action": {"type": "search", "query": f"query {n}"}}
+                for n in range(int(fake.get("web_searches") or 0))]
     response: dict[str, Any] = {
         "id": f"resp_fake{serial}", "object": "response", "created_at": int(time.time()),
         "status": "completed", "error": None, "incomplete_details": None,
-        "model": body.get("model") or "fake-model", "output": [message],
+        "model": body.get("model") or "fake-model", "output": [*searches, message],
         "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
         "previous_response_id": body.get("previous_response_id"),
         "usage": _usage(body, fake, len(words))}
@@ -62,18 +69,27 @@ def responses_reply(body: dict[str, Any], fake: dict[str, Any], close: bool) -> 
     opening = {**response, "status": "in_progress", "output": [], "usage": None}
     item = {**message, "status": "in_progress", "content": []}
     part = {"type": "output_text", "annotations": [], "text": ""}
-    at = {"item_id": message["id"], "output_index": 0}
+    at = {"item_id": message["id"], "output_index": len(searches)}
     parts = [_event({"type": t, "sequence_number": next(seq), "response": opening})
              for t in ("response.created", "response.in_progress")]
+    for i, search in enumerate(searches):
+        parts += [_event({"type": "response.output_item.added", "sequence_number": next(seq),
+                          "output_index": i, "item": {**search, "status": "in_progress"}})]
+        parts += [_event({"type": f"response.web_search_call.{step}", "output_index": i,
+                          "item_id": search["id"], "sequence_number": next(seq)})
+                  for step in ("in_progress", "searching", "completed")]
+        parts += [_event({"type": "response.output_item.done", "sequence_number": next(seq),
+                          "output_index": i, "item": search})]
+    opened = len(parts)
     parts += [_event({"type": "response.output_item.added", "sequence_number": next(seq),
-                      "output_index": 0, "item": item}),
+                      "output_index": len(searches), "item": item}),
               _event({"type": "response.content_part.added", "sequence_number": next(seq),
                       **at, "content_index": 0, "part": part})]
     parts += [_event({"type": "response.output_text.delta", "sequence_number": next(seq), **at,
                       "content_index": 0, "delta": w, "logprobs": []}) for w in words]
     fail = fake.get("fail_after_chunks")
     if fail is not None:
-        parts = parts[: 4 + max(0, int(fail))]
+        parts = parts[: opened + 2 + max(0, int(fail))]
         if isinstance(fake.get("error_event"), str):
             parts.append(_event({"type": "error", "sequence_number": next(seq),
                                  "code": "server_error", "message": fake["error_event"],
@@ -86,7 +102,7 @@ def responses_reply(body: dict[str, Any], fake: dict[str, Any], close: bool) -> 
             _event({"type": "response.content_part.done", "sequence_number": next(seq), **at,
                     "content_index": 0, "part": text}),
             _event({"type": "response.output_item.done", "sequence_number": next(seq),
-                    "output_index": 0, "item": message}),
+                    "output_index": len(searches), "item": message}),
             _event({"type": "response.completed", "sequence_number": next(seq),
                     "response": response}),
             b"0\r\n\r\n"]

@@ -15,7 +15,7 @@ from openai.types.responses import Response
 
 from core.config import AliasConfig, Config, ModelConfig, UpstreamConfig
 from core.errors import DomainError, InvalidRequestError
-from gateway.protocol import read_usage, texts_of_choices
+from gateway.protocol import metered_items, read_usage, texts_of_choices
 from gateway.responses import response_from_chat, speaks_responses, to_chat
 from gateway.responses_stream import ResponsesRelay, ResponsesStream
 from gateway.wire import responses_call
@@ -221,6 +221,23 @@ def test_a_native_stream_is_relayed_and_its_usage_read_from_response_completed()
     assert (relay.usage.input_tokens, relay.usage.cached_input_tokens, relay.usage.output_tokens,
             relay.usage.reasoning_tokens) == (10, 3, 6, 2)
     assert relay.texts() == ["Hi there"] and relay.sequence == 4
+
+
+def test_a_native_streams_web_searches_are_each_seen_once() -> None:
+    search = {"type": "web_search_call", "id": "ws_1", "status": "completed"}
+    nameless = {"type": "web_search_call", "id": "x" * 201, "status": "completed"}
+    relay = ResponsesRelay()
+    relay.feed(_native({"type": "response.output_item.done", "sequence_number": 0,
+                        "output_index": 0, "item": search},
+                       {"type": "response.output_item.done", "sequence_number": 1,
+                        "output_index": 2, "item": {"type": "message", "id": "m"}},
+                       {"type": "response.completed", "sequence_number": 2,
+                        "response": {"output": [search, nameless, {"type": "message"}]}}))
+    # the one in both places once; one with an unusable id by its place in the output
+    assert relay.metered_items() == [("web_search_calls", "ws_1"),
+                                     ("web_search_calls", "output-1")]
+    assert metered_items({"output": [search, search]}) == [("web_search_calls", "ws_1")] * 2
+    assert metered_items({"choices": []}) == [] and metered_items(None) == []
 
 
 def test_a_native_error_event_is_held_back() -> None:
