@@ -29,28 +29,33 @@ from meterlane_sdk.errors import MeterlaneError
 Doc = TypeVar("Doc")        # what a call answers: dict[str, Any], or a coroutine of one
 Reserved = TypeVar("Reserved")  # what reserve() answers: a Lease, or a coroutine of one
 Block = TypeVar("Block")    # what metered() answers: a context manager, sync or async
+Http = TypeVar("Http", httpx.Client, httpx.AsyncClient)  # the transport's httpx client
 
 
-class Api(Generic[Doc, Reserved, Block]):
+class Api(Generic[Doc, Reserved, Block, Http]):
     """`base_url` and `api_key`: an app key acts for any end user of its app (name them with
-    `user=`); an end-user key acts only for its own user (leave `user` out)."""
+    `user=`); an end-user key acts only for its own user (leave `user` out). `http_client`:
+    your own httpx client (proxies, transports), pointed at this server with this key."""
 
     _openai_class = "OpenAI"  # the openai SDK's client that .openai() returns
+    _http_class: type[Http]
 
     def __init__(self, base_url: str, api_key: str, *, timeout: Any = DEFAULT_TIMEOUT,
-                 max_retries: int = 2, backoff: float = 0.5) -> None:
+                 max_retries: int = 2, backoff: float = 0.5,
+                 http_client: Http | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self._policy = Policy(max_retries, backoff)
-
-    def _adopt(self, http_client: httpx.Client | httpx.AsyncClient) -> None:
-        """The caller's own httpx client (proxies, transports), pointed at this server with
-        this key."""
-        http_client.base_url = httpx.URL(self.base_url)
-        http_client.headers.update(auth_headers(self.api_key))
+        if http_client is None:
+            http_client = self._http_class(base_url=self.base_url, timeout=timeout,
+                                           headers=auth_headers(api_key))
+        else:
+            http_client.base_url = httpx.URL(self.base_url)
+            http_client.headers.update(auth_headers(api_key))
+        self._http: Http = http_client
 
     # the transport: each client's own (sync or async)
     def _send(self, call: Call) -> Doc:
@@ -196,7 +201,7 @@ class Lease(Generic[Doc]):
     """A reservation: settle it with the call's usage, or release it if the call failed
     (awaited on AsyncMeterlane)."""
 
-    def __init__(self, client: Api[Doc, Any, Any], doc: dict[str, Any]) -> None:
+    def __init__(self, client: Api[Doc, Any, Any, Any], doc: dict[str, Any]) -> None:
         self._client = client
         self.doc = doc
         self.id: str = doc["lease_id"]

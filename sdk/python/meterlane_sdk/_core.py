@@ -170,10 +170,5 @@ class Policy:
         return min(MAX_RETRY_WAIT, self.backoff * 2.0 ** attempt * (0.5 + random.random() / 2))
 
 
-def http_args(base_url: str, api_key: str, timeout: Any) -> dict[str, Any]:
-    """What httpx.Client and httpx.AsyncClient are built with."""
-    return {"base_url": base_url, "timeout": timeout, "headers": auth_headers(api_key)}
-
-
 def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}

@@ -12,28 +12,19 @@ from typing import Any
 import httpx
 
 from meterlane_sdk._api import Api, Lease, MeteredBlock
-from meterlane_sdk._core import DEFAULT_TIMEOUT, Call, http_args
+from meterlane_sdk._core import Call
 from meterlane_sdk.errors import MeterlaneError
 
 Doc = Coroutine[Any, Any, dict[str, Any]]
 
 
-class AsyncMeterlane(Api[Doc, Coroutine[Any, Any, Lease[Doc]], "AsyncMeteredCall"]):
+class AsyncMeterlane(Api[Doc, Coroutine[Any, Any, Lease[Doc]], "AsyncMeteredCall",
+                         httpx.AsyncClient]):
     """`AsyncMeterlane(base_url, api_key)`: as Meterlane, each call awaited
-    (`async with AsyncMeterlane(...) as ml:` closes it)."""
+    (`async with AsyncMeterlane(...) as ml:` closes it); `http_client=` an httpx.AsyncClient."""
 
     _openai_class = "AsyncOpenAI"
-
-    def __init__(self, base_url: str, api_key: str, *, timeout: Any = DEFAULT_TIMEOUT,
-                 max_retries: int = 2, backoff: float = 0.5,
-                 http_client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff=backoff)
-        if http_client is None:
-            http_client = httpx.AsyncClient(**http_args(self.base_url, api_key, timeout))
-        else:
-            self._adopt(http_client)
-        self._http = http_client
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -11,26 +11,18 @@ from typing import Any
 import httpx
 
 from meterlane_sdk._api import Api, Lease, MeteredBlock
-from meterlane_sdk._core import DEFAULT_TIMEOUT, Call, http_args
+from meterlane_sdk._core import Call
 from meterlane_sdk.errors import MeterlaneError
 
 Doc = dict[str, Any]
 
 
-class Meterlane(Api[Doc, Lease[Doc], "MeteredCall"]):
+class Meterlane(Api[Doc, Lease[Doc], "MeteredCall", httpx.Client]):
     """`Meterlane(base_url, api_key)`: an app key acts for any end user of its app (name them
-    with `user=`); an end-user key acts only for its own user."""
+    with `user=`); an end-user key acts only for its own user. Also `timeout=`,
+    `max_retries=`, `backoff=` (seconds) and `http_client=` (an httpx.Client)."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: Any = DEFAULT_TIMEOUT,
-                 max_retries: int = 2, backoff: float = 0.5,
-                 http_client: httpx.Client | None = None) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff=backoff)
-        if http_client is None:
-            http_client = httpx.Client(**http_args(self.base_url, api_key, timeout))
-        else:
-            self._adopt(http_client)
-        self._http = http_client
+    _http_class = httpx.Client
 
     def close(self) -> None:
         self._http.close()
