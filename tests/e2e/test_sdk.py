@@ -156,6 +156,8 @@ def test_typed_errors(served: tuple[str, str]) -> None:
         assert spent.value.limit["used"] == 395
         assert spent.value.paywall is not None
         assert spent.value.paywall["trigger"] == "limit_reached"
+        events = ml.paywall_events("cy", trigger="limit_reached")["data"]
+        assert [e["id"] for e in events] == [spent.value.paywall["event_id"]]
         with pytest.raises(BadRequest):
             ml.reserve(user="cy", model="gpt-4o-mini", input_tokens=-5)
         with pytest.raises(NotFound):

@@ -83,6 +83,8 @@ async def test_typed_errors(sdk_server: Served) -> None:
             await ml.reserve(user="cy", model="gpt-4o-mini", input_tokens=20,
                              max_output_tokens=10)
         assert spent.value.limit["used"] == 395 and spent.value.paywall is not None
+        events = (await ml.paywall_events("cy", trigger="limit_reached"))["data"]
+        assert [e["id"] for e in events] == [spent.value.paywall["event_id"]]
         with pytest.raises(BadRequest):
             await ml.reserve(user="cy", model="gpt-4o-mini", input_tokens=-5)
         with pytest.raises(NotFound):
