@@ -325,3 +325,37 @@ def test_offers_consent_and_checkout(sdk_server: Served) -> None:
         with pytest.raises(Conflict):
             ml.record_consent(user="hal", offer={**offer, "disclosure": "Pay later."},
                               render_manifest={**MANIFEST, "cta_label": offer["cta_label"]})
+
+
+class Counts(httpx.HTTPTransport):
+    """A real transport that counts the requests it tries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.tries += 1
+        return super().handle_request(request)
+
+
+@pytest.mark.parametrize(("call", "tries"), [
+    (lambda ml: ml.quota("kim"), 3),                                  # a read
+    (lambda ml: ml.track(user="kim", model="m", input_tokens=1, output_tokens=0,
+                         idempotency_key="k"), 3),                    # idempotent by its key
+    (lambda ml: ml.track_batch([]), 3),
+    (lambda ml: ml.reserve(user="kim", model="m", input_tokens=1), 1),  # may have happened
+    (lambda ml: ml.reserve(user="kim", model="m", input_tokens=1, idempotency_key="r"), 3),
+    (lambda ml: ml.checkout(user="kim", plan="pro", success_url="https://a.example/",
+                            cancel_url="https://a.example/"), 1),
+    (lambda ml: ml.checkout(user="kim", plan="pro", success_url="https://a.example/",
+                            cancel_url="https://a.example/", idempotency_key="c"), 3),
+])
+def test_only_calls_safe_to_repeat_are_tried_again_after_a_connection_failure(
+        call: Any, tries: int) -> None:
+    counted = Counts()
+    with Meterlane("http://127.0.0.1:9", "mlk_x", max_retries=2, backoff=0.001,
+                   http_client=httpx.Client(transport=counted)) as ml, \
+            pytest.raises(ConnectionFailed):
+        call(ml)
+    assert counted.tries == tries

@@ -183,3 +183,25 @@ async def test_offers_consent_and_checkout(sdk_server: Served) -> None:
                               success_url="https://app.example/ok",
                               cancel_url="https://app.example/back")
         assert again.value.rule == "CNS-01"
+
+
+class Counts(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.tries += 1
+        return await super().handle_async_request(request)
+
+
+async def test_a_connection_failure_is_tried_again_only_when_safe() -> None:
+    """The policy is the sync client's (test_sdk.py tries each kind of call); here, that the
+    async transport follows it."""
+    for safe, tries in ((True, 3), (False, 1)):
+        counted = Counts()
+        async with AsyncMeterlane("http://127.0.0.1:9", "mlk_x", max_retries=2, backoff=0.001,
+                                  http_client=httpx.AsyncClient(transport=counted)) as ml:
+            with pytest.raises(ConnectionFailed):
+                await (ml.quota("kim") if safe else ml.reserve(user="kim", model="m"))
+        assert counted.tries == tries
