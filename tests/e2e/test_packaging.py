@@ -111,3 +111,22 @@ def test_flask_finds_the_app_from_the_checkouts_root(tmp_path: Path) -> None:
     for route in ("/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/messages",
                   "/healthz"):
         assert route in done.stdout
+
+
+def test_the_sdk_installs_from_its_own_folder(venv: Path, tmp_path: Path) -> None:
+    """sdk/python/README.md's `pip install ./sdk/python`: its own distribution, with every
+    module (the sync and the async client), importable away from the checkout."""
+    source = tmp_path / "sdk"  # a copy: building writes build/ and *.egg-info beside the code
+    shutil.copytree(ROOT / "sdk" / "python", source, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                    "install", "-q", "--no-deps", str(source)], check=True, timeout=300)
+    probe = ("import meterlane_sdk\n"
+             "from meterlane_sdk import AsyncMeterlane, Meterlane, verify\n"
+             "assert 'site-packages' in meterlane_sdk.__file__, meterlane_sdk.__file__\n"
+             "Meterlane('http://127.0.0.1:9', 'k').close()\n"
+             "import asyncio; asyncio.run(AsyncMeterlane('http://127.0.0.1:9', 'k').aclose())\n")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path,
+                          env=_clean_env(), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr

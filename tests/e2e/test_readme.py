@@ -329,11 +329,26 @@ def my_model(prompt, max_tokens):  # the app's own model call, as the README sup
 '''
 
 
+def publish_example_offer(base: str, key: str) -> None:
+    """The offer of `meterlane init`'s offer.json ("pro-monthly"), published (a version of its
+    own when another test published one before)."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {key}"}
+    made = httpx.post(f"{base}/v1/paywall/offers", headers=auth,
+                      content=(EXAMPLE.parent / "offer.json").read_bytes())
+    assert made.status_code == 201, made.text
+    done = httpx.post(f"{base}/v1/paywall/offers/pro-monthly/versions/"
+                      f"{made.json()['version']}/publish", headers=auth)
+    assert done.status_code == 200, done.text
+
+
 def test_the_sdk_readme_runs_in_order_against_the_service(
         served: tuple[str, dict[str, str]]) -> None:
-    """The SDK README's blocks, one after the other as a reader pastes them (the webhook
-    handler, a pattern for the app's own web framework, only compiles: above)."""
+    """The SDK README's blocks, one after the other as a reader pastes them, sync and async
+    (the webhook handler runs in a Flask app: below)."""
     base, env = served
+    publish_example_offer(base, env["MLANE_KEY"])
     code = SDK_PRELUDE + "\n".join(
         text for where, text in blocks("python")
         if where.startswith("sdk/") and "def hook" not in text)
@@ -345,6 +360,53 @@ def test_the_sdk_readme_runs_in_order_against_the_service(
     assert done.returncode == 0, done.stderr[-2000:]
     printed = [line.split()[0] for line in done.stdout.splitlines()]
     assert printed and all(printed), done.stdout  # the quota loop printed each limit's id
+    # the checkout's Stripe session, then the consent that started it (read back)
+    sessions = re.findall(r"^(?:https://\S+|cs_\w+)$", done.stdout, re.M)
+    assert len(sessions) == 2 and sessions[1].startswith("cs_"), done.stdout
+    assert "['user-42', 'user-7']" in done.stdout  # the async block's quotas
+
+
+HOOK_PRELUDE = '''
+from flask import Flask, request
+app = Flask(__name__)
+SECRET = "whsec_readme"
+_seen, shown = set(), []
+def seen(event_id):  # the app's own store of delivered ids
+    known = event_id in _seen
+    _seen.add(event_id)
+    return known
+def show_paywall(user, data):
+    shown.append(user)
+'''
+
+
+def test_the_sdk_readme_webhook_handler_takes_signed_deliveries_once() -> None:
+    """The SDK README's Flask handler, with deliveries signed by the server's own signer."""
+    import time
+
+    from core.events import sign
+
+    [(where, text)] = [(w, t) for w, t in blocks("python")
+                       if w.startswith("sdk/") and "def hook" in t]
+    sys.path.insert(0, str(ROOT / "sdk" / "python"))
+    scope: dict[str, Any] = {"__name__": "readme_hook"}
+    exec(compile(HOOK_PRELUDE + text, where, "exec"), scope)  # noqa: S102 - the README's code
+    client = scope["app"].test_client()
+    body = b'{"id": "evt_1", "type": "usage.limit_reached", "data": {"user": "user-42"}}'
+
+    def post(data: bytes, signature: str | None) -> int:
+        headers = {} if signature is None else {"Meterlane-Signature": signature}
+        return int(client.post("/hooks/meterlane", data=data, headers=headers).status_code)
+
+    now = int(time.time())
+    assert post(body, sign("whsec_readme", body, now)) == 200
+    assert post(body, sign("whsec_readme", body, now)) == 200  # delivered twice, shown once
+    assert scope["shown"] == ["user-42"]
+    assert post(body.replace(b"user-42", b"user-43"), sign("whsec_readme", body, now)) == 400
+    assert post(body, sign("whsec_other", body, now)) == 400
+    assert post(body, sign("whsec_readme", body, now - 301)) == 400  # a replay
+    assert post(body, None) == 400
+    assert scope["shown"] == ["user-42"]
 
 
 def test_the_example_configs_limit_names_reach_the_quota_in_each_language(

@@ -35,6 +35,26 @@ class NotFound(MeterlaneError):
     """404."""
 
 
+class Conflict(MeterlaneError):
+    """409: the request clashes with what is recorded (a consent used twice, a lease already
+    settled, a subscription checkout without consent). `rule` names the compliance rule at
+    fault (CNS-01, ...), when there is one."""
+
+    @property
+    def rule(self) -> str | None:
+        found = self.body.get("rule")
+        return str(found) if found is not None else None
+
+    @property
+    def key_in_use(self) -> bool:
+        """The first request with this Idempotency-Key is still running."""
+        return (self.code or "").replace("-", "_") == "idempotency_key_in_use"
+
+    @property
+    def retry_after(self) -> float | None:
+        return _seconds(self.headers.get("retry-after"))
+
+
 class QuotaExceeded(MeterlaneError):
     """402: a quota of the end user's plan is spent. `limit` names it (used, limit,
     resets_at); `paywall` carries the paywall event and offer when the server has one."""
@@ -86,6 +106,6 @@ def error_for(status: int, body: Any, headers: dict[str, str]) -> MeterlaneError
         code = doc.get("code") or str(doc.get("type", "")).rsplit("/", 1)[-1] or None
     cls: type[MeterlaneError] = {
         400: BadRequest, 422: BadRequest, 401: PermissionDenied, 403: PermissionDenied,
-        404: NotFound, 402: QuotaExceeded, 429: RateLimited, 503: ServiceUnavailable,
+        404: NotFound, 409: Conflict, 402: QuotaExceeded, 429: RateLimited, 503: ServiceUnavailable,
     }.get(status, MeterlaneError)
     return cls(status, message, code=code, body=doc, headers=headers)
