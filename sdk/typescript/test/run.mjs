@@ -1,0 +1,27 @@
+// `npm test`: one real `meterlane serve` (test/serve.mjs) for every test file, then Node's own
+// test runner over them. The files read the server from MLANE_TS_BASE / MLANE_TS_KEY; a file
+// run alone (`node --test test/sdk.test.mjs`) starts a server of its own.
+import { spawn } from "node:child_process";
+import { readdirSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { startServer } from "./serve.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const files = process.argv.length > 2 ? process.argv.slice(2).map((f) => join(process.cwd(), f))
+  : readdirSync(here).filter((f) => f.endsWith(".test.mjs") && f !== "pack.test.mjs")
+    .map((f) => join(here, f));
+
+const started = Date.now();
+const server = await startServer();
+console.log(`# meterlane serve at ${server.base} (ready in ${Date.now() - started} ms)`);
+let code = 1;
+try {
+  const runner = spawn(process.execPath, ["--test", "--test-concurrency=1", ...files], {
+    stdio: "inherit", env: { ...process.env, MLANE_TS_BASE: server.base, MLANE_TS_KEY: server.key,
+      MLANE_TS_OFFER: server.offer } });
+  code = await new Promise((resolve) => runner.on("exit", (c) => resolve(c ?? 1)));
+} finally {
+  await server.stop();
+}
+process.exit(code);
