@@ -8,9 +8,13 @@ import { fileURLToPath } from "node:url";
 import { startServer } from "./serve.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const files = process.argv.length > 2 ? process.argv.slice(2).map((f) => join(process.cwd(), f))
-  : readdirSync(here).filter((f) => f.endsWith(".test.mjs") && f !== "pack.test.mjs")
-    .map((f) => join(here, f));
+// `--with-pack` (CI): the pack-and-install check too, on the same server
+const args = process.argv.slice(2);
+const withPack = args.includes("--with-pack");
+const named = args.filter((a) => a !== "--with-pack");
+const files = named.length > 0 ? named.map((f) => join(process.cwd(), f))
+  : readdirSync(here).filter((f) => f.endsWith(".test.mjs")
+    && (withPack || f !== "pack.test.mjs")).map((f) => join(here, f));
 
 const started = Date.now();
 const server = await startServer();

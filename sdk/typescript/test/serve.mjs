@@ -136,7 +136,7 @@ export async function startServer() {
 
     const port = await freePort();
     const log = join(tmp, "serve.log");
-    const serve = spawn(PYTHON, ["-m", "app", "serve", "--port", String(port), "--workers", "2"],
+    const serve = spawn(PYTHON, ["-m", "app", "serve", "--port", String(port), "--workers", "1"],
       { cwd: ROOT, env, stdio: ["ignore", openSync(log, "w"), openSync(log, "a")] });
     serve.meterlaneSignal = "SIGINT";  // gunicorn's quick shutdown
     children.push(serve);
