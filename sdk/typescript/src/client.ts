@@ -18,7 +18,6 @@ export interface OpenAIClientOptions {
   [key: string]: unknown;
 }
 
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
 export type OpenAIConstructor = new (options: any) => unknown;
 
 export interface MeterlaneOptions<O extends OpenAIConstructor = OpenAIConstructor> {
