@@ -19,6 +19,9 @@ const files = named.length > 0 ? named.map((f) => join(process.cwd(), f))
 const started = Date.now();
 const server = await startServer();
 console.log(`# meterlane serve at ${server.base} (ready in ${Date.now() - started} ms)`);
+for (const signal of ["SIGINT", "SIGTERM"]) {  // interrupted: no server left behind
+  process.once(signal, () => { server.stop().finally(() => process.exit(130)); });
+}
 let code = 1;
 try {
   const runner = spawn(process.execPath, ["--test", "--test-concurrency=1", ...files], {
