@@ -1,5 +1,6 @@
-"""The READMEs are tested: every fenced block of README.md, sdk/python/README.md and
-bench/README.md is something a user will paste.
+"""The READMEs are tested: every fenced block of README.md, sdk/python/README.md,
+sdk/typescript/README.md and bench/README.md is something a user will paste (the TypeScript
+README's `ts` blocks run in its own suite, sdk/typescript/test/readme.test.mjs).
 
 - TOML blocks parse and validate, as a whole file or merged into the example config that
   `meterlane init` writes (a block names the sections it changes; the rest is the example's);
@@ -32,7 +33,7 @@ from tests.conftest import fake_stripe_server
 from tests.e2e.test_serve import cli, start_server, stop
 
 ROOT = Path(__file__).parents[2]
-READMES = ("README.md", "sdk/python/README.md", "bench/README.md")
+READMES = ("README.md", "sdk/python/README.md", "sdk/typescript/README.md", "bench/README.md")
 EXAMPLE = ROOT / "core" / "examples" / "meterlane.toml"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
