@@ -40,7 +40,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("plans.service", "PlanService.plan_of", "plan lookup"),
     ("metering.service", "MeteringService.prompt_tokens", "count prompt tokens"),
     ("metering.limits", "LimitsService.reserve", "limits reserve"),
-    ("metering.limits", "LimitsService.keep_alive", "limits reserve"),
+    ("metering.limits", "LimitsService.keep_alive", "limits heartbeat (start)"),
     ("gateway.service", "quota_headers", "quota headers"),
     ("gateway.service", "upstream_payload", "upstream payload"),
     ("metering.intents", "IntentJournal.open", "intent journal (open + close)"),

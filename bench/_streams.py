@@ -2,11 +2,12 @@
 while the RSS of its workers is read from /proc.
 
 The upstream streams slowly (`chunk_delay_ms` between its chunks), so every call stays open
-for seconds. The client (asyncio, raw sockets: one process holds thousands) opens all N at
-once, reads each until its first content token, and keeps reading to the end; a sampler
-reads every worker's VmRSS every 100 ms. The figure is each worker's largest RSS while all N
-streams were open (and its RSS before, idle), with the number of sockets each worker held
-then (a stream is two: the client's and the upstream's)."""
+for seconds. The client (asyncio, raw sockets: one process holds thousands) opens the N
+streams evenly over `ramp` seconds (0: all in the same instant), reads each until its first
+content token, and keeps reading to the end; a sampler reads every worker's VmRSS every
+100 ms. The figure is each worker's largest RSS while all N streams were open (and its RSS
+before, idle), with the number of sockets each worker held then (a stream is two: the
+client's and the upstream's)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def sockets_of(pid: int) -> int:
     return count
 
 
-async def _one(target: Target, body: bytes, state: dict[str, Any]) -> None:
+async def _one(target: Target, body: bytes, state: dict[str, Any], delay: float) -> None:
+    await asyncio.sleep(delay)
     head = [f"POST {target.path} HTTP/1.1", f"Host: {target.host}:{target.port}",
             f"Content-Length: {len(body)}", "Connection: close"]
     head += [f"{k}: {v}" for k, v in target.headers.items()]
@@ -65,21 +67,24 @@ async def _one(target: Target, body: bytes, state: dict[str, Any]) -> None:
                 state["open"] += 1
         ok = buf.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in buf
         state["ok" if ok else "failed"] += 1
+        if not ok:
+            status = buf.split(b"\r\n", 1)[0].decode(errors="replace") or "no answer"
+            state["statuses"][status] = state["statuses"].get(status, 0) + 1
         if first:
             state["open"] -= 1
     finally:
         writer.close()
 
 
-async def _run(target: Target, body: bytes, n: int, pids: list[int],
-               timeout: float) -> dict[str, Any]:
-    state: dict[str, Any] = {"sent": 0, "ok": 0, "failed": 0, "open": 0}
+async def _run(target: Target, body: bytes, n: int, pids: list[int], timeout: float,
+               ramp: float) -> dict[str, Any]:
+    state: dict[str, Any] = {"sent": 0, "ok": 0, "failed": 0, "open": 0, "statuses": {}}
     idle = {pid: rss_mb(pid) for pid in pids}
     peak = {pid: 0.0 for pid in pids}
     at_all_open: dict[str, Any] | None = None
     most_open = 0
     started = time.monotonic()
-    tasks = [asyncio.create_task(_one(target, body, state)) for _ in range(n)]
+    tasks = [asyncio.create_task(_one(target, body, state, ramp * i / n)) for i in range(n)]
     while not all(t.done() for t in tasks) and time.monotonic() - started < timeout:
         await asyncio.sleep(SAMPLE_S)
         now = {pid: rss_mb(pid) for pid in pids}
@@ -93,7 +98,8 @@ async def _run(target: Target, body: bytes, n: int, pids: list[int],
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {"streams": n, "sent": state["sent"], "ok": state["ok"], "failed": state["failed"],
+    return {"streams": n, "ramp_seconds": ramp, "sent": state["sent"], "ok": state["ok"],
+            "failed": state["failed"], "failed_statuses": state["statuses"],
             "most_open_at_once": most_open, "all_open": at_all_open is not None,
             "rss_idle_mb": {str(p): round(v, 1) for p, v in idle.items()},
             "rss_peak_mb": {str(p): round(v, 1) for p, v in peak.items()},
@@ -104,10 +110,11 @@ async def _run(target: Target, body: bytes, n: int, pids: list[int],
             "seconds": round(time.monotonic() - started, 2)}
 
 
-def hold_streams(target: Target, body: bytes, n: int, pids: list[int],
+def hold_streams(target: Target, body: bytes, n: int, pids: list[int], *, ramp: float,
                  timeout: float = 120) -> dict[str, Any]:
-    """Open n streams at once against target; RSS of pids while they are all open."""
-    result = asyncio.run(_run(target, body, n, pids, timeout))
+    """Open n streams against target, spread over `ramp` seconds; RSS of pids while they
+    are all open."""
+    result = asyncio.run(_run(target, body, n, pids, timeout, ramp))
     # As the load generators report it, for the ledger check.
     result.update(tool="asyncio streams", ok_2xx=result["ok"], non_2xx=result["failed"],
                   abandoned_in_flight=0)

@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rss-seconds", type=float, default=30.0,
                    help="how long each of those streams lasts (the upstream paces its "
                         "--words chunks over it): all must be open at once")
+    p.add_argument("--rss-ramp-seconds", type=float, default=5.0,
+                   help="the streams are opened evenly over this time (0: in one burst)")
     p.add_argument("--key-cache-seconds", type=float, default=None)
     p.add_argument("--profile", action="store_true",
                    help="after the rounds: time each stage of the hot path (c=1) and py-spy "
@@ -162,10 +164,12 @@ class Run:
                 continue
             label = f"rss {a.rss_streams} streams {name}"
             result = self.s.phase(target, label, lambda t=target: hold_streams(
-                t, body, a.rss_streams, self.s.workers[t.name], timeout=3 * a.rss_seconds + 60))
+                t, body, a.rss_streams, self.s.workers[t.name], ramp=a.rss_ramp_seconds,
+                timeout=3 * a.rss_seconds + 60))
             log(f"  {label:<34} largest worker {result['rss_peak_max_mb']:.1f} MB "
                 f"(idle {max(result['rss_idle_mb'].values()):.1f}); all open: "
-                f"{result['all_open']}; ok {result['ok']}, failed {result['failed']}")
+                f"{result['all_open']}; ok {result['ok']}, failed {result['failed']} "
+                f"{result['failed_statuses'] or ''}")
             out[name] = result
         return out
 
@@ -179,7 +183,8 @@ def meta_of(args: argparse.Namespace, commit: str, load: list[str], run: Run,
             "rounds": args.rounds, "duration_s": args.duration,
             "concurrency": args.concurrency, "words": args.words,
             "chunk_delay_ms": args.chunk_delay_ms, "rss_streams": args.rss_streams,
-            "rss_seconds": args.rss_seconds, "cpus": os.cpu_count(),
+            "rss_seconds": args.rss_seconds,
+            "rss_ramp_seconds": args.rss_ramp_seconds, "cpus": os.cpu_count(),
             "loadavg_at_start": load, "other_processes_cores": others,
             "contended_runs": ", ".join(k for k, v in others.items() if v > 0.2),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

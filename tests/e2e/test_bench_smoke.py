@@ -29,7 +29,8 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
     done = subprocess.run(
         [sys.executable, "bench/hotpath.py", "--duration", "1", "--rounds", "1",
-         "--warmup", "1", "--rss-streams", "20", "--rss-seconds", "2", "--profile",
+         "--warmup", "1", "--rss-streams", "20", "--rss-seconds", "2",
+         "--rss-ramp-seconds", "0.5", "--profile",
          "--profile-seconds", "1", "--postgres-url", pg_server, "--postgres-db", db,
          "--redis-url", redis_server, "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
