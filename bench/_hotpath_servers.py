@@ -31,7 +31,7 @@ from bench._procs import (
     wait_healthy,
     write_config,
 )
-from bench._report import ledger_check, ledger_requests, wait_ledger
+from bench._report import ledger_check, ledger_requests, metered_phase
 from bench._storeload import BENCH_PLAN_TOML
 
 USER = "bench-user"
@@ -62,14 +62,8 @@ class Servers:
         """Run a load against a target; for Meterlane's, count the ledger rows it added."""
         if not self.metered(target.name):
             return fn()
-        before = ledger_requests(target, self.since)
-        result = fn()
-        after = wait_ledger(target, self.since, before + result["sent"])
-        self.phases[target.name].append({
-            "phase": label, "tool": result["tool"], "sent": result["sent"],
-            "ok_2xx": result["ok_2xx"], "non_2xx": result["non_2xx"],
-            "abandoned": result["abandoned_in_flight"], "ledger_delta": after - before,
-            "ok": after - before == result["sent"]})
+        result, phase = metered_phase(target, self.since, label, fn)
+        self.phases[target.name].append(phase)
         return result
 
     def ledger_checks(self) -> dict[str, dict[str, Any]]:

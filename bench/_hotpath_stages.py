@@ -24,7 +24,7 @@ from typing import Any
 from bench._hotpath_servers import Servers
 from bench._load import Target, run_wrk
 from bench._procs import ROOT, Processes, free_port, http_get, log, wait_healthy
-from bench._profile import _FRAME, _area, analyse_profile, profile_workers
+from bench._profile import _area, analyse_profile, profile_workers, read_stacks
 from bench._stage_app import STAGES
 
 
@@ -96,23 +96,16 @@ def classify(files: list[Path]) -> dict[str, Any]:
     rules = _match_rules()
     counts: Counter[str] = Counter()
     total = 0
-    for path in files:
-        for line in path.read_text().splitlines():
-            stack, _, count_s = line.rpartition(" ")
-            if not stack or not count_s.isdigit():
-                continue
-            frames = [m for m in (_FRAME.match(f) for f in stack.split(";")) if m]
-            if not frames:
-                continue
-            total += int(count_s)
-            stage = None
-            for m in reversed(frames):
-                # (py-spy names a method Class.method, as the rules do)
-                stage = next((st for suffix, func, st in rules
-                              if m["func"] == func and m["file"].endswith(suffix)), None)
-                if stage:
-                    break
-            counts[stage or f"not in a stage: {_area(frames[-1]['file'])}"] += int(count_s)
+    for frames, count in read_stacks(files):
+        total += count
+        stage = None
+        for m in reversed(frames):
+            # (py-spy names a method Class.method, as the rules do)
+            stage = next((st for suffix, func, st in rules
+                          if m["func"] == func and m["file"].endswith(suffix)), None)
+            if stage:
+                break
+        counts[stage or f"not in a stage: {_area(frames[-1]['file'])}"] += count
     return {"samples": total, "stages": [(k, round(100 * v / total, 1))
                                          for k, v in counts.most_common(30)] if total else []}
 

@@ -21,11 +21,9 @@ it started. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import uuid
@@ -42,13 +40,13 @@ from bench._hotpath_servers import DIRECT, ML_PG, ML_SQLITE, Servers, check_wiri
 from bench._hotpath_stages import print_stages, profile_stages
 from bench._load import Target, chat_body, run_python_client, run_wrk
 from bench._procs import (
-    BenchError,
     CpuProbe,
     Processes,
-    drop_postgres_database,
     git_version,
+    guarded,
     log,
     pids_named,
+    remove_leftovers,
 )
 from bench._streams import hold_streams
 
@@ -232,26 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"mlhot-{os.getpid()}-{uuid.uuid4().hex[:6]}:"
     dbs: list[str] = []
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
+    def body() -> int:
         log(f"work dir {tmp}")
         return execute(args, procs, tmp, prefix, dbs)
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything")
-        return 130
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        cleanup(args, prefix, dbs, tmp)
+
+    return guarded(procs, body, lambda: cleanup(args, prefix, dbs, tmp))
 
 
 def cleanup(args: argparse.Namespace, prefix: str, dbs: list[str], tmp: Path) -> None:
@@ -263,13 +246,7 @@ def cleanup(args: argparse.Namespace, prefix: str, dbs: list[str], tmp: Path) ->
                 f"under {prefix}")
         except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
             log(f"could not delete the Redis keys under {prefix}: {exc}")
-    for name in dbs:
-        with contextlib.suppress(Exception):
-            drop_postgres_database(args.postgres_url, name)
-    if args.keep_tmp or args.profile:
-        log(f"kept {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(args.postgres_url, dbs, tmp, args.keep_tmp or args.profile)
 
 
 if __name__ == "__main__":
