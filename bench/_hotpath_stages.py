@@ -160,4 +160,7 @@ def print_stages(p: dict[str, Any]) -> None:
               f"samples; workers busy {spy['busy_share_pct']}% of the time)")
         for stage, pct in spy["by_stage"]["stages"]:
             print(f"  {pct:5.1f}%  {stage}")
-        print(f"  raw stacks: {', '.join(spy['raw_files'])}")
+        if p.get("raw_kept"):
+            print(f"  raw stacks: {', '.join(spy['raw_files'])}")
+        else:
+            print("  (py-spy's raw stacks are kept with --keep-tmp)")

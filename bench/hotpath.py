@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the workers (c=32), on the last Meterlane setup")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("/tmp/meterlane-hotpath.json"))
-    p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--keep-tmp", action="store_true",
+                   help="keep the work directory (logs, configs, py-spy's raw stacks)")
     args = p.parse_args(argv)
     try:
         args.setups = [SETUPS[s.strip()] for s in args.setups.split(",") if s.strip()]
@@ -204,6 +205,7 @@ def execute(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str,
     if args.profile:
         name = args.setups[-1]
         profile = profile_stages(servers, name, run.plain, args, procs, tmp)
+        profile["raw_kept"] = args.keep_tmp
     names = list(servers.targets)
     summary = summarise(rounds, names)
     targets = check_targets(summary, rss, names)
@@ -246,7 +248,7 @@ def cleanup(args: argparse.Namespace, prefix: str, dbs: list[str], tmp: Path) ->
                 f"under {prefix}")
         except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
             log(f"could not delete the Redis keys under {prefix}: {exc}")
-    remove_leftovers(args.postgres_url, dbs, tmp, args.keep_tmp or args.profile)
+    remove_leftovers(args.postgres_url, dbs, tmp, args.keep_tmp)
 
 
 if __name__ == "__main__":
