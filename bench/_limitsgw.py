@@ -31,7 +31,7 @@ from bench._procs import (
     write_config,
 )
 from bench._profile import analyse_profile, profile_workers
-from bench._report import ledger_check, ledger_requests, wait_ledger
+from bench._report import ledger_check, ledger_requests, metered_phase, wait_ledger
 from bench._storeload import BENCH_PLAN_TOML
 
 USER = "bench-user"
@@ -146,14 +146,8 @@ class GatewayBench:
 
     def _gateway_phase(self, target: Target, name: str,
                        fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        before = ledger_requests(target, self.since)
-        result = fn()
-        after = wait_ledger(target, self.since, before + result["sent"])
-        self.phases[target.name].append({
-            "phase": name, "tool": result["tool"], "sent": result["sent"],
-            "ok_2xx": result["ok_2xx"], "non_2xx": result["non_2xx"],
-            "abandoned": result["abandoned_in_flight"], "ledger_delta": after - before,
-            "ok": after - before == result["sent"]})
+        result, phase = metered_phase(target, self.since, name, fn)
+        self.phases[target.name].append(phase)
         return result
 
     def _warm_up(self) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +68,32 @@ class Processes:
                 log(f"stopping {name} (pid {proc.pid})")
             self.stop(proc, sig)
         self.procs.clear()
+
+
+def guarded(procs: Processes, body: Callable[[], int], cleanup: Callable[[], None]) -> int:
+    """A bench's main: body() with Ctrl-C, SIGTERM and SIGHUP turned into a clean stop (exit
+    status 130), a BenchError reported (1); then every process stopped and cleanup() run,
+    whatever happened."""
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Also SIGINT: a shell may have started us with it ignored (e.g. a background job).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    try:
+        return body()
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cleanup()
 
 
 def free_port() -> int:
@@ -170,6 +197,19 @@ def postgres_database(admin_url: str, name: str) -> str:
             sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+def remove_leftovers(admin_url: str, dbs: list[str], tmp: Path, keep_tmp: bool) -> None:
+    """The end of a run: its databases dropped, its work directory removed (or kept)."""
+    for name in dbs:
+        try:
+            drop_postgres_database(admin_url, name)
+        except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
+            log(f"could not drop database {name}: {exc}")
+    if keep_tmp:
+        log(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def drop_postgres_database(admin_url: str, name: str) -> None:

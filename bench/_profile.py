@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,19 @@ def _area(path: str) -> str:
     return short.split("/", 1)[0].removesuffix(".py")
 
 
+def read_stacks(files: list[Path]) -> Iterator[tuple[list[re.Match[str]], int]]:
+    """The stacks of py-spy's raw output (root first, each frame matched by _FRAME) and
+    their sample counts; stacks with no readable frame are left out."""
+    for path in files:
+        for line in path.read_text().splitlines():
+            stack, _, count_s = line.rpartition(" ")
+            if not stack or not count_s.isdigit():
+                continue
+            frames = [m for m in (_FRAME.match(raw) for raw in stack.split(";")) if m]
+            if frames:
+                yield frames, int(count_s)
+
+
 def analyse_profile(files: list[Path], rate: int, seconds: int, top: int = 25) -> dict[str, Any]:
     """Self and inclusive shares of the sampled (non-idle) stacks of every worker."""
     self_t: Counter[str] = Counter()
@@ -55,27 +69,15 @@ def analyse_profile(files: list[Path], rate: int, seconds: int, top: int = 25) -
     area_self: Counter[str] = Counter()
     area_incl: Counter[str] = Counter()
     total = 0
-    for path in files:
-        for line in path.read_text().splitlines():
-            stack, _, count_s = line.rpartition(" ")
-            if not stack or not count_s.isdigit():
-                continue
-            count = int(count_s)
-            frames = []
-            for raw in stack.split(";"):
-                m = _FRAME.match(raw)
-                if m is None:
-                    continue
-                frames.append((f"{m['func']} ({_short(m['file'])})", _area(m["file"])))
-            if not frames:
-                continue
-            total += count
-            self_t[frames[-1][0]] += count
-            area_self[frames[-1][1]] += count
-            for name in {f[0] for f in frames}:
-                incl[name] += count
-            for area in {f[1] for f in frames}:
-                area_incl[area] += count
+    for matched, count in read_stacks(files):
+        frames = [(f"{m['func']} ({_short(m['file'])})", _area(m["file"])) for m in matched]
+        total += count
+        self_t[frames[-1][0]] += count
+        area_self[frames[-1][1]] += count
+        for name in {f[0] for f in frames}:
+            incl[name] += count
+        for area in {f[1] for f in frames}:
+            area_incl[area] += count
 
     def shares(counter: Counter[str], n: int) -> list[tuple[str, float]]:
         return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(n)] if total else []

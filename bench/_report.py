@@ -43,6 +43,19 @@ def wait_ledger(gateway: Target, since: str, expected: int, timeout: float = 15)
         time.sleep(0.2)
 
 
+def metered_phase(target: Target, since: str, name: str, fn: Callable[[], dict[str, Any]]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a load against a gateway: (its result, the phase of the ledger check: requests
+    sent, ledger rows added meanwhile)."""
+    before = ledger_requests(target, since)
+    result = fn()
+    after = wait_ledger(target, since, before + result["sent"])
+    return result, {"phase": name, "tool": result["tool"], "sent": result["sent"],
+                    "ok_2xx": result["ok_2xx"], "non_2xx": result["non_2xx"],
+                    "abandoned": result["abandoned_in_flight"], "ledger_delta": after - before,
+                    "ok": after - before == result["sent"]}
+
+
 def ledger_check(phases: list[dict[str, Any]], ledger_rows: int) -> dict[str, Any]:
     """The ledger's row count against the requests sent to the gateway, phase by phase."""
     wrk_phases = [p for p in phases if p["tool"] == "wrk"]

@@ -18,13 +18,11 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -42,11 +40,12 @@ from bench._procs import (
     CpuProbe,
     Processes,
     cli,
-    drop_postgres_database,
     git_version,
+    guarded,
     log,
     pids_named,
     postgres_database,
+    remove_leftovers,
     serve_env,
     start_serve,
     start_upstream,
@@ -57,9 +56,9 @@ from bench._report import (
     check_targets,
     ledger_check,
     ledger_requests,
+    metered_phase,
     print_table,
     summarise,
-    wait_ledger,
 )
 
 USER = "bench-user"
@@ -120,15 +119,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
     code_version = git_version()  # at start: the workers import the code when they start
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="meterlane-bench-"))
-    db_created = False
+    dbs: list[str] = []
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # Also SIGINT: a shell may have started us with it ignored (e.g. a background job).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
+    def body() -> int:
         log(f"work dir {tmp}")
         upstream_proc, upstream_base = start_upstream(procs, tmp)
         log(f"fake upstream at {upstream_base} (pid {upstream_proc.pid})")
@@ -138,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
             env["MLANE_KEY_CACHE_SECONDS"] = str(args.key_cache_seconds)
         if args.database == "postgres":
             db_url = postgres_database(args.postgres_url, args.postgres_db)
-            db_created = True
+            if not args.keep_db:
+                dbs.append(args.postgres_db)
             env["MLANE_DATABASE_URL"] = db_url
             log(f"created database {args.postgres_db}; {cli(env, 'db', 'upgrade').strip()}")
         key = cli(env, "keys", "create", "--role", "app", "--app", "bench").strip().splitlines()[-1]
@@ -168,13 +162,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
             raise BenchError(f"the fresh ledger already has {ledger_before} rows")
 
         def gateway_phase(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-            before = ledger_requests(gateway, since)
-            result = fn()
-            after = wait_ledger(gateway, since, before + result["sent"])
-            phases.append({"phase": name, "tool": result["tool"], "sent": result["sent"],
-                           "ok_2xx": result["ok_2xx"], "non_2xx": result["non_2xx"],
-                           "abandoned": result["abandoned_in_flight"],
-                           "ledger_delta": after - before, "ok": after - before == result["sent"]})
+            result, phase = metered_phase(gateway, since, name, fn)
+            phases.append(phase)
             return result
 
         def nonstream(target: Target, conns: int, seconds: int,
@@ -274,24 +263,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a linear script
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
         return 0 if ledger["ok"] else 1
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything")
-        return 130
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if db_created and not args.keep_db:
-            with contextlib.suppress(Exception):
-                drop_postgres_database(args.postgres_url, args.postgres_db)
-        if args.keep_tmp or args.profile:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    return guarded(procs, body, lambda: remove_leftovers(
+        args.postgres_url, dbs, tmp, args.keep_tmp or args.profile))
 
 
 if __name__ == "__main__":

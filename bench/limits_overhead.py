@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -47,14 +46,14 @@ from bench._limits_report import (
 )
 from bench._limitsgw import GatewayBench
 from bench._procs import (
-    BenchError,
     Processes,
     cli,
-    drop_postgres_database,
     git_version,
+    guarded,
     log,
     pids_named,
     postgres_database,
+    remove_leftovers,
     serve_env,
 )
 from bench._profile import print_profile
@@ -279,28 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     dbs: list[str] = []
     redis: Any = None
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
+    def body() -> int:
+        nonlocal redis
         redis = connect(args.redis_url)
         redis.ping()
         log(f"work dir {tmp}; Redis keys under {prefix}")
         return run(args, procs, tmp, redis, prefix, dbs)
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything")
-        return 130
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        cleanup(args, redis, prefix, dbs, tmp)
+
+    return guarded(procs, body, lambda: cleanup(args, redis, prefix, dbs, tmp))
 
 
 def cleanup(args: argparse.Namespace, redis: Any, prefix: str, dbs: list[str],
@@ -310,15 +295,7 @@ def cleanup(args: argparse.Namespace, redis: Any, prefix: str, dbs: list[str],
             log(f"deleted {delete_prefix(redis, prefix):,} Redis keys under {prefix}")
         except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
             log(f"could not delete the Redis keys under {prefix}: {exc}")
-    for name in dbs:
-        try:
-            drop_postgres_database(args.postgres_url, name)
-        except Exception as exc:  # noqa: BLE001
-            log(f"could not drop database {name}: {exc}")
-    if args.keep_tmp or args.profile:
-        log(f"kept {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(args.postgres_url, dbs, tmp, args.keep_tmp or args.profile)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""bench/hotpath.py in a tiny run: every target starts (the fake upstream, the bare forwarder,
+`meterlane serve` on SQLite and on Postgres + Redis with limits on, the stage-timed app),
+every scenario runs under wrk, the table has every row, and each Meterlane ledger holds
+exactly one row per request the run sent. It checks the harness, not the figures: one
+second per measurement on a shared machine says nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench._hotpath_report import METRICS
+from bench._hotpath_servers import BARE, DIRECT, ML_PG, ML_SQLITE
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
+        pg_server: str, redis_server: str, tmp_path: Path) -> None:
+    # CI installs wrk (.ci/run), as it installs chromium: the test needs it, never skips.
+    assert shutil.which("wrk"), "wrk is not installed: apt-get install -y wrk"
+    out = tmp_path / "hotpath.json"
+    db = (os.environ.get("MLANE_TEST_DB_PREFIX", "") + "mlane_hotpath_smoke_"
+          + os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
+    done = subprocess.run(
+        [sys.executable, "bench/hotpath.py", "--duration", "1", "--rounds", "1",
+         "--warmup", "1", "--rss-streams", "20", "--rss-seconds", "2",
+         "--rss-ramp-seconds", "0.5", "--profile",
+         "--profile-seconds", "1", "--postgres-url", pg_server, "--postgres-db", db,
+         "--redis-url", redis_server, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    text = done.stdout
+
+    header = next(line for line in text.splitlines() if line.startswith("| | "))
+    assert header == f"| | {DIRECT} | {BARE} | {ML_SQLITE} | {ML_PG} |"
+    for label, *_ in METRICS:
+        row = next((line for line in text.splitlines() if line.startswith(f"| {label} |")),
+                   None)
+        assert row is not None, f"no row {label!r} in:\n{text}"
+        assert len(row.split("|")) == 7 and "nan" not in row, row
+    assert "| RSS MB, largest worker, 20 open streams |" in text
+    for target in ("added p50 at c=1", "added p99 at c=1", "c=32 throughput",
+                   "streamed TTFT added", "RSS per worker"):
+        assert f"{ML_PG}: {target}" in text and f"{ML_SQLITE}: {target}" in text
+    assert "Wall time per stage, ml-pg+redis" in text
+    assert "| limits reserve |" in text and "| ledger write (group commit) |" in text
+
+    result = json.loads(out.read_text())
+    for name in (ML_SQLITE, ML_PG):
+        check = result["ledger_checks"][name]
+        # every request sent through the run (wrk, the stream client, the open streams, the
+        # stage-timed server) left exactly one ledger row
+        assert check["ok"], check
+        assert check["ledger_rows"] == check["sent"] > 0
+        assert {p["phase"] for p in check["phases"]} >= {
+            "r1 c1 " + name, "r1 c32 " + name, "r1 stream " + name, "r1 s32 " + name,
+            f"rss 20 streams {name}"}
+    for name in (BARE, ML_SQLITE, ML_PG):
+        rss = result["rss"][name]
+        assert rss["ok"] == 20 and rss["failed"] == 0 and rss["all_open"], rss
+
