@@ -521,74 +521,26 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
-    _size_pools(config, workers)
+    from core.server import run, say, size_pools, worker_beside
+
+    size_pools(config, workers)
     # Each worker writes its metrics here; /metrics merges them. Must be set before any
     # worker imports prometheus_client.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="meterlane-metrics-")
-    from core.server import run, worker_beside
     from core.startup import summary
     from plans.catalog import Catalog
 
     plans = sorted({p.id for p in Catalog.from_config(config).plans})
     for line in summary(config, plans, f"http://{host}:{port}", workers,
                         os.environ.get("MLANE_CONFIG")):
-        _say(config, line)
+        say(config, line)
     with worker_beside(config.embedded if with_worker is None else with_worker) as pid:
-        _say(config, "jobs      " + (
+        say(config, "jobs      " + (
             f"a worker runs them beside the service (pid {pid}; --without-worker: none)"
             if pid else "run `meterlane worker` for the scheduled jobs (or serve "
             "--with-worker)"))
         run("app:serving_app", host=host, port=port, workers=workers, timeout=timeout,
             log_format=config.log_format)
-
-
-def _say(config: Config, text: str) -> None:
-    """A start-up line on stderr, in the log format (MLANE_LOG_FORMAT)."""
-    if config.log_format != "json":
-        click.echo(f"meterlane: {text}", err=True)
-        return
-    from core.logs import json_line
-
-    warning = text.startswith("warning: ")
-    click.echo(json_line("meterlane.serve", text.removeprefix("warning: "),
-                         "warning" if warning else "info", event="startup"), err=True)
-
-
-def _size_pools(config: Config, workers: int) -> None:
-    """Pools that fit the database's max_connections, for the workers to read (a child
-    process asks Postgres: the master must not load its driver); said at start."""
-    if config.embedded or "MLANE_DB_POOL_SIZE" in os.environ:
-        return
-    script = ("import sys; from core.config import Config; "
-              "from core.db import make_engine, pool_budget; "
-              "print(pool_budget(make_engine(Config.from_env().database_url), "
-              "int(sys.argv[1])))")
-    # (the workers, and two more: a CLI command or a worker starting while one stops)
-    found = subprocess.run([sys.executable, "-P", "-c", script, str(workers + 2)],  # noqa: S603
-                           capture_output=True, text=True, check=False)
-    try:
-        limit, size, overflow = eval_tuple(found.stdout)
-    except ValueError:
-        _say(config, "could not read the database's max_connections; keeping the default "
-             "pools")
-        return
-    os.environ["MLANE_DB_POOL_SIZE"], os.environ["MLANE_DB_MAX_OVERFLOW"] = str(size), \
-        str(overflow)
-    if (size, overflow) != (config.db_pool_size, config.db_max_overflow):
-        _say(config, f"the database takes {limit} connections; {workers} workers get "
-             f"{size}+{overflow} each (MLANE_DB_POOL_SIZE / MLANE_DB_MAX_OVERFLOW to choose)")
-    if size * 3 < 10:
-        _say(config, f"warning: {limit} connections are few for {workers} workers: calls "
-             "may wait for a connection (raise max_connections or run fewer workers)")
-
-
-def eval_tuple(text: str) -> tuple[int, int, int]:
-    """The (limit, size, overflow) the child printed."""
-    parts = text.strip().strip("()").split(",")
-    if len(parts) != 3:
-        raise ValueError(text)
-    limit, size, overflow = (int(p) for p in parts)
-    return limit, size, overflow
 
 
 def _add_package_commands() -> None:

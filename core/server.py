@@ -10,10 +10,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 
 from core import logs
+from core.config import Config
 
 
 class MeterlaneServer(BaseApplication):  # type: ignore[misc]
@@ -100,3 +102,50 @@ def _child_exit(_server: Any, worker: Any) -> None:
     from core.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
+
+
+def say(config: Config, text: str) -> None:
+    """A start-up line on stderr, in the log format (MLANE_LOG_FORMAT)."""
+    if config.log_format != "json":
+        click.echo(f"meterlane: {text}", err=True)
+        return
+    warning = text.startswith("warning: ")
+    click.echo(logs.json_line("meterlane.serve", text.removeprefix("warning: "),
+                              "warning" if warning else "info", event="startup"), err=True)
+
+
+def size_pools(config: Config, workers: int) -> None:
+    """Pools that fit the database's max_connections, for the workers to read (a child
+    process asks Postgres: the master must not load its driver); said at start."""
+    if config.embedded or "MLANE_DB_POOL_SIZE" in os.environ:
+        return
+    script = ("import sys; from core.config import Config; "
+              "from core.db import make_engine, pool_budget; "
+              "print(pool_budget(make_engine(Config.from_env().database_url), "
+              "int(sys.argv[1])))")
+    # (the workers, and two more: a CLI command or a worker starting while one stops)
+    found = subprocess.run([sys.executable, "-P", "-c", script, str(workers + 2)],  # noqa: S603
+                           capture_output=True, text=True, check=False)
+    try:
+        limit, size, overflow = _eval_tuple(found.stdout)
+    except ValueError:
+        say(config, "could not read the database's max_connections; keeping the default "
+            "pools")
+        return
+    os.environ["MLANE_DB_POOL_SIZE"], os.environ["MLANE_DB_MAX_OVERFLOW"] = str(size), \
+        str(overflow)
+    if (size, overflow) != (config.db_pool_size, config.db_max_overflow):
+        say(config, f"the database takes {limit} connections; {workers} workers get "
+            f"{size}+{overflow} each (MLANE_DB_POOL_SIZE / MLANE_DB_MAX_OVERFLOW to choose)")
+    if size * 3 < 10:
+        say(config, f"warning: {limit} connections are few for {workers} workers: calls "
+            "may wait for a connection (raise max_connections or run fewer workers)")
+
+
+def _eval_tuple(text: str) -> tuple[int, int, int]:
+    """The (limit, size, overflow) the child printed."""
+    parts = text.strip().strip("()").split(",")
+    if len(parts) != 3:
+        raise ValueError(text)
+    limit, size, overflow = (int(p) for p in parts)
+    return limit, size, overflow

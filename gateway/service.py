@@ -566,9 +566,8 @@ class GatewayService:
 def _may_call(principal: Principal) -> None:
     """Only app and end-user keys call models: any other is a 403 before its body is read (a
     finance key's malformed body is refused for the key, not the body)."""
-    if principal.role == Role.USER and principal.end_user_id is not None:
-        return
-    if principal.role != Role.APP or principal.app_id is None:
+    user = principal.role == Role.USER and principal.end_user_id is not None
+    if not user and (principal.role != Role.APP or principal.app_id is None):
         raise PermissionDeniedError(
             f"A {principal.role.value} key cannot make model calls; use an app or user key.")
 

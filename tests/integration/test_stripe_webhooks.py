@@ -161,6 +161,31 @@ def test_an_event_for_an_unknown_end_user_is_kept_and_handled_on_retry(
         ("invoice_paid", 2000, end_user_id)]
 
 
+def test_an_invoices_meter_overage_lines_are_not_counted_twice(
+        app: Any, user: tuple[str, int, int], clean_db: Engine) -> None:
+    """Finance counts a meter's overage as it happens; the invoice that bills it is revenue
+    without those lines (its plan and token overage lines stay)."""
+    key, app_id, end_user_id = user
+    client = app.test_client()
+    deliver(client, event("evt_co2", "checkout.session.completed", {
+        "id": "cs_2", "object": "checkout.session", "mode": "subscription",
+        "customer": "cus_8", "metadata": meta(app_id, end_user_id), "payment_status": "paid",
+        "amount_total": 2000, "currency": "usd"}, 90))
+    meter_price = {"id": "price_m", "metadata": {"mlane_plan": "pro", "mlane_meter": "images"}}
+    invoice = event("evt_inv2", "invoice.paid", {
+        "id": "in_2", "object": "invoice", "customer": "cus_8", "amount_paid": 2450,
+        "currency": "usd", "lines": {"data": [
+            {"amount": 2000, "price": {"id": "price_p", "metadata": {"mlane_plan": "pro"}},
+             "period": {"start": 1_790_000_000, "end": 1_792_592_000}},
+            {"amount": 300, "price": {"id": "price_o", "metadata": {"mlane_plan": "pro"}}},
+            {"amount": 150, "price": meter_price}]}}, 100)
+    assert deliver(client, invoice).get_json()["outcome"] == "handled"
+    with clean_db.connect() as conn:
+        rows = conn.execute(select(RevenueEvent.__table__)
+                            .where(RevenueEvent.kind == "invoice_paid")).all()
+    assert [(r.amount, r.end_user_id) for r in rows] == [(2300, end_user_id)]
+
+
 def test_a_credit_pack_grants_once_and_refunds_are_revenue_facts(
         app: Any, user: tuple[str, int, int], clean_db: Engine) -> None:
     key, app_id, end_user_id = user
