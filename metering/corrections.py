@@ -12,39 +12,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, exists, insert, or_, select
+from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
 
 from core.config import ModelConfig
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.models import EndUser
-from metering.models import MeterEvent, UsageEvent
+from metering.models import UsageEvent
 from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
 from metering.records import CallRecord, problem_of
+from metering.superseded import ACTIONS, AMEND, VOID
 
 if TYPE_CHECKING:  # (metering.service reads the ledger through modules that import this)
     from metering.service import MeteringService
 
-VOID, AMEND = "void", "amend"
-ACTIONS = (VOID, AMEND)
 _E = UsageEvent
-
-
-def counting() -> ColumnElement[bool]:
-    """The ledger rows that count: not a void, and not superseded by a correction (an index
-    lookup per row: supersedes_id is unique)."""
-    later = aliased(UsageEvent)
-    return and_(or_(_E.correction.is_(None), _E.correction != VOID),
-                ~exists().where(later.supersedes_id == _E.id))
-
-
-def meter_counting() -> ColumnElement[bool]:
-    """The meter events that count (as `counting`, for meter_events)."""
-    later = aliased(MeterEvent)
-    return and_(or_(MeterEvent.correction.is_(None), MeterEvent.correction != VOID),
-                ~exists().where(later.supersedes_id == MeterEvent.id))
 
 
 @dataclass(frozen=True)

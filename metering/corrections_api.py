@@ -13,7 +13,7 @@ from core.errors import ServiceUnavailableError
 from core.meters import format_units
 from core.openapi import documented
 from core.web import config, current_principal, json_body, json_response, part, request_id
-from metering.corrections import AMEND, Corrected, Correction, correct
+from metering.corrections import Corrected, Correction, correct
 from metering.eventtime import checked_event_time
 from metering.limits import LimitsService
 from metering.limits_api import _model, _reporter
@@ -24,6 +24,7 @@ from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.schemas import CorrectionRequestSchema, CorrectionSchema
 from metering.service import MeteringService
+from metering.superseded import AMEND
 
 log = logging.getLogger(__name__)
 bp = Blueprint("corrections", __name__, url_prefix="/v1")

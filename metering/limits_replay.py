@@ -13,11 +13,11 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from core.config import ModelConfig
-from metering.corrections import counting, meter_counting
 from metering.leases import Applied, user_tag
 from metering.limitstore import Actual, Check, LimitStore
 from metering.models import MeterEvent, UsageEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
+from metering.superseded import counting, meter_counting
 from plans.catalog import Catalog
 from plans.service import Assignment, PlanService
 from plans.windows import epoch_ms, period_of

@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.meters import MeterConfig, cost_pico
 from core.models import EndUser
-from metering.corrections import VOID, Correction
+from metering.corrections import Correction
 from metering.eventtime import counts_now
 from metering.limitstore import Actual
 from metering.meters import MeterService, _data_text, _reading
 from metering.models import MeterEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
+from metering.superseded import VOID
 from plans.windows import epoch_ms
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from core.config import Config
 from core.errors import ConflictError, InvalidRequestError, ServiceUnavailableError
 from core.meters import METER_SCALE, MeterConfig, cost_pico, parse_value
 from core.tenancy import TenancyService
-from metering.corrections import meter_counting
 from metering.leases import Applied, Lease
 from metering.limits import LimitsService
 from metering.limitstore import Actual
 from metering.models import MeterEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
+from metering.superseded import meter_counting
 from metering.thresholds import LimitEvent, Usage, crossed
 from plans.meter_overage import MeterCycle, MeterEventIn, account_in, cycles_of
 from plans.windows import epoch_ms

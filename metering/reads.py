@@ -13,8 +13,8 @@ from sqlalchemy import Integer, and_, case, cast, func, insert, not_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 
-from metering.corrections import counting
 from metering.models import UsageEvent
+from metering.superseded import counting
 
 _E = UsageEvent
 DAY = timedelta(days=1)

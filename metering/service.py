@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -27,8 +27,16 @@ from metering.tokens import (
     count_text,
 )
 
-if TYPE_CHECKING:
-    from metering.relayed import RelayedEvents
+
+class Relayed(Protocol):
+    """Records the meter events a relayed call caused upstream: metering/relayed.py (named
+    by its shape, as it reaches the meters, which reach the limits that read this ledger)."""
+
+    def record(self, call: CallRecord, items: Iterable[tuple[str, str]]) -> int: ...
+
+    def spooled(self) -> int: ...
+
+    def replay(self) -> int: ...
 
 ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
@@ -122,7 +130,7 @@ class MeteringService:
         # credits_pending for the accounting).
         self.accounted: Callable[[str | None], bool] = lambda _plan: False
         # Records the meter events a relayed call caused upstream (none: not recorded).
-        self.relayed: RelayedEvents | None = None
+        self.relayed: Relayed | None = None
 
     def price_of(self, model: ModelConfig, at: datetime) -> ModelPrice | None:
         return self.prices.price_at(model.name, at) if self.prices is not None else model.price

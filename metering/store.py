@@ -10,8 +10,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import ColumnElement
 
-from metering.corrections import counting
 from metering.models import UsageEvent
+from metering.superseded import counting
 
 _T = UsageEvent.__table__.c
 
