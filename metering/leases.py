@@ -4,7 +4,9 @@ them, and the store tags that name whose counters they are."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,25 +125,46 @@ def charges(limit: LimitSpec, model: ModelConfig | None, prompt_tokens: int,
 class Heartbeat:
     """Renews a running call's lease every `every` seconds until stopped, so that only a dead
     worker's lease expires (a stream or an agent's call may run longer than lease_seconds).
-    A thread (a greenlet under gevent); a failed renewal is tried again at the next beat."""
+    One thread per process (a greenlet under gevent) beats for every running call, so a call
+    only joins a table; a failed renewal is tried again at the next beat."""
+
+    TICK = 0.25  # how late a beat may come, at most (every is a second or more)
+    _running: dict[int, Heartbeat] = {}
+    _lock = threading.Lock()
+    _beater: tuple[int, threading.Thread] | None = None  # (its process, the thread)
 
     def __init__(self, renew: Callable[[], bool], every: float) -> None:
         self._renew = renew
         self._every = every
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="lease-heartbeat").start()
+        self._due = time.monotonic() + every
+        cls = type(self)
+        with cls._lock:
+            cls._running[id(self)] = self
+            beater = cls._beater
+            if beater is None or beater[0] != os.getpid() or not beater[1].is_alive():
+                thread = threading.Thread(target=cls._beat, daemon=True, name="lease-heartbeat")
+                cls._beater = (os.getpid(), thread)  # (a forked worker starts its own)
+                thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            try:
-                if not self._renew():  # settled, released or expired: nothing to keep
-                    return
-            except Exception:  # noqa: BLE001 - the store is away: try again at the next beat
-                log.warning("renewing a lease failed; trying again in %.0f s", self._every,
-                            exc_info=True)
+    @classmethod
+    def _beat(cls) -> None:
+        while True:
+            time.sleep(cls.TICK)
+            now = time.monotonic()
+            with cls._lock:
+                due = [beat for beat in cls._running.values() if beat._due <= now]
+            for beat in due:
+                beat._due = now + beat._every
+                try:
+                    if not beat._renew():  # settled, released or expired: nothing to keep
+                        beat.stop()
+                except Exception:  # noqa: BLE001 - the store is away: try again at the next beat
+                    log.warning("renewing a lease failed; trying again in %.0f s", beat._every,
+                                exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        with type(self)._lock:
+            type(self)._running.pop(id(self), None)
 
 
 class Unsettled:
