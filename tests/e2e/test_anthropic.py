@@ -3,7 +3,6 @@ tool use, streamed and not, metered into the ledger and limited exactly like cha
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,14 +10,13 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
+from tests.e2e.test_serve import serving
 from tests.support.fake_openai import completion_text
-from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -55,23 +53,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("anthropic")
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
-    url = create_database(pg_server, f"mlane_e2e_anthropic_{worker}")
-    with FakeUpstream() as upstream:
-        (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + PLANS)
-        env = {**os.environ, "MLANE_DATABASE_URL": url,
-               "MLANE_CONFIG": str(tmp / "meterlane.toml"), "MLANE_DATA_DIR": str(tmp / "var"),
-               "MLANE_KEY_CACHE_SECONDS": "0"}
-        assert cli(env, "db", "upgrade").returncode == 0
-        created = cli(env, "keys", "create", "--role", "app", "--app", "claude-app")
-        assert created.returncode == 0, created.stderr
-        proc, base = start_server(env, tmp)
-        engine = create_engine(url)
-        try:
-            yield Served(base, created.stdout.strip().splitlines()[-1], engine, upstream)
-        finally:
-            stop(proc)
-            engine.dispose()
+    with FakeUpstream() as upstream, serving(
+            pg_server, "anthropic", tmp, gateway_toml(upstream.base_url) + PLANS,
+            "claude-app") as (base, key, engine):
+        yield Served(base, key, engine, upstream)
 
 
 @pytest.fixture()

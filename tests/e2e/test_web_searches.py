@@ -6,7 +6,6 @@ per item), for plain and streamed calls, through a real `meterlane serve` and th
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from metering.models import MeterEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
-from tests.support.services import create_database
+from tests.e2e.test_serve import serving
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -73,22 +71,9 @@ class Served:
 
 def _serve(name: str, toml: str, pg_server: str, tmp: Path,
            upstream: FakeUpstream) -> Iterator[Served]:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
-    url = create_database(pg_server, f"mlane_e2e_{name}_{worker}")
-    (tmp / "meterlane.toml").write_text(gateway_toml(upstream.base_url) + toml)
-    env = {**os.environ, "MLANE_DATABASE_URL": url,
-           "MLANE_CONFIG": str(tmp / "meterlane.toml"), "MLANE_DATA_DIR": str(tmp / "var"),
-           "MLANE_KEY_CACHE_SECONDS": "0"}
-    assert cli(env, "db", "upgrade").returncode == 0
-    created = cli(env, "keys", "create", "--role", "app", "--app", "searching-app")
-    assert created.returncode == 0, created.stderr
-    proc, base = start_server(env, tmp)
-    engine = create_engine(url)
-    try:
-        yield Served(base, created.stdout.strip().splitlines()[-1], engine, upstream)
-    finally:
-        stop(proc)
-        engine.dispose()
+    with serving(pg_server, name, tmp, gateway_toml(upstream.base_url) + toml,
+                 "searching-app") as (base, key, engine):
+        yield Served(base, key, engine, upstream)
 
 
 @pytest.fixture(scope="module")
