@@ -9,7 +9,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def _inline(fn: Callable[[], None]) -> None:
+def run_inline(fn: Callable[[], None]) -> None:
+    """The runner outside gevent: the job runs at once, in the caller."""
     fn()
 
 
@@ -18,7 +19,7 @@ def background_runner() -> Callable[[Callable[[], None]], None]:
     the job runs inline (tests, the CLI). Jobs log their own failures."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("socket"):
-        return _inline
+        return run_inline
     import gevent
 
     def spawn(fn: Callable[[], None]) -> None:

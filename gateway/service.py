@@ -472,7 +472,8 @@ class GatewayService:
                     settle("stream_error", exc.detail)
                     last = wire.error(exc.status, exc.detail, exc.openai_type,
                                       exc.openai_code or "")
-            # Sent after the ledger write: a client that has seen the end can read its usage.
+            # Sent after the ledger row (served: journaled, committed just after; a read waits
+            # for that commit): a client that has seen the end can read its usage.
             yield last
         finally:
             if not settled:  # the client went away mid-stream
@@ -490,9 +491,8 @@ class GatewayService:
             # only an answered call holds the client's key: a retry after this one runs
             outcome.idempotency_key = f"{outcome.idempotency_key}#{outcome.request_id}"
         try:
-            with outcome.trace.settling():
+            with outcome.trace.settling():  # its row is written (served: journaled)
                 record = self.metering.settle(outcome)
-            self.metering.intents.close(outcome.request_id)  # its row is written
         except Exception:
             # The ledger spools on database failure; anything else here is a bug to see.
             log.exception("settling request %s failed", outcome.request_id)

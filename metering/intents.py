@@ -3,7 +3,9 @@
 to a journal of its own; a line "done" follows once the call's ledger row is written. A
 later process (a new worker starting, `meterlane ledger replay`) reads the journals of workers
 that are gone and records each call left open as `worker_lost`, with its estimated usage:
-finance sees its inference cost even though the client saw an error.
+finance sees its inference cost even though the client saw an error. A call answered before
+its row was committed (metering/unwritten.py) has a line "settled" with that row: the row is
+written as it was answered.
 
 The journal is the page cache's (no fsync per call: a killed process loses nothing; a
 crashed machine may lose the last lines)."""
@@ -61,6 +63,20 @@ class IntentJournal:
             note(log, logging.ERROR, "could not write the intent of request %s: %s",
                  intent.get("request_id"), exc)
 
+    def settled(self, request_id: str, row: dict[str, Any]) -> None:
+        """The call's ledger row, priced, before the call is answered and the row committed
+        (metering/unwritten.py): a worker that dies before the commit leaves the very row."""
+        line = orjson.dumps({"settled": row}, default=str) + b"\n"
+        try:
+            with self._lock:
+                fd = self._ensure()
+                os.write(fd, line)
+                self._size += len(line)
+                self._open[request_id] = line
+        except OSError as exc:
+            note(log, logging.ERROR, "could not write the row of request %s: %s",
+                 request_id, exc)
+
     def close(self, request_id: str) -> None:
         """After the call's ledger row is written (or spooled, or quarantined)."""
         line = orjson.dumps({"done": request_id}) + b"\n"
@@ -114,6 +130,8 @@ class IntentJournal:
                     continue  # a line cut by the kill: nothing was forwarded after it
                 if "done" in doc:
                     opened.pop(str(doc["done"]), None)
+                elif "settled" in doc:  # its row, priced: replaces the intent's estimate
+                    opened[str(doc["settled"].get("request_id"))] = doc
                 elif "request_id" in doc:
                     opened[str(doc["request_id"])] = doc
             yield claimed, list(opened.values())

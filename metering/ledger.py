@@ -309,6 +309,11 @@ class LedgerWriter:
         """Records in the spool waiting for a replay (every process's: one folder)."""
         return self.spool.count()
 
+    def spool_row(self, row: dict[str, Any]) -> None:
+        """Spool a row as it is (a dead worker's row from its journal): the replay writes it,
+        or finds it written."""
+        self._spool(row)
+
     def spool_for_user(self, row: dict[str, Any], external_id: str) -> None:
         """Spool a record whose end user has no id yet (the database was away when the call
         named them for the first time in this process): the replay creates the user, as the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import Any, Protocol
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 
+from core.background import background_runner, run_inline
 from core.config import ModelConfig, ModelPrice
 from core.db import utcnow
 from metering.intents import IntentJournal
@@ -26,6 +28,7 @@ from metering.tokens import (
     count_responses_prompt,
     count_text,
 )
+from metering.unwritten import Unwritten
 
 
 class Relayed(Protocol):
@@ -119,6 +122,11 @@ class MeteringService:
         self.ledger = ledger
         self.tokenizers = tokenizers
         self.intents = IntentJournal(ledger.spool_dir)
+        # Served under gevent, a call is answered before its row is committed (the row is in
+        # the intent journal first; metering/unwritten.py); elsewhere after (None).
+        runner = background_runner()
+        self._background = None if runner is run_inline else runner
+        self.unwritten = Unwritten(ledger.spool_dir)
         self.clock = utcnow
         self.usage_store = UsageStore(engine)
         # The price catalog (finance): the price in force when a call happens. Without one,
@@ -206,11 +214,25 @@ class MeteringService:
             cache_write_tokens=usage.cache_write_tokens, plan_id=plan_id,
             credits_pending=self.accounted(plan_id),
         )
-        self.ledger.record(record)
         outcome.record = record
-        if self.relayed is not None and outcome.accepted:
-            self.relayed.record(record, outcome.metered_items())  # never raises
+        if self._background is None:
+            self._write(record, outcome)
+            return record
+        # Served: answered once the row is in the journal; committed beside the next calls.
+        self.intents.settled(record.request_id, record.row())
+        self.unwritten.answering()
+        self._background(functools.partial(self._write, record, outcome))
         return record
+
+    def _write(self, record: CallRecord, outcome: CallOutcome) -> None:
+        try:
+            self.ledger.record(record)  # never raises: written, spooled or quarantined
+            self.intents.close(record.request_id)
+            if self.relayed is not None and outcome.accepted:
+                self.relayed.record(record, outcome.metered_items())  # never raises
+        finally:
+            if self._background is not None:
+                self.unwritten.written()
 
     def record_direct(self, *, app_id: int, end_user_id: int, model: ModelConfig,
                       usage: TokenUsage, cost_pico: int | None, request_id: str,
@@ -266,7 +288,11 @@ class MeteringService:
     def record_lost(self, intent: dict[str, Any]) -> None:
         """A call a worker forwarded and died before recording: recorded as worker_lost, with
         what it may have used (the prompt, and the output it was allowed), unless the ledger
-        has it."""
+        has it. A call it had answered before the commit has its row: spooled as it was (the
+        spool's replay writes it once, whether or not the commit had happened)."""
+        if "settled" in intent:
+            self.ledger.spool_row(intent["settled"])
+            return
         app_id, key = int(intent["app_id"]), str(intent["idempotency_key"])
         if self.ledger.key_used(app_id, key):
             return
@@ -297,7 +323,10 @@ class MeteringService:
 
     def recover_lost(self) -> int:
         """Record the calls of workers that died mid-call (their intent journals)."""
-        return self.intents.recover(self.record_lost)
+        lost = self.intents.recover(self.record_lost)
+        if lost:
+            self.ledger.replay()  # the rows of calls answered before their commit
+        return lost
 
     def mark_limits_pending_many(self, app_id: int, keys: list[str]) -> int:
         """Flag rows the limits could not count yet (the catch-up counts them)."""

@@ -19,10 +19,10 @@ import pytest
 import stripe
 from sqlalchemy import func, select
 
-from core.db import make_engine, utcnow
+from core.db import utcnow
 from plans.models import CreditOverage, RevenueEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
+from tests.e2e.test_serve import cli, served_engine, start_server, stop
 from tests.support.consent import consent_for
 from tests.support.services import create_database
 from tests.support.stripesig import stripe_headers
@@ -37,7 +37,7 @@ class Journey:
                  tag: str) -> None:
         self.base, self.key, self.env, self.tag = base, key, env, tag
         self.stripe = stripe.StripeClient("sk_test_e2e", base_addresses={"api": stripe_base})
-        self.engine = make_engine(env["MLANE_DATABASE_URL"])
+        self.engine = served_engine(env)
         self.sent: list[bytes] = []
         self._created = int(time.time()) - 3600  # events happened before we get them
 

@@ -20,10 +20,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.db import make_engine
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
+from tests.e2e.test_serve import cli, served_engine, start_server, stop
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
 
@@ -58,7 +57,7 @@ def served(pg_server: str, upstream: FakeUpstream,
     created = cli(env, "keys", "create", "--role", "app", "--app", "idem")
     assert created.returncode == 0, created.stderr
     proc, base = start_server(env, Path(tmp))
-    engine = make_engine(url)
+    engine = served_engine(env)
     try:
         yield Served(base=base, key=created.stdout.strip().splitlines()[-1], engine=engine)
     finally:

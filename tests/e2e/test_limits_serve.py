@@ -21,10 +21,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from core.db import make_engine
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
+from tests.e2e.test_serve import cli, served_engine, start_server, stop
 from tests.support.burst import one_call, run_bursts
 from tests.support.services import create_database, start_redis
 from tests.support.upstream import FakeUpstream
@@ -118,7 +117,7 @@ def _serve(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstrea
     created = cli(env, "keys", "create", "--role", "app", "--app", "limits")
     assert created.returncode == 0, created.stderr
     proc, base = start_server(env, tmp)
-    engine = make_engine(url)
+    engine = served_engine(env)
     served = Served(base, created.stdout.strip().splitlines()[-1], engine, proc, env, tmp)
     try:
         yield served

@@ -41,7 +41,7 @@ from core.db import make_engine, utcnow
 from metering.models import UsageEvent
 from plans.models import CreditBurn, CreditCursor, CreditOverage
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import MESSAGES, cli, stop
+from tests.e2e.test_serve import MESSAGES, cli, served_engine, stop
 from tests.support.consent import consent_for, http_call
 from tests.support.fake_openai import completion_tokens, prompt_tokens
 from tests.support.services import create_database
@@ -293,7 +293,7 @@ def test_stripe_events_delivered_twenty_at_once_apply_once_and_ties_follow_strip
     plan = tomllib.loads(Path(env["MLANE_CONFIG"]).read_text())["plans"][0]["id"]
     client = openai.OpenAI(base_url=served.bases[0] + "/v1", api_key=served.key, max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, user="payer")
-    engine = make_engine(env["MLANE_DATABASE_URL"])
+    engine = served_engine(env)
     try:
         from core.models import EndUser
 

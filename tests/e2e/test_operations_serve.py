@@ -23,10 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from core.db import make_engine
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
+from tests.e2e.test_serve import cli, served_engine, start_server, stop
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream, completion_text, completion_tokens, prompt_tokens
@@ -122,7 +121,7 @@ def ops(pg_server: str, upstream: FakeUpstream,
         created = cli(env, "keys", "create", "--role", "app", "--app", "ops")
         assert created.returncode == 0, created.stderr
         proc, base = start_server(env, tmp)
-        engine = make_engine(url)
+        engine = served_engine(env)
         port = base.rsplit(":", 1)[1]
         try:
             yield Ops(base=base, key=created.stdout.strip().splitlines()[-1],

