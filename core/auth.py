@@ -131,7 +131,7 @@ class AuthService:
         self.cache_seconds = cache_seconds
         self.monotonic = monotonic
         self._cache: ReadCache[str, Principal | None] = ReadCache(
-            cache_seconds, max_entries=10_000, clock=monotonic)
+            "keys", cache_seconds, max_entries=10_000, clock=monotonic)
         self._lock = threading.Lock()
         self._used: dict[int, float] = {}  # key pk -> when this worker last noted its use
         self._pending: dict[int, datetime] = {}  # uses noted, not written yet

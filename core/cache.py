@@ -49,9 +49,10 @@ class ReadCache(Generic[K, V]):
     `ttl` <= 0 caches nothing and shares nothing: every call reads (tests, and servers
     that must see every change at once). Each worker process has its own cache."""
 
-    def __init__(self, ttl: float, *, max_entries: int = 100_000,
+    def __init__(self, name: str, ttl: float, *, max_entries: int = 100_000,
                  clock: Callable[[], float] = time.monotonic,
                  background: Callable[[Callable[[], None]], None] | None = None) -> None:
+        self.name = name  # what it holds, for the log (never a key: some are secrets)
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
@@ -128,8 +129,8 @@ class ReadCache(Generic[K, V]):
             try:
                 self._fly(key, flight, read)
             except Exception:  # noqa: BLE001 - the value read before holds until its ttl
-                log.warning("could not refresh a cached read (%r); the value read before "
-                            "serves until it lapses", key, exc_info=True)
+                log.warning("could not refresh one of the cached %s; the value read before "
+                            "serves until it lapses", self.name, exc_info=True)
                 with self._lock:  # not again before it lapses (the database is away)
                     if self._entries.get(key) is hit:
                         self._entries[key] = (hit[0], hit[1], False)

@@ -22,7 +22,7 @@ class TenancyService:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._users: ReadCache[tuple[int, str], int] = ReadCache(math.inf)
+        self._users: ReadCache[tuple[int, str], int] = ReadCache("end users", math.inf)
 
     def get_app(self, name: str) -> int:
         with self.engine.connect() as conn:

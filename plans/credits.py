@@ -140,7 +140,8 @@ class CreditsService:
         self.cache_seconds = cache_seconds
         self.clock = clock
         # read by one call at a time per key, re-read before it lapses (ReadCache)
-        self._cache: ReadCache[tuple[int, datetime], int] = ReadCache(cache_seconds)
+        self._cache: ReadCache[tuple[int, datetime], int] = ReadCache("credit allowances",
+                                                                      cache_seconds)
 
     # -- grants -----------------------------------------------------------------------------
 

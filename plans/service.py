@@ -40,7 +40,8 @@ class PlanService:
         self.engine = engine
         self.catalog = catalog
         self.cache_seconds = cache_seconds
-        self._cache: ReadCache[int, Assignment] = ReadCache(cache_seconds, clock=monotonic)
+        self._cache: ReadCache[int, Assignment] = ReadCache("plans", cache_seconds,
+                                                              clock=monotonic)
 
     def plan_of(self, end_user_id: int, conn: Connection | None = None) -> Assignment:
         """The end user's plan now. Inside a transaction, pass its connection: the read then
