@@ -86,8 +86,10 @@ class ReadCache(Generic[K, V]):
         if leader:
             return self._fly(key, flight, read)
         flight.done.wait()
-        if flight.error is not None:
+        if isinstance(flight.error, Exception):
             raise flight.error  # the leader's (as concurrent.futures hands one to each waiter)
+        if flight.error is not None:  # the leader was stopped (GreenletExit): not our error
+            return self.get(key, read)
         return flight.value  # type: ignore[return-value]
 
     def _fly(self, key: K, flight: _Flight[V], read: Callable[[], V]) -> V:
