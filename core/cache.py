@@ -44,6 +44,13 @@ class ReadCache(Generic[K, V]):
       database is away), as it would have without the refresh; after it, calls read and
       fail as they did before there was a cache.
 
+    Stale values are never served past `ttl` while a refresh runs (README promises that a
+    revoked key is refused by every worker within MLANE_KEY_CACHE_SECONDS): refreshing from
+    half the `ttl` keeps calls from waiting just as well, for at most two reads of a busy
+    key per `ttl` and worker. A caller that joins a read under way gets what that read
+    saw: a change committed during the read (milliseconds) may be missed, as it would be
+    by a read of its own.
+
     A read answering None is handed to its waiters but never kept (a key unknown or
     revoked: only what exists is cached, and a lookup that finds nothing drops the entry).
     `ttl` <= 0 caches nothing and shares nothing: every call reads (tests, and servers
