@@ -9,6 +9,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.background import background_runner
+from core.cache import ReadCache
 from core.db import utcnow
 from core.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from core.models import ApiKey, App, EndUser
@@ -115,14 +117,21 @@ class AuthService:
     """Turns a bearer key into a Principal; a verified key is cached for a few seconds.
 
     A revoked or rotated key is refused at once by the worker that changed it (its cache is
-    cleared) and by every other worker at most `cache_seconds` later (their cached entry
-    lapses; an expiry already known is checked on every call, cached or not)."""
+    cleared) and by every other worker at most `cache_seconds` later (README's promise for
+    MLANE_KEY_CACHE_SECONDS: a cached key is never used longer than that after its read
+    began; an expiry already known is checked on every call, cached or not). A key is
+    read by one call at a time per worker (ReadCache): a burst of calls on a key whose
+    entry lapsed waits for that one read instead of each taking a pooled connection, and
+    under steady use the entry is re-read beside the calls before it lapses."""
 
-    def __init__(self, engine: Engine, *, cache_seconds: float = 2.0) -> None:
+    def __init__(self, engine: Engine, *, cache_seconds: float = 2.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = KeyStore(engine)
         self.engine = engine
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        self.monotonic = monotonic
+        self._cache: ReadCache[str, Principal | None] = ReadCache(
+            "keys", cache_seconds, max_entries=10_000, clock=monotonic)
         self._lock = threading.Lock()
         self._used: dict[int, float] = {}  # key pk -> when this worker last noted its use
         self._pending: dict[int, datetime] = {}  # uses noted, not written yet
@@ -133,23 +142,22 @@ class AuthService:
         if not raw_key:
             raise AuthenticationError(
                 "Missing API key: send it as 'Authorization: Bearer <key>'.")
-        now = time.monotonic()
-        cached = self._cache.get(raw_key)
-        if cached is not None and cached[0] > now:
-            return self._note_use(self._check_expiry(cached[1]), now)
+        now = self.monotonic()
         match = _KEY_RE.match(raw_key)
         if match is None:
             raise AuthenticationError("Invalid API key.")
+        principal = self._cache.get(raw_key, lambda: self._verify(match))
+        if principal is None:
+            raise AuthenticationError("Invalid or revoked API key.")
+        return self._note_use(self._check_expiry(principal), now)
+
+    def _verify(self, match: re.Match[str]) -> Principal | None:
+        """The key's principal if it exists, is not revoked and its secret matches (its
+        expiry is checked on each use: an expired key stays cached, refused)."""
         found = self.store.find_active(match.group(1))
         if found is None or not hmac.compare_digest(found[0], hash_secret(match.group(2))):
-            raise AuthenticationError("Invalid or revoked API key.")
-        principal = self._check_expiry(found[1])
-        if self.cache_seconds > 0:
-            with self._lock:
-                if len(self._cache) > 10_000:
-                    self._cache.clear()
-                self._cache[raw_key] = (now + self.cache_seconds, principal)
-        return self._note_use(principal, now)
+            return None
+        return found[1]
 
     def _note_use(self, principal: Principal, now: float) -> Principal:
         """Record the key's last use: at most once a LAST_USED_EVERY_SECONDS per key in this
@@ -190,8 +198,7 @@ class AuthService:
 
     def forget_cached(self) -> None:
         """Drop this worker's verified keys (after a revocation or rotation)."""
-        with self._lock:
-            self._cache.clear()
+        self._cache.forget()
 
     @staticmethod
     def _check_expiry(principal: Principal) -> Principal:

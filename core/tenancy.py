@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import threading
+import math
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from core.cache import ReadCache
 from core.db import utcnow
 from core.errors import NotFoundError
 from core.models import App, EndUser
@@ -16,12 +17,12 @@ UNSEEN = 0  # no end user row has this id: reads for a user the app has not name
 
 
 class TenancyService:
-    """Finds or creates apps and end users; end-user ids are cached (they never change)."""
+    """Finds or creates apps and end users; end-user ids are cached (they never change), and
+    a user's first calls arriving together look them up once (ReadCache), not once each."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._users: dict[tuple[int, str], int] = {}
-        self._lock = threading.Lock()
+        self._users: ReadCache[tuple[int, str], int] = ReadCache("end users", math.inf)
 
     def get_app(self, name: str) -> int:
         with self.engine.connect() as conn:
@@ -43,10 +44,10 @@ class TenancyService:
         return app_id, created
 
     def ensure_end_user(self, app_id: int, external_id: str) -> int:
-        key = (app_id, external_id)
-        cached = self._users.get(key)
-        if cached is not None:
-            return cached
+        return self._users.get((app_id, external_id),
+                               lambda: self._ensure_end_user(app_id, external_id))
+
+    def _ensure_end_user(self, app_id: int, external_id: str) -> int:
         stmt = select(EndUser.id).where(EndUser.app_id == app_id,
                                         EndUser.external_id == external_id)
         with self.engine.begin() as conn:
@@ -56,20 +57,16 @@ class TenancyService:
                                                "created_at": utcnow()},
                                ["app_id", "external_id"])
                 user_id = conn.execute(stmt).scalar_one()
-        with self._lock:
-            if len(self._users) > 100_000:
-                self._users.clear()
-            self._users[key] = user_id
-        return user_id
+        return int(user_id)
 
     def known_end_user(self, app_id: int, external_id: str) -> int | None:
         """The end user's id if this process has seen them (no database read)."""
-        return self._users.get((app_id, external_id))
+        return self._users.peek((app_id, external_id))
 
     def ensure_end_users(self, app_id: int, external_ids: list[str]) -> dict[str, int]:
         """Many end users at once (a batch of reported usage): one read, one insert of the
         new ones, one read of those."""
-        out = {e: u for e in external_ids if (u := self._users.get((app_id, e))) is not None}
+        out = {e: u for e in external_ids if (u := self._users.peek((app_id, e))) is not None}
         wanted = [e for e in dict.fromkeys(external_ids) if e not in out]
         if wanted:
             def read(conn: Connection, names: list[str]) -> dict[str, int]:
@@ -85,10 +82,8 @@ class TenancyService:
                                    ["app_id", "external_id"])
                 if new:
                     found.update(read(conn, new))
-            with self._lock:
-                if len(self._users) > 100_000:
-                    self._users.clear()
-                self._users.update({(app_id, e): u for e, u in found.items()})
+            for e, u in found.items():
+                self._users.put((app_id, e), u, self._users.clock())
             out.update(found)
         return out
 
@@ -100,7 +95,7 @@ class TenancyService:
         return UNSEEN if found is None else found
 
     def find_end_user(self, app_id: int, external_id: str) -> int | None:
-        cached = self._users.get((app_id, external_id))
+        cached = self._users.peek((app_id, external_id))
         if cached is not None:
             return cached
         with self.engine.connect() as conn:

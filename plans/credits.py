@@ -11,8 +11,6 @@ CreditUse): credits = allowance + burned + overage + uncharged."""
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased
 
 from core.audit import Actor, record, user_ref
+from core.cache import ReadCache
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from plans.models import (
@@ -140,8 +139,9 @@ class CreditsService:
         self.engine = engine
         self.cache_seconds = cache_seconds
         self.clock = clock
-        self._cache: dict[tuple[int, datetime], tuple[float, int]] = {}
-        self._lock = threading.Lock()
+        # read by one call at a time per key, re-read before it lapses (ReadCache)
+        self._cache: ReadCache[tuple[int, datetime], int] = ReadCache("credit allowances",
+                                                                      cache_seconds)
 
     # -- grants -----------------------------------------------------------------------------
 
@@ -238,19 +238,18 @@ class CreditsService:
         """Credits the allowance counter of the current cycle may grow by: the credits burned
         in this cycle plus the balance (their sum does not move as usage is accounted), plus
         what the overage spend cap buys. Cached for a moment, like plan assignments."""
-        terms = assignment.plan.terms
         cycle = period_of(_CYCLE, now, assignment.anchored_at)
-        key = (end_user_id, cycle.start)
-        hit = self._cache.get(key)
-        clock = time.monotonic()
-        if hit is not None and hit[0] > clock:
-            return hit[1]
+        return self._cache.get((end_user_id, cycle.start), lambda: self._read_extra(
+            end_user_id, assignment, now, cycle.start, refresh))
+
+    def _read_extra(self, end_user_id: int, assignment: Assignment, now: datetime,
+                    cycle_start: datetime, refresh: Callable[[], object] | None) -> int:
         grants = self.balances(end_user_id)
         if refresh is not None and grants:
             with self.engine.connect() as conn:
                 cursor = conn.execute(select(CreditCursor.cycle_start).where(
                     CreditCursor.end_user_id == end_user_id)).first()
-            if cursor is None or cursor[0] is None or cursor[0] < cycle.start:
+            if cursor is None or cursor[0] is None or cursor[0] < cycle_start:
                 # Account first: credits an earlier cycle burned but nobody has accounted
                 # yet would otherwise count as balance again in this one. (Within a cycle
                 # the sum burned-this-cycle + balance does not move as usage is accounted.)
@@ -264,17 +263,13 @@ class CreditsService:
             burned_in_cycle = conn.execute(
                 select(func.coalesce(func.sum(CreditBurn.amount), 0)).where(
                     CreditBurn.end_user_id == end_user_id,
-                    CreditBurn.burned_at >= cycle.start)).scalar_one()
+                    CreditBurn.burned_at >= cycle_start)).scalar_one()
             offset = conn.execute(select(AllowanceOffset.credits).where(
                 AllowanceOffset.end_user_id == end_user_id,
-                AllowanceOffset.cycle_start == cycle.start)).scalar_one_or_none() or 0
+                AllowanceOffset.cycle_start == cycle_start)).scalar_one_or_none() or 0
         extra = int(burned_in_cycle) + int(offset) + summarise(grants, now).balance
-        if terms.overage is not None:
-            extra += terms.overage.headroom_credits
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[key] = (clock + self.cache_seconds, extra)
+        if assignment.plan.terms.overage is not None:
+            extra += assignment.plan.terms.overage.headroom_credits
         return extra
 
     def set_offset_in(self, conn: Connection, end_user_id: int, cycle_start: datetime,
@@ -294,9 +289,7 @@ class CreditsService:
         self._forget(end_user_id)
 
     def _forget(self, end_user_id: int) -> None:
-        with self._lock:
-            for key in [k for k in self._cache if k[0] == end_user_id]:
-                self._cache.pop(key, None)
+        self._cache.forget(lambda key: key[0] == end_user_id)
 
     def uses_of(self, end_user_id: int, start: datetime, end: datetime
                 ) -> dict[int, UseFigures]:

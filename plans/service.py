@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from core.audit import Actor, record, user_ref
+from core.cache import ReadCache
 from core.db import utcnow
 from core.errors import InvalidRequestError, NotFoundError
 from core.models import EndUser
@@ -31,30 +31,29 @@ class Assignment:
 
 
 class PlanService:
-    def __init__(self, engine: Engine, catalog: Catalog, *, cache_seconds: float = 2.0) -> None:
+    """Plan assignments; a worker caches an end user's for `cache_seconds`
+    (MLANE_KEY_CACHE_SECONDS), read by one call at a time (ReadCache): an assignment made
+    through another worker is seen within that time, one made here at once."""
+
+    def __init__(self, engine: Engine, catalog: Catalog, *, cache_seconds: float = 2.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.catalog = catalog
         self.cache_seconds = cache_seconds
-        self._cache: dict[int, tuple[float, Assignment]] = {}
-        self._lock = threading.Lock()
+        self._cache: ReadCache[int, Assignment] = ReadCache("plans", cache_seconds,
+                                                              clock=monotonic)
 
     def plan_of(self, end_user_id: int, conn: Connection | None = None) -> Assignment:
         """The end user's plan now. Inside a transaction, pass its connection: the read then
         sees the transaction's own writes, and never waits for a second connection from a
         pool that the transaction's rivals may hold (a deadlock until the pool times out)."""
-        now = time.monotonic()
-        hit = self._cache.get(end_user_id)
-        if conn is None and hit is not None and hit[0] > now:
-            return hit[1]
         if conn is not None:
             return self._resolve(*self._read(conn, end_user_id))
+        return self._cache.get(end_user_id, lambda: self._read_own(end_user_id))
+
+    def _read_own(self, end_user_id: int) -> Assignment:
         with self.engine.connect() as own:
-            assignment = self._resolve(*self._read(own, end_user_id))
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[end_user_id] = (now + self.cache_seconds, assignment)
-        return assignment
+            return self._resolve(*self._read(own, end_user_id))
 
     @staticmethod
     def _read(conn: Connection, end_user_id: int) -> tuple[Any, datetime | None]:
@@ -68,9 +67,8 @@ class PlanService:
     def prefetch(self, end_user_ids: list[int]) -> None:
         """Read the plans of many end users in two queries (a batch of reported usage), so
         that plan_of answers them from the cache."""
-        now = time.monotonic()
-        wanted = [u for u in dict.fromkeys(end_user_ids)
-                  if (hit := self._cache.get(u)) is None or hit[0] <= now]
+        now = self._cache.clock()
+        wanted = [u for u in dict.fromkeys(end_user_ids) if self._cache.peek(u) is None]
         if not wanted:
             return
         with self.engine.connect() as conn:
@@ -80,12 +78,8 @@ class PlanService:
             missing = [u for u in wanted if u not in rows]
             created = dict(conn.execute(select(EndUser.id, EndUser.created_at).where(
                 EndUser.id.in_(missing))).all()) if missing else {}
-        found = {u: self._resolve(rows.get(u), created.get(u)) for u in wanted}
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            for u, assignment in found.items():
-                self._cache[u] = (now + self.cache_seconds, assignment)
+        for u in wanted:
+            self._cache.put(u, self._resolve(rows.get(u), created.get(u)), now)
 
     def _resolve(self, row: Any, created: datetime | None) -> Assignment:
         default = self.catalog.default
@@ -139,12 +133,12 @@ class PlanService:
             index_elements=["end_user_id"],
             set_={"plan_id": plan.id, "plan_version": plan.version, "anchored_at": anchor,
                   "updated_at": now}))
-        self._cache.pop(end_user_id, None)
+        self._cache.drop(end_user_id)
 
     def unassign_in(self, conn: Connection, end_user_id: int) -> None:
         """Back to the default plan (a subscription past due or canceled)."""
         conn.execute(delete(EndUserPlan).where(EndUserPlan.end_user_id == end_user_id))
-        self._cache.pop(end_user_id, None)
+        self._cache.drop(end_user_id)
 
 
 def insert_assignments(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
