@@ -17,6 +17,7 @@ first. A process that is gone is not waited for (its rows are replayed from its 
 
 from __future__ import annotations
 
+import atexit
 import os
 import struct
 import time
@@ -47,6 +48,7 @@ class Unwritten:
             self.answered = self.committed = 0
             self._fd = os.open(self.folder / f"{_PREFIX}{self._pid}", os.O_RDWR | os.O_CREAT,
                                0o600)
+            atexit.register(self.drain)
         return self._fd
 
     def answering(self) -> None:
@@ -61,6 +63,18 @@ class Unwritten:
         fd = self._file()
         self.committed += 1
         os.pwrite(fd, _PAIR.pack(self.answered, self.committed), 0)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait (at most `timeout` seconds) for this process's answered rows to be committed:
+        a worker that stops (gunicorn's graceful or quick shutdown, which exit through Python)
+        commits what it answered first. (A row left, past the timeout or after kill -9, is in
+        the journal: the next start writes it.)"""
+        deadline = time.monotonic() + timeout
+        while self._pid == os.getpid() and self.committed < self.answered:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
 
     def install(self, app: Flask, *, skip: Iterable[str]) -> None:
         """Every request but those of the `skip` blueprints (the calls themselves, health and

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db import make_engine
+from metering.intents import IntentJournal
 from metering.models import UsageEvent
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import MESSAGES, cli, start_server, stop, wait_ready
@@ -42,7 +43,9 @@ def served(pg_server: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         key = cli(env, "keys", "create", "--role", "app", "--app", "acme").stdout.split()[-1]
         proc, base = start_server(env, tmp_path)
         try:
-            yield {"url": url, "key": key, "proc": proc, "base": base}
+            yield {"url": url, "key": key, "proc": proc, "base": base,
+                   "log": tmp_path / f"serve-{base.rsplit(':', 1)[1]}.log",
+                   "spool": tmp_path / "var" / "spool"}
         finally:
             stop(proc)
 
@@ -165,3 +168,27 @@ def test_a_worker_killed_before_the_commit_leaves_the_row_it_answered(
         assert row.input_tokens == answer["usage"]["prompt_tokens"]
         assert row.output_tokens == answer["usage"]["completion_tokens"]
     assert _requests_of(served, "victim") == 4
+
+
+def test_a_worker_that_stops_commits_what_it_answered_first(served: dict[str, Any]) -> None:
+    _call(served, "leaver")
+    held = _Held(served["url"])
+    try:
+        _call(served, "leaver")
+        assert held.waiting_backends(), "the row's insert should be waiting for the lock"
+        served["proc"].send_signal(signal.SIGTERM)  # gunicorn's graceful stop: no call runs
+        master = served["proc"].pid
+        for _ in range(300):  # polling the log for the workers to begin their exit
+            if "Worker exiting" in served["log"].read_text():
+                break
+            threading.Event().wait(0.1)
+        for _ in range(20):  # a worker that did not wait for its commit is gone by now
+            if not _workers(master):
+                break
+            threading.Event().wait(0.1)
+    finally:
+        held.release()  # the stopping worker can commit now
+    served["proc"].wait(timeout=60)
+    # Nothing was left for a next start to recover: the worker committed before it exited.
+    left = [intents for _, intents in IntentJournal(served["spool"]).orphans()]
+    assert left and not any(left), left
