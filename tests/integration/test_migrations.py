@@ -109,3 +109,76 @@ def _worker_suffix() -> str:
     import os
 
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+# -- the check at start-up reads both revisions without alembic ------------------------------
+
+
+def _alembic_revisions(engine: Engine) -> tuple[str | None, str]:
+    from alembic.script import ScriptDirectory
+
+    from migrations.schema import HERE
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = ScriptDirectory(str(HERE)).get_current_head()
+    assert head is not None
+    return current, head
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_revisions_are_read_as_alembic_reads_them(backend: str, tmp_path: Path,
+                                                  pg_server: str) -> None:
+    from migrations.schema import current_revision, head_revision, upgrade
+    from tests.support.services import create_database
+
+    url = (create_database(pg_server, "mlane_revisions_" + _worker_suffix())
+           if backend == "postgres" else f"sqlite:///{tmp_path / 'r.db'}")
+    engine = make_engine(url)
+    try:
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+        assert current_revision(engine) is None
+        upgrade(engine, "0024")
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+        assert current_revision(engine) == "0024" != head_revision()
+        upgrade(engine)
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_second_head_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from migrations import schema
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(schema.HERE / "versions", copy / "versions")
+    (copy / "versions" / "9999_branch.py").write_text(
+        "revision = '9999'\ndown_revision = '0025'\n")
+    monkeypatch.setattr(schema, "HERE", copy)
+    with pytest.raises(RuntimeError, match=r"2 heads \(0026, 9999\)"):
+        schema.head_revision()
+
+
+def test_a_worker_on_a_current_schema_never_imports_alembic(tmp_path: Path) -> None:
+    """create_app's schema check (every gunicorn worker runs it) reads the revisions itself:
+    alembic and mako are 10 MB of each worker's memory."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLANE_")},
+           "MLANE_DATA_DIR": str(tmp_path / "var")}
+    root = Path(__file__).resolve().parents[2]
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, text=True,
+                              capture_output=True, timeout=120, check=False)
+
+    migrate = run("from app import create_app; create_app(); import sys; "
+                  "print('alembic' in sys.modules)")  # the embedded database migrates itself
+    assert (migrate.returncode, migrate.stdout.strip()) == (0, "True"), migrate.stderr
+    done = run("from app import create_app; create_app(); import sys; "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))")
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
