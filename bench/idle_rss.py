@@ -36,6 +36,22 @@ def rss(pids: list[int]) -> dict[str, float]:
             "anon_max": max(status_kb(p, "RssAnon") for p in pids) / 1024}
 
 
+def mappings(pid: int, top: int = 12) -> list[str]:
+    """The largest parts of a process's RSS (/proc/pid/smaps), by what is mapped: a file
+    (shared libraries), [heap], or anonymous memory (Python's arenas, large allocations)."""
+    sizes: dict[str, int] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if not first.endswith(":"):  # a mapping's header line: its path, if any, last
+            parts = line.split(maxsplit=5)
+            name = parts[5].rsplit("/", 1)[-1] if len(parts) > 5 else "[anonymous]"
+        elif first == "Rss:":
+            sizes[name] = sizes.get(name, 0) + int(line.split()[1])
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
+    return [f"{kb / 1024:7.1f} MB  {n}" for n, kb in ranked[:top]]
+
+
 def calls(target: Target, n: int) -> int:
     """n calls over 8 connections, every other one streamed; the number answered 200."""
     bodies = [chat_body(stream=False, words=16, chunk_delay_ms=0),
@@ -55,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--postgres-db", default="rs_bench_idle_rss")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    p.add_argument("--maps", action="store_true",
+                   help="after the calls, print what the largest worker's RSS is made of")
     args = p.parse_args(argv)
     args.setups = [{"sqlite": ML_SQLITE, "postgres": ML_PG}[s] for s in args.setups.split(",")]
     args.key_cache_seconds = None
@@ -74,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: idle {idle['max']:.1f} MB (min {idle['min']:.1f}, anon "
                 f"{idle['anon_max']:.1f}); after {ok}/{args.calls} calls "
                 f"{out[name]['after']['max']:.1f} MB")
+            if args.maps:
+                largest = max(pids, key=lambda p: status_kb(p, "VmRSS"))
+                threads = status_kb(largest, "Threads")
+                print("\n".join([f"{name} worker {largest} ({threads} threads):",
+                                  *mappings(largest)]))
         if args.json:
             print(json.dumps(out))
         return 0

@@ -160,25 +160,3 @@ def test_a_second_head_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(RuntimeError, match=r"2 heads \(0026, 9999\)"):
         schema.head_revision()
 
-
-def test_a_worker_on_a_current_schema_never_imports_alembic(tmp_path: Path) -> None:
-    """create_app's schema check (every gunicorn worker runs it) reads the revisions itself:
-    alembic and mako are 10 MB of each worker's memory."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLANE_")},
-           "MLANE_DATA_DIR": str(tmp_path / "var")}
-    root = Path(__file__).resolve().parents[2]
-
-    def run(code: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, text=True,
-                              capture_output=True, timeout=120, check=False)
-
-    migrate = run("from app import create_app; create_app(); import sys; "
-                  "print('alembic' in sys.modules)")  # the embedded database migrates itself
-    assert (migrate.returncode, migrate.stdout.strip()) == (0, "True"), migrate.stderr
-    done = run("from app import create_app; create_app(); import sys; "
-               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))")
-    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
