@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--settle-seconds", type=float, default=2.0)
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    p.add_argument("--postgres-db", default="rs_bench_idle_rss")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    p.add_argument("--postgres-db", default="bench_idle_rss")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     p.add_argument("--maps", action="store_true",
                    help="after the calls, print what the largest worker's RSS is made of")
