@@ -141,8 +141,8 @@ def _spec_and_source(name: str, sources: Sequence[VocabSource] | None) -> tuple[
 
 
 def verify_vocabulary(name: str, sources: Sequence[VocabSource] | None = None) -> None:
-    """Check that `name`'s vocabulary is there and intact, without building the encoding
-    (a few ms and no lasting memory: what start-up checks of an encoding loaded later)."""
+    """Check that `name`'s vocabulary is there and intact without building the encoding
+    (tens of ms, nothing kept): the start-up check of an encoding built on first use."""
     spec, source = _spec_and_source(name, sources)
     _read_verified(name, source, spec.sha256)
 
@@ -226,7 +226,7 @@ class TokenizerRegistry:
         self._loaders = dict(loaders or {})
         self._names = tuple(dict.fromkeys([*self._tokenizers, *self._loaders]))
         if default not in self._names:
-            raise TokenizerError(f"default encoding {default!r} is not loaded")
+            raise TokenizerError(f"default encoding {default!r} is not one of {self._names}")
         self.default = default
         self.load_seconds = 0.0  # checking at start-up, then building each on first use
         self._lock = threading.Lock()
@@ -262,7 +262,7 @@ class TokenizerRegistry:
         return tuple(name for name in self._names if name in self._tokenizers)
 
     def encoding_name_for(self, model_name: str, override: str | None = None) -> str:
-        """Override (must be a loaded encoding) if set, else tiktoken's table, else default."""
+        """Override (one of `encodings`) if set, else tiktoken's table, else default."""
         if override:
             name = EXACT_ALIASES.get(override, override)
             if name not in self._names:
