@@ -140,7 +140,8 @@ def _redis_ready(client: Any) -> str | None:
 def _tokenizers() -> TokenizerRegistry:
     from metering.tokens import TokenizerRegistry
 
-    # The vocabularies are immutable and take a second to load: share them across apps.
+    # Checked here, each built on its first use (a worker holds only the ones its calls
+    # need); immutable once built, so apps of one process share them.
     return TokenizerRegistry.load()
 
 

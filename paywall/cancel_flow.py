@@ -14,7 +14,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import stripe
 from babel.dates import format_date, format_datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
@@ -224,6 +223,8 @@ class CancelFlow:
     def _matches(self, app_id: int, ref: str, email: str) -> bool:
         """Whether the e-mail is the one of the contract: as Stripe gave it at checkout, or,
         for a subscription bought before acknowledgments were kept, its Stripe customer's."""
+        import stripe
+
         digest = email_hash(email)
         with self.engine.connect() as conn:
             acked = conn.execute(select(Acknowledgment.email_sha256).where(

@@ -18,7 +18,6 @@ from fractions import Fraction
 from typing import Any
 
 import orjson
-import stripe
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -183,6 +182,8 @@ class WithdrawalService:
     def _stripe(self, subscription_id: str, plan: list[tuple[str, int]]) -> list[str]:
         """Refund each invoice's share (one found from before is not made again), then end the
         subscription now (unless Stripe has ended it already)."""
+        import stripe
+
         refs: list[str] = []
         try:
             client = self.subscriptions.client()

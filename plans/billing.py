@@ -12,10 +12,9 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import stripe
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
@@ -28,6 +27,9 @@ from plans.models import RevenueEvent, StripeCustomer, StripeEvent, Subscription
 from plans.service import Assignment, PlanService
 from plans.subscriptions import monthly_price
 from plans.windows import parse_window, period_of
+
+if TYPE_CHECKING:
+    import stripe
 
 log = logging.getLogger(__name__)
 HANDLED = ("checkout.session.completed", "checkout.session.async_payment_succeeded",
@@ -95,6 +97,8 @@ class BillingService:
 
     def receive(self, payload: bytes, signature: str | None) -> str:
         """Verify, store and handle one webhook delivery; returns what happened."""
+        import stripe
+
         if not self.webhook_secret:
             raise NotFoundError("Stripe webhooks are not configured (MLANE_STRIPE_WEBHOOK_"
                                 "SECRET is not set).")
@@ -324,6 +328,8 @@ class BillingService:
         """The subscription as Stripe has it now (None: Stripe is not configured here; the
         event is then taken in delivery order, as before). Stripe unreachable: the event is
         left for Stripe to deliver again."""
+        import stripe
+
         if self.client is None:
             return None
         try:

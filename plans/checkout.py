@@ -7,10 +7,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import stripe
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +20,9 @@ from plans.catalog import Catalog
 from plans.models import StripeCustomer, Subscription
 from plans.stripe_sync import BillingProviderError
 from plans.terms import format_minor
+
+if TYPE_CHECKING:
+    import stripe
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class CheckoutService:
                consent: dict[str, Any] | None = None) -> CheckoutSession:
         """`consent`: the user's recorded auto-renewal consent (the paywall's), which Stripe's
         own consent collection then backs with a second record (CNS-04)."""
+        import stripe
+
         meta = {META_APP: str(app_id), META_USER: str(end_user_id), "mlane_user": user}
         if consent is not None:
             meta["mlane_consent"] = consent["consent_id"]

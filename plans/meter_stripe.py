@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
@@ -23,6 +22,9 @@ from core.meters import METER_SCALE, format_units
 from plans.models import MeterOverage, StripeCustomer
 from plans.overage import SAFE_RESEND, month_of
 from plans.stripe_sync import BillingProviderError, event_name
+
+if TYPE_CHECKING:
+    import stripe
 
 log = logging.getLogger(__name__)
 _O = MeterOverage
@@ -86,6 +88,8 @@ class MeterOverageReporter:
     def _send(self, row: Any, *, first: bool) -> int:
         """One Stripe meter event: its attempt written down, sent, marked; 1 when Stripe
         has it."""
+        import stripe
+
         where = _O.meter_event_id == row.meter_event_id
         if first:
             with self.engine.begin() as conn:
@@ -163,6 +167,8 @@ class MeterOverageReporter:
                        _O.reported_at.is_not(None))).scalar_one())
 
     def _meters(self) -> dict[str, str]:
+        import stripe
+
         try:
             found = self.client().v1.billing.meters.list(params={"status": "active"}).data
         except stripe.StripeError as exc:
@@ -171,6 +177,8 @@ class MeterOverageReporter:
 
     def _summed(self, meter: str, customer: str, start: datetime, end: datetime) -> int:
         """What Stripe's meter summed for the customer in [start, end), in micro-units."""
+        import stripe
+
         try:
             summaries = self.client().v1.billing.meters.event_summaries.list(meter, params={
                 "customer": customer, "start_time": int(start.timestamp()),

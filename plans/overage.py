@@ -12,9 +12,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Engine
 
@@ -22,6 +21,9 @@ from core.db import utcnow
 from core.errors import InvalidRequestError
 from plans.models import CreditOverage, StripeCustomer
 from plans.stripe_sync import METER_EVENT, BillingProviderError
+
+if TYPE_CHECKING:
+    import stripe
 
 log = logging.getLogger(__name__)
 # Stripe drops a repeated meter event identifier for 24 hours only. A send first tried longer
@@ -115,6 +117,8 @@ class OverageReporter:
         how many Stripe took. Stripe cancels an event within 24 hours of receiving it only:
         one sent longer ago is set aside (cancel_error, shown by reconcile) for an operator
         to credit on the invoice, never guessed."""
+        import stripe
+
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(CreditOverage.usage_event_id, StripeCustomer.customer_id,
@@ -155,6 +159,8 @@ class OverageReporter:
     def _send(self, client: stripe.StripeClient, event_id: int, credits: int,
               happened_at: datetime, customer: str, *, first: bool) -> int:
         """One meter event: its attempt written down, sent, marked; 1 when Stripe has it."""
+        import stripe
+
         if first:
             with self.engine.begin() as conn:
                 conn.execute(update(CreditOverage).where(
@@ -278,6 +284,8 @@ class OverageReporter:
         return lines
 
     def _meter(self) -> str | None:
+        import stripe
+
         try:
             meters = self.client().v1.billing.meters.list(params={"status": "active"}).data
         except stripe.StripeError as exc:
@@ -285,6 +293,8 @@ class OverageReporter:
         return next((m.id for m in meters if m.event_name == METER_EVENT), None)
 
     def _summed(self, meter: str, customer: str, start: datetime, end: datetime) -> int:
+        import stripe
+
         try:
             summaries = self.client().v1.billing.meters.event_summaries.list(meter, params={
                 "customer": customer, "start_time": int(start.timestamp()),

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
-
-import stripe
+from typing import TYPE_CHECKING, Any
 
 from core.config import Config
 from core.errors import DomainError
 from plans.catalog import Catalog, Plan
 from plans.terms import CreditPack, MeterAllowance, meter_price_key
+
+if TYPE_CHECKING:
+    import stripe
 
 PRODUCT_PREFIX = "mlane_"
 METER_EVENT = "mlane_overage_credits"
@@ -30,6 +31,8 @@ class BillingNotConfiguredError(DomainError):
 
 def stripe_client(config: Config) -> stripe.StripeClient:
     """The official client with the pinned API version (and a test server's address)."""
+    import stripe
+
     if not config.stripe_api_key:
         raise BillingNotConfiguredError("Stripe is not configured: set MLANE_STRIPE_API_KEY.")
     bases: Any = {"api": config.stripe_api_base} if config.stripe_api_base else None
@@ -55,6 +58,8 @@ def product_id(plan_id: str) -> str:
 
 def sync(client: stripe.StripeClient, catalog: Catalog) -> list[SyncChange]:
     """Create or update the products and prices of every priced plan version."""
+    import stripe
+
     changes: list[SyncChange] = []
     try:
         meter: str | None = None
@@ -79,6 +84,8 @@ def sync(client: stripe.StripeClient, catalog: Catalog) -> list[SyncChange]:
 
 
 def _product(client: stripe.StripeClient, plan: Plan) -> SyncChange:
+    import stripe
+
     pid = product_id(plan.id)
     try:
         product = client.v1.products.retrieve(pid)
@@ -125,6 +132,8 @@ def _price(client: stripe.StripeClient, plan: Plan) -> SyncChange:
 def _pack(client: stripe.StripeClient, pack: CreditPack) -> list[SyncChange]:
     """A credit pack: its own product and a one-time price (lookup key "pack:<id>"). A pack
     whose price changes gets a new price; the lookup key moves to it."""
+    import stripe
+
     pid = product_id(f"pack_{pack.id}")
     out: list[SyncChange] = []
     try:

@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +22,9 @@ from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from plans.catalog import Catalog, Plan
 from plans.models import StripeCustomer, Subscription
 from plans.stripe_sync import BillingProviderError
+
+if TYPE_CHECKING:
+    import stripe
 
 LIVE = ("trialing", "active")
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class SubscriptionService:
 
     def _change(self, row: Any, app_id: int, subscription_id: str,
                 plan_id: str) -> SubscriptionChange:
+        import stripe
+
         current = self.catalog.get(row.plan_id, row.plan_version)
         target = self.catalog.get(plan_id)
         if target is None:
@@ -163,6 +167,8 @@ class SubscriptionService:
 
     def cancel(self, *, app_id: int, subscription_id: str) -> SubscriptionChange:
         """Cancel at the end of the paid period (idempotent); a past-due one too."""
+        import stripe
+
         row = self._row(app_id, subscription_id, (*LIVE, "past_due"))
         try:
             client = self.client()

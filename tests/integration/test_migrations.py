@@ -109,3 +109,54 @@ def _worker_suffix() -> str:
     import os
 
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+# -- the check at start-up reads both revisions without alembic ------------------------------
+
+
+def _alembic_revisions(engine: Engine) -> tuple[str | None, str]:
+    from alembic.script import ScriptDirectory
+
+    from migrations.schema import HERE
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = ScriptDirectory(str(HERE)).get_current_head()
+    assert head is not None
+    return current, head
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_revisions_are_read_as_alembic_reads_them(backend: str, tmp_path: Path,
+                                                  pg_server: str) -> None:
+    from migrations.schema import current_revision, head_revision, upgrade
+    from tests.support.services import create_database
+
+    url = (create_database(pg_server, "mlane_revisions_" + _worker_suffix())
+           if backend == "postgres" else f"sqlite:///{tmp_path / 'r.db'}")
+    engine = make_engine(url)
+    try:
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+        assert current_revision(engine) is None
+        upgrade(engine, "0024")
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+        assert current_revision(engine) == "0024" != head_revision()
+        upgrade(engine)
+        assert (current_revision(engine), head_revision()) == _alembic_revisions(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_second_head_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from migrations import schema
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(schema.HERE / "versions", copy / "versions")
+    (copy / "versions" / "9999_branch.py").write_text(
+        "revision = '9999'\ndown_revision = '0025'\n")
+    monkeypatch.setattr(schema, "HERE", copy)
+    with pytest.raises(RuntimeError, match=r"2 heads \(0026, 9999\)"):
+        schema.head_revision()
+

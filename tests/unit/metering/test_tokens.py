@@ -78,10 +78,87 @@ def test_packaged_sources_are_found() -> None:
     assert packaged_vocab_sources("p50k_base") == []
 
 
-def test_registry_loads_both_encodings(registry: TokenizerRegistry) -> None:
+def test_registry_checks_both_encodings_and_builds_each_on_first_use() -> None:
+    registry = TokenizerRegistry.load()
     assert registry.encodings == ("o200k_base", "cl100k_base")
     assert registry.default == "o200k_base"
     assert 0 < registry.load_seconds < 30
+    assert registry.built == ()
+    assert registry.for_model("gpt-4o").count("hello world") == 2
+    assert registry.built == ("o200k_base",)
+    assert registry.for_model("gpt-4").count("hello world") == 2
+    assert registry.built == ("o200k_base", "cl100k_base")
+
+
+def test_concurrent_first_calls_build_an_encoding_once() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    built: list[TiktokenTokenizer] = []
+
+    def build() -> TiktokenTokenizer:  # the real build (0.2-0.5 s: the threads overlap it)
+        built.append(TiktokenTokenizer(load_encoding("o200k_base")))
+        return built[-1]
+
+    registry = TokenizerRegistry({}, loaders={"o200k_base": build})
+    start = threading.Barrier(8)
+
+    def first_call(_: int) -> tuple[Any, int]:
+        start.wait()
+        tok = registry.for_model("gpt-4o")
+        return tok, tok.count(SAMPLES[3])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(first_call, range(8)))
+    assert len(built) == 1
+    assert {id(tok) for tok, _ in results} == {id(built[0])}
+    assert {count for _, count in results} == {len(built[0].encoding.encode_ordinary(SAMPLES[3]))}
+
+
+def test_vocabulary_altered_after_start_fails_at_first_use(tmp_path: Path) -> None:
+    copy = tmp_path / "cl100k_base.tiktoken.gz"
+    copy.write_bytes(gzip.compress(_raw_vocab("cl100k_base")))
+    registry = TokenizerRegistry.load(["cl100k_base"], sources={"cl100k_base": [copy]},
+                                      default="cl100k_base")
+    copy.write_bytes(gzip.compress(b"IQ== 0\n"))
+    with pytest.raises(TokenizerError, match="sha256"):
+        registry.for_model("gpt-4")
+    assert registry.built == ()
+
+
+def test_only_pickling_reads_the_ranks_tiktoken_keeps() -> None:
+    """load_encoding drops Encoding._mergeable_ranks (27 MB for o200k_base): in the installed
+    tiktoken, nothing but pickling (and its _educational module) may read it."""
+    import ast
+    import importlib.util
+
+    readers: set[str] = set()
+    folder = Path(tiktoken.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "_educational.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                isinstance(n, ast.Attribute) and n.attr == "_mergeable_ranks"
+                for n in ast.walk(fn)
+            ):
+                readers.add(f"{path.name}:{fn.name}")
+    assert readers == {"core.py:__init__", "core.py:__getstate__"}
+    assert importlib.util.find_spec("tiktoken._tiktoken") is not None
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_encoding_without_python_ranks_encodes_and_decodes_exactly(name: str) -> None:
+    enc = load_encoding(name)
+    assert not hasattr(enc, "_mergeable_ranks")
+    for text in SAMPLES:
+        ids = enc.encode_ordinary(text)
+        assert enc.decode(ids) == text
+        assert b"".join(enc.decode_single_token_bytes(i) for i in ids) == text.encode()
+        assert enc.encode(text, disallowed_special=()) == ids
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [enc.eot_token]
+    assert enc.n_vocab == enc.max_token_value + 1
 
 
 def test_constants_match_tiktoken_openai_public(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +379,7 @@ def test_override(fake_registry: TokenizerRegistry) -> None:
     assert fake_registry.encoding_name_for("gpt-4", override=None) == "cl100k_base"
     assert fake_registry.encoding_name_for("gpt-4", override="") == "cl100k_base"
     for bad in ("p50k_base", "bogus", "gpt-4o"):
-        with pytest.raises(TokenizerError, match="not a loaded encoding"):
+        with pytest.raises(TokenizerError, match="not a supported encoding"):
             fake_registry.for_model("gpt-4o", override=bad)
 
 
