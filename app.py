@@ -393,12 +393,10 @@ def limit_store(config: Config, engine: Engine, redis_client: Any | None) -> Lim
 
 def create_app(config: Config | None = None) -> Flask:
     """The Flask application (`flask --app app run`, gunicorn's `app:create_app()`)."""
-    from flask import Flask
-
     from core.api import bp as keys_bp
     from core.jobs_api import bp as jobs_bp
     from core.ops import bp as ops_bp
-    from core.web import install_hooks
+    from core.web import App, install_hooks
     from finance.api import bp as finance_bp
     from finance.api import page_bp as finance_page_bp
     from gateway.api import anthropic_bp
@@ -416,7 +414,7 @@ def create_app(config: Config | None = None) -> Flask:
     from plans.api import bp as plans_bp
 
     config = config or Config.from_env()
-    app = Flask("meterlane", root_path=str(Path(__file__).parent), static_folder=None)
+    app = App("meterlane", root_path=str(Path(__file__).parent), static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     if config.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix

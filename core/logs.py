@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -37,9 +38,16 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any],
         pass
 
 
+_second: list[Any] = [None, ""]  # the last second formatted, and its text (one a line is dear)
+
+
 def _timestamp(created: float) -> str:
-    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+    """`2026-01-31T12:00:00.123Z`."""
+    second, micro = divmod(round(created * 1_000_000), 1_000_000)
+    if _second[0] != second:
+        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = second
+    return f"{_second[1]}.{micro // 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,26 +75,35 @@ class TextFormatter(logging.Formatter):
                 f"{record.name}: {record.getMessage()}")
         fields = getattr(record, FIELDS, None)
         if isinstance(fields, dict):
-            text += "".join(f" {k}={_text(v)}" for k, v in _flat(fields) if v is not None)
+            parts: list[str] = [text]
+            _pairs(fields, "", parts)
+            text = "".join(parts)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
-def _flat(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
+def _pairs(fields: dict[str, Any], prefix: str, out: list[str]) -> None:
+    """` key=value` for each field that is not None, nested ones as key.sub=value."""
     for key, value in fields.items():
+        if value is None:
+            continue
         if isinstance(value, dict):
-            out += _flat(value, f"{prefix}{key}.")
+            _pairs(value, f"{prefix}{key}.", out)
         else:
-            out.append((prefix + key, value))
-    return out
+            out.append(f" {prefix}{key}={_text(value)}")
+
+
+_QUOTED = re.compile(r'[ "=\n]')
 
 
 def _text(value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    return orjson.dumps(text).decode() if (not text or any(c in text for c in ' "=\n')) \
-        else text
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    text = str(value)
+    return orjson.dumps(text).decode() if not text or _QUOTED.search(text) else text
 
 
 def formatter(fmt: str) -> logging.Formatter:

@@ -21,6 +21,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 60)
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+TOKEN_KINDS = tuple((kind, f"{kind}_tokens")
+                    for kind in ("input", "cached_input", "output", "reasoning"))
 
 
 class Metrics:
@@ -58,20 +60,38 @@ class Metrics:
         self.ledger_queue = Gauge("meterlane_ledger_queue_depth", "Usage records waiting for "
                                   "the ledger writer", multiprocess_mode="livesum",
                                   registry=self.registry)
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._circuit_shown: dict[str, int] = {}
+
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), kept: prometheus_client checks, converts and locks on every
+        labels() (a few us; a call took nine). The labels are bounded (see above), and
+        prometheus_client keeps every child anyway."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe_call(self, record: Any, seconds: float) -> None:
-        self.calls.labels(record.endpoint, record.requested_model, record.status).inc()
-        for kind in ("input", "cached_input", "output", "reasoning"):
-            count = getattr(record, f"{kind}_tokens")
+        model = record.requested_model
+        self.labelled(self.calls, record.endpoint, model, record.status).inc()
+        for kind, attribute in TOKEN_KINDS:
+            count = getattr(record, attribute)
             if count:
-                self.tokens.labels(record.requested_model, kind).inc(count)
-        self.upstream_latency.labels(record.upstream or "none").observe(seconds)
+                self.labelled(self.tokens, model, kind).inc(count)
+        self.labelled(self.upstream_latency, record.upstream or "none").observe(seconds)
         if record.status != "ok":
-            self.errors.labels(record.status).inc()
+            self.labelled(self.errors, record.status).inc()
 
     def upstream_state(self, upstream: str, circuit: str, in_flight: int) -> None:
-        self.circuit.labels(upstream).set(CIRCUIT_STATES[circuit])
-        self.in_flight.labels(upstream).set(in_flight)
+        """Each call's start and end (under the router's lock): the circuit's gauge is
+        written when it changes, the calls in flight every time."""
+        state = CIRCUIT_STATES[circuit]
+        if self._circuit_shown.get(upstream) != state:
+            self.labelled(self.circuit, upstream).set(state)
+            self._circuit_shown[upstream] = state
+        self.labelled(self.in_flight, upstream).set(in_flight)
 
     def render(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):

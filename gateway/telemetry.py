@@ -144,9 +144,10 @@ class CallTrace:
     def _observe(self, record: CallRecord) -> None:
         model = record.requested_model
         if record.cost_pico_usd:
-            self.metrics.cost.labels(self.app or "", model).inc(record.cost_pico_usd)
+            self.metrics.labelled(self.metrics.cost, self.app or "", model).inc(
+                record.cost_pico_usd)
         if record.ttft_ms is not None:
-            self.metrics.ttft.labels(model).observe(record.ttft_ms / 1000)
+            self.metrics.labelled(self.metrics.ttft, model).observe(record.ttft_ms / 1000)
         if record.status in REFUSALS.values():
             self.metrics.refusals.labels(record.status,
                                          str(self.limit.get("metric") or "unknown")).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -50,13 +51,23 @@ def test_text_lines_are_key_value_with_nested_fields_flattened(captured: io.Stri
     logs.event(logging.getLogger("meterlane.request"), "request",
                {"route": "/v1/chat/completions", "limit": {"outcome": "refused",
                                                            "kind": "rate_limited"},
-                "error": 'said "no" twice', "ttft_ms": None, "stream": True})
+                "error": 'said "no" twice', "ttft_ms": None, "stream": True, "cached": False,
+                "note": "", "pair": "a=b", "tokens": {"input": 7, "reasoning": None}})
     text = captured.getvalue().strip()
     assert " INFO " in text and "meterlane.request: request" in text
     assert "route=/v1/chat/completions" in text
     assert "limit.outcome=refused limit.kind=rate_limited" in text
     assert 'error="said \\"no\\" twice"' in text
     assert "stream=true" in text and "ttft_ms" not in text
+    assert 'cached=false note="" pair="a=b" tokens.input=7' in text and "reasoning" not in text
+
+
+@pytest.mark.parametrize("created", [0.0, 1_780_000_000.0005, 1_780_000_000.9994999,
+                                     1_780_000_000.9999996, 1_780_000_001.25])
+def test_a_line_is_stamped_in_utc_to_the_millisecond(created: float) -> None:
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert logs._timestamp(created) == expected.replace("+00:00", "Z")
+    assert logs._timestamp(created + 3600) != logs._timestamp(created)  # not a stale second
 
 
 def test_an_exception_goes_into_the_json_line(captured: io.StringIO) -> None:
