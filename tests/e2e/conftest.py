@@ -64,7 +64,11 @@ def sdk_serve(pg_server: str, upstream: FakeUpstream,
             + f'\n[stripe]\napi_base = "{stripe_url}"\ncollect_terms_consent = false\n')
         env = {**os.environ, "MLANE_DATABASE_URL": url,
                "MLANE_CONFIG": str(tmp / "meterlane.toml"), "MLANE_DATA_DIR": str(tmp / "var"),
-               "MLANE_KEY_CACHE_SECONDS": "0", "MLANE_STRIPE_API_KEY": "sk_test_sdk"}
+               "MLANE_KEY_CACHE_SECONDS": "0", "MLANE_STRIPE_API_KEY": "sk_test_sdk",
+               # it lives until the session ends, idle once the SDK's tests are done: few
+               # connections kept open, so that the suite's later servers find Postgres's
+               # 100 as they did when this one stopped with its module
+               "MLANE_DB_POOL_SIZE": "2", "MLANE_DB_MAX_OVERFLOW": "20"}
         assert cli(env, "db", "upgrade").returncode == 0
         created = cli(env, "keys", "create", "--role", "admin")
         assert created.returncode == 0, created.stderr
