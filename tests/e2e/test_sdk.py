@@ -2,16 +2,13 @@
 its three ways of use, typed errors, retries that honour Retry-After, reported calls in
 batches and with their own time, idempotency keys, the paywall's offers, consents and
 checkout (the fake Stripe on loopback), and that it never imports the server. The async client
-runs the same server in test_sdk_async.py."""
+(test_sdk_async.py) runs against the same serve, in an app of its own (tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
 import ast
-import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,11 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import fake_stripe_server, gateway_toml
-from tests.e2e.test_serve import cli, start_server, stop
-from tests.support.consent import MANIFEST, http_call, publish_offer
-from tests.support.services import create_database
-from tests.support.upstream import FakeUpstream
+from tests.e2e.conftest import Served
+from tests.support.consent import MANIFEST
 
 SDK = Path(__file__).resolve().parents[2] / "sdk" / "python"
 sys.path.insert(0, str(SDK))
@@ -43,63 +37,6 @@ from meterlane_sdk import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.e2e
-
-PLANS = """
-[[plans]]
-id = "sdk"
-default = true
-[[plans.limits]]
-metric = "tokens"
-window = "day"
-amount = 400
-[[plans.limits]]
-metric = "requests"
-window = "bucket:1/1s"         # one o3-mini call a second: a short Retry-After
-amount = 1
-model = "o3-mini"
-
-[[plans]]
-id = "pro"
-name = "Pro"
-price = { amount = 2000, currency = "usd", interval = "month" }
-"""
-
-
-@dataclass(frozen=True)
-class Served:
-    base: str
-    key: str
-    offer: str  # the id of a published offer of "pro"
-
-
-@pytest.fixture(scope="module")
-def sdk_server(request: pytest.FixtureRequest, pg_server: str, upstream: FakeUpstream,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A serve of its own per test module (this one and test_sdk_async.py), its Stripe the
-    fake one, with an app key and a published offer of the plan "pro"."""
-    module = request.module.__name__.rsplit(".", 1)[-1]
-    tmp = tmp_path_factory.mktemp(module)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "m")
-    url = create_database(pg_server, f"mlane_{module}_{worker}")
-    with fake_stripe_server() as stripe_url:
-        (tmp / "meterlane.toml").write_text(
-            gateway_toml(upstream.base_url) + PLANS
-            + f'\n[stripe]\napi_base = "{stripe_url}"\ncollect_terms_consent = false\n')
-        env = {**os.environ, "MLANE_DATABASE_URL": url,
-               "MLANE_CONFIG": str(tmp / "meterlane.toml"), "MLANE_DATA_DIR": str(tmp / "var"),
-               "MLANE_KEY_CACHE_SECONDS": "0", "MLANE_STRIPE_API_KEY": "sk_test_sdk"}
-        assert cli(env, "db", "upgrade").returncode == 0
-        created = cli(env, "keys", "create", "--role", "app", "--app", "sdk")
-        assert created.returncode == 0, created.stderr
-        synced = cli(env, "plans", "sync")
-        assert synced.returncode == 0, synced.stderr
-        proc, base = start_server(env, tmp)
-        try:
-            key = created.stdout.strip().splitlines()[-1]
-            yield Served(base, key, publish_offer(http_call(base, key), "pro"))
-        finally:
-            stop(proc)
-
 
 @pytest.fixture(scope="module")
 def served(sdk_server: Served) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """AsyncMeterlane (sdk/python) against a real `meterlane serve`, as test_sdk.py runs the sync
-client: the gateway through openai.AsyncOpenAI, `async with metered()`, typed errors, retries
-after Retry-After, batches with event time, an idempotency key across a lost answer, the
-paywall's offers, consent and checkout, and calls running side by side on one client."""
+client (the same serve, in an app of its own: tests/e2e/conftest.py): the gateway through
+openai.AsyncOpenAI, `async with metered()`, typed errors, retries after Retry-After, batches
+with event time, an idempotency key across a lost answer, the paywall's offers, consent and
+checkout, and calls running side by side on one client."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e import test_sdk
-from tests.e2e.test_sdk import Served
+from tests.e2e import test_sdk  # noqa: F401 - it puts sdk/python on sys.path
+from tests.e2e.conftest import Served
 from tests.support.consent import MANIFEST
 
 from meterlane_sdk import (  # isort: skip - importable once test_sdk put sdk/python on the path
@@ -32,7 +33,6 @@ from meterlane_sdk import (  # isort: skip - importable once test_sdk put sdk/py
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
-sdk_server = test_sdk.sdk_server  # its fixture: a server of this module's own
 
 
 @pytest.fixture()

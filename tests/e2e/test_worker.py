@@ -150,7 +150,6 @@ def test_serve_on_the_embedded_default_runs_the_jobs_and_stops_its_worker(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
     env.update(MLANE_DATA_DIR=str(tmp_path / "var"), MLANE_JOB_INTERVALS=INTERVALS)
     admin = cli(env, "keys", "create", "--role", "admin").stdout.split()[-1]
-    app_key = cli(env, "keys", "create", "--role", "app", "--app", "acme").stdout.split()[-1]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port),
                              "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
@@ -158,6 +157,11 @@ def test_serve_on_the_embedded_default_runs_the_jobs_and_stops_its_worker(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base)
+        # the app key from the admin's, over HTTP (not a second `meterlane keys create`)
+        made = httpx.post(f"{base}/v1/keys", json={"role": "app", "app": "acme"},
+                          headers={"Authorization": f"Bearer {admin}"})
+        assert made.status_code == 201, made.text
+        app_key = made.json()["key"]
 
         def listed() -> list[dict[str, Any]] | None:
             jobs = httpx.get(f"{base}/v1/admin/jobs",
