@@ -430,6 +430,8 @@ def create_app(config: Config | None = None) -> Flask:
         lost = wiring.metering.recover_lost()  # calls of workers that died mid-call
         if lost:
             log.warning("recorded %d calls whose worker died before recording them", lost)
+            if wiring.limits.enabled:  # counted into the limits too, not only at the next
+                wiring.limits.catch_up_soon()  # store failure or `meterlane worker` run
     except Exception:  # noqa: BLE001 - the spool stays; the next start replays it
         from core.logs import note
 

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core.config import ModelConfig, ModelPrice
-from metering.limitstore import Check, CheckState
+from metering.limitstore import Check, CheckState, LimitStore
+from metering.outage import store_errors
 from metering.pricing import output_rate, rate_of
 from plans.catalog import LimitSpec, Plan
 from plans.windows import from_epoch_ms
@@ -169,11 +170,14 @@ class Heartbeat:
 
 class Unsettled:
     """The store tags of the leases this process has yet to settle after their answers went
-    out. A call reserving on one of those tags waits for them first: a client that makes its
-    next call as soon as it has the last answer (the same connection, so this process) must
-    find that answer counted at what it cost, not still held at its estimate, which would
-    clip or refuse the next call for usage that never happened. A lease another process is
-    settling is not waited for; its estimate is held for the few milliseconds it takes."""
+    out. A client that makes its next call as soon as it has the last answer (the same
+    connection, so this process) must find that answer counted at what it cost, not still
+    held at its estimate, which would clip or refuse the next call for usage that never
+    happened. So a call whose reservation on one of those tags was clipped or refused waits
+    for them and reserves again; one that got all it asked for goes on at once (its quota
+    headers may then show the last call still at its estimate, for the milliseconds until it
+    is settled). A lease another process is settling is not waited for; its estimate is held
+    for the few milliseconds it takes."""
 
     def __init__(self) -> None:
         self._count: Counter[str] = Counter()
@@ -191,6 +195,10 @@ class Unsettled:
                     del self._count[tag]
             self._changed.notify_all()
 
+    def pending(self, tags: list[str]) -> bool:
+        """Whether a lease on `tags` is still to be settled by this process."""
+        return bool(self._count) and any(self._count[t] > 0 for t in tags)
+
     def wait(self, tags: list[str], timeout: float) -> bool:
         """Wait (at most `timeout` seconds) until no lease on `tags` is left to settle."""
         if not self._count:  # the usual case: nothing queued, no lock taken
@@ -198,3 +206,28 @@ class Unsettled:
         with self._changed:
             return self._changed.wait_for(
                 lambda: not any(self._count[t] > 0 for t in tags), timeout)
+
+
+def reserve_tags(store: LimitStore, lease: Lease, tags: list[str], reserved: list[str],
+                 now_ms: int, expires: int, want_out: int, min_out: int
+                 ) -> tuple[int, Applied | None]:
+    """Reserve the lease's checks on each tag in turn (each tag reserved goes to `reserved`;
+    `lease.applied` gets each check's state): the output granted, and the limit that refused
+    (None: every tag granted)."""
+    applied, grant = lease.applied, want_out
+    for tag in tags:
+        at = [i for i, a in enumerate(applied) if a.tag == tag]
+        group = [applied[i] for i in at]
+        with store_errors():
+            result = store.reserve(
+                tag, lease.id, [a.check for a in group], now_ms=now_ms, expires_ms=expires,
+                want_out=grant, min_out=min_out, clip=lease.plan.on_limit == "clip",
+                meta=lease.meta)
+        for i, a, state in zip(at, group, result.states, strict=True):
+            applied[i] = Applied(a.limit, a.tag, a.check, state)
+        if not result.granted:
+            idx = result.refused if result.refused is not None else 0
+            return grant, Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
+        reserved.append(tag)
+        grant = min(grant, result.out)
+    return grant, None

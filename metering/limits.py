@@ -40,6 +40,7 @@ from metering.leases import (
     charges,
     counter_key,
     lease_tags,
+    reserve_tags,
     user_tag,
 )
 from metering.limits_replay import catch_up, rebuild
@@ -67,8 +68,6 @@ SETTLE_BATCH = 64
 SETTLE_WAIT_S = 1.0  # the longest a call waits for its user's last answers to settle
 METRIC_CODE = {"tokens": "t", "credits": "w", "requests": "r", "cost_usd": "c",
                "concurrent": "g"}
-
-
 ExtraAllowance = Callable[[int, int, Assignment, datetime], int]  # app, end user, ...
 
 
@@ -227,30 +226,29 @@ class LimitsService:
         now_ms = epoch_ms(now)
         expires = now_ms + self.lease_seconds * 1000
         lease.expires = from_epoch_ms(expires)
-        grant = want_out
         reserved: list[str] = []
-        self.unsettled.wait(tags, SETTLE_WAIT_S)  # this user's last answers, counted first
+        waited = False
         try:
-            for tag in tags:
-                at = [i for i, a in enumerate(applied) if a.tag == tag]
-                group = [applied[i] for i in at]
-                with store_errors():
-                    result = self.store.reserve(
-                        tag, lease_id, [a.check for a in group], now_ms=now_ms,
-                        expires_ms=expires, want_out=grant, min_out=min_out,
-                        clip=plan.on_limit == "clip", meta=lease.meta)
-                for i, a, state in zip(at, group, result.states, strict=True):
-                    applied[i] = Applied(a.limit, a.tag, a.check, state)
-                if not result.granted:
-                    idx = result.refused if result.refused is not None else 0
-                    hit = Applied(group[idx].limit, tag, group[idx].check, result.states[idx])
-                    need = hit.check.fixed + hit.check.per_out * max(min_out, 1)
-                    raise self._refusal(lease, hit, now, app_id, end_user_id, request_id, need,
-                                        paywall=paywall)
-                reserved.append(tag)
-                grant = min(grant, result.out)
+            while True:
+                grant, hit = reserve_tags(self.store, lease, tags, reserved, now_ms, expires,
+                                          want_out, min_out)
+                # This user's last answers may still be held here at their estimates (each is
+                # settled just after its answer): only when that may have clipped or refused
+                # this call is it reserved again once they are settled (Unsettled).
+                if waited or (hit is None and (grant >= want_out or not bounded)) \
+                        or not self.unsettled.pending(tags):
+                    break
+                self._release_tags(lease.id, reserved, now)
+                reserved.clear()
+                self.unsettled.wait(tags, SETTLE_WAIT_S)
+                waited = True
+                lease.id = f"ls_{app_id}_{end_user_id}_{uuid.uuid4().hex}"
+            if hit is not None:
+                need = hit.check.fixed + hit.check.per_out * max(min_out, 1)
+                raise self._refusal(lease, hit, now, app_id, end_user_id, request_id, need,
+                                    paywall=paywall)
         except LimitStoreUnavailableError as exc:
-            self._release_tags(lease_id, reserved, now)
+            self._release_tags(lease.id, reserved, now)
             if plan.on_store_failure == "open":
                 log.warning("limit store unavailable, failing open for plan %s: %s", plan.id, exc)
                 self.catch_up_needed.set()
@@ -260,7 +258,7 @@ class LimitsService:
                 "The limits store is unavailable, and this plan does not allow calls it cannot "
                 "count; try again shortly.", headers={"Retry-After": "1"}) from exc
         except DomainError:
-            self._release_tags(lease_id, reserved, now)
+            self._release_tags(lease.id, reserved, now)
             raise
         lease.out = grant if bounded else None
         if self.catch_up_needed.is_set():
@@ -566,6 +564,10 @@ class LimitsService:
 
     def needs_catch_up(self) -> None:  # usage recorded, not counted: count it when back
         self.catch_up_needed.set()
+
+    def catch_up_soon(self) -> None:  # recorded, not counted (a dead worker's calls): now
+        self.catch_up_needed.set()
+        self._start_catch_up()
 
     def _start_catch_up(self) -> None:
         if self.catching_up.locked():

