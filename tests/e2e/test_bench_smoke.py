@@ -52,7 +52,8 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
                    "streamed TTFT added", "RSS per worker"):
         assert f"{ML_PG}: {target}" in text
     assert "Wall time per stage, ml-pg+redis" in text
-    assert "| limits reserve |" in text and "| ledger write (group commit) |" in text
+    # (the ledger write is off the call's path: its stage is timed outside a request)
+    assert "| limits reserve |" in text and "| ledger write (group commit) [outside" in text
 
     result = json.loads(out.read_text())
     assert list(result["ledger_checks"]) == [ML_PG]

@@ -83,11 +83,12 @@ class Server:
             return int(conn.execute(select(func.count()).select_from(UsageEvent)).scalar_one())
 
 
-def served_engine(env: dict[str, str]) -> Engine:
-    """An engine on the server's database whose reads first wait for the calls the server
-    answered before them to be committed, as the server's own reads do (a served call is
-    answered before its row is committed: metering/unwritten.py)."""
-    engine = make_engine(env["MLANE_DATABASE_URL"])
+def served_engine(env: dict[str, str], url: str | None = None) -> Engine:
+    """An engine on the server's database (`url`, else its MLANE_DATABASE_URL) whose reads
+    first wait for the calls the server answered before them to be committed, as the
+    server's own reads do (a served call is answered before its row is committed:
+    metering/unwritten.py)."""
+    engine = make_engine(url or env["MLANE_DATABASE_URL"])
     unwritten = Unwritten(Path(env["MLANE_DATA_DIR"]) / "spool")
     event.listen(engine, "before_cursor_execute", lambda *_: unwritten.caught_up())
     return engine

@@ -103,7 +103,7 @@ def test_a_killed_workers_jobs_pass_to_the_other_worker(
         hanging_receiver: str) -> None:
     env, url = environment(backend, tmp_path, pg_server, redis_server)
     assert cli(env, "db", "upgrade").returncode == 0
-    engine = served_engine(env)
+    engine = served_engine(env, url)
     workers = [start_worker(env, tmp_path / f"worker-{n}.log") for n in (1, 2)]
     try:
         a_pending_webhook(engine, hanging_receiver)
