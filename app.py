@@ -447,7 +447,8 @@ def create_app(config: Config | None = None) -> Flask:
                finance_bp, finance_page_bp, ops_bp, jobs_bp, meters_bp):
         app.register_blueprint(bp)
     install_hooks(app)
-    wiring.metering.unwritten.install(app, skip=("gateway", "anthropic", "ops"))
+    wiring.metering.unwritten.install(
+        app, skip=("gateway", "anthropic", "ops.healthz", "ops.readyz"))
     return app
 
 

@@ -77,13 +77,14 @@ class Unwritten:
         return True
 
     def install(self, app: Flask, *, skip: Iterable[str]) -> None:
-        """Every request but those of the `skip` blueprints (the calls themselves, health and
-        metrics) waits for the calls answered before it to be committed."""
+        """Every request but those of the `skip` blueprints or endpoints (the calls
+        themselves; liveness and readiness, which answer at once) waits for the calls
+        answered before it to be committed."""
         skipped = frozenset(skip)
 
         @app.before_request
         def see_answered_calls() -> None:
-            if request.blueprint not in skipped:
+            if request.blueprint not in skipped and request.endpoint not in skipped:
                 self.caught_up()
 
     def caught_up(self, timeout: float = 2.0) -> bool:
