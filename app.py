@@ -465,8 +465,8 @@ def serving_app() -> Flask:
         for model in wiring.config.models:
             wiring.metering.tokenizers.for_model(model.upstream_model, model.tokenizer)
     # What start-up built lives as long as the worker: out of the garbage collector's sight,
-    # a full collection takes microseconds instead of about 60 ms (a stall of every call the
-    # worker is serving, a few times a minute under load: bench/README, "Hot path").
+    # a full collection no longer walks it (about 60 ms over it, a stall of every call the
+    # worker is serving: bench/README, "Hot path").
     gc.collect()
     gc.freeze()
     return app
