@@ -96,7 +96,11 @@ class LedgerWriter:
         record whose idempotency key is already in the ledger is a duplicate whatever request
         carried it (usage reported twice by an app); without, only a replay of the same
         request is (two proxied calls racing on one client key were both paid for)."""
-        pending = _Pending(rec.row(), dedupe)
+        return self.record_row(rec.row(), dedupe=dedupe)
+
+    def record_row(self, row: dict[str, Any], *, dedupe: bool = False) -> str:
+        """record() of a record's row already built (CallRecord.row())."""
+        pending = _Pending(row, dedupe)
         self._ensure_writer()
         self._queue.put(pending)
         assert isinstance(pending.done, threading.Event)

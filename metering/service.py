@@ -215,18 +215,19 @@ class MeteringService:
             credits_pending=self.accounted(plan_id),
         )
         outcome.record = record
+        row = record.row()
         if self._background is None:
-            self._write(record, outcome)
+            self._write(record, row, outcome)
             return record
         # Served: answered once the row is in the journal; committed beside the next calls.
-        self.intents.settled(record.request_id, record.row())
+        self.intents.settled(record.request_id, row)
         self.unwritten.answering()
-        self._background(functools.partial(self._write, record, outcome))
+        self._background(functools.partial(self._write, record, row, outcome))
         return record
 
-    def _write(self, record: CallRecord, outcome: CallOutcome) -> None:
+    def _write(self, record: CallRecord, row: dict[str, Any], outcome: CallOutcome) -> None:
         try:
-            self.ledger.record(record)  # never raises: written, spooled or quarantined
+            self.ledger.record_row(row)  # never raises: written, spooled or quarantined
             self.intents.close(record.request_id)
             if self.relayed is not None and outcome.accepted:
                 self.relayed.record(record, outcome.metered_items())  # never raises
