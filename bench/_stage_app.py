@@ -52,7 +52,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("gateway.wire", "Wire.response", "relay answer"),
     ("gateway.service", "GatewayService._relay", "relay stream"),
     ("metering.service", "MeteringService.settle", "price + ledger row"),
-    ("metering.ledger", "LedgerWriter.record", "ledger write (group commit)"),
+    ("metering.ledger", "LedgerWriter.record_row", "ledger write (group commit)"),
     ("core.metrics", "Metrics.observe_call", "metrics"),
     ("metering.limits", "LimitsService.settle_soon", "limits settle (queue)"),
     ("metering.limits", "LimitsService.settle", "limits settle (run)"),
