@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dropped and recreated, dropped at the end")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--profile", action="store_true", help="cProfile one more round")
+    parser.add_argument("--dump", metavar="FILE", help="with --profile: also save the profile "
+                        "(pstats; python -m pstats FILE, then callers isinstance)")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--lines", type=int, default=50)
     args = parser.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             profile = cProfile.Profile(time.thread_time)
             profile.runcall(lambda: [call() for _ in range(args.calls)])
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.lines)
+            if args.dump:
+                profile.dump_stats(args.dump)
         return 0
     finally:
         procs.stop_all()
