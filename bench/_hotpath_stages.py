@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._hotpath_servers import Servers
-from bench._load import Target, run_wrk
+from bench._load import Target, run_python_client, run_wrk
 from bench._procs import ROOT, Processes, free_port, http_get, log, wait_healthy
 from bench._profile import _area, analyse_profile, profile_workers, read_stacks
 from bench._stage_app import STAGES
@@ -39,8 +39,11 @@ def _stage_server(procs: Processes, env: dict[str, str], tmp: Path) -> tuple[int
     return proc.pid, port
 
 
-def _stage_times(s: Servers, name: str, body: bytes, args: argparse.Namespace,
-                 procs: Processes, tmp: Path) -> dict[str, Any]:
+def _stage_times(s: Servers, name: str, body: bytes, streamed: bytes,
+                 args: argparse.Namespace, procs: Processes, tmp: Path
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage table at c=1 for non-streamed calls (wrk), then for streams (one client,
+    read to the end: the stream's stages up to its first token and after)."""
     main = s.targets[name]
     pid, port = _stage_server(procs, s.envs[name], tmp)
     # The same name: its calls go to the setup's ledger and count in its ledger check.
@@ -53,9 +56,26 @@ def _stage_times(s: Servers, name: str, body: bytes, args: argparse.Namespace,
     s.phase(target, "stage timing warm-up", c1(2))
     http_get_post(port)
     result = s.phase(target, "stage timing c=1", c1(args.profile_seconds))
-    time.sleep(0.5)  # the last call's settle runs after its answer
-    _, data = http_get("127.0.0.1", port, "/_bench/stages")
+    plain = _read_stages(port, result["latency_ms"])
+    http_get_post(port)
+    result = s.phase(target, "stage timing, streams", lambda: run_python_client(
+        target, streamed, duration=args.profile_seconds, stream=True, probe=None))
+    streams = _read_stages(port, result["ttft_ms"])
     procs.stop(next(p for _n, p, _s in procs.procs if p.pid == pid), signal.SIGINT)
+    return plain, streams
+
+
+def _read_stages(port: int, latency: dict[str, float]) -> dict[str, Any]:
+    # The last call's settle and commit run after its answer: wait for the requests counted
+    # to stop moving (each is counted once its body is closed), then read.
+    _, data = http_get("127.0.0.1", port, "/_bench/stages")
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        _, again = http_get("127.0.0.1", port, "/_bench/stages")
+        if again == data:
+            break
+        data = again
     doc = json.loads(data)
     n = max(doc["requests"], 1)
     total = doc["stages"].get("request total (in the worker)", {"seconds": 0.0})["seconds"]
@@ -73,8 +93,7 @@ def _stage_times(s: Servers, name: str, body: bytes, args: argparse.Namespace,
                  "us_per_call": round(1e6 * (total - inside) / n, 1), "calls_per_request": 1,
                  "share_pct": round(100 * (total - inside) / total, 1) if total else None})
     return {"requests": doc["requests"], "worker_total_us": round(1e6 * total / n, 1),
-            "wrk_p50_ms": result["latency_ms"]["p50"], "wrk_mean_ms": result["latency_ms"]["mean"],
-            "stages": rows}
+            "wrk_p50_ms": latency["p50"], "wrk_mean_ms": latency["mean"], "stages": rows}
 
 
 def http_get_post(port: int) -> None:
@@ -127,12 +146,12 @@ def _pyspy(s: Servers, name: str, body: bytes, args: argparse.Namespace, procs: 
     return out
 
 
-def profile_stages(s: Servers, name: str, body: bytes, args: argparse.Namespace,
-                   procs: Processes, tmp: Path) -> dict[str, Any]:
+def profile_stages(s: Servers, name: str, body: bytes, streamed: bytes,
+                   args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]:
     log(f"profiling {name}: stage timing at c=1 ({args.profile_seconds} s), then py-spy "
         f"under c={args.concurrency}")
-    out: dict[str, Any] = {"setup": name, "stage_times": _stage_times(s, name, body, args,
-                                                                      procs, tmp)}
+    plain, streams = _stage_times(s, name, body, streamed, args, procs, tmp)
+    out: dict[str, Any] = {"setup": name, "stage_times": plain, "stream_stage_times": streams}
     try:
         out["pyspy"] = _pyspy(s, name, body, args, procs, tmp)
     except Exception as exc:  # noqa: BLE001 - py-spy needs ptrace rights; the rest stands
@@ -142,18 +161,10 @@ def profile_stages(s: Servers, name: str, body: bytes, args: argparse.Namespace,
 
 
 def print_stages(p: dict[str, Any]) -> None:
-    st = p["stage_times"]
-    print(f"\nWall time per stage, {p['setup']}, c=1 ({st['requests']} calls; "
-          f"{st['worker_total_us']:.0f} us a call in the worker; wrk p50 "
-          f"{st['wrk_p50_ms']:.3f} ms, mean {st['wrk_mean_ms']:.3f} ms, on the stage-timed "
-          "server)")
-    print("| stage | us per call | calls per call | share of the worker's time |")
-    print("| --- | --- | --- | --- |")
-    for row in st["stages"]:
-        share = "" if row["share_pct"] is None or "[outside" in row["stage"] \
-            else f"{row['share_pct']:.1f}%"
-        print(f"| {row['stage']} | {row['us_per_call']:.1f} | {row['calls_per_request']} "
-              f"| {share} |")
+    _print_table(p["stage_times"], f"Wall time per stage, {p['setup']}, c=1", "wrk p50")
+    if p.get("stream_stage_times"):
+        _print_table(p["stream_stage_times"], f"Wall time per stage, {p['setup']}, streams "
+                     "one at a time (the whole stream)", "first token p50")
     spy = p.get("pyspy")
     if spy:
         print(f"\nCPU per stage, {p['setup']}, py-spy under c=32 ({spy['samples']} busy "
@@ -164,3 +175,16 @@ def print_stages(p: dict[str, Any]) -> None:
             print(f"  raw stacks: {', '.join(spy['raw_files'])}")
         else:
             print("  (py-spy's raw stacks are kept with --keep-tmp)")
+
+
+def _print_table(st: dict[str, Any], title: str, what: str) -> None:
+    print(f"\n{title} ({st['requests']} calls; {st['worker_total_us']:.0f} us a call in the "
+          f"worker; {what} {st['wrk_p50_ms']:.3f} ms, mean {st['wrk_mean_ms']:.3f} ms, on the "
+          "stage-timed server)")
+    print("| stage | us per call | calls per call | share of the worker's time |")
+    print("| --- | --- | --- | --- |")
+    for row in st["stages"]:
+        share = "" if row["share_pct"] is None or "[outside" in row["stage"] \
+            else f"{row['share_pct']:.1f}%"
+        print(f"| {row['stage']} | {row['us_per_call']:.1f} | {row['calls_per_request']} "
+              f"| {share} |")

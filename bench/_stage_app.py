@@ -40,6 +40,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("plans.service", "PlanService.plan_of", "plan lookup"),
     ("metering.service", "MeteringService.prompt_tokens", "count prompt tokens"),
     ("metering.limits", "LimitsService.reserve", "limits reserve"),
+    ("metering.leases", "Unsettled.wait", "limits reserve: waits for the last settle"),
+    ("metering.redislimits", "RedisLimitStore.reserve", "limits reserve: the Redis script"),
     ("metering.limits", "LimitsService.keep_alive", "limits heartbeat (start)"),
     ("gateway.service", "quota_headers", "quota headers"),
     ("gateway.service", "upstream_payload", "upstream payload"),

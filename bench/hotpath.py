@@ -204,7 +204,7 @@ def execute(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str,
     profile = None
     if args.profile:
         name = args.setups[-1]
-        profile = profile_stages(servers, name, run.plain, args, procs, tmp)
+        profile = profile_stages(servers, name, run.plain, run.streamed, args, procs, tmp)
         profile["raw_kept"] = args.keep_tmp
     names = list(servers.targets)
     summary = summarise(rounds, names)

@@ -141,14 +141,24 @@ class Heartbeat:
         cls = type(self)
         with cls._lock:
             cls._running[id(self)] = self
-            beater = cls._beater
-            if beater is None or beater[0] != os.getpid() or not beater[1].is_alive():
+            # The beater clears _beater as it ends: never Thread.is_alive() here, which under
+            # gevent yields to the hub on every call (hundreds of us on a busy worker).
+            if cls._beater is None or cls._beater[0] != os.getpid():
                 thread = threading.Thread(target=cls._beat, daemon=True, name="lease-heartbeat")
                 cls._beater = (os.getpid(), thread)  # (a forked worker starts its own)
                 thread.start()
 
     @classmethod
     def _beat(cls) -> None:
+        try:
+            cls._beat_forever()
+        finally:
+            with cls._lock:
+                if cls._beater is not None and cls._beater[1] is threading.current_thread():
+                    cls._beater = None
+
+    @classmethod
+    def _beat_forever(cls) -> None:
         while True:
             time.sleep(cls.TICK)
             now = time.monotonic()

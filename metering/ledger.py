@@ -87,6 +87,7 @@ class LedgerWriter:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._writer_pid: int | None = None
         self._thread: threading.Thread | None = None
+        self._running = False  # this process's writer is started and has not ended
         self.quarantine = Quarantine(engine, spool_dir)
         # told the records waiting for this process's writer (a metrics gauge)
         self.on_depth: Callable[[int], None] | None = None
@@ -167,28 +168,35 @@ class LedgerWriter:
                 else "duplicate" for row in rows]
 
     def _ensure_writer(self) -> None:
-        thread = self._thread
-        if self._writer_pid == os.getpid() and thread is not None and thread.is_alive():
+        # `_running` and not Thread.is_alive(): under gevent is_alive() yields to the hub (a
+        # few hundred us on a busy worker, on every call); the writer clears it as it ends.
+        if self._running and self._writer_pid == os.getpid():
             return
         with self._lock:
             thread = self._thread
             if self._writer_pid != os.getpid():  # first use, or first use after a fork
                 self._queue = queue.SimpleQueue()
-            elif thread is not None and thread.is_alive():
+            elif self._running:
                 return
             elif thread is not None:  # it must not die; if it did anyway, another takes over
                 note(logging.CRITICAL, "the ledger writer had stopped; starting it again")
             self._thread = threading.Thread(target=self._run, args=(self._queue,), daemon=True,
                                             name="ledger-writer")
+            self._running = True
             self._thread.start()
             self._writer_pid = os.getpid()
 
     def writer_alive(self) -> bool:
         """False when this process's writer was started and has stopped (/readyz says so)."""
-        thread = self._thread
-        return thread is None or self._writer_pid != os.getpid() or thread.is_alive()
+        return self._thread is None or self._writer_pid != os.getpid() or self._running
 
     def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
+        try:
+            self._serve(q)
+        finally:
+            self._running = False
+
+    def _serve(self, q: queue.SimpleQueue[_Pending]) -> None:
         while True:
             batch = [q.get()]
             while len(batch) < self.batch_max:
