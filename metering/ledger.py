@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,10 +56,12 @@ _UNWATCHED = _Unwatched()
 class _Pending:
     """One record waiting for the group commit that carries it."""
 
-    __slots__ = ("row", "done", "result", "dedupe")
+    __slots__ = ("row", "done", "result", "dedupe", "answered")
 
-    def __init__(self, row: dict[str, Any], dedupe: bool = False, watched: bool = True) -> None:
+    def __init__(self, row: dict[str, Any], dedupe: bool = False, watched: bool = True,
+                 answered: bool = False) -> None:
         self.row = row
+        self.answered = answered  # the call was answered before this commit (journaled)
         self.done: threading.Event | _Unwatched = threading.Event() if watched else _UNWATCHED
         # written | duplicate | spooled | quarantined | lost, once settled
         self.result: str | None = None
@@ -83,6 +86,9 @@ class LedgerWriter:
         self.spool_dir = spool_dir
         self.spool = Spool(spool_dir, "usage")
         self.batch_max = batch_max
+        # How long a commit of answered rows only may wait for more (0: never waits; set
+        # by MeteringService where calls are answered before their commit).
+        self.linger_s = 0.0
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._writer_pid: int | None = None
@@ -99,9 +105,12 @@ class LedgerWriter:
         request is (two proxied calls racing on one client key were both paid for)."""
         return self.record_row(rec.row(), dedupe=dedupe)
 
-    def record_row(self, row: dict[str, Any], *, dedupe: bool = False) -> str:
-        """record() of a record's row already built (CallRecord.row())."""
-        pending = _Pending(row, dedupe)
+    def record_row(self, row: dict[str, Any], *, dedupe: bool = False,
+                   answered: bool = False) -> str:
+        """record() of a record's row already built (CallRecord.row()). `answered`: the call
+        was answered before its commit (its row is in the intent journal), so the commit may
+        wait up to linger_s to share its cost with the next rows."""
+        pending = _Pending(row, dedupe, answered=answered)
         self._ensure_writer()
         self._queue.put(pending)
         assert isinstance(pending.done, threading.Event)
@@ -199,11 +208,7 @@ class LedgerWriter:
     def _serve(self, q: queue.SimpleQueue[_Pending]) -> None:
         while True:
             batch = [q.get()]
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(q.get_nowait())
-                except queue.Empty:
-                    break
+            self._gather(q, batch)
             self._depth(len(batch) + q.qsize())
             try:
                 self._write_batch(batch)
@@ -213,6 +218,29 @@ class LedgerWriter:
                 for pending in batch:
                     pending.done.set()
                 self._depth(q.qsize())
+
+    def _gather(self, q: queue.SimpleQueue[_Pending], batch: list[_Pending]) -> None:
+        """Add what else is queued to the batch. While every row in it was answered already
+        (nobody waits for this commit), wait up to linger_s for more: a commit costs about
+        0.3 ms of CPU whatever it carries, paid by the calls that run beside it."""
+        deadline = 0.0
+        lingering = self.linger_s > 0 and batch[0].answered
+        while len(batch) < self.batch_max:
+            try:
+                pending = q.get_nowait()
+            except queue.Empty:
+                if not lingering:
+                    return
+                now = time.monotonic()
+                deadline = deadline or now + self.linger_s
+                if now >= deadline:
+                    return
+                try:
+                    pending = q.get(timeout=deadline - now)
+                except queue.Empty:
+                    return
+            batch.append(pending)
+            lingering = lingering and pending.answered
 
     def _depth(self, depth: int) -> None:
         try:

@@ -45,6 +45,9 @@ ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
 ENDPOINT_EMBEDDINGS = "embeddings"
 ENDPOINT_RESPONSES = "responses"  # OpenAI's Responses API (as the ledger names its calls)
+# Served, how long the commit of rows already answered may wait for the next calls' rows
+# (bench/README.md, "Group commits that wait"): reads wait at most this much longer.
+COMMIT_LINGER_S = 0.004
 
 
 @dataclass
@@ -126,6 +129,8 @@ class MeteringService:
         # the intent journal first; metering/unwritten.py); elsewhere after (None).
         runner = background_runner()
         self._background = None if runner is run_inline else runner
+        if self._background is not None:  # answered rows share their commits
+            ledger.linger_s = COMMIT_LINGER_S
         self.unwritten = Unwritten(ledger.spool_dir)
         self.clock = utcnow
         self.usage_store = UsageStore(engine)
@@ -227,7 +232,8 @@ class MeteringService:
 
     def _write(self, record: CallRecord, row: dict[str, Any], outcome: CallOutcome) -> None:
         try:
-            self.ledger.record_row(row)  # never raises: written, spooled or quarantined
+            # never raises: written, spooled or quarantined
+            self.ledger.record_row(row, answered=self._background is not None)
             self.intents.close(record.request_id)
             if self.relayed is not None and outcome.accepted:
                 self.relayed.record(record, outcome.metered_items())  # never raises

@@ -1,0 +1,79 @@
+"""Served, a call is answered before its row's commit; such rows share commits: the writer
+waits up to linger_s for the next answered rows (a commit's cost is mostly per commit). A
+row someone waits for (the metering API, the CLI, tests) never waits for company."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from metering.ledger import LedgerWriter
+from tests.integration.test_ledger import app_and_user, keys_in_ledger, record
+
+pytestmark = pytest.mark.integration
+LONG = 30.0  # far longer than any test may take: a commit that waited it out fails the test
+
+
+def inserts(engine: Engine) -> list[int]:
+    """The rows of each usage insert the engine runs, as they run."""
+    seen: list[int] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any,
+              executemany: bool) -> None:
+        if statement.startswith("INSERT INTO usage_events"):
+            seen.append(len(params) if executemany else 1)
+
+    return seen
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_answered_rows_share_one_commit(clean_db: Engine, tmp_path: Path) -> None:
+    app_id, user_id = app_and_user(clean_db)
+    writer = LedgerWriter(clean_db, tmp_path, batch_max=2)
+    writer.linger_s = LONG  # the batch is full at two rows: it goes then, not after LONG
+    seen = inserts(clean_db)
+    first, got_first = in_thread(lambda: writer.record_row(
+        record(app_id, user_id, "a").row(), answered=True))
+    second, got_second = in_thread(lambda: writer.record_row(
+        record(app_id, user_id, "b").row(), answered=True))
+    first.join(LONG / 2)
+    second.join(LONG / 2)
+    assert got_first == ["written"] and got_second == ["written"]
+    assert seen == [2]
+    assert sorted(k for k, _, _ in keys_in_ledger(clean_db)) == ["a", "b"]
+
+
+def test_a_row_someone_waits_for_goes_at_once(clean_db: Engine, tmp_path: Path) -> None:
+    app_id, user_id = app_and_user(clean_db)
+    writer = LedgerWriter(clean_db, tmp_path)
+    writer.linger_s = LONG
+    answered, got = in_thread(lambda: writer.record_row(
+        record(app_id, user_id, "answered").row(), answered=True))
+    # Waited for (answered=False): committed now, and the answered row with it or before.
+    assert writer.record(record(app_id, user_id, "waited")) == "written"
+    answered.join(LONG / 2)
+    assert got == ["written"]
+    assert sorted(k for k, _, _ in keys_in_ledger(clean_db)) == ["answered", "waited"]
+
+
+def test_a_writer_that_does_not_linger_commits_each_row_alone(clean_db: Engine,
+                                                              tmp_path: Path) -> None:
+    app_id, user_id = app_and_user(clean_db)
+    writer = LedgerWriter(clean_db, tmp_path)  # linger_s 0: outside serve
+    seen = inserts(clean_db)
+    for key in ("x", "y"):
+        assert writer.record_row(record(app_id, user_id, key).row(), answered=True) \
+            == "written"
+    assert seen == [1, 1]
