@@ -93,7 +93,8 @@ def _read_stages(port: int, latency: dict[str, float]) -> dict[str, Any]:
                  "us_per_call": round(1e6 * (total - inside) / n, 1), "calls_per_request": 1,
                  "share_pct": round(100 * (total - inside) / total, 1) if total else None})
     return {"requests": doc["requests"], "worker_total_us": round(1e6 * total / n, 1),
-            "wrk_p50_ms": latency["p50"], "wrk_mean_ms": latency["mean"], "stages": rows}
+            "wrk_p50_ms": latency["p50"], "wrk_mean_ms": latency["mean"], "stages": rows,
+            "switches": {k: round(v / n, 2) for k, v in doc.get("switches", {}).items()}}
 
 
 def http_get_post(port: int) -> None:
@@ -188,3 +189,7 @@ def _print_table(st: dict[str, Any], title: str, what: str) -> None:
             else f"{row['share_pct']:.1f}%"
         print(f"| {row['stage']} | {row['us_per_call']:.1f} | {row['calls_per_request']} "
               f"| {share} |")
+    if st.get("switches"):  # BENCH_SWITCHES=1
+        print("Where a call's greenlet gave the hub a turn (times per call):")
+        for where, per_call in st["switches"].items():
+            print(f"  {per_call:6.2f}  {where}")

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,45 @@ def _install() -> None:
         setattr(owner, attr, wrap(stage, fn))
 
 
+_requests_running: set[Any] = set()  # the greenlets serving a request now
+_switches: Counter[str] = Counter()  # where a request gave the hub a turn -> how often
+
+
+def _trace_switches() -> None:
+    """Count where a request's greenlet hands control to another (BENCH_SWITCHES=1): each
+    is a wait (a socket) or a yield, and a yield lets the other greenlets run inside it."""
+    import greenlet
+
+    def trace(event: str, args: Any) -> None:
+        if event in ("switch", "throw") and args[0] in _requests_running:
+            frame, where = sys._getframe(1), []
+            while frame is not None and len(where) < 3:
+                name = frame.f_code.co_filename
+                if "site-packages" not in name and "/lib/python" not in name \
+                        and "_stage_app" not in name:
+                    where.append(f"{Path(name).name}:{frame.f_lineno} {frame.f_code.co_name}")
+                frame = frame.f_back
+            if not where:  # no frame of ours: the innermost three, whoever's
+                frame = sys._getframe(1)
+                while frame is not None and len(where) < 3:
+                    where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} "
+                                 f"{frame.f_code.co_name}")
+                    frame = frame.f_back
+            _switches[" <- ".join(where)] += 1
+
+    greenlet.settrace(trace)
+
+
+def greenlet_now() -> Any:
+    import greenlet
+
+    return greenlet.getcurrent()
+
+
 def create_app() -> Any:
     _install()
+    if os.environ.get("BENCH_SWITCHES"):
+        _trace_switches()
     from flask import Response, request
 
     from app import serving_app
@@ -137,6 +174,7 @@ def create_app() -> Any:
         if environ.get("PATH_INFO", "").startswith("/_bench/"):
             return inner(environ, start_response)
         _local.in_request = True
+        _requests_running.add(greenlet_now())
         t0 = time.perf_counter()
         body = inner(environ, start_response)
         return _Closing(body, t0)
@@ -147,9 +185,10 @@ def create_app() -> Any:
         if request.method == "POST":
             with _lock:
                 _totals.clear()
+                _switches.clear()
                 _requests[0] = 0
         with _lock:
-            doc = {"requests": _requests[0],
+            doc = {"requests": _requests[0], "switches": dict(_switches.most_common(40)),
                    "stages": {k: {"seconds": v[0], "calls": v[1]} for k, v in _totals.items()}}
         return Response(json.dumps(doc), mimetype="application/json")
 
@@ -173,6 +212,7 @@ class _Closing:
                 self.body.close()
         finally:
             _local.in_request = False
+            _requests_running.discard(greenlet_now())
             with _lock:
                 _totals["request total (in the worker)"][0] += time.perf_counter() - self.t0
                 _totals["request total (in the worker)"][1] += 1
