@@ -9,7 +9,9 @@ import _socket  # the C socket: blocking even where gevent patched the `socket` 
 import contextlib
 import logging
 import os
+import select
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -34,12 +36,12 @@ _CONNECT_SECONDS: Final = 1.0
 # of text (tiktoken counts > 1 MB/s). A process that stopped answering holds one call of
 # each worker this long, once.
 _COUNT_SECONDS: Final = 10.0
+_BLOCKING_SECONDS: Final = 0.001  # how long a count may hold the whole worker
 
 
 class TokenClient:
-    """A worker's connections to the tokenizer process. The round trip blocks the worker
-    (no greenlet switch: cheaper than one at c=1, and the count would hold the worker as
-    long in-process); so one connection per thread counting at a time suffices."""
+    """A worker's connections to the tokenizer process, one per count in progress (a few:
+    a count holds the worker while its answer comes quickly, see _await_answer)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -53,23 +55,28 @@ class TokenClient:
             return None
         parts = [bytes((SUPPORTED_ENCODINGS.index(encoding),))]
         for text in texts:
-            data = text.encode("utf-8", "surrogatepass")
+            data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
             parts += (len(data).to_bytes(_LENGTH, "big"), data)
         body = b"".join(parts)
         sock: _socket.socket | None = None
         try:
-            sock = self._idle.pop() if self._idle else self._connect()
-            sock.settimeout(_COUNT_SECONDS + len(body) / 1e6)
+            sock = self._take()
+            timeout = _COUNT_SECONDS + len(body) / 1e6
+            sock.settimeout(timeout)
             sock.sendall(len(body).to_bytes(_LENGTH, "big") + body)
-            answer = _recv_exact(sock, _LENGTH)
+            first = _first_bytes(sock, timeout)
+            answer = first + _recv_exact(sock, _LENGTH - len(first))
         except (OSError, EOFError) as exc:  # refused, reset, timed out, closed
             self._fail(sock, exc)
             return None
         self._idle.append(sock)
         return int.from_bytes(answer, "big")
 
-    def _connect(self) -> _socket.socket:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    def _take(self) -> _socket.socket:
+        try:
+            return self._idle.pop()
+        except IndexError:  # none idle (or another thread took the last): a new one
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(_CONNECT_SECONDS)
             sock.connect(self.path)
@@ -86,6 +93,26 @@ class TokenClient:
         for s in [*self._idle, *([sock] if sock is not None else [])]:
             s.close()
         self._idle.clear()
+
+
+def _first_bytes(sock: _socket.socket, timeout: float) -> bytes:
+    """The answer's first bytes, waited for blocking at first (they come in tens of us: no
+    greenlet switch), then, if the process is slow to answer (a busy machine), in
+    select.select, which gevent makes cooperative in a worker: its other calls run meanwhile.
+    """
+    sock.settimeout(_BLOCKING_SECONDS)
+    try:
+        first: bytes | None = sock.recv(_LENGTH)
+    except TimeoutError:
+        first = None
+    finally:
+        sock.settimeout(timeout)
+    if first is None:
+        select.select([sock.fileno()], [], [], timeout)
+        return b""
+    if not first:
+        raise EOFError("the tokenizer process closed the connection")
+    return first
 
 
 def _recv_exact(sock: _socket.socket, n: int) -> bytes:
@@ -168,6 +195,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 def run(fd: int, parent: int | None) -> None:
     """Answer counts on the listening socket `fd` until killed or `parent` (serve) is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: serve stops it
     server = _Server(socket.socket(fileno=fd), TokenizerRegistry.load())  # built on first use
     threading.Thread(target=server.serve_forever, daemon=True).start()
     while parent is None or os.getppid() == parent:

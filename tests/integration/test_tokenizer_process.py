@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from metering import tokenserver
 from metering.tokens import (
     TiktokenTokenizer,
     TokenizerRegistry,
@@ -105,3 +107,35 @@ def test_the_process_stops_with_the_block() -> None:
     assert not path.parent.exists()
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, 0)  # already reaped: stopped and waited for
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP `pid`, and wait until the kernel shows it stopped (the stop is asynchronous)."""
+    os.kill(pid, signal.SIGSTOP)
+    for _ in range(100_000):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return
+    raise AssertionError(f"{pid} did not stop")
+
+
+def test_a_slow_answer_is_waited_for_and_a_hung_process_is_left(
+        process: tuple[int, str], local: dict[str, TiktokenTokenizer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pid, path = process
+    registry = _registry(path)
+    tok = registry.for_model("gpt-4o")
+    expected = local["o200k_base"].count(TEXTS[3])
+    assert tok.count(TEXTS[3]) == expected
+    _stop(pid)  # a busy machine: the answer comes after the blocking wait
+    resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    assert tok.count(TEXTS[3]) == expected
+    resume.join()
+    assert registry.built == ()  # answered by the process
+    monkeypatch.setattr(tokenserver, "_COUNT_SECONDS", 0.2)
+    _stop(pid)  # hung: the worker counts itself once the wait is over
+    try:
+        assert tok.count(TEXTS[3]) == expected
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert registry.built == ("o200k_base",)
