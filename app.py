@@ -138,12 +138,18 @@ def _redis_ready(client: Any) -> str | None:
 
 
 @functools.cache
-def _tokenizers() -> TokenizerRegistry:
+def _tokenizers(socket: str | None) -> TokenizerRegistry:
     from metering.tokens import TokenizerRegistry
 
     # Checked here, each built on its first use (a worker holds only the ones its calls
-    # need); immutable once built, so apps of one process share them.
-    return TokenizerRegistry.load()
+    # need), or none when serve's tokenizer process counts; immutable once built, so apps of
+    # one process share them.
+    registry = TokenizerRegistry.load()
+    if socket:
+        from metering.tokenserver import count_in_process
+
+        count_in_process(registry, socket)
+    return registry
 
 
 def _check_cooperative_driver() -> None:
@@ -209,7 +215,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     auth = AuthService(engine, cache_seconds=config.key_cache_seconds)
     tenancy = TenancyService(engine)
     ledger = LedgerWriter(engine, Path(config.data_dir) / "spool")
-    metering = MeteringService(engine, ledger, _tokenizers())
+    metering = MeteringService(engine, ledger, _tokenizers(config.tokenizer_socket))
     # re-read at most once a second (tests run with no key cache: still no read per call)
     prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
     metering.prices = prices
@@ -460,10 +466,10 @@ def serving_app() -> Flask:
     wiring.events.start()
     if wiring.limits.enabled:
         # Every call counts its prompt for the reservation: the encodings of the configured
-        # models are built now, before the first call, not during it (a build holds the
-        # worker 0.2-0.5 s).
+        # models are built now (here or in the tokenizer process), before the first call, not
+        # during it (a build holds the worker 0.2-0.5 s).
         for model in wiring.config.models:
-            wiring.metering.tokenizers.for_model(model.upstream_model, model.tokenizer)
+            wiring.metering.tokenizers.for_model(model.upstream_model, model.tokenizer).count("")
     # What start-up built lives as long as the worker: out of the garbage collector's sight,
     # a full collection no longer walks it (about 60 ms over it, a stall of every call the
     # worker is serving: bench/README, "Hot path").
@@ -550,7 +556,10 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     for line in summary(config, plans, f"http://{host}:{port}", workers,
                         os.environ.get("MLANE_CONFIG")):
         say(config, line)
-    with worker_beside(config.embedded if with_worker is None else with_worker) as pid:
+    from metering.tokenserver import tokenizer_beside
+
+    with tokenizer_beside(), \
+            worker_beside(config.embedded if with_worker is None else with_worker) as pid:
         say(config, "jobs      " + (
             f"a worker runs them beside the service (pid {pid}; --without-worker: none)"
             if pid else "run `meterlane worker` for the scheduled jobs (or serve "

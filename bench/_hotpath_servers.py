@@ -48,6 +48,7 @@ class Servers:
     targets: dict[str, Target] = field(default_factory=dict)
     workers: dict[str, list[int]] = field(default_factory=dict)
     masters: dict[str, int] = field(default_factory=dict)
+    beside: dict[str, list[int]] = field(default_factory=dict)  # jobs worker, tokenizer
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
     phases: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     upstream_pid: int = 0
@@ -69,14 +70,6 @@ class Servers:
     def ledger_checks(self) -> dict[str, dict[str, Any]]:
         return {name: ledger_check(phases, ledger_requests(self.targets[name], self.since))
                 for name, phases in self.phases.items()}
-
-
-def is_jobs_worker(pid: int) -> bool:
-    """`meterlane worker`, which serve starts beside gunicorn on SQLite: not a web worker."""
-    try:
-        return b"worker\x00--exit-with" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def headers_for(key: str) -> dict[str, str]:
@@ -131,7 +124,7 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
         served = start_serve(procs, env, workers=args.workers, cwd=tmp,
                              log_path=tmp / f"serve-{name}.log", name=f"meterlane serve ({name})")
         s.targets[name] = Target(name, "127.0.0.1", served.port, PATH, headers_for(key))
-        s.workers[name] = [p for p in served.workers if not is_jobs_worker(p)]
+        s.workers[name], s.beside[name] = served.workers, served.beside
         s.masters[name], s.envs[name] = served.proc.pid, env
         s.phases[name] = []
         log(f"{name}: meterlane serve on 127.0.0.1:{served.port} (master {served.proc.pid}, "

@@ -142,6 +142,21 @@ def children_of(pid: int) -> list[int]:
     return sorted(out)
 
 
+def is_beside(pid: int) -> bool:
+    """A process serve starts beside its gunicorn workers: `meterlane worker` (the jobs, on
+    SQLite) or the tokenizer process (metering/tokenserver.py). Not a web worker."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"worker\x00--exit-with" in cmdline or b"metering.tokenserver" in cmdline
+
+
+def serve_workers(pid: int) -> list[int]:
+    """The gunicorn workers of serve `pid`."""
+    return [p for p in children_of(pid) if not is_beside(p)]
+
+
 # -- setup -----------------------------------------------------------------------------------
 
 
@@ -267,7 +282,7 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, workers: int, logfile
                              + logfile.read_text()[-3000:])
         try:
             status, _ = http_get("127.0.0.1", port, "/healthz", timeout=2)
-            if status == 200 and len(children_of(proc.pid)) >= workers:
+            if status == 200 and len(serve_workers(proc.pid)) >= workers:
                 return
         except OSError:
             pass
@@ -281,6 +296,7 @@ class Served:
     port: int
     workers: list[int]
     log: Path
+    beside: list[int]  # the jobs worker, the tokenizer process
 
 
 def start_serve(procs: Processes, env: dict[str, str], *, workers: int, cwd: Path,
@@ -293,7 +309,8 @@ def start_serve(procs: Processes, env: dict[str, str], *, workers: int, cwd: Pat
         stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
         env=env, cwd=cwd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     wait_healthy(proc, port, workers, log_path)
-    return Served(proc, port, children_of(proc.pid), log_path)
+    return Served(proc, port, serve_workers(proc.pid), log_path,
+                  [p for p in children_of(proc.pid) if is_beside(p)])
 
 
 # -- CPU use ---------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from bench._procs import (
     pids_named,
     remove_leftovers,
 )
-from bench._streams import hold_streams
+from bench._streams import hold_streams, rss_mb
 
 SETUPS = {"sqlite": ML_SQLITE, "postgres": ML_PG}
 SCENARIOS = ("c1", "c32", "stream", "s32")
@@ -169,6 +169,11 @@ class Run:
                 f"(idle {max(result['rss_idle_mb'].values()):.1f}); all open: "
                 f"{result['all_open']}; ok {result['ok']}, failed {result['failed']} "
                 f"{result['failed_statuses'] or ''}")
+            # beside the workers, once per serve: the tokenizer process (and the jobs worker)
+            result["beside_rss_mb"] = {p: rss_mb(p) for p in self.s.beside.get(name, [])}
+            if result["beside_rss_mb"]:
+                log(f"  {'':<34} beside the workers: "
+                    + ", ".join(f"{mb:.1f} MB" for mb in result["beside_rss_mb"].values()))
             out[name] = result
         return out
 

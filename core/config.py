@@ -128,6 +128,9 @@ class Config:
     # MLANE_TRUSTED_PROXIES=N: the service sits behind N proxies; the client address is read
     # from their X-Forwarded-For (consent records keep it).
     trusted_proxies: int = 0
+    # MLANE_TOKENIZER_SOCKET: serve's tokenizer process, which counts for its workers
+    # (metering/tokenserver.py; serve sets it).
+    tokenizer_socket: str | None = None
     # [paywall]: the percents of a quota at which a threshold event goes to the app.
     paywall_thresholds: tuple[int, ...] = (50, 80, 100)
     # [finance] usd_per: USD per unit of each revenue currency (exact decimals).
@@ -210,6 +213,7 @@ class Config:
             stripe_webhook_secret=env.get("MLANE_STRIPE_WEBHOOK_SECRET") or None,
             log_format=log_format(env),
             metrics_key=env.get("MLANE_METRICS_KEY") or None,
+            tokenizer_socket=env.get("MLANE_TOKENIZER_SOCKET") or None,
             otel_endpoint=(endpoint := otel_traces_endpoint(env)),
             tracing=endpoint is not None,
             **file_settings,

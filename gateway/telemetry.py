@@ -179,7 +179,10 @@ class CallTrace:
     def finish(self, fields: dict[str, Any], span: Span | None) -> None:
         """The line's call fields, from the ledger record (what the ledger holds, the log
         says); the request span's GenAI summary."""
-        outcome = self.outcome
+        # The outcome and this trace refer to each other: let go of it, so that the call's
+        # objects (its record, lease, request and answer) are freed now, by reference
+        # counting, not by a later full collection (a worker's RSS grew 20 MB under load).
+        outcome, self.outcome = self.outcome, None
         self._end_upstream(None, "the call ended before it was settled")
         if outcome is None:
             return

@@ -26,7 +26,7 @@ from metering.tokens import (
     count_completion_prompt,
     count_embedding_input,
     count_responses_prompt,
-    count_text,
+    count_texts,
 )
 from metering.unwritten import Unwritten
 
@@ -166,7 +166,7 @@ class MeteringService:
         if reported is not None:  # its input as reported, its output counted
             tok = self.tokenizers.for_model(outcome.model.upstream_model,
                                             outcome.model.tokenizer)
-            output = sum(count_text(tok, text) for text in outcome.output_texts())
+            output = count_texts(tok, outcome.output_texts())
             return (replace(reported, output_tokens=output, reasoning_tokens=0), "counted",
                     "upstream reported no output for a call that generated some: the output "
                     "was counted")
@@ -177,7 +177,7 @@ class MeteringService:
             return TokenUsage(input_tokens=min(prompt, total),
                               output_tokens=total - min(prompt, total)), "counted", note
         tok = self.tokenizers.for_model(outcome.model.upstream_model, outcome.model.tokenizer)
-        output = sum(count_text(tok, text) for text in outcome.output_texts())
+        output = count_texts(tok, outcome.output_texts())
         why = (f"upstream usage not used ({outcome.usage_problem}): counted"
                if outcome.usage_problem else None)
         return TokenUsage(input_tokens=prompt, output_tokens=output), "counted", why

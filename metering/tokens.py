@@ -168,6 +168,10 @@ class Tokenizer(Protocol):
 
     def count(self, text: str) -> int: ...
 
+    def count_all(self, texts: Sequence[str]) -> int:
+        """The sum of each text's count (in one round trip, for a tokenizer elsewhere)."""
+        ...
+
 
 def _chunks(text: str) -> Iterator[str]:
     start, n = 0, len(text)
@@ -190,6 +194,9 @@ class TiktokenTokenizer:
 
     def count(self, text: str) -> int:
         return sum(self._count(c) for c in _chunks(text)) if isinstance(text, str) else 0
+
+    def count_all(self, texts: Sequence[str]) -> int:
+        return sum(self.count(text) for text in texts)
 
     def _count(self, text: str) -> int:
         try:
@@ -230,6 +237,7 @@ class TokenizerRegistry:
         self.default = default
         self.load_seconds = 0.0  # checking at start-up, then building each on first use
         self._lock = threading.Lock()
+        self._elsewhere: dict[str, Tokenizer] = {}
 
     @classmethod
     def load(
@@ -279,9 +287,16 @@ class TokenizerRegistry:
         fallback = LEGACY_FALLBACK_ENCODING
         return fallback if fallback in self._names else self.default
 
+    def count_elsewhere(self, make: Callable[[str, Callable[[], Tokenizer]], Tokenizer]) -> None:
+        """Count with the tokenizers `make(name, build)` returns (metering/tokenserver.py:
+        in another process) rather than building the encodings here; `build` builds this
+        registry's own, for when that other cannot answer."""
+        for name in self._names:
+            self._elsewhere[name] = make(name, functools.partial(self._build, name))
+
     def for_model(self, model_name: str, override: str | None = None) -> Tokenizer:
         name = self.encoding_name_for(model_name, override)
-        tokenizer = self._tokenizers.get(name)
+        tokenizer = self._tokenizers.get(name) or self._elsewhere.get(name)
         return tokenizer if tokenizer is not None else self._build(name)
 
     def _build(self, name: str) -> Tokenizer:
@@ -305,38 +320,41 @@ def _json_text(value: Any) -> str:
         return ""
 
 
-def _count_str(tok: Tokenizer, value: Any) -> int:
-    return tok.count(value) if isinstance(value, str) else 0
-
-
-def _count_part(tok: Tokenizer, part: Any) -> int:
+def _part_texts(part: Any, texts: list[str]) -> int:
+    """A content part's texts, into `texts`; the tokens it counts besides them."""
     if not isinstance(part, dict):
-        return _count_str(tok, part)
+        if isinstance(part, str):
+            texts.append(part)
+        return 0
     if part.get("type") in _IMAGE_PART_TYPES:
         return IMAGE_PART_TOKENS
-    return sum(_count_str(tok, part.get(key)) for key in _TEXT_PART_KEYS)
+    texts.extend(v for key in _TEXT_PART_KEYS if isinstance(v := part.get(key), str))
+    return 0
 
 
 def count_chat_prompt(tok: Tokenizer, messages: list[Any], tools: Any = None) -> int:
     """Cookbook estimate: per message 3 + its string fields (+1 for a name), plus 3 priming.
 
     Content may be a string, null or a list of parts; other dict/list fields (tool_calls, ...)
-    and `tools` count as compact JSON text; non-dict messages are ignored."""
-    total = REPLY_PRIMING_TOKENS
+    and `tools` count as compact JSON text; non-dict messages are ignored. The texts are
+    counted in one go (`count_all`)."""
+    total: int = REPLY_PRIMING_TOKENS
+    texts: list[str] = []
     for message in messages if isinstance(messages, list | tuple) else ():
         if not isinstance(message, dict):
             continue
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
             if key == "content" and isinstance(value, list):
-                total += sum(_count_part(tok, part) for part in value)
+                total += sum(_part_texts(part, texts) for part in value)
             elif isinstance(value, str):
-                total += tok.count(value) + (TOKENS_PER_NAME if key == "name" else 0)
+                texts.append(value)
+                total += TOKENS_PER_NAME if key == "name" else 0
             elif isinstance(value, dict | list):
-                total += tok.count(_json_text(value))
+                texts.append(_json_text(value))
     if tools:
-        total += tok.count(_json_text(tools))
-    return total
+        texts.append(_json_text(tools))
+    return total + tok.count_all(texts)
 
 
 def count_responses_prompt(tok: Tokenizer, body: dict[str, Any]) -> int:
@@ -353,9 +371,10 @@ def count_responses_prompt(tok: Tokenizer, body: dict[str, Any]) -> int:
 def count_completion_prompt(tok: Tokenizer, prompt: Any) -> int:
     """A string, list of strings, list of token ids, or list of lists of ids (or strings)."""
     if not isinstance(prompt, list | tuple):
-        return _count_str(tok, prompt)
+        return count_text(tok, prompt)
     items = [x for item in prompt for x in (item if isinstance(item, list | tuple) else [item])]
-    return sum(1 if type(x) is int else _count_str(tok, x) for x in items)
+    ids = sum(1 for x in items if type(x) is int)
+    return ids + tok.count_all([x for x in items if isinstance(x, str)])
 
 
 def count_embedding_input(tok: Tokenizer, input: Any) -> int:  # noqa: A002 - API field name
@@ -365,4 +384,9 @@ def count_embedding_input(tok: Tokenizer, input: Any) -> int:  # noqa: A002 - AP
 
 def count_text(tok: Tokenizer, text: str) -> int:
     """Tokens in `text` (0 for a non-string)."""
-    return _count_str(tok, text)
+    return tok.count(text) if isinstance(text, str) else 0
+
+
+def count_texts(tok: Tokenizer, texts: Iterable[Any]) -> int:
+    """Tokens in the strings of `texts`, counted in one go."""
+    return tok.count_all([text for text in texts if isinstance(text, str)])
