@@ -492,8 +492,7 @@ def _read_head(conn: _Conn) -> tuple[int, str, str, Headers]:
         raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:60]!r}")
     items: dict[str, str] = {}
     name = ""
-    for line in lines[1:]:
-        line = line.rstrip("\r")
+    for line in lines[1:]:  # (each ends in its CR: strip() takes it off)
         if line[:1] in (" ", "\t") and name:  # an obsolete folded line continues the last
             items[name] += " " + line.strip()
             continue

@@ -384,6 +384,19 @@ def test_status_headers_and_body(serve: Callable[..., Server]) -> None:
     assert server.connections == 1  # the error's body was read: the connection was reused
 
 
+def test_a_head_in_bare_line_feeds_and_a_folded_header(serve: Callable[..., Server]) -> None:
+    def script(peer: Peer) -> None:
+        peer.request()
+        peer.send(b"HTTP/1.0 200 OK\nX-Long: a\n  b\nContent-Length: 2\n\nok")
+
+    server = serve(script)
+    client = client_of(server.port)
+    resp = client.post("/c", b"{}", stream=False)
+    assert (resp.status, resp.headers.get("x-long"), resp.data) == (200, "a b", b"ok")
+    assert client.post("/c", b"{}", stream=False).status == 200  # HTTP/1.0: not kept alive
+    assert server.connections == 2
+
+
 def test_a_gzipped_body_is_decoded(serve: Callable[..., Server]) -> None:
     def script(peer: Peer) -> None:
         peer.request()
