@@ -133,10 +133,18 @@ class _Conn:
 
     def take(self, size: int) -> bytes:
         """Exactly `size` bytes."""
-        while len(self.buf) < size:
-            self.fill()
-        data, self.buf = self.buf[:size], self.buf[size:]
-        return data
+        buf = self.buf
+        if len(buf) < size:  # joined once (a large body read by += would be copied each time)
+            parts, have = [buf], len(buf)
+            while have < size:
+                data = self.recv()
+                if not data:
+                    raise ProtocolError("the connection closed before the answer ended")
+                parts.append(data)
+                have += len(data)
+            buf = b"".join(parts)
+        self.buf = buf[size:]
+        return buf[:size]
 
     def close(self) -> None:
         try:

@@ -397,6 +397,26 @@ def test_a_head_in_bare_line_feeds_and_a_folded_header(serve: Callable[..., Serv
     assert server.connections == 2
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+def test_a_large_body_arrives_whole(serve: Callable[..., Server], framing: str) -> None:
+    body = bytes(range(256)) * 12_000  # 3 MB, many reads
+    head = {"chunked": b"Transfer-Encoding: chunked\r\n",
+            "length": b"Content-Length: %d\r\n" % len(body), "close": b""}[framing]
+    sent = chunk(body[:5]) + chunk(body[5:]) + b"0\r\n\r\n" if framing == "chunked" else body
+
+    def script(peer: Peer) -> None:
+        while peer.request() is not None:
+            peer.send(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + sent)
+            if framing == "close":
+                return
+
+    server = serve(script)
+    client = client_of(server.port)
+    assert client.post("/c", b"{}", stream=False).data == body
+    assert b"".join(client.chunks(client.post("/c", b"{}", stream=True))) == body
+    assert server.connections == (2 if framing == "close" else 1)
+
+
 def test_a_gzipped_body_is_decoded(serve: Callable[..., Server]) -> None:
     def script(peer: Peer) -> None:
         peer.request()
