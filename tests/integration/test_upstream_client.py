@@ -358,7 +358,8 @@ def test_a_stream_closed_early_stops_the_upstream_and_its_connection_is_not_reus
 
 # -- the answer ------------------------------------------------------------------------------
 
-def test_status_headers_and_body(serve: Callable[..., Server]) -> None:
+def test_the_status_headers_and_body_are_read_and_the_connection_reused(
+        serve: Callable[..., Server]) -> None:
     def script(peer: Peer) -> None:
         peer.request()
         peer.send(b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -426,7 +427,8 @@ def test_a_gzipped_body_is_decoded(serve: Callable[..., Server]) -> None:
     assert client_of(server.port).post("/c", b"{}", stream=False).data == b'{"a":1}'
 
 
-def test_tls(serve: Callable[..., Server], tmp_path: Path) -> None:
+def test_a_tls_upstream_keeps_one_connection_and_an_untrusted_certificate_fails(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
