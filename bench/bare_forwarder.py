@@ -4,7 +4,7 @@ POST /v1/chat/completions is sent to the upstream as it came and its answer rela
 comes (a stream chunk by chunk), with nothing else: no key, no parsing, no plan, no limits,
 no ledger. It runs under the very gunicorn `meterlane serve` runs (core.server.run: gevent
 workers, the same worker connections, keep-alive and timeouts) and forwards with the very
-client the gateway uses (gateway.upstream.UpstreamClient: urllib3, one pool per upstream),
+client the gateway uses (gateway.upstream.UpstreamClient: one keep-alive pool per upstream),
 so that what bench/hotpath.py measures between it and Meterlane is Meterlane's own work.
 
     python -m bench.bare_forwarder --upstream http://127.0.0.1:PORT/v1 --port 8001
@@ -27,7 +27,7 @@ UPSTREAM_ENV = "BENCH_BARE_UPSTREAM"
 
 def create_app() -> Any:
     """The Flask app (gunicorn's factory, imported in the worker after gevent has patched:
-    Flask and urllib3 are imported here, not at the top, as app.py does)."""
+    Flask and the client are imported here, not at the top, as app.py does)."""
     from flask import Flask, Response, request
 
     from core.config import UpstreamConfig
@@ -49,7 +49,7 @@ def create_app() -> Any:
             try:
                 yield from upstream.chunks(resp)
             finally:
-                resp.release_conn()
+                resp.release()
 
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return Response(relay(), status=resp.status, headers=headers, direct_passthrough=True)

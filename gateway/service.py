@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import urllib3
-
 from core.auth import Principal, Role, validate_user_id
 from core.config import Config, ModelConfig
 from core.db import DATABASE_DOWN, utcnow
@@ -34,6 +32,7 @@ from gateway.protocol import UsageReading, metered_items, read_usage, texts_of_c
 from gateway.router import Route, Router
 from gateway.telemetry import CallTrace
 from gateway.upstream import UpstreamClient, error_from_response, malformed_answer
+from gateway.upstream_http import Response, TransportError
 from gateway.wire import (
     MessagesWire,
     Wire,
@@ -217,7 +216,7 @@ class GatewayService:
 
     def _attempt(self, outcome: CallOutcome, started: float, endpoint: str, raw: bytes | None,
                  route: Route | None, last: bool
-                 ) -> tuple[urllib3.BaseHTTPResponse, dict[str, str]]:
+                 ) -> tuple[Response, dict[str, str]]:
         """Reserve for this candidate and send the call. Raises _FallbackError when a routed call
         should go on to the next candidate (nothing is written then), or the error to answer
         with (its ledger row written)."""
@@ -251,9 +250,9 @@ class GatewayService:
                 try:
                     err = error_from_response(upstream.name, status, resp.data, resp.headers,
                                               outcome.request_id)
-                except urllib3.exceptions.HTTPError as exc:  # the error body did not arrive
+                except TransportError as exc:  # the error body did not arrive
                     err = upstream.translate(exc)
-                resp.release_conn()
+                resp.release()
         except DomainError as exc:
             self.router.failed(upstream.name)
             if route is not None and fallback:  # fall back before the first byte
@@ -284,7 +283,7 @@ class GatewayService:
         return resp, limit_headers
 
     def _malformed(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
-                   resp: urllib3.BaseHTTPResponse, body: bytes,
+                   resp: Response, body: bytes,
                    limit_headers: dict[str, str]) -> NoReturn:
         """A 2xx that is not the answer asked for: a 502, recorded as an upstream error with
         the tokens the upstream was sent (counted; nothing came back to count)."""
@@ -414,7 +413,7 @@ class GatewayService:
         return self.plans.plan_of(end_user_id).plan
 
     def _relay(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
-               resp: urllib3.BaseHTTPResponse, wire: Wire) -> Iterator[bytes]:
+               resp: Response, wire: Wire) -> Iterator[bytes]:
         """Forward each complete SSE event as soon as it arrives; settle however it ends."""
         relay = wire.relay()
         settled = False
@@ -424,7 +423,7 @@ class GatewayService:
             nonlocal settled, after
             self.router.leave(upstream.name)
             if relay.done:
-                resp.release_conn()
+                resp.release()
             else:
                 resp.close()  # stop the upstream generating for nobody
             if status == "stream_error":

@@ -7,13 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ReadTimeoutError,
-)
 
 from core.config import UpstreamConfig
 from core.errors import (
@@ -26,6 +19,14 @@ from core.errors import (
     UpstreamUnavailableError,
 )
 from core.logs import note
+from gateway.upstream_http import (
+    ConnectFailedError,
+    ConnectTimeoutError,
+    HTTPPool,
+    ReadTimeoutError,
+    Response,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +37,28 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig, *, pool_size: int = 64) -> None:
         self.config = config
         self.name = config.name
-        # One pool for the upstream's host (no per-call URL parsing or pool lookup).
-        self._pool = urllib3.connection_from_url(
-            config.base_url, maxsize=pool_size, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=config.connect_timeout_s,
-                                    read=config.read_timeout_s),
-        )
-        self._prefix = urllib3.util.parse_url(config.base_url).path or ""
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._pool = HTTPPool(config.base_url, connect_timeout=config.connect_timeout_s,
+                              read_timeout=config.read_timeout_s, maxsize=pool_size)
+        headers = {"User-Agent": "meterlane", "Accept-Encoding": "identity",
+                   "Content-Type": "application/json", "Accept": "application/json"}
         if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._headers = _header_lines(headers)
 
     def post(self, path: str, body: bytes, *, stream: bool, request_id: str | None = None,
-             extra: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse:
-        """Send the request; returns the response with its body unread when stream=True. The
-        request id goes along (the upstream's logs can name the call the ledger names), and
-        `extra` headers (the trace context)."""
-        headers = self._headers if request_id is None else {
-            **self._headers, "X-Meterlane-Request-Id": request_id}
+             extra: dict[str, str] | None = None) -> Response:
+        """Send the request; returns the response with its body unread when stream=True (read
+        it with `chunks`, then `release` or `close` it). The request id goes along (the
+        upstream's logs can name the call the ledger names), and `extra` headers (the trace
+        context)."""
+        headers = self._headers
+        if request_id is not None:
+            headers += _header_lines({"X-Meterlane-Request-Id": request_id})
         if extra:
-            headers = {**headers, **extra}
+            headers += _header_lines(extra)
         try:
-            return self._pool.urlopen(
-                "POST", self._prefix + path, body=body, headers=headers,
-                preload_content=not stream, redirect=False, retries=False,
-            )
-        except HTTPError as exc:
+            return self._pool.post(path, headers, body, preload=not stream)
+        except TransportError as exc:
             raise self.translate(exc) from exc
 
     def translate(self, exc: Exception) -> UpstreamError:
@@ -69,34 +66,38 @@ class UpstreamClient:
         that is the operator's, and goes to the log)."""
         where = f"upstream '{self.name}'"
         note(log, logging.WARNING, "upstream %s (%s): %s", self.name, self.config.base_url, exc)
-        # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
-        # retries=False: urllib3 raises the transport error itself, never MaxRetryError.
-        if isinstance(exc, NewConnectionError):
-            return UpstreamUnavailableError(f"Could not connect to {where}: {_reason(exc)}.")
+        if isinstance(exc, ConnectFailedError):
+            reason = "connection refused" if exc.refused else "could not open a connection"
+            return UpstreamUnavailableError(f"Could not connect to {where}: {reason}.")
         if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
             return UpstreamTimeoutError(f"Timed out waiting for {where}.")
         return UpstreamUnavailableError(f"Connection to {where} failed: {exc.__class__.__name__}.")
 
-    def chunks(self, resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    def chunks(self, resp: Response) -> Iterator[bytes]:
         """The body as it arrives: one item per HTTP chunk (or per socket read)."""
         try:
-            if getattr(resp, "chunked", False):
-                yield from resp.read_chunked(decode_content=True)
-            else:
-                while True:
-                    data = resp.read1(65536)
-                    if not data:
-                        break
-                    yield data
-        except HTTPError as exc:
+            yield from resp.chunks()
+        except TransportError as exc:
+            resp.close()
             raise self.translate(exc) from exc
 
+    def close(self) -> None:
+        """Close the idle connections."""
+        self._pool.close()
 
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ConnectionRefusedError) or "refused" in str(exc).lower():
-        return "connection refused"
-    return "could not open a connection"
+
+def _header_lines(headers: dict[str, str]) -> bytes:
+    """'Name: value\\r\\n' lines; a header whose value would break the request (a line
+    break, a character latin-1 lacks) is left out rather than failing the call."""
+    out = b""
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            continue
+        try:
+            out += f"{name}: {value}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            continue
+    return out
 
 
 def error_from_response(upstream: str, status: int, body: bytes, headers: Any,

@@ -8,13 +8,13 @@ import json
 from typing import Any
 
 import orjson
-import urllib3
 
 from core.config import Config, ModelConfig
 from core.errors import InvalidRequestError
 from gateway import anthropic, responses
 from gateway.responses_stream import ResponsesRelay, ResponsesStream, error_event
 from gateway.streaming import DONE_EVENT, StreamRelay, sse_error
+from gateway.upstream_http import Response
 from metering.records import CallRecord
 from metering.service import ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS, ENDPOINT_RESPONSES
 
@@ -202,7 +202,7 @@ def is_answer(endpoint: str, doc: Any) -> bool:
     return isinstance(doc.get("data" if endpoint == ENDPOINT_EMBEDDINGS else "choices"), list)
 
 
-def is_event_stream(resp: urllib3.BaseHTTPResponse) -> bool:
+def is_event_stream(resp: Response) -> bool:
     """False for a body that is plainly no event stream (JSON, HTML); an upstream that labels
     its events otherwise (text/plain, none) is read as one."""
     kind = (resp.headers.get("Content-Type") if resp.headers is not None else None) or ""
