@@ -36,7 +36,7 @@ _CONNECT_SECONDS: Final = 1.0
 # of text (tiktoken counts > 1 MB/s). A process that stopped answering holds one call of
 # each worker this long, once.
 _COUNT_SECONDS: Final = 10.0
-_BLOCKING_SECONDS: Final = 0.001  # how long a count may hold the whole worker
+_BLOCKING_SECONDS: Final = 0.0002  # how long a count may hold the whole worker
 
 
 class TokenClient:
