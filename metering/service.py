@@ -46,7 +46,7 @@ ENDPOINT_COMPLETIONS = "completions"
 ENDPOINT_EMBEDDINGS = "embeddings"
 ENDPOINT_RESPONSES = "responses"  # OpenAI's Responses API (as the ledger names its calls)
 # Served, how long the commit of rows already answered may wait for the next calls' rows
-# (bench/README.md, "Group commits that wait"): reads wait at most this much longer.
+# (bench/README.md, "Answered rows share their group commit"): reads wait that much longer.
 COMMIT_LINGER_S = 0.004
 
 
