@@ -5,6 +5,7 @@ row someone waits for (the metering API, the CLI, tests) never waits for company
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ def inserts(engine: Engine) -> list[int]:
     return seen
 
 
+def taken_by_writer(writer: LedgerWriter) -> None:
+    """Until the writer has taken what was queued (polled: the queue has no event for it)."""
+    deadline = time.monotonic() + LONG / 2
+    while writer._queue.qsize() or not writer._running:
+        assert time.monotonic() < deadline, "the writer never took the row"
+        time.sleep(0.001)
+
+
 def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     out: list[Any] = []
     thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
@@ -46,6 +55,9 @@ def test_answered_rows_share_one_commit(clean_db: Engine, tmp_path: Path) -> Non
     seen = inserts(clean_db)
     first, got_first = in_thread(lambda: writer.record_row(
         record(app_id, user_id, "a").row(), answered=True))
+    taken_by_writer(writer)
+    first.join(0.5)  # lingering (LONG) for a second row; without it, committed in ms
+    assert got_first == [], "the first row was committed alone"
     second, got_second = in_thread(lambda: writer.record_row(
         record(app_id, user_id, "b").row(), answered=True))
     first.join(LONG / 2)
