@@ -344,3 +344,40 @@ def test_a_rotation_and_a_revocation_at_once_never_give_a_revoked_key_a_later_su
     assert all(at < revoked_at for at in made), (made, revoked_at)
     assert len(made) == (1 if first == "rotation" else 0)
 
+
+def test_a_user_key_made_or_rotated_by_an_admin_has_an_end_user_keys_lifetime(
+        app: Any, client: Any, operator: str, clean_db: Engine) -> None:
+    """As a key an app mints (POST /v1/users/{u}/keys): 1 hour when none is asked (the
+    default), refused past user_key_max_ttl_seconds (7 days), on create and on rotate."""
+    from datetime import datetime, timedelta
+
+    from core.auth import issue_in
+    from core.db import utcnow
+
+    acme_admin = app.extensions["wiring"].keys.create_key(Role.ADMIN, "acme").key
+    status, made = _call(client, "POST", "/v1/keys", acme_admin,
+                         {"role": "user", "user": "bob"})
+    assert status == 201, made
+    lifetime = datetime.fromisoformat(made["expires_at"]) - datetime.fromisoformat(
+        made["created_at"])
+    assert timedelta(minutes=59) < lifetime <= timedelta(hours=1)
+    week = 7 * 24 * 3600
+    status, problem = _call(client, "POST", "/v1/keys", acme_admin,
+                            {"role": "user", "user": "bob", "ttl_seconds": week + 1})
+    assert status == 400 and problem["param"] == "ttl_seconds" and str(week) in problem["detail"]
+    assert _call(client, "POST", "/v1/keys", acme_admin,
+                 {"role": "user", "user": "bob", "ttl_seconds": week})[0] == 201
+    status, problem = _call(client, "POST", f"/v1/keys/{made['id']}/rotate", acme_admin,
+                            {"ttl_seconds": 10 * 365 * 24 * 3600})
+    assert status == 400 and problem["param"] == "ttl_seconds"
+    status, rotated = _call(client, "POST", f"/v1/keys/{made['id']}/rotate", acme_admin, {})
+    assert status == 201 and rotated["expires_at"] is not None  # its hour again
+    # a user key made before the cap held (no expiry): its successor gets the default
+    with clean_db.begin() as conn:
+        app_id, end_user_id = conn.execute(select(ApiKey.app_id, ApiKey.end_user_id).where(
+            ApiKey.key_id == made["id"])).one()
+        old, _ = issue_in(conn, role=Role.USER, app_id=app_id, end_user_id=end_user_id)
+    status, rotated = _call(client, "POST", f"/v1/keys/{old.split('_')[1]}/rotate",
+                            acme_admin, {})
+    assert status == 201, rotated
+    assert datetime.fromisoformat(rotated["expires_at"]) <= utcnow() + timedelta(hours=1)
