@@ -276,7 +276,9 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
         config, events=events, notices=notices, accrual=accrual,
         overage=(overage, meter_overage), finance=finance, limits=limits, ledger=ledger,
         idempotency=idempotency))
-    return Wiring(config=config, engine=engine, auth=auth, keys=KeyService(auth, tenancy),
+    keys = KeyService(auth, tenancy, user_key_ttl_seconds=config.user_key_ttl_seconds,
+                      user_key_max_ttl_seconds=config.user_key_max_ttl_seconds)
+    return Wiring(config=config, engine=engine, auth=auth, keys=keys,
                   tenancy=tenancy, ledger=ledger, metering=metering, limits=limits,
                   plans=plans, gateway=gateway, metrics=metrics,
                   tracing=Tracing.from_config(config), redis=redis_client,

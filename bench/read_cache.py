@@ -30,7 +30,7 @@ import gevent
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from core.auth import AuthService, Role
+from core.auth import AuthService, Role, issue_in
 from core.config import Config
 from core.db import make_engine
 from core.tenancy import TenancyService
@@ -73,7 +73,9 @@ def run(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     tenancy = TenancyService(engine)
     plans = PlanService(engine, parse_plans(({"id": "free", "default": True},), ""),
                         cache_seconds=args.ttl)
-    key = auth.issue(role=Role.APP, app_id=tenancy.ensure_app("acme")[0])[0]
+    with engine.begin() as conn:
+        key = issue_in(conn, role=Role.APP, app_id=tenancy.ensure_app("acme")[0],
+                       end_user_id=None)[0]
     user = tenancy.ensure_end_user(tenancy.ensure_app("acme")[0], "alice")
     reads = {"key": 0, "plan": 0}
 

@@ -23,7 +23,9 @@ class KeyCreateRequestSchema(RequestSchema):
     description = fields.String(load_default=None, validate=validate.Length(max=500))
     ttl_seconds = fields.Integer(load_default=None,
                                  validate=validate.Range(min=60, max=MAX_TTL_SECONDS),
-                                 metadata={"description": "Expire the key after this long"})
+                                 metadata={"description": "Expire the key after this long "
+                                                          "(a user key: default and at most "
+                                                          "as a key an app mints)"})
 
 
 class KeyListQuerySchema(RequestSchema):
@@ -42,7 +44,9 @@ class KeyRotateRequestSchema(RequestSchema):
     ttl_seconds = fields.Integer(load_default=None,
                                  validate=validate.Range(min=60, max=MAX_TTL_SECONDS),
                                  metadata={"description": "The new key's lifetime (default: "
-                                                          "the old key's, or none)"})
+                                                          "the old key's, or none; a user "
+                                                          "key's at most as a key an app "
+                                                          "mints)"})
 
 
 class KeySchema(Schema):

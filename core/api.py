@@ -20,14 +20,12 @@ from core.admin_schemas import (
 )
 from core.audit import AuditQuery, AuditService
 from core.auth import IssuedKey, Role, require_role, validate_user_id
-from core.errors import InvalidRequestError
 from core.keys import KeyFilter, KeyService, key_id_of
 from core.openapi import documented
 from core.schemas import UserKeyRequestSchema, UserKeySchema
 from core.tenancy import TenancyService
 from core.web import (
     answer_not_kept,
-    config,
     current_actor,
     current_principal,
     json_body,
@@ -49,15 +47,11 @@ def create_user_key(user: str) -> Response:
     require_role(principal, Role.APP)
     user = validate_user_id(user)
     args = UserKeyRequestSchema().load(json_body(allow_empty=True))
-    settings = config()
-    ttl = args["ttl_seconds"] or settings.user_key_ttl_seconds
-    if ttl > settings.user_key_max_ttl_seconds:
-        raise InvalidRequestError(
-            f"ttl_seconds may be at most {settings.user_key_max_ttl_seconds}.",
-            param="ttl_seconds")
+    ttl = args["ttl_seconds"]  # none: the default; past user_key_max_ttl_seconds: refused
     assert principal.app_id is not None
-    issued = part(KeyService).issue_user_key(principal.app_id, user, timedelta(seconds=ttl),
-                                             name=args["name"], actor=current_actor())
+    issued = part(KeyService).issue_user_key(
+        principal.app_id, user, timedelta(seconds=ttl) if ttl else None, name=args["name"],
+        actor=current_actor())
     body = UserKeySchema().dump({"key": issued.key, "role": issued.role.value, "user": user,
                                  "expires_at": issued.expires_at})
     return json_response(body, status=201)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import insert, or_, select, update
@@ -205,24 +205,6 @@ class AuthService:
         if principal.expires_at is not None and principal.expires_at <= utcnow():
             raise AuthenticationError("This API key has expired.")
         return principal
-
-    def issue(self, *, role: Role, app_id: int | None, end_user_id: int | None = None,
-              name: str | None = None, ttl: timedelta | None = None
-              ) -> tuple[str, int, datetime | None]:
-        """Store a new key (only its hash) and return (the key, its row id, its expiry)."""
-        expires_at = utcnow() + ttl if ttl is not None else None
-        with self.engine.begin() as conn:
-            key, pk = issue_in(conn, role=role, app_id=app_id, end_user_id=end_user_id,
-                               name=name, expires_at=expires_at)
-        return key, pk, expires_at
-
-    def revoke(self, key_id: str) -> bool:
-        with self.engine.begin() as conn:
-            result = conn.execute(update(ApiKey).where(ApiKey.key_id == key_id,
-                                                       ApiKey.revoked_at.is_(None))
-                                  .values(revoked_at=utcnow()))
-        self.forget_cached()
-        return bool(result.rowcount)
 
 
 def issue_in(conn: Connection, *, role: Role, app_id: int | None, end_user_id: int | None,

@@ -6,6 +6,11 @@ key bound to an app, only its app's keys, and never a key bound to no app. App k
 manage keys (they mint end-user keys only): a leaked app key must not be able to mint itself
 a successor that outlives its revocation. So no key ever makes a key with more power than its
 own.
+
+A key rotates once: its successor is a key of its own (revoking the old key leaves it alone),
+and a second rotation is refused, so a retried rotation never leaves two live successors.
+Rotate and revoke lock the key's row, so a revocation and a rotation at the same moment
+never give a revoked key a successor made after its revocation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from core.models import ApiKey, App, EndUser
 from core.tenancy import TenancyService
 
 MAX_OVERLAP_SECONDS = 7 * 24 * 3600
+USER_KEY_TTL_SECONDS = 3600          # an end-user key's lifetime when none is asked
+USER_KEY_MAX_TTL_SECONDS = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,26 @@ def key_id_of(key_or_id: str) -> str:
 
 
 class KeyService:
-    def __init__(self, auth: AuthService, tenancy: TenancyService) -> None:
+    def __init__(self, auth: AuthService, tenancy: TenancyService, *,
+                 user_key_ttl_seconds: int = USER_KEY_TTL_SECONDS,
+                 user_key_max_ttl_seconds: int = USER_KEY_MAX_TTL_SECONDS) -> None:
         self.auth = auth
         self.tenancy = tenancy
         self.engine = auth.engine
+        self.user_key_ttl = timedelta(seconds=user_key_ttl_seconds)
+        self.user_key_max_ttl = timedelta(seconds=user_key_max_ttl_seconds)
+
+    def user_ttl(self, ttl: timedelta | None) -> timedelta:
+        """An end-user key's lifetime, however it is made (minted by an app, created by an
+        admin or the CLI, rotated): the default when none is asked; past the cap, refused."""
+        if ttl is None:
+            return self.user_key_ttl
+        if ttl > self.user_key_max_ttl:
+            raise InvalidRequestError(
+                "ttl_seconds may be at most "
+                f"{int(self.user_key_max_ttl.total_seconds())} for an end-user key.",
+                param="ttl_seconds")
+        return ttl
 
     # -- create ----------------------------------------------------------------------------
 
@@ -73,6 +96,8 @@ class KeyService:
             raise InvalidRequestError("a user key needs an end user (--user ID)", param="user")
         if role != Role.USER and user:
             raise InvalidRequestError("only user keys name an end user", param="user")
+        if role == Role.USER:
+            ttl = self.user_ttl(ttl)
         app_id = self.tenancy.ensure_app(app)[0] if app else None
         end_user_id = None
         if user is not None and app_id is not None:
@@ -88,10 +113,10 @@ class KeyService:
         return IssuedKey(key=key, key_pk=pk, role=role, app_name=app, end_user=user,
                          expires_at=expires_at)
 
-    def issue_user_key(self, app_id: int, user: str, ttl: timedelta,
+    def issue_user_key(self, app_id: int, user: str, ttl: timedelta | None,
                        name: str | None = None, actor: Actor | None = None) -> IssuedKey:
+        expires_at = utcnow() + self.user_ttl(ttl)
         end_user_id = self.tenancy.ensure_end_user(app_id, validate_user_id(user))
-        expires_at = utcnow() + ttl
         with self.engine.begin() as conn:
             key, pk = issue_in(conn, role=Role.USER, app_id=app_id, end_user_id=end_user_id,
                                name=name, expires_at=expires_at)
@@ -133,12 +158,15 @@ class KeyService:
             return _view(self._row(conn, actor, key_id_of(key_id)))
 
     def _row(self, conn: Connection, actor: Actor, key_id: str, *,
-             param: str = "key_id") -> dict[str, Any]:
+             param: str = "key_id", lock: bool = False) -> dict[str, Any]:
         """The key in the actor's scope; a key of another app is as unknown as a missing one
-        (404: never reveal that another tenant's key exists)."""
+        (404: never reveal that another tenant's key exists). lock: its row is held until
+        the transaction ends (FOR UPDATE on Postgres; SQLite serialises its writers)."""
         stmt = _key_rows().where(ApiKey.key_id == key_id)
         if not actor.is_operator:
             stmt = stmt.where(ApiKey.app_id == actor.app_id)
+        if lock:
+            stmt = stmt.with_for_update(of=ApiKey)
         row = conn.execute(stmt).one_or_none()
         if row is None:
             raise NotFoundError(f"No key {KEY_PREFIX}_{key_id[:32]} here.", param=param)
@@ -151,7 +179,7 @@ class KeyService:
         refuses it from now on, the others within key_cache_seconds."""
         _require_manager(actor)
         with self.engine.begin() as conn:
-            row = self._row(conn, actor, key_id_of(key_id))
+            row = self._row(conn, actor, key_id_of(key_id), lock=True)
             if row["revoked_at"] is None:
                 row["revoked_at"] = now = utcnow()
                 conn.execute(update(ApiKey).where(ApiKey.id == row["pk"])
@@ -165,19 +193,28 @@ class KeyService:
     def rotate(self, actor: Actor, key_id: str, *, overlap_seconds: int,
                ttl: timedelta | None = None) -> tuple[IssuedKey, dict[str, Any]]:
         """A successor of the key (same role, app, end user, name and description; its own
-        lifetime `ttl`, else the old key's), shown once; the old key keeps working for
-        `overlap_seconds` more (at most 7 days), then is refused. (the new key, the old
-        key's view)"""
+        lifetime `ttl`, else the old key's; an end-user key's within the end-user cap), shown
+        once; the old key keeps working for `overlap_seconds` more (at most 7 days), then is
+        refused. A key rotates once: a key that has a successor is refused (409). (the new
+        key, the old key's view)"""
         _require_manager(actor)
         if not 0 <= overlap_seconds <= MAX_OVERLAP_SECONDS:
             raise InvalidRequestError(f"overlap_seconds must be 0..{MAX_OVERLAP_SECONDS}.",
                                       param="overlap_seconds")
-        now = utcnow()
+        given = ttl is not None
         with self.engine.begin() as conn:
-            old = self._row(conn, actor, key_id_of(key_id))
+            old = self._row(conn, actor, key_id_of(key_id), lock=True)
+            now = utcnow()  # (held: after a revocation that came first, never before it)
             _check_rotatable(old, now)
+            _check_no_successor(conn, old)
+            # never rotated before (checked above): its expiry is still its own, not an
+            # overlap's end, so its lifetime is what it was made with
             if ttl is None and old["expires_at"] is not None:
                 ttl = old["expires_at"] - old["created_at"]
+            if old["role"] == Role.USER.value:  # asked: refused past the cap; inherited:
+                # cut to it (a key made before the cap held), none: the default
+                ttl = self.user_ttl(ttl) if given or ttl is None else \
+                    min(ttl, self.user_key_max_ttl)
             ends = now + timedelta(seconds=overlap_seconds)
             if old["expires_at"] is not None:
                 ends = min(ends, old["expires_at"])
@@ -216,6 +253,19 @@ def _check_rotatable(row: dict[str, Any], now: datetime) -> None:
         raise ConflictError(f"Key {prefix} is revoked; create a new key instead.")
     if row["expires_at"] is not None and row["expires_at"] <= now:
         raise ConflictError(f"Key {prefix} has expired; create a new key instead.")
+
+
+def _check_no_successor(conn: Connection, row: dict[str, Any]) -> None:
+    """A key rotates once: a second rotation (a retry after a lost answer, say) would make a
+    second live successor, its lifetime cut to the first one's overlap."""
+    successor = conn.execute(select(ApiKey.key_id).where(ApiKey.rotated_from == row["pk"])
+                             .order_by(ApiKey.id).limit(1)).scalar()
+    if successor is not None:
+        raise ConflictError(
+            f"Key {KEY_PREFIX}_{row['key_id']} was rotated already: its successor is "
+            f"{KEY_PREFIX}_{successor}. A key rotates once; rotate the successor, or revoke "
+            "it and create a new key.", code="already_rotated",
+            successor=f"{KEY_PREFIX}_{successor}")
 
 
 def _key_rows() -> Any:

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from core.audit import Actor, record
@@ -111,14 +111,36 @@ class MeterPriceBook:
         version = MeterPrice(meter, when, price_usd, "api")
         try:
             with self.engine.begin() as conn:
+                before = self._in_force(conn, meter, when, actor)
                 conn.execute(insert(MeterPriceVersion).values(
                     meter_id=meter, effective_from=when, source="api", created_at=now,
                     price_pico_per_unit=int(price_usd * PICO)))
                 record(conn, actor, "meter_price.create", target_type="meter_price",
-                       target_id=version.id, app_id=None, after=version.as_dict())
+                       target_id=version.id, app_id=None, before=before,
+                       after=version.as_dict())
         except IntegrityError as exc:
             raise ConflictError(f"{meter} already has a price from {when.isoformat()}.",
                                 code="price_exists") from exc
         with self._lock:
             self._loaded_at = -1e9
         return version
+
+    def _in_force(self, conn: Connection, meter: str, at: datetime,
+                  actor: Actor | None) -> dict[str, Any] | None:
+        """The version that was to be in force at `at` (an audit row's before), read in the
+        change's transaction: the latest version from then or before, else the config's price,
+        else None."""
+        if actor is None:
+            return None  # nothing is recorded
+        row = conn.execute(select(MeterPriceVersion.effective_from,
+                                  MeterPriceVersion.price_pico_per_unit,
+                                  MeterPriceVersion.source)
+                           .where(MeterPriceVersion.meter_id == meter,
+                                  MeterPriceVersion.effective_from <= at)
+                           .order_by(MeterPriceVersion.effective_from.desc()).limit(1)).first()
+        if row is not None:
+            return MeterPrice(meter, row.effective_from, Decimal(row.price_pico_per_unit) / PICO,
+                              row.source).as_dict()
+        configured = self.meters[meter].price_usd
+        return None if configured is None else MeterPrice(
+            meter, EPOCH, configured, "config").as_dict()

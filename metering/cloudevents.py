@@ -21,7 +21,15 @@ from core.db import utcnow
 from core.errors import DomainError, InvalidRequestError, PermissionDeniedError
 from core.openapi import documented
 from core.tenancy import TenancyService
-from core.web import app_in_scope, config, current_principal, json_body, json_response, part
+from core.web import (
+    app_in_scope,
+    config,
+    current_actor,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+)
 from core.web import request_id as current_request_id
 from metering.cloudevents_schemas import (
     KNOWN_TYPES,
@@ -104,7 +112,8 @@ class CorrectionParsed:
     def correction(self, app_id: int) -> Correction:
         return Correction(app_id, self.key, f"ce:{self.source}:{self.corrects}", self.action,
                           current_request_id(), model=self.model, usage=self.usage,
-                          at=self.at, endpoint="events", user=self.user)
+                          at=self.at, endpoint="events", user=self.user,
+                          actor=current_actor())
 
 
 Parsed_ = Parsed | MeterParsed | CorrectionParsed

@@ -4,11 +4,17 @@ Append-only: the original row is never changed. The correction row carries `supe
 (the original's id) and `correction` ("void" or "amend"); every reader of usage counts a
 superseded row as its correction says (`counting`). An event is corrected at most once (a
 unique index holds that rule), a correction is not corrected itself, and a correction's own
-idempotency key replays it."""
+idempotency key replays it.
+
+A correction changes billed usage: the key that makes it (an app key, or an admin key
+naming the app) is recorded in the audit trail in the correction's transaction
+(`correction.void` / `correction.amend`, before: the corrected event's figures, after: the
+correction's), whether it came as POST /v1/meter/corrections or as a CloudEvent naming the
+event it corrects. A replay changes nothing and records nothing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +22,13 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from core.audit import Actor
+from core.audit import record as audit
 from core.config import ModelConfig
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
 from core.models import EndUser
 from metering.models import UsageEvent
-from metering.pricing import MAX_PICO, TokenUsage, cost_or_none
+from metering.pricing import MAX_PICO, TokenUsage, cost_or_none, format_usd
 from metering.records import CallRecord, problem_of
 from metering.superseded import ACTIONS, AMEND, VOID
 
@@ -44,6 +52,7 @@ class Correction:
     at: datetime | None = None         # amend: when it happened (default: the original's time)
     endpoint: str = "meter.correction"
     user: str | None = None            # when given: must be the original's end user
+    actor: Actor | None = None         # the key that asks (audited); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,13 @@ def correct(engine: Engine, metering: MeteringService, c: Correction) -> Correct
         with engine.begin() as conn:
             new_id = int(conn.execute(insert(UsageEvent).values(**row)
                                       .returning(UsageEvent.id)).scalar_one())
+            audit(conn, c.actor, f"correction.{c.action}", target_type="usage_event",
+                  target_id=c.corrects, app_id=c.app_id, before={
+                      "user": original.user, "model": original.model,
+                      **asdict(original.usage), "cost_usd": format_usd(original.cost_pico),
+                      "at": original.at},
+                  after={"idempotency_key": c.key, "model": model_name, **asdict(usage),
+                         "cost_usd": format_usd(cost), "at": at})
     except IntegrityError:  # raced: the same key (a replay), or another correction won
         again = _replay(engine, c)
         if again is not None:

@@ -12,7 +12,15 @@ from core.db import utcnow
 from core.errors import ServiceUnavailableError
 from core.meters import format_units
 from core.openapi import documented
-from core.web import config, current_principal, json_body, json_response, part, request_id
+from core.web import (
+    config,
+    current_actor,
+    current_principal,
+    json_body,
+    json_response,
+    part,
+    request_id,
+)
 from metering.corrections import Corrected, Correction, correct
 from metering.eventtime import checked_event_time
 from metering.limits import LimitsService
@@ -42,7 +50,8 @@ def corrections() -> Response:
     at = checked_event_time(args.get("timestamp"), utcnow(), config().max_event_age_seconds)
     c = Correction(principal.app_id, args["idempotency_key"], args["corrects"], args["action"],
                    request_id(), model=_model(args["model"]) if args.get("model") else None,
-                   usage=_usage(args.get("usage")), at=at, user=args.get("user"))
+                   usage=_usage(args.get("usage")), at=at, user=args.get("user"),
+                   actor=current_actor())
     if "meter" in args:
         found = correct_meter_event(part(MeterService), c, args["meter"], args.get("value"),
                                     args.get("data"))

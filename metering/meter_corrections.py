@@ -1,6 +1,8 @@
 """Corrections of custom meter events ([[meters]]): a new meter_events row voids or amends
 an earlier one of the same meter (append-only, as metering.corrections is for tokens). The
-meter's limits give back the corrected event's charge in the windows still open."""
+meter's limits give back the corrected event's charge in the windows still open. Audited as
+token corrections are (metering.corrections): before, the corrected event's value and cost;
+after, the correction's."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.audit import record
 from core.errors import ConflictError, InvalidRequestError, NotFoundError
-from core.meters import MeterConfig, cost_pico
+from core.meters import MeterConfig, cost_pico, format_units
 from core.models import EndUser
 from metering.corrections import Correction
 from metering.eventtime import counts_now
@@ -23,6 +26,7 @@ from metering.limitstore import Actual
 from metering.meters import MeterService, _data_text, _reading
 from metering.models import MeterEvent
 from metering.outage import LimitStoreUnavailableError, store_errors
+from metering.pricing import format_usd
 from metering.superseded import VOID
 from plans.windows import epoch_ms
 
@@ -79,6 +83,14 @@ def correct_meter_event(meters: MeterService, c: Correction, meter_id: str, valu
         with meters.engine.begin() as conn:
             new_id = int(conn.execute(insert(MeterEvent).values(**row)
                                       .returning(MeterEvent.id)).scalar_one())
+            record(conn, c.actor, f"correction.{c.action}", target_type="meter_event",
+                   target_id=c.corrects, app_id=c.app_id, before={
+                       "user": user, "meter": meter.id,
+                       "value": format_units(original.value_micro),
+                       "cost_usd": format_usd(original.cost_pico_usd),
+                       "at": original.occurred_at},
+                   after={"idempotency_key": c.key, "value": format_units(micro),
+                          "cost_usd": format_usd(cost), "at": occurred})
     except IntegrityError:  # raced: a replay of this key, or another correction won
         again = _replay(meters, c)
         if again is not None:

@@ -170,6 +170,23 @@ def test_an_app_admin_sees_only_its_apps_rows(world: World) -> None:
         assert w.call("GET", "/v1/audit", key=key)[0] == 403
 
 
+def test_a_withdrawal_is_audited_once_as_the_app_key_that_asked(world: World) -> None:
+    w = world
+    sub_id, _ = w.subscribe("fleur", "annual", "EU-FR")
+    w.pay(sub_id, 9600)
+    marker = max(r["id"] for r in _trail(w, w.admin))
+    status, made = w.call("POST", "/v1/withdrawals", {"subscription": sub_id})
+    assert status == 201, made
+    assert w.call("POST", "/v1/withdrawals", {"subscription": sub_id})[0] == 200  # no change
+    [row] = [r for r in _trail(w, w.admin) if r["id"] > marker]
+    assert (row["action"], row["app"], row["actor"]["role"], row["actor"]["key_id"]) == (
+        "subscription.withdraw", "acme", "app", w.key.split("_")[1])
+    assert row["target"] == {"type": "subscription", "id": sub_id}
+    assert row["before"] == {"withdrawal": "pending"}
+    assert row["after"] == {"withdrawal": "done", "refund_ref": made["refund_ref"],
+                            "user": "fleur"}
+
+
 def _refusals(engine: Engine) -> None:
     """An audit row is written; UPDATE and DELETE of it are refused by the database."""
     with engine.begin() as conn:

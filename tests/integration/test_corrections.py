@@ -102,6 +102,44 @@ def test_void_and_amend_change_usage_and_quota_and_keep_the_ledger_append_only(
     assert rows["fix-2"].created_at == rows["e2"].created_at  # the original's time
 
 
+def test_a_correction_is_audited_as_the_key_that_made_it(world: tuple[Any, Keys]) -> None:
+    """A correction changes billed usage: one audit row in its transaction, whichever route
+    it came by (the corrections endpoint, or a CloudEvent naming the event); before, the
+    corrected event's figures; after, the correction's. A replay or a refusal: no row."""
+    app, keys = world
+    client = app.test_client()
+    tracked = track(client, keys.app, tokens=300, idem="e1")
+    assert tracked.status_code == 201
+    assert track(client, keys.app, tokens=200, idem="e2").status_code == 201
+    assert post(client, keys.app, cloud("c1", 400)).status_code == 201
+    assert correct(client, keys.app, "e1", "void", "fix-1").status_code == 201
+    assert correct(client, keys.app, "e1", "void", "fix-1").status_code == 200  # a replay
+    assert correct(client, keys.app, "e1", "void", "fix-x").status_code == 409  # refused
+    amend = correct(client, keys.app, "e2", "amend", "fix-2", usage={"input_tokens": 50})
+    assert amend.status_code == 201
+    assert post(client, keys.app, cloud("c2", corrects="c1", correction="void")
+                ).status_code == 201
+    trail = client.get("/v1/audit?action=correction", headers=bearer(keys.admin)).get_json()
+    rows = trail["data"][::-1]
+    assert [(r["action"], r["target"]["type"], r["target"]["id"], r["actor"]["key_id"],
+             r["actor"]["role"], r["app"]) for r in rows] == [
+        ("correction.void", "usage_event", "e1", keys.app.split("_")[1], "app", "acme"),
+        ("correction.amend", "usage_event", "e2", keys.app.split("_")[1], "app", "acme"),
+        ("correction.void", "usage_event", "ce:app/backend:c1", keys.app.split("_")[1],
+         "app", "acme")]
+    void, amended, cloud_void = rows
+    assert void["before"].items() >= {
+        "user": "ana", "model": "small", "input_tokens": 300,
+        "cost_usd": tracked.get_json()["cost_usd"]}.items()
+    assert void["after"].items() >= {"idempotency_key": "fix-1", "input_tokens": 0,
+                                     "cost_usd": "0"}.items()
+    assert (amended["before"]["input_tokens"], amended["after"]["input_tokens"]) == (200, 50)
+    assert amended["after"]["cost_usd"] == amend.get_json()["cost_usd"] == "0.0000075"
+    assert cloud_void["before"]["input_tokens"] == 400
+    assert cloud_void["after"]["idempotency_key"] == "ce:app/backend:c2"
+    assert all(r["request_id"] for r in rows)
+
+
 def _rows(app: Any) -> list[Any]:
     with app.extensions["wiring"].engine.connect() as conn:
         return list(conn.execute(select(UsageEvent.__table__)))

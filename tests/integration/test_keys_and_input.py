@@ -96,8 +96,10 @@ def test_user_key_cannot_mint_keys_and_expired_key_is_refused(
 
 
 def test_revoked_key_is_refused(app: Any, client: Any, keys: Keys, clean_db: Engine) -> None:
-    key_id = keys.app.split("_")[1]
-    assert app.extensions["wiring"].auth.revoke(key_id)
+    from core.audit import Actor
+
+    revoked = app.extensions["wiring"].keys.revoke(Actor.cli(), keys.app)
+    assert revoked["state"] == "revoked"
     resp = client.post(CHAT, json={**BODY, "user": "u"}, headers=bearer(keys.app))
     assert resp.status_code == 401 and "revoked" in resp.get_json()["error"]["message"]
 

@@ -4,12 +4,13 @@ its own app's keys only; the CLI calls the same service. Real Postgres, Flask's 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
 from core.auth import Role
@@ -236,3 +237,147 @@ def test_the_worker_that_revokes_or_rotates_forgets_its_cached_keys_at_once(
         assert _works(client, rotated) == 401 and _works(client, successor["key"]) == 200
     finally:
         cached.extensions["wiring"].engine.dispose()
+
+
+def test_a_key_rotates_once_and_its_successor_keeps_the_keys_own_lifetime(
+        client: Any, operator: str) -> None:
+    """A second rotation (a client's retry after a lost answer) is refused, naming the
+    successor: it would make a second live successor, its lifetime cut to the first's
+    overlap. The successor may be rotated in turn."""
+    status, made = _call(client, "POST", "/v1/keys", operator, {"role": "app", "app": "acme"})
+    assert status == 201 and made["expires_at"] is None  # a permanent key
+    status, first = _call(client, "POST", f"/v1/keys/{made['id']}/rotate", operator,
+                          {"overlap_seconds": 600})
+    assert status == 201 and first["expires_at"] is None  # as permanent as the old key
+    resp = client.post(f"/v1/keys/{made['id']}/rotate", json={"overlap_seconds": 600},
+                       headers=bearer(operator))
+    assert resp.status_code == 409 and resp.mimetype == "application/problem+json"
+    problem = resp.get_json()
+    assert first["prefix"] in problem["detail"] and "rotates once" in problem["detail"]
+    status, listed = _call(client, "GET", "/v1/keys?app=acme&limit=100", operator)
+    assert [k["id"] for k in listed["data"] if k["rotated_from"] == made["prefix"]] == [
+        first["id"]]  # one successor, not two
+    assert _works(client, first["key"]) == 200
+    status, second = _call(client, "POST", f"/v1/keys/{first['id']}/rotate", operator, {})
+    assert status == 201 and second["rotated_from"] == first["prefix"]
+    assert second["expires_at"] is None
+
+
+def _waits_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")).scalar())
+
+
+def _meanwhile(engine: Engine, call: Any) -> tuple[threading.Thread, list[Any]]:
+    """`call` in another thread, returned once it has ended or waits for a lock (this
+    transaction's: nothing else runs in the test's database)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and not _waits_for_a_lock(engine):
+        assert time.monotonic() < deadline, "the other call neither ended nor waited"
+        time.sleep(0.001)
+    return thread, out
+
+
+@pytest.mark.parametrize("first", ["rotation", "revocation"])
+def test_a_rotation_and_a_revocation_at_once_never_give_a_revoked_key_a_later_successor(
+        app: Any, clean_db: Engine, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """Invariant: a revoked key's successor, if it has one, was made before the revocation
+    (never a live successor of a key revoked first). Each call comes while the other holds
+    the key's row, between its read and its write (Postgres, threads)."""
+    import core.keys as keys_module
+    from core.audit import Actor
+    from core.errors import ConflictError
+
+    service = app.extensions["wiring"].keys
+    key_id = service.create_key(Role.APP, "acme").key.split("_")[1]
+    actor = Actor.cli()
+    others: list[tuple[threading.Thread, list[Any]]] = []
+
+    def rotate() -> Any:
+        return service.rotate(actor, key_id, overlap_seconds=600)
+
+    def revoke() -> Any:
+        return service.revoke(actor, key_id)
+
+    if first == "rotation":
+        issue_in = keys_module.issue_in
+
+        def issuing(conn: Any, **kwargs: Any) -> Any:  # the rotation has read the key
+            others.append(_meanwhile(clean_db, revoke))
+            return issue_in(conn, **kwargs)
+
+        monkeypatch.setattr(keys_module, "issue_in", issuing)
+        rotate()
+    else:
+        record = keys_module.record
+
+        def recording(conn: Any, actor: Any, action: str, **kwargs: Any) -> None:
+            if action == "key.revoke":  # the revocation is written, not yet committed
+                others.append(_meanwhile(clean_db, rotate))
+            record(conn, actor, action, **kwargs)
+
+        monkeypatch.setattr(keys_module, "record", recording)
+        revoke()
+    [(thread, out)] = others
+    thread.join(30)
+    assert not thread.is_alive() and len(out) == 1
+    if first == "revocation":
+        assert isinstance(out[0], ConflictError) and "revoked" in out[0].detail
+    with clean_db.connect() as conn:
+        revoked_at = conn.execute(select(ApiKey.revoked_at).where(ApiKey.key_id == key_id)
+                                  ).scalar_one()
+        made = conn.execute(select(ApiKey.created_at).where(ApiKey.rotated_from == select(
+            ApiKey.id).where(ApiKey.key_id == key_id).scalar_subquery())).scalars().all()
+    assert revoked_at is not None
+    assert all(at < revoked_at for at in made), (made, revoked_at)
+    assert len(made) == (1 if first == "rotation" else 0)
+
+
+def test_a_user_key_made_or_rotated_by_an_admin_has_an_end_user_keys_lifetime(
+        app: Any, client: Any, operator: str, clean_db: Engine) -> None:
+    """As a key an app mints (POST /v1/users/{u}/keys): 1 hour when none is asked (the
+    default), refused past user_key_max_ttl_seconds (7 days), on create and on rotate."""
+    from datetime import datetime, timedelta
+
+    from core.auth import issue_in
+    from core.db import utcnow
+
+    acme_admin = app.extensions["wiring"].keys.create_key(Role.ADMIN, "acme").key
+    status, made = _call(client, "POST", "/v1/keys", acme_admin,
+                         {"role": "user", "user": "bob"})
+    assert status == 201, made
+    lifetime = datetime.fromisoformat(made["expires_at"]) - datetime.fromisoformat(
+        made["created_at"])
+    assert timedelta(minutes=59) < lifetime <= timedelta(hours=1)
+    week = 7 * 24 * 3600
+    status, problem = _call(client, "POST", "/v1/keys", acme_admin,
+                            {"role": "user", "user": "bob", "ttl_seconds": week + 1})
+    assert status == 400 and problem["param"] == "ttl_seconds" and str(week) in problem["detail"]
+    assert _call(client, "POST", "/v1/keys", acme_admin,
+                 {"role": "user", "user": "bob", "ttl_seconds": week})[0] == 201
+    status, problem = _call(client, "POST", f"/v1/keys/{made['id']}/rotate", acme_admin,
+                            {"ttl_seconds": 10 * 365 * 24 * 3600})
+    assert status == 400 and problem["param"] == "ttl_seconds"
+    status, rotated = _call(client, "POST", f"/v1/keys/{made['id']}/rotate", acme_admin, {})
+    assert status == 201 and rotated["expires_at"] is not None  # its hour again
+    # a user key made before the cap held (no expiry): its successor gets the default
+    with clean_db.begin() as conn:
+        app_id, end_user_id = conn.execute(select(ApiKey.app_id, ApiKey.end_user_id).where(
+            ApiKey.key_id == made["id"])).one()
+        old, _ = issue_in(conn, role=Role.USER, app_id=app_id, end_user_id=end_user_id)
+    status, rotated = _call(client, "POST", f"/v1/keys/{old.split('_')[1]}/rotate",
+                            acme_admin, {})
+    assert status == 201, rotated
+    assert datetime.fromisoformat(rotated["expires_at"]) <= utcnow() + timedelta(hours=1)

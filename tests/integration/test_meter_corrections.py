@@ -120,3 +120,24 @@ def test_cloudevents_correct_a_meters_events(metered: Any, mkeys: Keys) -> None:
     unknown = client.post("/v1/events", headers=auth,
                           json=cloud("q9-void", corrects="q9", correction="void"))
     assert unknown.status_code == 404
+
+
+def test_a_meter_events_correction_is_audited(metered: Any, mkeys: Keys) -> None:
+    client = metered.test_client()
+    auth = bearer(mkeys.app)
+    assert client.post(EVENTS, json=event("bea", "audio_seconds", "a1", value="10"),
+                       headers=auth).status_code == 201
+    amend = correct(client, mkeys.app, "a1", "amend", "fix-a1", meter="audio_seconds",
+                    value="4")
+    assert amend.status_code == 201, amend.data
+    assert correct(client, mkeys.app, "a1", "amend", "fix-a1", meter="audio_seconds",
+                   value="4").status_code == 200  # a replay: no row
+    trail = client.get("/v1/audit?action=correction", headers=bearer(mkeys.admin)).get_json()
+    [row] = trail["data"]
+    assert (row["action"], row["target"], row["actor"]["key_id"], row["app"]) == (
+        "correction.amend", {"type": "meter_event", "id": "a1"}, mkeys.app.split("_")[1],
+        "acme")
+    assert row["before"].items() >= {"user": "bea", "meter": "audio_seconds", "value": "10",
+                                     "cost_usd": "0.00123"}.items()
+    assert row["after"].items() >= {"idempotency_key": "fix-a1", "value": "4",
+                                    "cost_usd": amend.get_json()["cost_usd"]}.items()

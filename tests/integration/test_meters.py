@@ -398,3 +398,30 @@ def test_what_already_happened_is_recorded_and_counted_never_refused(metered: An
     assert (line["used"], line["remaining"]) == (11, 0)
     assert client.post(EVENTS, json=event("ned", "web_search_calls", "n99"),
                        headers=auth).status_code == 402
+
+
+def test_a_meter_price_version_is_audited_with_the_price_it_replaces(metered: Any,
+                                                                     mkeys: Keys) -> None:
+    """before: the price that was to be in force from the new version's start (the config's,
+    then the earlier version); a meter with no price has none."""
+    client = metered.test_client()
+    admin = bearer(mkeys.admin)
+    clock = metered.extensions["wiring"].meters.clock
+    metered.extensions["wiring"].finance.meter_prices.clock = clock
+    for meter, price, hours in (("web_search_calls", "0.015", 1), ("web_search_calls", "0.02", 2),
+                                ("peak_gpus", "1.5", 1)):
+        made = client.post("/v1/prices/meters", headers=admin, json={
+            "meter": meter, "price": price,
+            "effective_from": (NOW + timedelta(hours=hours)).isoformat()})
+        assert made.status_code == 201, made.data
+    trail = client.get("/v1/audit?action=meter_price.create", headers=admin).get_json()
+    rows = [(r["target"]["id"], r["before"], r["after"]["price"])
+            for r in trail["data"][::-1]]
+    one, two = (f"{NOW + timedelta(hours=h):%Y%m%dT%H%M%SZ}" for h in (1, 2))
+    assert [(target, (before or {}).get("price"), (before or {}).get("source"), after)
+            for target, before, after in rows] == [
+        (f"web_search_calls@{one}", "0.01", "config", "0.015"),
+        (f"web_search_calls@{two}", "0.015", "api", "0.02"),
+        (f"peak_gpus@{one}", None, None, "1.5")]
+    assert rows[1][1]["id"] == rows[0][0]  # the version it follows
+    assert {r["actor"]["key_id"] for r in trail["data"]} == {mkeys.admin.split("_")[1]}

@@ -17,9 +17,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 
-from core.auth import AuthService, Principal, Role
+from core.audit import Actor
+from core.auth import AuthService, Principal, Role, issue_in
 from core.db import make_engine, utcnow
 from core.errors import AuthenticationError
+from core.keys import KeyService
 from core.tenancy import TenancyService
 from plans.catalog import parse_plans
 from plans.service import PlanService
@@ -72,6 +74,12 @@ def key_reads(clean_db: Engine) -> Iterator[Reads]:
     yield reads
     reads.hold.set()
     reads.close()
+
+
+def _issue(engine: Engine) -> tuple[str, int]:
+    """A key stored as KeyService stores one (its audit row aside): (the key, its row id)."""
+    with engine.begin() as conn:
+        return issue_in(conn, role=Role.APP, app_id=None, end_user_id=None)
 
 
 def until(check: Callable[[], bool], what: str) -> None:
@@ -129,7 +137,7 @@ def test_a_burst_on_a_lapsed_or_missing_key_reads_it_once(
         clean_db: Engine, key_reads: Reads, cached_before: bool) -> None:
     clock = Clock()
     auth = AuthService(clean_db, cache_seconds=TTL, monotonic=clock)
-    key, pk, _ = auth.issue(role=Role.APP, app_id=None)
+    key, pk = _issue(clean_db)
     if cached_before:
         assert auth.authenticate(key).key_pk == pk
         clock.now += TTL  # lapsed: no longer used
@@ -146,7 +154,7 @@ def test_a_key_past_half_its_ttl_is_read_again_once_and_served_meanwhile(
     inline here); the others are answered from the cache without waiting for it."""
     clock = Clock()
     auth = AuthService(clean_db, cache_seconds=TTL, monotonic=clock)
-    key, pk, _ = auth.issue(role=Role.APP, app_id=None)
+    key, pk = _issue(clean_db)
     auth.authenticate(key)
     clock.now += TTL * 0.75
     key_reads.hold.clear()
@@ -170,9 +178,10 @@ def test_a_key_revoked_through_another_worker_is_refused_within_the_ttl(
     clock = Clock()
     here = AuthService(clean_db, cache_seconds=TTL, monotonic=clock)
     there = AuthService(clean_db, cache_seconds=TTL, monotonic=clock)
-    key, pk, _ = here.issue(role=Role.APP, app_id=None)
+    key, pk = _issue(clean_db)
     assert here.authenticate(key).key_pk == pk and there.authenticate(key).key_pk == pk
-    assert there.revoke(key.split("_")[1])
+    revoked = KeyService(there, TenancyService(clean_db)).revoke(Actor.cli(), key)
+    assert revoked["state"] == "revoked"
     with pytest.raises(AuthenticationError):
         there.authenticate(key)  # the worker that revoked: at once
     clock.now += TTL * 0.25
@@ -240,7 +249,7 @@ def test_with_the_database_away_a_cached_key_serves_its_ttl_then_calls_fail_as_b
 
     clock = Clock()
     auth = AuthService(engine, cache_seconds=TTL, monotonic=clock)
-    key, pk, _ = auth.issue(role=Role.APP, app_id=None)
+    key, pk = _issue(engine)
     assert auth.authenticate(key).key_pk == pk
     switch(True)
     event.listen(engine, "do_connect", connecting)
