@@ -220,7 +220,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
     metering.prices = prices
     metrics = Metrics()
-    ledger.on_depth = metrics.ledger_queue.set
+    metrics.watch_ledger(ledger)
     catalog = Catalog.from_config(config)
     if check_schema and catalog.plans:
         from plans.versions import PlanChangedError, ensure_unchanged
