@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from core.cli import CommandContext
+from core.cli import CommandContext, LoggedGroup, child_error
 from core.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -496,7 +496,7 @@ def _build_parts(config: Config) -> Parts:
 
     try:
         return build_wiring(config).parts()
-    except SchemaNotMigratedError as exc:
+    except (SchemaNotMigratedError, ConfigError) as exc:  # a bad MLANE_JOB_INTERVALS, ...
         raise click.ClickException(str(exc)) from exc
 
 
@@ -513,7 +513,7 @@ def _migrate_embedded(config: Config) -> None:
         engine.dispose()
 
 
-@click.group()
+@click.group(cls=LoggedGroup)
 @click.version_option(package_name="meterlane", prog_name="meterlane")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -542,7 +542,7 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     check = subprocess.run([sys.executable, "-P", "-m", "app", "db", "ensure"],
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:
-        raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
+        raise click.ClickException(child_error(check.stderr))
     from core.server import run, say, size_pools, worker_beside
 
     size_pools(config, workers)
