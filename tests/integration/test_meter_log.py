@@ -127,6 +127,11 @@ def test_track_and_its_batch_say_who_what_and_how_much(
          "usage": _usage(1, 1)}]}, caplog)
     assert one["end_user_id"] == ann and one["model"] == "gpt-4o-mini"
 
+    resp, void = _post(client, key, "/v1/meter/corrections", {
+        "idempotency_key": "v1", "corrects": "t1", "action": "void"}, caplog)
+    assert resp.status_code == 201, resp.data
+    assert (void["outcomes"], void["end_user_id"]) == ({"corrected": 1}, ann)
+
     found = _samples(client)  # what was recorded, once; a model of the app's own: "other"
     assert found["meterlane_tokens_total[('kind', 'input'), ('model', 'gpt-4o-mini')]"] \
         == 1000 + 10 + 1
