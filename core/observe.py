@@ -83,7 +83,7 @@ def install(app: Flask, tracing: Tracing) -> None:
         principal = g.get("principal")
         rule = request.url_rule
         ended = _Ended(request_id=g.get("request_id", ""),
-                       client_request_id=request.headers.get("x-request-id"),
+                       client_request_id=request.environ.get("HTTP_X_REQUEST_ID"),
                        method=request.method,
                        route=rule.rule if rule is not None else None,
                        status=response.status_code,
