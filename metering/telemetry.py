@@ -85,15 +85,15 @@ class MeterLine:
     def refused(self, exc: DomainError) -> bool:
         """A limit refused the request (or one event of a batch); whether it was a refusal."""
         kind = REFUSALS.get(exc.status)
-        if kind is None:
-            return False
         info = exc.extra.get("limit")
-        metric = str(info.get("metric") or "unknown") if isinstance(info, dict) else "unknown"
+        if kind is None or not isinstance(info, dict):  # a limit's refusal names the limit
+            return False
+        metric = str(info.get("metric") or "unknown")
         key = (kind, metric)
         self.refusals[key] = self.refusals.get(key, 0) + 1
         if self.limit is None or self.limit.get("outcome") != "refused":
             self.limit = {"outcome": "refused", "kind": kind, "metric": metric,
-                          "id": info.get("id") if isinstance(info, dict) else None}
+                          "id": info.get("id")}
         return True
 
     # -- RequestDetail -------------------------------------------------------------------
