@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from core.cli import CommandContext
+from core.cli import CommandContext, LoggedGroup, child_error
 from core.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     prices = PriceBook(engine, config.models, refresh_seconds=max(1.0, config.key_cache_seconds))
     metering.prices = prices
     metrics = Metrics()
-    ledger.on_depth = metrics.ledger_queue.set
+    metrics.watch_ledger(ledger)
     catalog = Catalog.from_config(config)
     if check_schema and catalog.plans:
         from plans.versions import PlanChangedError, ensure_unchanged
@@ -498,7 +498,7 @@ def _build_parts(config: Config) -> Parts:
 
     try:
         return build_wiring(config).parts()
-    except SchemaNotMigratedError as exc:
+    except (SchemaNotMigratedError, ConfigError) as exc:  # a bad MLANE_JOB_INTERVALS, ...
         raise click.ClickException(str(exc)) from exc
 
 
@@ -515,7 +515,7 @@ def _migrate_embedded(config: Config) -> None:
         engine.dispose()
 
 
-@click.group()
+@click.group(cls=LoggedGroup)
 @click.version_option(package_name="meterlane", prog_name="meterlane")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -544,7 +544,7 @@ def serve(host: str, port: int, workers: int, timeout: int, with_worker: bool | 
     check = subprocess.run([sys.executable, "-P", "-m", "app", "db", "ensure"],
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:
-        raise click.ClickException(check.stderr.strip().removeprefix("Error: "))
+        raise click.ClickException(child_error(check.stderr))
     from core.server import run, say, size_pools, worker_beside
 
     size_pools(config, workers)

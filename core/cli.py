@@ -63,6 +63,52 @@ class CommandContext:
         return self._parts.get(kind)
 
 
+class LoggedGroup(click.Group):
+    """`meterlane`'s command group: every command's log lines in MLANE_LOG_FORMAT, set up
+    once here (a job run by hand logs as the worker does), and with json a command's error
+    as one JSON line too, not click's plain `Error: ...`."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        import os
+
+        from core import logs
+        from core.config import ConfigError, log_format
+
+        try:
+            fmt = log_format(os.environ)
+        except ConfigError:  # the configuration's own check names it, in text
+            fmt = "text"
+        logs.configure(fmt)
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if fmt != "json":
+                raise
+            click.echo(logs.json_line("meterlane.cli", exc.format_message(), "error",
+                                      event="error"), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from exc
+
+
+def child_error(stderr: str) -> str:
+    """What a `meterlane` child process said when it failed: its error line's message (a JSON
+    line's `msg`), the exception that ended a traceback, else its text without click's
+    `Error: `."""
+    import orjson
+
+    lines = stderr.strip().splitlines()
+    for line in reversed(lines):
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            break
+        if isinstance(doc, dict) and doc.get("level") == "error" and "msg" in doc:
+            return str(doc["msg"])
+    if "Traceback (most recent call last):" in stderr:
+        frames = [n for n, line in enumerate(lines) if line.startswith("  ")]
+        return "\n".join(lines[frames[-1] + 1:] if frames else lines[-1:])
+    return stderr.strip().removeprefix("Error: ")
+
+
 def context() -> CommandContext:
     found = click.get_current_context().find_object(CommandContext)
     if found is None:  # a command run outside `meterlane` (a test invoking it alone)

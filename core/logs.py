@@ -110,14 +110,28 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr as it is when a line is written, not when the handler was made (a command's
+    runner, a test's, swaps it for the command's run)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure(fmt: str, *, stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """The process's log lines in one format, on stderr: its root logger gets one handler
     (a second call replaces it, never stacks)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_meterlane", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    for old in list(root.handlers):
+        if getattr(old, "_meterlane", False):
+            root.removeHandler(old)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None \
+        else _Stderr()
     handler.setFormatter(formatter(fmt))
     handler._meterlane = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,14 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 60)
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 TOKEN_KINDS = tuple((kind, f"{kind}_tokens")
                     for kind in ("input", "cached_input", "output", "reasoning"))
+
+
+class LedgerDepth(Protocol):
+    """What the metrics read of the ledger writer (metering.ledger.LedgerWriter)."""
+
+    on_depth: Callable[[int], None] | None
+
+    def report_depth(self) -> None: ...
 
 
 class Metrics:
@@ -61,6 +70,7 @@ class Metrics:
                                   "the ledger writer", multiprocess_mode="livesum",
                                   registry=self.registry)
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._before_scrape: list[Callable[[], None]] = []
         self._circuit_shown: dict[str, int] = {}
 
     def labelled(self, metric: Any, *values: str) -> Any:
@@ -93,7 +103,18 @@ class Metrics:
             self._circuit_shown[upstream] = state
         self.labelled(self.in_flight, upstream).set(in_flight)
 
+    def watch_ledger(self, writer: LedgerDepth) -> None:
+        """The ledger writer's queue gauge: the writer tells it as it moves (and while a
+        write hangs, as records queue behind it); each scrape reads it afresh."""
+        writer.on_depth = self.ledger_queue.set
+        self._before_scrape.append(writer.report_depth)
+
     def render(self) -> bytes:
+        for refresh in self._before_scrape:  # this process's own gauges, read now
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001, S110 - a scrape shows the last value then
+                pass
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -22,6 +22,7 @@ from core.logs import event
 from core.tracing import Tracing
 
 REQUEST_LOG = logging.getLogger("meterlane.request")
+MAX_CLIENT_ID = 128  # a client's own x-request-id longer than this is left off its line
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +52,7 @@ class _Ended:
     once the response is closed, after it)."""
 
     request_id: str
+    client_request_id: str | None  # the client's own x-request-id, as it sent it
     method: str
     route: str | None
     status: int
@@ -80,7 +82,9 @@ def install(app: Flask, tracing: Tracing) -> None:
             response.headers.update(detail.response_headers())
         principal = g.get("principal")
         rule = request.url_rule
-        ended = _Ended(request_id=g.get("request_id", ""), method=request.method,
+        ended = _Ended(request_id=g.get("request_id", ""),
+                       client_request_id=request.environ.get("HTTP_X_REQUEST_ID"),
+                       method=request.method,
                        route=rule.rule if rule is not None else None,
                        status=response.status_code,
                        app=getattr(principal, "app_name", None),
@@ -102,6 +106,9 @@ def _close(ended: _Ended) -> None:
         "request_id": ended.request_id, "method": ended.method, "route": ended.route,
         "status": ended.status, "app": ended.app, "role": ended.role,
         "duration_ms": int((time.perf_counter() - ended.started) * 1000)}
+    theirs = ended.client_request_id
+    if theirs and len(theirs) <= MAX_CLIENT_ID and theirs.isprintable():
+        fields["client_request_id"] = theirs  # theirs, to find the call by (never the ledger's)
     span = ended.span
     try:
         if ended.detail is not None:

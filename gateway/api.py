@@ -112,6 +112,13 @@ def messages() -> Response:
     return _response(part(GatewayService).messages(_context(), request_bytes()))
 
 
+@anthropic_bp.after_request
+def anthropic_request_id(response: Response) -> Response:
+    """The gateway's request id under Anthropic's header name too (its SDKs read that)."""
+    response.headers["request-id"] = request_id()
+    return response
+
+
 def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None,
                      **extra: Any) -> Response:
     return json_response(anthropic.error_body(status, message, **extra), status=status,

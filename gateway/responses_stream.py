@@ -11,6 +11,7 @@ import orjson
 from gateway import responses
 from gateway.protocol import UsageReading, metered_item, metered_items, read_usage
 from gateway.streaming import StreamRelay
+from gateway.upstream import error_summary
 from metering.records import CallRecord
 
 # The events that end a Responses stream well (with the usage), and the one that fails it.
@@ -214,8 +215,7 @@ class ResponsesRelay(StreamRelay):
             response = responses.as_dict(doc.get("response"))
             self._take_usage(response)
             error = doc if kind == "error" else response.get("error")
-            message = error.get("message") if isinstance(error, dict) else None
-            self.upstream_error = str(message or kind)[:500]
+            self.upstream_error = f"{kind}: {error_summary(error)}"  # never its message
             return b""
         if isinstance(kind, str) and kind.encode() in _ENDS:
             self._take_usage(doc.get("response"))

@@ -458,7 +458,7 @@ class GatewayService:
                     settle("stream_error", error)
                     last = wire.error(502, error, "upstream_error", "upstream_stream_error")
             except (DomainError, _MidStreamError) as exc:
-                if relay.upstream_error is not None:  # its words are the operator's
+                if relay.upstream_error is not None:  # its type and code, not its words
                     note(log, logging.WARNING, "request %s: upstream %s sent an error "
                          "mid-stream: %s", outcome.request_id, upstream.name,
                          relay.upstream_error)

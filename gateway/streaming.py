@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from gateway.protocol import UsageReading, joined_texts, read_usage
+from gateway.upstream import error_summary
 from metering.pricing import TokenUsage
 
 _DONE = b"[DONE]"
@@ -26,8 +27,8 @@ class StreamRelay:
 
     def __init__(self, *, client_wants_usage: bool) -> None:
         self.client_wants_usage = client_wants_usage
-        # What an upstream said in an error event: held back (its words are the operator's);
-        # the gateway ends the stream with an error event of its own.
+        # An upstream's error event, as its type and code (never its words: they may quote the
+        # prompt), held back: the gateway ends the stream with an error event of its own.
         self.upstream_error: str | None = None
         self.reading = UsageReading()
         self.done = False
@@ -54,9 +55,8 @@ class StreamRelay:
         if b'"error"' in event:
             doc = _loads(_data_of(event) or b"")
             if isinstance(doc, dict) and doc.get("error") is not None:
-                error = doc["error"]
-                message = error.get("message") if isinstance(error, dict) else error
-                self.upstream_error = str(message)[:500]
+                # its type and code only: its message may quote the prompt or the answer
+                self.upstream_error = error_summary(doc["error"])
                 self._keep(event)  # what it carries besides (text, usage) still counts
                 return b""
         return event + b"\n\n" if self._keep(event) else b""

@@ -7,6 +7,7 @@ tracing off there is no tracer and no span is made."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -125,7 +126,9 @@ class CallTrace:
     @contextmanager
     def settling(self) -> Iterator[None]:
         """Around the ledger write: its span; then, the record written, the upstream span's
-        usage and the metrics of the settled call."""
+        usage (the span ends as the answer ended, before the write) and the metrics of the
+        settled call."""
+        answered = time.time_ns() if self._upstream_span is not None else None
         span = self._span("meterlane.settle")
         try:
             yield
@@ -133,7 +136,7 @@ class CallTrace:
             record = self.outcome.record if self.outcome is not None else None
             if record is not None:
                 self._observe(record)
-                self._end_upstream(record, record.error)
+                self._end_upstream(record, record.error, end_time=answered)
             if span is not None:
                 if record is not None:
                     span.set_attribute("meterlane.outcome", record.status)
@@ -153,7 +156,7 @@ class CallTrace:
                                          str(self.limit.get("metric") or "unknown")).inc()
 
     def _end_upstream(self, record: CallRecord | None, error: str | None,
-                      kind: str = "unsettled") -> None:
+                      kind: str = "unsettled", end_time: int | None = None) -> None:
         span, self._upstream_span = self._upstream_span, None
         if span is None:
             return
@@ -168,7 +171,7 @@ class CallTrace:
         if record is None or record.status not in _OK_STATUSES:
             span.set_status(StatusCode.ERROR, error or "the call failed")
             span.set_attribute("error.type", record.status if record else kind)
-        span.end()
+        span.end(end_time=end_time)
 
     # -- RequestDetail -------------------------------------------------------------------
 

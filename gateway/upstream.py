@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,11 +104,11 @@ def _header_lines(headers: dict[str, str]) -> bytes:
 def error_from_response(upstream: str, status: int, body: bytes, headers: Any,
                         request_id: str = "") -> DomainError:
     """An upstream's error answer, mapped to the status that fits the gateway's client. The
-    client reads a fixed message (the upstream, its status, the request id); what the upstream
-    said goes to the operator's log only: it may hold a key, an address, another tenant's
-    text."""
+    client reads a fixed message (the upstream, its status, the request id); the operator's
+    log the status, the error's type and code, and the body's length: never the upstream's
+    words, which quote the request (a validation error echoes the prompt) or hold a key."""
     note(log, logging.WARNING, "request %s: upstream %s answered HTTP %d: %s", request_id,
-         upstream, status, _upstream_message(body) or "(no message)")
+         upstream, status, error_summary(_error_of(body), len(body)))
     text = (f"Upstream '{upstream}' returned HTTP {status}"
             + (f" (request {request_id})" if request_id else "")
             + f": {_CLIENT_TEXT.get(status, 'the model server failed')}.")
@@ -138,23 +139,36 @@ _CLIENT_TEXT = {
 def malformed_answer(upstream: str, status: int, request_id: str, body: bytes) -> UpstreamError:
     """A 2xx whose body is not the answer asked for (not JSON, or not a completion)."""
     note(log, logging.WARNING, "request %s: upstream %s answered HTTP %d with a body that is "
-         "not an answer: %r", request_id, upstream, status, body[:300])
+         "not an answer (%d bytes; its text is not logged: it may be a completion)",
+         request_id, upstream, status, len(body))
     return UpstreamError(f"Upstream '{upstream}' returned HTTP {status} with a body that is "
                          f"not a model answer (request {request_id}).")
 
 
-def _upstream_message(body: bytes) -> str | None:
+_WORD = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+
+
+def error_summary(error: Any, size: int | None = None) -> str:
+    """What the log says of an upstream's error: its type and code when each is one short
+    word (an identifier, never a sentence: that could quote the request), and the size of
+    the body that carried it. Never its message."""
+    found: list[str] = []
+    if isinstance(error, dict):
+        for name in ("type", "code"):
+            value = error.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if isinstance(value, str) and _WORD.fullmatch(value):
+                found.append(f"{name}={value}")
+    if size is not None:
+        found.append(f"{size} bytes")
+    return " ".join(found) if found else "no error type or code"
+
+
+def _error_of(body: bytes) -> Any:
+    """The error object of an error answer (OpenAI's and Anthropic's `error`), if any."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        text = body[:300].decode("utf-8", "replace").strip()
-        return text or None
-    if isinstance(doc, dict):
-        err = doc.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])[:500]
-        if isinstance(err, str):
-            return err[:500]
-        if isinstance(doc.get("detail"), str):
-            return str(doc["detail"])[:500]
-    return None
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None

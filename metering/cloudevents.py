@@ -46,6 +46,7 @@ from metering.meter_corrections import correct_meter_event
 from metering.meters import MeterService
 from metering.pricing import TokenUsage, format_usd
 from metering.service import DirectCall
+from metering.telemetry import line, metered
 
 ONE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -136,6 +137,7 @@ Parsed_ = Parsed | MeterParsed | CorrectionParsed
                     415: "Not application/cloudevents+json nor "
                          "application/cloudevents-batch+json",
                     422: "The one event of a cloudevents+json body is invalid"})
+@metered
 def events() -> Response:
     principal = current_principal()
     _ingester(principal)
@@ -260,7 +262,11 @@ def _meter_row(app_id: int, event: Any, result: MeterParsed) -> dict[str, Any]:
             app_id, result.user, result.meter, None, result.data, result.key, result.at,
             current_request_id())
     except DomainError as exc:  # a value the meter cannot read, a limit it would pass
+        line().event("refused" if line().refused(exc) else "rejected")
         return _row(event, "rejected", reason=exc.detail)
+    line().event("duplicate" if done.duplicate else "tracked",
+                 part(TenancyService).ensure_end_user(app_id, result.user),
+                 cost=done.cost_pico_usd)
     row = _row(event, "duplicate" if done.duplicate else "tracked", cost=done.cost_pico_usd)
     row["recorded"] = True  # (not one of the token calls the ledger answers below)
     return row
@@ -275,9 +281,11 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed_ | str]) -> Respo
     rows: list[dict[str, Any]] = []
     for event, result in zip(body, results, strict=True):
         if isinstance(result, str):
+            line().event("rejected")
             rows.append(_row(event, "rejected", reason=result))
             continue
         if result.key in seen:  # earlier in this batch: counted once
+            line().event("duplicate")
             rows.append(_row(event, "duplicate"))
             continue
         seen.add(result.key)
@@ -291,15 +299,21 @@ def _ingest(app_id: int, body: list[Any], results: list[Parsed_ | str]) -> Respo
         try:
             cost = _cost(result.usage, result.model, result.at or utcnow())
         except DomainError as exc:
+            line().event("rejected")
             rows.append(_row(event, "rejected", reason=exc.detail))
             continue
         calls.append(DirectCall(app_id, users[result.user], result.model, result.usage, cost,
                                 current_request_id(), result.key, result.at, "events"))
         rows.append(_row(event, "tracked", cost=cost))
     written, pending = record_calls(calls, app_id) if calls else ([], 0)
+    found = line()
+    for call, outcome in zip(calls, written, strict=True):
+        found.call(call.end_user_id, call.model.name, call.usage, call.cost_pico, outcome,
+                   priced=call.cost_pico is not None)
     for n, event, correction in later:
         rows[n] = _correction_row(app_id, event, correction,
                                   alone=request.mimetype == ONE)
+        found.event(rows[n]["outcome"])
     answers = iter(written)
     for row in rows:
         if row.pop("recorded", False):

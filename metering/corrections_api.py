@@ -33,6 +33,7 @@ from metering.pricing import TokenUsage, format_usd
 from metering.schemas import CorrectionRequestSchema, CorrectionSchema
 from metering.service import MeteringService
 from metering.superseded import AMEND
+from metering.telemetry import line, metered
 
 log = logging.getLogger(__name__)
 bp = Blueprint("corrections", __name__, url_prefix="/v1")
@@ -42,6 +43,7 @@ bp = Blueprint("corrections", __name__, url_prefix="/v1")
 @documented(summary="Void or amend an event the app reported (append-only: a new ledger row "
             "names it; once per event, idempotent per key)", body=CorrectionRequestSchema,
             response=CorrectionSchema, status=201, tag="metering")
+@metered
 def corrections() -> Response:
     principal = current_principal()
     _reporter(principal)  # before the body: a key that may not report learns nothing more
@@ -55,9 +57,12 @@ def corrections() -> Response:
     if "meter" in args:
         found = correct_meter_event(part(MeterService), c, args["meter"], args.get("value"),
                                     args.get("data"))
+        line().event("duplicate" if found.duplicate else "corrected", cost=found.cost_pico_usd)
         return json_response(CorrectionSchema().dump(shown_meter(found, c.corrects)),
                              status=200 if found.duplicate else 201)
     done = apply_correction(c)
+    line().event("duplicate" if done.duplicate else "corrected", done.original.end_user_id,
+                 done.model, done.cost_pico)
     return json_response(CorrectionSchema().dump(shown(done, c.corrects)),
                          status=200 if done.duplicate else 201)
 

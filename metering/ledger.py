@@ -95,8 +95,13 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._running = False  # this process's writer is started and has not ended
         self.quarantine = Quarantine(engine, spool_dir)
-        # told the records waiting for this process's writer (a metrics gauge)
+        # told the records waiting for this process's writer (a metrics gauge): when the
+        # writer takes a batch and when it is done with it; and, while one batch has been
+        # written for longer than stalled_s, by each record queued behind it
         self.on_depth: Callable[[int], None] | None = None
+        self.stalled_s = 0.5
+        self._in_batch = 0  # the records of the batch being written
+        self._writing_since = 0.0  # when it began (monotonic); 0: no batch is being written
 
     def record(self, rec: CallRecord, *, dedupe: bool = False) -> str:
         """Append one record; returns "written", "duplicate" or "spooled". With `dedupe`, a
@@ -113,6 +118,8 @@ class LedgerWriter:
         pending = _Pending(row, dedupe, answered=answered)
         self._ensure_writer()
         self._queue.put(pending)
+        if self._writing_since:  # a read of one attribute while the writer keeps up
+            self._stalled()
         assert isinstance(pending.done, threading.Event)
         pending.done.wait()
         return pending.result or "lost"
@@ -127,6 +134,8 @@ class LedgerWriter:
         self._ensure_writer()
         for pending in pendings:
             self._queue.put(pending)
+        if self._writing_since:
+            self._stalled()
         last = pendings[-1].done
         assert isinstance(last, threading.Event)
         last.wait()  # settled in queue order by the one writer: the rest are done too
@@ -209,15 +218,36 @@ class LedgerWriter:
         while True:
             batch = [q.get()]
             self._gather(q, batch)
+            self._in_batch, self._writing_since = len(batch), time.monotonic()
             self._depth(len(batch) + q.qsize())
             try:
                 self._write_batch(batch)
             except Exception as exc:  # never let the writer die: a dead writer blocks calls
                 self._rescue(batch, exc)
             finally:
+                self._in_batch, self._writing_since = 0, 0.0
                 for pending in batch:
                     pending.done.set()
                 self._depth(q.qsize())
+
+    def depth(self) -> int:
+        """The records this process's writer has yet to settle: queued, and in the batch it
+        is writing."""
+        if self._writer_pid != os.getpid():
+            return 0  # the parent's queue, before a fork: none of this process's
+        return self._queue.qsize() + self._in_batch
+
+    def report_depth(self) -> None:
+        """The gauge, told the depth now (a scrape: the writer may be stuck in a write)."""
+        self._depth(self.depth())
+
+    def _stalled(self) -> None:
+        """A record was queued while a batch is being written: the gauge is told the depth
+        once that write has taken longer than stalled_s (a hung write), so that it grows
+        with the queue, not only when the writer moves."""
+        since = self._writing_since
+        if since and time.monotonic() - since >= self.stalled_s:
+            self._depth(self.depth())
 
     def _gather(self, q: queue.SimpleQueue[_Pending], batch: list[_Pending]) -> None:
         """Add what else is queued to the batch. While every row in it was answered already

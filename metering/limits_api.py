@@ -54,6 +54,7 @@ from metering.service import (
     DirectCall,
     MeteringService,
 )
+from metering.telemetry import line, metered
 from plans.catalog import ALLOWANCE_ID, LimitSpec
 from plans.service import PlanService
 
@@ -113,6 +114,7 @@ def _applied_states(applied: list[Applied], now: datetime) -> list[dict[str, Any
 @bp.post("/meter/reserve")
 @documented(summary="Reserve a call's tokens before the app makes it itself",
             body=ReserveRequestSchema, response=LeaseSchema, status=201, tag="metering")
+@metered
 def reserve() -> Response:
     """Reserve against every limit of the user's plan; settle or release the lease after."""
     principal = current_principal()
@@ -120,6 +122,8 @@ def reserve() -> Response:
     args = ReserveRequestSchema().load(json_body())
     app_id, end_user_id, user = _caller(principal, args.get("user"))
     model = _model(args["model"])
+    line().user(end_user_id)
+    line().model(model.name)
     prompt = args.get("input_tokens")
     if prompt is None:
         given = [k for k in ("messages", "prompt", "input") if k in args]
@@ -134,6 +138,7 @@ def reserve() -> Response:
                                     prompt_tokens=prompt, want_out=want,
                                     min_out=0 if want == 0 else 1, request_id=request_id(),
                                     keep=True)
+    line().checked(part(LimitsService).enabled)
     body = {"lease_id": lease.id, "user": user, "model": model.name, "plan": lease.plan.id,
             "input_tokens": prompt, "granted_output_tokens": lease.out,
             "expires_at": utc_iso(lease.expires or lease.created),
@@ -154,6 +159,7 @@ def _own_lease(principal: Principal, lease_id: str) -> dict[str, Any]:
 @bp.post("/meter/settle")
 @documented(summary="Settle a lease with the call's real usage (records it in the ledger)",
             body=SettleRequestSchema, response=MeterResultSchema, tag="metering")
+@metered
 def settle() -> Response:
     principal = current_principal()
     _reporter(principal)  # before the body: a key that may not report learns nothing more
@@ -177,10 +183,11 @@ def settle() -> Response:
             usage.total_tokens, cost or 0):
         raise ConflictError(f"Lease {lease_id} was already settled with other usage.",
                             code="lease_settled")
-    part(MeteringService).record_direct(
+    written = part(MeteringService).record_direct(
         app_id=meta["app_id"], end_user_id=meta["end_user_id"], model=model, usage=usage,
         cost_pico=cost, request_id=request_id(), idempotency_key=lease_id,
         endpoint="meter.settle")
+    line().call(meta["end_user_id"], model.name, usage, cost, written, priced=cost is not None)
     return json_response(MeterResultSchema().dump({
         "lease_id": lease_id, "idempotency_key": None, "outcome": "settled",
         "cost_usd": format_usd(cost)}))
@@ -189,12 +196,15 @@ def settle() -> Response:
 @bp.post("/meter/release")
 @documented(summary="Release a lease: the call did not happen", body=ReleaseRequestSchema,
             response=MeterResultSchema, tag="metering")
+@metered
 def release() -> Response:
     principal = current_principal()
     _reporter(principal)  # before the body: a key that may not report learns nothing more
     args = ReleaseRequestSchema().load(json_body())
     lease_id = args["lease_id"]
     meta = _own_lease(principal, lease_id)
+    line().user(meta["end_user_id"])
+    line().model(meta["model"])
     result = part(LimitsService).settle_by_id(lease_id, meta.get("tags", []), None, None)
     if result.outcome == "already_settled":
         raise ConflictError(f"Lease {lease_id} was settled; it cannot be released.",
@@ -207,6 +217,7 @@ def release() -> Response:
 @bp.post("/meter/track")
 @documented(summary="Record a call the app made itself, without a lease (idempotent)",
             body=TrackRequestSchema, response=MeterResultSchema, status=201, tag="metering")
+@metered
 def track() -> Response:
     principal = current_principal()
     _reporter(principal)  # before the body: a key that may not report learns nothing more
@@ -221,6 +232,7 @@ def track() -> Response:
     written = part(MeteringService).record_direct(
         app_id=app_id, end_user_id=end_user_id, model=model, usage=usage, cost_pico=cost,
         request_id=request_id(), idempotency_key=key, endpoint="meter.track", at=at)
+    line().call(end_user_id, model.name, usage, cost, written, priced=cost is not None)
     fresh = written in ("written", "spooled")  # in the ledger, or on its way there
     if fresh:  # the ledger keeps keys for good: a repeat is never counted twice
         try:
@@ -240,6 +252,7 @@ def track() -> Response:
 @documented(summary="Record up to 1,000 calls the app made itself, in one request "
             "(idempotent per event)", body=TrackBatchRequestSchema,
             response=TrackBatchResultSchema, tag="metering")
+@metered
 def track_batch() -> Response:
     principal = current_principal()
     require_role(principal, Role.APP)  # the app's backend; an end user reports one at a time
@@ -264,6 +277,10 @@ def track_batch() -> Response:
                                 _cost(usage, model, at or now, metering),
                                 request_id(), event["idempotency_key"], at))
     written, pending = record_calls(calls, app_in_scope(principal))
+    found = line()
+    for call, outcome in zip(calls, written, strict=True):
+        found.call(call.end_user_id, call.model.name, call.usage, call.cost_pico, outcome,
+                   priced=call.cost_pico is not None)
     data = [{"idempotency_key": c.idempotency_key,
              "outcome": "tracked" if outcome in ("written", "spooled") else outcome,
              "cost_usd": format_usd(c.cost_pico)} for c, outcome in zip(calls, written,

@@ -15,6 +15,7 @@ from core.meters import format_units
 from core.openapi import documented
 from core.tenancy import TenancyService
 from core.web import app_in_scope, current_principal, json_body, json_response, part, request_id
+from metering.limits import LimitsService
 from metering.meter_schemas import (
     MeterEventBatchRequestSchema,
     MeterEventBatchResultSchema,
@@ -25,6 +26,7 @@ from metering.meter_schemas import (
 )
 from metering.meters import MeterOutcome, MeterService
 from metering.pricing import format_usd
+from metering.telemetry import line, metered
 from plans.meter_overage import MeterCycle
 
 bp = Blueprint("meters", __name__, url_prefix="/v1")
@@ -42,9 +44,16 @@ def _app_id() -> int:
 
 
 def _record(app_id: int, args: dict[str, Any]) -> MeterOutcome:
-    return part(MeterService).record_meter_event(
-        app_id, validate_user_id(args["user"]), args["meter"], args["value"], args["data"],
-        args["idempotency_key"], args["timestamp"], request_id())
+    user = validate_user_id(args["user"])
+    found = part(MeterService).record_meter_event(
+        app_id, user, args["meter"], args["value"], args["data"], args["idempotency_key"],
+        args["timestamp"], request_id())
+    meters = line()  # the line: the end user (known by now: cached), its cost, the limits
+    meters.event("duplicate" if found.duplicate else "recorded",
+                 part(TenancyService).ensure_end_user(app_id, user), cost=found.cost_pico_usd)
+    if not found.duplicate:
+        meters.checked(part(LimitsService).enabled)
+    return found
 
 
 def _shown(found: MeterOutcome) -> dict[str, Any]:
@@ -60,6 +69,7 @@ def _shown(found: MeterOutcome) -> dict[str, Any]:
 @documented(summary="Record an event of a custom meter (idempotent per key); 402 when a "
             "limit of the user's plan on the meter would be passed",
             body=MeterEventRequestSchema, response=MeterEventSchema, status=201, tag="metering")
+@metered
 def record_event() -> Response:
     app_id = _app_id()
     found = _record(app_id, MeterEventRequestSchema().load(json_body()))
@@ -71,6 +81,7 @@ def record_event() -> Response:
             "refused on its own (its problem details in its place)",
             body=MeterEventBatchRequestSchema, response=MeterEventBatchResultSchema,
             tag="metering")
+@metered
 def record_batch() -> Response:
     app_id = _app_id()
     events = MeterEventBatchRequestSchema().load(json_body())["events"]
@@ -79,10 +90,12 @@ def record_batch() -> Response:
         try:
             data.append(_shown(_record(app_id, MeterEventRequestSchema().load(event))))
         except ValidationError as exc:
+            line().event("rejected")
             data.append(problem(422, "Validation failed", f"events[{n}] is not a meter event",
                                 slug="validation", instance=f"events/{n}",
                                 extra={"errors": exc.messages}))
         except DomainError as exc:
+            line().event("refused" if line().refused(exc) else "rejected")
             data.append(problem(exc.status, exc.title, exc.detail, slug=exc.slug,
                                 instance=f"events/{n}", extra=dict(exc.extra)))
     recorded = sum(1 for d in data if d.get("outcome") == "recorded")

@@ -238,6 +238,45 @@ def test_spans_are_exported_over_otlp_with_genai_attributes(
     assert call.attributes["gen_ai.usage.output_tokens"] == row.output_tokens == 4
     assert upstream.requests[-1]["headers"]["traceparent"] == \
         f"00-{trace_id}-{call.span_id}-01"
+    assert call.end <= spans["meterlane.settle"].start  # the call ended before the write
+
+    # a stream: the call's span lasts it, with its usage, and ends before the ledger write
+    streamed = secrets.token_hex(16)
+    status, headers, data = ops.call({"model": "gpt-4o-mini", "user": "span-user",
+                                      "max_tokens": 5, "stream": True, "messages": [
+                                          {"role": "user", "content": "hi"}]},
+                                     traceparent=f"00-{streamed}-{parent}-01")
+    assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
+    trace_id = streamed
+    spans = ops.receiver.wait_for(trace_of)
+    call, row = spans["chat gpt-4o-mini"], ops.row(headers["x-request-id"])
+    assert call.attributes["meterlane.stream"] is True
+    assert call.attributes["gen_ai.usage.output_tokens"] == row.output_tokens == 5
+    assert call.start < call.end <= spans["meterlane.settle"].start
+    assert spans["POST /v1/chat/completions"].end >= call.end
+
+    # refused (402: the day's 600 tokens spent by the first call, clipped): a failed
+    # reserve, no upstream call, the refusal's row written
+    body = {"model": "gpt-4o-mini", "user": "span-refused", "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "hi"}]}
+    assert ops.call(body)[0] == 200
+    trace_id = secrets.token_hex(16)
+    status, headers, _ = ops.call(body, traceparent=f"00-{trace_id}-{parent}-01")
+    assert status == 402
+
+    def refused(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan] | None:
+        mine = {s.name: s for s in spans if s.trace_id == trace_id}
+        return mine if len(mine) == 3 else None
+
+    spans = ops.receiver.wait_for(refused)
+    assert set(spans) == {"POST /v1/chat/completions", "meterlane.reserve",
+                          "meterlane.settle"}
+    assert spans["meterlane.reserve"].status == 2  # error
+    assert spans["meterlane.reserve"].attributes["meterlane.limit.outcome"] == \
+        "quota_exceeded"
+    assert spans["meterlane.settle"].attributes["meterlane.outcome"] == \
+        ops.row(headers["x-request-id"]).status == "quota_exceeded"
+    assert spans["POST /v1/chat/completions"].attributes["http.response.status_code"] == 402
     assert set(ops.receiver.paths) == {"/v1/traces"}
 
 

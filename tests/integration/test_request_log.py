@@ -34,9 +34,11 @@ def test_every_request_gets_a_line_and_the_same_id_twice(
     assert rid != "client-chosen"  # the ledger's id is the gateway's own, never the client's
     first, second = _lines(caplog)
     assert first == {"request_id": rid, "method": "GET", "route": "/healthz", "status": 200,
-                     "app": None, "role": None, "duration_ms": first["duration_ms"]}
+                     "app": None, "role": None, "duration_ms": first["duration_ms"],
+                     "client_request_id": "client-chosen"}  # theirs, on the line beside
     assert isinstance(first["duration_ms"], int)
     assert (second["route"], second["status"]) == (None, 404)  # never the raw path
+    assert "client_request_id" not in second
     assert second["request_id"] == missing.headers["x-request-id"]
 
 
@@ -60,3 +62,29 @@ def test_a_model_call_line_has_the_call_and_a_refusal_line_its_status(
     assert "outcome" not in refused  # refused before the call began: no call fields
     written = str(_lines(caplog))
     assert "a secret prompt" not in written and keys.app not in written
+
+
+def test_a_client_id_too_long_or_not_printable_is_left_off(
+        client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="meterlane.request"):
+        _get(client, "/healthz", **{"x-request-id": "x" * 129})
+        _get(client, "/healthz", **{"x-request-id": "bell\x07"})
+        _get(client, "/healthz", **{"x-request-id": "y" * 128})
+    long, bell, fits = _lines(caplog)
+    assert "client_request_id" not in long and "client_request_id" not in bell
+    assert fits["client_request_id"] == "y" * 128
+
+
+def test_anthropic_answers_carry_the_id_as_request_id_too(client: Any, keys: Keys) -> None:
+    body = {"model": "gpt-4o-mini", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"X-Api-Key": keys.app, "X-Meterlane-User": "anthro"}
+    ok = client.post("/v1/messages", json=body, headers=headers)
+    bad = client.post("/v1/messages", json={**body, "model": "no-such-model"},
+                      headers=headers)
+    assert ok.status_code == 200 and bad.status_code == 404
+    for resp in (ok, bad):  # Anthropic's SDKs read request-id
+        assert resp.headers["request-id"] == resp.headers["x-request-id"]
+        assert resp.headers["request-id"].startswith("req_")
+    chat = client.post("/v1/chat/completions", json=body, headers=bearer(keys.app))
+    assert "request-id" not in chat.headers  # OpenAI's routes: x-request-id alone

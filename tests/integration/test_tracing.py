@@ -170,7 +170,7 @@ def test_a_call_is_one_trace_continued_from_the_client_and_passed_to_the_upstrea
         f"00-{trace_id}-{call.context.span_id:016x}-01"
     reserve, settle = named["meterlane.reserve"], named["meterlane.settle"]
     assert reserve.end_time <= call.start_time  # reserve, then call, then settle
-    assert call.start_time <= settle.start_time
+    assert call.start_time <= call.end_time <= settle.start_time  # no overlap with settle
     assert settle.attributes["meterlane.outcome"] == row.status == "ok"
 
 
@@ -191,8 +191,10 @@ def test_a_stream_span_ends_with_its_usage_when_the_stream_ends(
     assert attrs["meterlane.stream"] is True
     assert attrs["gen_ai.usage.input_tokens"] == row.input_tokens
     assert attrs["gen_ai.usage.output_tokens"] == row.output_tokens == 5
-    # the call's span lasts the stream: it ends after the ledger write, when usage is known
-    assert call.end_time >= settle.start_time
+    # the call's span lasts the stream, and ends with it: before the ledger write begins
+    # (its usage is set on it once the record is known, at the end time the stream ended)
+    assert call.end_time <= settle.start_time
+    assert call.end_time - call.start_time > 0
     assert server.end_time >= call.end_time
     traceparent = upstream.requests[-1]["headers"]["traceparent"]
     assert traceparent.split("-")[1:3] == [f"{call.context.trace_id:032x}",

@@ -29,6 +29,8 @@ class ReceivedSpan:
     status: int  # OTLP's StatusCode: 0 unset, 1 ok, 2 error
     attributes: dict[str, Any] = field(default_factory=dict)
     resource: dict[str, Any] = field(default_factory=dict)
+    start: int = 0  # ns since the epoch
+    end: int = 0
 
 
 def _value(value: AnyValue) -> Any:
@@ -80,7 +82,8 @@ class OtlpReceiver:
                         name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
                         parent_span_id=span.parent_span_id.hex(), kind=span.kind,
                         status=span.status.code, attributes=_attributes(span.attributes),
-                        resource=resource))
+                        resource=resource, start=span.start_time_unix_nano,
+                        end=span.end_time_unix_nano))
         with self._cond:
             self.paths.append(path)
             self.spans.extend(found)
