@@ -320,11 +320,13 @@ def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeServi
         return f"attempted {total} webhook deliveries"
 
     def overage_report(_: JobContext) -> str:
+        from metering.overage_run import report_overage
+
         if not config.stripe_api_key:
             return "Stripe is not configured (MLANE_STRIPE_API_KEY): nothing to report"
-        accrual.accrue_all(utcnow())
-        tokens, meters = overage[0].report(), overage[1].report()
-        return f"reported {tokens} overage meter events to Stripe (and {meters} of [[meters]])"
+        sent = report_overage(accrual, *overage, now=utcnow())
+        return (f"reported {sent.tokens} overage meter events to Stripe (and {sent.meters} "
+                "of [[meters]])")
 
     def rollup(_: JobContext) -> str:
         done = finance.refresh(wait=False)
