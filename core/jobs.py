@@ -7,6 +7,7 @@ app.py, the composition root, lists them (core imports no package above it)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from core.db import utcnow
 from core.models import JobRun, JobState
 from core.text import storable
 
+log = logging.getLogger(__name__)
 KEEP_RUNS = 50  # runs kept per job
 HEARTBEAT_SECONDS = 5.0  # a running job's worker says it is alive this often
 STALE_SECONDS = 30.0  # a heartbeat older than this: the worker is gone
@@ -98,8 +100,10 @@ class JobBoard:
             last_error=storable(message, 500)))
 
     def finish(self, job: Job, run_id: int, started_at: datetime, *, ok: bool,
-               message: str) -> None:
-        """Record how a run ended and when the job runs next."""
+               message: str, worker: str) -> bool:
+        """Record how a run ended and when the job runs next: only while the run is still
+        the job's (`worker` runs it, the run not recorded as lost). A worker whose lock went
+        mid-run leaves the job to the worker that took it over; returns False then."""
         now = self.clock()
         text = storable(message, 500)
         next_run = max(started_at + timedelta(seconds=job.interval_seconds), now)
@@ -113,15 +117,22 @@ class JobBoard:
         else:
             values["runs_error"] = JobState.runs_error + 1
         with self.engine.begin() as conn:
-            conn.execute(update(JobRun).where(JobRun.id == run_id).values(
-                finished_at=now, outcome="ok" if ok else "error", message=text))
-            conn.execute(update(JobState).where(JobState.name == job.name).values(**values))
+            ran = conn.execute(update(JobRun).where(
+                JobRun.id == run_id, JobRun.outcome == "running").values(
+                finished_at=now, outcome="ok" if ok else "error", message=text)).rowcount
+            mine = conn.execute(update(JobState).where(
+                JobState.name == job.name, JobState.running_on == worker).values(**values)
+            ).rowcount
+            if not (ran and mine):
+                log.error("job %s: the run of %s ended after another worker took the job "
+                          "over; its end is not recorded (%s)", job.name, worker, text)
             oldest = conn.execute(select(JobRun.id).where(JobRun.job == job.name)
                                   .order_by(JobRun.id.desc()).offset(KEEP_RUNS).limit(1)
                                   ).scalar()
             if oldest is not None:
                 conn.execute(delete(JobRun).where(JobRun.job == job.name,
                                                   JobRun.id <= oldest))
+        return bool(ran and mine)
 
     def beat(self, name: str, worker: str) -> None:
         """The worker running `name` is alive."""

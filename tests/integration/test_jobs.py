@@ -5,18 +5,20 @@ SQLite)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from core.auth import Role
 from core.db import make_engine, utcnow
 from core.jobs import Job, JobBoard, JobContext
 from core.models import JobState
-from core.worker import AdvisoryLock, FileLock, Worker, lock_factory
+from core.worker import LOCK_CLASS, AdvisoryLock, FileLock, Outcome, Worker, lock_factory
 from tests.conftest import Keys, bearer
 
 pytestmark = pytest.mark.integration
@@ -153,3 +155,58 @@ def test_sqlite_file_locks_keep_a_job_on_one_worker(tmp_path: Path) -> None:
         assert ran == ["x"]
     finally:
         engine.dispose()
+
+
+def test_a_worker_that_loses_its_lock_mid_run_never_writes_over_the_one_that_took_over(
+        app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A's lock connection is terminated mid-run (a failover, an idle timeout, an
+    operator): B takes the job and runs it while A's run goes on. A's heartbeat finds its
+    lock gone and says so; A's end is not recorded over B's run."""
+    engine = board_of(app).engine
+    started = {"A": threading.Event(), "B": threading.Event()}
+    go_on = {"A": threading.Event(), "B": threading.Event()}
+
+    def slow(_: JobContext) -> str:
+        me = threading.current_thread().name
+        started[me].set()
+        assert go_on[me].wait(30)
+        return f"done by {me}"
+
+    board = JobBoard(engine, [Job("slow", 60, slow)])
+    outcomes: dict[str, list[Outcome]] = {"A": [], "B": []}
+    workers = {n: Worker(board, lock_factory(engine, "/nonexistent"), name=f"{n}:1",
+                         report=outcomes[n].append) for n in ("A", "B")}
+    threads = {n: threading.Thread(target=workers[n].tick, name=n) for n in ("A", "B")}
+    threads["A"].start()
+    try:
+        assert started["A"].wait(30)
+        with engine.begin() as conn:  # A's lock session goes; waits until it has ended
+            [pid] = conn.execute(text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :c "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = "
+                "current_database())"), {"c": LOCK_CLASS}).scalars().all()
+            assert conn.execute(text("SELECT pg_terminate_backend(:p, 10000)"),
+                                {"p": pid}).scalar()
+        with caplog.at_level(logging.ERROR, logger="core.worker"):
+            workers["A"].beat()
+        assert "worker A:1 lost the lock of job slow mid-run" in caplog.text
+        threads["B"].start()
+        assert started["B"].wait(30)  # B took the job over: A's run recorded as lost
+        go_on["A"].set()
+        threads["A"].join(30)
+        [a] = outcomes["A"]
+        assert not a.ok and "lost the job's lock mid-run (done by A)" in a.message
+        [state] = board.status()
+        assert state["running_on"] == "B:1"  # A's end did not clear B's run
+        assert [r["outcome"] for r in state["runs"]] == ["running", "lost"]
+    finally:
+        go_on["A"].set()
+        go_on["B"].set()
+        for thread in threads.values():
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(30)
+    [state] = board.status()
+    assert [(r["worker"], r["outcome"]) for r in state["runs"]] == [("B:1", "ok"),
+                                                                    ("A:1", "lost")]
+    assert (state["runs_ok"], state["runs_error"], state["runs_lost"]) == (1, 0, 1)
+    assert state["running_on"] is None and state["last_outcome"] == "ok"
