@@ -114,7 +114,7 @@ class Wiring:
         ready.add("ledger_writer", lambda: None if ledger.writer_alive() else "stopped")
         ready.add_gauge("ledger_quarantined", "Usage records the database refused, kept in "
                         "quarantine for an operator", ledger.quarantine.count)
-        ready.add("jobs", self.jobs.overdue)
+        ready.add("jobs", self.jobs.overdue, fails=False)  # reported, never unready
         ready.add_exporter(self.jobs.prometheus)
         ready.add_gauge("ledger_spooled", "Usage records spooled to disk while the database "
                         "was away, waiting for the next replay", ledger.spooled)
