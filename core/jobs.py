@@ -25,6 +25,7 @@ KEEP_RUNS = 50  # runs kept per job
 HEARTBEAT_SECONDS = 5.0  # a running job's worker says it is alive this often
 STALE_SECONDS = 30.0  # a heartbeat older than this: the worker is gone
 OVERDUE_GRACE = timedelta(seconds=60)
+OUTCOMES = ("ok", "error", "lost")  # how a run ends
 
 
 @dataclass(frozen=True)
@@ -193,13 +194,19 @@ class JobBoard:
         return "overdue: " + ", ".join(late) if late else None
 
     def prometheus(self) -> bytes:
-        """Per job (the job's name is the only label, and the outcome of the run counts):
-        the last success, the last run's duration, the next run, how late it is, runs by
-        outcome."""
+        """Per job (the job's name is the only label, with the outcome of runs): the last
+        run's start, end, outcome and duration, the last success, the next run, how late it
+        is, runs by outcome."""
         now = self.clock()
         with self.engine.connect() as conn:
             states = {s.name: s for s in conn.execute(select(JobState))}
         families: dict[str, tuple[str, str, list[str]]] = {
+            "job_last_start_timestamp_seconds": ("gauge", "When the job's last run started "
+                                                 "(unix time)", []),
+            "job_last_end_timestamp_seconds": ("gauge", "When the job's last run ended "
+                                               "(unix time)", []),
+            "job_last_outcome": ("gauge", "How the job's last run ended: 1 for its outcome "
+                                 "(ok, error, lost), 0 for the others", []),
             "job_last_success_timestamp_seconds": ("gauge", "When the job last ran to the "
                                                    "end without an error (unix time)", []),
             "job_last_duration_seconds": ("gauge", "How long the job's last run took", []),
@@ -214,6 +221,15 @@ class JobBoard:
             if state is None:
                 continue
             label = f'job="{name}"'
+            for column, metric in (("last_started_at", "job_last_start_timestamp_seconds"),
+                                   ("last_finished_at", "job_last_end_timestamp_seconds")):
+                at = getattr(state, column)
+                if at is not None:
+                    families[metric][2].append(f"{{{label}}} {at.timestamp():.3f}")
+            if state.last_outcome is not None:
+                families["job_last_outcome"][2].extend(
+                    f'{{{label},outcome="{o}"}} {int(state.last_outcome == o)}'
+                    for o in OUTCOMES)
             if state.last_success_at is not None:
                 families["job_last_success_timestamp_seconds"][2].append(
                     f"{{{label}}} {state.last_success_at.timestamp():.3f}")
@@ -224,7 +240,7 @@ class JobBoard:
                 f"{{{label}}} {state.next_run_at.timestamp():.3f}")
             lag = max(0.0, (now - state.next_run_at).total_seconds())
             families["job_lag_seconds"][2].append(f"{{{label}}} {lag:.3f}")
-            for outcome in ("ok", "error", "lost"):
+            for outcome in OUTCOMES:
                 families["job_runs_total"][2].append(
                     f'{{{label},outcome="{outcome}"}} {getattr(state, f"runs_{outcome}")}')
         lines: list[str] = []

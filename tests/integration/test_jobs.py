@@ -107,9 +107,17 @@ def test_readyz_reports_an_overdue_job_without_failing_and_ignores_jobs_never_ru
     assert client.get("/readyz").json["checks"]["jobs"] == "ok"
 
 
-def test_metrics_show_each_jobs_runs_lag_and_last_success(app: Any, client: Any) -> None:
+def test_metrics_show_each_jobs_last_run_runs_lag_and_last_success(app: Any, client: Any) -> None:
     worker_of(app).tick()
     body = client.get("/metrics").get_data(as_text=True)
+    [credits] = [s for s in board_of(app).status() if s["name"] == "credits"]
+    assert (f'meterlane_job_last_start_timestamp_seconds{{job="credits"}} '
+            f'{credits["last_started_at"].timestamp():.3f}') in body
+    assert (f'meterlane_job_last_end_timestamp_seconds{{job="credits"}} '
+            f'{credits["last_finished_at"].timestamp():.3f}') in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="ok"} 1' in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="error"} 0' in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="lost"} 0' in body
     assert 'meterlane_job_runs_total{job="credits",outcome="ok"} 1' in body
     assert 'meterlane_job_runs_total{job="credits",outcome="error"} 0' in body
     assert 'meterlane_job_last_success_timestamp_seconds{job="credits"}' in body
