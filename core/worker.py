@@ -2,7 +2,7 @@
 
 A job's lock is a Postgres session advisory lock held on a connection of its own for the run
 (Postgres drops it when the connection goes: a worker killed mid-run frees its job at once),
-or on SQLite an flock on a file in the data folder (the kernel drops it when the process
+or on SQLite an flock on a file beside the database's (the kernel drops it when the process
 dies). A worker that finds a job still marked running on another records that run as lost
 and runs the job: any number of workers may run, and a dead one's jobs move to the others
 at their next tick. A lock can also go while its worker lives (the lock's connection
@@ -133,10 +133,18 @@ class FileLock:
 
 
 def lock_factory(engine: Engine, data_dir: str) -> Callable[[str], JobLock]:
-    """The lock each backend has: advisory locks on Postgres, file locks elsewhere."""
+    """The lock each backend has: advisory locks on Postgres, file locks elsewhere, in a
+    folder beside the SQLite database's file (`<file>.jobs/`: every worker on that database
+    shares them, whatever its data folder; an in-memory database's are in the data
+    folder)."""
     if engine.dialect.name == "postgresql":
         return lambda name: AdvisoryLock(engine, name)
-    folder = Path(data_dir) / "jobs"
+    database = engine.url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        db_file = Path(database).resolve()  # as SQLite opens it (symlinks, relative paths)
+        folder = db_file.with_name(db_file.name + ".jobs")
+    else:
+        folder = Path(data_dir) / "jobs"
     return lambda name: FileLock(folder, name)
 
 

@@ -219,3 +219,24 @@ def test_a_worker_that_loses_its_lock_mid_run_never_writes_over_the_one_that_too
                                                                     ("A:1", "lost")]
     assert (state["runs_ok"], state["runs_error"], state["runs_lost"]) == (1, 0, 1)
     assert state["running_on"] is None and state["last_outcome"] == "ok"
+
+
+def test_sqlite_job_locks_sit_beside_the_database_whatever_the_data_folder(
+        tmp_path: Path) -> None:
+    """Two workers on one SQLite database with different data folders (MLANE_DATA_DIR)
+    still exclude each other: the locks are the database's, not the data folder's."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'meterlane.db'}")
+    try:
+        first = lock_factory(engine, str(tmp_path / "data-a"))("tally")
+        second = lock_factory(engine, str(tmp_path / "data-b"))("tally")
+        assert isinstance(first, FileLock) and isinstance(second, FileLock)
+        assert first.path == (tmp_path / "db").resolve() / "meterlane.db.jobs" / "tally.lock"
+        assert first.acquire()
+        try:
+            assert not second.acquire()
+        finally:
+            first.release()
+        assert second.acquire()
+        second.release()
+    finally:
+        engine.dispose()
