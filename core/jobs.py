@@ -92,7 +92,7 @@ class JobBoard:
 
     @staticmethod
     def _lost(conn: Connection, name: str, worker: str, now: datetime) -> None:
-        message = f"worker {worker} stopped mid-run; the job was taken over"
+        message = f"worker {worker} stopped mid-run (or lost its lock); the job was taken over"
         lost = conn.execute(update(JobRun).where(
             JobRun.job == name, JobRun.outcome == "running").values(
             outcome="lost", finished_at=now, message=storable(message, 500))).rowcount
