@@ -114,7 +114,7 @@ class Wiring:
         ready.add("ledger_writer", lambda: None if ledger.writer_alive() else "stopped")
         ready.add_gauge("ledger_quarantined", "Usage records the database refused, kept in "
                         "quarantine for an operator", ledger.quarantine.count)
-        ready.add("jobs", self.jobs.overdue)
+        ready.add("jobs", self.jobs.overdue, fails=False)  # reported, never unready
         ready.add_exporter(self.jobs.prometheus)
         ready.add_gauge("ledger_spooled", "Usage records spooled to disk while the database "
                         "was away, waiting for the next replay", ledger.spooled)
@@ -312,21 +312,17 @@ def scheduled_jobs(config: Config, *, events: EventService, notices: NoticeServi
         raise ConfigError(f"MLANE_JOB_INTERVALS names no job {unknown}; the jobs are "
                           + ", ".join(JOB_INTERVALS))
 
-    def webhooks(_: JobContext) -> str:
-        total = 0
-        for _round in range(50):  # 100 a round; the rest at the next run
-            sent = events.deliver_due()
-            total += sent
-            if not sent:
-                break
-        return f"attempted {total} webhook deliveries"
+    def webhooks(_: JobContext) -> str:  # for 30 s at most; the rest at the next run
+        return f"attempted {events.deliver_for()} webhook deliveries"
 
     def overage_report(_: JobContext) -> str:
+        from metering.overage_run import report_overage
+
         if not config.stripe_api_key:
             return "Stripe is not configured (MLANE_STRIPE_API_KEY): nothing to report"
-        accrual.accrue_all(utcnow())
-        tokens, meters = overage[0].report(), overage[1].report()
-        return f"reported {tokens} overage meter events to Stripe (and {meters} of [[meters]])"
+        sent = report_overage(accrual, *overage, now=utcnow())
+        return (f"reported {sent.tokens} overage meter events to Stripe (and {sent.meters} "
+                "of [[meters]])")
 
     def rollup(_: JobContext) -> str:
         done = finance.refresh(wait=False)

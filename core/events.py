@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from core.audit import Actor, record
+from core.cutoff import Cutoff, CutoffHTTPConnection, CutoffHTTPSConnection, DeadlineError
 from core.db import utcnow
 from core.errors import ConflictError, InvalidRequestError
 from core.models import OutboxEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -48,7 +49,11 @@ EVENT_ID_HEADER = "Meterlane-Event-Id"
 TOLERANCE_SECONDS = 300
 # Seconds to wait after each failed attempt; then the delivery is given up ("failed").
 BACKOFF = (10, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
-CLAIM_SECONDS = 120  # well over an attempt's timeouts (5 s to connect, 10 s per read)
+# A delivery's time, connect to answer (5 s to connect, 10 s per read within it): a receiver
+# trickling its answer must not hold the webhooks job (and the jobs after it) for minutes.
+DELIVERY_SECONDS = 15.0
+CLAIM_SECONDS = 120  # well over a delivery's deadline
+RUN_SECONDS = 30.0  # a webhooks run picks no new delivery after this; the rest go next run
 
 
 def new_event_id() -> str:
@@ -135,13 +140,15 @@ def resolve_webhook_host(url: str, *, allow_private: bool) -> tuple[str, int, st
 
 class EventService:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow,
-                 timeout_s: float = 10.0, allow_private: bool = False) -> None:
+                 timeout_s: float = 10.0, deadline_s: float = DELIVERY_SECONDS,
+                 allow_private: bool = False) -> None:
         self.engine = engine
         self.clock = clock
         # Webhooks to private addresses (loopback, 10/8, 169.254/16, ...) are refused unless
         # the operator allows them (MLANE_WEBHOOKS_ALLOW_PRIVATE=1: development, tests).
         self.allow_private = allow_private
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -193,7 +200,8 @@ class EventService:
 
     def _post(self, url: str, payload: bytes, headers: dict[str, str]) -> int:
         """POST to the address the URL's host resolved to when it was checked (never a second
-        lookup that DNS could answer otherwise); TLS still checks the host's certificate."""
+        lookup that DNS could answer otherwise); TLS still checks the host's certificate.
+        The whole exchange has `deadline_s` (core.cutoff): DeadlineError past it."""
         try:
             host, port, address = resolve_webhook_host(url, allow_private=self.allow_private)
         except ValueError as exc:
@@ -201,28 +209,37 @@ class EventService:
         parts = urllib.parse.urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         timeout = urllib3.Timeout(connect=5, read=self.timeout_s)
-        pool: urllib3.HTTPConnectionPool
-        if parts.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
-                address, port, server_hostname=host, assert_hostname=host,
-                cert_reqs="CERT_REQUIRED", timeout=timeout, retries=False, maxsize=1)
-        else:
-            pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False,
-                                              maxsize=1)
-        default = 443 if parts.scheme == "https" else 80
-        shown = f"[{host}]" if ":" in host else host
-        try:
-            resp = pool.urlopen("POST", path, body=payload, redirect=False, retries=False,
-                                preload_content=False, headers={
-                                    **headers, "Host": shown if port == default
-                                    else f"{shown}:{port}"})
+        with Cutoff(self.deadline_s) as cutoff:
+            pool: urllib3.HTTPConnectionPool
+            if parts.scheme == "https":
+                pool = urllib3.HTTPSConnectionPool(
+                    address, port, server_hostname=host, assert_hostname=host,
+                    cert_reqs="CERT_REQUIRED", timeout=timeout, retries=False, maxsize=1,
+                    cutoff=cutoff)
+                pool.ConnectionCls = CutoffHTTPSConnection
+            else:
+                pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout,
+                                                  retries=False, maxsize=1, cutoff=cutoff)
+                pool.ConnectionCls = CutoffHTTPConnection
+            default = 443 if parts.scheme == "https" else 80
+            shown = f"[{host}]" if ":" in host else host
             try:
-                resp.read(4096)  # the answer's body does not matter: never read it all
-                return int(resp.status)
+                resp = pool.urlopen("POST", path, body=payload, redirect=False, retries=False,
+                                    preload_content=False, headers={
+                                        **headers, "Host": shown if port == default
+                                        else f"{shown}:{port}"})
+                try:
+                    resp.read(4096)  # the answer's body does not matter: never read it all
+                    return int(resp.status)
+                finally:
+                    resp.close()
+            except Exception as exc:
+                if cutoff.expired:  # whatever the cut connection raised
+                    raise DeadlineError(f"no complete answer within {self.deadline_s:g} s: "
+                                        "cut off") from exc
+                raise
             finally:
-                resp.close()
-        finally:
-            pool.close()
+                pool.close()
 
     def endpoint(self, app_id: int) -> Endpoint | None:
         with self.engine.connect() as conn:
@@ -251,8 +268,22 @@ class EventService:
 
     # -- delivering -------------------------------------------------------------------------
 
-    def deliver_due(self, limit: int = 100) -> int:
-        """Send the deliveries that are due; returns how many were attempted."""
+    def deliver_for(self, budget_s: float = RUN_SECONDS, *, rounds: int = 50) -> int:
+        """The webhooks job's run: deliveries due, 100 a round, until none is due or
+        `budget_s` has passed (no new delivery is picked after it; the rest are due at the
+        next run); returns how many were attempted."""
+        until = time.monotonic() + budget_s
+        total = 0
+        for _round in range(rounds):
+            sent = self.deliver_due(until=until)
+            total += sent
+            if not sent or time.monotonic() >= until:
+                break
+        return total
+
+    def deliver_due(self, limit: int = 100, *, until: float | None = None) -> int:
+        """Send the deliveries that are due (none picked once time.monotonic() reaches
+        `until`); returns how many were attempted."""
         now = self.clock()
         with self.engine.connect() as conn:
             due = conn.execute(select(WebhookDelivery.id).where(
@@ -260,6 +291,8 @@ class EventService:
             ).order_by(WebhookDelivery.next_attempt_at).limit(limit)).scalars().all()
         sent = 0
         for delivery_id in due:
+            if until is not None and time.monotonic() >= until:
+                break
             claimed = self._claim(delivery_id)
             if claimed is not None:
                 self._attempt(delivery_id, claimed)

@@ -7,6 +7,7 @@ app.py, the composition root, lists them (core imports no package above it)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,10 +20,12 @@ from core.db import utcnow
 from core.models import JobRun, JobState
 from core.text import storable
 
+log = logging.getLogger(__name__)
 KEEP_RUNS = 50  # runs kept per job
 HEARTBEAT_SECONDS = 5.0  # a running job's worker says it is alive this often
 STALE_SECONDS = 30.0  # a heartbeat older than this: the worker is gone
 OVERDUE_GRACE = timedelta(seconds=60)
+OUTCOMES = ("ok", "error", "lost")  # how a run ends
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class JobBoard:
 
     @staticmethod
     def _lost(conn: Connection, name: str, worker: str, now: datetime) -> None:
-        message = f"worker {worker} stopped mid-run; the job was taken over"
+        message = f"worker {worker} stopped mid-run (or lost its lock); the job was taken over"
         lost = conn.execute(update(JobRun).where(
             JobRun.job == name, JobRun.outcome == "running").values(
             outcome="lost", finished_at=now, message=storable(message, 500))).rowcount
@@ -98,8 +101,10 @@ class JobBoard:
             last_error=storable(message, 500)))
 
     def finish(self, job: Job, run_id: int, started_at: datetime, *, ok: bool,
-               message: str) -> None:
-        """Record how a run ended and when the job runs next."""
+               message: str, worker: str) -> bool:
+        """Record how a run ended and when the job runs next: only while the run is still
+        the job's (`worker` runs it, the run not recorded as lost). A worker whose lock went
+        mid-run leaves the job to the worker that took it over; returns False then."""
         now = self.clock()
         text = storable(message, 500)
         next_run = max(started_at + timedelta(seconds=job.interval_seconds), now)
@@ -113,15 +118,22 @@ class JobBoard:
         else:
             values["runs_error"] = JobState.runs_error + 1
         with self.engine.begin() as conn:
-            conn.execute(update(JobRun).where(JobRun.id == run_id).values(
-                finished_at=now, outcome="ok" if ok else "error", message=text))
-            conn.execute(update(JobState).where(JobState.name == job.name).values(**values))
+            ran = conn.execute(update(JobRun).where(
+                JobRun.id == run_id, JobRun.outcome == "running").values(
+                finished_at=now, outcome="ok" if ok else "error", message=text)).rowcount
+            mine = conn.execute(update(JobState).where(
+                JobState.name == job.name, JobState.running_on == worker).values(**values)
+            ).rowcount
+            if not (ran and mine):
+                log.error("job %s: the run of %s ended after another worker took the job "
+                          "over; its end is not recorded (%s)", job.name, worker, text)
             oldest = conn.execute(select(JobRun.id).where(JobRun.job == job.name)
                                   .order_by(JobRun.id.desc()).offset(KEEP_RUNS).limit(1)
                                   ).scalar()
             if oldest is not None:
                 conn.execute(delete(JobRun).where(JobRun.job == job.name,
                                                   JobRun.id <= oldest))
+        return bool(ran and mine)
 
     def beat(self, name: str, worker: str) -> None:
         """The worker running `name` is alive."""
@@ -182,13 +194,19 @@ class JobBoard:
         return "overdue: " + ", ".join(late) if late else None
 
     def prometheus(self) -> bytes:
-        """Per job (the job's name is the only label, and the outcome of the run counts):
-        the last success, the last run's duration, the next run, how late it is, runs by
-        outcome."""
+        """Per job (the job's name is the only label, with the outcome of runs): the last
+        run's start, end, outcome and duration, the last success, the next run, how late it
+        is, runs by outcome."""
         now = self.clock()
         with self.engine.connect() as conn:
             states = {s.name: s for s in conn.execute(select(JobState))}
         families: dict[str, tuple[str, str, list[str]]] = {
+            "job_last_start_timestamp_seconds": ("gauge", "When the job's last run started "
+                                                 "(unix time)", []),
+            "job_last_end_timestamp_seconds": ("gauge", "When the job's last run ended "
+                                               "(unix time)", []),
+            "job_last_outcome": ("gauge", "How the job's last run ended: 1 for its outcome "
+                                 "(ok, error, lost), 0 for the others", []),
             "job_last_success_timestamp_seconds": ("gauge", "When the job last ran to the "
                                                    "end without an error (unix time)", []),
             "job_last_duration_seconds": ("gauge", "How long the job's last run took", []),
@@ -203,6 +221,15 @@ class JobBoard:
             if state is None:
                 continue
             label = f'job="{name}"'
+            for column, metric in (("last_started_at", "job_last_start_timestamp_seconds"),
+                                   ("last_finished_at", "job_last_end_timestamp_seconds")):
+                at = getattr(state, column)
+                if at is not None:
+                    families[metric][2].append(f"{{{label}}} {at.timestamp():.3f}")
+            if state.last_outcome is not None:
+                families["job_last_outcome"][2].extend(
+                    f'{{{label},outcome="{o}"}} {int(state.last_outcome == o)}'
+                    for o in OUTCOMES)
             if state.last_success_at is not None:
                 families["job_last_success_timestamp_seconds"][2].append(
                     f"{{{label}}} {state.last_success_at.timestamp():.3f}")
@@ -213,7 +240,7 @@ class JobBoard:
                 f"{{{label}}} {state.next_run_at.timestamp():.3f}")
             lag = max(0.0, (now - state.next_run_at).total_seconds())
             families["job_lag_seconds"][2].append(f"{{{label}}} {lag:.3f}")
-            for outcome in ("ok", "error", "lost"):
+            for outcome in OUTCOMES:
                 families["job_runs_total"][2].append(
                     f'{{{label},outcome="{outcome}"}} {getattr(state, f"runs_{outcome}")}')
         lines: list[str] = []

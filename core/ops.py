@@ -64,14 +64,16 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 @documented(summary="The database (and Redis, when configured) answer and the ledger "
-            "writer runs; with gauges such as the ledger's quarantine",
+            "writer runs (503 otherwise); check `jobs` reports scheduled jobs that are "
+            "overdue without failing it; with gauges such as the ledger's quarantine",
             response=StatusSchema, tag="ops")
 def readyz() -> Response:
     readiness = part(Readiness)
     checks, gauges = readiness.run(), readiness.gauge_values()
-    if any(v != "ok" for v in checks.values()):
+    failing = readiness.failing(checks)
+    if failing:
         raise ServiceUnavailableError("Not ready: " + ", ".join(
-            f"{k} {v}" for k, v in checks.items()), checks=checks, gauges=gauges)
+            f"{k} {v}" for k, v in failing.items()), checks=checks, gauges=gauges)
     return json_response(StatusSchema().dump({"status": "ok", "checks": checks,
                                               "gauges": gauges}))
 

@@ -37,15 +37,24 @@ class Parts:
 
 class Readiness:
     """Named checks /readyz runs (each returns None when fine, else what is wrong), and gauges
-    read when asked (/readyz shows them, /metrics exports them; they never fail readiness)."""
+    read when asked (/readyz shows them, /metrics exports them; they never fail readiness).
+    A check added with `fails=False` is reported only: a problem of background work (late
+    scheduled jobs) must not take every instance out of a load balancer's rotation."""
 
     def __init__(self) -> None:
         self.checks: dict[str, Callable[[], str | None]] = {}
+        self.reported_only: set[str] = set()
         self.gauges: dict[str, tuple[str, Callable[[], int]]] = {}
         self.exporters: list[Callable[[], bytes]] = []
 
-    def add(self, name: str, check: Callable[[], str | None]) -> None:
+    def add(self, name: str, check: Callable[[], str | None], *, fails: bool = True) -> None:
         self.checks[name] = check
+        if not fails:
+            self.reported_only.add(name)
+
+    def failing(self, results: dict[str, str]) -> dict[str, str]:
+        """Of `run()`'s results, those that make the service unready."""
+        return {k: v for k, v in results.items() if v != "ok" and k not in self.reported_only}
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], int]) -> None:
         self.gauges[name] = (help_text, read)

@@ -2,10 +2,12 @@
 
 A job's lock is a Postgres session advisory lock held on a connection of its own for the run
 (Postgres drops it when the connection goes: a worker killed mid-run frees its job at once),
-or on SQLite an flock on a file in the data folder (the kernel drops it when the process
+or on SQLite an flock on a file beside the database's (the kernel drops it when the process
 dies). A worker that finds a job still marked running on another records that run as lost
 and runs the job: any number of workers may run, and a dead one's jobs move to the others
-at their next tick."""
+at their next tick. A lock can also go while its worker lives (the lock's connection
+dropped): the heartbeat checks it, and such a run is never recorded over the run of the
+worker that took the job over."""
 
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ TICK_SECONDS = 1.0
 class JobLock(Protocol):
     def acquire(self) -> bool: ...
 
+    def lost(self) -> bool:
+        """Whether the lock, held, has gone from under its holder (never after release)."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -45,6 +51,7 @@ class AdvisoryLock:
         self.engine = engine
         self.key = zlib.crc32(name.encode()) - 2**31  # a signed 32-bit int
         self.conn: Connection | None = None
+        self._using = threading.Lock()  # the heartbeat checks the connection the run holds
 
     def acquire(self) -> bool:
         conn = self.engine.connect()
@@ -65,8 +72,25 @@ class AdvisoryLock:
         self.conn = conn
         return True
 
+    def lost(self) -> bool:
+        """A cheap query on the lock's connection: when it fails, the connection is gone
+        (the server restarted or failed over, an idle timeout, an operator's
+        pg_terminate_backend, the network) and the lock with it: another worker may run
+        the job now."""
+        with self._using:
+            if self.conn is None:
+                return False
+            try:
+                self.conn.execute(text("SELECT 1"))
+                self.conn.commit()
+            except Exception:  # noqa: BLE001 - any failure: the session, and the lock, are gone
+                log.warning("the lock connection of job %s failed", self.key, exc_info=True)
+                return True
+            return False
+
     def release(self) -> None:
-        conn, self.conn = self.conn, None
+        with self._using:
+            conn, self.conn = self.conn, None
         if conn is None:
             return
         try:
@@ -98,6 +122,9 @@ class FileLock:
         self.fd = fd
         return True
 
+    def lost(self) -> bool:
+        return False  # the kernel holds it as long as the file is open
+
     def release(self) -> None:
         fd, self.fd = self.fd, None
         if fd is not None:
@@ -106,10 +133,18 @@ class FileLock:
 
 
 def lock_factory(engine: Engine, data_dir: str) -> Callable[[str], JobLock]:
-    """The lock each backend has: advisory locks on Postgres, file locks elsewhere."""
+    """The lock each backend has: advisory locks on Postgres, file locks elsewhere, in a
+    folder beside the SQLite database's file (`<file>.jobs/`: every worker on that database
+    shares them, whatever its data folder; an in-memory database's are in the data
+    folder)."""
     if engine.dialect.name == "postgresql":
         return lambda name: AdvisoryLock(engine, name)
-    folder = Path(data_dir) / "jobs"
+    database = engine.url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        db_file = Path(database).resolve()  # as SQLite opens it (symlinks, relative paths)
+        folder = db_file.with_name(db_file.name + ".jobs")
+    else:
+        folder = Path(data_dir) / "jobs"
     return lambda name: FileLock(folder, name)
 
 
@@ -139,6 +174,8 @@ class Worker:
         self.report = report or (lambda outcome: None)
         self.stopping = threading.Event()
         self._running: str | None = None
+        self._lock: JobLock | None = None  # the running job's
+        self._lock_lost = False  # the running job's lock went mid-run: the run is not ours
 
     def tick(self, *, due_only: bool = True) -> list[Outcome]:
         """Run each job that is due (every job, without due_only) and not running elsewhere."""
@@ -167,26 +204,47 @@ class Worker:
                 return None
             run_id, context = self.board.start(job, self.name, scheduled=due_only)
             started_at, began = self.board.clock(), time.monotonic()
-            self._running = job.name
+            self._lock_lost = False
+            self._running, self._lock = job.name, lock
             try:
                 message, ok = job.run(context), True
             except Exception as exc:  # noqa: BLE001 - recorded as the run's error; next run retries
                 log.exception("job %s failed", job.name)
                 message, ok = f"{type(exc).__name__}: {exc}", False
             finally:
-                self._running = None
-            self.board.finish(job, run_id, started_at, ok=ok, message=message)
+                self._running = self._lock = None
+            if self._lock_lost or lock.lost():
+                self._lock_lost = False
+                ok, message = False, (f"this worker lost the job's lock mid-run ({message}): "
+                                      "another worker may have run it alongside")
+                log.error("job %s: %s", job.name, message)
+            # recorded only where this run is still the job's (not if another took it over)
+            self.board.finish(job, run_id, started_at, ok=ok, message=message,
+                              worker=self.name)
             return Outcome(job.name, ok, message, time.monotonic() - began)
         finally:
             lock.release()
 
+    def beat(self) -> None:
+        """The heartbeat of the running job: its lock checked still held, then the job's
+        heartbeat written. A lock gone (its connection dropped) lets another worker take the
+        job while this run goes on (job code cannot be stopped safely mid-way): an error is
+        logged, and the run stops beating and is never recorded over the other's."""
+        running, lock = self._running, self._lock
+        if running is None or lock is None or self._lock_lost:
+            return
+        if lock.lost():
+            self._lock_lost = True
+            log.error("worker %s lost the lock of job %s mid-run (its database connection "
+                      "dropped): another worker may run the job alongside this run, whose "
+                      "end will not be recorded over that one's", self.name, running)
+            return
+        self.board.beat(running, self.name)
+
     def _heartbeat(self) -> None:
         while not self.stopping.wait(HEARTBEAT_SECONDS):
-            running = self._running
-            if running is None:
-                continue
             try:
-                self.board.beat(running, self.name)
+                self.beat()
             except Exception:  # noqa: BLE001 - the next beat tries again
                 log.warning("job heartbeat failed", exc_info=True)
 

@@ -146,22 +146,36 @@ def billing() -> None:
               help="Send again the overage Stripe refused before (after fixing the cause).")
 def billing_report_overage(retry_refused: bool) -> None:
     """Account recent usage, then send overage not yet reported to Stripe (meter events):
-    of tokens, and of [[meters]] meters past the plans' allowances."""
+    of tokens, and of [[meters]] meters past the plans' allowances. Takes the `overage`
+    job's lock: while a worker (or another of these) runs that job, says so and exits with
+    status 1, sending nothing."""
     from core.db import utcnow
     from core.errors import DomainError
+    from core.jobs import JobBoard
+    from core.worker import lock_factory
     from metering.accrual import AccrualService
+    from metering.overage_run import report_overage
     from plans.meter_stripe import MeterOverageReporter
     from plans.overage import OverageReporter
 
     ctx = context()
-    ctx.part(AccrualService).accrue_all(utcnow())
+    # the `overage` job's lock: never alongside a worker's run (or another of these)
+    lock = lock_factory(ctx.part(JobBoard).engine, ctx.config().data_dir)("overage")
+    if not lock.acquire():
+        raise click.ClickException(
+            "the overage job is running (on a `meterlane worker`, or another "
+            "`billing report-overage`): it sends the same overage; nothing was sent by "
+            "this one. Try again once it ends (`GET /v1/admin/jobs` shows it).")
     try:
-        sent = ctx.part(OverageReporter).report(retry_refused=retry_refused)
-        meters = ctx.part(MeterOverageReporter).report(retry_refused=retry_refused)
+        sent = report_overage(ctx.part(AccrualService), ctx.part(OverageReporter),
+                              ctx.part(MeterOverageReporter), now=utcnow(),
+                              retry_refused=retry_refused)
     except DomainError as exc:
         raise click.ClickException(exc.detail) from exc
-    click.echo(f"reported {sent} overage meter events to Stripe")
-    click.echo(f"reported {meters} overage events of [[meters]] to Stripe")
+    finally:
+        lock.release()
+    click.echo(f"reported {sent.tokens} overage meter events to Stripe")
+    click.echo(f"reported {sent.meters} overage events of [[meters]] to Stripe")
 
 
 @billing.command("reconcile")

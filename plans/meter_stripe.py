@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from core.db import utcnow
 from core.meters import METER_SCALE, format_units
 from plans.models import MeterOverage, StripeCustomer
-from plans.overage import SAFE_RESEND, month_of
+from plans.overage import SAFE_RESEND, month_of, send_in_flight
 from plans.stripe_sync import BillingProviderError, event_name
 
 if TYPE_CHECKING:
@@ -135,8 +135,10 @@ class MeterOverageReporter:
                 continue
             start = datetime.fromtimestamp(minute, UTC)
             end = start + timedelta(seconds=60)
-            landed = self._summed(meter, customer, start, end) - self._marked(
-                customer, meter_id, start, end)
+            known = self._marked(customer, meter_id, start, end)
+            if known is None:
+                continue  # a recent send of that minute is unmarked: settled at a later run
+            landed = self._summed(meter, customer, start, end) - known
             total = sum(int(r.units_micro) for r in group)
             ids = [r.meter_event_id for r in group]
             if landed == total:
@@ -157,14 +159,19 @@ class MeterOverageReporter:
                         report_error=reason[:500]))
         return done
 
-    def _marked(self, customer: str, meter_id: str, start: datetime, end: datetime) -> int:
+    def _marked(self, customer: str, meter_id: str, start: datetime, end: datetime
+                ) -> int | None:
+        """Micro-units of the customer's overage of the meter in [start, end) marked sent;
+        None when a send of that minute is unmarked but recent (plans.overage.send_in_flight)."""
+        where = (StripeCustomer.customer_id == customer, _O.meter_id == meter_id,
+                 _O.happened_at >= start, _O.happened_at < end)
         with self.engine.connect() as conn:
+            if send_in_flight(conn, _O, *where, horizon=self.clock() - SAFE_RESEND):
+                return None
             return int(conn.execute(
                 select(func.coalesce(func.sum(_O.units_micro), 0))
                 .join(StripeCustomer, StripeCustomer.end_user_id == _O.end_user_id)
-                .where(StripeCustomer.customer_id == customer, _O.meter_id == meter_id,
-                       _O.happened_at >= start, _O.happened_at < end,
-                       _O.reported_at.is_not(None))).scalar_one())
+                .where(*where, _O.reported_at.is_not(None))).scalar_one())
 
     def _meters(self) -> dict[str, str]:
         import stripe

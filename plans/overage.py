@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from core.db import utcnow
 from core.errors import InvalidRequestError
@@ -39,6 +39,19 @@ def meter_identifier(usage_event_id: int, customer: str) -> str:
     would then drop as a repeat; the customer belongs to one database only."""
     digest = hashlib.sha256(customer.encode()).hexdigest()[:16]
     return f"mlane_ov_{usage_event_id}_{digest}"
+
+
+def send_in_flight(conn: Connection, model: Any, *where: Any, horizon: datetime) -> bool:
+    """Whether a send of `model`'s overage (CreditOverage or MeterOverage) among `where` (a
+    customer's minute) was tried after `horizon` and is not marked: it may reach Stripe's
+    meter at any moment, or may just have. What the meter sums beyond those marked sent then
+    says nothing about the older sends of that minute: both reporters leave them to a later
+    run (once that send is marked, or old itself) rather than guess."""
+    return conn.execute(
+        select(model.report_attempted_at)
+        .join(StripeCustomer, StripeCustomer.end_user_id == model.end_user_id)
+        .where(*where, model.reported_at.is_(None), model.report_attempted_at > horizon)
+        .limit(1)).first() is not None
 
 
 def month_of(period: str) -> tuple[datetime, datetime]:
@@ -236,10 +249,7 @@ class OverageReporter:
         joined = select(func.sum(CreditOverage.credits)).join(
             StripeCustomer, StripeCustomer.end_user_id == CreditOverage.end_user_id)
         with self.engine.connect() as conn:
-            recent = conn.execute(joined.where(
-                *where, CreditOverage.reported_at.is_(None),
-                CreditOverage.report_attempted_at > horizon)).scalar()
-            if recent is not None:
+            if send_in_flight(conn, CreditOverage, *where, horizon=horizon):
                 return None
             return int(conn.execute(joined.where(  # (less those Stripe cancelled since)
                 *where, CreditOverage.reported_at.is_not(None),

@@ -191,6 +191,52 @@ def test_serve_on_the_embedded_default_runs_the_jobs_and_stops_its_worker(
     wait_for(gone, timeout=30, about="the worker stopping with serve")
 
 
+def test_serve_with_worker_on_postgres_runs_the_jobs_inside_serve(
+        tmp_path: Path, pg_server: str, redis_server: str) -> None:
+    """`serve --with-worker` on Postgres (a single machine): the worker is serve's child,
+    runs every job (advisory locks), and stops with serve."""
+    env, url = environment("postgres", tmp_path, pg_server, redis_server)
+    assert cli(env, "db", "upgrade").returncode == 0
+    admin = cli(env, "keys", "create", "--role", "admin").stdout.split()[-1]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port),
+                             "--workers", "1", "--with-worker"], env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=(tmp_path / "serve.log").open("wb"))
+    base = f"http://127.0.0.1:{port}"
+    engine = served_engine(env, url)
+    try:
+        wait_ready(proc, base)
+
+        def listed() -> list[dict[str, Any]] | None:
+            jobs = httpx.get(f"{base}/v1/admin/jobs",
+                             headers={"Authorization": f"Bearer {admin}"}).json()["jobs"]
+            return jobs if all(j["runs_ok"] >= 2 for j in jobs) else None
+
+        jobs = wait_for(listed, about="every job run twice by the worker inside serve")
+        assert {j["name"] for j in jobs} == set(JOBS)
+        workers = {r.worker for r in runs(engine)}
+        assert len(workers) == 1, workers  # one worker, serve's
+        worker_pid = int(workers.pop().rsplit(":", 1)[1])
+        parent = Path(f"/proc/{worker_pid}/status").read_text()
+        assert f"PPid:\t{proc.pid}\n" in parent  # serve's child
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["jobs"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+        engine.dispose()
+
+    def gone() -> bool:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, timeout=30, about="the worker stopping with serve")
+
+
 def test_worker_once_writes_one_json_line_per_job(tmp_path: Path) -> None:
     """MLANE_LOG_FORMAT=json: the worker's lines are the serve's format, one per job run."""
     import json

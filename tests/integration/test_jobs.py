@@ -5,18 +5,20 @@ SQLite)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from core.auth import Role
 from core.db import make_engine, utcnow
 from core.jobs import Job, JobBoard, JobContext
 from core.models import JobState
-from core.worker import AdvisoryLock, FileLock, Worker, lock_factory
+from core.worker import LOCK_CLASS, AdvisoryLock, FileLock, Outcome, Worker, lock_factory
 from tests.conftest import Keys, bearer
 
 pytestmark = pytest.mark.integration
@@ -83,8 +85,8 @@ def test_a_failing_job_records_its_error_and_runs_again_at_its_next_turn(app: An
     assert "the upstream said no" in status["last_error"]
 
 
-def test_readyz_names_an_overdue_job_and_ignores_jobs_never_run(app: Any,
-                                                                client: Any) -> None:
+def test_readyz_reports_an_overdue_job_without_failing_and_ignores_jobs_never_run(
+        app: Any, client: Any) -> None:
     assert client.get("/readyz").status_code == 200  # no worker ever ran: ready
     worker_of(app).tick(due_only=False)  # `meterlane worker --once`, by hand
     with board_of(app).engine.begin() as conn:  # ... a day ago
@@ -95,18 +97,27 @@ def test_readyz_names_an_overdue_job_and_ignores_jobs_never_run(app: Any,
     with board_of(app).engine.begin() as conn:  # the workers stopped an hour ago
         conn.execute(update(JobState).where(JobState.name == "credits").values(
             next_run_at=utcnow() - timedelta(hours=1)))
-    late = client.get("/readyz")
-    assert late.status_code == 503
+    late = client.get("/readyz")  # reported; the API still serves (stays in rotation)
+    assert late.status_code == 200 and late.json["status"] == "ok"
     assert late.json["checks"]["jobs"].startswith("overdue: credits (due 3")
+    assert late.json["checks"]["database"] == "ok"
     jobs = {j["name"]: j for j in board_of(app).status()}
     assert jobs["credits"]["overdue"] and not jobs["webhooks"]["overdue"]
-    worker_of(app).tick()  # a worker back: it runs, and the service is ready again
-    assert client.get("/readyz").status_code == 200
+    worker_of(app).tick()  # a worker back: it runs, and the report clears
+    assert client.get("/readyz").json["checks"]["jobs"] == "ok"
 
 
-def test_metrics_show_each_jobs_runs_lag_and_last_success(app: Any, client: Any) -> None:
+def test_metrics_show_each_jobs_last_run_runs_lag_and_last_success(app: Any, client: Any) -> None:
     worker_of(app).tick()
     body = client.get("/metrics").get_data(as_text=True)
+    [credits] = [s for s in board_of(app).status() if s["name"] == "credits"]
+    assert (f'meterlane_job_last_start_timestamp_seconds{{job="credits"}} '
+            f'{credits["last_started_at"].timestamp():.3f}') in body
+    assert (f'meterlane_job_last_end_timestamp_seconds{{job="credits"}} '
+            f'{credits["last_finished_at"].timestamp():.3f}') in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="ok"} 1' in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="error"} 0' in body
+    assert 'meterlane_job_last_outcome{job="credits",outcome="lost"} 0' in body
     assert 'meterlane_job_runs_total{job="credits",outcome="ok"} 1' in body
     assert 'meterlane_job_runs_total{job="credits",outcome="error"} 0' in body
     assert 'meterlane_job_last_success_timestamp_seconds{job="credits"}' in body
@@ -151,5 +162,81 @@ def test_sqlite_file_locks_keep_a_job_on_one_worker(tmp_path: Path) -> None:
         assert [o.job for o in Worker(board, locks, name="a:1").tick()] == ["tally"]
         assert Worker(board, locks, name="b:2").tick() == []  # ran: due in a minute
         assert ran == ["x"]
+    finally:
+        engine.dispose()
+
+
+def test_a_worker_that_loses_its_lock_mid_run_never_writes_over_the_one_that_took_over(
+        app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A's lock connection is terminated mid-run (a failover, an idle timeout, an
+    operator): B takes the job and runs it while A's run goes on. A's heartbeat finds its
+    lock gone and says so; A's end is not recorded over B's run."""
+    engine = board_of(app).engine
+    started = {"A": threading.Event(), "B": threading.Event()}
+    go_on = {"A": threading.Event(), "B": threading.Event()}
+
+    def slow(_: JobContext) -> str:
+        me = threading.current_thread().name
+        started[me].set()
+        assert go_on[me].wait(30)
+        return f"done by {me}"
+
+    board = JobBoard(engine, [Job("slow", 60, slow)])
+    outcomes: dict[str, list[Outcome]] = {"A": [], "B": []}
+    workers = {n: Worker(board, lock_factory(engine, "/nonexistent"), name=f"{n}:1",
+                         report=outcomes[n].append) for n in ("A", "B")}
+    threads = {n: threading.Thread(target=workers[n].tick, name=n) for n in ("A", "B")}
+    threads["A"].start()
+    try:
+        assert started["A"].wait(30)
+        with engine.begin() as conn:  # A's lock session goes; waits until it has ended
+            [pid] = conn.execute(text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :c "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = "
+                "current_database())"), {"c": LOCK_CLASS}).scalars().all()
+            assert conn.execute(text("SELECT pg_terminate_backend(:p, 10000)"),
+                                {"p": pid}).scalar()
+        with caplog.at_level(logging.ERROR, logger="core.worker"):
+            workers["A"].beat()
+        assert "worker A:1 lost the lock of job slow mid-run" in caplog.text
+        threads["B"].start()
+        assert started["B"].wait(30)  # B took the job over: A's run recorded as lost
+        go_on["A"].set()
+        threads["A"].join(30)
+        [a] = outcomes["A"]
+        assert not a.ok and "lost the job's lock mid-run (done by A)" in a.message
+        [state] = board.status()
+        assert state["running_on"] == "B:1"  # A's end did not clear B's run
+        assert [r["outcome"] for r in state["runs"]] == ["running", "lost"]
+    finally:
+        go_on["A"].set()
+        go_on["B"].set()
+        for thread in threads.values():
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(30)
+    [state] = board.status()
+    assert [(r["worker"], r["outcome"]) for r in state["runs"]] == [("B:1", "ok"),
+                                                                    ("A:1", "lost")]
+    assert (state["runs_ok"], state["runs_error"], state["runs_lost"]) == (1, 0, 1)
+    assert state["running_on"] is None and state["last_outcome"] == "ok"
+
+
+def test_sqlite_job_locks_sit_beside_the_database_whatever_the_data_folder(
+        tmp_path: Path) -> None:
+    """Two workers on one SQLite database with different data folders (MLANE_DATA_DIR)
+    still exclude each other: the locks are the database's, not the data folder's."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'meterlane.db'}")
+    try:
+        first = lock_factory(engine, str(tmp_path / "data-a"))("tally")
+        second = lock_factory(engine, str(tmp_path / "data-b"))("tally")
+        assert isinstance(first, FileLock) and isinstance(second, FileLock)
+        assert first.path == (tmp_path / "db").resolve() / "meterlane.db.jobs" / "tally.lock"
+        assert first.acquire()
+        try:
+            assert not second.acquire()
+        finally:
+            first.release()
+        assert second.acquire()
+        second.release()
     finally:
         engine.dispose()

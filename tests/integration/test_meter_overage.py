@@ -322,3 +322,26 @@ def test_the_allowance_splits_on_the_embedded_sqlite_database_too(
         assert (shown["used"], shown["overage"], shown["overage_amount"]) == ("20", "10", "20")
     finally:
         wiring.engine.dispose()
+
+
+def test_report_overage_takes_the_overage_jobs_lock(billed: Any) -> None:
+    """A cron's `billing report-overage` never runs beside a worker's `overage` job: while
+    the job's lock is held, it says so, sends nothing and exits with status 1."""
+    from core.worker import lock_factory
+
+    app, key, env, stripe_url, _tag = billed
+    client = app.test_client()
+    for n in range(12):
+        assert search(client, key, f"u{n}").status_code == 201
+    wiring = app.extensions["wiring"]
+    held = lock_factory(wiring.engine, wiring.config.data_dir)("overage")  # a worker's run
+    assert held.acquire()
+    try:
+        refused = cli(env, "billing", "report-overage")
+        assert refused.exit_code == 1
+        assert "the overage job is running" in refused.output
+        assert stripe_events(stripe_url) == []
+    finally:
+        held.release()
+    assert "reported 2 overage events of [[meters]]" in report(env)
+    assert len(stripe_events(stripe_url)) == 2
