@@ -15,7 +15,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from core.db import utcnow
-from plans.models import CreditOverage, CreditUse
+from plans.models import CreditOverage, CreditUse, StripeCustomer
+from plans.overage import meter_identifier
 from tests.conftest import bearer
 from tests.integration.test_stripe_overage import cli, setup, subscribe_alice, track
 
@@ -45,6 +46,16 @@ def overage(engine: Engine) -> dict[str, int]:
             "cancelled": sum(r[0] for r in rows if r[1] is not None)}
 
 
+def sent_for(fake_stripe: str, engine: Engine, usage_event_id: int) -> list[dict[str, Any]]:
+    """The meter events Stripe holds for this database's event (the fake Stripe is the
+    session's: other tests' databases number their events from 1 too)."""
+    with engine.connect() as conn:
+        customer = conn.execute(select(StripeCustomer.customer_id)).scalar_one()
+    ours = meter_identifier(usage_event_id, customer)
+    events = httpx.get(f"{fake_stripe}/_config/meter_events").json()["data"]
+    return [e for e in events if e["identifier"] == ours]
+
+
 def reconciled(env: dict[str, str]) -> Any:
     return cli(env, "billing", "reconcile", "--period", utcnow().strftime("%Y-%m"))
 
@@ -72,8 +83,7 @@ def test_void_after_the_overage_was_sent_cancels_it_with_stripe(
         row = conn.execute(select(CreditOverage.usage_event_id, CreditOverage.cancel_sent_at,
                                   CreditOverage.cancel_error)).one()
     assert row.cancel_sent_at is not None and row.cancel_error is None
-    events = httpx.get(f"{fake_stripe}/_config/meter_events").json()["data"]
-    mine = [e for e in events if e["identifier"].startswith(f"mlane_ov_{row.usage_event_id}_")]
+    mine = sent_for(fake_stripe, clean_db, row.usage_event_id)
     assert len(mine) == 1 and mine[0].get("cancelled") is True
     ok = reconciled(env)
     assert ok.exit_code == 0 and "all reconciled" in ok.output, ok.output
@@ -103,13 +113,9 @@ def test_amend_charges_the_difference_and_unsent_overage_never_goes(
                                            .order_by(CreditOverage.usage_event_id)).scalars()
         uses = conn.execute(select(func.sum(CreditUse.credits), func.sum(CreditUse.allowance))
                             ).one()
-    events = httpx.get(f"{fake_stripe}/_config/meter_events").json()["data"]
-    ids = {e["identifier"].split("_")[2] for e in events
-           if e["identifier"].startswith("mlane_ov_")}
-    assert str(amendment) in ids  # the amendment's overage: a meter event of its own
-    sent_original = [e for e in events if e["identifier"].startswith(f"mlane_ov_{original}_")
-                     and e["payload"]["value"] == "50"]
-    assert not sent_original  # never sent: nothing to cancel
+    # the amendment's overage: a meter event of its own; the original's never sent
+    assert [e["payload"]["value"] for e in sent_for(fake_stripe, clean_db, amendment)] == ["20"]
+    assert sent_for(fake_stripe, clean_db, original) == []  # nothing to cancel
     assert tuple(uses) == (120, 100)  # the splits add up to what counts now
     ok = reconciled(env)
     assert ok.exit_code == 0 and "all reconciled" in ok.output and " 20 " in ok.output, \
