@@ -208,8 +208,8 @@ class KeyService:
             now = utcnow()  # (held: after a revocation that came first, never before it)
             _check_rotatable(old, now)
             _check_no_successor(conn, old)
-            # never rotated before (checked above, with the right to write held): its expiry is still its own, not an
-            # overlap's end, so its lifetime is what it was made with
+            # never rotated before (checked above, the right to write held): its expiry is
+            # still its own, not an overlap's end, so its lifetime is what it was made with
             if ttl is None and old["expires_at"] is not None:
                 ttl = old["expires_at"] - old["created_at"]
             if old["role"] == Role.USER.value:  # asked: refused past the cap; inherited:
