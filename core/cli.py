@@ -128,7 +128,7 @@ def keys() -> None:
 @click.option("--name", help="A label for the key.")
 @click.option("--description", help="What the key is for (shown when keys are listed).")
 @click.option("--ttl-seconds", type=int, help="Expire the key after this many seconds (a "
-              "user key: user_key_ttl_seconds by default, at most user_key_max_ttl_seconds).")
+              "user key: 1 hour by default, at most 7 days).")
 def keys_create(role: str, app_name: str | None, user: str | None, name: str | None,
                 description: str | None, ttl_seconds: int | None) -> None:
     """Create a key and print it as the last line (it is not shown again)."""

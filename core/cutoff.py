@@ -19,13 +19,14 @@ class DeadlineError(urllib3.exceptions.TimeoutError):
 
 class Cutoff:
     """Shuts down the socket it watches once `seconds` have passed since it was entered (a
-    `with` block): shutdown(2) on a duplicate of the descriptor ends the connection itself,
-    TLS or not, and whatever read or handshake waits on it ends at once."""
+    `with` block): shutdown(2) on a duplicate of the socket ends the connection itself, TLS
+    or not, and whatever read or handshake waits on it ends at once. The duplicate is held
+    until the block ends, so the timer never reaches a descriptor reused by another socket."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.expired = False
-        self._watched: tuple[int, int, int] | None = None  # fd, family, type
+        self._watched: socket.socket | None = None  # a duplicate: the connection's own
         self._done = False
         self._mutex = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
@@ -37,15 +38,27 @@ class Cutoff:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        with self._mutex:  # the socket is closed after this: its descriptor is never reused
+        with self._mutex:
             self._done = True
+            watched, self._watched = self._watched, None
         self._timer.cancel()
+        if watched is not None:
+            watched.close()
 
     def watch(self, sock: socket.socket) -> None:
+        """Watch the connection through a duplicate of its socket: the duplicate's descriptor
+        stays this connection's until __exit__ closes it, even once the connection's own is
+        closed (and its number reused by another socket)."""
+        dup = sock.dup()
         with self._mutex:
-            self._watched = (sock.fileno(), sock.family, sock.type)
+            if self._done:
+                dup.close()
+                return
+            old, self._watched = self._watched, dup
             if self.expired:
                 self._shut()
+        if old is not None:
+            old.close()
 
     def _expire(self) -> None:
         with self._mutex:
@@ -57,10 +70,8 @@ class Cutoff:
     def _shut(self) -> None:
         if self._watched is None:
             return
-        fd, family, kind = self._watched
         try:
-            with socket.fromfd(fd, family, kind) as dup:
-                dup.shutdown(socket.SHUT_RDWR)
+            self._watched.shutdown(socket.SHUT_RDWR)
         except OSError:  # already closed by the other side: nothing to end
             pass
 

@@ -7,11 +7,13 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData, event
-from sqlalchemy.engine import Engine, create_engine
+from sqlalchemy.engine import Connection, Engine, create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase
@@ -77,6 +79,27 @@ def make_engine(url: str, *, pool_size: int = POOL_SIZE, max_overflow: int = POO
     # fails once, is invalidated by the pool, and the caller's error path handles it.
     return create_engine(url, pool_size=pool_size, max_overflow=max_overflow,
                          pool_timeout=pool_timeout, pool_recycle=1800)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the right to write from its first statement, for a read
+    that decides a write (read, check, write). On Postgres, engine.begin(): the reads lock
+    the rows they decide on (SELECT ... FOR UPDATE). On SQLite, BEGIN IMMEDIATE: the driver
+    would otherwise read outside any transaction until the first write, so another writer
+    could commit between the check and the write; with it, writers wait (busy_timeout)."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
 
 
 def pool_budget(engine: Engine, processes: int) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import aliased
 
 from core.audit import CLI_ROLE, Actor, record
 from core.auth import KEY_PREFIX, AuthService, IssuedKey, Role, issue_in, validate_user_id
-from core.db import utcnow
+from core.db import utcnow, write_transaction
 from core.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from core.models import ApiKey, App, EndUser
 from core.tenancy import TenancyService
@@ -161,7 +161,8 @@ class KeyService:
              param: str = "key_id", lock: bool = False) -> dict[str, Any]:
         """The key in the actor's scope; a key of another app is as unknown as a missing one
         (404: never reveal that another tenant's key exists). lock: its row is held until
-        the transaction ends (FOR UPDATE on Postgres; SQLite serialises its writers)."""
+        the transaction ends (FOR UPDATE on Postgres; on SQLite, `write_transaction` holds
+        the whole database)."""
         stmt = _key_rows().where(ApiKey.key_id == key_id)
         if not actor.is_operator:
             stmt = stmt.where(ApiKey.app_id == actor.app_id)
@@ -178,7 +179,7 @@ class KeyService:
         """Revoke a key at once (idempotent: a revoked key is returned as it is). This worker
         refuses it from now on, the others within key_cache_seconds."""
         _require_manager(actor)
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             row = self._row(conn, actor, key_id_of(key_id), lock=True)
             if row["revoked_at"] is None:
                 row["revoked_at"] = now = utcnow()
@@ -202,13 +203,13 @@ class KeyService:
             raise InvalidRequestError(f"overlap_seconds must be 0..{MAX_OVERLAP_SECONDS}.",
                                       param="overlap_seconds")
         given = ttl is not None
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             old = self._row(conn, actor, key_id_of(key_id), lock=True)
             now = utcnow()  # (held: after a revocation that came first, never before it)
             _check_rotatable(old, now)
             _check_no_successor(conn, old)
-            # never rotated before (checked above): its expiry is still its own, not an
-            # overlap's end, so its lifetime is what it was made with
+            # never rotated before (checked above, the right to write held): its expiry is
+            # still its own, not an overlap's end, so its lifetime is what it was made with
             if ttl is None and old["expires_at"] is not None:
                 ttl = old["expires_at"] - old["created_at"]
             if old["role"] == Role.USER.value:  # asked: refused past the cap; inherited:

@@ -265,7 +265,7 @@ def _meter_row(app_id: int, event: Any, result: MeterParsed) -> dict[str, Any]:
         line().event("refused" if line().refused(exc) else "rejected")
         return _row(event, "rejected", reason=exc.detail)
     line().event("duplicate" if done.duplicate else "tracked",
-                 part(TenancyService).ensure_end_user(app_id, result.user),
+                 part(TenancyService).known_end_user(app_id, result.user),
                  cost=done.cost_pico_usd)
     row = _row(event, "duplicate" if done.duplicate else "tracked", cost=done.cost_pico_usd)
     row["recorded"] = True  # (not one of the token calls the ledger answers below)

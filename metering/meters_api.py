@@ -48,9 +48,9 @@ def _record(app_id: int, args: dict[str, Any]) -> MeterOutcome:
     found = part(MeterService).record_meter_event(
         app_id, user, args["meter"], args["value"], args["data"], args["idempotency_key"],
         args["timestamp"], request_id())
-    meters = line()  # the line: the end user (known by now: cached), its cost, the limits
+    meters = line()  # the line: the end user (known by now: cached; never a read), its cost
     meters.event("duplicate" if found.duplicate else "recorded",
-                 part(TenancyService).ensure_end_user(app_id, user), cost=found.cost_pico_usd)
+                 part(TenancyService).known_end_user(app_id, user), cost=found.cost_pico_usd)
     if not found.duplicate:
         meters.checked(part(LimitsService).enabled)
     return found

@@ -46,11 +46,13 @@ def send_in_flight(conn: Connection, model: Any, *where: Any, horizon: datetime)
     customer's minute) was tried after `horizon` and is not marked: it may reach Stripe's
     meter at any moment, or may just have. What the meter sums beyond those marked sent then
     says nothing about the older sends of that minute: both reporters leave them to a later
-    run (once that send is marked, or old itself) rather than guess."""
+    run (once that send is marked, or old itself) rather than guess. A send Stripe refused
+    (report_error) is not in its meter: not in flight."""
     return conn.execute(
         select(model.report_attempted_at)
         .join(StripeCustomer, StripeCustomer.end_user_id == model.end_user_id)
-        .where(*where, model.reported_at.is_(None), model.report_attempted_at > horizon)
+        .where(*where, model.reported_at.is_(None), model.report_error.is_(None),
+               model.report_attempted_at > horizon)
         .limit(1)).first() is not None
 
 

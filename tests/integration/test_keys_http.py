@@ -381,3 +381,59 @@ def test_a_user_key_made_or_rotated_by_an_admin_has_an_end_user_keys_lifetime(
                             acme_admin, {})
     assert status == 201, rotated
     assert datetime.fromisoformat(rotated["expires_at"]) <= utcnow() + timedelta(hours=1)
+
+
+@pytest.mark.parametrize("other", ["revocation", "second rotation"])
+def test_on_sqlite_nothing_writes_between_a_rotations_check_and_its_write(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    """The embedded default: SQLite's driver reads outside any transaction until the first
+    write, so a revocation (or a second rotation) could commit between a rotation's checks
+    and its successor. Each is tried right there, from another connection: it must wait for
+    the rotation (here: give up after its 0.2 s busy timeout), never get in between."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    import core.keys as keys_module
+    from app import create_app
+    from core.audit import Actor
+    from tests.conftest import config_from_toml
+
+    app = create_app(config_from_toml("", tmp_path,
+                                      database_url=f"sqlite:///{tmp_path / 'keys.db'}"))
+    engine: Engine = app.extensions["wiring"].engine
+    try:
+        service = app.extensions["wiring"].keys
+        key_id = service.create_key(Role.APP, "acme").key.split("_")[1]
+        engine.dispose()  # every connection from now on gives up on a lock after 0.2 s
+        event.listen(engine, "connect",
+                     lambda conn, _rec: conn.execute("PRAGMA busy_timeout=200"))
+        actor = Actor.cli()
+        between: list[BaseException | None] = []
+        tried: list[bool] = []
+        issue_in = keys_module.issue_in
+
+        def issuing(conn: Any, **kwargs: Any) -> Any:  # the rotation has checked the key
+            if not tried:  # (once: the other call, a rotation, comes through here too)
+                tried.append(True)
+                try:
+                    if other == "revocation":
+                        service.revoke(actor, key_id)
+                    else:
+                        service.rotate(actor, key_id, overlap_seconds=60)
+                    between.append(None)
+                except OperationalError as exc:
+                    between.append(exc)
+            return issue_in(conn, **kwargs)
+
+        monkeypatch.setattr(keys_module, "issue_in", issuing)
+        service.rotate(actor, key_id, overlap_seconds=600)
+        assert len(between) == 1 and between[0] is not None, "it got in between"
+        assert "locked" in str(between[0])
+        with engine.connect() as conn:
+            old = conn.execute(select(ApiKey.id, ApiKey.revoked_at)
+                               .where(ApiKey.key_id == key_id)).one()
+            successors = conn.execute(select(ApiKey.key_id)
+                                      .where(ApiKey.rotated_from == old.id)).all()
+        assert old.revoked_at is None and len(successors) == 1
+    finally:
+        engine.dispose()
