@@ -3,11 +3,13 @@ first does not hold back the second; the run still ends in an error naming what 
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
-from types import SimpleNamespace as Ns
 from typing import Any
 
+import httpx
 import pytest
 import stripe
 from sqlalchemy import insert, select
@@ -19,22 +21,31 @@ from plans.meter_stripe import MeterOverageReporter
 from plans.models import CreditOverage, MeterOverage, StripeCustomer
 from plans.overage import OverageReporter
 from plans.stripe_sync import event_name
+from tests.conftest import fake_stripe_server
 
 pytestmark = pytest.mark.integration
 
 
-def stripe_taking(sent: list[dict[str, Any]]) -> Any:
-    return Ns(v1=Ns(billing=Ns(meter_events=Ns(create=lambda params: sent.append(params)))))
+@pytest.fixture()
+def stripe_url() -> Iterator[str]:
+    with fake_stripe_server() as url:  # the repo's fake Stripe over HTTP, this test's own
+        yield url
 
 
-def stripe_away() -> Any:
-    def refuse(params: dict[str, Any]) -> None:
-        raise stripe.APIConnectionError("connection refused")
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    return Ns(v1=Ns(billing=Ns(meter_events=Ns(create=refuse))))
+
+def stripe_at(url: str) -> stripe.StripeClient:
+    return stripe.StripeClient("sk_test_wa", base_addresses={"api": url},
+                               max_network_retries=0)
 
 
-def test_a_stripe_error_on_token_overage_still_sends_the_meter_overage(app: Any) -> None:
+def test_a_stripe_error_on_token_overage_still_sends_the_meter_overage(
+        app: Any, stripe_url: str) -> None:
     from app import scheduled_jobs
 
     wiring = app.extensions["wiring"]
@@ -53,9 +64,9 @@ def test_a_stripe_error_on_token_overage_still_sends_the_meter_overage(app: Any)
             meter_event_id=1, app_id=app_id, end_user_id=user, meter_id="search",
             plan_id="p", plan_version=1, units_micro=10**6, price_minor="5", currency="usd",
             happened_at=happened))
-    sent: list[dict[str, Any]] = []
-    tokens = OverageReporter(engine, stripe_away)
-    meters = MeterOverageReporter(engine, lambda: stripe_taking(sent))
+    nobody = f"http://127.0.0.1:{closed_port()}"  # Stripe away: the connection is refused
+    tokens = OverageReporter(engine, lambda: stripe_at(nobody))
+    meters = MeterOverageReporter(engine, lambda: stripe_at(stripe_url))
     jobs = scheduled_jobs(replace(wiring.config, stripe_api_key="sk_test_wa"),
                           events=wiring.events, notices=wiring.notices,
                           accrual=wiring.accrual, overage=(tokens, meters),
@@ -67,7 +78,8 @@ def test_a_stripe_error_on_token_overage_still_sends_the_meter_overage(app: Any)
             as failed:
         overage.run(JobContext(last_success_at=None))
     assert "1 events of [[meters]] overage sent" in str(failed.value)
-    assert [p["event_name"] for p in sent] == [event_name("search")]
+    sent = httpx.get(f"{stripe_url}/_config/meter_events").json()["data"]
+    assert [e["event_name"] for e in sent] == [event_name("search")]
     with engine.connect() as conn:
         assert conn.execute(select(MeterOverage.reported_at)).scalar() is not None
         token = conn.execute(select(CreditOverage)).one()
