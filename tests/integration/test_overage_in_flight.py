@@ -101,9 +101,11 @@ def test_meter_overage_of_a_minute_with_a_recent_unmarked_send_is_not_marked_bli
     assert identifiers(stripe_url).count(first) == 1
 
 
-def test_token_overage_of_a_minute_with_a_recent_unmarked_send_is_not_marked_blind(
-        clean_db: Engine, stripe_url: str) -> None:
-    engine = clean_db
+def two_token_sends(engine: Engine, *, second_refused: str | None = None
+                    ) -> tuple[datetime, datetime]:
+    """Token overage of one customer's minute three days ago: event 1 tried two days ago
+    (never reached Stripe), event 2 a minute ago (unmarked; refused by Stripe when
+    `second_refused`). (now, the minute)"""
     a_customer(engine)
     now = utcnow()
     minute = now.replace(second=0, microsecond=0) - timedelta(days=3)
@@ -112,7 +114,15 @@ def test_token_overage_of_a_minute_with_a_recent_unmarked_send_is_not_marked_bli
         conn.execute(insert(CreditOverage).values(
             usage_event_id=1, report_attempted_at=now - timedelta(days=2), **base))
         conn.execute(insert(CreditOverage).values(
-            usage_event_id=2, report_attempted_at=now - timedelta(minutes=1), **base))
+            usage_event_id=2, report_attempted_at=now - timedelta(minutes=1),
+            report_error=second_refused, **base))
+    return now, minute
+
+
+def test_token_overage_of_a_minute_with_a_recent_unmarked_send_is_not_marked_blind(
+        clean_db: Engine, stripe_url: str) -> None:
+    engine = clean_db
+    now, minute = two_token_sends(engine)
     client = stripe_with_meter(stripe_url, METER_EVENT)
     landed(client, METER_EVENT, overage.meter_identifier(2, "cus_1"), "30",
            minute)  # event 2's credits
@@ -138,16 +148,7 @@ def test_a_recent_send_stripe_refused_does_not_hold_the_minutes_check(
     """A send Stripe refused (report_error: never in its meter) is not in flight: the old
     send of the same minute is checked at once, and sent (the meter holds none of it)."""
     engine = clean_db
-    a_customer(engine)
-    now = utcnow()
-    minute = now.replace(second=0, microsecond=0) - timedelta(days=3)
-    base = dict(end_user_id=1, plan_id="p", plan_version=1, credits=30, happened_at=minute)
-    with engine.begin() as conn:
-        conn.execute(insert(CreditOverage).values(
-            usage_event_id=1, report_attempted_at=now - timedelta(days=2), **base))
-        conn.execute(insert(CreditOverage).values(
-            usage_event_id=2, report_attempted_at=now - timedelta(minutes=1),
-            report_error="No such customer: 'cus_1'", **base))
+    two_token_sends(engine, second_refused="No such customer: 'cus_1'")
     client = stripe_with_meter(stripe_url, METER_EVENT)
     assert OverageReporter(engine, lambda: client).report(batch=1) == 1
     assert identifiers(stripe_url) == [overage.meter_identifier(1, "cus_1")]
