@@ -12,11 +12,10 @@ import pytest
 from sqlalchemy import select
 
 from core.config import default_sqlite_url
-from core.db import make_engine
 from metering.models import UsageEvent
 from metering.tokens import TiktokenTokenizer, count_chat_prompt, load_encoding
 from tests.conftest import gateway_toml
-from tests.e2e.test_serve import MESSAGES, cli, start_server, stop
+from tests.e2e.test_serve import MESSAGES, cli, served_engine, start_server, stop
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +46,8 @@ def test_a_counted_call_is_counted_the_same_with_or_without_the_tokenizer_proces
         key = cli(env, "keys", "create", "--role", "app", "--app", "acme").stdout.split()[-1]
         proc, base = start_server(env, tmp_path)
         client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=30)
-        engine = make_engine(default_sqlite_url(str(tmp_path / "var")))
+        # its reads wait for the answered calls to be committed (they are answered first)
+        engine = served_engine(env, default_sqlite_url(str(tmp_path / "var")))
         try:
             [tokenizer] = _beside(proc.pid, b"metering.tokenserver")
             ids = []
