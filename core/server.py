@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import click
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 
 from core import logs
 from core.config import Config
+
+log = logging.getLogger(__name__)
+RESTART_PAUSE = (1.0, 60.0)  # the worker beside serve: first pause before a restart, longest
+STOPPING = threading.Event()  # set as gunicorn's master begins to stop its workers
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]
+    def stop(self, graceful: bool = True) -> None:
+        STOPPING.set()  # what exits from now on is stopping with serve: never started again
+        super().stop(graceful)
 
 
 class MeterlaneServer(BaseApplication):  # type: ignore[misc]
@@ -33,6 +47,14 @@ class MeterlaneServer(BaseApplication):  # type: ignore[misc]
         # worker, after gevent has patched the standard library.
         module, _, name = self.factory.partition(":")
         return getattr(importlib.import_module(module), name)()
+
+    def run(self) -> None:  # BaseApplication.run, with an arbiter that says when it stops
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as e:
+            print(f"\nError: {e}\n", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
 
 
 def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
@@ -60,18 +82,62 @@ def run(factory: str, *, host: str, port: int, workers: int, timeout: int,
 
 @contextlib.contextmanager
 def worker_beside(enabled: bool) -> Iterator[int | None]:
-    """`meterlane worker` as a child of serve while the block runs (its pid; None when not
-    enabled): stopped after its run in progress when serve stops, and stopping by itself if
-    serve is killed."""
+    """`meterlane worker` as a child of serve while the block runs (its first pid; None when
+    not enabled): started again whenever it exits (the scheduled jobs, overage reports among
+    them, must not stop with it), stopped after its run in progress when serve stops, and
+    stopping by itself if serve is killed."""
     if not enabled:
         yield None
         return
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "app", "worker",  # noqa: S603
-                             "--exit-with", str(os.getpid())], env=env)
+    owner = os.getpid()
+    kept = _Kept([sys.executable, "-P", "-m", "app", "worker", "--exit-with", str(owner)], env)
     try:
-        yield proc.pid
+        yield kept.proc.pid
     finally:
+        # only in serve itself: a gunicorn worker forked inside the block leaves it too, as it
+        # exits, and must not stop the jobs' worker
+        if os.getpid() == owner:
+            kept.stop()
+
+
+class _Kept:
+    """A child process kept running: when it exits it is started again, after a pause that
+    doubles (from 1 s to a minute) while it keeps exiting within a minute of its start."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv, self.env = argv, env
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.proc = self._start()
+        threading.Thread(target=self._watch, name="worker-beside", daemon=True).start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv, env=self.env)  # noqa: S603
+
+    def _watch(self) -> None:
+        pause = RESTART_PAUSE[0]
+        while True:
+            proc, started = self.proc, time.monotonic()
+            code = proc.wait()  # (0 when gunicorn's arbiter reaped it first: unknown)
+            if time.monotonic() - started > RESTART_PAUSE[1]:
+                pause = RESTART_PAUSE[0]
+            if self._stopping.is_set() or STOPPING.is_set():
+                return
+            log.warning("the worker beside serve (pid %d) exited (code %s); starting another "
+                        "in %.0f s", proc.pid, code, pause)
+            if self._stopping.wait(pause):
+                return
+            with self._lock:
+                if self._stopping.is_set() or STOPPING.is_set():
+                    return
+                self.proc = self._start()
+            pause = min(pause * 2, RESTART_PAUSE[1])
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
         proc.terminate()
         try:
             proc.wait(timeout=60)

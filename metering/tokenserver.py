@@ -217,13 +217,17 @@ def tokenizer_beside() -> Iterator[int]:
         proc = subprocess.Popen([sys.executable, "-P", "-m", "metering.tokenserver",  # noqa: S603
                                  str(fd), str(os.getpid())], pass_fds=(fd,))
     os.environ[SOCKET_ENV] = path
+    owner = os.getpid()
     try:
         yield proc.pid
     finally:
-        os.environ.pop(SOCKET_ENV, None)
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        # only in serve itself: a gunicorn worker forked inside the block leaves it too, as it
+        # exits, and must not stop the process every other worker counts in
+        if os.getpid() == owner:
+            os.environ.pop(SOCKET_ENV, None)
+            proc.terminate()
+            proc.wait()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover - started by tokenizer_beside

@@ -2,7 +2,7 @@
 a time; one is killed (SIGKILL) in the middle of a run and the other takes its jobs over, the
 killed run recorded as lost. On Postgres (+ Redis) the lock is an advisory lock, on the
 embedded SQLite a file lock. And `meterlane serve` on the embedded default runs a worker
-beside itself, stopped with it."""
+beside itself, started again if it dies, stopped with it."""
 
 from __future__ import annotations
 
@@ -177,18 +177,34 @@ def test_serve_on_the_embedded_default_runs_the_jobs_and_stops_its_worker(
         metrics = httpx.get(f"{base}/metrics").text
         assert 'meterlane_job_runs_total{job="webhooks",outcome="ok"}' in metrics
         assert httpx.get(f"{base}/readyz").status_code == 200
+
+        # the worker dies (a crash, the OOM killer): serve starts another, the jobs go on
+        os.kill(worker_pid, signal.SIGKILL)
+
+        def run_by_another() -> int | None:
+            jobs = httpx.get(f"{base}/v1/admin/jobs",
+                             headers={"Authorization": f"Bearer {admin}"}).json()["jobs"]
+            pids = {int(r["worker"].rsplit(":", 1)[1]) for j in jobs for r in j["runs"]
+                    if r["outcome"] == "ok"}
+            return next(iter(pids - {worker_pid}), None)
+
+        second_pid = wait_for(run_by_another, about="a job run by the worker started again")
+        assert f"the worker beside serve (pid {worker_pid}) exited" in \
+            (tmp_path / "serve.log").read_text()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
 
     def gone() -> bool:
-        try:
-            os.kill(worker_pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
+        for pid in (worker_pid, second_pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
 
-    wait_for(gone, timeout=30, about="the worker stopping with serve")
+    wait_for(gone, timeout=30, about="the workers stopping with serve")
 
 
 def test_serve_with_worker_on_postgres_runs_the_jobs_inside_serve(
