@@ -63,10 +63,15 @@ class IntentJournal:
             note(log, logging.ERROR, "could not write the intent of request %s: %s",
                  intent.get("request_id"), exc)
 
-    def settled(self, request_id: str, row: dict[str, Any]) -> None:
-        """The call's ledger row, priced, before the call is answered and the row committed
-        (metering/unwritten.py): a worker that dies before the commit leaves the very row."""
-        line = orjson.dumps({"settled": row}, default=str) + b"\n"
+    def settled(self, request_id: str, row: dict[str, Any],
+                meters: list[tuple[str, str]] | None = None) -> None:
+        """The call's ledger row, priced, and the (meter, item) events it caused upstream,
+        before the call is answered and they are committed (metering/unwritten.py): a worker
+        that dies before the commit leaves the very row and events."""
+        doc: dict[str, Any] = {"settled": row}
+        if meters:
+            doc["meters"] = meters
+        line = orjson.dumps(doc, default=str) + b"\n"
         try:
             with self._lock:
                 fd = self._ensure()

@@ -37,13 +37,28 @@ class RelayedEvents:
         """Record each item's event for the call's end user; returns how many were new. Never
         raises: an event the database cannot take now is spooled, anything else is logged
         and counted."""
+        return self._record(call.app_id, call.end_user_id, call.request_id,
+                            call.created_at.isoformat(), items)
+
+    def record_items(self, row: dict[str, Any], items: Iterable[Any]) -> int:
+        """record() for a call known by its ledger row (a dead worker's journal)."""
+        try:
+            pairs = [(str(meter), str(item)) for meter, item in items]
+            return self._record(int(row["app_id"]), int(row["end_user_id"]),
+                                str(row["request_id"]), str(row["created_at"]), pairs)
+        except (KeyError, TypeError, ValueError) as exc:  # a journal line cut or mangled
+            self._failed("meter_event_lost", {"request_id": row.get("request_id")}, exc)
+            return 0
+
+    def _record(self, app_id: int, end_user_id: int, request_id: str, occurred_at: str,
+                items: Iterable[tuple[str, str]]) -> int:
         new, away = 0, None
         for meter_id, item_id in dict.fromkeys(items):
             if self.meters.config.meter(meter_id) is None:
                 continue
-            row = {"app_id": call.app_id, "end_user_id": call.end_user_id, "meter": meter_id,
-                   "key": f"{call.request_id}:{item_id}", "request_id": call.request_id,
-                   "occurred_at": call.created_at.isoformat()}
+            row = {"app_id": app_id, "end_user_id": end_user_id, "meter": meter_id,
+                   "key": f"{request_id}:{item_id}", "request_id": request_id,
+                   "occurred_at": occurred_at}
             if away is not None:  # the database failed this call's last event: the rest
                 self._spool(row, away)  # are not tried one by one
                 continue

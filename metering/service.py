@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -37,10 +38,14 @@ class Relayed(Protocol):
 
     def record(self, call: CallRecord, items: Iterable[tuple[str, str]]) -> int: ...
 
+    def record_items(self, row: dict[str, Any], items: Iterable[Any]) -> int: ...
+
     def spooled(self) -> int: ...
 
     def replay(self) -> int: ...
 
+
+log = logging.getLogger(__name__)
 ENDPOINT_CHAT = "chat.completions"
 ENDPOINT_COMPLETIONS = "completions"
 ENDPOINT_EMBEDDINGS = "embeddings"
@@ -221,22 +226,35 @@ class MeteringService:
         )
         outcome.record = record
         row = record.row()
+        items = self._items(outcome)
         if self._background is None:
-            self._write(record, row, outcome)
+            self._write(record, row, items)
             return record
-        # Served: answered once the row is in the journal; committed beside the next calls.
-        self.intents.settled(record.request_id, row)
+        # Served: answered once the row (and the meter events the call caused) is in the
+        # journal; committed beside the next calls.
+        self.intents.settled(record.request_id, row, items)
         self.unwritten.answering()
-        self._background(functools.partial(self._write, record, row, outcome))
+        self._background(functools.partial(self._write, record, row, items))
         return record
 
-    def _write(self, record: CallRecord, row: dict[str, Any], outcome: CallOutcome) -> None:
+    def _items(self, outcome: CallOutcome) -> list[tuple[str, str]]:
+        """The meter events a relayed call caused upstream (its web searches), if recorded."""
+        if self.relayed is None or not outcome.accepted:
+            return []
+        try:
+            return list(outcome.metered_items())
+        except Exception:  # noqa: BLE001 - never in the way of the call's own row
+            log.exception("reading the meter events of request %s failed", outcome.request_id)
+            return []
+
+    def _write(self, record: CallRecord, row: dict[str, Any],
+               items: list[tuple[str, str]]) -> None:
         try:
             # never raises: written, spooled or quarantined
             self.ledger.record_row(row, answered=self._background is not None)
-            self.intents.close(record.request_id)
-            if self.relayed is not None and outcome.accepted:
-                self.relayed.record(record, outcome.metered_items())  # never raises
+            if items and self.relayed is not None:
+                self.relayed.record(record, items)  # never raises
+            self.intents.close(record.request_id)  # only now: the journal has the events too
         finally:
             if self._background is not None:
                 self.unwritten.written()
@@ -299,6 +317,8 @@ class MeteringService:
         spool's replay writes it once, whether or not the commit had happened)."""
         if "settled" in intent:
             self.ledger.spool_row(intent["settled"])
+            if intent.get("meters") and self.relayed is not None:  # once each, by their keys
+                self.relayed.record_items(intent["settled"], intent["meters"])
             return
         app_id, key = int(intent["app_id"]), str(intent["idempotency_key"])
         if self.ledger.key_used(app_id, key):

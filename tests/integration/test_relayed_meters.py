@@ -4,6 +4,8 @@ replay at the next start (or `meterlane ledger replay`) records each once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,16 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from core.auth import Role
 from core.db import make_engine, utcnow
 from core.tenancy import TenancyService
 from metering.meters import MeterService
-from metering.models import MeterEvent
+from metering.models import MeterEvent, UsageEvent
 from metering.records import CallRecord
 from metering.relayed import RelayedEvents
 from metering.spool import Spool
-from tests.conftest import config_from_toml, gateway_toml
+from tests.conftest import bearer, config_from_toml, gateway_toml
+from tests.e2e.test_web_searches import METER, NATIVE, SEARCH
 from tests.integration.test_meters import METERS
 from tests.support.upstream import FakeUpstream
 
@@ -101,3 +105,40 @@ def test_the_ledger_replay_command_replays_the_meter_spool(wired: Any,
     assert "replayed 1 meter events of relayed calls" in result.output
     assert events(wired.engine) == [("req_x:ws_1", 10**10)]
     assert wired.metering.relayed.spooled() == 0
+
+
+def test_searches_of_a_call_answered_by_a_worker_that_died_are_recovered(
+        clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -> None:
+    # A served call is answered once its row is in the worker's journal, and committed
+    # after; the meter events it caused upstream must be in that journal too, or a worker
+    # killed in between loses them while the next start recovers the row.
+    from app import create_app
+
+    toml = gateway_toml(upstream.base_url) + NATIVE.format(base=upstream.base_url) + METER
+    app = create_app(config_from_toml(toml, tmp_path, database_url=pg_url))
+    wiring = app.extensions["wiring"]
+    try:
+        key = wiring.keys.create_key(Role.APP, "searcher").key
+        upstream.behaviour = {"web_searches": 2}
+        never_run: list[Any] = []  # the worker dies as the answer leaves: no commit runs
+        wiring.metering._background = never_run.append
+        answer = app.test_client().post(
+            "/v1/responses", json={"model": "gpt-native", "input": "find it", "tools": SEARCH},
+            headers={**bearer(key), "X-Meterlane-User": "sol"})
+        assert answer.status_code == 200, answer.data
+        assert never_run and events(wiring.engine) == []
+        request_id = answer.headers["x-request-id"]
+
+        journal = wiring.metering.intents  # the worker is gone: its journal names no process
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        journal._path(os.getpid()).rename(journal._path(gone.pid))
+        assert wiring.metering.recover_lost() == 1
+        with wiring.engine.connect() as conn:
+            assert conn.scalar(select(UsageEvent.request_id)) == request_id
+        found = events(wiring.engine)
+        assert len(found) == 2 and all(k.startswith(f"{request_id}:ws_") for k, _ in found)
+        assert wiring.metering.recover_lost() == 0  # recorded once
+    finally:
+        upstream.behaviour = {}
+        wiring.engine.dispose()
