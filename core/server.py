@@ -126,13 +126,20 @@ class _Kept:
                 return
             log.warning("the worker beside serve (pid %d) exited (code %s); starting another "
                         "in %.0f s", proc.pid, code, pause)
-            if self._stopping.wait(pause):
-                return
-            with self._lock:
-                if self._stopping.is_set() or STOPPING.is_set():
+            while True:  # until one starts: a start that fails (no memory, the program gone
+                # in a deploy) is tried again, never leaving the jobs without a worker
+                if self._stopping.wait(pause):
                     return
-                self.proc = self._start()
-            pause = min(pause * 2, RESTART_PAUSE[1])
+                pause = min(pause * 2, RESTART_PAUSE[1])
+                with self._lock:
+                    if self._stopping.is_set() or STOPPING.is_set():
+                        return
+                    try:
+                        self.proc = self._start()
+                        break
+                    except OSError as exc:
+                        log.error("could not start the worker beside serve (%s); trying again "
+                                  "in %.0f s", exc, pause)
 
     def stop(self) -> None:
         with self._lock:
