@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import gateway_toml
 from tests.e2e.test_serve import cli, start_server, stop
+from tests.support.polling import wait_for
 from tests.support.services import create_database
 from tests.support.upstream import FakeUpstream
 
@@ -41,13 +42,6 @@ def request(base: str, method: str, path: str, key: str, body: Any = None
 
 def statuses(base: str, key: str, n: int = 12) -> set[int]:
     return {request(base, "GET", "/v1/models", key)[0] for _ in range(n)}
-
-
-def until(check: Any, what: str, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)  # polling a wall-clock expiry, not synchronising with the server
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,8 @@ def test_rotation_and_revocation_reach_every_worker(served: tuple[str, str]) -> 
     def last_used() -> Any:
         return request(base, "GET", f"/v1/keys/{made['id']}", admin)[1]["last_used_at"]
 
-    until(lambda: last_used() is not None, "the key's last use was never written")
+    wait_for(lambda: last_used() is not None, 20, "the key's last use was never written",
+             interval=0.1)
 
     status, rotated = request(base, "POST", f"/v1/keys/{made['id']}/rotate", admin,
                               {"overlap_seconds": 1})
@@ -90,14 +85,15 @@ def test_rotation_and_revocation_reach_every_worker(served: tuple[str, str]) -> 
     # the old key: refused by every worker once the overlap is over and every worker's
     # cached copy (read before the rotation, without the new expiry) has lapsed
     bound = max(1, CACHE_SECONDS) + 0.5
-    until(lambda: time.monotonic() - rotated_at > bound, "")  # the documented bound
+    wait_for(lambda: time.monotonic() - rotated_at > bound, 20,  # the documented bound
+             interval=0.1)
     assert statuses(base, old) == {401} and statuses(base, new) == {200}
 
     status, revoked = request(base, "DELETE", f"/v1/keys/{rotated['id']}", admin)
     assert status == 200 and revoked["state"] == "revoked"
     revoked_at = time.monotonic()
     # the revoking worker at once; the other within MLANE_KEY_CACHE_SECONDS
-    until(lambda: time.monotonic() - revoked_at > CACHE_SECONDS + 0.5, "")
+    wait_for(lambda: time.monotonic() - revoked_at > CACHE_SECONDS + 0.5, 20, interval=0.1)
     assert statuses(base, new, 20) == {401}
 
     status, trail = request(base, "GET", "/v1/audit?app=acme", admin)

@@ -11,8 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from core.events import EventService
 from core.models import JobRun, JobState
 from core.tenancy import TenancyService
 from tests.e2e.test_serve import cli, free_port, served_engine, wait_ready
+from tests.support.polling import wait_for
 from tests.support.services import create_database
 
 pytestmark = pytest.mark.e2e
@@ -33,17 +33,6 @@ JOBS = ("webhooks", "notices", "overage", "credits", "rollup", "limits", "quaran
         "idempotency")
 INTERVALS = ("webhooks=1,notices=2,overage=2,credits=2,rollup=2,limits=2,quarantine=2,"
              "idempotency=2")
-
-
-def wait_for(what: Callable[[], Any], timeout: float = 60, about: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = what()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not in {timeout} s: {about}")
-        time.sleep(0.1)  # polling the job tables, not synchronising
 
 
 @pytest.fixture()

@@ -9,9 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from plans.models import CreditOverage, StripeCustomer
 from plans.overage import OverageReporter, meter_identifier
 from tests.conftest import config_from_toml, fake_stripe_server, gateway_toml
 from tests.integration.test_stripe_overage import subscribe_alice, track
+from tests.support.polling import wait_for
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
@@ -80,14 +80,6 @@ api_base = "{stripe_url}"
 
 def meter_events(stripe_url: str) -> dict[str, Any]:
     return dict(httpx.get(f"{stripe_url}/_config/meter_events").json())
-
-
-def wait_for(what: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition did not come true in time")
-        time.sleep(0.05)
 
 
 def crash_mid_send(env: dict[str, str], stripe_url: str, *, taken: bool) -> None:

@@ -5,7 +5,6 @@ MLANE_KEY_CACHE_SECONDS, and with the database away calls fail as they did befor
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from core.keys import KeyService
 from core.tenancy import TenancyService
 from plans.catalog import parse_plans
 from plans.service import PlanService
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 TTL = 2.0
@@ -82,15 +82,6 @@ def _issue(engine: Engine) -> tuple[str, int]:
         return issue_in(conn, role=Role.APP, app_id=None, end_user_id=None)
 
 
-def until(check: Callable[[], bool], what: str) -> None:
-    """Poll a condition of the threads under test (they block on the held read, so there
-    is nothing to wait on but their count)."""
-    deadline = time.monotonic() + 30
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
-
-
 def burst(n: int, call: Callable[[], Any]) -> tuple[list[threading.Thread], list[Any]]:
     """n threads making the same call; their results (or exceptions) in `out`."""
     out: list[Any] = []
@@ -125,8 +116,9 @@ def held_burst(reads: Reads, cache: Any, call: Callable[[], Any],
     reads.entered.clear()
     threads, out = burst(n, call)
     assert reads.entered.wait(30)
-    until(lambda: (cache.joined - joined) + (reads.count - began) >= n,
-          "the calls never arrived")
+    # (the threads block on the held read: nothing to wait on but their count)
+    wait_for(lambda: (cache.joined - joined) + (reads.count - began) >= n, 30,
+             "the calls never arrived", interval=0.001)
     reads.hold.set()
     join(threads)
     return out
@@ -195,7 +187,8 @@ def test_a_key_revoked_through_another_worker_is_refused_within_the_ttl(
     clock.now += TTL * 0.25  # the TTL is over: calls now wait for the read under way
     reads = key_reads.count
     threads, out = burst(CALLS, lambda: here.authenticate(key))
-    until(lambda: here._cache.joined >= CALLS, "the calls never joined the read")
+    wait_for(lambda: here._cache.joined >= CALLS, 30, "the calls never joined the read",
+             interval=0.001)
     key_reads.hold.set()
     join(refresher + threads)
     assert key_reads.count == reads
@@ -265,8 +258,8 @@ def test_with_the_database_away_a_cached_key_serves_its_ttl_then_calls_fail_as_b
         entered.clear()
         threads, out = burst(CALLS, lambda: auth.authenticate(key))
         assert entered.wait(30)
-        until(lambda: auth._cache.joined + connects[0] - 2 >= CALLS - 1,
-              "the calls never arrived")
+        wait_for(lambda: auth._cache.joined + connects[0] - 2 >= CALLS - 1, 30,
+                 "the calls never arrived", interval=0.001)
         hold.set()
         join(threads)
         assert connects[0] == 2

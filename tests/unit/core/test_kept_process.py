@@ -7,20 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from core import server
-
-
-def _until(what: Callable[[], bool], about: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, f"not in {timeout} s: {about}"
-        time.sleep(0.01)  # polling what the child and the watcher leave, not synchronising
+from tests.support.polling import wait_for
 
 
 def test_a_start_that_fails_is_tried_again_until_one_runs(
@@ -38,13 +30,13 @@ def test_a_start_that_fails_is_tried_again_until_one_runs(
     caplog.set_level(logging.WARNING, logger="core.server")
     kept = server._Kept([str(program)], dict(os.environ))
     try:
-        _until(lambda: started(1), "the first start")
+        wait_for(lambda: started(1), 20, "the first start", interval=0.01)
         program.rename(tmp_path / "moved")  # the program is gone (a deploy, say) ...
         os.kill(kept.proc.pid, signal.SIGKILL)  # ... as the worker dies
-        _until(lambda: "could not start the worker beside serve" in caplog.text,
-               "a failed start")
+        wait_for(lambda: "could not start the worker beside serve" in caplog.text, 20,
+                 "a failed start", interval=0.01)
         (tmp_path / "moved").rename(program)  # back: the next try starts it
-        _until(lambda: started(2), "the start after the failed ones")
+        wait_for(lambda: started(2), 20, "the start after the failed ones", interval=0.01)
         assert "exited (code -9)" in caplog.text
     finally:
         kept.stop()
