@@ -9,6 +9,7 @@ waiting never counts; --sort cumtime shows where a call's CPU goes by caller.
 
     python bench/call_cpu.py                        # SQLite, no plans (the default install)
     python bench/call_cpu.py --setup postgres+redis --profile --sort cumtime
+    python bench/call_cpu.py --setup bare           # the bare forwarder (bench/bare_forwarder.py)
 
 On a shared machine, compare two trees side by side (PYTHONPATH=<tree> for each, run in
 turns); numbers of one run alone move by 15% with the machine's load.
@@ -42,14 +43,19 @@ from bench._procs import (  # noqa: E402
     write_config,
 )
 from bench._storeload import BENCH_PLAN_TOML  # noqa: E402
+from bench.bare_forwarder import UPSTREAM_ENV  # noqa: E402
 
 PATH = "/v1/chat/completions"
+SETUPS = ("bare", "sqlite", "sqlite+plans", "postgres", "postgres+plans", "postgres+redis")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setup", choices=("sqlite", "postgres+redis"), default="sqlite")
+    parser.add_argument("--setup", choices=SETUPS, default="sqlite",
+                        help="the database, the limit store (Redis, else the database's) and "
+                        "whether the bench plan's limits are on: the setups between the two "
+                        "ends tell what each adds")
     parser.add_argument("--calls", type=int, default=3000, help="calls a round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=300)
@@ -68,23 +74,32 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="meterlane-callcpu-"))
     procs = Processes()
     prefix = f"callcpu{os.getpid()}:"
-    limits = args.setup == "postgres+redis"
+    postgres = args.setup.startswith("postgres")
+    limits = args.setup.endswith(("+redis", "+plans"))
     try:
         _up, base = start_upstream(procs, tmp)
-        write_config(tmp / "config.toml", base, BENCH_PLAN_TOML if limits else "")
+        plans = BENCH_PLAN_TOML if limits else ""
+        if args.setup.endswith("+plans"):  # the limits in the database's own store
+            plans = plans.replace('store = "redis"', 'store = "sql"')
+        write_config(tmp / "config.toml", base, plans)
         extra: dict[str, str] = {}
-        if limits:
+        if postgres:
             extra.update(MLANE_DATABASE_URL=postgres_database(args.postgres_url,
-                                                              args.postgres_db),
-                         MLANE_REDIS_URL=args.redis_url, MLANE_REDIS_PREFIX=prefix)
+                                                              args.postgres_db))
+        if args.setup.endswith("+redis"):
+            extra.update(MLANE_REDIS_URL=args.redis_url, MLANE_REDIS_PREFIX=prefix)
         env = serve_env(tmp / "config.toml", tmp / "var", **extra)
-        if limits:
+        if postgres:
             cli(env, "db", "upgrade")
-        key = cli(env, "keys", "create", "--role", "app", "--app", "bench").strip() \
-            .splitlines()[-1]
-        os.environ.clear()
-        os.environ.update(env)
-        call = _caller(key)
+        if args.setup == "bare":
+            os.environ[UPSTREAM_ENV] = base
+            call = _caller(None)
+        else:
+            key = cli(env, "keys", "create", "--role", "app", "--app", "bench").strip() \
+                .splitlines()[-1]
+            os.environ.clear()
+            os.environ.update(env)
+            call = _caller(key)
         for _ in range(args.warmup):
             call()
         results = []
@@ -104,21 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         procs.stop_all()
-        if limits:
+        if args.setup.endswith("+redis"):
             from bench._redisbench import connect, delete_prefix
 
             delete_prefix(connect(args.redis_url), prefix)
+        if postgres:
             drop_postgres_database(args.postgres_url, args.postgres_db)
 
 
-def _caller(key: str) -> Callable[[], None]:
+def _caller(key: str | None) -> Callable[[], None]:
     """One call through the serving app's WSGI interface, its answer read and closed (the
-    request's log line is written then) as a server would."""
+    request's log line is written then) as a server would. No key: the bare forwarder's."""
     from app import serving_app
+    from bench.bare_forwarder import create_app
     from core import logs
 
     logs.configure("text", stream=open(os.devnull, "w"))  # noqa: SIM115 - the process's
-    app = serving_app()
+    app = serving_app() if key is not None else create_app()
     body = chat_body(stream=False, words=16, chunk_delay_ms=0)
     base: dict[str, Any] = {
         "REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": PATH, "QUERY_STRING": "",
