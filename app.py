@@ -406,6 +406,7 @@ def create_app(config: Config | None = None) -> Flask:
     from finance.api import page_bp as finance_page_bp
     from gateway.api import anthropic_bp
     from gateway.api import bp as gateway_bp
+    from gateway.fastpath import install as install_fast_path
     from metering.api import bp as metering_bp
     from metering.cloudevents import bp as cloudevents_bp
     from metering.corrections_api import bp as corrections_bp
@@ -421,11 +422,6 @@ def create_app(config: Config | None = None) -> Flask:
     config = config or Config.from_env()
     app = App("meterlane", root_path=str(Path(__file__).parent), static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    if config.trusted_proxies:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        app.wsgi_app = ProxyFix(app.wsgi_app,  # type: ignore[method-assign]
-                                x_for=config.trusted_proxies, x_proto=1)
     app.extensions["wiring"] = wiring = build_wiring(config)
     app.extensions["parts"] = wiring.parts()
     try:  # never stops the start: what the database refuses goes to the quarantine
@@ -453,6 +449,12 @@ def create_app(config: Config | None = None) -> Flask:
     install_hooks(app)
     wiring.metering.unwritten.install(
         app, skip=("gateway", "anthropic", "ops.healthz", "ops.readyz"))
+    install_fast_path(app)  # the gateway's OpenAI calls without Flask's request machinery
+    if config.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app,  # type: ignore[method-assign]
+                                x_for=config.trusted_proxies, x_proto=1)
     return app
 
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # `from x import name` is wrapped where it is used (gateway.service.parse_body).
 STAGES: list[tuple[str, str, str]] = [
     ("core.auth", "AuthService.authenticate", "auth (key lookup, cached)"),
-    ("gateway.api", "request_bytes", "read body"),
+    ("gateway.api", "request_bytes", "read body"),  # a call that goes through Flask
+    ("gateway.fastpath", "GatewayFastPath._body", "read body"),
     ("gateway.service", "parse_body", "parse JSON body"),
     ("gateway.service", "GatewayService._prepare", "validate call"),
     ("core.tenancy", "TenancyService.ensure_end_user", "end user lookup"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -47,7 +47,7 @@ def request_span() -> Span | None:
 
 
 @dataclass
-class _Ended:
+class Ended:
     """What the line needs, taken while the request context is there (the line is written
     once the response is closed, after it)."""
 
@@ -82,16 +82,16 @@ def install(app: Flask, tracing: Tracing) -> None:
             response.headers.update(detail.response_headers())
         principal = g.get("principal")
         rule = request.url_rule
-        ended = _Ended(request_id=g.get("request_id", ""),
-                       client_request_id=request.environ.get("HTTP_X_REQUEST_ID"),
-                       method=request.method,
-                       route=rule.rule if rule is not None else None,
-                       status=response.status_code,
-                       app=getattr(principal, "app_name", None),
-                       role=getattr(getattr(principal, "role", None), "value", None),
-                       started=g.get("request_started", time.perf_counter()),
-                       span=g.get("request_span"), detail=detail)
-        close = functools.partial(_close, ended)
+        ended = Ended(request_id=g.get("request_id", ""),
+                      client_request_id=request.environ.get("HTTP_X_REQUEST_ID"),
+                      method=request.method,
+                      route=rule.rule if rule is not None else None,
+                      status=response.status_code,
+                      app=getattr(principal, "app_name", None),
+                      role=getattr(getattr(principal, "role", None), "value", None),
+                      started=g.get("request_started", time.perf_counter()),
+                      span=g.get("request_span"), detail=detail)
+        close = line_closer(ended)
         if response.direct_passthrough:  # a stream: werkzeug hands the server its body as
             # it is, without the response's close callbacks; the line comes at its end
             response.response = ClosingIterator(cast(Iterable[bytes], response.response), close)
@@ -100,7 +100,12 @@ def install(app: Flask, tracing: Tracing) -> None:
         return response
 
 
-def _close(ended: _Ended) -> None:
+def line_closer(ended: Ended) -> Callable[[], None]:
+    """What writes the request's line (and ends its span) once its response is closed."""
+    return functools.partial(_close, ended)
+
+
+def _close(ended: Ended) -> None:
     """The response is sent (a stream: to its end, or the client left): the line."""
     fields: dict[str, Any] = {
         "request_id": ended.request_id, "method": ended.method, "route": ended.route,

@@ -70,10 +70,15 @@ def request_id() -> str:
 
 def bearer_key() -> str | None:
     """The key of `Authorization: Bearer <key>`, or of `X-Api-Key` (Anthropic's SDK)."""
-    header = request.headers.get("Authorization")
+    return bearer_of(request.environ)
+
+
+def bearer_of(environ: dict[str, Any]) -> str | None:
+    """bearer_key() of a WSGI environ."""
+    header = environ.get("HTTP_AUTHORIZATION")
     if header is None:
-        return request.headers.get("X-Api-Key", "").strip() or None
-    scheme, _, value = header.partition(" ")
+        return str(environ.get("HTTP_X_API_KEY", "")).strip() or None
+    scheme, _, value = str(header).partition(" ")
     if scheme.lower() != "bearer":
         return None
     return value.strip() or None
@@ -136,16 +141,16 @@ def request_bytes() -> bytes:
         try:
             data = request.get_data()
         except RequestEntityTooLarge:
-            raise _too_large(limit) from None
+            raise body_too_large(limit) from None
     else:
         data = request.environ["wsgi.input"].read(limit + 1)
         if len(data) > limit:
-            raise _too_large(limit)
+            raise body_too_large(limit)
     g.request_bytes = data
     return data
 
 
-def _too_large(limit: int | None) -> PayloadTooLargeError:
+def body_too_large(limit: int | None) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"The request body is larger than {limit} bytes "
                                 "(MLANE_MAX_BODY_BYTES).")
 

@@ -73,34 +73,31 @@ def models() -> Response:
     return json_response(part(GatewayService).list_models())
 
 
-@bp.errorhandler(DomainError)
-def domain_error(exc: DomainError) -> Response:
-    body = openai_error(exc.detail, type_=exc.openai_type, code=exc.openai_code,
-                        param=exc.param, **exc.extra)
-    return json_response(body, status=exc.status, headers=exc.headers)
+def openai_answer(exc: Exception, request_id: str) -> tuple[int, dict[str, Any],
+                                                          dict[str, str] | None]:
+    """An error of a gateway call in OpenAI's envelope: its status, body and headers (the
+    blueprint's handlers and the fast path, gateway/fastpath.py, answer with this)."""
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):
+        log.error("database unavailable in gateway request %s: %s", request_id, exc)
+        exc = DATABASE_UNAVAILABLE
+    if isinstance(exc, DomainError):
+        return exc.status, openai_error(exc.detail, type_=exc.openai_type, code=exc.openai_code,
+                                        param=exc.param, **exc.extra), exc.headers
+    if isinstance(exc, HTTPException):
+        status = exc.code or 500
+        code = "request_too_large" if status == 413 else \
+            (exc.name or "error").lower().replace(" ", "_")
+        return status, openai_error(exc.description or exc.name, type_="invalid_request_error",
+                                    code=code), None
+    log.exception("unhandled error in gateway request %s", request_id)
+    return 500, openai_error("Internal error in the gateway; the request id identifies it.",
+                             type_="server_error", code="internal_error"), None
 
 
-@bp.errorhandler(OperationalError)
-@bp.errorhandler(PoolTimeoutError)
-def database_down(exc: Exception) -> Response:
-    log.error("database unavailable in gateway request %s: %s", request_id(), exc)
-    return domain_error(DATABASE_UNAVAILABLE)
-
-
-@bp.errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
-    status = exc.code or 500
-    code = "request_too_large" if status == 413 else (exc.name or "error").lower().replace(" ", "_")
-    body = openai_error(exc.description or exc.name, type_="invalid_request_error", code=code)
-    return json_response(body, status=status)
-
-
-@bp.errorhandler(Exception)
-def unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error in gateway request %s", request_id())
-    body = openai_error("Internal error in the gateway; the request id identifies it.",
-                        type_="server_error", code="internal_error")
-    return json_response(body, status=500)
+@bp.errorhandler(Exception)  # DomainError, HTTPException, the database down, any other
+def gateway_error(exc: Exception) -> Response:
+    status, body, headers = openai_answer(exc, request_id())
+    return json_response(body, status=status, headers=headers)
 
 
 # Anthropic's Messages API: its own blueprint, so that its errors use Anthropic's envelope.
