@@ -94,9 +94,17 @@ def served_engine(env: dict[str, str], url: str | None = None) -> Engine:
     return engine
 
 
+# Left alone, serve sizes its pools to own the database server's connections (core/server.py
+# size_pools). The suite's two xdist workers share one Postgres of 100, each with a server of
+# its own at times (test_money_concurrency's takes up to 40): a server of the tests takes at
+# most 16 a worker unless its test chooses. Two of them at once ran out of connections.
+TEST_POOLS = {"MLANE_DB_POOL_SIZE": "4", "MLANE_DB_MAX_OVERFLOW": "12"}
+
+
 def start_server(env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (tmp / f"serve-{port}.log").open("wb")
+    env = env if "MLANE_DB_POOL_SIZE" in env else {**env, **TEST_POOLS}
     proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port),
                              "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
