@@ -19,10 +19,12 @@ Everything else goes to Flask untouched: another method or path, a query string 
 an `Idempotency-Key` (the replay store is Flask's hook), a body without a Content-Length
 (chunked), and every request while tracing is on (the request span is Flask's hook). So does
 Anthropic's /v1/messages (its own envelope). tests/integration/test_fast_path.py holds the
-two paths to the same answers."""
+two paths to the same answers. Flask's hooks that a gateway call passes through are listed in
+MIRRORED_HOOKS: a hook added later and not listed turns the fast path off (install)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -30,9 +32,9 @@ from typing import Any
 
 import orjson
 from flask import Flask
-from werkzeug.exceptions import ClientDisconnected
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
-from werkzeug.wsgi import ClosingIterator
+from werkzeug.wsgi import ClosingIterator, get_input_stream
 
 from core.auth import AuthService, Principal
 from core.metrics import Metrics
@@ -45,6 +47,7 @@ from gateway.service import CallContext, GatewayResponse, GatewayService
 from gateway.telemetry import CallTrace
 from metering.service import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
+log = logging.getLogger(__name__)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Serve = Callable[[GatewayService, CallContext, bytes], GatewayResponse]
 
@@ -88,14 +91,14 @@ class GatewayFastPath:
                 or not (length.isascii() and length.isdigit()) \
                 or self._parts().get(Tracing).tracer is not None:
             return self.flask_wsgi(environ, start_response)
-        return self._serve(environ, start_response, serve, int(length))
+        return self._serve(environ, start_response, serve)
 
     def _parts(self) -> Parts:
         parts: Parts = self.app.extensions["parts"]
         return parts
 
     def _serve(self, environ: dict[str, Any], start_response: Callable[..., Any],
-               serve: Serve, length: int) -> Iterable[bytes]:
+               serve: Serve) -> Iterable[bytes]:
         started = time.perf_counter()
         request_id = f"req_{uuid.uuid4().hex}"
         parts = self._parts()
@@ -106,47 +109,86 @@ class GatewayFastPath:
             # the order of the blueprint's view: the caller, then the body, then the call
             principal = parts.get(AuthService).authenticate(bearer_of(environ))
             trace = CallTrace(parts.get(Metrics), app=principal.app_name)
-            raw = self._body(environ, length)
+            raw = self._body(environ)
             result = serve(parts.get(GatewayService), CallContext(
                 principal=principal, request_id=request_id,
                 user_header=environ.get("HTTP_X_METERLANE_USER"), idempotency_key=None,
                 trace=trace), raw)
-            status, body, headers = result.status, result.body, dict(result.headers)
+            status, body, headers = result.status, result.body, result.headers
             if result.after is not None:
                 closers.append(result.after)
         except Exception as exc:  # noqa: BLE001 - answered as the blueprint answers it
             status, doc, extra = openai_answer(exc, request_id)
             body = orjson.dumps(doc)
             headers = {"Content-Type": "application/json", **(extra or {})}
-        if trace is not None:
-            headers.update(trace.response_headers())
-        headers["X-Meterlane-Request-Id"] = headers["x-request-id"] = request_id
-        if isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
         closers.append(line_closer(Ended(
             request_id=request_id, client_request_id=environ.get("HTTP_X_REQUEST_ID"),
             method="POST", route=environ["PATH_INFO"], status=status,
             app=principal.app_name if principal is not None else None,
             role=principal.role.value if principal is not None else None,
             started=started, span=None, detail=trace)))
-        start_response(status_line(status), list(headers.items()))
+        try:
+            added = trace.response_headers() if trace is not None else {}
+            added["X-Meterlane-Request-Id"] = added["x-request-id"] = request_id
+            if isinstance(body, bytes):
+                added["Content-Length"] = str(len(body))
+            start_response(status_line(status), _merged(headers, added))
+        except BaseException:  # the answer cannot go out: its settle and line all the same
+            ClosingIterator((), closers).close()
+            raise
         return ClosingIterator([body] if isinstance(body, bytes) else body, closers)
 
-    def _body(self, environ: dict[str, Any], length: int) -> bytes:
-        """The body, as core/web.py's request_bytes reads it: past the limit, a 413; cut
-        short (the client left), a 400 as werkzeug's."""
+    def _body(self, environ: dict[str, Any]) -> bytes:
+        """The body, as core/web.py's request_bytes reads it (through werkzeug's input
+        stream, as Flask's request does: what a server that ends the stream itself, like
+        gunicorn, passes; a reset read as the client gone, a 400): past the limit, a 413."""
         limit = self.app.config.get("MAX_CONTENT_LENGTH")
-        if limit is not None and length > limit:
-            raise body_too_large(limit)
-        raw: bytes = environ["wsgi.input"].read(length) if length else b""
-        if len(raw) < length:
-            raise ClientDisconnected()
-        return raw
+        try:
+            return get_input_stream(environ, max_content_length=limit).read()
+        except RequestEntityTooLarge:
+            raise body_too_large(limit) from None
+
+
+def _merged(headers: dict[str, str], added: dict[str, str]) -> list[tuple[str, str]]:
+    """The response's headers: `added` replacing any of `headers` by the same name in any
+    case (as werkzeug's Headers would), each value a string."""
+    names = {name.lower() for name in added}
+    out = [(k, str(v)) for k, v in headers.items() if k.lower() not in names]
+    out.extend(added.items())
+    return out
+
+
+# The Flask hooks a gateway call goes through, each mirrored above or doing nothing for these
+# routes (no query, no Idempotency-Key, the gateway's blueprint skipped, no CORS path).
+MIRRORED_HOOKS = frozenset({
+    "core.observe.start_request", "core.observe.end_request", "core.web.assign_request_id",
+    "core.web.tag_response", "core.web.replay_or_claim", "core.web.keep_answer",
+    "core.web.let_go", "metering.unwritten.see_answered_calls", "paywall.api.cors"})
+
+
+def unmirrored_hooks(app: Flask) -> list[str]:
+    """The hooks a gateway call would run in Flask that the fast path does not mirror."""
+    found = []
+    for registry in (app.before_request_funcs, app.after_request_funcs,
+                     app.teardown_request_funcs, app.url_value_preprocessors):
+        for scope in (None, "gateway"):
+            for fn in registry.get(scope, ()):
+                name = f"{fn.__module__}.{fn.__name__}"
+                if name not in MIRRORED_HOOKS:
+                    found.append(name)
+    return found
 
 
 def install(app: Flask) -> None:
     """Put the fast path in front of the app's WSGI callable (before any middleware that
-    wraps the whole app, such as ProxyFix, so that those still see every request first)."""
+    wraps the whole app, such as ProxyFix, so that those still see every request first).
+    A Flask hook it does not mirror (one added later) turns it off, said at start: calls
+    then go through Flask, slower but never answered differently."""
     fast = GatewayFastPath(app, app.wsgi_app)
+    unknown = unmirrored_hooks(app)
+    if unknown:
+        log.warning("the gateway's fast path is off: Flask hooks it does not mirror: %s",
+                    ", ".join(unknown))
+        fast.enabled = False
     app.extensions["gateway_fast_path"] = fast
     app.wsgi_app = fast  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ none of Flask's hooks."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from core.logs import FIELDS
+from gateway.fastpath import install, unmirrored_hooks
 from metering.models import UsageEvent
 from tests.conftest import Keys, bearer, config_from_toml, gateway_toml, make_keys
 from tests.support.upstream import FakeUpstream
@@ -61,6 +63,8 @@ def app(clean_db: Engine, pg_url: str, upstream: FakeUpstream, tmp_path: Path) -
         flask_app.extensions["flask_served"].append(flask_app.extensions["now_sending"])
 
     flask_app.extensions["flask_served"] = []
+    flask_app.extensions["fast_path_on_at_start"] = flask_app.extensions[
+        "gateway_fast_path"].enabled
     yield flask_app
     flask_app.extensions["wiring"].engine.dispose()
 
@@ -201,3 +205,41 @@ def test_what_the_fast_path_leaves_to_flask_goes_there(app: Any, keys: Keys,
     resp = app.test_client().post(CHAT, json=body, headers=headers, **kw)
     resp.close()
     assert resp.status_code == 200 and app.extensions["flask_served"] == ["fallback"]
+
+
+class _ResetInput(io.BytesIO):
+    def read(self, *_args: Any) -> bytes:
+        raise ConnectionResetError("reset by peer")
+
+    readinto = read  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(("case", "environ", "status"), [
+    # gunicorn ends the body itself (wsgi.input_terminated): a short one is read as it is
+    ("short, the server ending it", {"wsgi.input_terminated": True, "CONTENT_LENGTH": "500"},
+     200),
+    ("short", {"CONTENT_LENGTH": "500"}, 400),  # the client left: werkzeug's 400
+    ("reset", {"wsgi.input": _ResetInput()}, 400),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_body_cut_short_is_read_alike(app: Any, keys: Keys, case: str, environ: Any,
+                                        status: int,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    body = b'{"model": "gpt-4o-mini", "max_tokens": 2, "messages": []}'
+    got, _, doc, line, _ = _same(app, CHAT, caplog, data=body, headers=bearer(keys.app),
+                                 content_type="application/json", environ_overrides=environ)
+    assert got == status == line["status"], doc
+
+
+def test_every_flask_hook_of_a_gateway_call_is_mirrored(app: Any) -> None:
+    # the app as create_app makes it: the fast path on (no hook it does not know)
+    assert app.extensions["fast_path_on_at_start"] is True
+    # the fixture's own hook, added since, is one it does not know
+    assert unmirrored_hooks(app) == ["tests.integration.test_fast_path.seen_by_flask"]
+    plain = Flask("plain")
+
+    @plain.after_request
+    def stamp(response: Any) -> Any:
+        return response
+
+    install(plain)
+    assert plain.extensions["gateway_fast_path"].enabled is False  # calls go through Flask
