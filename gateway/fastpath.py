@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 from flask import Flask
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator, get_input_stream
 
@@ -143,6 +143,15 @@ class GatewayFastPath:
         stream, as Flask's request does: what a server that ends the stream itself, like
         gunicorn, passes; a reset read as the client gone, a 400): past the limit, a 413."""
         limit = self.app.config.get("MAX_CONTENT_LENGTH")
+        length = int(environ["CONTENT_LENGTH"])
+        if "wsgi.input_terminated" in environ and (limit is None or length <= limit):
+            # the server ends the body at its length (gunicorn): what werkzeug's stream would
+            # read, without its two 64 KB buffers a call (45 us)
+            try:
+                raw: bytes = environ["wsgi.input"].read(length)
+            except (OSError, ValueError) as exc:
+                raise ClientDisconnected() from exc
+            return raw
         try:
             return get_input_stream(environ, max_content_length=limit).read()
         except RequestEntityTooLarge:

@@ -220,6 +220,8 @@ class _ResetInput(io.BytesIO):
      200),
     ("short", {"CONTENT_LENGTH": "500"}, 400),  # the client left: werkzeug's 400
     ("reset", {"wsgi.input": _ResetInput()}, 400),
+    ("reset, the server ending it", {"wsgi.input": _ResetInput(), "wsgi.input_terminated": True},
+     400),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_body_cut_short_is_read_alike(app: Any, keys: Keys, case: str, environ: Any,
                                         status: int,
