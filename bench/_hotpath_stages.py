@@ -89,7 +89,7 @@ def _read_stages(port: int, latency: dict[str, float]) -> dict[str, Any]:
         rows.append({"stage": stage, "us_per_call": round(1e6 * v["seconds"] / n, 1),
                      "calls_per_request": round(v["calls"] / n, 2),
                      "share_pct": round(100 * v["seconds"] / total, 1) if total else None})
-    rows.append({"stage": "other in the worker (Flask, hooks, gateway glue, logging)",
+    rows.append({"stage": "other in the worker (fast path glue, logging, writing the answer)",
                  "us_per_call": round(1e6 * (total - inside) / n, 1), "calls_per_request": 1,
                  "share_pct": round(100 * (total - inside) / total, 1) if total else None})
     return {"requests": doc["requests"], "worker_total_us": round(1e6 * total / n, 1),
