@@ -25,7 +25,11 @@ import orjson
 from core.logs import note
 
 log = logging.getLogger(__name__)
-ROTATE_BYTES = 4 * 1024 * 1024  # a journal is rewritten with its open intents past this
+# A journal is rewritten with only its open intents once it is past ROTATE_BYTES and at least
+# twice what they hold: each rewrite then follows as many bytes appended as it writes, so its
+# cost stays proportional to the calls (a backlog of open intents past ROTATE_BYTES must not
+# make every call's close rewrite all of them).
+ROTATE_BYTES = 4 * 1024 * 1024
 
 
 class IntentJournal:
@@ -35,7 +39,8 @@ class IntentJournal:
         self._fd: int | None = None
         self._pid: int | None = None
         self._open: dict[str, bytes] = {}  # request id -> its line, while the call runs
-        self._size = 0
+        self._size = 0  # the journal file's length
+        self._live = 0  # the bytes of the lines in _open
 
     def _path(self, pid: int) -> Path:
         return self.folder / f"intent-{pid}.jsonl"
@@ -45,6 +50,7 @@ class IntentJournal:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._pid = os.getpid()
             self._open = {}
+            self._live = 0
             self._fd = os.open(self._path(self._pid), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                0o600)
             self._size = os.fstat(self._fd).st_size
@@ -58,7 +64,7 @@ class IntentJournal:
                 fd = self._ensure()
                 os.write(fd, line)
                 self._size += len(line)
-                self._open[str(intent["request_id"])] = line
+                self._keep(str(intent["request_id"]), line)
         except OSError as exc:
             note(log, logging.ERROR, "could not write the intent of request %s: %s",
                  intent.get("request_id"), exc)
@@ -77,7 +83,7 @@ class IntentJournal:
                 fd = self._ensure()
                 os.write(fd, line)
                 self._size += len(line)
-                self._open[request_id] = line
+                self._keep(request_id, line)
         except OSError as exc:
             note(log, logging.ERROR, "could not write the row of request %s: %s",
                  request_id, exc)
@@ -87,16 +93,24 @@ class IntentJournal:
         line = orjson.dumps({"done": request_id}) + b"\n"
         try:
             with self._lock:
-                if self._open.pop(request_id, None) is None:
+                kept = self._open.pop(request_id, None)
+                if kept is None:
                     return
+                self._live -= len(kept)
                 fd = self._ensure()
                 os.write(fd, line)
                 self._size += len(line)
-                if self._size > ROTATE_BYTES:
+                if self._size > ROTATE_BYTES and self._size > 2 * self._live:
                     self._rotate()
         except OSError as exc:
             note(log, logging.ERROR, "could not close the intent of request %s: %s",
                  request_id, exc)
+
+    def _keep(self, request_id: str, line: bytes) -> None:
+        """The call's line to keep while it is open (its "settled" line replaces its intent)."""
+        old = self._open.get(request_id)
+        self._live += len(line) - (len(old) if old is not None else 0)
+        self._open[request_id] = line
 
     def _rotate(self) -> None:
         """Rewrite the journal with only the calls still running (atomic rename)."""

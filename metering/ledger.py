@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from core.tenancy import TenancyService
@@ -83,9 +83,10 @@ class LedgerWriter:
         # per-call compile and bind processing (half the cost of a write).
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sql, self._params = _driver_insert(engine.dialect.name)
+        self._many = _many_insert(engine.dialect.name)
         self.spool_dir = spool_dir
         self.spool = Spool(spool_dir, "usage")
-        self.batch_max = batch_max
+        self.batch_max = min(batch_max, MAX_ROWS_PER_STATEMENT)  # a batch is one statement
         # How long a commit of answered rows only may wait for more (0: never waits; set
         # by MeteringService where calls are answered before their commit).
         self.linger_s = 0.0
@@ -154,16 +155,16 @@ class LedgerWriter:
                 raise ValueError(f"event {i}: {why}")
         if not rows:
             return []
-        # Every row in one statement, keys already in the ledger skipped: on Postgres a
-        # pipeline that is one implicit transaction (a single round trip), on SQLite a
-        # transaction. Then, only when some were skipped, which were written: those holding
+        # Every row in one statement, keys already in the ledger skipped: on Postgres one
+        # INSERT (atomic by itself; more rows than it may bind, several in a transaction), on
+        # SQLite a transaction. Then, only when some were skipped, which were written: those holding
         # this request's id.
-        engine = self.engine if self.engine.dialect.name == "sqlite" else self._autocommit
+        one = self.engine.dialect.name != "sqlite" and len(rows) <= MAX_ROWS_PER_STATEMENT
+        engine = self._autocommit if one else self.engine
         try:
             with engine.begin() as conn:
-                inserted = conn.exec_driver_sql(
-                    self._sql + " ON CONFLICT (app_id, idempotency_key) DO NOTHING",
-                    [self._params(row) for row in rows]).rowcount
+                inserted = self._many(
+                    conn, rows, " ON CONFLICT (app_id, idempotency_key) DO NOTHING")
             if inserted == len(rows):
                 return ["written"] * len(rows)
             with self.engine.connect() as conn:
@@ -300,13 +301,13 @@ class LedgerWriter:
             batch = [p for p in batch if p.result is None]
             if not batch:
                 return
-        # One statement of many rows: atomic on Postgres (psycopg's pipeline); SQLite's
-        # executemany commits row by row in autocommit, so there the batch is a transaction:
-        # a duplicate in it leaves nothing half written for the row-by-row pass to misread.
+        # One statement of many rows: atomic on Postgres; SQLite's executemany commits row
+        # by row in autocommit, so there the batch is a transaction: a duplicate in it leaves
+        # nothing half written for the row-by-row pass to misread.
         engine = self.engine if self.engine.dialect.name == "sqlite" else self._autocommit
         try:
             with engine.begin() as conn:
-                conn.exec_driver_sql(self._sql, [self._params(p.row) for p in batch])
+                self._many(conn, [p.row for p in batch], "")
         except DBAPIError:
             # A duplicate key or an outage: sort it out row by row.
             for pending in batch:
@@ -474,6 +475,48 @@ def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[s
     table = UsageEvent.__tablename__
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"  # noqa: S608
     return sql, params
+
+
+# Postgres binds at most 65,535 parameters to a statement.
+MAX_ROWS_PER_STATEMENT = 65535 // (len(_TABLE.columns) - 1)
+_Many = Callable[[Connection, list[dict[str, Any]], str], int]
+
+
+def _many_insert(dialect: str) -> _Many:
+    """How rows are inserted together; returns the number inserted.
+
+    On Postgres, one INSERT of many VALUES rows: one statement, sent and answered in one
+    round trip. psycopg's executemany pipelines a statement per row instead, waiting on the
+    socket for each: under gevent every wait hands the worker to the calls it serves, so a
+    batch of 500 took seconds under load, and the ledger (and the memory of the calls waiting
+    for it) fell further behind the longer the load lasted. SQLite is in-process: its
+    executemany never waits on a socket."""
+    columns = [c.name for c in _TABLE.columns if c.name != "id"]
+    table = UsageEvent.__tablename__
+    if dialect != "postgresql":
+        sql, params = _driver_insert(dialect)
+
+        def executemany(conn: Connection, rows: list[dict[str, Any]], suffix: str = "") -> int:
+            return conn.exec_driver_sql(sql + suffix, [params(row) for row in rows]).rowcount
+
+        return executemany
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "  # noqa: S608 - our names
+    group = "(" + ", ".join(["%s"] * len(columns)) + ")"
+
+    per = MAX_ROWS_PER_STATEMENT
+
+    def values(conn: Connection, rows: list[dict[str, Any]], suffix: str = "") -> int:
+        # Postgres coerces each VALUES row of an INSERT to the columns' types, as for one row.
+        # More rows than one statement may bind go in several: atomic only in a transaction.
+        done = 0
+        for at in range(0, len(rows), per):
+            part = rows[at:at + per]
+            flat = tuple([row[c] for row in part for c in columns])
+            sql = head + ", ".join([group] * len(part)) + suffix
+            done += conn.exec_driver_sql(sql, flat).rowcount
+        return done
+
+    return values
 
 
 # A record spooled by an older version lacks the fields added since: their defaults.
