@@ -142,7 +142,9 @@ def print_report(meta: dict[str, Any], summary: dict[str, Any], rss: dict[str, A
     for name, check in ledgers.items():
         print(f"Ledger check {name}: {'OK' if check['ok'] else 'MISMATCH'}: "
               f"{check['ledger_rows']} rows for {check['sent']} requests sent (wrk in flight "
-              f"at its deadline, completed and metered: {check['wrk_abandoned']})")
+              f"at its deadline, completed and metered: {check['wrk_abandoned']}); rows "
+              f"not yet committed as a load ended, at most "
+              f"{max((p.get('behind_at_end', 0) for p in check['phases']), default=0)}")
         for phase in check["phases"]:
             if not phase["ok"]:
                 print(f"  phase {phase['phase']}: ledger +{phase['ledger_delta']} vs sent "

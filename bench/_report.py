@@ -46,14 +46,16 @@ def wait_ledger(gateway: Target, since: str, expected: int, timeout: float = 15)
 def metered_phase(target: Target, since: str, name: str, fn: Callable[[], dict[str, Any]]
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run a load against a gateway: (its result, the phase of the ledger check: requests
-    sent, ledger rows added meanwhile)."""
+    sent, ledger rows added meanwhile, and how many of them were not committed yet as the
+    load ended: a writer slower than the calls leaves a backlog that grows with the load)."""
     before = ledger_requests(target, since)
     result = fn()
+    behind = before + result["sent"] - ledger_requests(target, since)
     after = wait_ledger(target, since, before + result["sent"])
     return result, {"phase": name, "tool": result["tool"], "sent": result["sent"],
                     "ok_2xx": result["ok_2xx"], "non_2xx": result["non_2xx"],
                     "abandoned": result["abandoned_in_flight"], "ledger_delta": after - before,
-                    "ok": after - before == result["sent"]}
+                    "ok": after - before == result["sent"], "behind_at_end": behind}
 
 
 def ledger_check(phases: list[dict[str, Any]], ledger_rows: int) -> dict[str, Any]:
