@@ -266,6 +266,8 @@ def build_wiring(config: Config, *, check_schema: bool = True) -> Wiring:
     router = Router(config, frozenset(a for plan in catalog.plans for a, _ in plan.aliases),
                     metrics=metrics)
     gateway = GatewayService(config, tenancy, metering, upstreams, metrics, limits, plans, router)
+    if hasattr(limits.store, "hold_first"):  # Redis: a lone call's reserve holds the worker
+        limits.store.hold_first = router.alone
     idempotency = IdempotencyService(engine, lapse=lapse_for(config))
     meters = MeterService(engine, config, tenancy, limits)
     meters.price_at = finance.meter_prices.price_at

@@ -6,7 +6,10 @@ Python in limitstore.py step for step; the contract suite holds them to one beha
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -25,6 +28,10 @@ from metering.limitstore import (
 
 PREFIX = "ml:"
 MAX_IDLE = 64  # idle connections a worker keeps for its scripts
+# How long a reservation may hold its whole worker waiting for Redis's reply (which comes in
+# tens of us) before it waits cooperatively; only while the worker serves no other call
+# (RedisLimitStore.hold_first).
+HOLD_S = 0.0002
 
 
 def _script(name: str) -> str:
@@ -65,6 +72,25 @@ def pack(command: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+@functools.cache
+def _blocking_select() -> Callable[..., Any]:
+    """select.select as it was before gevent patched it: it blocks the whole process."""
+    from gevent.monkey import get_original
+
+    return get_original("select", "select")  # type: ignore[no-any-return]
+
+
+def _hold(conn: Any) -> None:
+    """Wait up to HOLD_S for a reply without giving gevent's hub a turn. A turn would run the
+    worker's background work first (the last call's settle and commit: hundreds of us) while
+    the reply waits, and this call with it; after HOLD_S the read waits cooperatively."""
+    monkey = sys.modules.get("gevent.monkey")
+    sock = getattr(conn, "_sock", None)
+    if monkey is None or sock is None or not monkey.is_module_patched("select"):
+        return  # not under gevent: the read blocks anyway
+    _blocking_select()([sock.fileno()], [], [], HOLD_S)
+
+
 class _Lane:
     """Commands on connections of the store's own: a free list of redis-py connections made
     with the client's settings (address, auth, database, TLS, timeouts). redis-py's pool
@@ -81,9 +107,10 @@ class _Lane:
         self._free: list[Any] = []
         self._pid = os.getpid()
 
-    def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def run(self, commands: list[tuple[Any, ...]], hold: bool = False) -> list[Any]:
         """Send `commands` in one write and read their replies; an error reply is returned
-        as its ResponseError, the others as redis-py parses them."""
+        as its ResponseError, the others as redis-py parses them. `hold`: wait for them
+        holding the worker at first (_hold)."""
         if self._pid != os.getpid():  # a forked child never shares its parent's sockets
             self._free, self._pid = [], os.getpid()
         try:
@@ -91,7 +118,7 @@ class _Lane:
         except IndexError:  # none free (atomic under threads as under greenlets)
             conn, reused = self._cls(**self._kwargs), False
         try:
-            replies = self._send(conn, commands)
+            replies = self._send(conn, commands, hold)
         except RedisConnectionError:
             conn.disconnect()
             if not reused:
@@ -112,8 +139,10 @@ class _Lane:
         return replies
 
     @staticmethod
-    def _send(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _send(conn: Any, commands: list[tuple[Any, ...]], hold: bool = False) -> list[Any]:
         conn.send_packed_command([b"".join(map(pack, commands))], check_health=False)
+        if hold:
+            _hold(conn)
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -135,21 +164,25 @@ class RedisLimitStore:
         self._scripts = {name: client.register_script(src) for name, src in self._source.items()}
         self._sha = {name: script.sha for name, script in self._scripts.items()}
         self._lane = _Lane(client) if self.batches else None
+        # Whether the worker serves no call but the caller's (the gateway's router says): a
+        # reservation then waits for its reply holding the worker at first (_hold).
+        self.hold_first: Callable[[], bool] | None = None
 
     def base(self, tag: str) -> str:
         return f"{self.prefix}{{{tag}}}"
 
-    def _run(self, name: str, tag: str, *args: Any) -> Any:
+    def _run(self, name: str, tag: str, *args: Any, hold: bool = False) -> Any:
         if self._lane is None:
             return self._scripts[name](keys=[self.base(tag)], args=list(args))
-        return self._run_many(name, [(tag, args)])[0]
+        return self._run_many(name, [(tag, args)], hold)[0]
 
-    def _run_many(self, name: str, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    def _run_many(self, name: str, calls: list[tuple[str, tuple[Any, ...]]],
+                  hold: bool = False) -> list[Any]:
         """One script on several tags, in one round trip; raises the first error reply."""
         assert self._lane is not None
         sha = self._sha[name]
         commands = [("EVALSHA", sha, 1, self.base(tag), *args) for tag, args in calls]
-        replies = self._lane.run(commands)
+        replies = self._lane.run(commands, hold)
         if any(isinstance(r, NoScriptError) for r in replies):  # the server forgot it
             self._lane.run([("SCRIPT", "LOAD", self._source[name])])
             again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
@@ -167,9 +200,10 @@ class RedisLimitStore:
     def reserve(self, tag: str, lease_id: str, checks: list[Check], *, now_ms: int,
                 expires_ms: int, want_out: int, min_out: int, clip: bool,
                 meta: dict[str, Any]) -> Reservation:
+        hold = self.hold_first is not None and self.hold_first()
         raw = self._run("reserve", tag, now_ms, lease_id, expires_ms, want_out, min_out,
                         1 if clip else 0, orjson.dumps(meta),
-                        orjson.dumps([c.wire() for c in checks]))
+                        orjson.dumps([c.wire() for c in checks]), hold=hold)
         doc = orjson.loads(raw)
         if doc["granted"]:
             return Reservation(True, int(doc["out"]), None, _states(doc["states"]))
