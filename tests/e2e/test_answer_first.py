@@ -96,13 +96,14 @@ class _Held:
         self.conn.execute("LOCK TABLE usage_events IN EXCLUSIVE MODE")
 
     def waiting_backends(self) -> list[int]:
-        """The inserts waiting for the lock, once there are any (the writer sends its insert
-        just after the answer: polled for at most 10 s)."""
+        """The inserts (or the writer's COPY) waiting for the lock, once there are any (the
+        writer sends its rows just after the answer: polled for at most 10 s)."""
         with psycopg.connect(self.url, autocommit=True) as other:
             for _ in range(100):
                 found = [pid for (pid,) in other.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO usage_events%%'").fetchall()]
+                    "AND (query LIKE 'INSERT INTO usage_events%%' "
+                    "OR query LIKE 'COPY usage_events%%')").fetchall()]
                 if found:
                     return found
                 threading.Event().wait(0.1)
