@@ -83,9 +83,8 @@ class LedgerWriter:
         # per-call compile and bind processing (half the cost of a write).
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sql, self._params = _driver_insert(engine.dialect.name)
-        self._many = _many_insert(engine.dialect.name)
-        self._driver_error: type[Exception] = getattr(engine.dialect.loaded_dbapi, "Error",
-                                                      DBAPIError)
+        self._many = _many_insert(engine.dialect.name, self._sql, self._params)
+        self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         self.spool_dir = spool_dir
         self.spool = Spool(spool_dir, "usage")
         self.batch_max = batch_max
@@ -482,7 +481,8 @@ def _driver_insert(dialect: str) -> tuple[str, Callable[[dict[str, Any]], dict[s
 _Many = Callable[[Connection, list[dict[str, Any]]], None]
 
 
-def _many_insert(dialect: str) -> _Many:
+def _many_insert(dialect: str, sql: str,
+                 params: Callable[[dict[str, Any]], dict[str, Any]]) -> _Many:
     """How the writer inserts a batch of rows, all or nothing.
 
     On Postgres, one COPY: the rows go in one stream and are answered once, and psycopg
@@ -492,10 +492,9 @@ def _many_insert(dialect: str) -> _Many:
     the calls it serves, so a batch of 500 took seconds under load, and the ledger (and the
     memory of the calls waiting for it) fell further behind the longer the load lasted.
     A COPY that fails raises the driver's own error (it bypasses SQLAlchemy's execute).
-    SQLite is in-process: its executemany never waits on a socket."""
+    SQLite is in-process: its executemany (of `sql`, the one-row INSERT) never waits on a
+    socket."""
     if dialect != "postgresql":
-        sql, params = _driver_insert(dialect)
-
         def executemany(conn: Connection, rows: list[dict[str, Any]]) -> None:
             conn.exec_driver_sql(sql, [params(row) for row in rows])
 
