@@ -346,7 +346,8 @@ class GatewayService:
         else:  # chat: the plan's default cap; completions: OpenAI's own default
             want = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == ENDPOINT_COMPLETIONS else None
             least = least_output(endpoint, None)
-        prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body)
+        prompt = outcome.prompt_estimate = self.metering.prompt_tokens(model, endpoint, body,
+                                                                       outcome.app_id)
         try:
             with outcome.trace.reserving():
                 lease = self.limits.reserve(

@@ -132,7 +132,7 @@ def reserve() -> Response:
                                       "or input to count.", param="input_tokens")
         endpoint = {"messages": ENDPOINT_CHAT, "prompt": ENDPOINT_COMPLETIONS,
                     "input": ENDPOINT_EMBEDDINGS}[given[0]]
-        prompt = part(MeteringService).prompt_tokens(model, endpoint, args)
+        prompt = part(MeteringService).prompt_tokens(model, endpoint, args, app_id)
     want = args.get("max_output_tokens")  # None: the plan's default
     lease = part(LimitsService).reserve(app_id=app_id, end_user_id=end_user_id, model=model,
                                     prompt_tokens=prompt, want_out=want,

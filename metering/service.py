@@ -175,7 +175,8 @@ class MeteringService:
             return (replace(reported, output_tokens=output, reasoning_tokens=0), "counted",
                     "upstream reported no output for a call that generated some: the output "
                     "was counted")
-        prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request)
+        prompt = self.prompt_tokens(outcome.model, outcome.endpoint, outcome.request,
+                                    outcome.app_id)
         total = outcome.reported_total
         if total is not None:  # a total alone: the prompt's count splits it
             note = f"upstream reported only total_tokens ({total}): split by counting"
@@ -187,9 +188,11 @@ class MeteringService:
                if outcome.usage_problem else None)
         return TokenUsage(input_tokens=prompt, output_tokens=output), "counted", why
 
-    def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any]) -> int:
-        """The tokenizer's count of what a call sends (the estimate a reservation holds)."""
-        tok = self.tokenizers.for_model(model.upstream_model, model.tokenizer)
+    def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any],
+                      app_id: int) -> int:
+        """The tokenizer's count of what `app_id`'s call sends (the estimate a reservation
+        holds); its texts' counts are remembered for the app's next calls (PromptMemo)."""
+        tok = self.tokenizers.for_prompt(model.upstream_model, model.tokenizer, app_id)
         if endpoint == ENDPOINT_CHAT:
             return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
         if endpoint == ENDPOINT_COMPLETIONS:

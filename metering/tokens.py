@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -12,6 +13,7 @@ import os
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -44,6 +46,8 @@ _TEXT_PART_KEYS: Final = ("text", "refusal")
 # runs of ~1M chars. Cuts go after a "\n" followed by non-whitespace, which is a pre-token
 # boundary in both encodings (exact); a window without one is cut hard (about +-1 per cut).
 _CHUNK_CHARS: Final = 100_000
+# Prompt texts whose counts a worker keeps, per encoding (PromptMemo): about 150 bytes each.
+MEMO_ENTRIES: Final = 16_384
 
 # Copied from tiktoken 0.14 tiktoken_ext/openai_public.py, cl100k_base() and o200k_base():
 # expected_hash, pat_str, special_tokens.
@@ -172,6 +176,10 @@ class Tokenizer(Protocol):
         """The sum of each text's count (in one round trip, for a tokenizer elsewhere)."""
         ...
 
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's count, in order (in one round trip, for a tokenizer elsewhere)."""
+        ...
+
 
 def _chunks(text: str) -> Iterator[str]:
     start, n = 0, len(text)
@@ -198,6 +206,9 @@ class TiktokenTokenizer:
     def count_all(self, texts: Sequence[str]) -> int:
         return sum(self.count(text) for text in texts)
 
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        return [self.count(text) for text in texts]
+
     def _count(self, text: str) -> int:
         try:
             return len(self.encoding.encode_ordinary(text))
@@ -205,6 +216,69 @@ class TiktokenTokenizer:
             if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
                 raise
             return len(text.encode("utf-8", "surrogatepass"))  # upper bound: >= 1 byte/token
+
+
+class PromptMemo:
+    """Counts of prompt texts already counted, so that what every call of an app sends again
+    (its system prompt, its tools, a conversation's earlier turns) is counted once per worker:
+    a count is a function of the encoding and the text alone. It holds no text, only a
+    16-byte BLAKE2b digest of each, keyed by the app: a remembered count answers faster than
+    a new one, and no app may time whether another sent a text. The least recently used
+    goes first past `entries`."""
+
+    def __init__(self, entries: int = MEMO_ENTRIES) -> None:
+        self.entries = entries
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def counts(self, inner: Tokenizer, scope: bytes, texts: Sequence[str]) -> list[int]:
+        """Each text's count: remembered ones from here, the others from `inner` in one go."""
+        known, digests, missing = self._counts, [], []
+        found: list[int] = []
+        for text in texts:
+            if not isinstance(text, str):
+                found.append(0)
+                digests.append(b"")
+                continue
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16,
+                                     key=scope).digest()
+            counted = known.get(digest)
+            if counted is None:
+                missing.append(len(found))
+                found.append(0)
+            else:
+                with contextlib.suppress(KeyError):  # another greenlet's eviction
+                    known.move_to_end(digest)
+                found.append(counted)
+            digests.append(digest)
+        if missing:
+            for at, counted in zip(missing, inner.counts([texts[i] for i in missing]),
+                                   strict=True):
+                found[at] = known[digests[at]] = counted
+            while len(known) > self.entries:
+                with contextlib.suppress(KeyError):
+                    known.popitem(last=False)
+        return found
+
+
+class _Remembered:
+    """A Tokenizer that counts through a PromptMemo in one app's scope."""
+
+    __slots__ = ("inner", "memo", "scope")
+
+    def __init__(self, inner: Tokenizer, memo: PromptMemo, scope: bytes) -> None:
+        self.inner, self.memo, self.scope = inner, memo, scope
+
+    def count(self, text: str) -> int:
+        return self.count_all([text]) if isinstance(text, str) else 0
+
+    def count_all(self, texts: Sequence[str]) -> int:
+        return sum(self.counts(texts))
+
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        return self.memo.counts(self.inner, self.scope, texts)
 
 
 def _tiktoken_encoding_name(model_name: str) -> str | None:
@@ -238,6 +312,7 @@ class TokenizerRegistry:
         self.load_seconds = 0.0  # checking at start-up, then building each on first use
         self._lock = threading.Lock()
         self._elsewhere: dict[str, Tokenizer] = {}
+        self._memos = {name: PromptMemo() for name in self._names}
 
     @classmethod
     def load(
@@ -295,7 +370,15 @@ class TokenizerRegistry:
             self._elsewhere[name] = make(name, functools.partial(self._build, name))
 
     def for_model(self, model_name: str, override: str | None = None) -> Tokenizer:
+        return self._tokenizer(self.encoding_name_for(model_name, override))
+
+    def for_prompt(self, model_name: str, override: str | None, app_id: int) -> Tokenizer:
+        """for_model's tokenizer, remembering the counts of `app_id`'s prompt texts
+        (PromptMemo): for what a call sends, never for what it generates (rarely repeated)."""
         name = self.encoding_name_for(model_name, override)
+        return _Remembered(self._tokenizer(name), self._memos[name], b"app %d" % app_id)
+
+    def _tokenizer(self, name: str) -> Tokenizer:
         tokenizer = self._tokenizers.get(name) or self._elsewhere.get(name)
         return tokenizer if tokenizer is not None else self._build(name)
 

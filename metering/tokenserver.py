@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SOCKET_ENV: Final = "MLANE_TOKENIZER_SOCKET"  # serve sets it for its workers
 # A frame: 4-byte big-endian length, then that many bytes: the encoding's index in
 # SUPPORTED_ENCODINGS (1 byte), then each text: its length (4 bytes) and its UTF-8 (lone
-# surrogates kept: surrogatepass). The answer: the sum of their counts, 4 bytes big-endian.
+# surrogates kept: surrogatepass). The answer: each text's count, 4 bytes big-endian, in order.
 _LENGTH: Final = 4
 _CONNECT_SECONDS: Final = 1.0
 # A count's wait: the first of an encoding waits for its build (0.2-0.5 s); 1 s more per MB
@@ -48,11 +48,13 @@ class TokenClient:
         self.failed = False  # once the process did not answer, this worker counts itself
         self._idle: list[_socket.socket] = []  # list.pop/append: atomic, no lock needed
 
-    def count(self, encoding: str, texts: Sequence[str]) -> int | None:
-        """The sum of the texts' counts, or None if the process could not answer (then
-        never asked again)."""
+    def counts(self, encoding: str, texts: Sequence[str]) -> list[int] | None:
+        """Each text's count, or None if the process could not answer (then never asked
+        again)."""
         if self.failed:
             return None
+        if not texts:
+            return []
         parts = [bytes((SUPPORTED_ENCODINGS.index(encoding),))]
         for text in texts:
             data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
@@ -64,13 +66,15 @@ class TokenClient:
             timeout = _COUNT_SECONDS + len(body) / 1e6
             sock.settimeout(timeout)
             sock.sendall(len(body).to_bytes(_LENGTH, "big") + body)
-            first = _first_bytes(sock, timeout)
-            answer = first + _recv_exact(sock, _LENGTH - len(first))
+            size = _LENGTH * len(texts)
+            first = _first_bytes(sock, timeout, size) if texts else b""
+            answer = first + _recv_exact(sock, size - len(first))
         except (OSError, EOFError) as exc:  # refused, reset, timed out, closed
             self._fail(sock, exc)
             return None
         self._idle.append(sock)
-        return int.from_bytes(answer, "big")
+        return [int.from_bytes(answer[at:at + _LENGTH], "big")
+                for at in range(0, size, _LENGTH)]
 
     def _take(self) -> _socket.socket:
         try:
@@ -95,14 +99,14 @@ class TokenClient:
         self._idle.clear()
 
 
-def _first_bytes(sock: _socket.socket, timeout: float) -> bytes:
+def _first_bytes(sock: _socket.socket, timeout: float, size: int) -> bytes:
     """The answer's first bytes, waited for blocking at first (they come in tens of us: no
     greenlet switch), then, if the process is slow to answer (a busy machine), in
     select.select, which gevent makes cooperative in a worker: its other calls run meanwhile.
     """
     sock.settimeout(_BLOCKING_SECONDS)
     try:
-        first: bytes | None = sock.recv(_LENGTH)
+        first: bytes | None = sock.recv(size)
     except TimeoutError:
         first = None
     finally:
@@ -137,8 +141,11 @@ class RemoteTokenizer:
         return self.count_all([text]) if isinstance(text, str) else 0
 
     def count_all(self, texts: Sequence[str]) -> int:
-        counted = self.client.count(self.encoding, texts)
-        return counted if counted is not None else self._local().count_all(texts)
+        return sum(self.counts(texts))
+
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        counted = self.client.counts(self.encoding, texts)
+        return counted if counted is not None else self._local().counts(texts)
 
 
 def count_in_process(registry: TokenizerRegistry, path: str) -> None:
@@ -164,11 +171,11 @@ class _Handler(socketserver.BaseRequestHandler):
                 return  # not a frame of ours: the client sees the connection close
             tokenizer = self.server.registry.for_model("", SUPPORTED_ENCODINGS[body[0]])
             try:
-                counted = tokenizer.count_all(list(_texts(body)))
+                counted = tokenizer.counts(list(_texts(body)))
             except ValueError:
                 return  # a malformed frame
             try:
-                sock.sendall(counted.to_bytes(_LENGTH, "big"))
+                sock.sendall(b"".join(n.to_bytes(_LENGTH, "big") for n in counted))
             except OSError:
                 return
 

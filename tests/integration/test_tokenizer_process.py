@@ -61,6 +61,8 @@ def test_counts_in_the_process_equal_tiktokens(process: tuple[int, str],
         tok = registry.for_model(model)
         assert [tok.count(t) for t in TEXTS] == [local[name].count(t) for t in TEXTS]
         assert tok.count_all(TEXTS) == sum(local[name].count(t) for t in TEXTS)
+        assert tok.counts(TEXTS) == [local[name].count(t) for t in TEXTS]  # one frame
+        assert tok.counts([]) == []
         assert count_chat_prompt(tok, MESSAGES, [{"type": "function"}]) == \
             count_chat_prompt(local[name], MESSAGES, [{"type": "function"}])
         assert count_completion_prompt(tok, ["a b", [1, 2, 3], "c"]) == \
@@ -82,6 +84,20 @@ def test_a_killed_process_leaves_the_worker_counting_itself(
         count_chat_prompt(local["o200k_base"], MESSAGES)
 
 
+def test_an_apps_prompt_texts_are_counted_once(process: tuple[int, str],
+                                               local: dict[str, TiktokenTokenizer]) -> None:
+    pid, path = process
+    registry = _registry(path)
+    expected = count_chat_prompt(local["o200k_base"], MESSAGES)
+    assert count_chat_prompt(registry.for_prompt("gpt-4o", None, 1), MESSAGES) == expected
+    os.kill(pid, signal.SIGKILL)  # from here on, a count would have to build the encoding
+    os.waitpid(pid, 0)
+    assert count_chat_prompt(registry.for_prompt("gpt-4o", None, 1), MESSAGES) == expected
+    assert registry.built == ()  # remembered: neither the process nor a build was asked
+    assert count_chat_prompt(registry.for_prompt("gpt-4o", None, 2), MESSAGES) == expected
+    assert registry.built == ("o200k_base",)  # another app's: counted afresh
+
+
 def test_no_process_at_all_is_a_local_count(tmp_path: Path,
                                             local: dict[str, TiktokenTokenizer]) -> None:
     registry = _registry(str(tmp_path / "absent.sock"))
@@ -97,13 +113,13 @@ def test_a_malformed_frame_ends_only_its_connection(process: tuple[int, str]) ->
         bad.connect(path)
         bad.sendall((7).to_bytes(4, "big") + b"\x00\x00\x00\x00\x09ab")  # runs past its frame
         assert bad.recv(4) == b""  # closed, no count
-    assert TokenClient(path).count("o200k_base", ["hello world"]) == 2
+    assert TokenClient(path).counts("o200k_base", ["hello world"]) == [2]
 
 
 def test_the_process_stops_with_the_block() -> None:
     with tokenizer_beside() as pid:
         path = Path(os.environ[SOCKET_ENV])
-        assert TokenClient(str(path)).count("o200k_base", ["hi"]) == 1
+        assert TokenClient(str(path)).counts("o200k_base", ["hi", "hello world"]) == [1, 2]
     assert not path.parent.exists()
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, 0)  # already reaped: stopped and waited for
