@@ -1,6 +1,7 @@
 """The targets of bench/hotpath.py, started side by side: the fake upstream (direct), the bare
 forwarder (bench/bare_forwarder.py) and `meterlane serve` on SQLite (the embedded default, no
-plans) and on Postgres + Redis with limits on (the plan of bench/_storeload.py)."""
+plans), on Postgres + Redis with limits on (the plan of bench/_storeload.py) and, when asked
+for, on Postgres without plans: what the limits cost is the difference of the last two."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ USER = "bench-user"
 PATH = "/v1/chat/completions"
 # The names of the targets, in the order of the tables.
 DIRECT, BARE, ML_SQLITE, ML_PG = "direct", "bare", "ml-sqlite", "ml-pg+redis"
+ML_PG_OFF = "ml-pg"  # Postgres, no plans: limits off
 
 
 @dataclass
@@ -112,6 +114,14 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
         if name == ML_SQLITE:
             write_config(tmp / "sqlite.toml", base)
             env = serve_env(tmp / "sqlite.toml", tmp / "var-sqlite", **extra)
+        elif name == ML_PG_OFF:
+            write_config(tmp / "pg-off.toml", base)
+            database = f"{args.postgres_db}_off"
+            url = postgres_database(args.postgres_url, database)
+            dbs.append(database)
+            env = serve_env(tmp / "pg-off.toml", tmp / "var-pg-off", MLANE_DATABASE_URL=url,
+                            **extra)
+            log(f"created database {database}; {cli(env, 'db', 'upgrade').strip()}")
         else:
             write_config(tmp / "pg.toml", base, BENCH_PLAN_TOML)
             url = postgres_database(args.postgres_url, args.postgres_db)

@@ -36,7 +36,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._hotpath_report import check_targets, print_report, summarise
-from bench._hotpath_servers import DIRECT, ML_PG, ML_SQLITE, Servers, check_wiring, start_all
+from bench._hotpath_servers import (
+    DIRECT,
+    ML_PG,
+    ML_PG_OFF,
+    ML_SQLITE,
+    Servers,
+    check_wiring,
+    start_all,
+)
 from bench._hotpath_stages import print_stages, profile_stages
 from bench._load import Target, chat_body, run_python_client, run_wrk
 from bench._procs import (
@@ -50,7 +58,7 @@ from bench._procs import (
 )
 from bench._streams import hold_streams, rss_mb
 
-SETUPS = {"sqlite": ML_SQLITE, "postgres": ML_PG}
+SETUPS = {"sqlite": ML_SQLITE, "postgres-nolimits": ML_PG_OFF, "postgres": ML_PG}
 SCENARIOS = ("c1", "c32", "stream", "s32")
 
 
@@ -59,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", default="sqlite,postgres",
                    help="Meterlane targets: sqlite (embedded, no plans), postgres (Postgres + "
-                        "Redis, limits on)")
+                        "Redis, limits on), postgres-nolimits (Postgres, no plans: with "
+                        "postgres, what the limits cost)")
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/"
                                              "postgres",
                    help="server to create the bench database on (any database on it)")
@@ -96,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.setups = [SETUPS[s.strip()] for s in args.setups.split(",") if s.strip()]
     except KeyError:
-        p.error("--setups takes sqlite,postgres")
+        p.error(f"--setups takes {','.join(SETUPS)}")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not set(args.scenarios) <= set(SCENARIOS):
         p.error(f"--scenarios takes {','.join(SCENARIOS)}")
@@ -113,7 +122,7 @@ class Run:
                                   chunk_delay_ms=args.chunk_delay_ms)
         self.probe = CpuProbe({f"{n} workers": w for n, w in servers.workers.items()},
                               {"postgres (all processes)": lambda: pids_named("postgres")}
-                              if ML_PG in servers.targets else {})
+                              if {ML_PG, ML_PG_OFF} & set(servers.targets) else {})
 
     def wrk(self, target: Target, body: bytes, conns: int,
             seconds: int) -> Callable[[], dict[str, Any]]:

@@ -2,10 +2,11 @@
 `meterlane serve` on Postgres + Redis with limits on, the stage-timed app), every scenario runs
 under wrk, the table has every row, and the Meterlane ledger holds exactly one row per request
 the run sent. It checks the harness, not the figures: one second per measurement on a shared
-machine says nothing about speed. One Meterlane setup, the one with the most of the harness
-behind it (the database made and dropped, the limit store and its keys, the judged targets, the
-limits' stage in the profile): each setup costs about 20 s of this test, and SQLite's serve runs
-in tests/e2e/test_serve.py, test_worker.py and test_demo.py."""
+machine says nothing about speed. Two Meterlane setups: Postgres + Redis with limits on, the
+one with the most of the harness behind it (the database made and dropped, the limit store and
+its keys, the judged targets, the limits' stage in the profile), and Postgres without limits
+beside it (what they cost). Each setup costs about 20 s of this test; SQLite's serve runs in
+tests/e2e/test_serve.py, test_worker.py and test_demo.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from bench._hotpath_report import METRICS
-from bench._hotpath_servers import BARE, DIRECT, ML_PG
+from bench._hotpath_servers import BARE, DIRECT, ML_PG, ML_PG_OFF
 
 ROOT = Path(__file__).parents[2]
 
@@ -31,9 +34,9 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
           + os.environ.get("PYTEST_XDIST_WORKER", "main"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLANE_")}
     done = subprocess.run(
-        [sys.executable, "bench/hotpath.py", "--setups", "postgres", "--duration", "1",
-         "--rounds", "1", "--warmup", "1", "--rss-streams", "20", "--rss-seconds", "2",
-         "--rss-ramp-seconds", "0.5", "--profile",
+        [sys.executable, "bench/hotpath.py", "--setups", "postgres-nolimits,postgres",
+         "--duration", "1", "--rounds", "1", "--warmup", "1", "--rss-streams", "20",
+         "--rss-seconds", "2", "--rss-ramp-seconds", "0.5", "--profile",
          "--profile-seconds", "1", "--postgres-url", pg_server, "--postgres-db", db,
          "--redis-url", redis_server, "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -41,12 +44,12 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
     text = done.stdout
 
     header = next(line for line in text.splitlines() if line.startswith("| | "))
-    assert header == f"| | {DIRECT} | {BARE} | {ML_PG} |"
+    assert header == f"| | {DIRECT} | {BARE} | {ML_PG_OFF} | {ML_PG} |"
     for label, *_ in METRICS:
         row = next((line for line in text.splitlines() if line.startswith(f"| {label} |")),
                    None)
         assert row is not None, f"no row {label!r} in:\n{text}"
-        assert len(row.split("|")) == 6 and "nan" not in row, row
+        assert len(row.split("|")) == 7 and "nan" not in row, row
     assert "| RSS MB, largest worker, 20 open streams |" in text
     for target in ("added p50 at c=1", "added p99 at c=1", "c=32 throughput",
                    "streamed TTFT added", "RSS per worker"):
@@ -56,8 +59,8 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
     assert "| limits reserve |" in text and "| ledger write (group commit) [outside" in text
 
     result = json.loads(out.read_text())
-    assert list(result["ledger_checks"]) == [ML_PG]
-    for name in (ML_PG,):
+    assert list(result["ledger_checks"]) == [ML_PG_OFF, ML_PG]
+    for name in (ML_PG_OFF, ML_PG):
         check = result["ledger_checks"][name]
         # every request sent through the run (wrk, the stream client, the open streams, the
         # stage-timed server) left exactly one ledger row
@@ -66,7 +69,15 @@ def test_the_hotpath_bench_runs_every_target_and_the_ledgers_match(
         assert {p["phase"] for p in check["phases"]} >= {
             "r1 c1 " + name, "r1 c32 " + name, "r1 stream " + name, "r1 s32 " + name,
             f"rss 20 streams {name}"}
-    for name in (BARE, ML_PG):
+    for name in (BARE, ML_PG_OFF, ML_PG):
         rss = result["rss"][name]
         assert rss["ok"] == 20 and rss["failed"] == 0 and rss["all_open"], rss
+    engine = sa.create_engine(pg_server)
+    try:
+        with engine.connect() as conn:
+            left = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datname IN "
+                                     "(:db, :off)"), {"db": db, "off": f"{db}_off"}).all()
+    finally:
+        engine.dispose()
+    assert left == []  # both databases dropped at the end
 

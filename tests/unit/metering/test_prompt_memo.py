@@ -10,9 +10,9 @@ import pytest
 
 from metering.tokens import (
     PromptMemo,
-    _Remembered,
     TiktokenTokenizer,
     TokenizerRegistry,
+    _Remembered,
     count_chat_prompt,
     load_encoding,
 )
