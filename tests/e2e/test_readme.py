@@ -188,6 +188,57 @@ def test_the_checker_refuses_a_wrong_command_line() -> None:
     parse(["report", "margins", "--period", "2026-11", "--group-by", "plan"])
 
 
+# -- bench command lines -------------------------------------------------------------------
+
+BENCH_LINES = [(where, words[1:]) for lang in ("sh", "") for where, text in blocks(lang)
+               for words in commands(text)
+               if words[0] == "python" and len(words) > 1 and words[1].startswith("bench/")]
+
+
+# In a process of its own (a bench script may patch the standard library with gevent as it is
+# imported): its own parse_args where it has one, its checks after argparse's included; else
+# its main() up to argparse's answer, then stopped. argparse refuses with exit status 2.
+_PARSE_BENCH = """
+import argparse, runpy, sys
+script, argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, ".")
+found = runpy.run_path(script, run_name="bench_parse")
+if "parse_args" in found:
+    found["parse_args"](argv)
+    sys.exit(0)
+parse = argparse.ArgumentParser.parse_args
+def parsed(self, *a, **kw):
+    parse(self, *a, **kw)
+    sys.exit(0)
+argparse.ArgumentParser.parse_args = parsed
+sys.argv = [script, *argv]
+found["main"]()
+sys.exit(3)  # main() returned without parsing its arguments
+"""
+
+
+def parse_bench(args: list[str]) -> int:
+    """The exit status of parsing `python bench/x.py args` as the script does (0: parsed)."""
+    done = subprocess.run([sys.executable, "-c", _PARSE_BENCH, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    return done.returncode
+
+
+@pytest.mark.parametrize(("where", "args"), BENCH_LINES,
+                         ids=[" ".join(a)[:50] for _, a in BENCH_LINES])
+def test_bench_command_lines_parse(where: str, args: list[str]) -> None:
+    assert (ROOT / args[0]).is_file(), f"{where}: no {args[0]}"
+    status = parse_bench(args)
+    assert status == 0, f"{where}: `python {' '.join(args)}` does not parse (exit {status})"
+
+
+def test_the_bench_checker_refuses_a_wrong_command_line() -> None:
+    assert len(BENCH_LINES) >= 10
+    assert parse_bench(["bench/hotpath.py", "--setups", "postgres-limitless"]) == 2
+    assert parse_bench(["bench/idle_rss.py", "--calls", "many"]) == 2
+    assert parse_bench(["bench/idle_rss.py", "--calls", "30"]) == 0
+
+
 # -- against a real serve ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
