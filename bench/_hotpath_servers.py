@@ -117,6 +117,8 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
         elif name == ML_PG_OFF:
             write_config(tmp / "pg-off.toml", base)
             database = f"{args.postgres_db}_off"
+            if len(database.encode()) > 63:  # Postgres would cut it, maybe to another's name
+                raise BenchError(f"database name {database!r} is longer than 63 bytes")
             url = postgres_database(args.postgres_url, database)
             dbs.append(database)
             env = serve_env(tmp / "pg-off.toml", tmp / "var-pg-off", MLANE_DATABASE_URL=url,

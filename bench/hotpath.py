@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--key-cache-seconds", type=float, default=None)
     p.add_argument("--profile", action="store_true",
                    help="after the rounds: time each stage of the hot path (c=1) and py-spy "
-                        "the workers (c=32), on the last Meterlane setup")
+                        "the workers (c=32), on ml-pg+redis when it runs, else on the last "
+                        "Meterlane setup")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("/tmp/meterlane-hotpath.json"))
     p.add_argument("--keep-tmp", action="store_true",
@@ -217,7 +218,7 @@ def execute(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str,
     rss = run.rss() if args.rss_streams else None
     profile = None
     if args.profile:
-        name = args.setups[-1]
+        name = ML_PG if ML_PG in args.setups else args.setups[-1]
         profile = profile_stages(servers, name, run.plain, run.streamed, args, procs, tmp)
         profile["raw_kept"] = args.keep_tmp
     names = list(servers.targets)

@@ -191,14 +191,17 @@ class MeteringService:
     def prompt_tokens(self, model: ModelConfig, endpoint: str, body: dict[str, Any],
                       app_id: int) -> int:
         """The tokenizer's count of what `app_id`'s call sends (the estimate a reservation
-        holds); its texts' counts are remembered for the app's next calls (PromptMemo)."""
-        tok = self.tokenizers.for_prompt(model.upstream_model, model.tokenizer, app_id)
-        if endpoint == ENDPOINT_CHAT:
-            return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
+        holds). A conversation's texts (chat, Responses) are remembered for the app's next
+        calls (PromptMemo), which send most of them again; completion prompts and embedding
+        inputs are rarely sent twice, and are counted afresh."""
+        if endpoint in (ENDPOINT_CHAT, ENDPOINT_RESPONSES):
+            tok = self.tokenizers.for_prompt(model.upstream_model, model.tokenizer, app_id)
+            if endpoint == ENDPOINT_CHAT:
+                return count_chat_prompt(tok, body.get("messages") or [], body.get("tools"))
+            return count_responses_prompt(tok, body)
+        tok = self.tokenizers.for_model(model.upstream_model, model.tokenizer)
         if endpoint == ENDPOINT_COMPLETIONS:
             return count_completion_prompt(tok, body.get("prompt"))
-        if endpoint == ENDPOINT_RESPONSES:
-            return count_responses_prompt(tok, body)
         return count_embedding_input(tok, body.get("input"))
 
     def settle(self, outcome: CallOutcome) -> CallRecord:

@@ -46,7 +46,8 @@ _TEXT_PART_KEYS: Final = ("text", "refusal")
 # runs of ~1M chars. Cuts go after a "\n" followed by non-whitespace, which is a pre-token
 # boundary in both encodings (exact); a window without one is cut hard (about +-1 per cut).
 _CHUNK_CHARS: Final = 100_000
-# Prompt texts whose counts a worker keeps, per encoding (PromptMemo): about 150 bytes each.
+# Prompt texts whose counts a worker keeps, per encoding (PromptMemo): about 225 bytes each
+# once full (3.7 MB; 5 MB while its table grows).
 MEMO_ENTRIES: Final = 16_384
 
 # Copied from tiktoken 0.14 tiktoken_ext/openai_public.py, cl100k_base() and o200k_base():
@@ -234,29 +235,30 @@ class PromptMemo:
         return len(self._counts)
 
     def counts(self, inner: Tokenizer, scope: bytes, texts: Sequence[str]) -> list[int]:
-        """Each text's count: remembered ones from here, the others from `inner` in one go."""
-        known, digests, missing = self._counts, [], []
+        """Each text's count: remembered ones from here, the others from `inner` in one go
+        (a text that comes twice is asked for once)."""
+        known = self._counts
         found: list[int] = []
-        for text in texts:
+        missing: dict[bytes, list[int]] = {}  # digest -> where its text is in `texts`
+        for at, text in enumerate(texts):
+            found.append(0)
             if not isinstance(text, str):
-                found.append(0)
-                digests.append(b"")
                 continue
             digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16,
                                      key=scope).digest()
             counted = known.get(digest)
             if counted is None:
-                missing.append(len(found))
-                found.append(0)
-            else:
-                with contextlib.suppress(KeyError):  # another greenlet's eviction
-                    known.move_to_end(digest)
-                found.append(counted)
-            digests.append(digest)
+                missing.setdefault(digest, []).append(at)
+                continue
+            with contextlib.suppress(KeyError):  # another greenlet's eviction
+                known.move_to_end(digest)
+            found[at] = counted
         if missing:
-            for at, counted in zip(missing, inner.counts([texts[i] for i in missing]),
-                                   strict=True):
-                found[at] = known[digests[at]] = counted
+            asked = inner.counts([texts[places[0]] for places in missing.values()])
+            for (digest, places), counted in zip(missing.items(), asked, strict=True):
+                known[digest] = counted
+                for at in places:
+                    found[at] = counted
             while len(known) > self.entries:
                 with contextlib.suppress(KeyError):
                     known.popitem(last=False)

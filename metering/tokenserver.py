@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 
 SOCKET_ENV: Final = "MLANE_TOKENIZER_SOCKET"  # serve sets it for its workers
 # A frame: 4-byte big-endian length, then that many bytes: the encoding's index in
-# SUPPORTED_ENCODINGS (1 byte), then each text: its length (4 bytes) and its UTF-8 (lone
-# surrogates kept: surrogatepass). The answer: each text's count, 4 bytes big-endian, in order.
+# SUPPORTED_ENCODINGS with _EACH set (1 byte), then each text: its length (4 bytes) and its
+# UTF-8 (lone surrogates kept: surrogatepass). The answer: each text's count, 4 bytes
+# big-endian, in order. _EACH marks this form of the answer: a process of an earlier version
+# (it answered the sum), still running beside workers reloaded with this one, closes the
+# connection at once on such a frame, and the worker counts itself.
 _LENGTH: Final = 4
+_EACH: Final = 0x80
 _CONNECT_SECONDS: Final = 1.0
 # A count's wait: the first of an encoding waits for its build (0.2-0.5 s); 1 s more per MB
 # of text (tiktoken counts > 1 MB/s). A process that stopped answering holds one call of
@@ -55,7 +59,7 @@ class TokenClient:
             return None
         if not texts:
             return []
-        parts = [bytes((SUPPORTED_ENCODINGS.index(encoding),))]
+        parts = [bytes((SUPPORTED_ENCODINGS.index(encoding) | _EACH,))]
         for text in texts:
             data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
             parts += (len(data).to_bytes(_LENGTH, "big"), data)
@@ -67,7 +71,7 @@ class TokenClient:
             sock.settimeout(timeout)
             sock.sendall(len(body).to_bytes(_LENGTH, "big") + body)
             size = _LENGTH * len(texts)
-            first = _first_bytes(sock, timeout, size) if texts else b""
+            first = _first_bytes(sock, timeout, size)
             answer = first + _recv_exact(sock, size - len(first))
         except (OSError, EOFError) as exc:  # refused, reset, timed out, closed
             self._fail(sock, exc)
@@ -167,9 +171,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 body = _recv_exact(sock, int.from_bytes(header, "big"))
             except (OSError, EOFError):
                 return
-            if not body or body[0] >= len(SUPPORTED_ENCODINGS):
+            if not body or not body[0] & _EACH or body[0] - _EACH >= len(SUPPORTED_ENCODINGS):
                 return  # not a frame of ours: the client sees the connection close
-            tokenizer = self.server.registry.for_model("", SUPPORTED_ENCODINGS[body[0]])
+            tokenizer = self.server.registry.for_model("", SUPPORTED_ENCODINGS[body[0] - _EACH])
             try:
                 counted = tokenizer.counts(list(_texts(body)))
             except ValueError:

@@ -111,8 +111,15 @@ def test_a_malformed_frame_ends_only_its_connection(process: tuple[int, str]) ->
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
         bad.settimeout(10)
         bad.connect(path)
-        bad.sendall((7).to_bytes(4, "big") + b"\x00\x00\x00\x00\x09ab")  # runs past its frame
+        bad.sendall((7).to_bytes(4, "big") + b"\x80\x00\x00\x00\x09ab")  # runs past its frame
         assert bad.recv(4) == b""  # closed, no count
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
+        old.settimeout(10)
+        old.connect(path)
+        # an earlier version's frame (no 0x80 mark: it expects the sum): closed at once, so
+        # that a worker of one version never waits for answers of the other's form
+        old.sendall((8).to_bytes(4, "big") + b"\x00" + (3).to_bytes(4, "big") + b"abc")
+        assert old.recv(4) == b""
     assert TokenClient(path).counts("o200k_base", ["hello world"]) == [2]
 
 

@@ -76,14 +76,22 @@ def test_it_holds_no_text_and_no_more_than_its_entries(o200k: TiktokenTokenizer)
     rng = random.Random(7)
     texts = [" ".join(rng.choice(["fox", "dog", "ünï", "42", "\n"]) for _ in range(rng.randint(
         0, 30))) + str(i) for i in range(400)]
-    for at in range(0, 400, 7):
-        batch = texts[at:at + 7] + texts[:3]  # the first three: used on every call
+    for at in range(3, 400, 7):
+        inner.asked.clear()
+        batch = texts[:3] + texts[at:at + 7]  # the first three: used on every call
         assert memo.counts(inner, b"app 1", batch) == [o200k.count(t) for t in batch]
         assert len(memo) <= 50
+        if at > 3:  # the recently used stay while 350 others come and go
+            assert not set(inner.asked) & set(texts[:3])
     assert all(isinstance(k, bytes) and len(k) == 16 for k in memo._counts)
-    inner.asked.clear()
-    memo.counts(inner, b"app 1", texts[:3])
-    assert inner.asked == []  # the recently used stayed
+    assert not any(t.encode() in memo._counts for t in texts)
+
+
+def test_a_text_sent_twice_in_one_call_is_asked_for_once(o200k: TiktokenTokenizer) -> None:
+    memo, inner = PromptMemo(), Asked(o200k)
+    texts = ["user", "hello there", "user", "hello there", "again"]
+    assert memo.counts(inner, b"app 1", texts) == [o200k.count(t) for t in texts]
+    assert inner.asked == ["user", "hello there", "again"]
 
 
 def test_odd_texts(o200k: TiktokenTokenizer) -> None:
@@ -99,4 +107,7 @@ def test_the_registry_remembers_per_app_and_encoding() -> None:
     assert one.count_all(["hello world", "hello world"]) == 4
     assert one.counts(["hello world"]) == [2]
     assert registry.for_prompt("gpt-4", None, 1).count("hello world") == 2  # cl100k_base
+    assert registry.for_prompt("gpt-4o", None, 2).count("hello world") == 2
     assert registry.built == ("o200k_base", "cl100k_base")
+    memos = registry._memos
+    assert (len(memos["o200k_base"]), len(memos["cl100k_base"])) == (2, 1)  # per app, each
