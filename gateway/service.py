@@ -48,7 +48,7 @@ from gateway.wire import (
 )
 from metering.leases import Lease
 from metering.limits import LimitsService
-from metering.limits_text import quota_headers
+from metering.limits_text import QuotaHeaders
 from metering.pricing import TokenUsage
 from metering.service import (
     ENDPOINT_CHAT,
@@ -232,7 +232,7 @@ class GatewayService:
                 raise _FallbackError from exc
             raise
         lease: Lease | None = outcome.lease
-        limit_headers = quota_headers(lease.applied, lease.created) if lease else {}
+        limit_headers = QuotaHeaders(lease)  # worked out while the upstream works
         payload = upstream_payload(raw, outcome.request, model, stream, clip, endpoint)
         # before the upstream can serve it: if this worker dies, the call is still recorded
         _name, cap = requested_output(endpoint, outcome.request, "max_tokens")
@@ -241,7 +241,7 @@ class GatewayService:
             lease.out if lease is not None and lease.out is not None else cap))
         traced = outcome.trace.upstream_call(model, endpoint, outcome.request)
         try:
-            resp = upstream.post(PATHS[endpoint], payload, stream=stream,
+            resp = upstream.post(PATHS[endpoint], payload, stream=stream, meanwhile=limit_headers,
                                  request_id=outcome.request_id, extra=traced)
             status = resp.status
             outcome.trace.answered(status, resp.headers)
@@ -263,7 +263,7 @@ class GatewayService:
             failure = "timeout" if exc.status == 504 else "upstream_unavailable"
             self._finish(outcome, started, status=failure, http_status=exc.status,
                          error=exc.detail)()
-            exc.headers.update(limit_headers)
+            exc.headers.update(limit_headers())
             raise
         if err is not None:
             retryable = status == 429 or status >= 500
@@ -278,9 +278,9 @@ class GatewayService:
             self._note_failure(outcome, route, model, f"HTTP {status}")
             self._finish(outcome, started, status="upstream_error", http_status=err.status,
                          error=err.detail)()
-            err.headers.update(limit_headers)
+            err.headers.update(limit_headers())
             raise err
-        return resp, limit_headers
+        return resp, limit_headers()
 
     def _malformed(self, outcome: CallOutcome, started: float, upstream: UpstreamClient,
                    resp: Response, body: bytes,

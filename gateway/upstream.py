@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -47,18 +47,20 @@ class UpstreamClient:
         self._headers = _header_lines(headers)
 
     def post(self, path: str, body: bytes, *, stream: bool, request_id: str | None = None,
-             extra: dict[str, str] | None = None) -> Response:
+             extra: dict[str, str] | None = None,
+             meanwhile: Callable[[], object] | None = None) -> Response:
         """Send the request; returns the response with its body unread when stream=True (read
         it with `chunks`, then `release` or `close` it). The request id goes along (the
         upstream's logs can name the call the ledger names), and `extra` headers (the trace
-        context)."""
+        context). `meanwhile` runs once the request is sent, while the upstream works."""
         headers = self._headers
         if request_id is not None:
             headers += _header_lines({"X-Meterlane-Request-Id": request_id})
         if extra:
             headers += _header_lines(extra)
         try:
-            return self._pool.post(path, headers, body, preload=not stream)
+            return self._pool.post(path, headers, body, preload=not stream,
+                                   meanwhile=meanwhile)
         except TransportError as exc:
             raise self.translate(exc) from exc
 

@@ -17,6 +17,7 @@ nothing written, the request goes on a new connection.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import ssl
@@ -25,6 +26,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.logs import note
+
+log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024  # an answer's status line and headers
 READ_SIZE = 64 * 1024
 
@@ -390,9 +394,12 @@ class HTTPPool:
         for conn in idle:
             conn.close()
 
-    def post(self, path: str, headers: bytes, body: bytes, *, preload: bool) -> Response:
+    def post(self, path: str, headers: bytes, body: bytes, *, preload: bool,
+             meanwhile: Callable[[], object] | None = None) -> Response:
         """POST `body` to prefix + `path` with `headers` (whole 'Name: value\\r\\n' lines).
-        preload: the body is read (and the connection released) before this returns."""
+        preload: the body is read (and the connection released) before this returns.
+        meanwhile: work for while the upstream works, called once the request is sent (not
+        when it could not be); what it raises is logged and left: the answer comes first."""
         head = (b"POST " + self.prefix + path.encode("ascii") + b" HTTP/1.1\r\n"
                 + self.host_line + headers + b"Content-Length: %d\r\n\r\n" % len(body))
         message = head + body if len(body) <= READ_SIZE else None
@@ -420,6 +427,8 @@ class HTTPPool:
                 if sent < len(head):
                     conn.sock.sendall(memoryview(head)[sent:])
                 conn.sock.sendall(body)
+            if meanwhile is not None:
+                _run_meanwhile(meanwhile)
             resp = self._answer(conn)
             if preload:
                 resp.data  # noqa: B018 - read now: the connection goes back to the pool
@@ -511,3 +520,10 @@ def _read_head(conn: _Conn) -> tuple[int, str, str, Headers]:
         value = value.strip()
         items[name] = f"{items[name]}, {value}" if name in items else value
     return int(code), reason.strip(), version, Headers(items)
+
+
+def _run_meanwhile(work: Callable[[], object]) -> None:
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - the answer matters more; its caller tries again
+        note(log, logging.WARNING, "work done while the upstream answers failed: %r", exc)

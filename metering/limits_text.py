@@ -11,7 +11,7 @@ from metering.pricing import format_usd
 from plans.catalog import LimitSpec
 
 if TYPE_CHECKING:
-    from metering.leases import Applied
+    from metering.leases import Applied, Lease
 
 
 def unit_of(limit: LimitSpec) -> str:
@@ -81,3 +81,20 @@ def quota_headers(applied: list[Applied], now: datetime) -> dict[str, str]:
         headers[f"x-ratelimit-reset-{suffix}"] = _duration(
             (resets - now).total_seconds() if resets else 0)
     return headers
+
+
+class QuotaHeaders:
+    """A call's quota_headers, worked out once, when first asked for (the gateway asks while
+    the upstream works on the call); none without a lease."""
+
+    __slots__ = ("_lease", "_headers")
+
+    def __init__(self, lease: Lease | None) -> None:
+        self._lease = lease
+        self._headers: dict[str, str] | None = None if lease is not None else {}
+
+    def __call__(self) -> dict[str, str]:
+        if self._headers is None:
+            assert self._lease is not None
+            self._headers = quota_headers(self._lease.applied, self._lease.created)
+        return self._headers

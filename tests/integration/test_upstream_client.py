@@ -469,3 +469,38 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     return folder / "cert.pem", folder / "key.pem"
+
+
+# -- work done while the upstream works -------------------------------------------------------
+
+def test_meanwhile_runs_after_the_request_is_sent_and_before_the_answer(
+        serve: Callable[..., Server]) -> None:
+    went = threading.Event()
+    seen: list[bool] = []
+
+    def script(peer: Peer) -> None:
+        peer.request()
+        seen.append(went.wait(WAIT))  # the answer waits for the client's work
+        peer.send(ok(b'{"a":1}'))
+        answer_all(peer)
+
+    server = serve(script)
+    client = client_of(server.port)
+    assert client.post("/c", b"{}", stream=False, meanwhile=went.set).data == b'{"a":1}'
+    assert seen == [True]
+
+    def fails() -> None:
+        raise RuntimeError("no headers today")
+
+    went.clear()
+    assert client.post("/c", b"{}", stream=False, meanwhile=fails).data == b'{"echo":{}}'
+
+
+def test_meanwhile_is_not_run_for_a_request_that_was_not_sent() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    ran: list[int] = []
+    with pytest.raises(UpstreamUnavailableError):
+        client_of(port).post("/c", b"{}", stream=False, meanwhile=lambda: ran.append(1))
+    assert ran == []
