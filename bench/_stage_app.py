@@ -44,7 +44,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("metering.leases", "Unsettled.wait", "limits reserve: waits for the last settle"),
     ("metering.redislimits", "RedisLimitStore.reserve", "limits reserve: the Redis script"),
     ("metering.limits", "LimitsService.keep_alive", "limits heartbeat (start)"),
-    ("gateway.service", "quota_headers", "quota headers"),
+    ("metering.limits_text", "quota_headers", "quota headers"),  # QuotaHeaders calls it
     ("gateway.service", "upstream_payload", "upstream payload"),
     ("metering.intents", "IntentJournal.open", "intent journal (open, row, close)"),
     ("metering.intents", "IntentJournal.settled", "intent journal (open, row, close)"),
