@@ -152,7 +152,6 @@ class Router:
         self.clock = clock
         self._circuits = {name: _Circuit() for name in self.upstreams}
         self._lock = threading.Lock()
-        self.calls = 0  # calls holding a slot on any upstream in this process
         self.metrics = metrics
         for name, circuit in self._circuits.items():
             self._show(name, circuit, 0.0)
@@ -204,7 +203,6 @@ class Router:
         if not routed:
             with self._lock:
                 circuit.in_flight += 1
-                self.calls += 1
                 self._show(upstream, circuit, self.clock())
             return None
         config = self.upstreams[upstream]
@@ -220,13 +218,17 @@ class Router:
                     return "circuit half-open, a probe is out"
                 circuit.probe_until = now + config.breaker_cooldown_s
             circuit.in_flight += 1
-            self.calls += 1
             self._show(upstream, circuit, now)
         return None
 
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot on any upstream in this process."""
+        return sum(circuit.in_flight for circuit in self._circuits.values())
+
     def alone(self) -> bool:
         """Whether the process serves at most one call upstream (the caller's own)."""
-        return self.calls <= 1
+        return self.in_flight <= 1
 
     def retry_after(self) -> int:
         """Seconds until the first open circuit half-opens (at least 1)."""
@@ -238,9 +240,7 @@ class Router:
     def leave(self, upstream: str) -> None:
         with self._lock:
             circuit = self._circuits[upstream]
-            if circuit.in_flight > 0:
-                circuit.in_flight -= 1
-                self.calls -= 1
+            circuit.in_flight = max(0, circuit.in_flight - 1)
             self._show(upstream, circuit, self.clock())
 
     def succeeded(self, upstream: str) -> None:

@@ -157,9 +157,9 @@ class LedgerWriter:
         if not rows:
             return []
         # Every row in one statement, keys already in the ledger skipped: on Postgres a
-        # pipeline that is one implicit transaction (a single round trip), on SQLite a
-        # transaction. Then, only when some were skipped, which were written: those holding
-        # this request's id.
+        # pipeline that is one implicit transaction (under gevent it waits on the socket once
+        # a row: only this request waits), on SQLite a transaction. Then, only when some were
+        # skipped, which were written: those holding this request's id.
         engine = self.engine if self.engine.dialect.name == "sqlite" else self._autocommit
         try:
             with engine.begin() as conn:

@@ -265,13 +265,13 @@ def test_a_saturated_local_upstream_overflows_to_the_cloud(
     router = app.extensions["wiring"].gateway.router
     held = ask(client, keys.app, user="sam", stream=True, hold=True)  # gpu's one slot, held
     assert held.status_code == 200
-    assert router.calls == 1 and router.alone()  # (a lone call's reserve holds the worker)
+    assert router.in_flight == 1 and router.alone()  # (a lone call's reserve holds the worker)
     overflow = ask(client, keys.app)
     assert overflow.get_json()["model"] == "gpt-4o-mini"
     assert b"[DONE]" in held.get_data()  # the stream ends: the slot is free again
     held.close()
     assert ask(client, keys.app).get_json()["model"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert router.calls == 0  # every call that took a slot gave it back, the skipped one too
+    assert router.in_flight == 0  # every call that took a slot gave it back, the skipped one too
     overflowed, *others = rows(clean_db)  # the held stream is written when it ends
     assert overflowed.requested_model == "gpt-4o-mini"
     assert overflowed.route_reason == ("level 1; llama-local cheapest able; llama-local "

@@ -83,8 +83,7 @@ def test_it_holds_no_text_and_no_more_than_its_entries(o200k: TiktokenTokenizer)
         assert len(memo) <= 50
         if at > 3:  # the recently used stay while 350 others come and go
             assert not set(inner.asked) & set(texts[:3])
-    assert all(isinstance(k, bytes) and len(k) == 16 for k in memo._counts)
-    assert not any(t.encode() in memo._counts for t in texts)
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in memo._counts)  # digests only
 
 
 def test_a_text_sent_twice_in_one_call_is_asked_for_once(o200k: TiktokenTokenizer) -> None:
