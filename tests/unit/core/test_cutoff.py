@@ -4,6 +4,7 @@ another socket (a database connection, say) before the deadline passes."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 from core.cutoff import Cutoff
@@ -22,8 +23,13 @@ def test_the_deadline_never_reaches_a_socket_that_took_the_closed_ones_number() 
     with peer, Cutoff(3600) as cut:
         cut.watch(ours)
         number = ours.fileno()
-        ours.close()  # the exchange ended, its connection closed inside the block
-        other, other_peer = socket.socketpair()  # the lowest free number: the closed one's
+        # The exchange ends and its number goes to another socket. dup2 does both at once, so
+        # the reuse is certain (waiting for the kernel to hand out the lowest free number is
+        # not: another thread may free a lower one in between).
+        other_peer_of, other_peer = socket.socketpair()
+        os.dup2(other_peer_of.fileno(), number)
+        other_peer_of.close()
+        other = socket.socket(fileno=ours.detach())
         with other, other_peer:
             assert other.fileno() == number
             cut._expire()  # the deadline passes just then
