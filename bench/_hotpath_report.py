@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from bench._hotpath_servers import BARE, DIRECT, ML_PG
+from bench._hotpath_servers import BARE, DIRECT, ML_PG, ML_PG_MEM
 
 # Issue 20's targets, judged with limits on (ml-pg+redis); shown for every Meterlane target.
 ADDED_P50_MS = 1.5
@@ -133,7 +133,9 @@ def print_report(meta: dict[str, Any], summary: dict[str, Any], rss: dict[str, A
     for t in targets:
         value = f"{t['value']:.0%}" if "throughput" in t["target"] else f"{t['value']:+.3f}" \
             if "ms" in t["target"] and "RSS" not in t["target"] else f"{t['value']:.1f} MB"
-        judged = "" if t["judged"] else "  (for information: limits off)"
+        judged = "" if t["judged"] else ("  (for information: limits in the worker's memory)"
+                                         if t["target_of"] == ML_PG_MEM
+                                         else "  (for information: limits off)")
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target_of']}: {t['target']}: "
               f"{value}{judged}")
     if meta.get("contended_runs"):

@@ -6,6 +6,7 @@ for, on Postgres without plans: what the limits cost is the difference of the la
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -40,6 +41,10 @@ PATH = "/v1/chat/completions"
 # The names of the targets, in the order of the tables.
 DIRECT, BARE, ML_SQLITE, ML_PG = "direct", "bare", "ml-sqlite", "ml-pg+redis"
 ML_PG_OFF = "ml-pg"  # Postgres, no plans: limits off
+# Postgres, the bench plan's limits counted in each worker's memory (bench/_memlimits.py):
+# what the limits cost when no call leaves the worker, the ceiling of reserving ahead
+ML_PG_MEM = "ml-pg+memory"
+LIMITED = (ML_PG, ML_PG_MEM)  # the targets whose replies carry the quota header
 
 
 @dataclass
@@ -114,15 +119,20 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
         if name == ML_SQLITE:
             write_config(tmp / "sqlite.toml", base)
             env = serve_env(tmp / "sqlite.toml", tmp / "var-sqlite", **extra)
-        elif name == ML_PG_OFF:
-            write_config(tmp / "pg-off.toml", base)
-            database = f"{args.postgres_db}_off"
+        elif name in (ML_PG_OFF, ML_PG_MEM):
+            suffix = "off" if name == ML_PG_OFF else "mem"
+            write_config(tmp / f"pg-{suffix}.toml", base, "" if name == ML_PG_OFF else
+                         BENCH_PLAN_TOML.replace('store = "redis"', 'store = "sql"'))
+            database = f"{args.postgres_db}_{suffix}"
             if len(database.encode()) > 63:  # Postgres would cut it, maybe to another's name
                 raise BenchError(f"database name {database!r} is longer than 63 bytes")
             url = postgres_database(args.postgres_url, database)
             dbs.append(database)
-            env = serve_env(tmp / "pg-off.toml", tmp / "var-pg-off", MLANE_DATABASE_URL=url,
-                            **extra)
+            env = serve_env(tmp / f"pg-{suffix}.toml", tmp / f"var-pg-{suffix}",
+                            MLANE_DATABASE_URL=url, **extra)
+            if name == ML_PG_MEM:  # `python -m bench._memlimits` from the work directory
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
             log(f"created database {database}; {cli(env, 'db', 'upgrade').strip()}")
         else:
             write_config(tmp / "pg.toml", base, BENCH_PLAN_TOML)
@@ -134,7 +144,8 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
         key = cli(env, "keys", "create", "--role", "app", "--app",
                   "bench").strip().splitlines()[-1]
         served = start_serve(procs, env, workers=args.workers, cwd=tmp,
-                             log_path=tmp / f"serve-{name}.log", name=f"meterlane serve ({name})")
+                             log_path=tmp / f"serve-{name}.log", name=f"meterlane serve ({name})",
+                             module="bench._memlimits" if name == ML_PG_MEM else "app")
         s.targets[name] = Target(name, "127.0.0.1", served.port, PATH, headers_for(key))
         s.workers[name], s.beside[name] = served.workers, served.beside
         s.masters[name], s.envs[name] = served.proc.pid, env
@@ -156,7 +167,8 @@ def check_wiring(s: Servers, body: bytes) -> None:
 
         result = s.phase(target, "wiring check", one)
         quota = QUOTA_HEADER.lower() in one.headers  # type: ignore[attr-defined]
-        if result["status"] != 200 or quota != (name == ML_PG):
+        if result["status"] != 200 or quota != (name in LIMITED):
             raise BenchError(f"{name}: status {result['status']}, {QUOTA_HEADER} "
                              f"{'present' if quota else 'absent'}: not the target it should be")
-    log("wiring: limits on in ml-pg+redis (quota header), off elsewhere; every target answers")
+    log("wiring: limits on in ml-pg+redis and ml-pg+memory (quota header), off elsewhere; "
+        "every target answers")

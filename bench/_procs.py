@@ -300,11 +300,12 @@ class Served:
 
 
 def start_serve(procs: Processes, env: dict[str, str], *, workers: int, cwd: Path,
-                log_path: Path, name: str = "meterlane serve") -> Served:
-    """`meterlane serve` on a free port, once /healthz answers and every worker is up."""
+                log_path: Path, name: str = "meterlane serve", module: str = "app") -> Served:
+    """`meterlane serve` on a free port, once /healthz answers and every worker is up
+    (`module`: what `python -m` runs, app's command line or a bench wrapper of it)."""
     port = free_port()
     proc = procs.start(name, [
-        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1",
+        sys.executable, "-m", module, "serve", "--host", "127.0.0.1",
         "--port", str(port), "--workers", str(workers)],
         stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
         env=env, cwd=cwd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)

@@ -10,6 +10,7 @@ waiting never counts; --sort cumtime shows where a call's CPU goes by caller.
     python bench/call_cpu.py                        # SQLite, no plans (the default install)
     python bench/call_cpu.py --setup postgres+redis --profile --sort cumtime
     python bench/call_cpu.py --setup bare           # the bare forwarder (bench/bare_forwarder.py)
+    python bench/call_cpu.py --setup postgres+memory  # limits with no round trip: the ceiling
 
 On a shared machine, compare two trees side by side (PYTHONPATH=<tree> for each, run in
 turns); numbers of one run alone move by 15% with the machine's load.
@@ -46,7 +47,8 @@ from bench._storeload import BENCH_PLAN_TOML  # noqa: E402
 from bench.bare_forwarder import UPSTREAM_ENV  # noqa: E402
 
 PATH = "/v1/chat/completions"
-SETUPS = ("bare", "sqlite", "sqlite+plans", "postgres", "postgres+plans", "postgres+redis")
+SETUPS = ("bare", "sqlite", "sqlite+plans", "postgres", "postgres+plans", "postgres+redis",
+          "postgres+memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
     prefix = f"callcpu{os.getpid()}:"
     postgres = args.setup.startswith("postgres")
-    limits = args.setup.endswith(("+redis", "+plans"))
+    limits = args.setup.endswith(("+redis", "+plans", "+memory"))
     try:
         _up, base = start_upstream(procs, tmp)
         plans = BENCH_PLAN_TOML if limits else ""
-        if args.setup.endswith("+plans"):  # the limits in the database's own store
+        if args.setup.endswith(("+plans", "+memory")):  # the limits in the database's store
             plans = plans.replace('store = "redis"', 'store = "sql"')
         write_config(tmp / "config.toml", base, plans)
         extra: dict[str, str] = {}
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 .splitlines()[-1]
             os.environ.clear()
             os.environ.update(env)
-            call = _caller(key)
+            call = _caller(key, memory=args.setup.endswith("+memory"))
         for _ in range(args.warmup):
             call()
         results = []
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.lines)
             if args.dump:
                 profile.dump_stats(args.dump)
+        store = getattr(call, "memory", None)
+        if store is not None:  # the ceiling did the limits' work: it counted every call
+            made = args.warmup + args.calls * (args.rounds + int(args.profile))
+            counted = store.counted("requests")
+            print(f"the memory store counted {counted} requests for {made} calls")
+            if counted != made:
+                raise SystemExit("the memory store did not count every call")
         return 0
     finally:
         procs.stop_all()
@@ -127,15 +136,22 @@ def main(argv: list[str] | None = None) -> int:
             drop_postgres_database(args.postgres_url, args.postgres_db)
 
 
-def _caller(key: str | None) -> Callable[[], None]:
+def _caller(key: str | None, memory: bool = False) -> Callable[[], None]:
     """One call through the serving app's WSGI interface, its answer read and closed (the
-    request's log line is written then) as a server would. No key: the bare forwarder's."""
+    request's log line is written then) as a server would. No key: the bare forwarder's.
+    `memory`: the limits counted in this process's memory (bench/_memlimits.py), kept as
+    the function's `memory`."""
     from app import serving_app
     from bench.bare_forwarder import create_app
     from core import logs
 
     logs.configure("text", stream=open(os.devnull, "w"))  # noqa: SIM115 - the process's
     app = serving_app() if key is not None else create_app()
+    store = None
+    if memory:
+        from bench._memlimits import MemoryLimitStore
+
+        store = app.extensions["wiring"].limits.store = MemoryLimitStore()
     body = chat_body(stream=False, words=16, chunk_delay_ms=0)
     base: dict[str, Any] = {
         "REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": PATH, "QUERY_STRING": "",
@@ -162,6 +178,7 @@ def _caller(key: str | None) -> Callable[[], None]:
         if not status or not status[0].startswith("200"):
             raise RuntimeError(f"the call answered {status}")
 
+    call.memory = store  # type: ignore[attr-defined]
     return call
 
 

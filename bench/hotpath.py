@@ -39,6 +39,7 @@ from bench._hotpath_report import check_targets, print_report, summarise
 from bench._hotpath_servers import (
     DIRECT,
     ML_PG,
+    ML_PG_MEM,
     ML_PG_OFF,
     ML_SQLITE,
     Servers,
@@ -58,7 +59,8 @@ from bench._procs import (
 )
 from bench._streams import hold_streams, rss_mb
 
-SETUPS = {"sqlite": ML_SQLITE, "postgres-nolimits": ML_PG_OFF, "postgres": ML_PG}
+SETUPS = {"sqlite": ML_SQLITE, "postgres-nolimits": ML_PG_OFF,
+          "postgres-memlimits": ML_PG_MEM, "postgres": ML_PG}
 SCENARIOS = ("c1", "c32", "stream", "s32")
 
 
@@ -68,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setups", default="sqlite,postgres",
                    help="Meterlane targets: sqlite (embedded, no plans), postgres (Postgres + "
                         "Redis, limits on), postgres-nolimits (Postgres, no plans: with "
-                        "postgres, what the limits cost)")
+                        "postgres, what the limits cost), postgres-memlimits (Postgres, the "
+                        "limits counted in each worker's memory: what they cost with no "
+                        "round trip)")
     p.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/"
                                              "postgres",
                    help="server to create the bench database on (any database on it)")
@@ -123,7 +127,7 @@ class Run:
                                   chunk_delay_ms=args.chunk_delay_ms)
         self.probe = CpuProbe({f"{n} workers": w for n, w in servers.workers.items()},
                               {"postgres (all processes)": lambda: pids_named("postgres")}
-                              if {ML_PG, ML_PG_OFF} & set(servers.targets) else {})
+                              if {ML_PG, ML_PG_OFF, ML_PG_MEM} & set(servers.targets) else {})
 
     def wrk(self, target: Target, body: bytes, conns: int,
             seconds: int) -> Callable[[], dict[str, Any]]:
