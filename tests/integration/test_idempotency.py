@@ -377,6 +377,9 @@ def test_a_call_refused_by_a_limit_is_not_kept_and_its_retry_is_judged_again(
 
     app = create_app(config_from_toml(gateway_toml(upstream.base_url) + ONE_A_MINUTE,
                                       tmp_path, database_url=pg_url))
+    limits = app.extensions["wiring"].limits
+    pinned = limits.clock()
+    limits.clock = lambda: pinned  # one minute throughout: the refusals must not depend on when
     try:
         client, keys = app.test_client(), make_keys(app)
         user = f"uma-{uuid.uuid4().hex[:8]}"
