@@ -130,7 +130,7 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
             dbs.append(database)
             env = serve_env(tmp / f"pg-{suffix}.toml", tmp / f"var-pg-{suffix}",
                             MLANE_DATABASE_URL=url, **extra)
-            if name == ML_PG_MEM:  # `python -m bench._memlimits` from the work directory
+            if name == ML_PG_MEM:  # `python -m bench._memlimits_serve` from the work dir
                 env["PYTHONPATH"] = os.pathsep.join(
                     p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
             log(f"created database {database}; {cli(env, 'db', 'upgrade').strip()}")
@@ -145,7 +145,7 @@ def start_all(args: argparse.Namespace, procs: Processes, tmp: Path, prefix: str
                   "bench").strip().splitlines()[-1]
         served = start_serve(procs, env, workers=args.workers, cwd=tmp,
                              log_path=tmp / f"serve-{name}.log", name=f"meterlane serve ({name})",
-                             module="bench._memlimits" if name == ML_PG_MEM else "app")
+                             module="bench._memlimits_serve" if name == ML_PG_MEM else "app")
         s.targets[name] = Target(name, "127.0.0.1", served.port, PATH, headers_for(key))
         s.workers[name], s.beside[name] = served.workers, served.beside
         s.masters[name], s.envs[name] = served.proc.pid, env
@@ -170,5 +170,22 @@ def check_wiring(s: Servers, body: bytes) -> None:
         if result["status"] != 200 or quota != (name in LIMITED):
             raise BenchError(f"{name}: status {result['status']}, {QUOTA_HEADER} "
                              f"{'present' if quota else 'absent'}: not the target it should be")
-    log("wiring: limits on in ml-pg+redis and ml-pg+memory (quota header), off elsewhere; "
-        "every target answers")
+        if name == ML_PG_MEM and (rows := database_limit_rows(s.envs[name])):
+            raise BenchError(f"{name}: its call left {rows} limit rows in the database: its "
+                             "workers count the limits there, not in their memory")
+    log("wiring: limits on in ml-pg+redis and ml-pg+memory (quota header; ml-pg+memory's "
+        "not in its database), off elsewhere; every target answers")
+
+
+def database_limit_rows(env: dict[str, str]) -> int:
+    """Rows of the SQL limit store (counters and leases) in the database a serve uses."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(env["MLANE_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(
+                "SELECT (SELECT count(*) FROM limit_counters) "
+                "+ (SELECT count(*) FROM limit_leases)")).scalar_one())
+    finally:
+        engine.dispose()

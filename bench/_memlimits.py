@@ -6,16 +6,13 @@ is the ceiling of any design that keeps calls off Redis, such as a worker that r
 slice of a user's allowance ahead and grants calls from it in memory: such a worker does this
 bookkeeping and more. It is right for one process only (the counters are nobody else's), keeps
 no expiry, no remembered answers and no lease metadata, so it answers only what the gateway
-asks on its hot path. `bench/call_cpu.py --setup postgres+memory` puts it in its app;
-`bench/hotpath.py --setups postgres-memlimits` runs `meterlane serve` through this module,
-which gives every worker its own:
-
-    python -m bench._memlimits serve --workers 2   # app's command line, limits in memory
-"""
+asks on its hot path (the rest raises NotImplementedError). Its settles remember nothing:
+the gateway settles each of its leases once (remember_ms=0). `bench/call_cpu.py --setup
+postgres+memory` puts it in its app; `bench/hotpath.py --setups postgres-memlimits` runs
+`meterlane serve` through bench/_memlimits_serve.py, which gives every worker its own."""
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -90,15 +87,16 @@ class MemoryLimitStore:
                    if key.startswith(f"{metric}|"))
 
 
-def main() -> int:
-    """app's command line, with every limit store it builds one of these. gunicorn's workers
-    are forked from this process after the patch, and import the same `app` module."""
-    import app
+    # Off the hot path: what the metering API, meter events and a rebuild ask. A bench that
+    # reaches one of them measures something else, so each says so at once.
+    def lease_meta(self, tag: str, lease_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError("bench/_memlimits.py keeps no lease metadata")
 
-    app.limit_store = lambda *_args: MemoryLimitStore()  # type: ignore[assignment]
-    app.main()  # click: exits with the command's status
-    return 0
+    def commit(self, *args: Any, **kwargs: Any) -> bool:
+        raise NotImplementedError("bench/_memlimits.py counts reservations only")
 
+    def commit_many(self, *args: Any, **kwargs: Any) -> list[bool]:
+        raise NotImplementedError("bench/_memlimits.py counts reservations only")
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def overwrite(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("bench/_memlimits.py is never rebuilt")
