@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import chat_body  # noqa: E402
+from bench._memlimits import MemoryLimitStore  # noqa: E402
 from bench._procs import (  # noqa: E402
     Processes,
     cli,
@@ -95,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             cli(env, "db", "upgrade")
         if args.setup == "bare":
             os.environ[UPSTREAM_ENV] = base
-            call = _caller(None)
+            call, store = _caller(None)
         else:
             key = cli(env, "keys", "create", "--role", "app", "--app", "bench").strip() \
                 .splitlines()[-1]
             os.environ.clear()
             os.environ.update(env)
-            call = _caller(key, memory=args.setup.endswith("+memory"))
+            call, store = _caller(key, memory=args.setup.endswith("+memory"))
         for _ in range(args.warmup):
             call()
         results = []
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(profile).sort_stats(args.sort).print_stats(args.lines)
             if args.dump:
                 profile.dump_stats(args.dump)
-        store = getattr(call, "memory", None)
         if store is not None:  # the ceiling did the limits' work: it counted every call
             made = args.warmup + args.calls * (args.rounds + int(args.profile))
             counted = store.counted("requests")
@@ -136,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             drop_postgres_database(args.postgres_url, args.postgres_db)
 
 
-def _caller(key: str | None, memory: bool = False) -> Callable[[], None]:
+def _caller(key: str | None, memory: bool = False
+            ) -> tuple[Callable[[], None], MemoryLimitStore | None]:
     """One call through the serving app's WSGI interface, its answer read and closed (the
     request's log line is written then) as a server would. No key: the bare forwarder's.
-    `memory`: the limits counted in this process's memory (bench/_memlimits.py), kept as
-    the function's `memory`."""
+    `memory`: the limits counted in this process's memory (bench/_memlimits.py), the store
+    returned beside the call."""
     from app import serving_app
     from bench.bare_forwarder import create_app
     from core import logs
@@ -149,8 +150,6 @@ def _caller(key: str | None, memory: bool = False) -> Callable[[], None]:
     app = serving_app() if key is not None else create_app()
     store = None
     if memory:
-        from bench._memlimits import MemoryLimitStore
-
         store = app.extensions["wiring"].limits.store = MemoryLimitStore()
     body = chat_body(stream=False, words=16, chunk_delay_ms=0)
     base: dict[str, Any] = {
@@ -178,8 +177,7 @@ def _caller(key: str | None, memory: bool = False) -> Callable[[], None]:
         if not status or not status[0].startswith("200"):
             raise RuntimeError(f"the call answered {status}")
 
-    call.memory = store  # type: ignore[attr-defined]
-    return call
+    return call, store
 
 
 def _round(call: Callable[[], None], calls: int) -> tuple[float, float]:
